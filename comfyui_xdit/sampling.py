@@ -1,0 +1,151 @@
+"""The denoising loop: one function for every family, sampler and parallel configuration."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .adapters import Conditioning, FamilyAdapter
+from .errors import XDiTError
+from .schedules import Schedule, initial_latents, make_schedule
+from .tiny import TINY_TEXT_TOKENS
+
+INPUT_NAMES = ("noise", "cond", "pooled", "neg_cond", "neg_pooled", "cond_mask", "neg_cond_mask", "latent", "sigmas")
+
+
+@dataclass
+class SampleRequest:
+    """One sampling job. Tensors in `inputs` follow the CLI's --inputs names; absent ones are drawn from the seed."""
+
+    height: int
+    width: int
+    steps: int
+    seed: int = 0
+    batch_size: int = 1
+    cfg: float = 1.0
+    guidance: float | None = None
+    sampler: str = "default"
+    denoise: float = 1.0
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class StepInfo:
+    step: int            # 1-based index of the finished step
+    total: int
+    seconds: float       # wall time of this step
+    latents: torch.Tensor  # current model-space latents (local batch)
+
+
+StepCallback = Callable[[StepInfo], None]
+
+
+@dataclass
+class PreparedJob:
+    """Everything the loop needs, resolved and validated."""
+
+    x: torch.Tensor                 # model-space starting latents [B, C, h, w], float32
+    schedule: Schedule
+    positive: Conditioning
+    negative: Conditioning | None   # None: no classifier-free guidance
+    cfg: float
+
+
+def latent_shape(adapter: FamilyAdapter, req: SampleRequest) -> tuple[int, int, int, int]:
+    return (req.batch_size, adapter.latent_channels, req.height // 8, req.width // 8)
+
+
+def seed_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Initial noise as ComfyUI makes it: float32 randn on CPU from torch.manual_seed(seed)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJob:
+    """Validate the request against the model and resolve every input (drawing what is absent from the seed)."""
+    unknown = set(req.inputs) - set(INPUT_NAMES)
+    if unknown:
+        raise XDiTError(f"unknown inputs {sorted(unknown)}: expected some of {', '.join(INPUT_NAMES)}")
+    if req.batch_size < 1:
+        raise XDiTError(f"batch size must be >= 1, got {req.batch_size}")
+    adapter.check_size(req.height, req.width)
+    inp = req.inputs
+    shape = latent_shape(adapter, req)
+
+    noise = inp.get("noise")
+    if noise is None:
+        noise = seed_noise(req.seed, shape)
+    elif tuple(noise.shape) != shape:
+        raise XDiTError(f"noise has shape {list(noise.shape)}, expected {list(shape)}")
+    latent = inp.get("latent")
+    if latent is not None:
+        if latent.shape[0] == 1 and req.batch_size > 1:
+            latent = latent.expand(shape)
+        if tuple(latent.shape) != shape:
+            raise XDiTError(f"latent has shape {list(latent.shape)}, expected {list(shape)}")
+
+    use_cfg = req.cfg != 1.0
+    gen = torch.Generator().manual_seed(req.seed + 1)
+
+    def branch(prefix: str, what: str) -> Conditioning:
+        cond = inp.get(prefix + "cond")
+        if cond is None:
+            if not tiny:
+                raise XDiTError(f"{what} conditioning ({prefix}cond) is required for this model")
+            c = adapter.random_conditioning(1, TINY_TEXT_TOKENS, gen)
+        else:
+            c = Conditioning(cond, inp.get(prefix + "pooled"), inp.get(prefix + "cond_mask"))
+        c.guidance = req.guidance
+        adapter.check_conditioning(c, req.batch_size, what)
+        return adapter.expand(c, req.batch_size)
+
+    positive = branch("", "positive")
+    negative = branch("neg_", "negative") if use_cfg else None
+    if negative is not None and negative.cond.shape[1] != positive.cond.shape[1] and adapter.family != "pixart":
+        raise XDiTError(f"negative conditioning has {negative.cond.shape[1]} tokens, positive has "
+                        f"{positive.cond.shape[1]}: they must match")
+
+    sigmas = inp.get("sigmas")
+    schedule = make_schedule(adapter.family, adapter.variant, req.sampler, req.steps,
+                             adapter.image_tokens(req.height, req.width),
+                             None if sigmas is None else sigmas.flatten().tolist(), req.denoise)
+    x0 = None if latent is None else adapter.to_model_space(latent.float())
+    x = initial_latents(schedule, noise.float(), x0 if (req.denoise < 1.0 or sigmas is not None) else None)
+    return PreparedJob(x.float(), schedule, positive, negative, req.cfg)
+
+
+def guided(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, job: PreparedJob) -> torch.Tensor:
+    """Classifier-free-guided prediction, both branches on this process."""
+    pred = adapter.predict(x, t, job.positive).float()
+    if job.negative is None:
+        return pred
+    neg = adapter.predict(x, t, job.negative).float()
+    return neg + job.cfg * (pred - neg)
+
+
+Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def run_loop(job: PreparedJob, predict: Predictor, callback: StepCallback | None = None) -> torch.Tensor:
+    """Step the scheduler over the job's timesteps; `predict(x, t)` returns the guided model output."""
+    sched = job.schedule.scheduler
+    x = job.x
+    total = len(job.schedule.timesteps)
+    for i, t in enumerate(job.schedule.timesteps):
+        start = time.perf_counter()
+        x_in = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+        pred = predict(x_in, t)
+        x = sched.step(pred, t, x, return_dict=False)[0].float()
+        if callback is not None:
+            callback(StepInfo(i + 1, total, time.perf_counter() - start, x))
+    return x
+
+
+def sample(adapter: FamilyAdapter, req: SampleRequest, tiny: bool = False,
+           callback: StepCallback | None = None) -> torch.Tensor:
+    """Serial sampling; returns latents in ComfyUI's convention [B, C, H/8, W/8], float32."""
+    job = prepare(adapter, req, tiny)
+    x = run_loop(job, lambda x, t: guided(adapter, x, t, job), callback)
+    return adapter.from_model_space(x)
