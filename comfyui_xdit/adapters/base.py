@@ -9,6 +9,22 @@ from ..errors import XDiTError
 
 
 @dataclass
+class SequencePlan:
+    """Modules of a transformer whose outputs are split into per-rank token shards or gathered back.
+
+    image/text: outputs [B, N, D] of the image and text embedders, split along N. rope: output (cos, sin) of
+    a rotary embedder over [text; image] positions, split the same way. gather: output [B, N_img, D] gathered.
+    attention: self-attention modules and whether their sequence holds text tokens too (joint attention).
+    """
+
+    image: torch.nn.Module
+    gather: torch.nn.Module
+    attention: list[tuple[torch.nn.Module, bool]]
+    text: torch.nn.Module | None = None
+    rope: torch.nn.Module | None = None
+
+
+@dataclass
 class Conditioning:
     """One branch of conditioning (positive or negative) for a whole batch."""
 
@@ -94,6 +110,10 @@ class FamilyAdapter:
         pooled = torch.randn(batch, self.pooled_width, generator=generator) if self.pooled_width else None
         mask = torch.ones(batch, tokens, dtype=torch.long) if self.uses_mask else None
         return Conditioning(cond, pooled, mask)
+
+    # --- sequence parallelism: where tokens are split and gathered ---
+    def sp_plan(self) -> "SequencePlan":
+        raise NotImplementedError
 
     # --- the model call ---
     def predict(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:

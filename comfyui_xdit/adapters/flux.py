@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Conditioning, FamilyAdapter
+from .base import Conditioning, FamilyAdapter, SequencePlan
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,12 @@ class FluxAdapter(FamilyAdapter):
     @property
     def has_guidance(self) -> bool:
         return bool(self.model.config.guidance_embeds)
+
+    def sp_plan(self) -> SequencePlan:
+        m = self.model
+        blocks = list(m.transformer_blocks) + list(m.single_transformer_blocks)
+        return SequencePlan(image=m.x_embedder, text=m.context_embedder, rope=m.pos_embed, gather=m.proj_out,
+                            attention=[(b.attn, True) for b in blocks])
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
         b, _, h, w = x.shape

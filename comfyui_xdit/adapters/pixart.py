@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Conditioning, FamilyAdapter
+from .base import Conditioning, FamilyAdapter, SequencePlan
 
 
 class PixArtAdapter(FamilyAdapter):
@@ -17,6 +17,12 @@ class PixArtAdapter(FamilyAdapter):
         super().__init__(model, variant)
         if variant == "pixart-alpha":
             self.vae_scale = 0.18215
+
+    def sp_plan(self) -> SequencePlan:
+        # cross-attention (attn2) needs no change: local image queries attend to the full text on every rank
+        m = self.model
+        return SequencePlan(image=m.pos_embed, gather=m.proj_out,
+                            attention=[(b.attn1, False) for b in m.transformer_blocks])
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
         t = t[None] if t.ndim == 0 else t

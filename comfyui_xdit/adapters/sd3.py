@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Conditioning, FamilyAdapter
+from .base import Conditioning, FamilyAdapter, SequencePlan
 
 
 class SD3Adapter(FamilyAdapter):
@@ -20,6 +20,15 @@ class SD3Adapter(FamilyAdapter):
             from ..errors import XDiTError
 
             raise XDiTError(f"{height}x{width} is larger than this SD3 model's position table allows ({limit} px)")
+
+    def sp_plan(self) -> SequencePlan:
+        m = self.model
+        attention = []
+        for b in m.transformer_blocks:
+            attention.append((b.attn, True))
+            if getattr(b, "attn2", None) is not None:  # SD3.5 dual attention: image tokens only
+                attention.append((b.attn2, False))
+        return SequencePlan(image=m.pos_embed, text=m.context_embedder, gather=m.proj_out, attention=attention)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
         return self.model(

@@ -1,0 +1,33 @@
+"""One entry point for a sampling job on one process or on every rank of a process group."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .models import LoadedModel
+from .parallel import ParallelConfig
+from .sampling import SampleRequest, StepCallback, sample
+
+
+class Cancelled(Exception):
+    """The job was cancelled; raised on every rank at the same step boundary."""
+
+
+def run_job(loaded: LoadedModel, req: SampleRequest, config: ParallelConfig | None = None,
+            callback: StepCallback | None = None, should_cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+    """Sample `req`. With a config of world size > 1, call it on every rank of the default process group (same
+    request everywhere); every rank returns the full result. `callback` and `should_cancel` are used on rank 0:
+    a cancel is agreed by all ranks at the next step boundary and raises Cancelled everywhere."""
+    config = config or ParallelConfig()
+    if config.world_size == 1:
+        def step(info):
+            if callback is not None:
+                callback(info)
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(f"cancelled after step {info.step}")
+
+        return sample(loaded.adapter, req, tiny=loaded.tiny, callback=step)
+    from .parallel.runner import parallel_sample
+
+    return parallel_sample(loaded, req, config, callback, should_cancel)

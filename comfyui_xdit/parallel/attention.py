@@ -1,0 +1,101 @@
+"""Sequence-parallel attention (USP): Ulysses all-to-all over heads x Ring passing of K/V blocks.
+
+Tensors use SDPA's layout [B, H, S, D]. Each rank holds a contiguous shard of the tokens; shard lengths may
+differ between ranks (no padding reaches attention), so every step knows each member's length.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.distributed import ProcessGroup
+
+from .comm import Comm
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output [B, H, S, D] and its log-sum-exp [B, H, S] (fp32) from torch's SDPA kernels."""
+    if q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
+        return out, lse[..., : q.shape[2]].float()
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[:2]
+    return out, lse.float()
+
+
+def merge_partial(acc: tuple[torch.Tensor, torch.Tensor] | None, out: torch.Tensor,
+                  lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial attentions over disjoint key sets: weights exp(lse_i - logaddexp(lse_1, lse_2)), fp32."""
+    if acc is None:
+        return out.float(), lse
+    acc_out, acc_lse = acc
+    new_lse = torch.logaddexp(acc_lse, lse)
+    merged = acc_out * torch.exp(acc_lse - new_lse).unsqueeze(-1) + out.float() * torch.exp(lse - new_lse).unsqueeze(-1)
+    return merged, new_lse
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], group: ProcessGroup,
+                   me: int, comm: Comm, scale: float | None) -> torch.Tensor:
+    """Exact attention of local queries over the keys of every ring member; member i holds lengths[i] keys.
+
+    The K/V block in hand is sent on while the next one arrives, so transfer overlaps the block's compute.
+    """
+    n = len(lengths)
+    acc = None
+    kb, vb = k, v
+    for step in range(n):
+        transfer = None
+        if step < n - 1:
+            src = (me - step - 1) % n
+            shape = (*k.shape[:2], lengths[src], k.shape[3])
+            transfer = comm.ring_shift([kb, vb], [shape, shape], group, kind="ring")
+        acc = merge_partial(acc, *attention_with_lse(q, kb, vb, scale))
+        if transfer is not None:
+            kb, vb = transfer.wait()
+    return acc[0].to(q.dtype)
+
+
+def ulysses_scatter(x: torch.Tensor, lengths: list[int], group: ProcessGroup, comm: Comm) -> torch.Tensor:
+    """[B, H, S_me, D] sequence shard -> [B, H/U, sum(lengths), D] head shard of the group's whole sequence."""
+    u = len(lengths)
+    b, h, _, d = x.shape
+    chunks = list(x.chunk(u, dim=1))
+    got = comm.all_to_all(chunks, [b * (h // u) * s * d for s in lengths], group, kind="ulysses")
+    return torch.cat([g.view(b, h // u, s, d) for g, s in zip(got, lengths)], dim=2)
+
+
+def ulysses_gather(x: torch.Tensor, lengths: list[int], me: int, group: ProcessGroup, comm: Comm) -> torch.Tensor:
+    """Inverse of ulysses_scatter: [B, H/U, sum(lengths), D] -> [B, H, S_me, D]."""
+    b, hu, _, d = x.shape
+    chunks = list(x.split(lengths, dim=2))
+    got = comm.all_to_all(chunks, [b * hu * lengths[me] * d] * len(lengths), group, kind="ulysses")
+    return torch.cat([g.view(b, hu, lengths[me], d) for g in got], dim=1)
+
+
+class USPAttention:
+    """Callable with SDPA's signature that runs attention over the tokens of every sequence-parallel rank."""
+
+    def __init__(self, pm, lengths: list[int]):
+        self.pm = pm
+        self.lengths = lengths  # tokens per sp rank for this attention call
+
+    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False):
+        if attn_mask is not None or is_causal or dropout_p or enable_gqa:
+            raise NotImplementedError("sequence-parallel attention supports unmasked, non-causal attention only")
+        pm, cfg = self.pm, self.pm.config
+        sp_rank = pm.rank("sp")
+        ring_idx, uly_idx = divmod(sp_rank, cfg.ulysses)
+        u = cfg.ulysses
+        uly_lengths = self.lengths[ring_idx * u:(ring_idx + 1) * u]
+        q, k, v = query, key, value
+        if u > 1:
+            g = pm.group("ulysses")
+            q, k, v = (ulysses_scatter(t, uly_lengths, g, pm.comm) for t in (q, k, v))
+        if cfg.ring > 1:
+            ring_lengths = [sum(self.lengths[r * u:(r + 1) * u]) for r in range(cfg.ring)]
+            out = ring_attention(q, k, v, ring_lengths, pm.group("ring"), ring_idx, pm.comm, scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if u > 1:
+            out = ulysses_gather(out, uly_lengths, uly_idx, pm.group("ulysses"), pm.comm)
+        return out

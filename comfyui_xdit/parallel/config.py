@@ -1,0 +1,57 @@
+"""Parallel degrees and their validation."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import ConfigError
+
+# Mesh dimensions from outermost to innermost: Ulysses innermost (neighbouring ranks, fastest links).
+MESH_DIMS = ("dp", "cfg", "pipefusion", "ring", "ulysses")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    dp: int = 1
+    cfg: int = 1
+    pipefusion: int = 1
+    ring: int = 1
+    ulysses: int = 1
+    num_patches: int = 1
+    warmup_steps: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.cfg * self.pipefusion * self.ring * self.ulysses
+
+    @property
+    def sp(self) -> int:
+        """Sequence-parallel degree (ring x ulysses)."""
+        return self.ring * self.ulysses
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, d) for d in MESH_DIMS)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ParallelConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown parallel settings {sorted(unknown)}")
+        return cls(**{k: int(v) for k, v in d.items()})
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Checks that need no model: degrees positive, cfg 1 or 2, product equal to the world size."""
+        for name in MESH_DIMS + ("num_patches",):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} degree must be >= 1, got {getattr(self, name)}")
+        if self.cfg not in (1, 2):
+            raise ConfigError(f"cfg parallel degree must be 1 or 2, got {self.cfg}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if world_size is not None and world_size != self.world_size:
+            raise ConfigError(
+                f"degrees multiply to {self.world_size} (dp {self.dp} x cfg {self.cfg} x pipefusion "
+                f"{self.pipefusion} x ring {self.ring} x ulysses {self.ulysses}) but the world size is {world_size}")

@@ -1,0 +1,96 @@
+"""Sampling on a device mesh: data parallel over the batch, CFG branches on the two cfg halves, and sequence
+parallelism (Ulysses x Ring) inside each model call. Every rank ends with the full result."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError
+from ..sampling import PreparedJob, SampleRequest, StepCallback, prepare, run_loop
+from .config import ParallelConfig
+from .mesh import ParallelMesh, get_mesh
+from .sequence import sequence_parallel, shard_range, shard_sizes
+
+# Bytes sent per collective kind for each step of the last job on this rank (see Comm).
+last_comm_report: list[dict[str, int]] = []
+
+
+def check_model_fit(config: ParallelConfig, adapter, req: SampleRequest) -> None:
+    """Checks that depend on the model and the request; identical on every rank, before any collective."""
+    heads = adapter.num_heads
+    if heads % config.ulysses:
+        raise ConfigError(f"the model has {heads} attention heads, not divisible by the Ulysses degree "
+                          f"{config.ulysses}")
+    tokens = adapter.image_tokens(req.height, req.width)
+    if config.sp > tokens:
+        raise ConfigError(f"{req.height}x{req.width} has {tokens} image tokens, fewer than the sequence-parallel "
+                          f"degree {config.sp} (ring x ulysses)")
+    if config.cfg == 2 and req.cfg == 1.0:
+        raise ConfigError("cfg parallel needs classifier-free guidance: a negative conditioning and cfg scale != 1")
+    if config.dp > req.batch_size:
+        raise ConfigError(f"data parallel degree {config.dp} is larger than the batch size {req.batch_size}")
+    if config.pipefusion > 1:
+        raise ConfigError("pipefusion is not available yet")
+
+
+def _local_job(job: PreparedJob, batch: slice) -> PreparedJob:
+    neg = None if job.negative is None else job.negative.select(batch)
+    return PreparedJob(job.x[batch], job.schedule, job.positive.select(batch), neg, job.cfg)
+
+
+def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback: StepCallback | None = None,
+                    should_cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+    from ..engine import Cancelled
+
+    adapter = loaded.adapter
+    config.validate(dist.get_world_size())
+    check_model_fit(config, adapter, req)
+    job = prepare(adapter, req, loaded.tiny)  # identical on every rank: the same seed and inputs
+    device = job.x.device
+    pm = get_mesh(config, device.type)
+
+    batch_sizes = shard_sizes(req.batch_size, config.dp)
+    local = _local_job(job, shard_range(batch_sizes, pm.rank("dp")))
+    predict = _cfg_predictor(adapter, local, pm)
+    is_rank0 = dist.get_rank() == 0
+
+    reports: list[dict[str, int]] = []
+    pm.comm.reset()
+
+    def on_step(info) -> None:
+        reports.append(pm.comm.reset())
+        if is_rank0 and callback is not None:
+            callback(info)
+        flag = torch.tensor([1.0 if (is_rank0 and should_cancel is not None and should_cancel()) else 0.0],
+                            device=device)
+        if pm.comm.all_reduce_max(flag).item() > 0:
+            raise Cancelled(f"cancelled after step {info.step}")
+
+    sp = sequence_parallel(adapter, pm) if config.sp > 1 else contextlib.nullcontext()
+    with sp:
+        x = run_loop(local, predict, on_step)
+    last_comm_report[:] = reports
+    if config.dp > 1:
+        x = pm.comm.all_gather(x, batch_sizes, pm.group("dp"), dim=0, kind="dp_gather")
+    return adapter.from_model_space(x)
+
+
+def _cfg_predictor(adapter, job: PreparedJob, pm: ParallelMesh):
+    """The guided prediction; with cfg parallel each half computes one branch and they swap results."""
+    if pm.config.cfg == 1:
+        from ..sampling import guided
+
+        return lambda x, t: guided(adapter, x, t, job)
+    branch = job.positive if pm.rank("cfg") == 0 else job.negative
+    group = pm.group("cfg")
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        mine = adapter.predict(x, t, branch).float()
+        both = pm.comm.all_gather(mine[None], [1, 1], group, dim=0, kind="cfg")
+        pos, neg = both[0], both[1]
+        return neg + job.cfg * (pos - neg)
+
+    return predict

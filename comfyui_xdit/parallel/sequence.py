@@ -1,0 +1,119 @@
+"""Install sequence parallelism on an unmodified diffusers transformer with forward hooks and processor wrappers.
+
+Hooks split the embedders' outputs into this rank's token shard and gather the final projection's output, so
+the transformer's own forward runs on local tokens. Every self-attention processor is wrapped so that its SDPA
+call (direct, or through diffusers' attention dispatcher) runs USP attention instead: the processors themselves
+stay diffusers' own.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..adapters import FamilyAdapter
+from .attention import USPAttention
+
+
+def shard_sizes(n: int, parts: int) -> list[int]:
+    """Contiguous, balanced shard lengths (the first n % parts shards get one more)."""
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def shard_range(sizes: list[int], index: int) -> slice:
+    start = sum(sizes[:index])
+    return slice(start, start + sizes[index])
+
+
+class _SDPAOverride(TorchFunctionMode):
+    """Routes F.scaled_dot_product_attention calls made inside a processor to `attn`."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self.attn(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+_WRAPPED: dict[type, type] = {}
+
+
+def _wrapped_class(cls: type) -> type:
+    """A subclass of a processor class whose __call__ runs inside _SDPAOverride (signature kept: diffusers
+    inspects it to route keyword arguments)."""
+    if cls not in _WRAPPED:
+        def __call__(self, *args, **kwargs):
+            with _SDPAOverride(self._xdit_attention()):
+                return cls.__call__(self, *args, **kwargs)
+
+        functools.update_wrapper(__call__, cls.__call__)
+        _WRAPPED[cls] = type(f"SequenceParallel{cls.__name__}", (cls,), {"__call__": __call__})
+    return _WRAPPED[cls]
+
+
+class _TokenState:
+    """Per-forward token layout, filled in by the split hooks before any attention runs."""
+
+    def __init__(self, parts: int, rank: int):
+        self.parts, self.rank = parts, rank
+        self.image: list[int] = []
+        self.text: list[int] = [0] * parts
+
+
+@contextlib.contextmanager
+def sequence_parallel(adapter: FamilyAdapter, pm):
+    """While active, every forward of adapter.model runs on this rank's share of the tokens and returns the
+    full output on every sequence-parallel rank."""
+    parts, rank = pm.config.sp, pm.rank("sp")
+    plan = adapter.sp_plan()
+    state = _TokenState(parts, rank)
+    comm, group = pm.comm, pm.group("sp")
+
+    def split_image(module, args, out):
+        state.image = shard_sizes(out.shape[1], parts)
+        return out[:, shard_range(state.image, rank)]
+
+    def split_text(module, args, out):
+        state.text = shard_sizes(out.shape[1], parts)
+        return out[:, shard_range(state.text, rank)]
+
+    def split_rope(module, args, out):
+        n_txt = sum(state.text)
+        txt, img = shard_range(state.text, rank), shard_range(state.image, rank)
+        return tuple(torch.cat([t[txt], t[n_txt:][img]]) for t in out)
+
+    def gather(module, args, out):
+        return comm.all_gather(out, state.image, group, dim=1, kind="gather")
+
+    handles = [plan.image.register_forward_hook(split_image), plan.gather.register_forward_hook(gather)]
+    if plan.text is not None:
+        handles.append(plan.text.register_forward_hook(split_text))
+    if plan.rope is not None:
+        handles.append(plan.rope.register_forward_hook(split_rope))
+
+    originals = []
+    for module, joint in plan.attention:
+        inner = module.processor
+        wrapped = _wrapped_class(type(inner)).__new__(_wrapped_class(type(inner)))
+        wrapped.__dict__.update(inner.__dict__)
+
+        def lengths(joint=joint):
+            return [i + t for i, t in zip(state.image, state.text)] if joint else list(state.image)
+
+        wrapped._xdit_attention = lambda lengths=lengths: USPAttention(pm, lengths())
+        originals.append((module, inner))
+        module.processor = wrapped
+    try:
+        yield state
+    finally:
+        for h in handles:
+            h.remove()
+        for module, inner in originals:
+            module.processor = inner

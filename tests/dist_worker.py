@@ -1,0 +1,52 @@
+"""Runs parallel sampling cases on every rank of a torchrun group; rank 0 writes results for the tests.
+
+usage: python -m torch.distributed.run --nproc-per-node W tests/dist_worker.py CASES.json OUT_DIR
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch_threads = int(os.environ.get("XDIT_TEST_THREADS", "1"))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from safetensors.torch import save_file  # noqa: E402
+
+from comfyui_xdit.engine import run_job  # noqa: E402
+from comfyui_xdit.errors import XDiTError  # noqa: E402
+from comfyui_xdit.parallel import ParallelConfig  # noqa: E402
+from comfyui_xdit.parallel import runner  # noqa: E402
+from tests.cases import build_request, get_model  # noqa: E402
+
+
+def main() -> None:
+    torch.set_num_threads(torch_threads)
+    cases = json.load(open(sys.argv[1]))
+    out_dir = sys.argv[2]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    for case in cases:
+        loaded = get_model(case)
+        req = build_request(loaded, case)
+        config = ParallelConfig.from_dict(case["parallel"])
+        try:
+            latents = run_job(loaded, req, config)
+            result = {"ok": True, "comm": runner.last_comm_report}
+        except XDiTError as e:
+            latents, result = None, {"ok": False, "error": str(e)}
+        if rank == 0:
+            if latents is not None:
+                save_file({"latents": latents.contiguous()}, os.path.join(out_dir, case["id"] + ".safetensors"))
+            json.dump(result, open(os.path.join(out_dir, case["id"] + ".json"), "w"))
+        # per-rank comm reports (bytes sent by each rank)
+        json.dump(runner.last_comm_report if result["ok"] else [],
+                  open(os.path.join(out_dir, f"{case['id']}.rank{rank}.comm.json"), "w"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

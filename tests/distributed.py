@@ -1,0 +1,40 @@
+"""Launch tests/dist_worker.py under torchrun on CPU/gloo and collect its results."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cases(world: int, cases: list[dict], out_dir: Path, timeout: float = 900) -> dict[str, dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = out_dir / "cases.json"
+    spec.write_text(json.dumps(cases))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(ROOT / "tests" / "dist_worker.py"), str(spec), str(out_dir)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    results = {}
+    for case in cases:
+        info = json.loads((out_dir / f"{case['id']}.json").read_text())
+        if info["ok"]:
+            info["latents"] = load_file(out_dir / f"{case['id']}.safetensors")["latents"]
+        info["rank_comm"] = [json.loads((out_dir / f"{case['id']}.rank{r}.comm.json").read_text())
+                             for r in range(world)]
+        results[case["id"]] = info
+    return results
