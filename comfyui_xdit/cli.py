@@ -24,6 +24,59 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", default=None, help="safetensors with noise, cond, pooled, neg_*, latent, sigmas")
     p.add_argument("--out", required=True, help="output safetensors; tensor 'latents' in ComfyUI convention")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    add_parallel_args(p)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallel (the command launches the ranks itself)")
+    g.add_argument("--ulysses-degree", type=int, default=1)
+    g.add_argument("--ring-degree", type=int, default=1)
+    g.add_argument("--cfg-parallel", action="store_true", help="cond/uncond branches on two halves of the ranks")
+    g.add_argument("--dp-degree", type=int, default=1)
+    g.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl on cuda, else gloo")
+    g.add_argument("--report-comm", action="store_true", help="print bytes sent per collective kind per step")
+
+
+def parallel_config(args: argparse.Namespace):
+    from .parallel import ParallelConfig
+
+    config = ParallelConfig(dp=args.dp_degree, cfg=2 if args.cfg_parallel else 1, ring=args.ring_degree,
+                            ulysses=args.ulysses_degree)
+    config.validate()
+    return config
+
+
+def relaunch_under_torchrun(world: int, argv: list[str]) -> int:
+    """Run this same command on `world` local ranks with torchrun's environment variables; if a rank fails,
+    stop the others (no rank is left waiting in a collective) and return its exit code."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    procs = [subprocess.Popen([sys.executable, "-m", "comfyui_xdit", *argv],
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world)]
+    code = 0
+    try:
+        while procs:
+            for p in list(procs):
+                rc = p.poll()
+                if rc is None:
+                    continue
+                procs.remove(p)
+                if rc != 0 and code == 0:
+                    code = rc
+                    for other in procs:
+                        other.terminate()
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            p.kill()
+    return code
 
 
 def read_inputs(path: str | None) -> dict:
@@ -43,18 +96,50 @@ def read_inputs(path: str | None) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-    from safetensors.torch import save_file
+    import os
 
-    from .models import load_model
-    from .sampling import SampleRequest, sample
+    config = parallel_config(args)
+    if config.world_size > 1 and "RANK" not in os.environ:
+        return relaunch_under_torchrun(config.world_size, args.argv)
+
+    import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank = 0
+    if config.world_size > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group(args.backend or ("nccl" if device == "cuda" else "gloo"))
+        rank = dist.get_rank()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device == "cuda":
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        elif hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= config.world_size:
+            cores = sorted(os.sched_getaffinity(0))  # one core per CPU rank: no migration, no sharing
+            os.sched_setaffinity(0, {cores[local_rank % len(cores)]})
+    try:
+        return _generate_on_rank(args, config, device, rank)
+    finally:
+        if config.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) -> int:
+    from safetensors.torch import save_file
+
+    from .engine import run_job
+    from .models import load_model
+    from .sampling import SampleRequest
+
+    say = print if rank == 0 else (lambda *a, **k: None)
     inputs = read_inputs(args.inputs)
     t0 = time.perf_counter()
     loaded = load_model(args.model, args.family, args.dtype, device)
-    print(f"loaded {args.model} ({loaded.family}, {args.dtype}, {device}) in {time.perf_counter() - t0:.2f}s",
-          flush=True)
+    say(f"loaded {args.model} ({loaded.family}, {args.dtype}, {device}) in {time.perf_counter() - t0:.2f}s"
+        + (f"; {config.world_size} ranks {config.to_dict()}" if config.world_size > 1 else ""), flush=True)
     req = SampleRequest(height=args.height, width=args.width, steps=args.steps, seed=args.seed,
                         batch_size=args.batch_size, cfg=args.cfg, guidance=args.guidance, sampler=args.sampler,
                         denoise=args.denoise, inputs={k: v.to(device) for k, v in inputs.items()})
@@ -63,9 +148,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"step {info.step}/{info.total} {info.seconds * 1000:.1f} ms", flush=True)
 
     t1 = time.perf_counter()
-    latents = sample(loaded.adapter, req, tiny=loaded.tiny, callback=on_step)
-    print(f"sampled {tuple(latents.shape)} in {time.perf_counter() - t1:.2f}s -> {args.out}", flush=True)
-    save_file({"latents": latents.float().cpu().contiguous()}, args.out)
+    latents = run_job(loaded, req, config, callback=on_step)
+    if args.report_comm and config.world_size > 1:
+        from .parallel.runner import last_comm_report
+
+        for i, sent in enumerate(last_comm_report):
+            print(f"rank {rank} step {i + 1} bytes sent: " + ", ".join(f"{k} {v}" for k, v in sorted(sent.items())),
+                  flush=True)
+    if rank == 0:
+        print(f"sampled {tuple(latents.shape)} in {time.perf_counter() - t1:.2f}s -> {args.out}", flush=True)
+        save_file({"latents": latents.float().cpu().contiguous()}, args.out)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Sample each built-in tiny model on CPU (serial and Ulysses 2) and print what it did and each step's time."""
+    import subprocess
+    import tempfile
+
+    for model in ("tiny-flux", "tiny-sd3", "tiny-pixart"):
+        for extra in ([], ["--ulysses-degree", "2"]):
+            with tempfile.TemporaryDirectory() as tmp:
+                argv = ["generate", "--model", model, "--height", "256", "--width", "256", "--steps", "8",
+                        "--seed", "0", "--cfg", "3.0", "--device", "cpu", "--out", f"{tmp}/out.safetensors", *extra]
+                print(f"$ python -m comfyui_xdit {' '.join(argv)}", flush=True)
+                code = subprocess.call([sys.executable, "-m", "comfyui_xdit", *argv])
+                if code:
+                    return code
     return 0
 
 
@@ -75,13 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="sample latents with a DiT")
     add_generate_args(gen)
     gen.set_defaults(func=cmd_generate)
+    demo = sub.add_parser("demo", help="sample the built-in tiny models on CPU and print step times")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except XDiTError as e:
-        print(f"error: {e}", file=sys.stderr)
+        import os
+
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         return 2

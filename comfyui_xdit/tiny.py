@@ -24,6 +24,11 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
         sample_size=32, num_layers=2, attention_head_dim=16, num_attention_heads=4, in_channels=4, out_channels=8,
         caption_channels=4096, cross_attention_dim=64, use_additional_conditions=False, norm_type="ada_norm_single",
         norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=1)),
+    # Larger built-in models for CPU benchmarks, where compute must dominate communication.
+    "bench-flux": ("flux", "FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=64,
+        num_attention_heads=16, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 24, 24))),
 }
 TINY_TEXT_TOKENS = 16
 _WEIGHT_SEED = 20241122

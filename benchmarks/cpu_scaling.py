@@ -1,0 +1,56 @@
+"""CPU scaling of the exact parallel methods: 2 ranks x 1 thread against 1 rank x 1 thread, same run.
+
+usage: python benchmarks/cpu_scaling.py [--model bench-flux] [--size 384] [--steps 8] [--rounds 2]
+Each config runs `rounds` times (order rotated between rounds, so machine noise hits all configs alike); a run's
+time is the median step time with the first step excluded, and a config's time is its best run. Speedup is
+serial's time over the config's.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+CONFIGS = [("serial", []), ("cfg 2", ["--cfg-parallel"]), ("ulysses 2", ["--ulysses-degree", "2"]),
+           ("ring 2", ["--ring-degree", "2"])]
+
+
+def step_times(args: argparse.Namespace, extra: list[str]) -> list[float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "comfyui_xdit", "generate", "--model", args.model, "--height", str(args.size),
+               "--width", str(args.size), "--steps", str(args.steps), "--cfg", "3.0", "--out",
+               os.path.join(tmp, "out.safetensors"), *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        if not extra and shutil.which("taskset"):  # serial pinned to one core, as each parallel rank is
+            cmd = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *cmd]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return [float(ms) / 1000 for ms in re.findall(r"step \d+/\d+ ([\d.]+) ms", out)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="bench-flux")
+    p.add_argument("--size", type=int, default=384)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    best: dict[str, float] = {}
+    for r in range(args.rounds):
+        for name, extra in CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]:
+            t = statistics.median(step_times(args, extra)[1:])
+            best[name] = min(best.get(name, t), t)
+    base = best["serial"]
+    print(f"model {args.model}, {args.size}x{args.size}, cfg 3.0, {args.steps} steps, 1 thread per rank, "
+          f"best of {args.rounds} rounds")
+    print(f"{'config':<12}{'step s':>10}{'speedup':>10}")
+    for name, _ in CONFIGS:
+        print(f"{name:<12}{best[name]:>10.3f}{base / best[name]:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
