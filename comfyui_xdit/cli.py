@@ -33,6 +33,9 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ring-degree", type=int, default=1)
     g.add_argument("--cfg-parallel", action="store_true", help="cond/uncond branches on two halves of the ranks")
     g.add_argument("--dp-degree", type=int, default=1)
+    g.add_argument("--pipefusion-degree", type=int, default=1, help="pipeline stages (blocks split across ranks)")
+    g.add_argument("--num-patches", type=int, default=None, help="PipeFusion patches M (default: the degree)")
+    g.add_argument("--warmup-steps", type=int, default=1, help="PipeFusion synchronous full-image steps")
     g.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl on cuda, else gloo")
     g.add_argument("--report-comm", action="store_true", help="print bytes sent per collective kind per step")
 
@@ -41,7 +44,8 @@ def parallel_config(args: argparse.Namespace):
     from .parallel import ParallelConfig
 
     config = ParallelConfig(dp=args.dp_degree, cfg=2 if args.cfg_parallel else 1, ring=args.ring_degree,
-                            ulysses=args.ulysses_degree)
+                            ulysses=args.ulysses_degree, pipefusion=args.pipefusion_degree,
+                            num_patches=args.num_patches or args.pipefusion_degree, warmup_steps=args.warmup_steps)
     config.validate()
     return config
 
@@ -77,6 +81,24 @@ def relaunch_under_torchrun(world: int, argv: list[str]) -> int:
         for p in procs:
             p.kill()
     return code
+
+
+def _report_stage_memory(loaded, config, rank: int) -> None:
+    """Shard the blocks for this rank's stage now and print the parameter bytes each rank holds."""
+    import torch.distributed as dist
+
+    from .parallel.mesh import get_mesh
+    from .parallel.pipefusion import parameter_report, shard_stage
+
+    pm = get_mesh(config, next(loaded.adapter.model.parameters()).device.type)
+    shard_stage(loaded.adapter, pm.rank("pipefusion"), config.pipefusion)
+    mine = parameter_report(loaded.adapter)
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (rank, pm.rank("pipefusion"), mine))
+    if rank == 0:
+        for r, stage, rep in reports:
+            print(f"rank {r} stage {stage}: block parameters {rep['blocks']} bytes, other {rep['other']} bytes",
+                  flush=True)
 
 
 def read_inputs(path: str | None) -> dict:
@@ -143,6 +165,9 @@ def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) 
     req = SampleRequest(height=args.height, width=args.width, steps=args.steps, seed=args.seed,
                         batch_size=args.batch_size, cfg=args.cfg, guidance=args.guidance, sampler=args.sampler,
                         denoise=args.denoise, inputs={k: v.to(device) for k, v in inputs.items()})
+
+    if config.pipefusion > 1:
+        _report_stage_memory(loaded, config, rank)
 
     def on_step(info) -> None:
         print(f"step {info.step}/{info.total} {info.seconds * 1000:.1f} ms", flush=True)

@@ -14,7 +14,9 @@ def _model(name: str, overrides: tuple):
     return load_model(name, **dict(overrides))
 
 
-def get_model(case: dict):
+def get_model(case: dict, fresh: bool = False):
+    if fresh:
+        return load_model(case["model"], **case.get("overrides", {}))
     return _model(case["model"], tuple(sorted(case.get("overrides", {}).items())))
 
 

@@ -30,12 +30,18 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     for case in cases:
-        loaded = get_model(case)
+        loaded = get_model(case, fresh=case["parallel"].get("pipefusion", 1) > 1)  # pipefusion shards it
         req = build_request(loaded, case)
         config = ParallelConfig.from_dict(case["parallel"])
         try:
             latents = run_job(loaded, req, config)
             result = {"ok": True, "comm": runner.last_comm_report}
+            if config.pipefusion > 1:
+                from comfyui_xdit.parallel.pipefusion import parameter_report
+
+                reports = [None] * dist.get_world_size()
+                dist.all_gather_object(reports, parameter_report(loaded.adapter))
+                result["params"] = reports
         except XDiTError as e:
             latents, result = None, {"ok": False, "error": str(e)}
         if rank == 0:

@@ -15,6 +15,8 @@ class SequencePlan:
     image/text: outputs [B, N, D] of the image and text embedders, split along N. rope: output (cos, sin) of
     a rotary embedder over [text; image] positions, split the same way. gather: output [B, N_img, D] gathered.
     attention: self-attention modules and whether their sequence holds text tokens too (joint attention).
+    text_first: in joint attention the processor puts the text tokens before the image tokens.
+    blocks: the transformer's block lists (attribute names) in execution order.
     """
 
     image: torch.nn.Module
@@ -22,6 +24,8 @@ class SequencePlan:
     attention: list[tuple[torch.nn.Module, bool]]
     text: torch.nn.Module | None = None
     rope: torch.nn.Module | None = None
+    text_first: bool = True
+    blocks: tuple[str, ...] = ("transformer_blocks",)
 
 
 @dataclass
@@ -114,6 +118,18 @@ class FamilyAdapter:
     # --- sequence parallelism: where tokens are split and gathered ---
     def sp_plan(self) -> "SequencePlan":
         raise NotImplementedError
+
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        return cfg.num_attention_heads * cfg.attention_head_dim
+
+    @staticmethod
+    def block_streams(output) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image, text) hidden states from a block's output (diffusers joint blocks return (text, image))."""
+        if isinstance(output, tuple):
+            return output[1], output[0]
+        return output, None
 
     # --- the model call ---
     def predict(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:

@@ -42,7 +42,8 @@ class FluxAdapter(FamilyAdapter):
         m = self.model
         blocks = list(m.transformer_blocks) + list(m.single_transformer_blocks)
         return SequencePlan(image=m.x_embedder, text=m.context_embedder, rope=m.pos_embed, gather=m.proj_out,
-                            attention=[(b.attn, True) for b in blocks])
+                            attention=[(b.attn, True) for b in blocks],
+                            blocks=("transformer_blocks", "single_transformer_blocks"))
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
         b, _, h, w = x.shape

@@ -28,7 +28,8 @@ class SD3Adapter(FamilyAdapter):
             attention.append((b.attn, True))
             if getattr(b, "attn2", None) is not None:  # SD3.5 dual attention: image tokens only
                 attention.append((b.attn2, False))
-        return SequencePlan(image=m.pos_embed, text=m.context_embedder, gather=m.proj_out, attention=attention)
+        return SequencePlan(image=m.pos_embed, text=m.context_embedder, gather=m.proj_out, attention=attention,
+                            text_first=False)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
         return self.model(

@@ -54,6 +54,32 @@ class Comm:
         group = group or dist.group.WORLD
         return funcol.wait_tensor(funcol.all_reduce(t, "max", group))
 
+    def send(self, tensors: list[torch.Tensor], peer: int, group: ProcessGroup, kind: str) -> list:
+        """Start sending tensors to member `peer` of `group`; wait on the returned works before reusing them."""
+        stage = tensors[0].is_cuda and dist.get_backend(group) == "gloo"
+        dst = dist.get_global_rank(group, peer)
+        out = [t.cpu() if stage else t.contiguous() for t in tensors]
+        self.sent[kind] += sum(_nbytes(t) for t in out)
+        return [(dist.isend(t, dst, group), t) for t in out]
+
+    def recv(self, like: list[tuple[tuple, torch.dtype]], peer: int, group: ProcessGroup,
+             device: torch.device) -> list[torch.Tensor]:
+        """Receive tensors of the given (shape, dtype) from member `peer` of `group`."""
+        stage = device.type == "cuda" and dist.get_backend(group) == "gloo"
+        src = dist.get_global_rank(group, peer)
+        bufs = [torch.empty(shape, dtype=dtype, device="cpu" if stage else device) for shape, dtype in like]
+        for w in [dist.irecv(b, src, group) for b in bufs]:
+            w.wait()
+        return [b.to(device) for b in bufs] if stage else bufs
+
+    def broadcast(self, t: torch.Tensor, src: int, group: ProcessGroup, kind: str = "broadcast") -> torch.Tensor:
+        """Broadcast from member `src` of `group` (in place on the others)."""
+        if dist.get_rank(group) == src:
+            self.sent[kind] += _nbytes(t) * (dist.get_world_size(group) - 1)
+        t = t.contiguous()
+        dist.broadcast(t, dist.get_global_rank(group, src), group)
+        return t
+
     def ring_shift(self, tensors: list[torch.Tensor], recv_shapes: list[torch.Size], group: ProcessGroup,
                    kind: str = "ring") -> "RingTransfer":
         """Start sending `tensors` to the next member of `group` and receiving from the previous one."""

@@ -17,23 +17,30 @@ class ParallelMesh:
     mesh: DeviceMesh
     sp_mesh: DeviceMesh  # ring x ulysses flattened: the ranks that share one image's tokens
     comm: Comm
+    stage_mesh: DeviceMesh | None = None  # ranks at the same pipefusion stage (all but the pipefusion dim)
 
     def group(self, dim: str) -> ProcessGroup:
-        return self.sp_mesh.get_group() if dim == "sp" else self.mesh.get_group(dim)
+        if dim == "sp":
+            return self.sp_mesh.get_group()
+        if dim == "stage":
+            return self.stage_mesh.get_group()
+        return self.mesh.get_group(dim)
 
     def rank(self, dim: str) -> int:
         return self.sp_mesh.get_local_rank() if dim == "sp" else self.mesh.get_local_rank(dim)
 
 
-_MESHES: dict[tuple, ParallelMesh] = {}
+_MESHES: dict[tuple, tuple] = {}
 
 
 def get_mesh(config: ParallelConfig, device_type: str) -> ParallelMesh:
-    """The mesh for `config` over the default process group (built once per config; collective on first use)."""
+    """The mesh for `config` over the default process group (built once per shape; collective on first use)."""
     key = (config.mesh_shape, device_type)
     if key not in _MESHES:
         config.validate(dist.get_world_size())
         mesh = init_device_mesh(device_type, config.mesh_shape, mesh_dim_names=MESH_DIMS)
         sp_mesh = mesh["ring", "ulysses"]._flatten("sp")
-        _MESHES[key] = ParallelMesh(config, mesh, sp_mesh, Comm())
-    return _MESHES[key]
+        stage_mesh = mesh["dp", "cfg", "ring", "ulysses"]._flatten("stage") if config.pipefusion > 1 else None
+        _MESHES[key] = (mesh, sp_mesh, stage_mesh)
+    mesh, sp_mesh, stage_mesh = _MESHES[key]
+    return ParallelMesh(config, mesh, sp_mesh, Comm(), stage_mesh)

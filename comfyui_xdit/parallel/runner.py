@@ -3,6 +3,7 @@ parallelism (Ulysses x Ring) inside each model call. Every rank ends with the fu
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable
 
 import torch
@@ -33,7 +34,9 @@ def check_model_fit(config: ParallelConfig, adapter, req: SampleRequest) -> None
     if config.dp > req.batch_size:
         raise ConfigError(f"data parallel degree {config.dp} is larger than the batch size {req.batch_size}")
     if config.pipefusion > 1:
-        raise ConfigError("pipefusion is not available yet")
+        from .pipefusion import check_pipefusion
+
+        check_pipefusion(config, adapter, req.height, req.width)
 
 
 def _local_job(job: PreparedJob, batch: slice) -> PreparedJob:
@@ -59,6 +62,12 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
 
     reports: list[dict[str, int]] = []
     pm.comm.reset()
+    if config.pipefusion > 1:
+        x = _pipefusion(adapter, local, pm, callback, should_cancel, reports)
+        last_comm_report[:] = reports
+        if config.dp > 1:
+            x = pm.comm.all_gather(x, batch_sizes, pm.group("dp"), dim=0, kind="dp_gather")
+        return adapter.from_model_space(x)
 
     def on_step(info) -> None:
         reports.append(pm.comm.reset())
@@ -76,6 +85,37 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
     if config.dp > 1:
         x = pm.comm.all_gather(x, batch_sizes, pm.group("dp"), dim=0, kind="dp_gather")
     return adapter.from_model_space(x)
+
+
+def _pipefusion(adapter, job: PreparedJob, pm: ParallelMesh, callback, should_cancel, reports) -> torch.Tensor:
+    from ..engine import Cancelled
+    from ..sampling import StepInfo
+    from .pipefusion import PipelineStopped, pipefusion_loop
+
+    if pm.config.cfg == 2:
+        branches = [job.positive if pm.rank("cfg") == 0 else job.negative]
+    else:
+        branches = [job.positive] + ([job.negative] if job.negative is not None else [])
+    is_rank0 = dist.get_rank() == 0
+    total = len(job.schedule.timesteps)
+    clock = [time.perf_counter()]
+
+    def on_step(i: int, x: torch.Tensor) -> None:
+        reports.append(pm.comm.reset())
+        now = time.perf_counter()
+        if is_rank0 and callback is not None:
+            callback(StepInfo(i + 1, total, now - clock[0], x))
+        clock[0] = now
+
+    def stop_requested() -> bool:
+        flag = torch.tensor([1.0 if (is_rank0 and should_cancel is not None and should_cancel()) else 0.0],
+                            device=job.x.device)
+        return pm.comm.all_reduce_max(flag, pm.group("stage")).item() > 0
+
+    try:
+        return pipefusion_loop(adapter, job, pm, on_step, branches, stop_requested)
+    except PipelineStopped as e:
+        raise Cancelled(str(e)) from None
 
 
 def _cfg_predictor(adapter, job: PreparedJob, pm: ParallelMesh):

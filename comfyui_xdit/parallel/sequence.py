@@ -58,6 +58,26 @@ def _wrapped_class(cls: type) -> type:
     return _WRAPPED[cls]
 
 
+def wrap_attention(modules, make_attention):
+    """Wrap the processors of (module, joint) pairs: make_attention(module, joint) returns a zero-argument
+    callable giving the SDPA replacement for one call. Returns a function that restores the processors."""
+    originals = []
+    for module, joint in modules:
+        inner = module.processor
+        cls = _wrapped_class(type(inner))
+        wrapped = cls.__new__(cls)
+        wrapped.__dict__.update(inner.__dict__)
+        wrapped._xdit_attention = make_attention(module, joint)
+        originals.append((module, inner))
+        module.processor = wrapped
+
+    def restore() -> None:
+        for module, inner in originals:
+            module.processor = inner
+
+    return restore
+
+
 class _TokenState:
     """Per-forward token layout, filled in by the split hooks before any attention runs."""
 
@@ -98,22 +118,11 @@ def sequence_parallel(adapter: FamilyAdapter, pm):
     if plan.rope is not None:
         handles.append(plan.rope.register_forward_hook(split_rope))
 
-    originals = []
-    for module, joint in plan.attention:
-        inner = module.processor
-        wrapped = _wrapped_class(type(inner)).__new__(_wrapped_class(type(inner)))
-        wrapped.__dict__.update(inner.__dict__)
-
-        def lengths(joint=joint):
-            return [i + t for i, t in zip(state.image, state.text)] if joint else list(state.image)
-
-        wrapped._xdit_attention = lambda lengths=lengths: USPAttention(pm, lengths())
-        originals.append((module, inner))
-        module.processor = wrapped
+    restore = wrap_attention(plan.attention, lambda module, joint: (
+        lambda: USPAttention(pm, [i + t for i, t in zip(state.image, state.text)] if joint else list(state.image))))
     try:
         yield state
     finally:
         for h in handles:
             h.remove()
-        for module, inner in originals:
-            module.processor = inner
+        restore()
