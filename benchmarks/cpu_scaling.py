@@ -17,7 +17,8 @@ import sys
 import tempfile
 
 CONFIGS = [("serial", []), ("cfg 2", ["--cfg-parallel"]), ("ulysses 2", ["--ulysses-degree", "2"]),
-           ("ring 2", ["--ring-degree", "2"])]
+           ("ring 2", ["--ring-degree", "2"]),
+           ("pipefusion 2", ["--pipefusion-degree", "2", "--num-patches", "2", "--warmup-steps", "1"])]
 
 
 def step_times(args: argparse.Namespace, extra: list[str]) -> list[float]:

@@ -82,3 +82,18 @@ def test_parallel_cli_launches_ranks_and_matches_serial(tmp_path):
         if extra:
             assert "rank 1 step 2 bytes sent: gather" in proc.stdout
     assert rel_l2(outs["usp"], outs["serial"]) <= 1e-4
+
+
+def test_pipefusion_cli_prints_rank_memory_and_matches_serial(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    outs = {}
+    for name, extra in [("serial", []), ("pf", ["--pipefusion-degree", "2", "--num-patches", "1"])]:
+        out = tmp_path / f"{name}.safetensors"
+        proc = subprocess.run([sys.executable, "-m", "comfyui_xdit", *BASE, "--model", "tiny-sd3", "--out", str(out),
+                               *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs[name] = load_file(out)["latents"]
+        if extra:
+            lines = [ln for ln in proc.stdout.splitlines() if "block parameters" in ln]
+            assert len(lines) == 2 and lines[0].startswith("rank 0 stage 0") and lines[1].startswith("rank 1 stage 1")
+    assert rel_l2(outs["pf"], outs["serial"]) <= 1e-4

@@ -62,15 +62,17 @@ class Comm:
         self.sent[kind] += sum(_nbytes(t) for t in out)
         return [(dist.isend(t, dst, group), t) for t in out]
 
-    def recv(self, like: list[tuple[tuple, torch.dtype]], peer: int, group: ProcessGroup,
-             device: torch.device) -> list[torch.Tensor]:
-        """Receive tensors of the given (shape, dtype) from member `peer` of `group`."""
+    def post_recv(self, like: list[tuple[tuple, torch.dtype]], peer: int, group: ProcessGroup,
+                  device: torch.device) -> "RingTransfer":
+        """Post receives of tensors of the given (shape, dtype) from member `peer` of `group`."""
         stage = device.type == "cuda" and dist.get_backend(group) == "gloo"
         src = dist.get_global_rank(group, peer)
         bufs = [torch.empty(shape, dtype=dtype, device="cpu" if stage else device) for shape, dtype in like]
-        for w in [dist.irecv(b, src, group) for b in bufs]:
-            w.wait()
-        return [b.to(device) for b in bufs] if stage else bufs
+        return RingTransfer([dist.irecv(b, src, group) for b in bufs], bufs, device if stage else None, None)
+
+    def recv(self, like: list[tuple[tuple, torch.dtype]], peer: int, group: ProcessGroup,
+             device: torch.device) -> list[torch.Tensor]:
+        return self.post_recv(like, peer, group, device).wait()
 
     def broadcast(self, t: torch.Tensor, src: int, group: ProcessGroup, kind: str = "broadcast") -> torch.Tensor:
         """Broadcast from member `src` of `group` (in place on the others)."""

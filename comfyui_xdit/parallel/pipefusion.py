@@ -311,6 +311,8 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
     timesteps = job.schedule.timesteps
     model = PipelineModel(adapter, pm, stage)
     outbox = _Outbox()
+    latents_in = _Inbox(pm, P - 1, group, device)   # stage 0: latent rows from the last stage, in order
+    acts_in = _Inbox(pm, stage.index - 1, group, device)  # later stages: activations from the previous one
     pending: list[tuple[int, int]] = []  # stage 0: latent rows the last stage will send, in order
     received_upto = rows  # stage 0 holds every row of the current step's input
     try:
@@ -321,26 +323,30 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
                 received_upto = 0
             if _pass_stop_flag(stage, pm, group, device, stage.first and stop_requested(), outbox):
                 if stage.first:  # take the rows the last stage still sends for the previous step
-                    for a, z in pending:
-                        pm.comm.recv([((b, x.shape[1], (z - a) * p, w), torch.float32)], P - 1, group, device)
+                    while latents_in.waiting():
+                        latents_in.take()
                 outbox.flush()
                 raise PipelineStopped(f"stopped before step {i + 1}")
+            if not stage.first:  # this step's activations will all come: post their receives ahead
+                messages = []
+                for r0, r1 in work:
+                    model.set_patch(slice(r0 * cols, r1 * cols), total_tokens, text_tokens, 0)
+                    n_i, n_t = model.local_image_tokens(), model.local_text_tokens()
+                    like = [((b, n_i, hidden), dtype)] + ([((b, n_t, hidden), dtype)] if text_tokens else [])
+                    messages += [like] * len(cfg_branches)
+                acts_in.expect(messages)
             for r0, r1 in work:
                 if stage.first:  # latent rows of this patch from the previous step
                     while received_upto < r1:
                         a, z = pending.pop(0)
-                        got = pm.comm.recv([((b, x.shape[1], (z - a) * p, w), torch.float32)], P - 1, group,
-                                           device)[0]
-                        x[:, :, a * p:z * p] = got
+                        x[:, :, a * p:z * p] = latents_in.take()[0]
                         received_upto = z
                 tokens = slice(r0 * cols, r1 * cols)
                 preds = []
                 for k, branch in enumerate(cfg_branches):
                     model.set_patch(tokens, total_tokens, text_tokens, k)
                     if not stage.first:
-                        n_i, n_t = model.local_image_tokens(), model.local_text_tokens()
-                        like = [((b, n_i, hidden), dtype)] + ([((b, n_t, hidden), dtype)] if text_tokens else [])
-                        got = pm.comm.recv(like, stage.index - 1, group, device)
+                        got = acts_in.take()
                         model.state.received = (got[0], got[1] if text_tokens else None)
                     sched_in = schedulers[0]
                     x_in = x
@@ -366,14 +372,41 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
                                                                   return_dict=False)[0].float()
                 if i < len(timesteps) - 1:
                     outbox.post(pm.comm.send([x[:, :, r0 * p:r1 * p].clone()], 0, group, kind="pipefusion_latent"))
-            if stage.first:
+            if stage.first and i < len(timesteps) - 1:
                 pending.extend(work)
+                latents_in.expect([[((b, x.shape[1], (z - a) * p, w), torch.float32)] for a, z in work])
             on_step(i, x)
         outbox.flush()
     finally:
         model.close()
     # the final latents live on the last stage
     return pm.comm.broadcast(x, P - 1, group, kind="pipefusion_result")
+
+
+class _Inbox:
+    """Receives from one peer in a known order, posted ahead (up to `depth` messages) so transfers overlap
+    compute. Only messages the peer is sure to send are ever expected."""
+
+    def __init__(self, pm, peer: int, group, device, depth: int = 2):
+        self.pm, self.peer, self.group, self.device, self.depth = pm, peer, group, device, depth
+        self.queue: list = []    # message layouts not yet posted
+        self.posted: list = []   # posted receives, oldest first
+
+    def expect(self, messages: list) -> None:
+        self.queue += messages
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.queue and len(self.posted) < self.depth:
+            self.posted.append(self.pm.comm.post_recv(self.queue.pop(0), self.peer, self.group, self.device))
+
+    def waiting(self) -> bool:
+        return bool(self.posted or self.queue)
+
+    def take(self) -> list[torch.Tensor]:
+        got = self.posted.pop(0).wait()
+        self._fill()
+        return got
 
 
 class _Outbox:
