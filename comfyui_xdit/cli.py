@@ -1,4 +1,4 @@
-"""Command line: `python -m comfyui_xdit generate ...` (more subcommands join as they land)."""
+"""Command line: `python -m comfyui_xdit generate|demo|serve ...`."""
 from __future__ import annotations
 
 import argparse
@@ -203,6 +203,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run a worker pool in the foreground until it exits or Ctrl-C (then shut it down)."""
+    import os
+
+    from comfyui_xdit_runtime import Pool  # lazy: the engine never needs ZeroMQ
+
+    pool = Pool(args.nproc, args.address, args.secret or os.environ.get("XDIT_POOL_SECRET"), device=args.device, backend=args.backend,
+                log_path=args.log, max_message_bytes=args.max_message_bytes)
+    pool.start()
+    print(f"pool of {args.nproc} ranks ready at {pool.address} (log: {pool.log_path}); Ctrl-C stops it", flush=True)
+    try:
+        code = pool.wait()
+        print(f"pool exited with code {code}; log tail:\n{pool.log_tail(20)}", file=sys.stderr)
+        return 1 if code else 0
+    except KeyboardInterrupt:
+        pool.stop()
+        return 0
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=1, help="ranks (one per GPU)")
+    p.add_argument("--address", default=None,
+                   help="where rank 0 listens: tcp://HOST:PORT or ipc://PATH (default tcp://127.0.0.1:<free>); "
+                        "a non-loopback address needs --secret")
+    p.add_argument("--secret", default=None, help="shared secret (or env XDIT_POOL_SECRET): every message is HMAC-SHA256 signed")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl on cuda, else gloo")
+    p.add_argument("--log", default=None, help="pool log file (default: a temporary file)")
+    p.add_argument("--max-message-bytes", type=int, default=1 << 30)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m comfyui_xdit", description="Parallel DiT sampling engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -211,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     demo = sub.add_parser("demo", help="sample the built-in tiny models on CPU and print step times")
     demo.set_defaults(func=cmd_demo)
+    serve = sub.add_parser("serve", help="run a persistent worker pool in the foreground (ComfyUI can attach)")
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

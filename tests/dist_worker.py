@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from safetensors.torch import save_file  # noqa: E402
 
-from comfyui_xdit.engine import run_job  # noqa: E402
+from comfyui_xdit.engine import Cancelled, run_job  # noqa: E402
 from comfyui_xdit.errors import XDiTError  # noqa: E402
 from comfyui_xdit.parallel import ParallelConfig  # noqa: E402
 from comfyui_xdit.parallel import runner  # noqa: E402
@@ -33,8 +33,12 @@ def main() -> None:
         loaded = get_model(case, fresh=case["parallel"].get("pipefusion", 1) > 1)  # pipefusion shards it
         req = build_request(loaded, case)
         config = ParallelConfig.from_dict(case["parallel"])
+        steps_seen = []
+        cancel_after = case.get("cancel_after")
+        should_cancel = (lambda: len(steps_seen) >= cancel_after) if cancel_after else None
         try:
-            latents = run_job(loaded, req, config)
+            latents = run_job(loaded, req, config, callback=lambda info: steps_seen.append(info.step),
+                              should_cancel=should_cancel)
             result = {"ok": True, "comm": runner.last_comm_report}
             if config.pipefusion > 1:
                 from comfyui_xdit.parallel.pipefusion import parameter_report
@@ -44,6 +48,8 @@ def main() -> None:
                 result["params"] = reports
         except XDiTError as e:
             latents, result = None, {"ok": False, "error": str(e)}
+        except Cancelled as e:
+            latents, result = None, {"ok": False, "cancelled": str(e), "steps_seen": steps_seen}
         if rank == 0:
             if latents is not None:
                 save_file({"latents": latents.contiguous()}, os.path.join(out_dir, case["id"] + ".safetensors"))

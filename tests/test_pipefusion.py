@@ -156,3 +156,16 @@ def test_partition_balances_cost():
 def test_clear_errors(config, height, message):
     with pytest.raises(ConfigError, match=message):
         check_pipefusion(config, get_model({"model": "tiny-flux"}).adapter, height, 128)
+
+
+def test_cancel_stops_every_rank_and_the_group_stays_usable(tmp_path):
+    base = {"model": "tiny-sd3", "seed": 2, "steps": 6, "cfg": 3.0, **SIZE}
+    cases = [
+        {**base, "id": "pf_cancel", "cancel_after": 3, "parallel": {"pipefusion": 2, "num_patches": 2}},
+        {**base, "id": "usp_cancel", "cancel_after": 2, "parallel": {"ulysses": 2}},
+        {**base, "id": "after", "parallel": {"pipefusion": 2, "num_patches": 1}},
+    ]
+    results = run_cases(2, cases, tmp_path)
+    assert "before step 4" in results["pf_cancel"]["cancelled"]
+    assert "after step 2" in results["usp_cancel"]["cancelled"]
+    assert results["after"]["ok"] and rel_l2(results["after"]["latents"], serial_of(cases[2])) <= 1e-4

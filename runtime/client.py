@@ -1,0 +1,236 @@
+"""Client of a worker pool: one DEALER socket per calling thread, request ids, timeouts.
+
+Replies are matched to requests by id, so a thread may issue a request (e.g. `cancel`) from inside another
+request's progress callback. With a supervisor (a launcher.Pool), every request first makes sure the pool runs,
+and waits notice at once when the pool's processes die."""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+import zmq
+
+from . import protocol
+from .errors import JobCancelled, PoolDied, PoolError, PoolTimeout, raise_for_error
+from .protocol import AuthError, Message, ProtocolError
+from .security import as_secret
+
+log = logging.getLogger("comfyui_xdit_runtime.client")
+POLL_SLICE_MS = 100
+
+
+class Supervisor(Protocol):
+    def ensure_running(self) -> int: ...  # returns a generation number that changes on each (re)start
+    def is_alive(self) -> bool: ...
+    def failure_text(self) -> str: ...
+
+
+@dataclass
+class Progress:
+    request_id: str
+    step: int
+    total: int
+    step_seconds: float
+    elapsed: float
+    preview: torch.Tensor | None  # current latents, ComfyUI convention, downsampled (when asked for)
+
+
+class _ThreadState:
+    def __init__(self, sock: zmq.Socket, generation: int):
+        self.sock = sock
+        self.generation = generation
+        self.active: set[str] = set()
+        self.mailbox: dict[str, collections.deque[Message]] = {}
+
+
+class PoolClient:
+    def __init__(self, address: str, secret: str | bytes | None = None, *, timeout: float = 30.0,
+                 max_bytes: int = protocol.DEFAULT_MAX_BYTES, supervisor: Supervisor | None = None):
+        self.address = address
+        self.timeout = timeout  # default for short requests (status, load, cancel...); sample waits unbounded
+        self._secret = as_secret(secret)
+        self._max_bytes = max_bytes
+        self._supervisor = supervisor
+        self._ctx = zmq.Context.instance()
+        self._local = threading.local()
+        self._sockets: list[zmq.Socket] = []
+        self._lock = threading.Lock()
+        self._loads: dict[str, tuple[str, str | None, str]] = {}  # key -> load arguments, to reload after restart
+
+    # ---------------------------------------------------------------- public API
+    @staticmethod
+    def new_request_id() -> str:
+        return uuid.uuid4().hex
+
+    def load(self, source: str, family: str | None = None, dtype: str = "fp32",
+             timeout: float | None = None) -> dict[str, Any]:
+        """Load (or find cached) a model on every rank. Returns {"key", "cached", "seconds", ...}."""
+        msg = self._request({"type": "load_model", "source": source, "family": family, "dtype": dtype},
+                            timeout=timeout if timeout is not None else max(self.timeout, 600.0))
+        info = {k: v for k, v in msg.header.items() if k not in ("v", "type", "id", "tensors")}
+        with self._lock:
+            self._loads[info["key"]] = (source, family, dtype)
+        return info
+
+    def load_model(self, source: str, family: str | None = None, dtype: str = "fp32") -> str:
+        """Load a model on the pool; returns its key. Loading the same model again costs nothing."""
+        return self.load(source, family, dtype)["key"]
+
+    def unload(self, key: str) -> bool:
+        with self._lock:
+            self._loads.pop(key, None)
+        return bool(self._request({"type": "unload", "key": key}).header.get("unloaded"))
+
+    def sample(self, key: str, request_fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None,
+               parallel: dict[str, int] | None = None, on_progress: Callable[[Progress], None] | None = None,
+               preview: bool = False, timeout: float | None = None, request_id: str | None = None,
+               debug: dict | None = None) -> torch.Tensor:
+        """Sample on the pool; returns latents [B, C, H/8, W/8] float32. `timeout` (seconds, None = no limit)
+        covers queueing and sampling. If `on_progress` raises, the job is cancelled and the error re-raised.
+        A model lost to a pool restart is loaded again once, transparently."""
+        return self.sample_with_info(key, request_fields, tensors, parallel, on_progress, preview, timeout,
+                                     request_id, debug)[0]
+
+    def sample_with_info(self, key: str, request_fields: dict[str, Any],
+                         tensors: dict[str, torch.Tensor] | None = None, parallel: dict[str, int] | None = None,
+                         on_progress: Callable[[Progress], None] | None = None, preview: bool = False,
+                         timeout: float | None = None, request_id: str | None = None,
+                         debug: dict | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """`sample`, also returning the result's fields: seconds (on rank 0), progress_seconds (spent sending
+        progress)."""
+        header = {"type": "sample", "key": key, "request": request_fields, "parallel": parallel or {},
+                  "preview": preview}
+        if debug:
+            header["debug"] = debug
+        rid = request_id or self.new_request_id()
+
+        def on_message(msg: Message) -> None:
+            if on_progress is None:
+                return
+            h = msg.header
+            info = Progress(rid, h["step"], h["total"], h["step_seconds"], h["elapsed"], msg.tensors.get("preview"))
+            try:
+                on_progress(info)
+            except BaseException:
+                try:
+                    self.cancel(rid, timeout=5.0)
+                except PoolError:
+                    pass
+                raise
+
+        for attempt in range(2):
+            try:
+                msg = self._request({**header, "id": rid}, tensors, timeout=timeout, on_message=on_message,
+                                    allow_unbounded=True)
+                info = {k: v for k, v in msg.header.items() if k not in ("v", "type", "id", "tensors")}
+                return msg.tensors["latents"], info
+            except PoolError as e:
+                with self._lock:
+                    args = self._loads.get(key)
+                if e.kind != "unknown_model" or args is None or attempt:
+                    raise
+                log.info("model %s is gone from the pool (restart?): loading it again", key)
+                self.load(*args)
+                rid = self.new_request_id()
+        raise AssertionError("unreachable")
+
+    def cancel(self, request_id: str, timeout: float | None = None) -> str:
+        """Cancel a queued or running job. Returns "running", "queued" or "unknown"."""
+        return self._request({"type": "cancel", "target": request_id}, timeout=timeout, ensure=False
+                             ).header["state"]
+
+    def status(self, refresh: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """Health, loaded models, queue length, per-rank pid and memory. `refresh` asks every rank anew
+        (queued behind running jobs); otherwise figures are from the last job or heartbeat."""
+        return self._request({"type": "status", "refresh": refresh}, timeout=timeout).header["status"]
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the pool: running job cancelled, queued jobs answered with an error, every rank exits."""
+        self._request({"type": "shutdown"}, timeout=timeout, ensure=False)
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._sockets:
+                s.close(linger=0)
+            self._sockets.clear()
+        self._local = threading.local()
+
+    # ---------------------------------------------------------------- plumbing
+    def _state(self, ensure: bool) -> _ThreadState:
+        generation = 0
+        if self._supervisor is not None and ensure:
+            generation = self._supervisor.ensure_running()
+        state = getattr(self._local, "state", None)
+        if state is not None and (self._supervisor is None or not ensure or state.generation == generation):
+            return state
+        if state is not None:  # the pool restarted: replies to the old socket will never come
+            state.sock.close(linger=0)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.address)
+        with self._lock:
+            if state is not None and state.sock in self._sockets:
+                self._sockets.remove(state.sock)
+            self._sockets.append(sock)
+        self._local.state = _ThreadState(sock, generation)
+        return self._local.state
+
+    def _request(self, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None,
+                 timeout: float | None = None, on_message: Callable[[Message], None] | None = None,
+                 ensure: bool = True, allow_unbounded: bool = False) -> Message:
+        if timeout is None and not allow_unbounded:
+            timeout = self.timeout
+        state = self._state(ensure)
+        rid = header.setdefault("id", self.new_request_id())
+        state.active.add(rid)
+        state.mailbox[rid] = collections.deque()
+        try:
+            state.sock.send_multipart(protocol.encode(header, tensors, self._secret), copy=False)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                msg = self._next(state, rid, deadline, header["type"])
+                if msg.type == "progress" and on_message is not None:
+                    on_message(msg)
+                elif msg.type == "error":
+                    raise_for_error(msg.header)
+                elif msg.type == "result":
+                    return msg
+        finally:
+            state.active.discard(rid)
+            state.mailbox.pop(rid, None)
+
+    def _next(self, state: _ThreadState, rid: str, deadline: float | None, what: str) -> Message:
+        """The next reply for `rid`, stashing replies that belong to other requests of this thread."""
+        while True:
+            box = state.mailbox.get(rid)
+            if box:
+                return box.popleft()
+            if deadline is not None and time.monotonic() > deadline:
+                raise PoolTimeout(f"no reply to {what} from the pool at {self.address} within the timeout",
+                                  "timeout")
+            if not state.sock.poll(POLL_SLICE_MS):
+                if self._supervisor is not None and not self._supervisor.is_alive():
+                    raise PoolDied(f"the pool stopped during {what}: {self._supervisor.failure_text()}", "died")
+                continue
+            frames = state.sock.recv_multipart(copy=False)
+            try:
+                msg = protocol.decode(frames, self._secret, max(self._max_bytes, 1 << 40), protocol.REPLY_TYPES)
+            except AuthError as e:
+                log.warning("dropped a reply that failed authentication: %s", e)
+                continue
+            except ProtocolError as e:
+                log.warning("dropped an unreadable reply: %s", e)
+                continue
+            if msg.id in state.active:
+                state.mailbox[msg.id].append(msg)
+            elif msg.id is None and msg.type == "error":
+                raise PoolError(f"the pool rejected {what}: {msg.header.get('message')}", msg.header.get("kind"))
+
+
+__all__ = ["PoolClient", "Progress", "PoolError", "PoolDied", "PoolTimeout", "JobCancelled"]

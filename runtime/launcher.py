@@ -1,0 +1,234 @@
+"""Start, watch, restart and stop a worker pool: one torchrun process group in its own session."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .client import PoolClient
+from .errors import PoolError, PoolStartError
+from .protocol import DEFAULT_MAX_BYTES
+from .security import SECRET_ENV, as_secret, check_bind_address
+
+SCRUBBED_ENV = ("PYTORCH_CUDA_ALLOC_CONF",)  # ComfyUI's allocator settings must not leak into the workers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pid_alive(pid: int) -> bool:
+    """Running and not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return True  # no /proc: trust kill(0)
+
+
+class Pool:
+    """A pool of `nproc` ranks serving at `address` (default tcp://127.0.0.1:<free port>, kept across restarts).
+
+    `Pool.attach(address)` wraps a pool started elsewhere: no processes to watch or restart."""
+
+    def __init__(self, nproc: int = 1, address: str | None = None, secret: str | bytes | None = None, *,
+                 device: str = "cpu", backend: str | None = None, log_path: str | os.PathLike | None = None,
+                 startup_timeout: float = 300.0, pg_timeout: float = 120.0, heartbeat: float = 2.0,
+                 max_message_bytes: int = DEFAULT_MAX_BYTES, env: dict[str, str] | None = None,
+                 torchrun_args: list[str] | None = None):
+        self.nproc, self.device, self.backend = nproc, device, backend
+        self._address = address
+        self.secret = as_secret(secret)
+        self.startup_timeout, self.pg_timeout, self.heartbeat = startup_timeout, pg_timeout, heartbeat
+        self.max_message_bytes = max_message_bytes
+        self.extra_env = dict(env or {})
+        self.torchrun_args = list(torchrun_args or [])
+        self.log_path = Path(log_path) if log_path else Path(tempfile.gettempdir()) / f"xdit-pool-{os.getpid()}-{id(self)}.log"
+        self._proc: subprocess.Popen | None = None
+        self._rank_pids: list[int] = []
+        self._generation = 0
+        self._attached = False
+        self._lock = threading.RLock()
+        self._control: PoolClient | None = None
+
+    @classmethod
+    def attach(cls, address: str, secret: str | bytes | None = None, timeout: float = 30.0) -> "Pool":
+        pool = cls(address=address, secret=secret, startup_timeout=timeout)
+        pool._attached = True
+        return pool
+
+    @property
+    def address(self) -> str:
+        if self._address is None:
+            self._address = f"tcp://127.0.0.1:{free_port()}"
+        return self._address
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def rank_pids(self) -> list[int]:
+        return list(self._rank_pids)
+
+    def client(self, timeout: float = 30.0) -> PoolClient:
+        """A client that starts or restarts this pool before each request and notices when it dies."""
+        return PoolClient(self.address, self.secret, timeout=timeout, max_bytes=self.max_message_bytes,
+                          supervisor=self)
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        with self._lock:
+            if self._attached:
+                self._wait_ready(None)
+                self._generation += 1
+                return
+            if self._proc is not None and self._proc.poll() is None:
+                raise PoolError("the pool is already running", "config")
+            check_bind_address(self.address, self.secret)
+            env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+            env.update(self.extra_env)
+            env.setdefault("OMP_NUM_THREADS", "1")
+            env.setdefault("HF_HUB_OFFLINE", "1")
+            env.pop(SECRET_ENV, None)
+            if self.secret:
+                env[SECRET_ENV] = self.secret.decode("utf-8", "surrogateescape")
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
+                   "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--monitor-interval", "0.2",
+                   *self.torchrun_args, "-m", "comfyui_xdit_runtime.worker", "--address", self.address,
+                   "--device", self.device, "--pg-timeout", str(self.pg_timeout), "--heartbeat", str(self.heartbeat),
+                   "--max-message-bytes", str(self.max_message_bytes)]
+            if self.backend:
+                cmd += ["--backend", self.backend]
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "ab") as logf:
+                logf.write(f"\n=== starting pool: {' '.join(cmd)}\n".encode())
+                logf.flush()
+                self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                              start_new_session=True)
+            try:
+                status = self._wait_ready(self._proc)
+            except BaseException:
+                self._kill_group()
+                raise
+            self._rank_pids = [r["pid"] for r in status["ranks"]]
+            self._generation += 1
+
+    def _wait_ready(self, proc: subprocess.Popen | None) -> dict:
+        probe = PoolClient(self.address, self.secret, timeout=1.0)
+        deadline = time.monotonic() + self.startup_timeout
+        try:
+            while True:
+                if proc is not None and proc.poll() is not None:
+                    raise PoolStartError(f"the pool exited with code {proc.returncode} while starting:\n"
+                                         f"{self.log_tail()}", "start")
+                try:
+                    return probe.status(timeout=1.0)
+                except PoolError:
+                    probe.close()  # a fresh socket per probe: no stale requests pile up
+                if time.monotonic() > deadline:
+                    raise PoolStartError(f"the pool did not answer within {self.startup_timeout:.0f} s:\n"
+                                         f"{self.log_tail()}", "start")
+        finally:
+            probe.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the pool to shut down, then terminate whatever is left of the process group."""
+        with self._lock:
+            if self._attached:
+                PoolClient(self.address, self.secret).shutdown(timeout=timeout)
+                return
+            if self._proc is None:
+                return
+            if self._proc.poll() is None:
+                client = PoolClient(self.address, self.secret)
+                try:
+                    client.shutdown(timeout=min(timeout, 5.0))
+                    self._proc.wait(timeout=timeout)
+                except (PoolError, subprocess.TimeoutExpired):
+                    pass
+                finally:
+                    client.close()
+            self._kill_group()
+
+    def _kill_group(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)  # the session leader's pid is the group id
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        for pid in self._rank_pids:  # ranks are in the group too; make sure none outlives it
+            if _pid_alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._rank_pids = []
+
+    def is_alive(self) -> bool:
+        """torchrun and every rank still running (attached pools: assumed alive)."""
+        if self._attached:
+            return True
+        proc = self._proc
+        return proc is not None and proc.poll() is None and all(_pid_alive(p) for p in self._rank_pids)
+
+    def ensure_running(self) -> int:
+        """Start the pool if it is not running (restart if a rank died); returns the generation."""
+        with self._lock:
+            if self._attached:
+                if not self._generation:
+                    self.start()
+                return self._generation
+            if not self.is_alive():
+                self._kill_group()
+                self.start()
+            return self._generation
+
+    def wait(self) -> int | None:
+        """Block until the pool's process group exits; its exit code (None if never started or attached)."""
+        proc = self._proc
+        return None if proc is None else proc.wait()
+
+    def failure_text(self) -> str:
+        proc = self._proc
+        code = None if proc is None else proc.poll()
+        return f"pool process exited (code {code}); log tail:\n{self.log_tail(15)}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self) -> "Pool":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,271 @@
+"""Rank 0: a ZeroMQ ROUTER front end and the job loop.
+
+Two threads, one socket each:
+  I/O thread   owns the ROUTER socket: checks every message, queues jobs (FIFO across clients), answers
+               status and cancel at once (also while a job runs), forwards replies the job thread hands it.
+  main thread  takes jobs in order, broadcasts each to every rank, runs it through the Executor, replies
+               through an inproc PAIR to the I/O thread. When idle it sends heartbeats, which keep the other
+               ranks' waits under the process-group timeout and refresh their memory figures.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zmq
+
+from . import protocol
+from .executor import Executor, model_key
+from .fanout import Fanout
+from .protocol import AuthError, ProtocolError
+
+log = logging.getLogger("comfyui_xdit_runtime.server")
+QUEUED_TYPES = ("load_model", "unload", "sample")
+
+
+@dataclass
+class Job:
+    id: str
+    identity: bytes | None          # client to reply to (None: internal heartbeat)
+    kind: str                       # request type, or "ping" / "shutdown"
+    op: dict[str, Any]              # what every rank receives
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class Rank0Server:
+    def __init__(self, executor: Executor, fanout: Fanout, address: str, secret: bytes | None = None,
+                 max_bytes: int = protocol.DEFAULT_MAX_BYTES, heartbeat_s: float = 2.0, info: dict | None = None):
+        self.executor, self.fanout = executor, fanout
+        self.address, self.secret, self.max_bytes, self.heartbeat_s = address, secret, max_bytes, heartbeat_s
+        self.info = info or {}
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._current: Job | None = None
+        self._stopping = False
+        self._ranks: list[dict] = []
+        self._models: list[dict] = []
+        self._jobs_done = 0
+        self._started = time.time()
+        self._io_stop = threading.Event()
+        self._ctx = zmq.Context.instance()
+
+    # ---------------------------------------------------------------- main thread
+    def serve(self, startup_outcomes: list[dict]) -> None:
+        self._ranks = self._rank_rows(startup_outcomes)
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 1000)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._router.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_bytes + (1 << 16))  # hard cap: peer dropped
+        self._router.bind(self.address)
+        inproc = f"inproc://xdit-replies-{id(self)}"
+        self._pair_in = self._ctx.socket(zmq.PAIR)
+        self._pair_in.bind(inproc)
+        self._out = self._ctx.socket(zmq.PAIR)
+        self._out.setsockopt(zmq.LINGER, 1000)
+        self._out.connect(inproc)
+        io = threading.Thread(target=self._io_loop, name="xdit-pool-io", daemon=True)
+        io.start()
+        log.info("rank 0 serving on %s", self.address)
+        try:
+            while True:
+                job = self._next_job()
+                if not self._execute(job):
+                    break
+        except BaseException as e:
+            self._fail_all("pool", f"the pool failed: {type(e).__name__}: {e}")
+            raise
+        finally:
+            time.sleep(0.2)  # let the I/O thread forward the last replies
+            self._io_stop.set()
+            io.join(timeout=5)
+            self._out.close()
+
+    def _next_job(self) -> Job:
+        with self._cond:
+            if not self._queue:
+                self._cond.wait(self.heartbeat_s)
+            if not self._queue:
+                return Job("heartbeat", None, "ping", {"op": "ping"})
+            self._current = self._queue.popleft()
+            return self._current
+
+    def _execute(self, job: Job) -> bool:
+        """Run one job on every rank and reply. False after a shutdown."""
+        start = time.perf_counter()
+
+        def progress(step: int, total: int, step_seconds: float, preview: torch.Tensor | None) -> None:
+            self._send(job, protocol.reply("progress", job.id, step=step, total=total,
+                                           step_seconds=round(step_seconds, 6),
+                                           elapsed=round(time.perf_counter() - start, 6)),
+                       {"preview": preview} if preview is not None else None)
+
+        self.fanout.send(job.op, job.tensors)
+        outcomes, result, extra = self.executor.run(job.op, job.tensors, progress, job.cancel.is_set)
+        with self._cond:
+            self._current = None
+            self._ranks = self._rank_rows(outcomes)
+            self._models = [dict(v) for v in self.executor.model_info.values()]
+            self._jobs_done += job.kind != "ping" or job.identity is not None
+        failed = [o for o in outcomes if not o["ok"]]
+        if job.identity is None:
+            pass
+        elif failed:
+            self._send(job, self._error_reply(job.id, failed))
+        elif job.kind == "status":
+            self._send(job, protocol.reply("result", job.id, status=self.status()))
+        elif job.kind == "sample":
+            self._send(job, protocol.reply("result", job.id, **extra), {"latents": result})
+        else:
+            self._send(job, protocol.reply("result", job.id, **extra))
+        return job.kind != "shutdown"
+
+    @staticmethod
+    def _error_reply(rid: str, failed: list[dict]) -> dict:
+        cancelled = [o for o in failed if o["kind"] == "cancelled"]
+        if cancelled:
+            return protocol.error(rid, "cancelled", cancelled[0]["message"], None)
+        first = next((o for o in failed if o["kind"] != "peer"), failed[0])
+        return protocol.error(rid, first["kind"], first["message"], first["rank"])
+
+    def _send(self, job: Job, header: dict, tensors: dict | None = None) -> None:
+        if job.identity is not None:
+            self._out.send_multipart([job.identity, *protocol.encode(header, tensors, self.secret)], copy=False)
+
+    def _fail_all(self, kind: str, message: str) -> None:
+        with self._cond:
+            jobs = ([self._current] if self._current else []) + list(self._queue)
+            self._queue.clear()
+            self._current = None
+        for job in jobs:
+            self._send(job, protocol.error(job.id, kind, message))
+
+    @staticmethod
+    def _rank_rows(outcomes: list[dict]) -> list[dict]:
+        now = time.time()
+        keep = ("rank", "pid", "host", "rss_bytes", "cuda_allocated_bytes", "cuda_reserved_bytes")
+        return [{**{k: o[k] for k in keep if k in o}, "updated": now} for o in outcomes]
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            now = time.time()
+            return {"healthy": not self._stopping, "world_size": len(self._ranks), **self.info,
+                    "ranks": [{**{k: v for k, v in r.items() if k != "updated"},
+                               "age_s": round(now - r["updated"], 3)} for r in self._ranks],
+                    "models": list(self._models), "queue_length": len(self._queue),
+                    "running": self._current.id if self._current else None, "jobs_done": self._jobs_done,
+                    "uptime_s": round(now - self._started, 3)}
+
+    # ---------------------------------------------------------------- I/O thread
+    def _io_loop(self) -> None:
+        router, pair = self._router, self._pair_in
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(pair, zmq.POLLIN)
+        try:
+            while not self._io_stop.is_set():
+                for sock, _ in poller.poll(100):
+                    if sock is pair:
+                        router.send_multipart(pair.recv_multipart(copy=False), copy=False)
+                    else:
+                        frames = router.recv_multipart(copy=False)
+                        try:
+                            self._handle(frames[0].bytes, frames[1:])
+                        except Exception:  # noqa: BLE001 - never let a client take the I/O thread down
+                            log.exception("error while handling a message")
+            while pair.poll(0):  # flush the last replies
+                router.send_multipart(pair.recv_multipart(copy=False), copy=False)
+        finally:
+            pair.close()
+            router.close()
+
+    def _reply_now(self, identity: bytes, header: dict, tensors: dict | None = None) -> None:
+        self._router.send_multipart([identity, *protocol.encode(header, tensors, self.secret)], copy=False)
+
+    def _handle(self, identity: bytes, frames: list) -> None:
+        try:
+            msg = protocol.decode(frames, self.secret, self.max_bytes)
+        except AuthError as e:
+            log.warning("dropped a message that failed authentication: %s", e)
+            return
+        except ProtocolError as e:
+            log.warning("rejected a message: %s", e)
+            self._reply_now(identity, protocol.error(e.request_id, "protocol", str(e)))
+            return
+        h, rid = msg.header, msg.id
+        with self._cond:
+            stopping = self._stopping
+        if stopping and msg.type != "status":
+            self._reply_now(identity, protocol.error(rid, "shutdown", "the pool is shutting down"))
+        elif msg.type in QUEUED_TYPES:
+            try:
+                op = self._make_op(h, msg.tensors)
+            except ProtocolError as e:
+                self._reply_now(identity, protocol.error(rid, "protocol", str(e)))
+                return
+            self._enqueue(Job(rid, identity, msg.type, op, msg.tensors))
+            self._reply_now(identity, protocol.reply("accepted", rid, position=self.status()["queue_length"]))
+        elif msg.type == "status":
+            if h.get("refresh"):
+                self._enqueue(Job(rid, identity, "status", {"op": "ping"}))
+            else:
+                self._reply_now(identity, protocol.reply("result", rid, status=self.status()))
+        elif msg.type == "cancel":
+            self._reply_now(identity, protocol.reply("result", rid, state=self._cancel(h.get("target"))))
+        elif msg.type == "shutdown":
+            self._shutdown(Job(rid, identity, "shutdown", {"op": "shutdown"}))
+
+    @staticmethod
+    def _make_op(h: dict, tensors: dict) -> dict:
+        t = h["type"]
+        if t == "load_model":
+            source, family, dtype = h.get("source"), h.get("family"), h.get("dtype", "fp32")
+            if not isinstance(source, str) or not isinstance(dtype, str) or not isinstance(family, (str, type(None))):
+                raise ProtocolError("load_model needs string 'source', 'dtype' and optional 'family'")
+            return {"op": "load", "key": model_key(source, family, dtype), "source": source, "family": family,
+                    "dtype": dtype}
+        if not isinstance(h.get("key"), str):
+            raise ProtocolError(f"{t} needs a string 'key'")
+        if t == "unload":
+            if tensors:
+                raise ProtocolError("unload takes no tensors")
+            return {"op": "unload", "key": h["key"]}
+        return {"op": "sample", "key": h["key"], "request": h.get("request"), "parallel": h.get("parallel"),
+                "preview": bool(h.get("preview")), "debug": h.get("debug")}
+
+    def _enqueue(self, job: Job) -> None:
+        with self._cond:
+            self._queue.append(job)
+            self._cond.notify()
+
+    def _cancel(self, target: Any) -> str:
+        with self._cond:
+            if self._current is not None and self._current.id == target and self._current.identity is not None:
+                self._current.cancel.set()
+                return "running"
+            for job in self._queue:
+                if job.id == target:
+                    self._queue.remove(job)
+                    break
+            else:
+                return "unknown"
+        self._reply_now(job.identity, protocol.error(job.id, "cancelled", "cancelled before it started"))
+        return "queued"
+
+    def _shutdown(self, job: Job) -> None:
+        with self._cond:
+            self._stopping = True
+            dropped = list(self._queue)
+            self._queue.clear()
+            if self._current is not None:
+                self._current.cancel.set()
+            self._queue.append(job)
+            self._cond.notify()
+        for j in dropped:
+            if j.identity is not None:
+                self._reply_now(j.identity, protocol.error(j.id, "shutdown", "the pool is shutting down"))

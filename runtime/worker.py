@@ -1,0 +1,75 @@
+"""One pool rank, started by torchrun: `python -m comfyui_xdit_runtime.worker --address ...`.
+
+Rank 0 serves clients (server.Rank0Server); the other ranks wait for operations broadcast by rank 0 and run
+them. Any failure of the process group ends the rank with a non-zero exit, so torchrun stops the rest."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+
+from .executor import Executor, memory_stats
+from .fanout import Fanout
+from .protocol import DEFAULT_MAX_BYTES
+from .security import check_bind_address, secret_from_env
+
+log = logging.getLogger("comfyui_xdit_runtime.worker")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m comfyui_xdit_runtime.worker")
+    p.add_argument("--address", required=True, help="where rank 0 binds: tcp://127.0.0.1:PORT or ipc://PATH")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl on cuda, else gloo")
+    p.add_argument("--pg-timeout", type=float, default=120.0, help="seconds a collective may wait for a peer")
+    p.add_argument("--heartbeat", type=float, default=2.0, help="seconds between idle heartbeats")
+    p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_BYTES)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[xdit-pool %(name)s] %(message)s", stream=sys.stderr)
+    secret = secret_from_env()
+    check_bind_address(args.address, secret)  # every rank checks, so a refusal fails the whole group at once
+    backend = args.backend or ("nccl" if args.device == "cuda" else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device == "cuda":
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.pg_timeout))
+    rank = dist.get_rank()
+    fanout = Fanout(device)
+    executor = Executor(fanout, device, test_hooks=os.environ.get("XDIT_RUNTIME_TEST_HOOKS") == "1")
+    hello = fanout.gather({"ok": True, "rank": rank, "pid": os.getpid(), "host": socket.gethostname(),
+                           **memory_stats(device)})
+    try:
+        if rank == 0:
+            from .server import Rank0Server
+
+            info = {"backend": backend, "device": args.device, "address": args.address}
+            Rank0Server(executor, fanout, args.address, secret, args.max_message_bytes, args.heartbeat,
+                        info).serve(hello)
+        else:
+            while True:
+                op, tensors = fanout.receive()
+                executor.run(op, tensors)
+                if op.get("op") == "shutdown":
+                    break
+    except Exception as e:  # noqa: BLE001 - the rank's own error text ends up in the pool log
+        log.exception("rank %d stops: %s", rank, e)
+        return 1
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
