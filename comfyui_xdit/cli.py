@@ -187,20 +187,10 @@ def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) 
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Sample each built-in tiny model on CPU (serial and Ulysses 2) and print what it did and each step's time."""
-    import subprocess
-    import tempfile
+    """Start a CPU worker pool and sample the built-in tiny models through it (see runtime/demo.py)."""
+    from comfyui_xdit_runtime.demo import run_demo  # lazy: the engine never needs ZeroMQ
 
-    for model in ("tiny-flux", "tiny-sd3", "tiny-pixart"):
-        for extra in ([], ["--ulysses-degree", "2"]):
-            with tempfile.TemporaryDirectory() as tmp:
-                argv = ["generate", "--model", model, "--height", "256", "--width", "256", "--steps", "8",
-                        "--seed", "0", "--cfg", "3.0", "--device", "cpu", "--out", f"{tmp}/out.safetensors", *extra]
-                print(f"$ python -m comfyui_xdit {' '.join(argv)}", flush=True)
-                code = subprocess.call([sys.executable, "-m", "comfyui_xdit", *argv])
-                if code:
-                    return code
-    return 0
+    return run_demo(nproc=2, steps=args.steps, size=args.size)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -240,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="sample latents with a DiT")
     add_generate_args(gen)
     gen.set_defaults(func=cmd_generate)
-    demo = sub.add_parser("demo", help="sample the built-in tiny models on CPU and print step times")
+    demo = sub.add_parser("demo", help="start a CPU pool, sample the tiny models through it, print step times")
+    demo.add_argument("--steps", type=int, default=8)
+    demo.add_argument("--size", type=int, default=256)
     demo.set_defaults(func=cmd_demo)
     serve = sub.add_parser("serve", help="run a persistent worker pool in the foreground (ComfyUI can attach)")
     add_serve_args(serve)
