@@ -124,19 +124,19 @@ def run(nproc: int, repeats: int) -> list[tuple[str, str, str]]:
                      f"{size / t / 1e9:.2f} GB/s"))
 
         req = {"height": 128, "width": 128, "steps": 8}
-        fractions = []
-        for _ in range(max(5, repeats // 5)):
-            _, info = client.sample_with_info(key, req, on_progress=lambda p: None, preview=True)
-            fractions.append(info["progress_seconds"] / (info["seconds"] - info["progress_seconds"]))
-        per_step = statistics.median(fractions)
         plain = median_time(lambda: client.sample(key, req), max(5, repeats // 5))
-        with_progress = median_time(lambda: client.sample(key, req, on_progress=lambda p: None, preview=True),
-                                    max(5, repeats // 5))
-        rows.append(("progress + preview per step, rank 0 send time / step time (tiny-flux 128x128)",
-                     f"{per_step * 100:.2f} %", f"step {plain / 8 * 1e3:.1f} ms"))
-        rows.append(("progress + preview, end-to-end job time difference (8 steps)",
-                     f"{(with_progress / plain - 1) * 100:+.1f} %",
-                     f"{plain * 1e3:.1f} ms vs {with_progress * 1e3:.1f} ms"))
+        for preview, what in ((False, "progress"), (True, "progress + preview")):
+            fractions = []
+            for _ in range(max(5, repeats // 5)):
+                _, info = client.sample_with_info(key, req, on_progress=lambda p: None, preview=preview)
+                fractions.append(info["progress_seconds"] / (info["seconds"] - info["progress_seconds"]))
+            with_progress = median_time(
+                lambda: client.sample(key, req, on_progress=lambda p: None, preview=preview), max(5, repeats // 5))
+            rows.append((f"{what} per step, rank 0 send time / step time (tiny-flux 128x128)",
+                         f"{statistics.median(fractions) * 100:.2f} %", f"step {plain / 8 * 1e3:.1f} ms"))
+            rows.append((f"{what}, end-to-end job time difference (8 steps)",
+                         f"{(with_progress / plain - 1) * 100:+.1f} %",
+                         f"{plain * 1e3:.1f} ms vs {with_progress * 1e3:.1f} ms"))
         client.close()
     return rows
 
