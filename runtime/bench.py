@@ -23,6 +23,19 @@ from .launcher import Pool
 MB = 1 << 20
 
 
+def paired_medians(a, b, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median times of `a` and `b`, called alternately so that drift on a noisy machine hits both alike."""
+    for _ in range(warmup):
+        a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, times in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def median_time(fn, repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
@@ -124,17 +137,17 @@ def run(nproc: int, repeats: int) -> list[tuple[str, str, str]]:
                      f"{size / t / 1e9:.2f} GB/s"))
 
         req = {"height": 128, "width": 128, "steps": 8}
-        plain = median_time(lambda: client.sample(key, req), max(5, repeats // 5))
         for preview, what in ((False, "progress"), (True, "progress + preview")):
             fractions = []
             for _ in range(max(5, repeats // 5)):
                 _, info = client.sample_with_info(key, req, on_progress=lambda p: None, preview=preview)
                 fractions.append(info["progress_seconds"] / (info["seconds"] - info["progress_seconds"]))
-            with_progress = median_time(
-                lambda: client.sample(key, req, on_progress=lambda p: None, preview=preview), max(5, repeats // 5))
+            plain, with_progress = paired_medians(
+                lambda: client.sample(key, req),
+                lambda: client.sample(key, req, on_progress=lambda p: None, preview=preview), repeats)
             rows.append((f"{what} per step, rank 0 send time / step time (tiny-flux 128x128)",
                          f"{statistics.median(fractions) * 100:.2f} %", f"step {plain / 8 * 1e3:.1f} ms"))
-            rows.append((f"{what}, end-to-end job time difference (8 steps)",
+            rows.append((f"{what}, end-to-end job time difference (8 steps, alternating runs)",
                          f"{(with_progress / plain - 1) * 100:+.1f} %",
                          f"{plain * 1e3:.1f} ms vs {with_progress * 1e3:.1f} ms"))
         client.close()

@@ -26,6 +26,7 @@ from .protocol import AuthError, ProtocolError
 
 log = logging.getLogger("comfyui_xdit_runtime.server")
 QUEUED_TYPES = ("load_model", "unload", "sample")
+PROGRESS_POLL_S = 0.005  # while a job runs, the I/O thread sends queued progress at least this often
 
 
 @dataclass
@@ -53,6 +54,9 @@ class Rank0Server:
         self._jobs_done = 0
         self._started = time.time()
         self._io_stop = threading.Event()
+        # Progress replies: appended by the job thread, encoded and sent by the I/O thread within PROGRESS_POLL_S,
+        # so a step pays for a deque append rather than a thread hand-off.
+        self._progress: collections.deque[tuple[bytes, dict, dict | None]] = collections.deque()
         self._ctx = zmq.Context.instance()
 
     # ---------------------------------------------------------------- main thread
@@ -100,10 +104,10 @@ class Rank0Server:
         start = time.perf_counter()
 
         def progress(step: int, total: int, step_seconds: float, preview: torch.Tensor | None) -> None:
-            self._send(job, protocol.reply("progress", job.id, step=step, total=total,
-                                           step_seconds=round(step_seconds, 6),
-                                           elapsed=round(time.perf_counter() - start, 6)),
-                       {"preview": preview} if preview is not None else None)
+            if job.identity is not None:
+                self._progress.append((job.identity, protocol.reply(
+                    "progress", job.id, step=step, total=total, step_seconds=round(step_seconds, 6),
+                    elapsed=round(time.perf_counter() - start, 6)), {"preview": preview} if preview is not None else None))
 
         self.fanout.send(job.op, job.tensors)
         outcomes, result, extra = self.executor.run(job.op, job.tensors, progress, job.cancel.is_set)
@@ -169,8 +173,11 @@ class Rank0Server:
         poller.register(pair, zmq.POLLIN)
         try:
             while not self._io_stop.is_set():
-                for sock, _ in poller.poll(100):
+                events = poller.poll(PROGRESS_POLL_S * 1000 if self._current is not None else 100)
+                self._flush_progress()
+                for sock, _ in events:
                     if sock is pair:
+                        self._flush_progress()  # a job's progress goes out before its result
                         router.send_multipart(pair.recv_multipart(copy=False), copy=False)
                     else:
                         frames = router.recv_multipart(copy=False)
@@ -178,11 +185,17 @@ class Rank0Server:
                             self._handle(frames[0].bytes, frames[1:])
                         except Exception:  # noqa: BLE001 - never let a client take the I/O thread down
                             log.exception("error while handling a message")
+            self._flush_progress()
             while pair.poll(0):  # flush the last replies
                 router.send_multipart(pair.recv_multipart(copy=False), copy=False)
         finally:
             pair.close()
             router.close()
+
+    def _flush_progress(self) -> None:
+        while self._progress:
+            identity, header, tensors = self._progress.popleft()
+            self._router.send_multipart([identity, *protocol.encode(header, tensors, self.secret)], copy=False)
 
     def _reply_now(self, identity: bytes, header: dict, tensors: dict | None = None) -> None:
         self._router.send_multipart([identity, *protocol.encode(header, tensors, self.secret)], copy=False)
