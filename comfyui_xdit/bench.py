@@ -1,0 +1,179 @@
+"""One-device step benchmark of full-size architectures with random weights.
+
+    python -m comfyui_xdit bench --arch flux --size 1024 --device cuda --dtype bf16 [--compile]
+
+One transformer forward is one sampling step (per guidance branch). The table compares, in one run:
+diffusers eager (the model as diffusers calls it, default attention selection), ours eager (the same forward
+under the engine's attention-backend choice), ours compiled (regional torch.compile of the repeated blocks),
+with achieved TFLOP/s from torch's FLOP counter and the share of a matmul ceiling measured in the same run.
+Random weights change nothing about the time of a step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .adapters import make_adapter
+from .adapters.base import Conditioning, FamilyAdapter
+from .attention_backend import preferred_attention
+from .models import parse_dtype
+from .tiny import build_tiny, is_tiny
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+ARCHS = {"flux": "flux-dev", "flux-schnell": "flux-schnell", "sd3": "sd3-medium", "sd3.5-large": "sd3.5-large",
+         "sd3.5-medium": "sd3.5-medium", "pixart": "pixart-sigma", "pixart-alpha": "pixart-alpha"}
+TEXT_TOKENS = {"flux": 512, "sd3": 154, "pixart": 300}  # what the families' text encoders produce
+
+
+def build_random(arch: str, dtype: torch.dtype, device: str) -> FamilyAdapter:
+    """A full-size architecture from the shipped configs (or a built-in tiny model), random weights, on device."""
+    if is_tiny(arch):
+        family, model = build_tiny(arch, dtype)
+        return make_adapter(family, model.to(device))
+    if arch not in ARCHS:
+        raise SystemExit(f"error: unknown arch {arch!r}: one of {', '.join([*ARCHS, 'tiny-flux', 'bench-flux'])}")
+    import diffusers
+
+    config = json.loads((CONFIG_DIR / f"{ARCHS[arch]}.json").read_text())
+    cls = getattr(diffusers, config.pop("_class_name"))
+    family = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}.get(cls.__name__, "pixart")
+    default = torch.get_default_dtype()
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)  # initialise in the target dtype, on the device: no full-size fp32 copy
+    try:
+        with torch.device(device):
+            model = cls.from_config(config)
+    finally:
+        torch.set_default_dtype(default)
+    return make_adapter(family, model.eval().requires_grad_(False))
+
+
+def step_inputs(adapter: FamilyAdapter, size: int, batch: int, device: str
+                ) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+    g = torch.Generator().manual_seed(0)
+    tokens = TEXT_TOKENS[adapter.family] if adapter.model.config.get("num_layers", 0) > 4 else 16
+    c = adapter.random_conditioning(batch, tokens, g)
+    c = Conditioning(*(None if t is None else t.to(device) for t in (c.cond, c.pooled, c.mask)))
+    c = adapter.expand(c, batch)
+    x = torch.randn(batch, adapter.latent_channels, size // 8, size // 8, generator=g).to(device)
+    return x, torch.tensor([500.0], device=device), c
+
+
+def median_seconds(fn: Callable[[], object], device: str, repeats: int, warmup: int = 2) -> float:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_ceiling(device: str, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s of a large square matmul in this dtype on this device (8192 on GPUs, 1024 on CPU)."""
+    n = 8192 if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / median_seconds(lambda: a @ b, device, repeats)
+
+
+def compile_blocks(adapter: FamilyAdapter) -> None:
+    """Regional compilation: each repeated block compiled once (diffusers' own helper when it has one)."""
+    model = adapter.model
+    if hasattr(model, "compile_repeated_blocks"):
+        model.compile_repeated_blocks(fullgraph=True)
+        return
+    for name in adapter.sp_plan().blocks:
+        for block in getattr(model, name):
+            block.compile(fullgraph=True)
+
+
+@torch.no_grad()
+def run(arch: str, size: int, device: str, dtype: torch.dtype, compile: bool, repeats: int,
+        batch: int = 1) -> tuple[list[tuple[str, float, float, str]], dict]:
+    """Rows (name, seconds per step, TFLOP/s, note) and facts (flops, ceiling, max difference ours vs diffusers)."""
+    adapter = build_random(arch, dtype, device)
+    x, t, c = step_inputs(adapter, size, batch, device)
+
+    def diffusers_step() -> torch.Tensor:
+        return adapter.predict(x, t, c)
+
+    def ours_step() -> torch.Tensor:
+        with preferred_attention(x.device):
+            return adapter.predict(x, t, c)
+
+    flops = count_flops(diffusers_step)
+    ceiling = matmul_ceiling(device, dtype)
+    reference, ours = diffusers_step().float(), ours_step().float()
+    facts = {"flops": flops, "ceiling_tflops": ceiling / 1e12,
+             "rel_l2_ours_vs_diffusers": float((ours - reference).norm() / reference.norm())}
+    rows = []
+    base = median_seconds(diffusers_step, device, repeats)
+    rows.append(("diffusers eager", base, flops / base / 1e12, "1.00x"))
+    eager = median_seconds(ours_step, device, repeats)
+    rows.append(("ours eager", eager, flops / eager / 1e12, f"{eager / base:.2f}x"))
+    if compile:
+        compile_blocks(adapter)
+        compiled_out = ours_step().float()  # compiles
+        facts["rel_l2_compiled_vs_diffusers"] = float((compiled_out - reference).norm() / reference.norm())
+        comp = median_seconds(ours_step, device, repeats)
+        rows.append(("ours compiled", comp, flops / comp / 1e12, f"{comp / base:.2f}x"))
+    return rows, facts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m comfyui_xdit bench", description=__doc__.split("\n\n")[0])
+    add_bench_args(p)
+    return cmd_bench(p.parse_args(argv))
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default="flux", help=f"{', '.join(ARCHS)}, or a built-in tiny model (CPU checks)")
+    p.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", help="also time regional torch.compile")
+    p.add_argument("--repeats", type=int, default=10)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    dtype = parse_dtype(args.dtype)
+    rows, facts = run(args.arch, args.size, args.device, dtype, args.compile, args.repeats, args.batch)
+    ceiling = facts["ceiling_tflops"]
+    print(f"{args.arch} {args.size}x{args.size} batch {args.batch} {args.dtype} on {_device_name(args.device)}; "
+          f"{facts['flops'] / 1e12:.4g} TFLOP per step; matmul ceiling {ceiling:.1f} TFLOP/s")
+    print(f"{'path':<16}{'step s':>10}{'TFLOP/s':>10}{'of ceiling':>12}{'vs diffusers':>14}")
+    for name, seconds, tflops, ratio in rows:
+        print(f"{name:<16}{seconds:>10.4f}{tflops:>10.3g}{tflops / ceiling:>12.0%}{ratio:>14}")
+    print("rel. L2 vs diffusers: " + ", ".join(f"{k[7:].split('_vs')[0]} {v:.1e}"
+                                              for k, v in facts.items() if k.startswith("rel_l2")))
+    return 0
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return "CPU"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
