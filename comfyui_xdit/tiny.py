@@ -26,7 +26,7 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
         norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=1)),
     # Larger built-in models for CPU benchmarks, where compute must dominate communication.
     "bench-flux": ("flux", "FluxTransformer2DModel", dict(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=4, attention_head_dim=64,
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=5, attention_head_dim=64,
         num_attention_heads=16, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=(16, 24, 24))),
 }

@@ -146,6 +146,26 @@ def test_partition_balances_cost():
     costs = [2, 2, 1, 1, 1, 1, 1, 1]
     starts = partition(costs, 3) + [len(costs)]
     assert max(sum(costs[a:b]) for a, b in zip(starts, starts[1:])) == 4  # the best possible for these costs
+    # a cap on the weight (parameter bytes) per group overrides the cost balance
+    assert partition([1, 1, 1, 1], 2, weights=[3, 3, 1, 1], cap=5) == [0, 1]
+    with pytest.raises(ConfigError, match="no split into 2 stages"):
+        partition([1, 1, 1], 2, weights=[4, 4, 4], cap=5)
+
+
+def test_stages_balance_compute_per_token():
+    """A Flux double block holds twice a single block's parameters but does about the same work per image
+    token (its text stream runs on few tokens): 1 double + 5 single blocks split 3 | 3."""
+    from comfyui_xdit.adapters.base import per_token_bytes
+
+    model = get_model({"model": "tiny-flux"}).adapter.model
+    double, single = model.transformer_blocks[0], model.single_transformer_blocks[0]
+    params = [sum(p.numel() for p in b.parameters()) for b in (double, single)]
+    assert params[0] > 1.5 * params[1]
+    assert abs(per_token_bytes(double) / per_token_bytes(single) - 1) < 0.1
+    costs = [per_token_bytes(double)] + [per_token_bytes(single)] * 5
+    sizes = [params[0]] + [params[1]] * 5
+    assert partition(costs, 2, sizes, sum(sizes) / 2 + max(sizes)) == [0, 3]
+    assert partition(sizes, 2) == [0, 2]  # balancing parameter bytes instead would give 2 | 4 blocks
 
 
 @pytest.mark.parametrize("config,height,message", [

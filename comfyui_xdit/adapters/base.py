@@ -28,6 +28,17 @@ class SequencePlan:
     blocks: tuple[str, ...] = ("transformer_blocks",)
 
 
+# Parameter names of a block's text stream (joint blocks) and of its adaLN modulation: both run on few rows
+# (text tokens, or one vector per sample), so they barely count towards a block's compute per image token.
+_FEW_ROW_MARKERS = ("context", "add_", "norm_added", "norm1.linear", "norm.linear", "scale_shift_table")
+
+
+def per_token_bytes(block: torch.nn.Module) -> int:
+    """Parameter bytes a block applies to every image token: its compute per token, up to a constant."""
+    return sum(p.numel() * p.element_size() for name, p in block.named_parameters()
+               if not any(m in name for m in _FEW_ROW_MARKERS))
+
+
 @dataclass
 class Conditioning:
     """One branch of conditioning (positive or negative) for a whole batch."""

@@ -19,17 +19,20 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..adapters.base import per_token_bytes
 from ..errors import ConfigError
 from .attention import ulysses_gather, ulysses_scatter
 from .sequence import shard_range, shard_sizes, wrap_attention
 
 
-def partition(costs: list[int], parts: int) -> list[int]:
-    """Start index of each of `parts` contiguous, non-empty groups of `costs` minimising the largest group sum."""
+def partition(costs: list[int], parts: int, weights: list[int] | None = None, cap: float | None = None) -> list[int]:
+    """Start index of each of `parts` contiguous, non-empty groups of `costs` minimising the largest group sum;
+    with `weights` and `cap`, only groups whose weight sum is at most `cap` are allowed."""
     n = len(costs)
-    prefix = [0]
-    for c in costs:
+    prefix, wprefix = [0], [0]
+    for c, w in zip(costs, weights or [0] * n):
         prefix.append(prefix[-1] + c)
+        wprefix.append(wprefix[-1] + w)
     inf = float("inf")
     # best[p][i]: smallest achievable max over the first i items in p groups
     best = [[inf] * (n + 1) for _ in range(parts + 1)]
@@ -38,9 +41,13 @@ def partition(costs: list[int], parts: int) -> list[int]:
     for p in range(1, parts + 1):
         for i in range(p, n + 1):
             for j in range(p - 1, i):
+                if cap is not None and wprefix[i] - wprefix[j] > cap:
+                    continue
                 v = max(best[p - 1][j], prefix[i] - prefix[j])
                 if v < best[p][i]:
                     best[p][i], cut[p][i] = v, j
+    if best[parts][n] == inf:
+        raise ConfigError(f"no split into {parts} stages keeps each under {cap} parameter bytes")
     starts, i = [], n
     for p in range(parts, 0, -1):
         i = cut[p][i]
@@ -70,8 +77,10 @@ class Stage:
 def shard_stage(adapter, stage: int, stages: int) -> Stage:
     """Keep only this stage's blocks in the model (the others are dropped and their memory freed).
 
-    Blocks are split into contiguous stages balanced by parameter bytes (compute per token is proportional to
-    them). Idempotent for the same layout; a model sharded for another layout must be reloaded.
+    Blocks are split into contiguous stages balanced by compute per image token (the parameter bytes a block
+    applies to every token: a joint block's text stream and adaLN modulation hardly count), subject to each
+    stage holding at most 1/P of the blocks' parameter bytes plus one block. Idempotent for the same layout;
+    a model sharded for another layout must be reloaded.
     """
     model = adapter.model
     layout = getattr(model, "_xdit_stage", None)
@@ -84,7 +93,9 @@ def shard_stage(adapter, stage: int, stages: int) -> Stage:
     flat = [(name, i, b) for name in plan.blocks for i, b in enumerate(getattr(model, name))]
     if stages > len(flat):
         raise ConfigError(f"pipefusion degree {stages} is larger than the model's {len(flat)} transformer blocks")
-    starts = partition([_param_bytes(b) for _, _, b in flat], stages) + [len(flat)]
+    sizes = [_param_bytes(b) for _, _, b in flat]
+    starts = partition([per_token_bytes(b) for _, _, b in flat], stages, sizes,
+                       cap=sum(sizes) / stages + max(sizes)) + [len(flat)]
     mine = flat[starts[stage]:starts[stage + 1]]
     for name in plan.blocks:
         keep = [b for n, _, b in mine if n == name]
