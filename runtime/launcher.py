@@ -17,6 +17,18 @@ from .protocol import DEFAULT_MAX_BYTES
 from .security import SECRET_ENV, as_secret, check_bind_address
 
 SCRUBBED_ENV = ("PYTORCH_CUDA_ALLOC_CONF",)  # ComfyUI's allocator settings must not leak into the workers
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the starting thread's process goes away, even by SIGKILL;
+    torchrun then stops its ranks. Elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def free_port() -> int:
@@ -49,8 +61,11 @@ class Pool:
                  device: str = "cpu", backend: str | None = None, log_path: str | os.PathLike | None = None,
                  startup_timeout: float = 300.0, pg_timeout: float = 120.0, heartbeat: float = 2.0,
                  max_message_bytes: int = DEFAULT_MAX_BYTES, env: dict[str, str] | None = None,
-                 torchrun_args: list[str] | None = None):
+                 torchrun_args: list[str] | None = None, die_with_parent: bool = False):
+        """`die_with_parent`: stop the pool when this process dies (Linux; the signal comes when the thread that
+        started it ends, so start it from a long-lived thread)."""
         self.nproc, self.device, self.backend = nproc, device, backend
+        self.die_with_parent = die_with_parent
         self._address = address
         self.secret = as_secret(secret)
         self.startup_timeout, self.pg_timeout, self.heartbeat = startup_timeout, pg_timeout, heartbeat
@@ -119,7 +134,8 @@ class Pool:
                 logf.write(f"\n=== starting pool: {' '.join(cmd)}\n".encode())
                 logf.flush()
                 self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                              start_new_session=True)
+                                              start_new_session=True,
+                                              preexec_fn=_die_with_parent if self.die_with_parent else None)
             try:
                 status = self._wait_ready(self._proc)
             except BaseException:

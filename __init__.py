@@ -1,0 +1,5 @@
+"""ComfyUI entry point of comfyui-xdit. ComfyUI imports this folder as a package; everything heavy (torch
+distributed, diffusers, the worker pool) is imported on first use, not here."""
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

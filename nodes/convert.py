@@ -1,0 +1,175 @@
+"""Conversions between ComfyUI's types and the pool's request: CONDITIONING -> text tensors, LATENT -> latent and
+noise, ComfyUI scheduler -> explicit sigmas, pool result -> LATENT. ComfyUI modules are imported inside the
+functions that use ComfyUI's own code, so the pure parts import and test without ComfyUI."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .families import spec
+
+SUPPORTED_EXTRAS = ("pooled_output", "guidance", "attention_mask")
+# Extras ComfyUI attaches with a value that changes nothing; any other value is rejected.
+NEUTRAL_EXTRAS = {"start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}
+FLUX_DEFAULT_GUIDANCE = 3.5  # what ComfyUI's Flux model uses when the conditioning has no guidance
+
+
+class ConversionError(ValueError):
+    """An input the parallel sampler cannot take; the message says which and why."""
+
+
+def _one_entry(conditioning: Any, which: str) -> tuple[torch.Tensor, dict]:
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ConversionError(f"{which} conditioning is empty or not a CONDITIONING list")
+    if len(conditioning) > 1:
+        raise ConversionError(f"{which} conditioning has {len(conditioning)} entries (combined or concatenated "
+                              "conditionings); Parallel Sampler takes one text conditioning per side")
+    entry = conditioning[0]
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[0], torch.Tensor):
+        raise ConversionError(f"{which} conditioning entry is not [tensor, dict]")
+    cond, extras = entry
+    extras = dict(extras or {})
+    bad = []
+    for key, value in extras.items():
+        if key in SUPPORTED_EXTRAS or value is None:
+            continue
+        if key in NEUTRAL_EXTRAS and _is_number(value) and float(value) == NEUTRAL_EXTRAS[key]:
+            continue
+        bad.append(key)
+    if bad:
+        raise ConversionError(f"{which} conditioning uses {', '.join(sorted(bad))}, which Parallel Sampler does not "
+                              "support (area, mask, ControlNet, hooks and timestep ranges are not implemented); "
+                              "use plain text conditioning or the native KSampler")
+    if cond.ndim != 3:
+        raise ConversionError(f"{which} conditioning has shape {list(cond.shape)}, expected [batch, tokens, dim]")
+    return cond, extras
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: bool
+                         ) -> tuple[dict[str, torch.Tensor], float | None]:
+    """Pool input tensors (cond, pooled, cond_mask and their neg_ twins) and Flux guidance.
+
+    The negative is read only when classifier-free guidance is on (cfg != 1), as ComfyUI does."""
+    tensors: dict[str, torch.Tensor] = {}
+    guidance = None
+    sides = [("", positive, "positive")] + ([("neg_", negative, "negative")] if use_cfg else [])
+    for prefix, conditioning, which in sides:
+        cond, extras = _one_entry(conditioning, which)
+        tensors[prefix + "cond"] = cond.detach().to("cpu", torch.float32).contiguous()
+        pooled = extras.get("pooled_output")
+        if family in ("flux", "sd3"):
+            if pooled is None:
+                raise ConversionError(f"{which} conditioning has no pooled_output; {family} needs the CLIP pooled "
+                                      "vector (encode with CLIPTextEncode from DualCLIPLoader/TripleCLIPLoader)")
+            tensors[prefix + "pooled"] = pooled.detach().to("cpu", torch.float32).reshape(pooled.shape[0], -1)
+        mask = extras.get("attention_mask")
+        if family == "pixart" and mask is not None:
+            tensors[prefix + "cond_mask"] = mask.detach().to("cpu").reshape(mask.shape[0], -1).to(torch.int64)
+        if prefix == "" and family == "flux":
+            g = extras.get("guidance")
+            guidance = FLUX_DEFAULT_GUIDANCE if g is None else float(g)
+    return tensors, guidance
+
+
+def latent_input(latent: Any, variant: str) -> dict:
+    """Checks a LATENT for this model; returns {"samples", "batch_index"} with an all-zero latent of the wrong
+    channel count (EmptyLatentImage's 4 channels) widened to the model's, as ComfyUI does."""
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        raise ConversionError("latent_image is not a LATENT (a dict with 'samples')")
+    if latent.get("noise_mask") is not None:
+        raise ConversionError("latent_image has a noise_mask (inpainting), which Parallel Sampler does not support")
+    samples = latent["samples"]
+    s = spec(variant)
+    if samples.ndim != 4:
+        raise ConversionError(f"latent_image has shape {list(samples.shape)}, expected [batch, channels, h, w]")
+    if samples.shape[1] != s.channels:
+        if torch.count_nonzero(samples) != 0:
+            raise ConversionError(f"latent_image has {samples.shape[1]} channels but {variant} uses {s.channels}; "
+                                  "encode the image with this model's VAE")
+        samples = widen_empty_latent(samples, s.channels)
+    return {"samples": samples.detach().to("cpu", torch.float32).contiguous(),
+            "batch_index": latent.get("batch_index")}
+
+
+def widen_empty_latent(samples: torch.Tensor, channels: int) -> torch.Tensor:
+    """ComfyUI's comfy.sample.fix_empty_latent_channels when ComfyUI is present (same rule otherwise)."""
+    try:
+        import comfy.sample
+    except ImportError:
+        return samples.new_zeros((samples.shape[0], channels, *samples.shape[2:]))
+
+    class _Model:  # the one method fix_empty_latent_channels asks of a model
+        @staticmethod
+        def get_model_object(name):
+            assert name == "latent_format"
+            return type("LatentFormat", (), {"latent_channels": channels, "latent_dimensions": 2})()
+
+    return comfy.sample.fix_empty_latent_channels(_Model(), samples)
+
+
+def noise_for(samples: torch.Tensor, seed: int, batch_index: Any = None) -> torch.Tensor:
+    """The initial noise ComfyUI's KSampler would draw for this latent and seed."""
+    import comfy.sample
+
+    return comfy.sample.prepare_noise(samples, seed, batch_index).to(torch.float32)
+
+
+def engine_noise(noise: torch.Tensor, sigmas: torch.Tensor, variant: str, model_sampling: Any) -> torch.Tensor:
+    """Noise to send so the pool starts where ComfyUI's KSampler starts. The pool noises the given latent as
+    latent + sigma * noise (epsilon models); ComfyUI uses sqrt(1 + sigma^2) instead of sigma when sampling starts at
+    the model's largest sigma. Flow models (x = (1 - sigma) latent + sigma noise) need nothing."""
+    if spec(variant).model_type != "EPS" or len(sigmas) == 0:
+        return noise
+    s0, smax = float(sigmas[0]), float(model_sampling.sigma_max)
+    if s0 > 0 and (math.isclose(smax, s0, rel_tol=1e-5) or s0 > smax):
+        return noise * (math.sqrt(1.0 + s0 * s0) / s0)
+    return noise
+
+
+DISCARD_PENULTIMATE = ("dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2")
+
+
+def sigmas_for(variant: str, sampler: str, scheduler: str, steps: int, denoise: float,
+               model_sampling: Any = None) -> torch.Tensor:
+    """Noise levels as ComfyUI's KSampler computes them for a model of this variant (including denoise < 1)."""
+    import comfy.samplers
+
+    if model_sampling is None:
+        from .families import comfy_objects
+
+        model_sampling = comfy_objects(variant)[0]
+
+    def calc(n: int) -> torch.Tensor:
+        discard = sampler in DISCARD_PENULTIMATE
+        s = comfy.samplers.calculate_sigmas(model_sampling, scheduler, n + 1 if discard else n)
+        return torch.cat([s[:-2], s[-1:]]) if discard else s
+
+    if denoise > 0.9999:
+        sigmas = calc(steps)
+    else:
+        sigmas = calc(int(steps / denoise))[-(steps + 1):]
+    return sigmas.detach().to("cpu", torch.float32)
+
+
+def request_fields(samples: torch.Tensor, steps: int, seed: int, cfg: float, guidance: float | None,
+                   sampler: str) -> dict[str, Any]:
+    """The JSON part of a pool sample request for a latent of this shape."""
+    fields: dict[str, Any] = {"height": int(samples.shape[2]) * 8, "width": int(samples.shape[3]) * 8,
+                              "steps": int(steps), "seed": int(seed) % (1 << 63), "batch_size": int(samples.shape[0]),
+                              "cfg": float(cfg), "sampler": sampler, "denoise": 1.0}
+    if guidance is not None:
+        fields["guidance"] = float(guidance)
+    return fields
+
+
+def output_latent(latent: dict, samples: torch.Tensor) -> dict:
+    """The LATENT to return: the input's entries (batch_index...) with the sampled latents."""
+    out = {k: v for k, v in latent.items() if k != "noise_mask"}
+    out["samples"] = samples.to(torch.float32)
+    return out

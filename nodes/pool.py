@@ -1,0 +1,209 @@
+"""Parallel settings (the XDIT_PARALLEL_CONFIG value), the model handle (XDIT_MODEL) and the one worker pool the
+ComfyUI process keeps: started for a configuration on first use, reused while the configuration is unchanged,
+restarted when it changes, stopped when ComfyUI exits."""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger("comfyui_xdit.nodes")
+
+DEVICES = ("auto", "cuda", "cpu")
+ATTENTION = ("auto", "cudnn", "flash", "efficient", "math")
+DEGREES = ("ulysses", "ring", "pipefusion", "cfg", "dp")
+SECRET_ENV = "XDIT_POOL_SECRET"
+
+
+@dataclass(frozen=True)
+class ParallelSettings:
+    device: str = "auto"
+    gpus: str = ""          # CUDA device ids, comma separated; "" = the first world_size visible ones
+    ulysses: int = 1
+    ring: int = 1
+    pipefusion: int = 1
+    cfg: int = 1
+    dp: int = 1
+    num_patches: int = 0    # 0: as many as pipefusion stages
+    warmup_steps: int = 1
+    attention: str = "auto"
+    address: str = ""       # an already running pool (python -m comfyui_xdit serve); "" = start one here
+
+    @property
+    def world_size(self) -> int:
+        return self.ulysses * self.ring * self.pipefusion * self.cfg * self.dp
+
+    def degrees(self) -> dict[str, int]:
+        """The `parallel` object of a pool sample request."""
+        return {"dp": self.dp, "cfg": self.cfg, "pipefusion": self.pipefusion, "ring": self.ring,
+                "ulysses": self.ulysses, "num_patches": self.num_patches or self.pipefusion,
+                "warmup_steps": self.warmup_steps}
+
+    def gpu_ids(self) -> list[int]:
+        text = self.gpus.replace(" ", "")
+        if not text:
+            return []
+        try:
+            ids = [int(p) for p in text.split(",") if p != ""]
+        except ValueError:
+            raise ValueError(f"gpus must be a comma-separated list of GPU numbers such as 0,1,2,3, got {self.gpus!r}"
+                             ) from None
+        if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+            raise ValueError(f"gpus must list distinct non-negative GPU numbers, got {self.gpus!r}")
+        return ids
+
+    def resolved_device(self, cuda_count: Callable[[], int] | None = None) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if _cuda_count(cuda_count) > 0 else "cpu"
+
+    def pool_key(self) -> tuple:
+        """What a pool is started with: a change here means another pool."""
+        if self.address:
+            return ("attach", self.address)
+        return ("local", self.resolved_device(), self.gpus.replace(" ", ""), self.world_size, self.attention)
+
+
+def _cuda_count(cuda_count: Callable[[], int] | None) -> int:
+    if cuda_count is not None:
+        return cuda_count()
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def validation_error(s: ParallelSettings, cuda_count: Callable[[], int] | None = None) -> str | None:
+    """Why these settings cannot run, or None. Checked when the prompt is queued."""
+    from comfyui_xdit.errors import XDiTError
+    from comfyui_xdit.parallel.config import ParallelConfig
+
+    if s.device not in DEVICES:
+        return f"device must be one of {', '.join(DEVICES)}, got {s.device!r}"
+    if s.attention not in ATTENTION:
+        return f"attention must be one of {', '.join(ATTENTION)}, got {s.attention!r}"
+    try:
+        ParallelConfig.from_dict(s.degrees()).validate()
+    except XDiTError as e:
+        return str(e)
+    if s.pipefusion > 1 and (s.num_patches or s.pipefusion) < s.pipefusion:
+        return f"num_patches ({s.num_patches}) must be at least the pipefusion degree ({s.pipefusion})"
+    if s.pipefusion == 1 and s.num_patches > 1:
+        return "num_patches applies to PipeFusion only: set pipefusion >= 2 or num_patches to 0"
+    if s.address:
+        if not s.address.startswith(("tcp://", "ipc://")):
+            return f"pool address must look like tcp://HOST:PORT, got {s.address!r}"
+        return None
+    try:
+        ids = s.gpu_ids()
+    except ValueError as e:
+        return str(e)
+    device = s.resolved_device(cuda_count)
+    if device == "cuda":
+        count = _cuda_count(cuda_count)
+        if count == 0:
+            return "device is cuda but torch sees no CUDA GPU (choose cpu or auto)"
+        if any(i >= count for i in ids):
+            return f"gpus {s.gpus!r} names a GPU that does not exist (this machine has {count})"
+        available = len(ids) if ids else count
+        if s.world_size > available:
+            return (f"the degrees need {s.world_size} GPUs (ulysses {s.ulysses} x ring {s.ring} x pipefusion "
+                    f"{s.pipefusion} x cfg {s.cfg} x dp {s.dp}) but only {available} are available")
+    elif ids:
+        return "gpus applies to device cuda only; leave it empty for cpu"
+    return None
+
+
+@dataclass
+class ModelHandle:
+    """The XDIT_MODEL value: what was loaded, on which pool settings."""
+
+    settings: ParallelSettings
+    source: str
+    dtype: str
+    family: str
+    variant: str
+    key: str
+    info: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"ModelHandle({self.source!r}, {self.variant}, {self.dtype}, ranks={self.settings.world_size})"
+
+
+class PoolManager:
+    """Holds at most one pool (and its client) for the ComfyUI process."""
+
+    def __init__(self, pool_factory: Callable[..., Any] | None = None, attach_factory: Callable[..., Any] | None = None):
+        self._pool_factory = pool_factory
+        self._attach_factory = attach_factory
+        self._lock = threading.RLock()
+        self._key: tuple | None = None
+        self._pool: Any = None
+        self._client: Any = None
+
+    def _factories(self):
+        if self._pool_factory is None or self._attach_factory is None:
+            from ..runtime.launcher import Pool
+
+            return self._pool_factory or Pool, self._attach_factory or Pool.attach
+        return self._pool_factory, self._attach_factory
+
+    def client_for(self, s: ParallelSettings) -> Any:
+        """A client of the pool for these settings, starting (or restarting) the pool when needed."""
+        key = s.pool_key()
+        with self._lock:
+            if self._key == key and self._pool is not None and (self._key[0] == "attach" or self._pool.is_alive()):
+                return self._client
+            self.stop()
+            pool_factory, attach_factory = self._factories()
+            secret = os.environ.get(SECRET_ENV) or None
+            if s.address:
+                pool = attach_factory(s.address, secret)
+            else:
+                env = {"XDIT_ATTENTION": s.attention}
+                device = s.resolved_device()
+                if device == "cuda" and s.gpus.strip():
+                    env["CUDA_VISIBLE_DEVICES"] = s.gpus.replace(" ", "")
+                pool = pool_factory(s.world_size, device=device, env=env, die_with_parent=True)
+            log.info("xDiT: starting worker pool %s", key)
+            pool.start()
+            self._pool, self._key, self._client = pool, key, pool.client()
+            return self._client
+
+    def stop(self) -> None:
+        with self._lock:
+            pool, client, key = self._pool, self._client, self._key
+            self._pool = self._client = self._key = None
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            if pool is not None and key is not None and key[0] == "local":  # never stop a pool we did not start
+                try:
+                    pool.stop()
+                except Exception as e:  # noqa: BLE001
+                    log.warning("xDiT: stopping the pool failed: %s", e)
+
+    @property
+    def key(self) -> tuple | None:
+        return self._key
+
+
+MANAGER = PoolManager()
+atexit.register(MANAGER.stop)
+
+
+def settings_from_inputs(**kw: Any) -> ParallelSettings:
+    names = set(ParallelSettings.__dataclass_fields__)
+    values = {k: v for k, v in kw.items() if k in names}
+    for k in ("gpus", "address"):
+        if k in values:
+            values[k] = str(values[k] or "").strip()
+    return ParallelSettings(**values)
+
+
+def settings_dict(s: ParallelSettings) -> dict:
+    return asdict(s)

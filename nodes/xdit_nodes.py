@@ -1,0 +1,249 @@
+"""The three nodes: thin adapters between ComfyUI's types and the worker pool."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from . import checkpoints, convert
+from .families import SAMPLERS, SCHEDULERS, spec
+from .pool import ATTENTION, DEVICES, MANAGER, ModelHandle, settings_from_inputs, validation_error
+
+log = logging.getLogger("comfyui_xdit.nodes")
+
+CATEGORY = "xDiT"
+DTYPES = ("bf16", "fp16", "fp32")
+FAMILIES = ("auto", "flux", "sd3", "pixart", "flux-dev", "flux-schnell", "sd3-medium", "sd3.5-medium",
+            "sd3.5-large", "pixart-sigma", "pixart-alpha")
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+class XDiTNodeError(Exception):
+    """One clear message for ComfyUI's error dialog."""
+
+
+def _degree(default: int = 1, maximum: int = 64, tip: str = "") -> tuple:
+    return ("INT", {"default": default, "min": 1, "max": maximum, "tooltip": tip})
+
+
+class ConfigureHybridParallel:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("XDIT_PARALLEL_CONFIG",)
+    RETURN_NAMES = ("parallel_config",)
+    FUNCTION = "configure"
+    DESCRIPTION = ("How a Parallel DiT runs: on which device and GPUs, and how the work is split. The product of "
+                   "the degrees is the number of ranks (one per GPU).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "device": (list(DEVICES), {"default": "auto", "tooltip": "auto: CUDA when torch sees a GPU"}),
+                "ulysses_degree": _degree(tip="sequence parallel over attention heads (all-to-all)"),
+                "ring_degree": _degree(tip="sequence parallel with K/V passed around a ring"),
+                "pipefusion_degree": _degree(tip="pipeline stages over the transformer blocks"),
+                "cfg_degree": _degree(maximum=2, tip="2: positive and negative branches on separate halves"),
+                "dp_degree": _degree(tip="data parallel over the batch"),
+                "num_patches": ("INT", {"default": 0, "min": 0, "max": 64,
+                                        "tooltip": "PipeFusion patches; 0 = the pipefusion degree"}),
+                "warmup_steps": ("INT", {"default": 1, "min": 0, "max": 100,
+                                         "tooltip": "synchronous steps before PipeFusion's stale-K/V steps"}),
+                "attention": (list(ATTENTION), {"default": "auto", "tooltip": "preferred SDPA kernel on CUDA"}),
+            },
+            "optional": {
+                "gpus": ("STRING", {"default": "", "tooltip": "CUDA GPU numbers, e.g. 0,1,2,3; empty = the first ones"}),
+                "pool_address": ("STRING", {"default": "", "tooltip": "tcp://HOST:PORT of a pool started with "
+                                            "`python -m comfyui_xdit serve`; empty = start one here"}),
+            },
+        }
+
+    @staticmethod
+    def _settings(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree, num_patches,
+                  warmup_steps, attention, gpus="", pool_address=""):
+        return settings_from_inputs(device=device, ulysses=int(ulysses_degree), ring=int(ring_degree),
+                                    pipefusion=int(pipefusion_degree), cfg=int(cfg_degree), dp=int(dp_degree),
+                                    num_patches=int(num_patches), warmup_steps=int(warmup_steps),
+                                    attention=attention, gpus=gpus or "", address=pool_address or "")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree,
+                        num_patches, warmup_steps, attention, gpus="", pool_address=""):
+        try:
+            s = cls._settings(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree,
+                              num_patches, warmup_steps, attention, gpus, pool_address)
+        except (TypeError, ValueError) as e:
+            return f"invalid parallel settings: {e}"
+        return validation_error(s) or True
+
+    def configure(self, device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree, num_patches,
+                  warmup_steps, attention, gpus="", pool_address=""):
+        s = self._settings(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree,
+                           num_patches, warmup_steps, attention, gpus, pool_address)
+        err = validation_error(s)
+        if err:
+            raise XDiTNodeError(err)
+        return (s,)
+
+
+class LoadParallelDiT:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("XDIT_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    DESCRIPTION = ("Loads a Flux, SD3/SD3.5 or PixArt transformer on the worker pool of the parallel config "
+                   "(starting the pool, or restarting it when the config changed). Text encoders and VAE stay "
+                   "ComfyUI's own loaders.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "parallel_config": ("XDIT_PARALLEL_CONFIG",),
+                "checkpoint": (checkpoints.list_checkpoints(), {"tooltip": "from models/diffusion_models, unet or "
+                                                                "checkpoints"}),
+                "weight_dtype": (list(DTYPES), {"default": "bf16"}),
+                "family": (list(FAMILIES), {"default": "auto", "tooltip": "auto: detected from the weights"}),
+            }
+        }
+
+    def load(self, parallel_config, checkpoint, weight_dtype, family):
+        try:
+            path = checkpoints.resolve(checkpoint)
+            variant = checkpoints.detect_variant(path, None if family == "auto" else family)
+        except Exception as e:  # noqa: BLE001
+            raise XDiTNodeError(f"Load Parallel DiT: {e}") from None
+        engine_family = None if family == "auto" else family
+        try:
+            client = MANAGER.client_for(parallel_config)
+            info = client.load(path, engine_family, weight_dtype)
+        except Exception as e:  # noqa: BLE001 - pool errors are one line already
+            raise XDiTNodeError(f"Load Parallel DiT: {_one_line(e)}") from None
+        loaded_family = info.get("family") or spec(variant).family
+        if spec(variant).family != loaded_family:
+            raise XDiTNodeError(f"Load Parallel DiT: the pool loaded {checkpoint} as {loaded_family}, "
+                                f"expected {spec(variant).family}")
+        return (ModelHandle(parallel_config, path, weight_dtype, loaded_family, variant, info["key"], info),)
+
+
+class ParallelSampler:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    DESCRIPTION = ("KSampler for a Parallel DiT: the denoising loop runs on the worker pool, with ComfyUI's "
+                   "noise, schedulers and conditioning; decode the result with VAE Decode.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("XDIT_MODEL",),
+                "positive": ("CONDITIONING",),
+                "negative": ("CONDITIONING",),
+                "latent_image": ("LATENT",),
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+                "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "sampler_name": (list(SAMPLERS),),
+                "scheduler": (list(SCHEDULERS),),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
+               unique_id=None):
+        if not isinstance(model, ModelHandle):
+            raise XDiTNodeError("Parallel Sampler: model must come from Load Parallel DiT")
+        if denoise <= 0.0:
+            return (dict(latent_image),)
+        try:
+            lat = convert.latent_input(latent_image, model.variant)
+            tensors, guidance = convert.conditioning_tensors(positive, negative, model.family, cfg != 1.0)
+        except convert.ConversionError as e:
+            raise XDiTNodeError(f"Parallel Sampler: {e}") from None
+        samples = lat["samples"]
+        tensors["latent"] = samples
+        tensors["noise"] = convert.noise_for(samples, seed, lat["batch_index"])
+        model_sampling, latent_format = _comfy_objects(model.variant)
+        try:
+            tensors["sigmas"] = convert.sigmas_for(model.variant, sampler_name, scheduler, steps, denoise,
+                                                   model_sampling)
+        except ValueError as e:
+            raise XDiTNodeError(f"Parallel Sampler: {e}") from None
+        tensors["noise"] = convert.engine_noise(tensors["noise"], tensors["sigmas"], model.variant, model_sampling)
+        fields = convert.request_fields(samples, steps, seed, cfg, guidance, sampler_name)
+        _free_comfy_vram(model)
+        out = _run(model, fields, tensors, unique_id, len(tensors["sigmas"]) - 1, latent_format)
+        return (convert.output_latent(latent_image, out),)
+
+
+def _comfy_objects(variant: str):
+    from .families import comfy_objects
+
+    return comfy_objects(variant)
+
+
+def _free_comfy_vram(model: ModelHandle) -> None:
+    """The pool's ranks share the GPUs with ComfyUI: hand ComfyUI's cached models (encoders) back first."""
+    if model.settings.address or model.settings.resolved_device() != "cuda":
+        return
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+
+
+def _run(model: ModelHandle, fields: dict, tensors: dict, unique_id: Any, total: int, latent_format: Any):
+    import comfy.model_management as mm
+    import comfy.utils
+
+    from ..runtime.errors import JobCancelled, PoolError
+    from .progress import run_job
+
+    pbar = comfy.utils.ProgressBar(total, node_id=unique_id)
+    previewer = _previewer(latent_format)
+
+    def on_step(step, steps, preview):
+        image = None
+        if previewer is not None and preview is not None:
+            try:
+                image = previewer.decode_latent_to_preview_image("JPEG", latent_format.process_in(preview.float()))
+            except Exception as e:  # noqa: BLE001 - a preview must never fail the job
+                log.debug("xDiT preview failed: %s", e)
+        pbar.update_absolute(step, steps, image)
+
+    try:
+        client = MANAGER.client_for(model.settings)
+        client.load(model.source, None if model.family == "auto" else model.family, model.dtype)
+        return run_job(client, model.key, fields, tensors, model.settings.degrees(), on_step=on_step,
+                       check_interrupt=mm.throw_exception_if_processing_interrupted, preview=previewer is not None)
+    except JobCancelled:
+        mm.throw_exception_if_processing_interrupted()
+        raise XDiTNodeError("Parallel Sampler: the pool cancelled the job") from None
+    except PoolError as e:
+        raise XDiTNodeError(f"Parallel Sampler: {_one_line(e)}") from None
+
+
+def _previewer(latent_format):
+    try:
+        import latent_preview
+
+        return latent_preview.get_previewer("cpu", latent_format)
+    except Exception:  # noqa: BLE001 - no previews
+        return None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text
+
+
+NODE_CLASS_MAPPINGS = {
+    "XDiTConfigureHybridParallel": ConfigureHybridParallel,
+    "XDiTLoadParallelDiT": LoadParallelDiT,
+    "XDiTParallelSampler": ParallelSampler,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "XDiTConfigureHybridParallel": "Configure Hybrid Parallel (xDiT)",
+    "XDiTLoadParallelDiT": "Load Parallel DiT (xDiT)",
+    "XDiTParallelSampler": "Parallel Sampler (xDiT)",
+}

@@ -1,0 +1,166 @@
+"""Stand-ins for the parts of ComfyUI the nodes use (comfy.*, folder_paths, latent_preview), for tests without
+ComfyUI, and a loader that imports this repository as a ComfyUI extension package the way ComfyUI does."""
+from __future__ import annotations
+
+import enum
+import importlib.util
+import math
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXTENSION_NAME = "xdit_extension_under_test"
+
+
+class Recorder:
+    def __init__(self):
+        self.sigma_calls: list[tuple] = []
+        self.progress: list[tuple] = []
+        self.interrupt_after: int | None = None  # raise on the poll after this many progress updates
+        self.unloaded = 0
+        self.folders: dict[str, list[str]] = {}
+
+
+class InterruptProcessingException(Exception):
+    pass
+
+
+def _module(name: str, **attrs) -> types.ModuleType:
+    m = types.ModuleType(name)
+    m.__dict__.update(attrs)
+    return m
+
+
+def install(rec: Recorder) -> dict[str, types.ModuleType]:
+    """Stand-in modules, to put into sys.modules (monkeypatch.setitem)."""
+
+    class ModelType(enum.Enum):
+        EPS = 1
+        FLOW = 6
+        FLUX = 8
+
+    class FakeModelSampling:
+        def __init__(self, settings, model_type):
+            self.settings, self.model_type = settings, model_type
+            self.sigma_max = 14.6 if model_type is ModelType.EPS else 1.0
+            self.sigma_min = 0.03 if model_type is ModelType.EPS else 0.0
+
+    def model_sampling(model_config, model_type):
+        return FakeModelSampling(dict(model_config.sampling_settings), model_type)
+
+    class Flux:  # sampling settings as published by ComfyUI's supported_models (facts, not code)
+        sampling_settings = {}
+
+    class FluxSchnell:
+        sampling_settings = {"multiplier": 1.0, "shift": 1.0}
+
+    class SD3:
+        sampling_settings = {"shift": 3.0}
+
+    class PixArtAlpha:
+        sampling_settings = {"beta_schedule": "sqrt_linear", "linear_start": 0.0001, "linear_end": 0.02,
+                             "timesteps": 1000}
+
+    class PixArtSigma(PixArtAlpha):
+        pass
+
+    class _Format:
+        scale_factor, shift_factor, latent_channels = 1.0, 0.0, 4
+
+        def process_in(self, x):
+            return (x - self.shift_factor) * self.scale_factor
+
+    formats = {name: type(name, (_Format,), {"scale_factor": sc, "shift_factor": sh, "latent_channels": ch})
+               for name, sc, sh, ch in [("Flux", 0.3611, 0.1159, 16), ("SD3", 1.5305, 0.0609, 16),
+                                        ("SDXL", 0.13025, 0.0, 4), ("SD15", 0.18215, 0.0, 4)]}
+
+    def calculate_sigmas(ms, scheduler, steps):
+        rec.sigma_calls.append((ms, scheduler, steps))
+        if scheduler not in ("simple", "normal", "karras", "sgm_uniform", "beta"):
+            raise ValueError(f"error invalid scheduler {scheduler}")
+        return torch.cat([torch.linspace(ms.sigma_max, max(ms.sigma_min, 1e-3), steps), torch.zeros(1)])
+
+    def prepare_noise(latent, seed, noise_inds=None):
+        g = torch.manual_seed(seed)
+        return torch.randn(latent.size(), dtype=latent.dtype, generator=g, device="cpu")
+
+    def fix_empty_latent_channels(model, latent):
+        fmt = model.get_model_object("latent_format")
+        if fmt.latent_channels != latent.shape[1] and torch.count_nonzero(latent) == 0:
+            reps = math.ceil(fmt.latent_channels / latent.shape[1])
+            latent = latent.repeat(1, reps, 1, 1)[:, :fmt.latent_channels]
+        return latent
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total, self.node_id = total, node_id
+
+        def update_absolute(self, value, total=None, preview=None):
+            rec.progress.append((value, total if total is not None else self.total, self.node_id, preview))
+
+    def throw_exception_if_processing_interrupted():
+        if rec.interrupt_after is not None and len(rec.progress) >= rec.interrupt_after:
+            raise InterruptProcessingException()
+
+    def unload_all_models():
+        rec.unloaded += 1
+
+    def get_filename_list(folder):
+        return sorted(Path(p).name for p in rec.folders.get(_legacy(folder), []) if Path(p).is_file())
+
+    def get_full_path(folder, name):
+        for p in rec.folders.get(_legacy(folder), []):
+            if Path(p).name == name:
+                return p
+        return None
+
+    def get_folder_paths(folder):
+        return sorted({str(Path(p).parent) for p in rec.folders.get(_legacy(folder), [])})
+
+    def _legacy(folder):
+        return "diffusion_models" if folder == "unet" else folder
+
+    class Previewer:
+        def decode_latent_to_preview_image(self, fmt, x0):
+            return (fmt, tuple(x0.shape), 512)
+
+    comfy = _module("comfy")
+    mods = {
+        "comfy": comfy,
+        "comfy.model_base": _module("comfy.model_base", ModelType=ModelType, model_sampling=model_sampling),
+        "comfy.supported_models": _module("comfy.supported_models", Flux=Flux, FluxSchnell=FluxSchnell, SD3=SD3,
+                                          PixArtAlpha=PixArtAlpha, PixArtSigma=PixArtSigma),
+        "comfy.latent_formats": _module("comfy.latent_formats", **formats),
+        "comfy.samplers": _module("comfy.samplers", calculate_sigmas=calculate_sigmas),
+        "comfy.sample": _module("comfy.sample", prepare_noise=prepare_noise,
+                                fix_empty_latent_channels=fix_empty_latent_channels),
+        "comfy.utils": _module("comfy.utils", ProgressBar=ProgressBar),
+        "comfy.model_management": _module(
+            "comfy.model_management", InterruptProcessingException=InterruptProcessingException,
+            throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
+            unload_all_models=unload_all_models, soft_empty_cache=lambda force=False: None),
+        "folder_paths": _module("folder_paths", get_filename_list=get_filename_list, get_full_path=get_full_path,
+                                get_folder_paths=get_folder_paths,
+                                folder_names_and_paths={"diffusion_models": None, "checkpoints": None}),
+        "latent_preview": _module("latent_preview", get_previewer=lambda device, fmt: Previewer()),
+        "nodes": _module("nodes", COMFY_OWN_NODES_MODULE=True),  # ComfyUI's own top-level `nodes`
+    }
+    for name, m in mods.items():
+        if "." in name:
+            setattr(comfy, name.split(".", 1)[1], m)
+    return mods
+
+
+def load_extension(name: str = EXTENSION_NAME) -> types.ModuleType:
+    """Import the repository root as a package, as ComfyUI's custom-node loader does."""
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

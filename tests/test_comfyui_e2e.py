@@ -1,0 +1,219 @@
+"""End to end in a real ComfyUI (skipped unless COMFYUI_DIR points at a ComfyUI checkout with its dependencies;
+COMFYUI_PYTHON picks its interpreter, default COMFYUI_DIR/.venv/bin/python, else this one).
+
+The test gives ComfyUI a base directory of its own: this repository linked into custom_nodes, a small SD3-style
+DiT written here (diffusers layout, hidden = 64 x depth so ComfyUI's model detection accepts it) in
+models/diffusion_models (depth 4, so ComfyUI's heads = depth rule and the engine's inference agree), and a
+test-only node that makes seeded SD3-shaped CONDITIONING (no text encoder
+download). It starts `main.py --cpu` on loopback, checks /object_info, and queues one API graph that samples the
+same seed with the native UNETLoader + KSampler and with our three nodes (Ulysses 2 on two CPU ranks), saving
+both latents; they must agree to 1e-4 (fp32, exact parallel method)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from .conftest import rel_l2
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+COND_NODE = textwrap.dedent('''
+    import torch
+
+    class XDiTE2EConditioning:
+        CATEGORY = "testing"
+        RETURN_TYPES = ("CONDITIONING",)
+        FUNCTION = "make"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                                 "tokens": ("INT", {"default": 16, "min": 1, "max": 512})}}
+
+        def make(self, seed, tokens):
+            g = torch.Generator().manual_seed(seed)
+            cond = torch.randn(1, tokens, 4096, generator=g)
+            return ([[cond, {"pooled_output": torch.randn(1, 2048, generator=g)}]],)
+
+    NODE_CLASS_MAPPINGS = {"XDiTE2EConditioning": XDiTE2EConditioning}
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_tiny_sd3(path: Path) -> None:
+    from diffusers import SD3Transformer2DModel
+
+    from comfyui_xdit.tiny import fill_deterministic
+
+    depth = 4  # heads = depth, head size 64: ComfyUI's MMDiT rule and the engine's (>= 4 heads of 64) agree
+    model = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=depth,
+                                  attention_head_dim=64, num_attention_heads=depth, joint_attention_dim=4096,
+                                  caption_projection_dim=64 * depth, pooled_projection_dim=2048, out_channels=16,
+                                  pos_embed_max_size=32)
+    fill_deterministic(model, 1234)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "comfyui-xdit").symlink_to(ROOT)
+    (base / "custom_nodes" / "xdit_e2e_cond.py").write_text(COND_NODE)
+    models = base / "models" / "diffusion_models"
+    models.mkdir(parents=True)
+    _write_tiny_sd3(models / "tiny_sd3_e2e.safetensors")
+    python = os.environ.get("COMFYUI_PYTHON") or next(
+        (str(p) for p in [Path(COMFYUI_DIR) / ".venv" / "bin" / "python"] if p.exists()), sys.executable)
+    port = _free_port()
+    log = open(base / "comfyui.log", "wb")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                             "--base-directory", str(base), "--preview-method", "latent2rgb"],
+                            cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited: {(base / 'comfyui.log').read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(server + "/system_stats", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("ComfyUI did not answer within 120 s")
+                time.sleep(0.5)
+        yield server, base
+    finally:
+        try:
+            urllib.request.urlopen(urllib.request.Request(server + "/free", data=b'{"unload_models": true}',
+                                                          headers={"Content-Type": "application/json"}), timeout=5)
+        except OSError:
+            pass
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
+
+
+def test_nodes_registered(comfy):
+    server, _ = comfy
+    info = json.load(urllib.request.urlopen(server + "/object_info", timeout=30))
+    for name in ("XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"):
+        assert name in info and info[name]["category"] == "xDiT"
+    assert "tiny_sd3_e2e.safetensors" in info["XDiTLoadParallelDiT"]["input"]["required"]["checkpoint"][0]
+    assert info["XDiTParallelSampler"]["output"] == ["LATENT"]
+
+
+@pytest.fixture(scope="module")
+def ran(comfy):
+    from queue_workflow import queue_and_wait
+
+    server, base = comfy
+    steps, seed, cfg = 6, 1234, 3.0
+    sampling = {"seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple",
+                "denoise": 1.0}
+    graph = {
+        "1": {"class_type": "XDiTE2EConditioning", "inputs": {"seed": 1, "tokens": 16}},
+        "2": {"class_type": "XDiTE2EConditioning", "inputs": {"seed": 2, "tokens": 16}},
+        "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "4": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3_e2e.safetensors",
+                                                     "weight_dtype": "default"}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["1", 0], "negative": ["2", 0],
+                                                   "latent_image": ["3", 0], **sampling}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "native"}},
+        "7": {"class_type": "XDiTConfigureHybridParallel", "inputs": {
+            "device": "cpu", "ulysses_degree": 2, "ring_degree": 1, "pipefusion_degree": 1, "cfg_degree": 1,
+            "dp_degree": 1, "num_patches": 0, "warmup_steps": 1, "attention": "auto"}},
+        "8": {"class_type": "XDiTLoadParallelDiT", "inputs": {"parallel_config": ["7", 0],
+                                                              "checkpoint": "tiny_sd3_e2e.safetensors",
+                                                              "weight_dtype": "fp32", "family": "auto"}},
+        "9": {"class_type": "XDiTParallelSampler", "inputs": {"model": ["8", 0], "positive": ["1", 0],
+                                                              "negative": ["2", 0], "latent_image": ["3", 0],
+                                                              **sampling}},
+        "10": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "xdit"}},
+    }
+    progress = []
+    pid, entry = queue_and_wait(server, graph, timeout=600, log=progress.append)
+    return base, entry, progress, steps
+
+
+def test_workflow_runs_with_progress(ran):
+    base, entry, progress, steps = ran
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert f"node 9: step {steps}/{steps}" in progress  # our progress bar reached the UI's websocket
+    assert sorted((base / "output").glob("xdit_*.latent")) and sorted((base / "output").glob("native_*.latent"))
+
+
+def test_parallel_sampler_matches_native_ksampler(ran):
+    base = ran[0]
+
+    def latent(prefix):
+        files = sorted((base / "output").glob(f"{prefix}_*.latent"))
+        assert files, f"no {prefix} latent saved"
+        return load_file(str(files[-1]))["latent_tensor"].float()
+
+    native, ours = latent("native"), latent("xdit")
+    assert ours.shape == native.shape == (1, 16, 16, 16)
+    assert rel_l2(ours, native) <= 1e-4, rel_l2(ours, native)
+    assert native.abs().mean() > 0.01
+
+
+def test_cancel_stops_the_job_and_the_pool_stays_usable(comfy, ran):
+    from queue_workflow import http, queue_and_wait
+
+    server, base = comfy
+
+    def graph(seed, steps):
+        return {
+            "1": {"class_type": "XDiTE2EConditioning", "inputs": {"seed": 1, "tokens": 16}},
+            "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
+            "7": {"class_type": "XDiTConfigureHybridParallel", "inputs": {
+                "device": "cpu", "ulysses_degree": 2, "ring_degree": 1, "pipefusion_degree": 1, "cfg_degree": 1,
+                "dp_degree": 1, "num_patches": 0, "warmup_steps": 1, "attention": "auto"}},
+            "8": {"class_type": "XDiTLoadParallelDiT", "inputs": {"parallel_config": ["7", 0],
+                                                                  "checkpoint": "tiny_sd3_e2e.safetensors",
+                                                                  "weight_dtype": "fp32", "family": "auto"}},
+            "9": {"class_type": "XDiTParallelSampler", "inputs": {
+                "model": ["8", 0], "positive": ["1", 0], "negative": ["1", 0], "latent_image": ["3", 0],
+                "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                "denoise": 1.0}},
+            "10": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": f"cancel{seed}"}},
+        }
+
+    events = []
+
+    def log(line):
+        events.append((time.monotonic(), line))
+        if line == "node 9: step 2/2000":
+            http(server, "/interrupt", {})
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        queue_and_wait(server, graph(5, 2000), timeout=300, log=log)
+    stepped = [line for _, line in events if line.startswith("node 9: step")]
+    assert 2 <= len(stepped) < 100, stepped[-3:]
+    _, entry = queue_and_wait(server, graph(6, 3), timeout=300, log=lambda line: None)
+    assert entry["status"]["status_str"] == "success"
+    assert sorted((base / "output").glob("cancel6_*.latent")) and not sorted((base / "output").glob("cancel5_*"))

@@ -1,0 +1,116 @@
+"""The three nodes end to end on a real 2-rank CPU worker pool (Ulysses 2) with the built-in tiny SD3 model:
+same result as the engine's serial sampling, progress per step with previews, cancel, and the pool reused."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from comfyui_xdit.engine import run_job
+from comfyui_xdit.models import load_model
+from comfyui_xdit.sampling import SampleRequest
+
+from . import comfy_standins as cs
+from .conftest import rel_l2
+from .test_nodes import CONFIG_DEFAULTS
+
+
+@pytest.fixture(scope="module")
+def ext_mod():
+    rec = cs.Recorder()
+    saved = {k: sys.modules.get(k) for k in cs.install(rec)}
+    sys.modules.update(cs.install(rec))
+    ext = cs.load_extension()
+    ext.rec = rec
+    yield ext
+    ext.nodes.xdit_nodes.MANAGER.stop()
+    for k, v in saved.items():
+        if v is None:
+            sys.modules.pop(k, None)
+        else:
+            sys.modules[k] = v
+
+
+def _conditioning(seed: int, tokens: int = 12):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, 4096, generator=g), {"pooled_output": torch.randn(1, 2048, generator=g)}]]
+
+
+def test_sampler_on_pool_matches_serial_with_progress_and_cancel(ext_mod):
+    ext, rec = ext_mod, ext_mod.rec
+    m = ext.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"]().load(config, "tiny-sd3", "fp32", "auto")
+    assert model.family == "sd3" and model.variant == "sd3-medium"
+    sampler = m["XDiTParallelSampler"]()
+    pos, neg = _conditioning(1), _conditioning(2)
+
+    # Cancel: ComfyUI's interrupt flag set after the first step.
+    rec.interrupt_after = 1
+    with pytest.raises(cs.InterruptProcessingException):
+        sampler.sample(model, pos, neg, {"samples": torch.zeros(1, 4, 64, 64)}, 3, 200, 4.0, "euler", "simple", 1.0,
+                       unique_id="9")
+    assert 1 <= len(rec.progress) < 200
+    rec.interrupt_after, rec.progress[:] = None, []
+
+    # A normal run on the same pool.
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}  # EmptyLatentImage: widened to 16 channels
+    (out,) = sampler.sample(model, pos, neg, latent, 7, 5, 4.0, "euler", "simple", 1.0, unique_id="9")
+    assert out["samples"].shape == (1, 16, 16, 16)
+    assert [p[0] for p in rec.progress] == [1, 2, 3, 4, 5] and {p[2] for p in rec.progress} == {"9"}
+    assert all(p[3] is not None and p[3][0] == "JPEG" for p in rec.progress)  # previews reached the previewer
+
+    # The same job serially in this process.
+    sigmas = ext.nodes.convert.sigmas_for("sd3-medium", "euler", "simple", 5, 1.0)
+    z = torch.zeros(1, 16, 16, 16)
+    inputs = {"cond": pos[0][0], "pooled": pos[0][1]["pooled_output"], "neg_cond": neg[0][0],
+              "neg_pooled": neg[0][1]["pooled_output"], "latent": z, "sigmas": sigmas,
+              "noise": torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(7))}
+    ref = run_job(load_model("tiny-sd3"), SampleRequest(128, 128, 5, seed=7, cfg=4.0, sampler="euler",
+                                                         inputs=inputs))
+    assert rel_l2(out["samples"], ref) <= 1e-4
+    assert rel_l2(out["samples"], z + inputs["noise"]) > 0.05  # it did denoise
+
+    # Errors from the pool come back as one line naming the node.
+    bad = [[torch.zeros(1, 12, 1000), {"pooled_output": torch.zeros(1, 2048)}]]  # wrong text width
+    with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError) as e:
+        sampler.sample(model, bad, neg, latent, 7, 2, 4.0, "euler", "simple", 1.0)
+    assert str(e.value).startswith("Parallel Sampler: ") and "\n" not in str(e.value)
+    assert "1000" in str(e.value) or "4096" in str(e.value)
+
+
+def test_pool_started_by_nodes_dies_with_the_comfyui_process(tmp_path):
+    """ComfyUI killed outright (no atexit): the pool it started must not be left running."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    code = ("import sys, json; from comfyui_xdit_runtime.launcher import Pool;"
+            "p = Pool(1, die_with_parent=True); p.start();"
+            "print(json.dumps([p._proc.pid] + p.rank_pids), flush=True); sys.stdin.read()")
+    host = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = __import__("json").loads(host.stdout.readline())
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        host.send_signal(signal.SIGKILL)
+        host.wait(10)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        if host.poll() is None:
+            host.kill()
+        for p in locals().get("pids", []):
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False

@@ -1,0 +1,274 @@
+"""Every JSON under workflows/ is valid for its format, checked against the node definitions: ours from
+INPUT_TYPES, ComfyUI's from a copy of their /object_info entries (tests/data/comfyui_core_nodes.json, ComfyUI
+0.3.64). UI-format files are converted to API format here and must equal their API twins in workflows/api/."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from . import comfy_standins as cs
+
+ROOT = cs.ROOT
+WF = ROOT / "workflows"
+EXPECTED = {"flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma"}
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+MODEL_FILE_INPUTS = {("XDiTLoadParallelDiT", "checkpoint")}
+
+
+@pytest.fixture(scope="module")
+def defs():
+    rec = cs.Recorder()
+    saved = {k: sys.modules.get(k) for k in cs.install(rec)}
+    sys.modules.update(cs.install(rec))
+    try:
+        ext = cs.load_extension()
+        core = json.loads((ROOT / "tests" / "data" / "comfyui_core_nodes.json").read_text())["nodes"]
+        out = dict(core)
+        for name, cls in ext.NODE_CLASS_MAPPINGS.items():
+            spec = json.loads(json.dumps(cls.INPUT_TYPES()))
+            out[name] = {"input": spec, "output": list(cls.RETURN_TYPES), "cls": cls,
+                         "input_order": {s: list(spec.get(s, {})) for s in ("required", "optional")}}
+        yield out
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+def _ordered(info):
+    for section in ("required", "optional"):
+        for name in (info.get("input_order") or {}).get(section) or []:
+            yield section, name, info["input"][section][name]
+
+
+def _is_link(t):
+    return isinstance(t, str) and t not in WIDGET_TYPES
+
+
+def _options(conf):
+    if isinstance(conf[0], list):
+        return conf[0]
+    if conf[0] == "COMBO":
+        return conf[1].get("options", [])
+    return None
+
+
+def check_value(class_type, name, conf, value):
+    opts = _options(conf)
+    extra = conf[1] if len(conf) > 1 and isinstance(conf[1], dict) else {}
+    where = f"{class_type}.{name}={value!r}"
+    if opts is not None:
+        if not opts or (class_type, name) in MODEL_FILE_INPUTS:  # file lists depend on the installation
+            assert isinstance(value, str) and value.endswith((".safetensors", ".pth", ".sft", ".ckpt", "/")), where
+        else:
+            assert value in opts, where
+    elif conf[0] == "INT":
+        assert isinstance(value, int) and not isinstance(value, bool), where
+    elif conf[0] == "FLOAT":
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), where
+    elif conf[0] == "STRING":
+        assert isinstance(value, str), where
+    if conf[0] in ("INT", "FLOAT"):
+        assert extra.get("min", value) <= value <= extra.get("max", value), where
+
+
+def check_api(graph: dict, defs: dict) -> None:
+    assert graph and all(isinstance(k, str) and k.isdigit() for k in graph)
+    for nid, node in graph.items():
+        ct = node["class_type"]
+        assert ct in defs, f"unknown node {ct}"
+        info = defs[ct]
+        declared = {name: (section, conf) for section, name, conf in _ordered(info)}
+        assert set(node["inputs"]) <= set(declared), f"{ct} has unknown inputs {set(node['inputs']) - set(declared)}"
+        for name, (section, conf) in declared.items():
+            if section == "required":
+                assert name in node["inputs"], f"node {nid} {ct} misses {name}"
+            if name not in node["inputs"]:
+                continue
+            value = node["inputs"][name]
+            if _is_link(conf[0]):
+                assert isinstance(value, list) and len(value) == 2, f"{ct}.{name} must be a link"
+                src = graph.get(value[0])
+                assert src is not None, f"{ct}.{name} links to missing node {value[0]}"
+                outputs = defs[src["class_type"]]["output"]
+                assert 0 <= value[1] < len(outputs) and outputs[value[1]] == conf[0], f"{ct}.{name}: type mismatch"
+            else:
+                check_value(ct, name, conf, value)
+        cls = info.get("cls")
+        if cls is not None and hasattr(cls, "VALIDATE_INPUTS"):
+            widgets = {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
+            assert cls.VALIDATE_INPUTS(**widgets) is True, f"{ct}: {cls.VALIDATE_INPUTS(**widgets)}"
+    # acyclic, and something is saved
+    seen, done = set(), set()
+
+    def visit(n):
+        assert n not in seen or n in done, "cycle"
+        if n in done:
+            return
+        seen.add(n)
+        for v in graph[n]["inputs"].values():
+            if isinstance(v, list):
+                visit(v[0])
+        done.add(n)
+
+    for n in graph:
+        visit(n)
+    assert any(defs[n["class_type"]].get("output_node") for n in graph.values())
+
+
+def ui_to_api(ui: dict, defs: dict) -> dict:
+    """What ComfyUI's editor queues for a saved UI graph (widgets by position, links by id)."""
+    links = {l[0]: l for l in ui["links"]}
+    for l in ui["links"]:
+        lid, src, src_slot, dst, dst_slot, typ = l
+        s = next(n for n in ui["nodes"] if n["id"] == src)
+        d = next(n for n in ui["nodes"] if n["id"] == dst)
+        assert lid in s["outputs"][src_slot]["links"] and d["inputs"][dst_slot]["link"] == lid
+        assert s["outputs"][src_slot]["type"] == d["inputs"][dst_slot]["type"] == typ
+    api = {}
+    for node in ui["nodes"]:
+        info = defs[node["type"]]
+        values = list(node["widgets_values"])
+        inputs = {}
+        for inp in node["inputs"]:
+            if inp.get("link") is not None:
+                l = links[inp["link"]]
+                inputs[inp["name"]] = [str(l[1]), l[2]]
+        for section, name, conf in _ordered(info):
+            if _is_link(conf[0]):
+                continue
+            if not values:
+                assert section == "optional", f"{node['type']}: no widget value for {name}"
+                break
+            inputs[name] = values.pop(0)
+            if len(conf) > 1 and isinstance(conf[1], dict) and conf[1].get("control_after_generate"):
+                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
+        assert not values, f"{node['type']}: {len(values)} widget values left over"
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    assert ui["last_node_id"] >= max(n["id"] for n in ui["nodes"])
+    assert ui["last_link_id"] >= max([l[0] for l in ui["links"]] or [0])
+    return api
+
+
+def _ui_files():
+    return sorted(WF.glob("*.json"))
+
+
+def test_every_example_exists_in_both_formats():
+    assert {p.stem for p in _ui_files()} == EXPECTED
+    assert {p.stem for p in (WF / "api").glob("*.json")} == EXPECTED
+    assert not [p for p in WF.rglob("*.json") if p.parent not in (WF, WF / "api")]
+
+
+@pytest.mark.parametrize("path", sorted((WF / "api").glob("*.json")), ids=lambda p: p.stem)
+def test_api_workflow_valid(path, defs):
+    graph = json.loads(path.read_text())
+    check_api(graph, defs)
+    types = {n["class_type"] for n in graph.values()}
+    assert {"XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler", "VAEDecode"} <= types
+
+
+@pytest.mark.parametrize("path", _ui_files(), ids=lambda p: p.stem)
+def test_ui_workflow_valid_and_matches_api_twin(path, defs):
+    ui = json.loads(path.read_text())
+    assert {"nodes", "links", "version"} <= set(ui)
+    api = ui_to_api(ui, defs)
+    check_api(api, defs)
+    assert api == json.loads((WF / "api" / path.name).read_text())
+
+
+def test_validator_catches_mistakes(defs):
+    """The checks above can fail: a few broken copies of a good graph."""
+    good = json.loads((WF / "api" / "flux1-dev.json").read_text())
+    sampler = next(k for k, n in good.items() if n["class_type"] == "XDiTParallelSampler")
+    config = next(k for k, n in good.items() if n["class_type"] == "XDiTConfigureHybridParallel")
+    breakages = [
+        lambda g: g[sampler]["inputs"].pop("steps"),
+        lambda g: g[sampler]["inputs"].__setitem__("scheduler", "exponential"),
+        lambda g: g[sampler]["inputs"].__setitem__("latent_image", [config, 0]),  # wrong type
+        lambda g: g[sampler]["inputs"].__setitem__("denoise", 1.5),
+        lambda g: g[config]["inputs"].__setitem__("cfg_degree", 2) or g[config]["inputs"].__setitem__(
+            "pipefusion_degree", 3) or g[config]["inputs"].__setitem__("num_patches", 2),
+        lambda g: g[sampler].__setitem__("class_type", "NoSuchNode"),
+    ]
+    for i, breakage in enumerate(breakages):
+        g = json.loads(json.dumps(good))
+        breakage(g)
+        with pytest.raises(AssertionError):
+            check_api(g, defs)
+
+
+# ------------------------------------------------------------------------------------------------ queue script
+def _queue_script():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import queue_workflow
+    finally:
+        sys.path.pop(0)
+    return queue_workflow
+
+
+def test_queue_script_overrides_and_refuses_ui_format(tmp_path, capsys):
+    qw = _queue_script()
+    graph = json.loads((WF / "api" / "flux1-dev.json").read_text())
+    qw.apply_overrides(graph, ["8.seed=7", "2.text=a cat", "8.cfg=1.5"])
+    assert graph["8"]["inputs"]["seed"] == 7 and graph["2"]["inputs"]["text"] == "a cat"
+    assert graph["8"]["inputs"]["cfg"] == 1.5
+    with pytest.raises(SystemExit, match="NODE_ID.INPUT=VALUE"):
+        qw.apply_overrides(graph, ["99.seed=1"])
+    assert qw.main([str(WF / "flux1-dev.json")]) == 2
+    assert "UI-format" in capsys.readouterr().err
+
+
+def test_queue_script_websocket_frames():
+    """Handshake, a masked ping answered with a pong, a fragmented text frame, a binary frame, close."""
+    import base64
+    import hashlib
+    import socket
+    import struct
+    import threading
+
+    qw = _queue_script()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    got = {}
+
+    def serve():
+        conn, _ = srv.accept()
+        req = b""
+        while b"\r\n\r\n" not in req:
+            req += conn.recv(1024)
+        key = [l.split(b": ")[1] for l in req.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key")][0]
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        conn.sendall(bytes([0x89, 2]) + b"hi")                      # ping
+        conn.sendall(bytes([0x01, 5]) + b'{"a":')                    # text, not final
+        conn.sendall(bytes([0x80, 3]) + b' 1}')                      # continuation, final
+        big = bytes(range(256)) * 2
+        conn.sendall(bytes([0x82, 126]) + struct.pack(">H", len(big)) + big)
+        head = conn.recv(2)
+        mask = conn.recv(4)
+        payload = conn.recv(head[1] & 0x7F)
+        got["pong"] = (head[0], bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        conn.sendall(bytes([0x88, 0]))
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    ws = qw.WebSocket(f"ws://127.0.0.1:{port}/ws?clientId=x", timeout=10)
+    assert ws.recv() == (1, b'{"a": 1}')
+    assert ws.recv() == (2, bytes(range(256)) * 2)
+    with pytest.raises(ConnectionError, match="closed"):
+        ws.recv()
+    t.join(5)
+    assert got["pong"] == (0x8A, b"hi")
+    ws.close()
+    srv.close()
