@@ -375,13 +375,14 @@ def _count(sd: dict, prefix: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def _head_dim(sd: dict, norm_key: str, hidden: int, base_head_dim: int) -> int:
+def _head_dim(sd: dict, norm_key: str, hidden: int, base_head_dim: int, min_heads: int = 4) -> int:
     """Head size: exact from a per-head q-norm weight when the model has one (all Flux, SD3.5); else the published
-    head size when `hidden` is a multiple of it giving at least 4 heads (all published models); else 4 heads, the
-    convention of this project's small test models. `config_overrides` covers anything else."""
+    head size when `hidden` is a multiple of it giving at least `min_heads` heads (all published models; MMDiT
+    always has 64-wide heads, one per block of depth, so SD3 passes 1); else 4 heads, the convention of this
+    project's small test models. `config_overrides` covers anything else."""
     if norm_key in sd:
         return int(sd[norm_key].shape[0])
-    if hidden % base_head_dim == 0 and hidden // base_head_dim >= 4:
+    if hidden % base_head_dim == 0 and hidden // base_head_dim >= min_heads:
         return base_head_dim
     if hidden % 4:
         raise WeightsError(f"cannot infer the attention head count of a {hidden}-wide model; "
@@ -416,7 +417,7 @@ def _infer_config(fam: str, sd: dict, hints: dict) -> dict:
         _require(sd, "pos_embed.proj.weight", "context_embedder.weight",
                  "time_text_embed.text_embedder.linear_1.weight", "proj_out.weight")
         hidden, in_channels, patch, _ = sd["pos_embed.proj.weight"].shape
-        head_dim = _head_dim(sd, "transformer_blocks.0.attn.norm_q.weight", hidden, 64)
+        head_dim = _head_dim(sd, "transformer_blocks.0.attn.norm_q.weight", hidden, 64, min_heads=1)
         layers = _count(sd, "transformer_blocks.")
         cfg = dict(
             patch_size=patch, in_channels=in_channels, out_channels=sd["proj_out.weight"].shape[0] // patch ** 2,

@@ -39,11 +39,13 @@ def make_flux(guidance: bool = True) -> FluxTransformer2DModel:
 
 
 def make_sd3(sd35: bool = True) -> SD3Transformer2DModel:
-    extra = dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if sd35 else {}
+    # SD3 without q/k-norm follows the MMDiT convention that ComfyUI also assumes: 64-wide heads, one per block
+    heads = dict(qk_norm="rms_norm", dual_attention_layers=(0,), attention_head_dim=16, num_attention_heads=4,
+                 caption_projection_dim=64) if sd35 else dict(attention_head_dim=64, num_attention_heads=2,
+                                                              caption_projection_dim=128)
     return _randomize(SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=4,
-        joint_attention_dim=4096, caption_projection_dim=64, pooled_projection_dim=2048, out_channels=16,
-        pos_embed_max_size=24, **extra), 2)
+        sample_size=32, patch_size=2, in_channels=16, num_layers=2, joint_attention_dim=4096,
+        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=24, **heads), 2)
 
 
 def make_pixart(alpha: bool = False) -> PixArtTransformer2DModel:
