@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from .errors import XDiTError
+from .ksampling import SigmaSampler
 
 # Scheduler configs as the published checkpoints ship them (scheduler/scheduler_config.json).
 FLOW_DEV = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -17,7 +18,7 @@ PIXART_DPM = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, be
                   prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
                   lower_order_final=True, timestep_spacing="linspace", steps_offset=0)
 
-SAMPLERS = {"flux": ("euler",), "sd3": ("euler",), "pixart": ("dpmpp_2m", "euler")}
+SAMPLERS = {"flux": ("euler", "dpmpp_2m"), "sd3": ("euler", "dpmpp_2m"), "pixart": ("dpmpp_2m", "euler")}
 
 
 @dataclass
@@ -69,19 +70,16 @@ def make_schedule(family: str, variant: str, sampler: str, steps: int, image_tok
         s = [float(v) for v in sigmas]
         if len(s) < 2 or any(b > a for a, b in zip(s, s[1:])):
             raise XDiTError("sigmas must be a decreasing list of at least two noise levels")
-        if flow:
+        if flow and sampler == "euler":
             sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
             sched.set_timesteps(sigmas=s[:-1])
             sched.sigmas[-1] = s[-1]
-        elif sampler == "euler":
-            sched = EulerDiscreteScheduler.from_config(cfg)
-            sched.set_timesteps(sigmas=s[:-1])
-            sched.sigmas[-1] = s[-1]
-        else:
-            sched = DPMSolverMultistepScheduler.from_config(cfg)
-            log_sigmas = np.log(((1 - sched.alphas_cumprod) / sched.alphas_cumprod).numpy() ** 0.5)
-            ts = [float(sched._sigma_to_t(np.array(v), log_sigmas)) for v in s[:-1]]
-            sched.set_timesteps(timesteps=[int(round(t)) for t in ts])
+        else:  # ComfyUI's samplers in sigma space (epsilon models: nearest training timestep, as ComfyUI)
+            train = None
+            if not flow:
+                alphas = DPMSolverMultistepScheduler.from_config(cfg).alphas_cumprod
+                train = ((1 - alphas) / alphas) ** 0.5
+            sched = SigmaSampler(s, sampler, flow, train)
         sched.set_begin_index(0)
         return Schedule(sched, sched.timesteps, flow)
 
@@ -100,6 +98,15 @@ def make_schedule(family: str, variant: str, sampler: str, steps: int, image_tok
     else:
         sched = DPMSolverMultistepScheduler.from_config(cfg)
         sched.set_timesteps(steps)
+
+    if flow and sampler == "dpmpp_2m":  # ComfyUI's DPM-Solver++(2M) over the pipeline's default noise levels
+        start = int(max(steps - min(int(steps * denoise), steps), 0))
+        levels = sched.sigmas.tolist()[start:]
+        if len(levels) < 2:
+            raise XDiTError(f"denoise {denoise} with {steps} steps leaves no step to run")
+        sched = SigmaSampler(levels, sampler, True)
+        sched.set_begin_index(0)
+        return Schedule(sched, sched.timesteps, flow)
 
     timesteps = sched.timesteps
     start = 0

@@ -102,8 +102,12 @@ def test_pixart_dpm_explicit_sigmas_match_default(tiny_models):
     job = prepare(m.adapter, req, tiny=True)
     default = sample(m.adapter, req, tiny=True)
     sig = job.schedule.scheduler.sigmas
-    explicit = sample(m.adapter, SampleRequest(height=128, width=128, steps=6, seed=3, inputs={"sigmas": sig}),
-                      tiny=True)
+    # given sigmas run in sigma (variance-exploding) space from latent + sigma_0 * noise, as ComfyUI's samplers do;
+    # diffusers' DPM-Solver++ runs in variance-preserving space from pure noise, i.e. sqrt(1 + sigma_0^2) * noise
+    s0 = float(sig[0])
+    noise = seed_noise(3, (1, 4, 16, 16)) * (1 + s0 * s0) ** 0.5 / s0
+    explicit = sample(m.adapter, SampleRequest(height=128, width=128, steps=6, seed=3,
+                                               inputs={"sigmas": sig, "noise": noise}), tiny=True)
     assert rel_l2(explicit, default) <= 1e-4
 
 
@@ -112,7 +116,7 @@ def test_pixart_dpm_explicit_sigmas_match_default(tiny_models):
     (dict(), {"cond": torch.zeros(1, 16, 768)}, "expected cond of shape"),
     (dict(), {"cond": torch.zeros(1, 16, 4096), "pooled": torch.zeros(1, 64)}, "expected pooled"),
     (dict(), {"noise": torch.zeros(1, 4, 16, 16)}, "noise has shape"),
-    (dict(sampler="dpmpp_2m"), {}, "not available for flux"),
+    (dict(sampler="heun"), {}, "not available for flux"),
     (dict(denoise=1.5), {}, "denoise must be"),
     (dict(), {"bogus": torch.zeros(1)}, "unknown inputs"),
 ])
