@@ -1,13 +1,13 @@
 """End to end in a real ComfyUI (skipped unless COMFYUI_DIR points at a ComfyUI checkout with its dependencies;
 COMFYUI_PYTHON picks its interpreter, default COMFYUI_DIR/.venv/bin/python, else this one).
 
-The test gives ComfyUI a base directory of its own: this repository linked into custom_nodes, a small SD3-style
-DiT written here (diffusers layout, hidden = 64 x depth so ComfyUI's model detection accepts it) in
-models/diffusion_models (depth 4, so ComfyUI's heads = depth rule and the engine's inference agree), and a
-test-only node that makes seeded SD3-shaped CONDITIONING (no text encoder
-download). It starts `main.py --cpu` on loopback, checks /object_info, and queues one API graph that samples the
-same seed with the native UNETLoader + KSampler and with our three nodes (Ulysses 2 on two CPU ranks), saving
-both latents; they must agree to 1e-4 (fp32, exact parallel method)."""
+The test gives ComfyUI a base directory of its own: this repository linked into custom_nodes, small DiTs written
+here in models/diffusion_models that ComfyUI's model detection accepts (SD3-style with hidden = 64 x depth; Flux
+and PixArt at their published widths, which ComfyUI's detection fixes, with 2 blocks; PixArt in its original key
+layout), and a test-only node that makes seeded CONDITIONING (no text encoder download). It starts
+`main.py --cpu` on loopback, checks /object_info, and queues API graphs that sample the same seed with the
+native UNETLoader + KSampler and with our three nodes (Ulysses 2 or Ring 2 on two CPU ranks), saving both
+latents; they must agree to 1e-4 (fp32, exact parallel methods), for euler and dpmpp_2m."""
 from __future__ import annotations
 
 import json
@@ -43,12 +43,12 @@ COND_NODE = textwrap.dedent('''
         def INPUT_TYPES(cls):
             return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
                                  "tokens": ("INT", {"default": 16, "min": 1, "max": 512})},
-                    "optional": {"pooled": ("INT", {"default": 2048, "min": 1, "max": 4096})}}
+                    "optional": {"pooled": ("INT", {"default": 2048, "min": 0, "max": 4096})}}
 
         def make(self, seed, tokens, pooled=2048):
             g = torch.Generator().manual_seed(seed)
             cond = torch.randn(1, tokens, 4096, generator=g)
-            return ([[cond, {"pooled_output": torch.randn(1, pooled, generator=g)}]],)
+            return ([[cond, {"pooled_output": torch.randn(1, pooled, generator=g)} if pooled else {}]],)
 
     NODE_CLASS_MAPPINGS = {"XDiTE2EConditioning": XDiTE2EConditioning}
 ''')
@@ -88,6 +88,23 @@ def _write_tiny_flux(path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
+def _write_tiny_pixart(path: Path) -> None:
+    """PixArt-Sigma's width (ComfyUI's detection fixes 1152 = 16 heads of 72) with 2 blocks, 512px positions, in
+    the original key layout ComfyUI detects."""
+    from diffusers import PixArtTransformer2DModel
+
+    from comfyui_xdit.tiny import fill_deterministic
+
+    from .test_weights import pixart_to_original
+
+    model = PixArtTransformer2DModel(sample_size=64, num_layers=2, attention_head_dim=72, num_attention_heads=16,
+                                     in_channels=4, out_channels=8, caption_channels=4096, cross_attention_dim=1152,
+                                     use_additional_conditions=False, norm_type="ada_norm_single",
+                                     norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=1)
+    fill_deterministic(model, 999)
+    save_file({k: v.contiguous() for k, v in pixart_to_original(model).items()}, str(path))
+
+
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
@@ -98,6 +115,7 @@ def comfy(tmp_path_factory):
     models.mkdir(parents=True)
     _write_tiny_sd3(models / "tiny_sd3_e2e.safetensors")
     _write_tiny_flux(models / "tiny_flux_e2e.safetensors")
+    _write_tiny_pixart(models / "tiny_pixart_e2e.safetensors")
     python = os.environ.get("COMFYUI_PYTHON") or next(
         (str(p) for p in [Path(COMFYUI_DIR) / ".venv" / "bin" / "python"] if p.exists()), sys.executable)
     port = _free_port()
@@ -285,3 +303,48 @@ def test_flux_parallel_sampler_matches_native_ksampler(comfy, ran):
     assert ours.shape == native.shape == (1, 16, 16, 16)
     assert native.abs().mean() > 0.01
     assert rel_l2(ours, native) <= 1e-4, rel_l2(ours, native)
+
+
+def test_pixart_parallel_sampler_matches_native_ksampler(comfy, ran):
+    """PixArt-Sigma (epsilon model, learned sigma, 4-channel latent) with true CFG, Ulysses 2, Euler and
+    DPM-Solver++(2M) on Karras levels."""
+    from queue_workflow import queue_and_wait
+
+    server, base = comfy
+    graph = {
+        "1": {"class_type": "XDiTE2EConditioning", "inputs": {"seed": 5, "tokens": 24, "pooled": 0}},
+        "2": {"class_type": "XDiTE2EConditioning", "inputs": {"seed": 6, "tokens": 24, "pooled": 0}},
+        # ComfyUI's PixArt derives its position-embedding scale from the image size (512 px and up)
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512, "batch_size": 1}},
+        "4": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_pixart_e2e.safetensors",
+                                                     "weight_dtype": "default"}},
+        "7": {"class_type": "XDiTConfigureHybridParallel", "inputs": {
+            "device": "cpu", "ulysses_degree": 2, "ring_degree": 1, "pipefusion_degree": 1, "cfg_degree": 1,
+            "dp_degree": 1, "num_patches": 0, "warmup_steps": 1, "attention": "auto"}},
+        "8": {"class_type": "XDiTLoadParallelDiT", "inputs": {"parallel_config": ["7", 0],
+                                                              "checkpoint": "tiny_pixart_e2e.safetensors",
+                                                              "weight_dtype": "fp32", "family": "auto"}},
+    }
+    for n, (sampler, scheduler) in enumerate((("euler", "simple"), ("dpmpp_2m", "karras"))):
+        sampling = {"seed": 11, "steps": 4, "cfg": 4.0, "sampler_name": sampler, "scheduler": scheduler,
+                    "denoise": 1.0}
+        common = {"positive": ["1", 0], "negative": ["2", 0], "latent_image": ["3", 0], **sampling}
+        graph[f"{20 + n}"] = {"class_type": "KSampler", "inputs": {"model": ["4", 0], **common}}
+        graph[f"{30 + n}"] = {"class_type": "XDiTParallelSampler", "inputs": {"model": ["8", 0], **common}}
+        graph[f"{40 + n}"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"{20 + n}", 0],
+                                                                    "filename_prefix": f"pxnative{sampler}"}}
+        graph[f"{50 + n}"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"{30 + n}", 0],
+                                                                    "filename_prefix": f"pxxdit{sampler}"}}
+    _, entry = queue_and_wait(server, graph, timeout=600, log=lambda line: None)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+
+    def latent(prefix):
+        files = sorted((base / "output").glob(f"{prefix}_*.latent"))
+        assert files, f"no {prefix} latent saved"
+        return load_file(str(files[-1]))["latent_tensor"].float()
+
+    for sampler in ("euler", "dpmpp_2m"):
+        native, ours = latent(f"pxnative{sampler}"), latent(f"pxxdit{sampler}")
+        assert ours.shape == native.shape == (1, 4, 64, 64)
+        assert native.abs().mean() > 0.01
+        assert rel_l2(ours, native) <= 1e-4, (sampler, rel_l2(ours, native))
