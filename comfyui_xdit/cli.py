@@ -1,4 +1,4 @@
-"""Command line: `python -m comfyui_xdit generate|demo|serve ...`."""
+"""Command line: `python -m comfyui_xdit generate|demo|serve|bench|analyze ...`."""
 from __future__ import annotations
 
 import argparse
@@ -237,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a persistent worker pool in the foreground (ComfyUI can attach)")
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
+    from .bench import add_bench_args, cmd_bench
+
+    bench = sub.add_parser("bench", help="time one step of a full-size architecture (random weights) on one device")
+    add_bench_args(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

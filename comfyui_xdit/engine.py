@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 
+from .attention_backend import preferred_attention
 from .models import LoadedModel
 from .parallel import ParallelConfig
 from .sampling import SampleRequest, StepCallback, sample
@@ -20,6 +21,13 @@ def run_job(loaded: LoadedModel, req: SampleRequest, config: ParallelConfig | No
     request everywhere); every rank returns the full result. `callback` and `should_cancel` are used on rank 0:
     a cancel is agreed by all ranks at the next step boundary and raises Cancelled everywhere."""
     config = config or ParallelConfig()
+    device = next(loaded.adapter.model.parameters()).device
+    with preferred_attention(device):  # cuDNN attention first on CUDA (or XDIT_ATTENTION); no-op elsewhere
+        return _run(loaded, req, config, callback, should_cancel)
+
+
+def _run(loaded: LoadedModel, req: SampleRequest, config: ParallelConfig, callback: StepCallback | None,
+         should_cancel: Callable[[], bool] | None) -> torch.Tensor:
     if config.world_size == 1:
         def step(info):
             if callback is not None:
