@@ -45,7 +45,8 @@ def _local_job(job: PreparedJob, batch: slice) -> PreparedJob:
 
 
 def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback: StepCallback | None = None,
-                    should_cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+                    should_cancel: Callable[[], bool] | None = None,
+                    step_end: Callable[[int], None] | None = None) -> torch.Tensor:
     from ..engine import Cancelled
 
     adapter = loaded.adapter
@@ -63,7 +64,7 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
     reports: list[dict[str, int]] = []
     pm.comm.reset()
     if config.pipefusion > 1:
-        x = _pipefusion(adapter, local, pm, callback, should_cancel, reports)
+        x = _pipefusion(adapter, local, pm, callback, should_cancel, reports, step_end)
         last_comm_report[:] = reports
         if config.dp > 1:
             x = pm.comm.all_gather(x, batch_sizes, pm.group("dp"), dim=0, kind="dp_gather")
@@ -71,6 +72,8 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
 
     def on_step(info) -> None:
         reports.append(pm.comm.reset())
+        if step_end is not None:
+            step_end(info.step - 1)
         if is_rank0 and callback is not None:
             callback(info)
         flag = torch.tensor([1.0 if (is_rank0 and should_cancel is not None and should_cancel()) else 0.0],
@@ -87,7 +90,8 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
     return adapter.from_model_space(x)
 
 
-def _pipefusion(adapter, job: PreparedJob, pm: ParallelMesh, callback, should_cancel, reports) -> torch.Tensor:
+def _pipefusion(adapter, job: PreparedJob, pm: ParallelMesh, callback, should_cancel, reports, step_end
+                ) -> torch.Tensor:
     from ..engine import Cancelled
     from ..sampling import StepInfo
     from .pipefusion import PipelineStopped, pipefusion_loop
@@ -102,6 +106,8 @@ def _pipefusion(adapter, job: PreparedJob, pm: ParallelMesh, callback, should_ca
 
     def on_step(i: int, x: torch.Tensor) -> None:
         reports.append(pm.comm.reset())
+        if step_end is not None:
+            step_end(i)
         now = time.perf_counter()
         if is_rank0 and callback is not None:
             callback(StepInfo(i + 1, total, now - clock[0], x))

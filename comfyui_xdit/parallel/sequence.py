@@ -29,16 +29,21 @@ def shard_range(sizes: list[int], index: int) -> slice:
 
 
 class _SDPAOverride(TorchFunctionMode):
-    """Routes F.scaled_dot_product_attention calls made inside a processor to `attn`."""
+    """Routes F.scaled_dot_product_attention calls made inside a processor to `attn`; `tap(q, k, v, out)`, when
+    given, sees every call's inputs and output (the redundancy analyser)."""
 
-    def __init__(self, attn):
+    def __init__(self, attn, tap=None):
         super().__init__()
-        self.attn = attn
+        self.attn, self.tap = attn, tap
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            return self.attn(*args, **kwargs)
+            out = self.attn(*args, **kwargs)
+            if self.tap is not None:
+                q, k, v = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(("query", "key", "value")))
+                self.tap(q, k, v, out)
+            return out
         return func(*args, **kwargs)
 
 
@@ -47,14 +52,16 @@ _WRAPPED: dict[type, type] = {}
 
 def _wrapped_class(cls: type) -> type:
     """A subclass of a processor class whose __call__ runs inside _SDPAOverride (signature kept: diffusers
-    inspects it to route keyword arguments)."""
+    inspects it to route keyword arguments). Wrapping a wrapped processor replaces its SDPA (one level only);
+    an `_xdit_tap` attribute on the attention module is passed to the override whoever wrapped it."""
+    cls = getattr(cls, "_xdit_base", cls)
     if cls not in _WRAPPED:
-        def __call__(self, *args, **kwargs):
-            with _SDPAOverride(self._xdit_attention()):
-                return cls.__call__(self, *args, **kwargs)
+        def __call__(self, attn, *args, **kwargs):
+            with _SDPAOverride(self._xdit_attention(), getattr(attn, "_xdit_tap", None)):
+                return cls.__call__(self, attn, *args, **kwargs)
 
         functools.update_wrapper(__call__, cls.__call__)
-        _WRAPPED[cls] = type(f"SequenceParallel{cls.__name__}", (cls,), {"__call__": __call__})
+        _WRAPPED[cls] = type(f"SequenceParallel{cls.__name__}", (cls,), {"__call__": __call__, "_xdit_base": cls})
     return _WRAPPED[cls]
 
 
