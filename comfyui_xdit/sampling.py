@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from .adapters import Conditioning, FamilyAdapter
+from .cache import CacheSettings, job_cache
 from .errors import XDiTError
 from .schedules import Schedule, initial_latents, make_schedule
 from .tiny import TINY_TEXT_TOKENS
@@ -29,6 +30,7 @@ class SampleRequest:
     sampler: str = "default"
     denoise: float = 1.0
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    cache: CacheSettings | None = None  # first-block residual cache (None: every step computes every block)
 
 
 @dataclass
@@ -37,6 +39,7 @@ class StepInfo:
     total: int
     seconds: float       # wall time of this step
     latents: torch.Tensor  # current model-space latents (local batch)
+    reused: bool = False   # the step cache reused the blocks' residual instead of running them
 
 
 StepCallback = Callable[[StepInfo], None]
@@ -51,6 +54,7 @@ class PreparedJob:
     positive: Conditioning
     negative: Conditioning | None   # None: no classifier-free guidance
     cfg: float
+    cache: CacheSettings | None = None
 
 
 def latent_shape(adapter: FamilyAdapter, req: SampleRequest) -> tuple[int, int, int, int]:
@@ -112,7 +116,9 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
                              None if sigmas is None else sigmas.flatten().tolist(), req.denoise)
     x0 = None if latent is None else adapter.to_model_space(latent.float())
     x = initial_latents(schedule, noise.float(), x0 if (req.denoise < 1.0 or sigmas is not None) else None)
-    return PreparedJob(x.float(), schedule, positive, negative, req.cfg)
+    if req.cache is not None:
+        req.cache.check(len(schedule.timesteps), adapter.block_count)
+    return PreparedJob(x.float(), schedule, positive, negative, req.cfg, req.cache)
 
 
 def guided(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, job: PreparedJob) -> torch.Tensor:
@@ -128,8 +134,9 @@ Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def run_loop(job: PreparedJob, predict: Predictor, callback: StepCallback | None = None) -> torch.Tensor:
-    """Step the scheduler over the job's timesteps; `predict(x, t)` returns the guided model output."""
+def run_loop(job: PreparedJob, predict: Predictor, callback: StepCallback | None = None, cache=None) -> torch.Tensor:
+    """Step the scheduler over the job's timesteps; `predict(x, t)` returns the guided model output. `cache`: the
+    job's BlockCache, told where steps end."""
     sched = job.schedule.scheduler
     x = job.x
     total = len(job.schedule.timesteps)
@@ -138,8 +145,11 @@ def run_loop(job: PreparedJob, predict: Predictor, callback: StepCallback | None
         x_in = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
         pred = predict(x_in, t)
         x = sched.step(pred, t, x, return_dict=False)[0].float()
+        reused = cache is not None and cache.reuse
+        if cache is not None:
+            cache.end_step()
         if callback is not None:
-            callback(StepInfo(i + 1, total, time.perf_counter() - start, x))
+            callback(StepInfo(i + 1, total, time.perf_counter() - start, x, reused))
     return x
 
 
@@ -147,5 +157,6 @@ def sample(adapter: FamilyAdapter, req: SampleRequest, tiny: bool = False,
            callback: StepCallback | None = None) -> torch.Tensor:
     """Serial sampling; returns latents in ComfyUI's convention [B, C, H/8, W/8], float32."""
     job = prepare(adapter, req, tiny)
-    x = run_loop(job, lambda x, t: guided(adapter, x, t, job), callback)
+    with job_cache(adapter, job.cache) as cache:
+        x = run_loop(job, lambda x, t: guided(adapter, x, t, job), callback, cache)
     return adapter.from_model_space(x)

@@ -5,6 +5,7 @@ import functools
 
 import torch
 
+from comfyui_xdit.cache import CacheSettings
 from comfyui_xdit.models import load_model
 from comfyui_xdit.sampling import SampleRequest
 
@@ -37,4 +38,4 @@ def build_request(loaded, case: dict) -> SampleRequest:
     inputs["neg_cond"] = neg.cond
     return SampleRequest(height=case["height"], width=case["width"], steps=case.get("steps", 3), seed=case["seed"],
                          batch_size=batch, cfg=case.get("cfg", 1.0), sampler=case.get("sampler", "default"),
-                         inputs=inputs)
+                         inputs=inputs, cache=CacheSettings.from_dict(case["cache"]) if "cache" in case else None)

@@ -54,6 +54,11 @@ def main() -> None:
             if latents is not None:
                 save_file({"latents": latents.contiguous()}, os.path.join(out_dir, case["id"] + ".safetensors"))
             json.dump(result, open(os.path.join(out_dir, case["id"] + ".json"), "w"))
+        if "cache" in case:  # the steps this rank reused
+            from comfyui_xdit.cache import last_reused_steps
+
+            json.dump(last_reused_steps if result["ok"] else None,
+                      open(os.path.join(out_dir, f"{case['id']}.rank{rank}.reused.json"), "w"))
         # per-rank comm reports (bytes sent by each rank)
         json.dump(runner.last_comm_report if result["ok"] else [],
                   open(os.path.join(out_dir, f"{case['id']}.rank{rank}.comm.json"), "w"))

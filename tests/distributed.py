@@ -36,5 +36,8 @@ def run_cases(world: int, cases: list[dict], out_dir: Path, timeout: float = 900
             info["latents"] = load_file(out_dir / f"{case['id']}.safetensors")["latents"]
         info["rank_comm"] = [json.loads((out_dir / f"{case['id']}.rank{r}.comm.json").read_text())
                              for r in range(world)]
+        if "cache" in case:
+            info["rank_reused"] = [json.loads((out_dir / f"{case['id']}.rank{r}.reused.json").read_text())
+                                   for r in range(world)]
         results[case["id"]] = info
     return results

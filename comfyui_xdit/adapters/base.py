@@ -74,6 +74,8 @@ class FamilyAdapter:
         self.model = model
         self.variant = variant
         self.dtype = next(model.parameters()).dtype
+        # every block of the model as loaded (PipeFusion later keeps only a stage's blocks on each rank)
+        self.block_count = sum(len(getattr(model, name)) for name in self.sp_plan().blocks)
 
     # --- latent convention (ComfyUI LATENT <-> model space) ---
     def to_model_space(self, latent: torch.Tensor) -> torch.Tensor:

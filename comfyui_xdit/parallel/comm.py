@@ -54,6 +54,11 @@ class Comm:
         group = group or dist.group.WORLD
         return funcol.wait_tensor(funcol.all_reduce(t, "max", group))
 
+    def all_reduce_sum(self, t: torch.Tensor, group: ProcessGroup | None = None) -> torch.Tensor:
+        """Control traffic (the step cache's measurement); not counted."""
+        group = group or dist.group.WORLD
+        return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
+
     def send(self, tensors: list[torch.Tensor], peer: int, group: ProcessGroup, kind: str) -> list:
         """Start sending tensors to member `peer` of `group`; wait on the returned works before reusing them."""
         stage = tensors[0].is_cuda and dist.get_backend(group) == "gloo"

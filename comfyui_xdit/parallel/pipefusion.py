@@ -13,6 +13,7 @@ tensor at the final projection; self-attention processors are wrapped as in sequ
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters.base import per_token_bytes
+from ..cache import BlockCache
 from ..errors import ConfigError
 from .attention import ulysses_gather, ulysses_scatter
 from .sequence import shard_range, shard_sizes, wrap_attention
@@ -321,18 +323,32 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
     text_tokens = cfg_branches[0].cond.shape[1] if adapter.sp_plan().text is not None else 0
     timesteps = job.schedule.timesteps
     model = PipelineModel(adapter, pm, stage)
+    cache = None
+    if job.cache is not None:  # the stage's blocks; stage 0 measures its first block(s); decided ahead per step
+        first = min(job.cache.first_blocks, len(stage.blocks)) if stage.first else 0
+        cache = BlockCache(adapter, stage.blocks, job.cache, first, contributes=pm.rank("cfg") == 0,
+                           pipelined=True, warmup=cfg.warmup_steps + 1)
     outbox = _Outbox()
     latents_in = _Inbox(pm, P - 1, group, device)   # stage 0: latent rows from the last stage, in order
     acts_in = _Inbox(pm, stage.index - 1, group, device)  # later stages: activations from the previous one
     pending: list[tuple[int, int]] = []  # stage 0: latent rows the last stage will send, in order
     received_upto = rows  # stage 0 holds every row of the current step's input
+    blocks_cached = contextlib.ExitStack()
+    if cache is not None:
+        blocks_cached.enter_context(cache.installed())
     try:
         for i, t in enumerate(timesteps):
             warm = i < cfg.warmup_steps
             work = [(0, rows)] if warm else patches
             if stage.first and i > 0:
                 received_upto = 0
-            if _pass_stop_flag(stage, pm, group, device, stage.first and stop_requested(), outbox):
+            stop = stage.first and stop_requested()
+            reuse = stage.first and cache is not None and cache.decide_ahead(
+                lambda v: pm.comm.all_reduce_sum(v, pm.group("stage")))
+            stop, reuse = _pass_flags(stage, pm, group, device, stop, reuse, outbox)
+            if cache is not None and not stage.first:
+                cache.follow(reuse)
+            if stop:
                 if stage.first:  # take the rows the last stage still sends for the previous step
                     while latents_in.waiting():
                         latents_in.take()
@@ -356,6 +372,8 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
                 preds = []
                 for k, branch in enumerate(cfg_branches):
                     model.set_patch(tokens, total_tokens, text_tokens, k)
+                    if cache is not None:
+                        cache.slot = (k, r0, r1)
                     if not stage.first:
                         got = acts_in.take()
                         model.state.received = (got[0], got[1] if text_tokens else None)
@@ -386,10 +404,13 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
             if stage.first and i < len(timesteps) - 1:
                 pending.extend(work)
                 latents_in.expect([[((b, x.shape[1], (z - a) * p, w), torch.float32)] for a, z in work])
-            on_step(i, x)
+            if cache is not None:
+                cache.end_step()
+            on_step(i, x, reuse)
         outbox.flush()
     finally:
         model.close()
+        blocks_cached.close()
     # the final latents live on the last stage
     return pm.comm.broadcast(x, P - 1, group, kind="pipefusion_result")
 
@@ -436,14 +457,16 @@ class _Outbox:
         self.works = []
 
 
-def _pass_stop_flag(stage: Stage, pm, group, device, stop: bool, outbox: _Outbox) -> bool:
-    """Stage 0 sends its decision to stage 1, each stage forwards it; returns the decision."""
+def _pass_flags(stage: Stage, pm, group, device, stop: bool, reuse: bool, outbox: _Outbox) -> tuple[bool, bool]:
+    """Stage 0 sends its decisions for the step (stop; reuse the cached blocks) to stage 1, each stage forwards
+    them; returns them."""
     if not stage.first:
-        stop = bool(pm.comm.recv([((1,), torch.float32)], stage.index - 1, group, device)[0].item())
+        flags = pm.comm.recv([((2,), torch.float32)], stage.index - 1, group, device)[0].tolist()
+        stop, reuse = flags[0] > 0, flags[1] > 0
     if not stage.last:
-        flag = torch.tensor([1.0 if stop else 0.0], device=device)
-        outbox.post(pm.comm.send([flag], stage.index + 1, group, kind="control"))
-    return stop
+        flags = torch.tensor([float(stop), float(reuse)], device=device)
+        outbox.post(pm.comm.send([flags], stage.index + 1, group, kind="control"))
+    return stop, reuse
 
 
 def _guide(preds: list[torch.Tensor], scale: float, pm) -> torch.Tensor:

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ..cache import job_cache
 from ..errors import ConfigError
 from ..sampling import PreparedJob, SampleRequest, StepCallback, prepare, run_loop
 from .config import ParallelConfig
@@ -41,7 +42,7 @@ def check_model_fit(config: ParallelConfig, adapter, req: SampleRequest) -> None
 
 def _local_job(job: PreparedJob, batch: slice) -> PreparedJob:
     neg = None if job.negative is None else job.negative.select(batch)
-    return PreparedJob(job.x[batch], job.schedule, job.positive.select(batch), neg, job.cfg)
+    return PreparedJob(job.x[batch], job.schedule, job.positive.select(batch), neg, job.cfg, job.cache)
 
 
 def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback: StepCallback | None = None,
@@ -82,8 +83,10 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
             raise Cancelled(f"cancelled after step {info.step}")
 
     sp = sequence_parallel(adapter, pm) if config.sp > 1 else contextlib.nullcontext()
-    with sp:
-        x = run_loop(local, predict, on_step)
+    # the cache's decision: the positive branch's measurement summed over every rank (cfg's negative half adds 0)
+    cache = job_cache(adapter, local.cache, agree=pm.comm.all_reduce_sum, contributes=pm.rank("cfg") == 0)
+    with sp, cache as block_cache:
+        x = run_loop(local, predict, on_step, block_cache)
     last_comm_report[:] = reports
     if config.dp > 1:
         x = pm.comm.all_gather(x, batch_sizes, pm.group("dp"), dim=0, kind="dp_gather")
@@ -104,13 +107,13 @@ def _pipefusion(adapter, job: PreparedJob, pm: ParallelMesh, callback, should_ca
     total = len(job.schedule.timesteps)
     clock = [time.perf_counter()]
 
-    def on_step(i: int, x: torch.Tensor) -> None:
+    def on_step(i: int, x: torch.Tensor, reused: bool = False) -> None:
         reports.append(pm.comm.reset())
         if step_end is not None:
             step_end(i)
         now = time.perf_counter()
         if is_rank0 and callback is not None:
-            callback(StepInfo(i + 1, total, now - clock[0], x))
+            callback(StepInfo(i + 1, total, now - clock[0], x, reused))
         clock[0] = now
 
     def stop_requested() -> bool:
