@@ -18,16 +18,18 @@ _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xdit-job")
 
 def run_job(client: Any, key: str, fields: dict, tensors: dict[str, torch.Tensor], parallel: dict,
             on_step: Callable[[int, int, torch.Tensor | None], None] | None = None,
-            check_interrupt: Callable[[], None] | None = None, preview: bool = False) -> torch.Tensor:
-    """Sample on the pool. `on_step(step, total, preview)` and `check_interrupt()` run on the calling thread;
-    if either raises, the pool job is cancelled, and the exception propagates once the pool has stopped it."""
+            check_interrupt: Callable[[], None] | None = None, preview: bool = False
+            ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Sample on the pool; returns the latents and the result's fields (timings, steps the cache reused).
+    `on_step(step, total, preview)` and `check_interrupt()` run on the calling thread; if either raises, the pool
+    job is cancelled, and the exception propagates once the pool has stopped it."""
     events: queue.Queue = queue.Queue()
     rid = client.new_request_id()
 
     def progress(p) -> None:
         events.put((p.step, p.total, p.preview))
 
-    future = _EXECUTOR.submit(client.sample, key, fields, tensors, parallel=parallel, on_progress=progress,
+    future = _EXECUTOR.submit(client.sample_with_info, key, fields, tensors, parallel=parallel, on_progress=progress,
                               preview=preview, request_id=rid)
     try:
         while True:

@@ -146,11 +146,22 @@ class ParallelSampler:
                 "scheduler": (list(SCHEDULERS),),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
             },
+            "optional": {
+                "cache": (["none", "fbcache"], {"default": "none", "tooltip": (
+                    "First-block cache: on steps where the first block's residual changed less than the threshold, "
+                    "reuse the other blocks' residual from the last computed step instead of running them.")}),
+                "cache_threshold": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 10.0, "step": 0.01,
+                                              "tooltip": "relative change under which a step is reused"}),
+                "cache_warmup": ("INT", {"default": 1, "min": 1, "max": 10000,
+                                         "tooltip": "first steps always computed"}),
+                "cache_max_consecutive": ("INT", {"default": 0, "min": 0, "max": 10000,
+                                                  "tooltip": "most reused steps in a row (0: no limit)"}),
+            },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
-               unique_id=None):
+               cache="none", cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, unique_id=None):
         if not isinstance(model, ModelHandle):
             raise XDiTNodeError("Parallel Sampler: model must come from Load Parallel DiT")
         if denoise <= 0.0:
@@ -171,6 +182,9 @@ class ParallelSampler:
             raise XDiTNodeError(f"Parallel Sampler: {e}") from None
         tensors["noise"] = convert.engine_noise(tensors["noise"], tensors["sigmas"], model.variant, model_sampling)
         fields = convert.request_fields(samples, steps, seed, cfg, guidance, sampler_name)
+        if cache == "fbcache":
+            fields["cache"] = {"threshold": float(cache_threshold), "warmup": int(cache_warmup),
+                               "max_consecutive": int(cache_max_consecutive)}
         _free_comfy_vram(model)
         out = _run(model, fields, tensors, unique_id, len(tensors["sigmas"]) - 1, latent_format)
         return (convert.output_latent(latent_image, out),)
@@ -214,13 +228,18 @@ def _run(model: ModelHandle, fields: dict, tensors: dict, unique_id: Any, total:
     try:
         client = MANAGER.client_for(model.settings)
         client.load(model.source, None if model.family == "auto" else model.family, model.dtype)
-        return run_job(client, model.key, fields, tensors, model.settings.degrees(), on_step=on_step,
-                       check_interrupt=mm.throw_exception_if_processing_interrupted, preview=previewer is not None)
+        latents, info = run_job(client, model.key, fields, tensors, model.settings.degrees(), on_step=on_step,
+                                check_interrupt=mm.throw_exception_if_processing_interrupted,
+                                preview=previewer is not None)
     except JobCancelled:
         mm.throw_exception_if_processing_interrupted()
         raise XDiTNodeError("Parallel Sampler: the pool cancelled the job") from None
     except PoolError as e:
         raise XDiTNodeError(f"Parallel Sampler: {_one_line(e)}") from None
+    if "reused_steps" in info:
+        log.info("Parallel Sampler: the step cache reused %d of %d steps %s", len(info["reused_steps"]), total,
+                 info["reused_steps"])
+    return latents
 
 
 def _previewer(latent_format):

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from comfyui_xdit.cache import CacheSettings
 from comfyui_xdit.engine import Cancelled, run_job
 from comfyui_xdit.errors import XDiTError
 from comfyui_xdit.models import LoadedModel, load_model
@@ -23,7 +24,7 @@ from .fanout import Fanout
 ProgressHook = Callable[[int, int, float, "torch.Tensor | None"], None]
 
 REQUEST_FIELDS: dict[str, type] = {"height": int, "width": int, "steps": int, "seed": int, "batch_size": int,
-                                   "cfg": float, "guidance": float, "sampler": str, "denoise": float}
+                                   "cfg": float, "guidance": float, "sampler": str, "denoise": float, "cache": dict}
 PREVIEW_SIDE = 32  # longest side of a preview latent
 
 
@@ -52,8 +53,11 @@ def build_request(fields: Any, inputs: dict[str, torch.Tensor]) -> SampleRequest
     kwargs = {}
     for name, value in fields.items():
         kind = REQUEST_FIELDS[name]
-        if value is None and name == "guidance":
+        if value is None and name in ("guidance", "cache"):
             kwargs[name] = None
+            continue
+        if kind is dict:  # the step cache's settings
+            kwargs[name] = CacheSettings.from_dict(value)
             continue
         ok = isinstance(value, str) if kind is str else (
             isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or value == int(value)))
@@ -163,7 +167,11 @@ class Executor:
         is_rank0 = self.rank == 0
         start = time.perf_counter()
 
+        reused: list[int] = []
+
         def report(info: StepInfo) -> None:
+            if info.reused:
+                reused.append(info.step - 1)
             if not is_rank0 or progress is None:
                 return
             t = time.perf_counter()
@@ -183,7 +191,10 @@ class Executor:
             raise XDiTError(f"the parallel degrees multiply to {config.world_size} but the pool has "
                             f"{self.world} ranks")
         timing["seconds"] = time.perf_counter() - start
-        return out.float().cpu() if is_rank0 else out, {k: round(v, 6) for k, v in timing.items()}
+        extra = {k: round(v, 6) for k, v in timing.items()}
+        if req.cache is not None:
+            extra["reused_steps"] = reused  # 0-based steps the cache reused
+        return out.float().cpu() if is_rank0 else out, extra
 
     def _serial_step(self, info: StepInfo, report: Callable, should_cancel, fault_at: int | None) -> None:
         report(info)

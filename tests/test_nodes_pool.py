@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from comfyui_xdit.cache import CacheSettings
 from comfyui_xdit.engine import run_job
 from comfyui_xdit.models import load_model
 from comfyui_xdit.sampling import SampleRequest
@@ -71,6 +72,16 @@ def test_sampler_on_pool_matches_serial_with_progress_and_cancel(ext_mod):
                                                          inputs=inputs))
     assert rel_l2(out["samples"], ref) <= 1e-4
     assert rel_l2(out["samples"], z + inputs["noise"]) > 0.05  # it did denoise
+
+    # The step cache through the node and the pool: the same steps reused as the engine's serial run.
+    cache = dict(cache="fbcache", cache_threshold=0.9, cache_warmup=1, cache_max_consecutive=0)
+    (cached,) = sampler.sample(model, pos, neg, latent, 7, 5, 4.0, "euler", "simple", 1.0, **cache)
+    seen = []
+    ref_cached = run_job(load_model("tiny-sd3"), SampleRequest(
+        128, 128, 5, seed=7, cfg=4.0, sampler="euler", inputs=inputs,
+        cache=CacheSettings(threshold=0.9)), callback=lambda info: seen.append(info.reused))
+    assert any(seen)
+    assert rel_l2(cached["samples"], ref_cached) <= 1e-4 and rel_l2(cached["samples"], ref) > 1e-3
 
     # Errors from the pool come back as one line naming the node.
     bad = [[torch.zeros(1, 12, 1000), {"pooled_output": torch.zeros(1, 2048)}]]  # wrong text width
