@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -25,6 +26,38 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output safetensors; tensor 'latents' in ComfyUI convention")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     add_parallel_args(p)
+    add_cache_args(p)
+
+
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("step cache (first-block residual; works with every parallel method)")
+    g.add_argument("--cache", default="none", choices=["none", "fbcache"])
+    g.add_argument("--cache-threshold", type=float, default=0.1,
+                   help="reuse the other blocks while the first block's residual changed less than this (relative)")
+    g.add_argument("--cache-warmup", type=int, default=1, help="first steps always computed")
+    g.add_argument("--cache-max-consecutive", type=int, default=0, help="most reuses in a row (0: no limit)")
+    g.add_argument("--cache-first-blocks", type=int, default=1, help="blocks always computed")
+    g.add_argument("--cache-mask", default=None, help="static per-step mask, e.g. 1,1,0,1 (1: compute)")
+    g.add_argument("--cache-profile", default=None,
+                   help="analyser profile.json: static mask from its per-step curve and --cache-threshold")
+
+
+def cache_settings(args: argparse.Namespace):
+    """CacheSettings from the --cache flags (None: no cache)."""
+    from .cache import CacheSettings, mask_from_profile, parse_mask
+
+    if args.cache == "none":
+        if args.cache_mask or args.cache_profile:
+            raise XDiTError("--cache-mask and --cache-profile need --cache fbcache")
+        return None
+    mask = None
+    if args.cache_mask:
+        mask = parse_mask(args.cache_mask)
+    elif args.cache_profile:
+        mask = mask_from_profile(args.cache_profile, args.cache_threshold, args.steps, args.cache_warmup,
+                                 args.cache_max_consecutive)
+    return CacheSettings(threshold=args.cache_threshold, warmup=args.cache_warmup,
+                         max_consecutive=args.cache_max_consecutive, first_blocks=args.cache_first_blocks, mask=mask)
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -117,12 +150,10 @@ def read_inputs(path: str | None) -> dict:
         raise XDiTError(f"cannot read inputs file {path}: {e}") from None
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _ranks(args: argparse.Namespace, config):
+    """Yield (device, rank) inside the default process group when config has world size > 1 (torchrun env)."""
     import os
-
-    config = parallel_config(args)
-    if config.world_size > 1 and "RANK" not in os.environ:
-        return relaunch_under_torchrun(config.world_size, args.argv)
 
     import torch
 
@@ -137,16 +168,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if device == "cuda":
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
         elif hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= config.world_size:
-            cores = sorted(os.sched_getaffinity(0))  # one core per CPU rank: no migration, no sharing
+            cores = sorted(os.sched_getaffinity(0))
             os.sched_setaffinity(0, {cores[local_rank % len(cores)]})
     try:
-        return _generate_on_rank(args, config, device, rank)
+        yield device, rank
     finally:
         if config.world_size > 1:
             import torch.distributed as dist
 
             dist.barrier()
             dist.destroy_process_group()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import os
+
+    config = parallel_config(args)
+    if config.world_size > 1 and "RANK" not in os.environ:
+        return relaunch_under_torchrun(config.world_size, args.argv)
+    with _ranks(args, config) as (device, rank):
+        return _generate_on_rank(args, config, device, rank)
 
 
 def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) -> int:
@@ -164,13 +205,19 @@ def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) 
         + (f"; {config.world_size} ranks {config.to_dict()}" if config.world_size > 1 else ""), flush=True)
     req = SampleRequest(height=args.height, width=args.width, steps=args.steps, seed=args.seed,
                         batch_size=args.batch_size, cfg=args.cfg, guidance=args.guidance, sampler=args.sampler,
-                        denoise=args.denoise, inputs={k: v.to(device) for k, v in inputs.items()})
+                        denoise=args.denoise, inputs={k: v.to(device) for k, v in inputs.items()},
+                        cache=cache_settings(args))
 
     if config.pipefusion > 1:
         _report_stage_memory(loaded, config, rank)
 
+    reused = []
+
     def on_step(info) -> None:
-        print(f"step {info.step}/{info.total} {info.seconds * 1000:.1f} ms", flush=True)
+        if info.reused:
+            reused.append(info.step)
+        print(f"step {info.step}/{info.total} {info.seconds * 1000:.1f} ms" + (" (reused)" if info.reused else ""),
+              flush=True)
 
     t1 = time.perf_counter()
     latents = run_job(loaded, req, config, callback=on_step)
@@ -182,6 +229,8 @@ def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) 
                   flush=True)
     if rank == 0:
         print(f"sampled {tuple(latents.shape)} in {time.perf_counter() - t1:.2f}s -> {args.out}", flush=True)
+        if req.cache is not None:
+            print(f"cache: reused {len(reused)} of {args.steps} steps {reused}", flush=True)
         save_file({"latents": latents.float().cpu().contiguous()}, args.out)
     return 0
 
@@ -242,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time one step of a full-size architecture (random weights) on one device")
     add_bench_args(bench)
     bench.set_defaults(func=cmd_bench)
+    analyze = sub.add_parser("analyze", help="profile step-to-step change of attention K/V/outputs and block "
+                                             "residuals (random conditionings: no text encoders)")
+    add_analyze_args(analyze)
+    analyze.set_defaults(func=cmd_analyze)
     return parser
 
 
@@ -257,3 +310,85 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def add_analyze_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="tiny-flux | tiny-sd3 | tiny-pixart | path to weights")
+    p.add_argument("--family", default=None, choices=["flux", "sd3", "pixart"])
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--prompts", type=int, default=4,
+                   help="number of 'prompts': random conditionings drawn from --seed + p (there are no text "
+                        "encoders here, so prompts are stand-in embeddings, not text)")
+    p.add_argument("--text-tokens", type=int, default=16, help="text tokens of each random conditioning")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--height", type=int, default=None, help="default 128 for the tiny models, else 1024")
+    p.add_argument("--width", type=int, default=None, help="default 128 for the tiny models, else 1024")
+    p.add_argument("--seed", type=int, default=0, help="prompt p uses seed + p for its noise and conditioning")
+    p.add_argument("--cfg", type=float, default=1.0, help="true classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance", type=float, default=None, help="Flux distilled guidance (dev)")
+    p.add_argument("--sampler", default="default")
+    p.add_argument("--out", default=None, help="output folder (default ./analysis-<model>)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    add_parallel_args(p)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Profile how much attention K/V/outputs and block residuals change between steps (see analysis.py)."""
+    import os
+
+    config = parallel_config(args)
+    if config.world_size > 1 and "RANK" not in os.environ:
+        return relaunch_under_torchrun(config.world_size, args.argv)
+    if args.prompts < 1:
+        raise XDiTError(f"--prompts must be >= 1, got {args.prompts}")
+    if args.steps < 2:
+        raise XDiTError(f"--steps must be >= 2 to compare steps, got {args.steps}")
+    with _ranks(args, config) as (device, rank):
+        return _analyze_on_rank(args, config, device, rank)
+
+
+def _analyze_on_rank(args: argparse.Namespace, config, device: str, rank: int) -> int:
+    import torch
+
+    from .analysis import analyze, format_table, save_profile
+    from .models import load_model
+    from .sampling import SampleRequest
+
+    say = print if rank == 0 else (lambda *a, **k: None)
+    loaded = load_model(args.model, args.family, args.dtype, device)
+    default_size = 128 if loaded.tiny else 1024
+    height, width = args.height or default_size, args.width or default_size
+    ad = loaded.adapter
+    requests = []
+    for p in range(args.prompts):
+        gen = torch.Generator().manual_seed(args.seed + p)
+        pos = ad.random_conditioning(1, args.text_tokens, gen)
+        inputs = {"cond": pos.cond}
+        if pos.pooled is not None:
+            inputs["pooled"] = pos.pooled
+        if pos.mask is not None:
+            inputs["cond_mask"] = pos.mask
+        if args.cfg != 1.0:
+            neg = ad.random_conditioning(1, args.text_tokens, gen)
+            inputs["neg_cond"] = neg.cond
+            if neg.pooled is not None:
+                inputs["neg_pooled"] = neg.pooled
+            if neg.mask is not None:
+                inputs["neg_cond_mask"] = neg.mask
+        requests.append(SampleRequest(height=height, width=width, steps=args.steps, seed=args.seed + p,
+                                      cfg=args.cfg, guidance=args.guidance, sampler=args.sampler,
+                                      inputs={k: v.to(device) for k, v in inputs.items()}))
+    say(f"analysing {args.model} ({loaded.family}, {args.dtype}, {device}): {args.prompts} random-conditioning "
+        f"prompts, {args.steps} steps, {height}x{width}"
+        + (f"; {config.world_size} ranks {config.to_dict()}" if config.world_size > 1 else ""), flush=True)
+    t0 = time.perf_counter()
+    profile = analyze(loaded, requests, config)
+    if rank == 0:
+        import os
+
+        name = os.path.basename(os.path.normpath(args.model)) or "model"
+        out = args.out or f"analysis-{name}"
+        paths = save_profile(profile, out)
+        print(f"profiled in {time.perf_counter() - t0:.2f}s -> {', '.join(paths)}", flush=True)
+        print(format_table(profile), flush=True)
+    return 0
