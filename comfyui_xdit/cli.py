@@ -8,6 +8,8 @@ import time
 
 from .errors import XDiTError
 
+POOL_PROBE_S = 10.0  # how long `generate --pool` waits for the pool's first answer
+
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="tiny-flux | tiny-sd3 | tiny-pixart | path to weights")
@@ -25,6 +27,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inputs", default=None, help="safetensors with noise, cond, pooled, neg_*, latent, sigmas")
     p.add_argument("--out", required=True, help="output safetensors; tensor 'latents' in ComfyUI convention")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    p.add_argument("--pool", default=None, help="run on a worker pool started with `serve` at this address (the "
+                   "degrees' product must be the pool's rank count, or 1)")
+    p.add_argument("--secret", default=None, help="the pool's shared secret (or env XDIT_POOL_SECRET)")
     add_parallel_args(p)
     add_cache_args(p)
 
@@ -184,10 +189,53 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import os
 
     config = parallel_config(args)
+    if args.pool:
+        return _generate_on_pool(args, config)
     if config.world_size > 1 and "RANK" not in os.environ:
         return relaunch_under_torchrun(config.world_size, args.argv)
     with _ranks(args, config) as (device, rank):
         return _generate_on_rank(args, config, device, rank)
+
+
+def _generate_on_pool(args: argparse.Namespace, config) -> int:
+    """The same job on a running worker pool (`serve`): the path the ComfyUI nodes take."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from comfyui_xdit_runtime import PoolClient  # lazy: the engine never needs ZeroMQ
+    from comfyui_xdit_runtime.errors import PoolError, PoolTimeout
+
+    settings = cache_settings(args)
+    fields = {"height": args.height, "width": args.width, "steps": args.steps, "seed": args.seed,
+              "batch_size": args.batch_size, "cfg": args.cfg, "guidance": args.guidance, "sampler": args.sampler,
+              "denoise": args.denoise, "cache": None if settings is None else settings.to_dict()}
+    client = PoolClient(args.pool, args.secret or os.environ.get("XDIT_POOL_SECRET"))
+    try:
+        try:  # a short request first: a wrong secret gets no reply at all (the pool drops unsigned messages)
+            client.status(timeout=POOL_PROBE_S)
+        except PoolTimeout:
+            raise XDiTError(f"no answer from a pool at {args.pool} within {POOL_PROBE_S:g}s: is `serve` running "
+                            "there, and is the secret the pool's?") from None
+        t0 = time.perf_counter()
+        key = client.load_model(args.model, args.family, args.dtype)
+        print(f"loaded {args.model} on the pool at {args.pool} in {time.perf_counter() - t0:.2f}s", flush=True)
+
+        def on_progress(p) -> None:
+            print(f"step {p.step}/{p.total} {p.step_seconds * 1000:.1f} ms", flush=True)
+
+        t1 = time.perf_counter()
+        latents, info = client.sample_with_info(key, fields, read_inputs(args.inputs), config.to_dict(), on_progress)
+    except PoolError as e:
+        raise XDiTError(str(e)) from None
+    finally:
+        client.close()
+    print(f"sampled {tuple(latents.shape)} in {time.perf_counter() - t1:.2f}s -> {args.out}", flush=True)
+    if "reused_steps" in info:
+        steps = [s + 1 for s in info["reused_steps"]]
+        print(f"cache: reused {len(steps)} of {args.steps} steps {steps}", flush=True)
+    save_file({"latents": latents.float().cpu().contiguous()}, args.out)
+    return 0
 
 
 def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) -> int:

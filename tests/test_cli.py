@@ -97,3 +97,24 @@ def test_pipefusion_cli_prints_rank_memory_and_matches_serial(tmp_path):
             lines = [ln for ln in proc.stdout.splitlines() if "block parameters" in ln]
             assert len(lines) == 2 and lines[0].startswith("rank 0 stage 0") and lines[1].startswith("rank 1 stage 1")
     assert rel_l2(outs["pf"], outs["serial"]) <= 1e-4
+
+
+def test_generate_cache_flags(tmp_path, capsys):
+    out = str(tmp_path / "out.safetensors")
+    common = ["generate", "--model", "tiny-flux", "--height", "128", "--width", "128", "--steps", "6", "--out", out]
+    assert main(common) == 0
+    plain = load_file(out)["latents"]
+    assert main([*common, "--cache", "fbcache", "--cache-threshold", "0"]) == 0
+    assert torch.equal(load_file(out)["latents"], plain)
+    assert main([*common, "--cache", "fbcache", "--cache-mask", "1,1,0,1,0,1"]) == 0
+    text = capsys.readouterr().out
+    assert "step 3/6" in text and text.count("(reused)") == 2 and "cache: reused 2 of 6 steps [3, 5]" in text
+    assert rel_l2(load_file(out)["latents"], plain) > 1e-4
+    # a static mask from an analyser profile
+    assert main(["analyze", "--model", "tiny-flux", "--prompts", "1", "--steps", "6", "--out",
+                 str(tmp_path / "prof")]) == 0
+    assert main([*common, "--cache", "fbcache", "--cache-profile", str(tmp_path / "prof" / "profile.json"),
+                 "--cache-threshold", "100"]) == 0
+    assert "cache: reused 5 of 6 steps" in capsys.readouterr().out
+    assert main([*common, "--cache", "fbcache", "--cache-mask", "1,0"]) == 2
+    assert "cache mask has 2 entries for 6 steps" in capsys.readouterr().err
