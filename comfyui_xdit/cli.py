@@ -181,8 +181,10 @@ def _ranks(args: argparse.Namespace, config):
         if config.world_size > 1:
             import torch.distributed as dist
 
+            from .parallel.mesh import release_process_groups
+
             dist.barrier()
-            dist.destroy_process_group()
+            release_process_groups()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

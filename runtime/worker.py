@@ -14,6 +14,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from comfyui_xdit.parallel.mesh import release_process_groups
+
 from .executor import Executor, memory_stats
 from .fanout import Fanout
 from .protocol import DEFAULT_MAX_BYTES
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the rank's own error text ends up in the pool log
         log.exception("rank %d stops: %s", rank, e)
         return 1
-    dist.destroy_process_group()
+    release_process_groups()
     return 0
 
 

@@ -20,6 +20,7 @@ from comfyui_xdit.engine import Cancelled, run_job  # noqa: E402
 from comfyui_xdit.errors import XDiTError  # noqa: E402
 from comfyui_xdit.parallel import ParallelConfig  # noqa: E402
 from comfyui_xdit.parallel import runner  # noqa: E402
+from comfyui_xdit.parallel.mesh import release_process_groups  # noqa: E402
 from tests.cases import build_request, get_model  # noqa: E402
 
 
@@ -30,6 +31,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     for case in cases:
+        print(f"rank {rank}: case {case['id']}", file=sys.stderr, flush=True)  # names the case if a rank dies
         loaded = get_model(case, fresh=case["parallel"].get("pipefusion", 1) > 1)  # pipefusion shards it
         req = build_request(loaded, case)
         config = ParallelConfig.from_dict(case["parallel"])
@@ -62,7 +64,7 @@ def main() -> None:
         # per-rank comm reports (bytes sent by each rank)
         json.dump(runner.last_comm_report if result["ok"] else [],
                   open(os.path.join(out_dir, f"{case['id']}.rank{rank}.comm.json"), "w"))
-    dist.destroy_process_group()
+    release_process_groups()
 
 
 if __name__ == "__main__":

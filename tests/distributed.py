@@ -24,11 +24,15 @@ def run_cases(world: int, cases: list[dict], out_dir: Path, timeout: float = 900
     spec = out_dir / "cases.json"
     spec.write_text(json.dumps(cases))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    logs = out_dir / "logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", str(ROOT / "tests" / "dist_worker.py"), str(spec), str(out_dir)]
+           f"--master-port={free_port()}", "--redirects=3", f"--log-dir={logs}",
+           str(ROOT / "tests" / "dist_worker.py"), str(spec), str(out_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        ranks = "".join(f"\n--- {p.relative_to(logs)}:\n{p.read_text()[-3000:]}"
+                        for p in sorted(logs.rglob("*.log")) if p.stat().st_size)
+        raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-2000:]}\nrank output:{ranks}")
     results = {}
     for case in cases:
         info = json.loads((out_dir / f"{case['id']}.json").read_text())

@@ -1,6 +1,7 @@
 """The device mesh of a parallel config and the process groups each method uses."""
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -31,6 +32,19 @@ class ParallelMesh:
 
 
 _MESHES: dict[tuple, tuple] = {}
+
+
+def release_process_groups() -> None:
+    """Forget the cached meshes, collect what still refers to their groups, then destroy every process group.
+
+    Call it instead of dist.destroy_process_group(): a gloo group left to the interpreter's exit (held by the
+    mesh cache or by a reference cycle of a finished job) can abort the process there ("terminate called
+    without an active exception", about 1 run in 15 of a PipeFusion job on the CPU machine)."""
+    _MESHES.clear()
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def get_mesh(config: ParallelConfig, device_type: str) -> ParallelMesh:
