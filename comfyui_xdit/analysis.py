@@ -363,6 +363,7 @@ def _plots(profile: Profile, out_dir: str) -> list[str]:
     for kind in profile.kinds:
         ax.plot(steps, profile_step_curve(profile, kind), marker="o", label=kind)
     ax.set_xlabel("step")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("mean relative change")
     values = np.array([profile_step_curve(profile, k) for k in profile.kinds])
     if (values[np.isfinite(values)] > 0).all():
