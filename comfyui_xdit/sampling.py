@@ -114,8 +114,9 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
     schedule = make_schedule(adapter.family, adapter.variant, req.sampler, req.steps,
                              adapter.image_tokens(req.height, req.width),
                              None if sigmas is None else sigmas.flatten().tolist(), req.denoise)
-    x0 = None if latent is None else adapter.to_model_space(latent.float())
-    x = initial_latents(schedule, noise.float(), x0 if (req.denoise < 1.0 or sigmas is not None) else None)
+    device = adapter.device  # the seed's noise is drawn on the CPU (as ComfyUI draws it), then moved there
+    x0 = None if latent is None else adapter.to_model_space(latent.float().to(device))
+    x = initial_latents(schedule, noise.float().to(device), x0 if (req.denoise < 1.0 or sigmas is not None) else None)
     if req.cache is not None:
         req.cache.check(len(schedule.timesteps), adapter.block_count)
     return PreparedJob(x.float(), schedule, positive, negative, req.cfg, req.cache)

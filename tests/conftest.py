@@ -18,4 +18,5 @@ def tiny_models():
 
 
 def rel_l2(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
+    return ((a - b).norm() / b.norm()).item()

@@ -54,7 +54,7 @@ def main() -> None:
             latents, result = None, {"ok": False, "cancelled": str(e), "steps_seen": steps_seen}
         if rank == 0:
             if latents is not None:
-                save_file({"latents": latents.contiguous()}, os.path.join(out_dir, case["id"] + ".safetensors"))
+                save_file({"latents": latents.cpu().contiguous()}, os.path.join(out_dir, case["id"] + ".safetensors"))
             json.dump(result, open(os.path.join(out_dir, case["id"] + ".json"), "w"))
         if "cache" in case:  # the steps this rank reused
             from comfyui_xdit.cache import last_reused_steps

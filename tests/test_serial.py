@@ -125,3 +125,20 @@ def test_bad_input_is_a_clear_error(tiny_models, kwargs, inputs, message):
     req = SampleRequest(**{**dict(height=128, width=128, steps=2), **kwargs}, inputs=inputs)
     with pytest.raises(XDiTError, match=message):
         sample(m.adapter, req, tiny=True)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_tensor_of_a_job_lives_on_the_model_device(name):
+    """On the meta device nothing is computed, but any op that mixes a CPU tensor (noise drawn from the seed,
+    conditioning, timesteps) with the model's raises: the guard for CUDA runs on this CPU-only CI."""
+    from comfyui_xdit.models import load_model
+
+    m = load_model(name, device="meta")
+    base = dict(height=128, width=160, steps=3, seed=1)
+    requests = [SampleRequest(**base, cfg=3.0, sampler=s) for s in ("default", "euler", "dpmpp_2m")]
+    requests.append(SampleRequest(**base, denoise=0.5, inputs={"latent": torch.zeros(1, m.adapter.latent_channels,
+                                                                                      16, 20)}))
+    requests.append(SampleRequest(**base, inputs={"sigmas": torch.tensor([1.0, 0.6, 0.3, 0.0])}))
+    for req in requests:
+        out = sample(m.adapter, req, tiny=True)
+        assert out.device.type == "meta" and out.shape == (1, m.adapter.latent_channels, 16, 20)

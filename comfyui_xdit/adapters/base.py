@@ -77,6 +77,11 @@ class FamilyAdapter:
         # every block of the model as loaded (PipeFusion later keeps only a stage's blocks on each rank)
         self.block_count = sum(len(getattr(model, name)) for name in self.sp_plan().blocks)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are: every tensor of a job lives there."""
+        return next(self.model.parameters()).device
+
     # --- latent convention (ComfyUI LATENT <-> model space) ---
     def to_model_space(self, latent: torch.Tensor) -> torch.Tensor:
         return (latent - self.vae_shift) * self.vae_scale
@@ -112,12 +117,12 @@ class FamilyAdapter:
             fail(f"expected mask of shape {list(c.cond.shape[:2])}, got {list(c.mask.shape)}")
 
     def expand(self, c: Conditioning, batch: int) -> Conditioning:
-        """Broadcast a batch-1 conditioning to the batch and cast it to the model dtype."""
+        """Broadcast a batch-1 conditioning to the batch and move it to the model's device and dtype."""
         def fit(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
             if t is None:
                 return None
             t = t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 and batch > 1 else t
-            return t.to(dtype) if dtype is not None else t
+            return t.to(device=self.device, dtype=dtype if dtype is not None else t.dtype)
 
         return Conditioning(fit(c.cond, self.dtype), fit(c.pooled, self.dtype), fit(c.mask, None), c.guidance)
 

@@ -52,7 +52,7 @@ class FluxAdapter(FamilyAdapter):
         if self.has_guidance:
             guidance = torch.full((b,), 3.5 if c.guidance is None else c.guidance, dtype=torch.float32,
                                   device=x.device)
-        timestep = t.expand(b).to(dtype)
+        timestep = t.expand(b).to(device=x.device, dtype=dtype)
         out = self.model(
             hidden_states=pack(x).to(dtype),
             timestep=timestep / 1000,

@@ -30,7 +30,7 @@ class PixArtAdapter(FamilyAdapter):
             x.to(self.dtype),
             encoder_hidden_states=c.cond,
             encoder_attention_mask=c.mask,
-            timestep=t.expand(x.shape[0]),
+            timestep=t.expand(x.shape[0]).to(x.device),
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
             return_dict=False,
         )[0]

@@ -34,7 +34,7 @@ class SD3Adapter(FamilyAdapter):
     def predict(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
         return self.model(
             hidden_states=x.to(self.dtype),
-            timestep=t.expand(x.shape[0]),
+            timestep=t.expand(x.shape[0]).to(x.device),
             encoder_hidden_states=c.cond,
             pooled_projections=c.pooled,
             return_dict=False,
