@@ -33,7 +33,7 @@ def cases(device: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def results(request, tmp_path_factory):
+def results(tmp_path_factory):
     cache = {}
 
     def get(device: str) -> dict:
