@@ -47,14 +47,13 @@ def request(loaded: LoadedModel, size: int, steps: int, cfg: float, cache: Cache
 
 
 def timed(loaded: LoadedModel, req: SampleRequest, device: str) -> tuple[torch.Tensor, float, list[int]]:
-    reused: list[int] = []
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    out = run_job(loaded, req, callback=lambda info: reused.append(info.step - 1) if info.reused else None)
+    result = run_job(loaded, req)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return out, time.perf_counter() - start, reused
+    return result.latents, time.perf_counter() - start, result.reused_steps
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,10 +29,6 @@ import torch
 from .errors import XDiTError
 
 
-# Steps (0-based) the last job on this process reused, for reports and tests.
-last_reused_steps: list[int] = []
-
-
 @dataclass
 class CacheSettings:
     threshold: float = 0.0          # reuse when the first blocks' residual changed less than this (relative)
@@ -210,7 +206,6 @@ class BlockCache:
         finally:
             for block in self.blocks:
                 del block.forward  # back to the class's forward
-            last_reused_steps[:] = self.reused
 
     def _make_forward(self, j: int, original: Callable) -> Callable:
         last = len(self.blocks) - 1

@@ -29,9 +29,15 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--pool", default=None, help="run on a worker pool started with `serve` at this address (the "
                    "degrees' product must be the pool's rank count, or 1)")
-    p.add_argument("--secret", default=None, help="the pool's shared secret (or env XDIT_POOL_SECRET)")
+    add_secret_args(p, "the pool's shared secret")
     add_parallel_args(p)
     add_cache_args(p)
+
+
+def add_secret_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--secret-file", default=None, help=f"{what}, from the first line of this file (or env "
+                   "XDIT_POOL_SECRET)")
+    p.add_argument("--secret", default=None, help="the same, on the command line (visible in the process list)")
 
 
 def add_cache_args(p: argparse.ArgumentParser) -> None:
@@ -201,22 +207,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate_on_pool(args: argparse.Namespace, config) -> int:
     """The same job on a running worker pool (`serve`): the path the ComfyUI nodes take."""
-    import os
 
     from safetensors.torch import save_file
 
     from comfyui_xdit_runtime import PoolClient  # lazy: the engine never needs ZeroMQ
-    from comfyui_xdit_runtime.errors import PoolError, PoolTimeout
+    from comfyui_xdit_runtime.errors import PoolDied, PoolError, PoolTimeout
 
     settings = cache_settings(args)
     fields = {"height": args.height, "width": args.width, "steps": args.steps, "seed": args.seed,
               "batch_size": args.batch_size, "cfg": args.cfg, "guidance": args.guidance, "sampler": args.sampler,
               "denoise": args.denoise, "cache": None if settings is None else settings.to_dict()}
-    client = PoolClient(args.pool, args.secret or os.environ.get("XDIT_POOL_SECRET"))
+    client = PoolClient(args.pool, _pool_secret(args))
     try:
         try:  # a short request first: a wrong secret gets no reply at all (the pool drops unsigned messages)
             client.status(timeout=POOL_PROBE_S)
-        except PoolTimeout:
+        except (PoolTimeout, PoolDied):
             raise XDiTError(f"no answer from a pool at {args.pool} within {POOL_PROBE_S:g}s: is `serve` running "
                             "there, and is the secret the pool's?") from None
         t0 = time.perf_counter()
@@ -261,26 +266,22 @@ def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) 
     if config.pipefusion > 1:
         _report_stage_memory(loaded, config, rank)
 
-    reused = []
-
     def on_step(info) -> None:
-        if info.reused:
-            reused.append(info.step)
         print(f"step {info.step}/{info.total} {info.seconds * 1000:.1f} ms" + (" (reused)" if info.reused else ""),
               flush=True)
 
     t1 = time.perf_counter()
-    latents = run_job(loaded, req, config, callback=on_step)
+    result = run_job(loaded, req, config, callback=on_step)
+    latents = result.latents
     if args.report_comm and config.world_size > 1:
-        from .parallel.runner import last_comm_report
-
-        for i, sent in enumerate(last_comm_report):
+        for i, sent in enumerate(result.comm):
             print(f"rank {rank} step {i + 1} bytes sent: " + ", ".join(f"{k} {v}" for k, v in sorted(sent.items())),
                   flush=True)
     if rank == 0:
         print(f"sampled {tuple(latents.shape)} in {time.perf_counter() - t1:.2f}s -> {args.out}", flush=True)
         if req.cache is not None:
-            print(f"cache: reused {len(reused)} of {args.steps} steps {reused}", flush=True)
+            steps = [s + 1 for s in result.reused_steps]
+            print(f"cache: reused {len(steps)} of {args.steps} steps {steps}", flush=True)
         save_file({"latents": latents.float().cpu().contiguous()}, args.out)
     return 0
 
@@ -292,23 +293,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(nproc=2, steps=args.steps, size=args.size)
 
 
+def _pool_secret(args: argparse.Namespace) -> bytes | None:
+    """The shared secret: --secret-file, else --secret (visible to every local user in the process list), else
+    XDIT_POOL_SECRET."""
+    from comfyui_xdit_runtime.errors import PoolError
+    from comfyui_xdit_runtime.security import read_secret
+
+    if args.secret:
+        print("warning: --secret is visible in the process list; prefer --secret-file or XDIT_POOL_SECRET",
+              file=sys.stderr)
+    try:
+        return read_secret(args.secret, args.secret_file)
+    except PoolError as e:
+        raise XDiTError(str(e)) from None
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends `serve` as Ctrl-C does: the pool is shut down, its processes with it."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run a worker pool in the foreground until it exits or Ctrl-C (then shut it down)."""
+    """Run a worker pool in the foreground, restarting it when a rank dies, until SIGINT/SIGTERM (then shut it down)."""
     import os
 
     from comfyui_xdit_runtime import Pool  # lazy: the engine never needs ZeroMQ
+    from comfyui_xdit_runtime.errors import PoolError
+    from comfyui_xdit_runtime.security import ADMIN_ENV
 
-    pool = Pool(args.nproc, args.address, args.secret or os.environ.get("XDIT_POOL_SECRET"), device=args.device, backend=args.backend,
-                log_path=args.log, max_message_bytes=args.max_message_bytes)
-    pool.start()
-    print(f"pool of {args.nproc} ranks ready at {pool.address} (log: {pool.log_path}); Ctrl-C stops it", flush=True)
+    _stop_on_sigterm()
+    pool = Pool(args.nproc, args.address, _pool_secret(args), device=args.device, backend=args.backend,
+                log_path=args.log, max_message_bytes=args.max_message_bytes, die_with_parent=True,
+                admin_secret=os.environ.get(ADMIN_ENV))
+
+    def restarted(message: str, log_tail: str) -> None:
+        print(f"{message}; log tail:\n{log_tail}", file=sys.stderr, flush=True)
+
     try:
-        code = pool.wait()
-        print(f"pool exited with code {code}; log tail:\n{pool.log_tail(20)}", file=sys.stderr)
+        try:
+            pool.start()
+        except PoolError as e:
+            raise XDiTError(str(e)) from None
+        print(f"pool of {args.nproc} ranks ready at {pool.address} (log: {pool.log_path}); Ctrl-C or SIGTERM stops "
+              "it", flush=True)
+        code = pool.supervise(on_restart=restarted)
+        if code:
+            print(f"the pool could not be restarted (code {code}); log tail:\n{pool.log_tail(20)}", file=sys.stderr)
         return 1 if code else 0
     except KeyboardInterrupt:
-        pool.stop()
         return 0
+    finally:
+        pool.stop()
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -316,7 +356,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="where rank 0 listens: tcp://HOST:PORT or ipc://PATH (default tcp://127.0.0.1:<free>); "
                         "a non-loopback address needs --secret")
-    p.add_argument("--secret", default=None, help="shared secret (or env XDIT_POOL_SECRET): every message is HMAC-SHA256 signed")
+    add_secret_args(p, "shared secret: every message is HMAC-SHA256 signed and replays are refused")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl on cuda, else gloo")
     p.add_argument("--log", default=None, help="pool log file (default: a temporary file)")

@@ -11,3 +11,7 @@ class WeightsError(XDiTError):
 
 class ConfigError(XDiTError):
     """Invalid parallel or sampling configuration."""
+
+
+class Cancelled(Exception):
+    """The job was cancelled; raised on every rank at the same step boundary."""

@@ -63,9 +63,14 @@ def load_transformer(source: str, family: str | None = None, dtype: torch.dtype 
     """
     want_family, want_variant = _parse_family(family)
     path = Path(str(source)).expanduser()
-    if not path.exists():
-        raise WeightsError(f"model path not found: {source}")
-    if path.is_dir():
+    shown = source if len(source) <= 200 else source[:200] + "..."
+    try:
+        found, is_dir = path.exists(), path.is_dir()
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise WeightsError(f"model path not usable: {shown} ({e.strerror})") from None
+    if not found:
+        raise WeightsError(f"model path not found: {shown}")
+    if is_dir:
         fam, variant, model = _load_folder(path, want_family, dtype)
     else:
         fam, variant, model = _load_single_file(path, want_family, want_variant, dtype, config_overrides)

@@ -1,28 +1,35 @@
 """Client of a worker pool: one DEALER socket per calling thread, request ids, timeouts.
 
 Replies are matched to requests by id, so a thread may issue a request (e.g. `cancel`) from inside another
-request's progress callback. With a supervisor (a launcher.Pool), every request first makes sure the pool runs,
-and waits notice at once when the pool's processes die."""
+request's progress callback. A waiting client pings the pool every PING_INTERVAL_S: a pool silent for
+LIVENESS_TIMEOUT_S is gone (PoolDied), and the pings tell the pool the client is still there (it cancels the jobs
+of clients that stop). With a supervisor (a launcher.Pool), every request first makes sure the pool runs, and
+waits notice at once when the pool's processes die."""
 from __future__ import annotations
 
 import collections
 import logging
+import math
+import secrets
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+import msgspec
 import torch
 import zmq
 
-from . import protocol
+from . import messages, protocol
+from .messages import PING_INTERVAL_S
 from .errors import JobCancelled, PoolDied, PoolError, PoolTimeout, raise_for_error
 from .protocol import AuthError, Message, ProtocolError
 from .security import as_secret
 
 log = logging.getLogger("comfyui_xdit_runtime.client")
 POLL_SLICE_MS = 100
+LIVENESS_TIMEOUT_S = 6.0  # a pool that sends nothing for this long (pings unanswered) is gone
 
 
 class Supervisor(Protocol):
@@ -45,16 +52,24 @@ class _ThreadState:
     def __init__(self, sock: zmq.Socket, generation: int):
         self.sock = sock
         self.generation = generation
+        self.sent = self.heard = time.monotonic()  # last message sent to / received from the pool
+        self.boot: str | None = None  # the pool instance that answers the request waited for
         self.active: set[str] = set()
         self.mailbox: dict[str, collections.deque[Message]] = {}
 
 
 class PoolClient:
     def __init__(self, address: str, secret: str | bytes | None = None, *, timeout: float = 30.0,
-                 max_bytes: int = protocol.DEFAULT_MAX_BYTES, supervisor: Supervisor | None = None):
+                 max_bytes: int = protocol.DEFAULT_MAX_BYTES, supervisor: Supervisor | None = None,
+                 admin_secret: str | bytes | None = None, liveness_timeout: float = LIVENESS_TIMEOUT_S):
+        """`admin_secret`: the pool's admin secret, to cancel other clients' jobs and to shut the pool down."""
         self.address = address
         self.timeout = timeout  # default for short requests (status, load, cancel...); sample waits unbounded
+        self.liveness_timeout = liveness_timeout
+        self.session = secrets.token_hex(16)  # this client's jobs are its own: only it may cancel them
         self._secret = as_secret(secret)
+        admin = as_secret(admin_secret)
+        self._admin = None if admin is None else admin.decode("utf-8", "surrogateescape")
         self._max_bytes = max_bytes
         self._supervisor = supervisor
         self._ctx = zmq.Context.instance()
@@ -71,9 +86,9 @@ class PoolClient:
     def load(self, source: str, family: str | None = None, dtype: str = "fp32",
              timeout: float | None = None) -> dict[str, Any]:
         """Load (or find cached) a model on every rank. Returns {"key", "cached", "seconds", ...}."""
-        msg = self._request({"type": "load_model", "source": source, "family": family, "dtype": dtype},
+        msg = self._request(self._build(messages.LoadModel, source=source, family=family, dtype=dtype),
                             timeout=timeout if timeout is not None else max(self.timeout, 600.0))
-        info = {k: v for k, v in msg.header.items() if k not in ("v", "type", "id", "tensors")}
+        info = dict(msg.header.data)
         with self._lock:
             self._loads[info["key"]] = (source, family, dtype)
         return info
@@ -85,7 +100,7 @@ class PoolClient:
     def unload(self, key: str) -> bool:
         with self._lock:
             self._loads.pop(key, None)
-        return bool(self._request({"type": "unload", "key": key}).header.get("unloaded"))
+        return bool(self._request(self._build(messages.Unload, key=key)).header.data.get("unloaded"))
 
     def sample(self, key: str, request_fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None,
                parallel: dict[str, int] | None = None, on_progress: Callable[[Progress], None] | None = None,
@@ -104,17 +119,14 @@ class PoolClient:
                          debug: dict | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """`sample`, also returning the result's fields: seconds (on rank 0), progress_seconds (spent sending
         progress)."""
-        header = {"type": "sample", "key": key, "request": request_fields, "parallel": parallel or {},
-                  "preview": preview}
-        if debug:
-            header["debug"] = debug
+        fields = dict(key=key, request=request_fields, parallel=parallel or {}, preview=preview, debug=debug or None)
         rid = request_id or self.new_request_id()
 
         def on_message(msg: Message) -> None:
             if on_progress is None:
                 return
             h = msg.header
-            info = Progress(rid, h["step"], h["total"], h["step_seconds"], h["elapsed"], msg.tensors.get("preview"))
+            info = Progress(rid, h.step, h.total, h.step_seconds, h.elapsed, msg.tensors.get("preview"))
             try:
                 on_progress(info)
             except BaseException:
@@ -126,10 +138,9 @@ class PoolClient:
 
         for attempt in range(2):
             try:
-                msg = self._request({**header, "id": rid}, tensors, timeout=timeout, on_message=on_message,
-                                    allow_unbounded=True)
-                info = {k: v for k, v in msg.header.items() if k not in ("v", "type", "id", "tensors")}
-                return msg.tensors["latents"], info
+                msg = self._request(self._build(messages.Sample, id=rid, **fields), tensors, timeout=timeout,
+                                    on_message=on_message, allow_unbounded=True)
+                return msg.tensors["latents"], dict(msg.header.data)
             except PoolError as e:
                 with self._lock:
                     args = self._loads.get(key)
@@ -141,18 +152,20 @@ class PoolClient:
         raise AssertionError("unreachable")
 
     def cancel(self, request_id: str, timeout: float | None = None) -> str:
-        """Cancel a queued or running job. Returns "running", "queued" or "unknown"."""
-        return self._request({"type": "cancel", "target": request_id}, timeout=timeout, ensure=False
-                             ).header["state"]
+        """Cancel a queued or running job of this client (any client's, with the admin secret). Returns "running",
+        "queued" or "unknown"; another client's job raises PoolError (kind "forbidden")."""
+        return self._request(self._build(messages.Cancel, target=request_id, admin=self._admin), timeout=timeout,
+                             ensure=False).header.data["state"]
 
     def status(self, refresh: bool = False, timeout: float | None = None) -> dict[str, Any]:
         """Health, loaded models, queue length, per-rank pid and memory. `refresh` asks every rank anew
         (queued behind running jobs); otherwise figures are from the last job or heartbeat."""
-        return self._request({"type": "status", "refresh": refresh}, timeout=timeout).header["status"]
+        return self._request(self._build(messages.Status, refresh=refresh), timeout=timeout).header.data["status"]
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Stop the pool: running job cancelled, queued jobs answered with an error, every rank exits."""
-        self._request({"type": "shutdown"}, timeout=timeout, ensure=False)
+        """Stop the pool: running job cancelled, queued jobs answered with an error, every rank exits. A pool with
+        an admin secret takes this only from a client that has it."""
+        self._request(self._build(messages.Shutdown, admin=self._admin), timeout=timeout, ensure=False)
 
     def close(self) -> None:
         with self._lock:
@@ -181,56 +194,119 @@ class PoolClient:
         self._local.state = _ThreadState(sock, generation)
         return self._local.state
 
-    def _request(self, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None,
+    def _build(self, cls: type, **fields: Any) -> msgspec.Struct:
+        """A request of this client, checked against the pool's schema before it is sent."""
+        fields.setdefault("id", self.new_request_id())
+        bad = _non_finite(fields)
+        if bad:
+            raise PoolError(f"bad {messages.message_type(cls)} request: {bad} must be a finite number", "config")
+        try:
+            return msgspec.convert({**fields, "client": self.session}, cls)
+        except msgspec.ValidationError as e:
+            raise PoolError(f"bad {messages.message_type(cls)} request: {e}", "config") from None
+
+    def _send(self, state: _ThreadState, header: msgspec.Struct, tensors: dict[str, torch.Tensor] | None = None):
+        header = msgspec.structs.replace(header, ts=time.time(), nonce=secrets.token_hex(16))  # signed once only
+        state.sock.send_multipart(protocol.encode(header, tensors, self._secret), copy=False)
+        state.sent = time.monotonic()
+
+    def _request(self, header: msgspec.Struct, tensors: dict[str, torch.Tensor] | None = None,
                  timeout: float | None = None, on_message: Callable[[Message], None] | None = None,
                  ensure: bool = True, allow_unbounded: bool = False) -> Message:
         if timeout is None and not allow_unbounded:
             timeout = self.timeout
         state = self._state(ensure)
-        rid = header.setdefault("id", self.new_request_id())
+        rid, what = header.id, messages.message_type(type(header))
         state.active.add(rid)
         state.mailbox[rid] = collections.deque()
+        done = False
         try:
-            state.sock.send_multipart(protocol.encode(header, tensors, self._secret), copy=False)
+            self._send(state, header, tensors)
+            if len(state.active) == 1:  # the pool's silence counts from the first request waited for
+                state.heard, state.boot = state.sent, None
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
-                msg = self._next(state, rid, deadline, header["type"])
+                msg = self._next(state, rid, deadline, what)
                 if msg.type == "progress" and on_message is not None:
                     on_message(msg)
                 elif msg.type == "error":
+                    done = True
                     raise_for_error(msg.header)
                 elif msg.type == "result":
+                    done = True
                     return msg
         finally:
             state.active.discard(rid)
             state.mailbox.pop(rid, None)
+            if not done and isinstance(header, messages.QUEUED):
+                self._abandon(state, rid)
+
+    def _abandon(self, state: _ThreadState, rid: str) -> None:
+        """Gave up waiting (timeout, pool gone, interrupted): cancel the job, without waiting for the answer."""
+        try:
+            self._send(state, self._build(messages.Cancel, target=rid, admin=self._admin))
+        except (zmq.ZMQError, PoolError):
+            pass
+
+    def _check_instance(self, state: _ThreadState, msg: Message, what: str) -> None:
+        """A pool restarted at the same address answers pings too, but has never heard of the job waited for."""
+        h = msg.header
+        boot = h.boot if msg.type == "accepted" else (
+            h.data.get("boot") if msg.type == "result" and str(msg.id).startswith("ping-") else None)
+        if not boot:
+            return
+        if state.boot is None:
+            state.boot = boot
+        elif boot != state.boot:
+            raise PoolDied(f"the pool at {self.address} restarted during {what}: the request was lost", "died")
 
     def _next(self, state: _ThreadState, rid: str, deadline: float | None, what: str) -> Message:
-        """The next reply for `rid`, stashing replies that belong to other requests of this thread."""
+        """The next reply for `rid`, stashing replies that belong to other requests of this thread; pings the pool
+        while nothing comes."""
         while True:
             box = state.mailbox.get(rid)
             if box:
                 return box.popleft()
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
                 raise PoolTimeout(f"no reply to {what} from the pool at {self.address} within the timeout",
                                   "timeout")
+            if now - state.heard > self.liveness_timeout:
+                raise PoolDied(f"the pool at {self.address} stopped answering during {what} (nothing for "
+                               f"{now - state.heard:.0f} s): it died or is unreachable", "died")
+            if now - state.sent >= PING_INTERVAL_S:
+                self._send(state, self._build(messages.Ping, id="ping-" + self.new_request_id()))
             if not state.sock.poll(POLL_SLICE_MS):
                 if self._supervisor is not None and not self._supervisor.is_alive():
                     raise PoolDied(f"the pool stopped during {what}: {self._supervisor.failure_text()}", "died")
                 continue
             frames = state.sock.recv_multipart(copy=False)
             try:
-                msg = protocol.decode(frames, self._secret, max(self._max_bytes, 1 << 40), protocol.REPLY_TYPES)
+                msg = protocol.decode_reply(frames, self._secret)
             except AuthError as e:
                 log.warning("dropped a reply that failed authentication: %s", e)
                 continue
             except ProtocolError as e:
                 log.warning("dropped an unreadable reply: %s", e)
                 continue
+            state.heard = time.monotonic()
+            self._check_instance(state, msg, what)
             if msg.id in state.active:
                 state.mailbox[msg.id].append(msg)
             elif msg.id is None and msg.type == "error":
-                raise PoolError(f"the pool rejected {what}: {msg.header.get('message')}", msg.header.get("kind"))
+                raise PoolError(f"the pool rejected {what}: {msg.header.message}", msg.header.kind)
+
+
+def _non_finite(value: Any, path: str = "") -> str | None:
+    """The path of the first NaN or infinite number in nested fields, if any."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path.lstrip(".") or "value"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{path}.{k}" if isinstance(k, str) else f"{path}[{k}]")
+        if found:
+            return found
+    return None
 
 
 __all__ = ["PoolClient", "Progress", "PoolError", "PoolDied", "PoolTimeout", "JobCancelled"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 
 from .launcher import Pool
 

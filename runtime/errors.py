@@ -29,11 +29,9 @@ class PoolStartError(PoolError):
     """The pool did not come up; the message holds the tail of its log."""
 
 
-def raise_for_error(header: dict) -> None:
-    """Turn an error reply header into the matching exception."""
-    kind = header.get("kind", "error")
-    rank = header.get("rank")
-    message = header.get("message", "unknown error")
+def raise_for_error(header) -> None:
+    """Turn an error reply (messages.Error) into the matching exception."""
+    kind, rank, message = header.kind, header.rank, header.message or "unknown error"
     if rank is not None:
         message = f"{message} (rank {rank})"
     cls = JobCancelled if kind == "cancelled" else PoolError

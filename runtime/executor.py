@@ -6,25 +6,25 @@ import gc
 import os
 import time
 import traceback
-from typing import Any, Callable
+from typing import Callable
 
+import msgspec
 import torch
 import torch.distributed as dist
 
 from comfyui_xdit.cache import CacheSettings
-from comfyui_xdit.engine import Cancelled, run_job
-from comfyui_xdit.errors import XDiTError
+from comfyui_xdit.engine import run_job
+from comfyui_xdit.errors import Cancelled, XDiTError
 from comfyui_xdit.models import LoadedModel, load_model
 from comfyui_xdit.parallel import ParallelConfig
 from comfyui_xdit.sampling import SampleRequest, StepInfo
 
 from .fanout import Fanout
+from .messages import LoadOp, Op, Outcome, PingOp, SampleFields, SampleOp, ShutdownOp, UnloadOp
 
 # progress(step, total, step_seconds, preview or None); runs on rank 0 only
 ProgressHook = Callable[[int, int, float, "torch.Tensor | None"], None]
 
-REQUEST_FIELDS: dict[str, type] = {"height": int, "width": int, "steps": int, "seed": int, "batch_size": int,
-                                   "cfg": float, "guidance": float, "sampler": str, "denoise": float, "cache": dict}
 PREVIEW_SIDE = 32  # longest side of a preview latent
 
 
@@ -40,33 +40,13 @@ def model_key(source: str, family: str | None, dtype: str) -> str:
     return f"{source}|{family or 'auto'}|{dtype}"
 
 
-def build_request(fields: Any, inputs: dict[str, torch.Tensor]) -> SampleRequest:
-    """SampleRequest from the JSON fields; same checks, same errors on every rank."""
-    if not isinstance(fields, dict):
-        raise XDiTError("'request' must be an object")
-    unknown = set(fields) - set(REQUEST_FIELDS)
-    if unknown:
-        raise XDiTError(f"unknown request fields {sorted(unknown)}")
-    missing = {"height", "width", "steps"} - set(fields)
-    if missing:
-        raise XDiTError(f"request is missing {sorted(missing)}")
-    kwargs = {}
-    for name, value in fields.items():
-        kind = REQUEST_FIELDS[name]
-        if value is None and name in ("guidance", "cache"):
-            kwargs[name] = None
-            continue
-        if kind is dict:  # the step cache's settings
-            kwargs[name] = CacheSettings.from_dict(value)
-            continue
-        ok = isinstance(value, str) if kind is str else (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or value == int(value)))
-        if not ok:
-            raise XDiTError(f"request field {name} must be {kind.__name__}, got {value!r}")
-        kwargs[name] = kind(value)
-    if not (1 <= kwargs["steps"] <= 10000 and 0 < kwargs["height"] <= 16384 and 0 < kwargs["width"] <= 16384
-            and 1 <= kwargs.get("batch_size", 1) <= 4096):
-        raise XDiTError("steps, size or batch size out of range")
+def build_request(fields: SampleFields, inputs: dict[str, torch.Tensor]) -> SampleRequest:
+    """The engine's SampleRequest from a checked sample message (types and ranges are the schema's)."""
+    cache = None
+    if fields.cache is not None:
+        cache = CacheSettings(**msgspec.structs.asdict(fields.cache))
+    kwargs = msgspec.structs.asdict(fields)
+    kwargs["cache"] = cache
     return SampleRequest(**kwargs, inputs=inputs)
 
 
@@ -96,47 +76,45 @@ class Executor:
         self.model_info: dict[str, dict] = {}
         self.test_hooks = test_hooks
 
-    def run(self, op: dict[str, Any], tensors: dict[str, torch.Tensor], progress: ProgressHook | None = None,
-            should_cancel: Callable[[], bool] | None = None) -> tuple[list[dict], torch.Tensor | None, dict]:
+    def run(self, op: Op, tensors: dict[str, torch.Tensor], progress: ProgressHook | None = None,
+            should_cancel: Callable[[], bool] | None = None) -> tuple[list[Outcome], torch.Tensor | None, dict]:
         """Execute, then exchange outcomes. Returns (outcome per rank, result on rank 0, reply fields)."""
-        result, extra, outcome = None, {}, {"ok": True}
+        result, extra, failure = None, {}, None
         try:
-            kind = op["op"]
-            if kind == "load":
+            if isinstance(op, LoadOp):
                 extra = self._load(op)
-            elif kind == "unload":
-                extra = {"unloaded": self._unload(op["key"])}
-            elif kind == "sample":
+            elif isinstance(op, UnloadOp):
+                extra = {"unloaded": self._unload(op.key)}
+            elif isinstance(op, SampleOp):
                 result, extra = self._sample(op, tensors, progress, should_cancel)
-            elif kind not in ("ping", "shutdown"):
-                raise XDiTError(f"unknown operation {kind!r}")
+            elif not isinstance(op, (PingOp, ShutdownOp)):
+                raise XDiTError(f"unknown operation {type(op).__name__}")
         except Cancelled as e:
-            outcome = {"ok": False, "kind": "cancelled", "message": str(e) or "cancelled"}
+            failure = ("cancelled", str(e) or "cancelled")
         except PeerFailed as e:
-            outcome = {"ok": False, "kind": "peer", "message": str(e)}
+            failure = ("peer", str(e))
         except UnknownModel as e:
-            outcome = {"ok": False, "kind": "unknown_model", "message": str(e)}
+            failure = ("unknown_model", str(e))
         except XDiTError as e:
-            outcome = {"ok": False, "kind": "invalid", "message": str(e)}
+            failure = ("invalid", str(e))
         except Exception as e:  # noqa: BLE001 - reported to the client with the rank's own text
             traceback.print_exc()
-            outcome = {"ok": False, "kind": "internal", "message": f"{type(e).__name__}: {e}"}
-        outcome.update(rank=self.rank, pid=os.getpid(), **memory_stats(self.device))
-        outcomes = self.fanout.gather(outcome)
-        if op.get("op") == "load" and not all(o["ok"] for o in outcomes):
-            self._unload(op["key"])  # loaded on some ranks only: forget it everywhere
+            failure = ("internal", f"{type(e).__name__}: {e}")
+        kind, message = failure or ("", "")
+        outcomes = self.fanout.gather(Outcome(ok=failure is None, kind=kind, message=message, rank=self.rank,
+                                              pid=os.getpid(), **memory_stats(self.device)))
+        if isinstance(op, LoadOp) and not all(o.ok for o in outcomes):
+            self._unload(op.key)  # loaded on some ranks only: forget it everywhere
         return outcomes, result, extra
 
-    def _load(self, op: dict) -> dict:
-        key = op["key"]
-        if key in self.models:
-            return {"key": key, "cached": True, "seconds": 0.0}
+    def _load(self, op: LoadOp) -> dict:
+        if op.key in self.models:
+            return {"key": op.key, "cached": True, "seconds": 0.0, "family": self.models[op.key].family}
         t0 = time.perf_counter()
-        loaded = load_model(op["source"], op.get("family"), op.get("dtype", "fp32"), str(self.device))
-        self.models[key] = loaded
-        self.model_info[key] = {"key": key, "source": op["source"], "family": loaded.family,
-                                "dtype": op.get("dtype", "fp32")}
-        return {"key": key, "cached": False, "seconds": round(time.perf_counter() - t0, 3),
+        loaded = load_model(op.source, op.family, op.dtype, str(self.device))
+        self.models[op.key] = loaded
+        self.model_info[op.key] = {"key": op.key, "source": op.source, "family": loaded.family, "dtype": op.dtype}
+        return {"key": op.key, "cached": False, "seconds": round(time.perf_counter() - t0, 3),
                 "family": loaded.family}
 
     def _unload(self, key: str) -> bool:
@@ -148,44 +126,33 @@ class Executor:
                 torch.cuda.empty_cache()
         return found
 
-    def _sample(self, op: dict, tensors: dict, progress: ProgressHook | None,
+    def _sample(self, op: SampleOp, tensors: dict, progress: ProgressHook | None,
                 should_cancel: Callable[[], bool] | None) -> tuple[torch.Tensor, dict]:
-        loaded = self.models.get(op.get("key"))
+        loaded = self.models.get(op.key)
         if loaded is None:
-            raise UnknownModel(f"model {op.get('key')!r} is not loaded on the pool")
-        req = build_request(op.get("request"), {k: v.to(self.device) for k, v in tensors.items()})
-        parallel = op.get("parallel") or {}
-        if not isinstance(parallel, dict):
-            raise XDiTError("'parallel' must be an object")
-        try:
-            config = ParallelConfig.from_dict(parallel)
-        except (TypeError, ValueError) as e:
-            raise XDiTError(f"bad parallel settings: {e}") from None
+            shown = op.key if len(op.key) <= 200 else op.key[:200] + "..."
+            raise UnknownModel(f"model {shown!r} is not loaded on the pool")
+        req = build_request(op.request, {k: v.to(self.device) for k, v in tensors.items()})
+        config = ParallelConfig(**msgspec.structs.asdict(op.parallel))
         config.validate()
-        want_preview = bool(op.get("preview"))
         timing = {"progress_seconds": 0.0}
         is_rank0 = self.rank == 0
         start = time.perf_counter()
 
-        reused: list[int] = []
-
         def report(info: StepInfo) -> None:
-            if info.reused:
-                reused.append(info.step - 1)
             if not is_rank0 or progress is None:
                 return
             t = time.perf_counter()
-            preview = _preview(loaded, info.latents) if want_preview else None
+            preview = _preview(loaded, info.latents) if op.preview else None
             progress(info.step, info.total, info.seconds, preview)
             timing["progress_seconds"] += time.perf_counter() - t
 
         if config.world_size == self.world:
-            out = run_job(loaded, req, config, callback=report if is_rank0 else None,
-                          should_cancel=should_cancel if is_rank0 else None)
+            job = run_job(loaded, req, config, callback=report, should_cancel=should_cancel if is_rank0 else None)
         elif config.world_size == 1:
             # Degrees all 1 on a larger pool: every rank samples serially; cancels and faults agreed per step.
             fault_at = self._injected_fault(op)
-            out = run_job(loaded, req, ParallelConfig(),
+            job = run_job(loaded, req, ParallelConfig(),
                           callback=lambda info: self._serial_step(info, report, should_cancel, fault_at))
         else:
             raise XDiTError(f"the parallel degrees multiply to {config.world_size} but the pool has "
@@ -193,8 +160,8 @@ class Executor:
         timing["seconds"] = time.perf_counter() - start
         extra = {k: round(v, 6) for k, v in timing.items()}
         if req.cache is not None:
-            extra["reused_steps"] = reused  # 0-based steps the cache reused
-        return out.float().cpu() if is_rank0 else out, extra
+            extra["reused_steps"] = job.reused_steps  # 0-based steps the cache reused
+        return job.latents.float().cpu() if is_rank0 else job.latents, extra
 
     def _serial_step(self, info: StepInfo, report: Callable, should_cancel, fault_at: int | None) -> None:
         report(info)
@@ -210,12 +177,12 @@ class Executor:
         if flags[0] > 0:
             raise Cancelled(f"cancelled after step {info.step}")
 
-    def _injected_fault(self, op: dict) -> int | None:
+    def _injected_fault(self, op: SampleOp) -> int | None:
         """Test hook (workers started with XDIT_RUNTIME_TEST_HOOKS=1): fail on one rank at one step."""
-        hook = op.get("debug")
-        if not self.test_hooks or not isinstance(hook, dict) or hook.get("raise_on_rank") != self.rank:
+        hook = op.debug
+        if not self.test_hooks or hook is None or hook.raise_on_rank != self.rank:
             return None
-        return int(hook.get("at_step", 1))
+        return hook.at_step
 
 
 def _preview(loaded: LoadedModel, latents: torch.Tensor) -> torch.Tensor:

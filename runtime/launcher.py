@@ -1,7 +1,9 @@
 """Start, watch, restart and stop a worker pool: one torchrun process group in its own session."""
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -14,7 +16,9 @@ from pathlib import Path
 from .client import PoolClient
 from .errors import PoolError, PoolStartError
 from .protocol import DEFAULT_MAX_BYTES
-from .security import SECRET_ENV, as_secret, check_bind_address
+from .security import ADMIN_ENV, SECRET_ENV, as_secret, check_bind_address
+
+log = logging.getLogger("comfyui_xdit_runtime.launcher")
 
 SCRUBBED_ENV = ("PYTORCH_CUDA_ALLOC_CONF",)  # ComfyUI's allocator settings must not leak into the workers
 PR_SET_PDEATHSIG = 1
@@ -61,13 +65,19 @@ class Pool:
                  device: str = "cpu", backend: str | None = None, log_path: str | os.PathLike | None = None,
                  startup_timeout: float = 300.0, pg_timeout: float = 120.0, heartbeat: float = 2.0,
                  max_message_bytes: int = DEFAULT_MAX_BYTES, env: dict[str, str] | None = None,
-                 torchrun_args: list[str] | None = None, die_with_parent: bool = False):
+                 torchrun_args: list[str] | None = None, die_with_parent: bool = False,
+                 admin_secret: str | bytes | None = None, client_timeout: float | None = None):
         """`die_with_parent`: stop the pool when this process dies (Linux; the signal comes when the thread that
-        started it ends, so start it from a long-lived thread)."""
+        started it ends, so start it from a long-lived thread). `admin_secret` (default: a random one this object
+        keeps): what cancelling other clients' jobs and shutting the pool down take. `client_timeout`: seconds
+        after which a silent client's jobs are cancelled (default: the server's)."""
         self.nproc, self.device, self.backend = nproc, device, backend
         self.die_with_parent = die_with_parent
         self._address = address
         self.secret = as_secret(secret)
+        self.admin_secret = as_secret(admin_secret) or secrets.token_hex(16).encode()
+        self._stop_requested = threading.Event()
+        self.client_timeout = client_timeout
         self.startup_timeout, self.pg_timeout, self.heartbeat = startup_timeout, pg_timeout, heartbeat
         self.max_message_bytes = max_message_bytes
         self.extra_env = dict(env or {})
@@ -81,9 +91,13 @@ class Pool:
         self._control: PoolClient | None = None
 
     @classmethod
-    def attach(cls, address: str, secret: str | bytes | None = None, timeout: float = 30.0) -> "Pool":
-        pool = cls(address=address, secret=secret, startup_timeout=timeout)
+    def attach(cls, address: str, secret: str | bytes | None = None, timeout: float = 30.0,
+               admin_secret: str | bytes | None = None) -> "Pool":
+        """A pool started elsewhere; `admin_secret` (its XDIT_POOL_ADMIN_SECRET) lets `stop` shut it down."""
+        pool = cls(address=address, secret=secret, startup_timeout=timeout, admin_secret=admin_secret)
         pool._attached = True
+        if admin_secret is None:
+            pool.admin_secret = None
         return pool
 
     @property
@@ -122,6 +136,7 @@ class Pool:
             env.pop(SECRET_ENV, None)
             if self.secret:
                 env[SECRET_ENV] = self.secret.decode("utf-8", "surrogateescape")
+            env[ADMIN_ENV] = self.admin_secret.decode("utf-8", "surrogateescape")
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
                    "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--monitor-interval", "0.2",
                    *self.torchrun_args, "-m", "comfyui_xdit_runtime.worker", "--address", self.address,
@@ -129,6 +144,8 @@ class Pool:
                    "--max-message-bytes", str(self.max_message_bytes)]
             if self.backend:
                 cmd += ["--backend", self.backend]
+            if self.client_timeout is not None:
+                cmd += ["--client-timeout", str(self.client_timeout)]
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.log_path, "ab") as logf:
                 logf.write(f"\n=== starting pool: {' '.join(cmd)}\n".encode())
@@ -162,16 +179,24 @@ class Pool:
         finally:
             probe.close()
 
+    def _admin_client(self) -> PoolClient:
+        return PoolClient(self.address, self.secret, admin_secret=self.admin_secret)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the pool to shut down, then terminate whatever is left of the process group."""
+        self._stop_requested.set()
         with self._lock:
             if self._attached:
-                PoolClient(self.address, self.secret).shutdown(timeout=timeout)
+                client = self._admin_client()
+                try:
+                    client.shutdown(timeout=timeout)
+                finally:
+                    client.close()
                 return
             if self._proc is None:
                 return
             if self._proc.poll() is None:
-                client = PoolClient(self.address, self.secret)
+                client = self._admin_client()
                 try:
                     client.shutdown(timeout=min(timeout, 5.0))
                     self._proc.wait(timeout=timeout)
@@ -226,6 +251,41 @@ class Pool:
         """Block until the pool's process group exits; its exit code (None if never started or attached)."""
         proc = self._proc
         return None if proc is None else proc.wait()
+
+    def supervise(self, on_restart=None, max_failed_starts: int = 3) -> int:
+        """Keep a started pool serving at its address until `stop()` or a shutdown request: when its processes
+        fail (a rank crashed or was killed), log it and start them again; models are loaded again on demand.
+        Returns 0 after a stop, else the exit code once `max_failed_starts` restarts in a row failed."""
+        failed = 0
+        while True:
+            code = self.wait()
+            if self._stop_requested.is_set() or (code == 0 and not failed):  # stopped, or shut down by a client
+                return 0
+            message = f"the pool exited with code {code}; restarting it at {self.address}"
+            log.warning("%s", message)
+            self._append_log(f"=== {message}")
+            if on_restart is not None:
+                on_restart(message, self.log_tail(15))
+            try:
+                with self._lock:
+                    if self._stop_requested.is_set():
+                        return 0
+                    self._kill_group()
+                    self.start()
+                failed = 0
+            except PoolStartError as e:
+                failed += 1
+                log.error("restart %d failed: %s", failed, e)
+                if failed >= max_failed_starts:
+                    return code or 1
+                time.sleep(min(10.0, 2.0 ** failed))
+
+    def _append_log(self, line: str) -> None:
+        try:
+            with open(self.log_path, "ab") as f:
+                f.write(f"\n{line}\n".encode())
+        except OSError:
+            pass
 
     def failure_text(self) -> str:
         proc = self._proc

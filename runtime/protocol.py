@@ -1,27 +1,28 @@
 """Wire format between clients and rank 0.
 
 A message is a list of ZeroMQ frames:
-  frame 0      JSON header {"v": 1, "type": ..., "id": ..., "tensors": [{"name", "dtype", "shape"}, ...], ...}
+  frame 0      JSON header: one of the Structs of messages.py ({"v": 2, "type": ..., "id": ..., "tensors": [...]})
   frames 1..n  raw little-endian bytes of each tensor listed in the header, in order
   last frame   HMAC-SHA256 over all previous frames, only when a shared secret is configured
-No pickle: tensors are rebuilt from their declared dtype and shape.
+No pickle: tensors are rebuilt from their declared dtype and shape; the header is decoded into its Struct, which
+checks every field (unknown fields, wrong types, out-of-range numbers, NaN and over-long strings are refused).
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import math
 import struct
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import msgspec
 import torch
 
-VERSION = 1
-REQUEST_TYPES = ("load_model", "unload", "sample", "cancel", "status", "shutdown")
-REPLY_TYPES = ("accepted", "progress", "result", "error")
+from . import messages
+from .messages import VERSION, TensorSpec
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
@@ -30,8 +31,9 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 DEFAULT_MAX_BYTES = 1 << 30  # whole message; configurable per server and client
 MAX_HEADER_BYTES = 1 << 20
-MAX_TENSORS = 64
 MAC_BYTES = 32
+REQUEST_TYPES = messages.REQUEST_TYPES
+REPLY_TYPES = messages.REPLY_TYPES
 
 
 class ProtocolError(Exception):
@@ -43,21 +45,31 @@ class ProtocolError(Exception):
 
 
 class AuthError(ProtocolError):
-    """Missing or wrong HMAC: the message is dropped without a reply."""
+    """Missing or wrong HMAC, or a replayed message: dropped without a reply."""
 
 
 @dataclass
 class Message:
-    header: dict[str, Any]
+    header: msgspec.Struct
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def type(self) -> str:
-        return self.header["type"]
+        return type(self.header).__struct_config__.tag
 
     @property
     def id(self) -> str | None:
-        return self.header.get("id")
+        return self.header.id
+
+
+class _Envelope(msgspec.Struct):
+    """The fields read before the header's own type is known (for the error reply's id and a clear refusal)."""
+    v: Any = None
+    type: Any = None
+    id: Any = None
+
+
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
 
 
 def _mac(secret: bytes, frames: Sequence) -> bytes:
@@ -75,18 +87,18 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
-def encode(header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None,
+def encode(header: msgspec.Struct, tensors: dict[str, torch.Tensor] | None = None,
            secret: bytes | None = None) -> list:
     """Frames for one message; tensor frames are zero-copy views (keep them alive until sent)."""
     tensors = tensors or {}
-    header = {"v": VERSION, **header, "tensors": []}
-    frames: list = []
+    specs, frames = [], []
     for name, t in tensors.items():
         if t.dtype not in DTYPE_NAMES:
             raise ProtocolError(f"tensor {name!r} has unsupported dtype {t.dtype}")
-        header["tensors"].append({"name": name, "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)})
+        specs.append(TensorSpec(name, DTYPE_NAMES[t.dtype], list(t.shape)))
         frames.append(_tensor_bytes(t))
-    frames.insert(0, json.dumps(header, separators=(",", ":")).encode())
+    header = msgspec.structs.replace(header, tensors=specs)
+    frames.insert(0, messages.json_encoder.encode(header))
     if secret is not None:
         frames.append(_mac(secret, frames))
     return frames
@@ -96,7 +108,12 @@ def _frame_buffer(f) -> memoryview:
     return f.buffer if hasattr(f, "buffer") else memoryview(f)
 
 
+def _valid_id(value: Any) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= 128 else None
+
+
 def decode(frames: Sequence, secret: bytes | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+           decoder: msgspec.json.Decoder = messages.request_decoder,
            allowed_types: Sequence[str] = REQUEST_TYPES) -> Message:
     """Check and rebuild one message (frames: bytes or zmq.Frame). Raises ProtocolError/AuthError."""
     bufs = [_frame_buffer(f) for f in frames]
@@ -108,56 +125,52 @@ def decode(frames: Sequence, secret: bytes | None = None, max_bytes: int = DEFAU
         if not hmac.compare_digest(_mac(secret, bufs[:-1]), bytes(bufs[-1])):
             raise AuthError("HMAC mismatch")
         bufs = bufs[:-1]
-    total = sum(b.nbytes for b in bufs)
     if bufs[0].nbytes > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {bufs[0].nbytes} bytes exceeds {MAX_HEADER_BYTES}")
+    raw = bytes(bufs[0])
     try:
-        header = json.loads(bytes(bufs[0]))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError(f"header is not JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("header is not a JSON object")
-    rid = header.get("id")
-    rid = rid if isinstance(rid, str) and len(rid) <= 128 else None
+        env = _envelope_decoder.decode(raw)
+    except RecursionError:
+        raise ProtocolError("header nests too deeply") from None
+    except msgspec.ValidationError:  # (a DecodeError too: caught first)
+        raise ProtocolError("header is not a JSON object") from None
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"header is not valid JSON (NaN and Infinity are not JSON): {e}") from None
+    rid = _valid_id(env.id)
+    total = sum(b.nbytes for b in bufs)
     if total > max_bytes:
         raise ProtocolError(f"message of {total} bytes exceeds the limit of {max_bytes}", rid)
-    if header.get("v") != VERSION:
-        raise ProtocolError(f"unsupported protocol version {header.get('v')!r} (expected {VERSION})", rid)
-    if header.get("type") not in allowed_types:
-        raise ProtocolError(f"unknown message type {header.get('type')!r}", rid)
-    if rid is None and header.get("type") != "error":
-        raise ProtocolError("message id must be a string of at most 128 characters")
-    specs = header.get("tensors", [])
-    if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
-        raise ProtocolError(f"'tensors' must be a list of at most {MAX_TENSORS} entries", rid)
+    if env.v != VERSION:
+        raise ProtocolError(f"unsupported protocol version {str(env.v)[:20]!r} (expected {VERSION})", rid)
+    if env.type not in allowed_types:
+        raise ProtocolError(f"unknown message type {str(env.type)[:40]!r} (expected one of "
+                            f"{', '.join(allowed_types)})", rid)
+    if rid is None and env.type != "error":
+        raise ProtocolError("message id must be a string of 1 to 128 characters")
+    try:
+        header = decoder.decode(raw)
+    except RecursionError:
+        raise ProtocolError("header nests too deeply", rid) from None
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise ProtocolError(f"bad {env.type} message: {e}", rid) from None
+    specs = header.tensors
     if len(bufs) != 1 + len(specs):
         raise ProtocolError(f"header lists {len(specs)} tensors but {len(bufs) - 1} data frames came", rid)
     tensors = {}
     for spec, buf in zip(specs, bufs[1:]):
-        name, dtype, shape = _check_spec(spec, rid)
-        if name in tensors:
-            raise ProtocolError(f"tensor {name!r} appears twice", rid)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        expected = math.prod(shape) * itemsize
+        if spec.name in tensors:
+            raise ProtocolError(f"tensor {spec.name!r} appears twice", rid)
+        dtype = DTYPES[spec.dtype]
+        expected = math.prod(spec.shape) * torch.empty((), dtype=dtype).element_size()
         if buf.nbytes != expected:
-            raise ProtocolError(f"tensor {name!r}: {buf.nbytes} bytes for shape {shape} {spec['dtype']} "
+            raise ProtocolError(f"tensor {spec.name!r}: {buf.nbytes} bytes for shape {spec.shape} {spec.dtype} "
                                 f"(expected {expected})", rid)
-        tensors[name] = _rebuild(buf, dtype, shape)
+        tensors[spec.name] = _rebuild(buf, dtype, spec.shape)
     return Message(header, tensors)
 
 
-def _check_spec(spec: Any, rid: str | None) -> tuple[str, torch.dtype, list[int]]:
-    if not isinstance(spec, dict):
-        raise ProtocolError("tensor entry is not an object", rid)
-    name, dtype, shape = spec.get("name"), spec.get("dtype"), spec.get("shape")
-    if not isinstance(name, str) or not name or len(name) > 64:
-        raise ProtocolError(f"bad tensor name {name!r}", rid)
-    if dtype not in DTYPES:
-        raise ProtocolError(f"tensor {name!r}: dtype {dtype!r} not allowed (one of {', '.join(DTYPES)})", rid)
-    if (not isinstance(shape, list) or len(shape) > 8
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape)):
-        raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}", rid)
-    return name, DTYPES[dtype], shape
+def decode_reply(frames: Sequence, secret: bytes | None = None, max_bytes: int = 1 << 40) -> Message:
+    return decode(frames, secret, max_bytes, messages.reply_decoder, REPLY_TYPES)
 
 
 def _rebuild(buf: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
@@ -171,10 +184,15 @@ def _rebuild(buf: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Ten
     return out
 
 
-def reply(type_: str, request_id: str | None, **fields: Any) -> dict[str, Any]:
-    """A reply header."""
-    return {"type": type_, "id": request_id, **fields}
+MAX_ERROR_CHARS = 2000  # an error reply's message is cut to this many characters
 
 
-def error(request_id: str | None, kind: str, message: str, rank: int | None = None) -> dict[str, Any]:
-    return reply("error", request_id, kind=kind, message=message, rank=rank)
+def error(request_id: str | None, kind: str, message: str, rank: int | None = None) -> messages.Error:
+    text = str(message)
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + "..."
+    return messages.Error(id=_valid_id(request_id), kind=kind, message=text, rank=rank)
+
+
+def result(request_id: str, **data: Any) -> messages.Result:
+    return messages.Result(id=request_id, data=data)

@@ -2,15 +2,20 @@
 
 Two threads, one socket each:
   I/O thread   owns the ROUTER socket: checks every message, queues jobs (FIFO across clients), answers
-               status and cancel at once (also while a job runs), forwards replies the job thread hands it.
+               status, ping and cancel at once (also while a job runs), forwards replies the job thread hands it,
+               and cancels the running job of a client that stopped pinging (gone).
   main thread  takes jobs in order, broadcasts each to every rank, runs it through the Executor, replies
                through an inproc PAIR to the I/O thread. When idle it sends heartbeats, which keep the other
                ranks' waits under the process-group timeout and refresh their memory figures.
+Jobs belong to the client that sent them (its session token): only that client, or a holder of the pool's admin
+secret, may cancel them.
 """
 from __future__ import annotations
 
 import collections
+import hmac
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,29 +27,36 @@ import zmq
 from . import protocol
 from .executor import Executor, model_key
 from .fanout import Fanout
+from .messages import (CLIENT_TIMEOUT_S, Accepted, Cancel, LoadModel, LoadOp, Op, Outcome, Ping, PingOp, Progress, Sample, SampleOp,
+                       Shutdown, ShutdownOp, Status, Unload, UnloadOp)
 from .protocol import AuthError, ProtocolError
+from .security import ReplayGuard
 
 log = logging.getLogger("comfyui_xdit_runtime.server")
-QUEUED_TYPES = ("load_model", "unload", "sample")
 PROGRESS_POLL_S = 0.005  # while a job runs, the I/O thread sends queued progress at least this often
 
 
 @dataclass
 class Job:
     id: str
-    identity: bytes | None          # client to reply to (None: internal heartbeat)
+    identity: bytes | None          # socket to reply to (None: internal heartbeat)
+    owner: str                      # the client's session token (or its socket identity)
     kind: str                       # request type, or "ping" / "shutdown"
-    op: dict[str, Any]              # what every rank receives
+    op: Op                          # what every rank receives
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
 class Rank0Server:
     def __init__(self, executor: Executor, fanout: Fanout, address: str, secret: bytes | None = None,
-                 max_bytes: int = protocol.DEFAULT_MAX_BYTES, heartbeat_s: float = 2.0, info: dict | None = None):
+                 max_bytes: int = protocol.DEFAULT_MAX_BYTES, heartbeat_s: float = 2.0, info: dict | None = None,
+                 admin_secret: bytes | None = None, client_timeout_s: float = CLIENT_TIMEOUT_S):
         self.executor, self.fanout = executor, fanout
         self.address, self.secret, self.max_bytes, self.heartbeat_s = address, secret, max_bytes, heartbeat_s
+        self.admin_secret, self.client_timeout_s = admin_secret, client_timeout_s
         self.info = info or {}
+        self._replay = ReplayGuard() if secret else None
+        self.boot = secrets.token_hex(8)  # this pool instance, in accepted and ping replies
         self._cond = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._current: Job | None = None
@@ -53,14 +65,15 @@ class Rank0Server:
         self._models: list[dict] = []
         self._jobs_done = 0
         self._started = time.time()
+        self._seen: dict[str, float] = {}  # owner -> monotonic time of its last message
         self._io_stop = threading.Event()
         # Progress replies: appended by the job thread, encoded and sent by the I/O thread within PROGRESS_POLL_S,
         # so a step pays for a deque append rather than a thread hand-off.
-        self._progress: collections.deque[tuple[bytes, dict, dict | None]] = collections.deque()
+        self._progress: collections.deque[tuple[bytes, Any, dict | None]] = collections.deque()
         self._ctx = zmq.Context.instance()
 
     # ---------------------------------------------------------------- main thread
-    def serve(self, startup_outcomes: list[dict]) -> None:
+    def serve(self, startup_outcomes: list[Outcome]) -> None:
         self._ranks = self._rank_rows(startup_outcomes)
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 1000)
@@ -92,12 +105,21 @@ class Rank0Server:
 
     def _next_job(self) -> Job:
         with self._cond:
-            if not self._queue:
-                self._cond.wait(self.heartbeat_s)
-            if not self._queue:
-                return Job("heartbeat", None, "ping", {"op": "ping"})
-            self._current = self._queue.popleft()
-            return self._current
+            while True:
+                if not self._queue:
+                    self._cond.wait(self.heartbeat_s)
+                if not self._queue:
+                    return Job("heartbeat", None, "", "ping", PingOp())
+                job = self._queue.popleft()
+                if job.identity is not None and job.kind != "shutdown" and self._gone(job.owner):
+                    log.warning("dropped %s job %s: its client stopped answering", job.kind, job.id)
+                    continue
+                self._current = job
+                return job
+
+    def _gone(self, owner: str) -> bool:
+        seen = self._seen.get(owner)
+        return seen is None or time.monotonic() - seen > self.client_timeout_s
 
     def _execute(self, job: Job) -> bool:
         """Run one job on every rank and reply. False after a shutdown."""
@@ -105,9 +127,9 @@ class Rank0Server:
 
         def progress(step: int, total: int, step_seconds: float, preview: torch.Tensor | None) -> None:
             if job.identity is not None:
-                self._progress.append((job.identity, protocol.reply(
-                    "progress", job.id, step=step, total=total, step_seconds=round(step_seconds, 6),
-                    elapsed=round(time.perf_counter() - start, 6)), {"preview": preview} if preview is not None else None))
+                header = Progress(id=job.id, step=step, total=total, step_seconds=round(step_seconds, 6),
+                                  elapsed=round(time.perf_counter() - start, 6))
+                self._progress.append((job.identity, header, {"preview": preview} if preview is not None else None))
 
         self.fanout.send(job.op, job.tensors)
         outcomes, result, extra = self.executor.run(job.op, job.tensors, progress, job.cancel.is_set)
@@ -115,29 +137,29 @@ class Rank0Server:
             self._current = None
             self._ranks = self._rank_rows(outcomes)
             self._models = [dict(v) for v in self.executor.model_info.values()]
-            self._jobs_done += job.kind != "ping" or job.identity is not None
-        failed = [o for o in outcomes if not o["ok"]]
+            self._jobs_done += job.identity is not None
+        failed = [o for o in outcomes if not o.ok]
         if job.identity is None:
             pass
         elif failed:
             self._send(job, self._error_reply(job.id, failed))
         elif job.kind == "status":
-            self._send(job, protocol.reply("result", job.id, status=self.status()))
+            self._send(job, protocol.result(job.id, status=self.status()))
         elif job.kind == "sample":
-            self._send(job, protocol.reply("result", job.id, **extra), {"latents": result})
+            self._send(job, protocol.result(job.id, **extra), {"latents": result})
         else:
-            self._send(job, protocol.reply("result", job.id, **extra))
+            self._send(job, protocol.result(job.id, **extra))
         return job.kind != "shutdown"
 
     @staticmethod
-    def _error_reply(rid: str, failed: list[dict]) -> dict:
-        cancelled = [o for o in failed if o["kind"] == "cancelled"]
+    def _error_reply(rid: str, failed: list[Outcome]):
+        cancelled = [o for o in failed if o.kind == "cancelled"]
         if cancelled:
-            return protocol.error(rid, "cancelled", cancelled[0]["message"], None)
-        first = next((o for o in failed if o["kind"] != "peer"), failed[0])
-        return protocol.error(rid, first["kind"], first["message"], first["rank"])
+            return protocol.error(rid, "cancelled", cancelled[0].message, None)
+        first = next((o for o in failed if o.kind != "peer"), failed[0])
+        return protocol.error(rid, first.kind, first.message, first.rank)
 
-    def _send(self, job: Job, header: dict, tensors: dict | None = None) -> None:
+    def _send(self, job: Job, header, tensors: dict | None = None) -> None:
         if job.identity is not None:
             self._out.send_multipart([job.identity, *protocol.encode(header, tensors, self.secret)], copy=False)
 
@@ -150,10 +172,11 @@ class Rank0Server:
             self._send(job, protocol.error(job.id, kind, message))
 
     @staticmethod
-    def _rank_rows(outcomes: list[dict]) -> list[dict]:
+    def _rank_rows(outcomes: list[Outcome]) -> list[dict]:
         now = time.time()
         keep = ("rank", "pid", "host", "rss_bytes", "cuda_allocated_bytes", "cuda_reserved_bytes")
-        return [{**{k: o[k] for k in keep if k in o}, "updated": now} for o in outcomes]
+        return [{**{k: getattr(o, k) for k in keep if getattr(o, k) not in (None, "")}, "updated": now}
+                for o in outcomes]
 
     def status(self) -> dict[str, Any]:
         with self._cond:
@@ -185,6 +208,7 @@ class Rank0Server:
                             self._handle(frames[0].bytes, frames[1:])
                         except Exception:  # noqa: BLE001 - never let a client take the I/O thread down
                             log.exception("error while handling a message")
+                self._cancel_if_client_gone()
             self._flush_progress()
             while pair.poll(0):  # flush the last replies
                 router.send_multipart(pair.recv_multipart(copy=False), copy=False)
@@ -197,72 +221,96 @@ class Rank0Server:
             identity, header, tensors = self._progress.popleft()
             self._router.send_multipart([identity, *protocol.encode(header, tensors, self.secret)], copy=False)
 
-    def _reply_now(self, identity: bytes, header: dict, tensors: dict | None = None) -> None:
+    def _reply_now(self, identity: bytes, header, tensors: dict | None = None) -> None:
         self._router.send_multipart([identity, *protocol.encode(header, tensors, self.secret)], copy=False)
+
+    def _cancel_if_client_gone(self) -> None:
+        with self._cond:
+            job = self._current
+            if job is None or job.identity is None or job.kind == "shutdown" or job.cancel.is_set():
+                return
+            if not self._gone(job.owner):
+                return
+            job.cancel.set()
+        log.warning("cancelling %s job %s: its client stopped answering", job.kind, job.id)
 
     def _handle(self, identity: bytes, frames: list) -> None:
         try:
             msg = protocol.decode(frames, self.secret, self.max_bytes)
+            h = msg.header
+            if self._replay is not None:
+                self._replay.check(h.ts, h.nonce)
         except AuthError as e:
             log.warning("dropped a message that failed authentication: %s", e)
             return
         except ProtocolError as e:
-            log.warning("rejected a message: %s", e)
+            log.warning("rejected a message: %s", str(e)[:300])
             self._reply_now(identity, protocol.error(e.request_id, "protocol", str(e)))
             return
-        h, rid = msg.header, msg.id
+        owner = h.client or identity.hex()
+        rid = h.id
         with self._cond:
+            self._seen[owner] = time.monotonic()
             stopping = self._stopping
-        if stopping and msg.type != "status":
+        if isinstance(h, Ping):
+            self._reply_now(identity, protocol.result(rid, alive=True, boot=self.boot))
+        elif stopping and not isinstance(h, Status):
             self._reply_now(identity, protocol.error(rid, "shutdown", "the pool is shutting down"))
-        elif msg.type in QUEUED_TYPES:
-            try:
-                op = self._make_op(h, msg.tensors)
-            except ProtocolError as e:
-                self._reply_now(identity, protocol.error(rid, "protocol", str(e)))
+        elif isinstance(h, (LoadModel, Unload, Sample)):
+            kind = msg.type
+            if isinstance(h, Unload) and msg.tensors:
+                self._reply_now(identity, protocol.error(rid, "protocol", "unload takes no tensors"))
                 return
-            self._enqueue(Job(rid, identity, msg.type, op, msg.tensors))
-            self._reply_now(identity, protocol.reply("accepted", rid, position=self.status()["queue_length"]))
-        elif msg.type == "status":
-            if h.get("refresh"):
-                self._enqueue(Job(rid, identity, "status", {"op": "ping"}))
+            self._enqueue(Job(rid, identity, owner, kind, self._make_op(h), msg.tensors))
+            self._reply_now(identity, Accepted(id=rid, position=self.status()["queue_length"], boot=self.boot))
+        elif isinstance(h, Status):
+            if h.refresh:
+                self._enqueue(Job(rid, identity, owner, "status", PingOp()))
             else:
-                self._reply_now(identity, protocol.reply("result", rid, status=self.status()))
-        elif msg.type == "cancel":
-            self._reply_now(identity, protocol.reply("result", rid, state=self._cancel(h.get("target"))))
-        elif msg.type == "shutdown":
-            self._shutdown(Job(rid, identity, "shutdown", {"op": "shutdown"}))
+                self._reply_now(identity, protocol.result(rid, status=self.status()))
+        elif isinstance(h, Cancel):
+            state = self._cancel(h.target, owner, self._is_admin(h.admin))
+            if state == "forbidden":
+                self._reply_now(identity, protocol.error(rid, "forbidden",
+                                                         f"job {h.target} belongs to another client"))
+            else:
+                self._reply_now(identity, protocol.result(rid, state=state))
+        elif isinstance(h, Shutdown):
+            if self.admin_secret is not None and not self._is_admin(h.admin):
+                self._reply_now(identity, protocol.error(rid, "forbidden",
+                                                         "shutting this pool down needs its admin secret"))
+                return
+            self._shutdown(Job(rid, identity, owner, "shutdown", ShutdownOp()))
+
+    def _is_admin(self, token: str | None) -> bool:
+        return (self.admin_secret is not None and token is not None
+                and hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self.admin_secret))
 
     @staticmethod
-    def _make_op(h: dict, tensors: dict) -> dict:
-        t = h["type"]
-        if t == "load_model":
-            source, family, dtype = h.get("source"), h.get("family"), h.get("dtype", "fp32")
-            if not isinstance(source, str) or not isinstance(dtype, str) or not isinstance(family, (str, type(None))):
-                raise ProtocolError("load_model needs string 'source', 'dtype' and optional 'family'")
-            return {"op": "load", "key": model_key(source, family, dtype), "source": source, "family": family,
-                    "dtype": dtype}
-        if not isinstance(h.get("key"), str):
-            raise ProtocolError(f"{t} needs a string 'key'")
-        if t == "unload":
-            if tensors:
-                raise ProtocolError("unload takes no tensors")
-            return {"op": "unload", "key": h["key"]}
-        return {"op": "sample", "key": h["key"], "request": h.get("request"), "parallel": h.get("parallel"),
-                "preview": bool(h.get("preview")), "debug": h.get("debug")}
+    def _make_op(h: LoadModel | Unload | Sample) -> Op:
+        if isinstance(h, LoadModel):
+            return LoadOp(model_key(h.source, h.family, h.dtype), h.source, h.family, h.dtype)
+        if isinstance(h, Unload):
+            return UnloadOp(h.key)
+        return SampleOp(h.key, h.request, h.parallel, h.preview, h.debug)
 
     def _enqueue(self, job: Job) -> None:
         with self._cond:
             self._queue.append(job)
             self._cond.notify()
 
-    def _cancel(self, target: Any) -> str:
+    def _cancel(self, target: str, owner: str, admin: bool) -> str:
         with self._cond:
-            if self._current is not None and self._current.id == target and self._current.identity is not None:
-                self._current.cancel.set()
+            current = self._current
+            if current is not None and current.id == target and current.identity is not None:
+                if current.owner != owner and not admin:
+                    return "forbidden"
+                current.cancel.set()
                 return "running"
             for job in self._queue:
                 if job.id == target:
+                    if job.owner != owner and not admin:
+                        return "forbidden"
                     self._queue.remove(job)
                     break
             else:
@@ -282,3 +330,4 @@ class Rank0Server:
         for j in dropped:
             if j.identity is not None:
                 self._reply_now(j.identity, protocol.error(j.id, "shutdown", "the pool is shutting down"))
+

@@ -18,8 +18,9 @@ from comfyui_xdit.parallel.mesh import release_process_groups
 
 from .executor import Executor, memory_stats
 from .fanout import Fanout
+from .messages import CLIENT_TIMEOUT_S, Outcome, ShutdownOp
 from .protocol import DEFAULT_MAX_BYTES
-from .security import check_bind_address, secret_from_env
+from .security import ADMIN_ENV, as_secret, check_bind_address, secret_from_env
 
 log = logging.getLogger("comfyui_xdit_runtime.worker")
 
@@ -32,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pg-timeout", type=float, default=120.0, help="seconds a collective may wait for a peer")
     p.add_argument("--heartbeat", type=float, default=2.0, help="seconds between idle heartbeats")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_BYTES)
+    p.add_argument("--client-timeout", type=float, default=CLIENT_TIMEOUT_S,
+                   help="seconds after which the jobs of a client that stopped pinging are cancelled")
     return p.parse_args(argv)
 
 
@@ -51,20 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     rank = dist.get_rank()
     fanout = Fanout(device)
     executor = Executor(fanout, device, test_hooks=os.environ.get("XDIT_RUNTIME_TEST_HOOKS") == "1")
-    hello = fanout.gather({"ok": True, "rank": rank, "pid": os.getpid(), "host": socket.gethostname(),
-                           **memory_stats(device)})
+    hello = fanout.gather(Outcome(ok=True, rank=rank, pid=os.getpid(), host=socket.gethostname()[:200],
+                                  **memory_stats(device)))
     try:
         if rank == 0:
-            from .server import Rank0Server
+            from .server import Rank0Server  # zmq: rank 0 only
 
             info = {"backend": backend, "device": args.device, "address": args.address}
             Rank0Server(executor, fanout, args.address, secret, args.max_message_bytes, args.heartbeat,
-                        info).serve(hello)
+                        info, admin_secret=as_secret(os.environ.get(ADMIN_ENV)),
+                        client_timeout_s=args.client_timeout).serve(hello)
         else:
             while True:
                 op, tensors = fanout.receive()
                 executor.run(op, tensors)
-                if op.get("op") == "shutdown":
+                if isinstance(op, ShutdownOp):
                     break
     except Exception as e:  # noqa: BLE001 - the rank's own error text ends up in the pool log
         log.exception("rank %d stops: %s", rank, e)

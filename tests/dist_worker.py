@@ -19,7 +19,6 @@ from safetensors.torch import save_file  # noqa: E402
 from comfyui_xdit.engine import Cancelled, run_job  # noqa: E402
 from comfyui_xdit.errors import XDiTError  # noqa: E402
 from comfyui_xdit.parallel import ParallelConfig  # noqa: E402
-from comfyui_xdit.parallel import runner  # noqa: E402
 from comfyui_xdit.parallel.mesh import release_process_groups  # noqa: E402
 from tests.cases import build_request, get_model  # noqa: E402
 
@@ -39,9 +38,10 @@ def main() -> None:
         cancel_after = case.get("cancel_after")
         should_cancel = (lambda: len(steps_seen) >= cancel_after) if cancel_after else None
         try:
-            latents = run_job(loaded, req, config, callback=lambda info: steps_seen.append(info.step),
-                              should_cancel=should_cancel)
-            result = {"ok": True, "comm": runner.last_comm_report}
+            job = run_job(loaded, req, config, callback=lambda info: steps_seen.append(info.step),
+                          should_cancel=should_cancel)
+            latents = job.latents
+            result = {"ok": True, "comm": job.comm}
             if config.pipefusion > 1:
                 from comfyui_xdit.parallel.pipefusion import parameter_report
 
@@ -49,20 +49,18 @@ def main() -> None:
                 dist.all_gather_object(reports, parameter_report(loaded.adapter))
                 result["params"] = reports
         except XDiTError as e:
-            latents, result = None, {"ok": False, "error": str(e)}
+            job, latents, result = None, None, {"ok": False, "error": str(e)}
         except Cancelled as e:
-            latents, result = None, {"ok": False, "cancelled": str(e), "steps_seen": steps_seen}
+            job, latents, result = None, None, {"ok": False, "cancelled": str(e), "steps_seen": steps_seen}
         if rank == 0:
             if latents is not None:
                 save_file({"latents": latents.cpu().contiguous()}, os.path.join(out_dir, case["id"] + ".safetensors"))
             json.dump(result, open(os.path.join(out_dir, case["id"] + ".json"), "w"))
         if "cache" in case:  # the steps this rank reused
-            from comfyui_xdit.cache import last_reused_steps
-
-            json.dump(last_reused_steps if result["ok"] else None,
+            json.dump(job.reused_steps if job is not None else None,
                       open(os.path.join(out_dir, f"{case['id']}.rank{rank}.reused.json"), "w"))
         # per-rank comm reports (bytes sent by each rank)
-        json.dump(runner.last_comm_report if result["ok"] else [],
+        json.dump(job.comm if job is not None else [],
                   open(os.path.join(out_dir, f"{case['id']}.rank{rank}.comm.json"), "w"))
     release_process_groups()
 

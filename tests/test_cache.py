@@ -20,8 +20,9 @@ def _sample(model: str, cache: dict | None = None, **kw):
     if cache is not None:
         case["cache"] = cache
     reused = []
-    out = run_job(loaded, build_request(loaded, case), callback=lambda info: reused.append(info.reused))
-    return out, [i for i, r in enumerate(reused) if r]
+    result = run_job(loaded, build_request(loaded, case), callback=lambda info: reused.append(info.reused))
+    assert result.reused_steps == [i for i, r in enumerate(reused) if r]
+    return result.latents, result.reused_steps
 
 
 @pytest.mark.parametrize("model", FAMILIES)
@@ -59,7 +60,7 @@ def _hook_reference(model: str, mask: list[bool]):
 
     handles = [blocks[0].register_forward_hook(first_hook), blocks[-1].register_forward_hook(last_hook)]
     try:
-        return run_job(loaded, build_request(loaded, {**BASE, "model": model}), step_end=step_end)
+        return run_job(loaded, build_request(loaded, {**BASE, "model": model}), step_end=step_end).latents
     finally:
         for h in handles:
             h.remove()

@@ -10,15 +10,11 @@ import torch
 import torch.distributed as dist
 
 from ..cache import job_cache
-from ..errors import ConfigError
+from ..errors import Cancelled, ConfigError
 from ..sampling import PreparedJob, SampleRequest, StepCallback, prepare, run_loop
 from .config import ParallelConfig
 from .mesh import ParallelMesh, get_mesh
 from .sequence import sequence_parallel, shard_range, shard_sizes
-
-# Bytes sent per collective kind for each step of the last job on this rank (see Comm).
-last_comm_report: list[dict[str, int]] = []
-
 
 def check_model_fit(config: ParallelConfig, adapter, req: SampleRequest) -> None:
     """Checks that depend on the model and the request; identical on every rank, before any collective."""
@@ -46,10 +42,10 @@ def _local_job(job: PreparedJob, batch: slice) -> PreparedJob:
 
 
 def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback: StepCallback | None = None,
-                    should_cancel: Callable[[], bool] | None = None,
-                    step_end: Callable[[int], None] | None = None) -> torch.Tensor:
-    from ..engine import Cancelled
-
+                    should_cancel: Callable[[], bool] | None = None, step_end: Callable[[int], None] | None = None
+                    ) -> tuple[torch.Tensor, list[dict[str, int]]]:
+    """The job on every rank of the mesh: (latents in ComfyUI's convention, this rank's bytes sent per collective
+    kind for each step). `callback` gets every step on every rank."""
     adapter = loaded.adapter
     config.validate(dist.get_world_size())
     check_model_fit(config, adapter, req)
@@ -66,16 +62,15 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
     pm.comm.reset()
     if config.pipefusion > 1:
         x = _pipefusion(adapter, local, pm, callback, should_cancel, reports, step_end)
-        last_comm_report[:] = reports
         if config.dp > 1:
             x = pm.comm.all_gather(x, batch_sizes, pm.group("dp"), dim=0, kind="dp_gather")
-        return adapter.from_model_space(x)
+        return adapter.from_model_space(x), reports
 
     def on_step(info) -> None:
         reports.append(pm.comm.reset())
         if step_end is not None:
             step_end(info.step - 1)
-        if is_rank0 and callback is not None:
+        if callback is not None:
             callback(info)
         flag = torch.tensor([1.0 if (is_rank0 and should_cancel is not None and should_cancel()) else 0.0],
                             device=device)
@@ -87,15 +82,13 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
     cache = job_cache(adapter, local.cache, agree=pm.comm.all_reduce_sum, contributes=pm.rank("cfg") == 0)
     with sp, cache as block_cache:
         x = run_loop(local, predict, on_step, block_cache)
-    last_comm_report[:] = reports
     if config.dp > 1:
         x = pm.comm.all_gather(x, batch_sizes, pm.group("dp"), dim=0, kind="dp_gather")
-    return adapter.from_model_space(x)
+    return adapter.from_model_space(x), reports
 
 
 def _pipefusion(adapter, job: PreparedJob, pm: ParallelMesh, callback, should_cancel, reports, step_end
                 ) -> torch.Tensor:
-    from ..engine import Cancelled
     from ..sampling import StepInfo
     from .pipefusion import PipelineStopped, pipefusion_loop
 
@@ -112,7 +105,7 @@ def _pipefusion(adapter, job: PreparedJob, pm: ParallelMesh, callback, should_ca
         if step_end is not None:
             step_end(i)
         now = time.perf_counter()
-        if is_rank0 and callback is not None:
+        if callback is not None:
             callback(StepInfo(i + 1, total, now - clock[0], x, reused))
         clock[0] = now
 

@@ -1,0 +1,162 @@
+"""How the worker pool behaves under faults: `python benchmarks/pool_faults.py [--nproc 2]`.
+
+Each row injects one fault into a 2-rank CPU pool running tiny-flux and measures what a client sees, how long
+until it knows, and how long until the pool serves again. Prints a Markdown table (docs/pool.md).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import zmq
+
+from comfyui_xdit_runtime import Pool, PoolClient, PoolError
+from comfyui_xdit_runtime.launcher import _pid_alive
+
+REQ = {"height": 128, "width": 128, "steps": 3}
+LONG = {"height": 128, "width": 128, "steps": 10000}
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:110]}"
+
+
+def _until(fn, limit: float = 180.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        try:
+            if fn():
+                return time.monotonic() - start
+        except PoolError:
+            pass
+        time.sleep(0.1)
+    return float("nan")
+
+
+def killed_rank(pool: Pool, rank: int) -> tuple[str, float, float]:
+    client = pool.client()
+    key = client.load_model("tiny-flux")
+    pids = pool.rank_pids
+    t = [0.0]
+
+    def kill(p):
+        if p.step == 2:
+            t[0] = time.monotonic()
+            os.kill(pids[rank], signal.SIGKILL)
+
+    try:
+        client.sample(key, LONG, on_progress=kill)
+        seen = "no error"
+    except PoolError as e:
+        seen = _first_line(e)
+    detect = time.monotonic() - t[0]
+    start = time.monotonic()
+    client.sample(key, REQ)  # restarts the pool and loads the model again
+    return seen, detect, time.monotonic() - start
+
+
+def serve_rank0_killed(tmp: str) -> tuple[str, float, float]:
+    address = f"ipc://{tmp}/serve.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "comfyui_xdit", "serve", "--nproc", "2", "--address", address,
+                             "--log", f"{tmp}/serve.log"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        proc.stdout.readline()
+        client = PoolClient(address)
+        key = client.load_model("tiny-flux")
+        pid0 = client.status()["ranks"][0]["pid"]
+        t = [0.0]
+
+        def kill(p):
+            if p.step == 2:
+                t[0] = time.monotonic()
+                os.kill(pid0, signal.SIGKILL)
+
+        try:
+            client.sample(key, LONG, on_progress=kill)
+            seen = "no error"
+        except PoolError as e:
+            seen = _first_line(e)
+        detect = time.monotonic() - t[0]
+        back = _until(lambda: client.status(timeout=1.0)["world_size"] == 2)
+        client.sample(key, REQ)
+        client.close()
+        return seen, detect, back
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def serve_sigterm(tmp: str) -> tuple[str, float, float]:
+    address = f"ipc://{tmp}/term.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "comfyui_xdit", "serve", "--nproc", "2", "--address", address,
+                             "--log", f"{tmp}/term.log"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc.stdout.readline()
+    client = PoolClient(address)
+    pids = [r["pid"] for r in client.status()["ranks"]]
+    client.close()
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+    gone = _until(lambda: not any(_pid_alive(p) for p in pids))
+    return f"serve exits {proc.returncode}; ranks gone", time.monotonic() - start, gone
+
+
+def vanished_client(pool: Pool) -> tuple[str, float, float]:
+    from comfyui_xdit_runtime import messages, protocol
+
+    client = pool.client()
+    key = client.load_model("tiny-flux")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(pool.address)
+    header = messages.Sample(id="vanish", key=key, request=messages.SampleFields(**LONG), client="v" * 32)
+    sock.send_multipart(protocol.encode(header))
+    sock.recv_multipart()  # accepted
+    sock.close(linger=0)
+    start = time.monotonic()
+    _until(lambda: client.status()["running"] == "vanish", 30)
+    _until(lambda: client.status()["running"] is None)
+    return "(nothing: the pool cancels its job)", time.monotonic() - start, 0.0
+
+
+def hostile(pool: Pool) -> tuple[str, float, float]:
+    client = pool.client()
+    try:
+        client.load_model("/" + "é" * 700)
+        seen = "no error"
+    except PoolError as e:
+        seen = _first_line(e)
+    start = time.monotonic()
+    client.status(refresh=True)
+    return seen, 0.0, time.monotonic() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--nproc", type=int, default=2)
+    args = p.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = Pool(args.nproc, log_path=f"{tmp}/pool.log")
+        pool.start()
+        try:
+            rows.append(("error text far over the outcome size (load `/é...`)", *hostile(pool)))
+            rows.append(("rank 1 killed mid-job (in-process pool)", *killed_rank(pool, 1)))
+            rows.append(("rank 0 killed mid-job (in-process pool)", *killed_rank(pool, 0)))
+            rows.append(("client vanishes mid-job (default timeout)", *vanished_client(pool)))
+        finally:
+            pool.stop()
+        rows.append(("rank 0 killed mid-job (`serve`, attached client)", *serve_rank0_killed(tmp)))
+        rows.append(("SIGTERM to `serve`", *serve_sigterm(tmp)))
+    print("| fault | what the client sees | time to detect (s) | back to serving (s) |")
+    print("|---|---|---|---|")
+    for name, seen, detect, back in rows:
+        print(f"| {name} | {seen} | {detect:.1f} | {back:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

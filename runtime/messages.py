@@ -1,0 +1,203 @@
+"""The pool's message schema: every request, reply and rank operation as a msgspec Struct.
+
+A header is decoded straight into its Struct, which checks types, ranges and lengths in one place; unknown fields
+are refused. Tensors travel as raw frames beside the header (protocol.py), listed in its `tensors`.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+VERSION = 2
+PING_INTERVAL_S = 1.0    # a client waiting for a reply pings at least this often ...
+CLIENT_TIMEOUT_S = 15.0  # ... and the pool cancels the jobs of a client silent for this long (gone)
+MAX_SEED = (1 << 63) - 2  # the engine draws from seed and seed + 1 (int64 generators; the node folds larger seeds)
+
+Id = Annotated[str, Meta(min_length=1, max_length=128)]
+Name = Annotated[str, Meta(min_length=1, max_length=64)]
+Token = Annotated[str, Meta(min_length=1, max_length=256)]
+Key = Annotated[str, Meta(min_length=1, max_length=8192)]
+Degree = Annotated[int, Meta(ge=1, le=4096)]
+DtypeName = Literal["float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"]
+
+
+class TensorSpec(Struct, forbid_unknown_fields=True):
+    name: Name
+    dtype: DtypeName
+    shape: Annotated[list[Annotated[int, Meta(ge=0, lt=1 << 40)]], Meta(max_length=8)]
+
+
+class _Message(Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    v: int = VERSION
+    id: Id
+    tensors: Annotated[list[TensorSpec], Meta(max_length=64)] = []
+
+
+class _Request(_Message, kw_only=True):
+    client: Token | None = None  # the sending client's session token: its jobs are its own
+    ts: float | None = None      # signing time and a one-time nonce (required when messages are signed)
+    nonce: Annotated[str, Meta(min_length=16, max_length=64)] | None = None
+
+
+# ------------------------------------------------------------------------------------------------ requests
+class LoadModel(_Request, tag="load_model"):
+    source: Annotated[str, Meta(min_length=1, max_length=4096)]
+    family: Name | None = None
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class Unload(_Request, tag="unload"):
+    key: Key
+
+
+class CacheFields(Struct, forbid_unknown_fields=True):
+    threshold: Annotated[float, Meta(ge=0)] = 0.0
+    warmup: Annotated[int, Meta(ge=0, le=100000)] = 1
+    max_consecutive: Annotated[int, Meta(ge=0, le=100000)] = 0
+    first_blocks: Annotated[int, Meta(ge=0, le=100000)] = 1
+    mask: Annotated[list[bool], Meta(max_length=100000)] | None = None
+
+
+class SampleFields(Struct, forbid_unknown_fields=True):
+    height: Annotated[int, Meta(ge=1, le=16384)]
+    width: Annotated[int, Meta(ge=1, le=16384)]
+    steps: Annotated[int, Meta(ge=1, le=10000)]
+    seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] = 0
+    batch_size: Annotated[int, Meta(ge=1, le=4096)] = 1
+    cfg: Annotated[float, Meta(ge=-1e4, le=1e4)] = 1.0
+    guidance: Annotated[float, Meta(ge=-1e4, le=1e4)] | None = None
+    sampler: Name = "default"
+    denoise: Annotated[float, Meta(gt=0, le=1)] = 1.0
+    cache: CacheFields | None = None
+
+
+class ParallelFields(Struct, forbid_unknown_fields=True):
+    dp: Degree = 1
+    cfg: Degree = 1
+    pipefusion: Degree = 1
+    ring: Degree = 1
+    ulysses: Degree = 1
+    num_patches: Degree = 1
+    warmup_steps: Annotated[int, Meta(ge=0, le=10000)] = 1
+
+
+class DebugFields(Struct, forbid_unknown_fields=True):
+    """Test hook, honoured only by workers started with XDIT_RUNTIME_TEST_HOOKS=1: fail on one rank at one step."""
+    raise_on_rank: Annotated[int, Meta(ge=0)]
+    at_step: Annotated[int, Meta(ge=1)] = 1
+
+
+class Sample(_Request, tag="sample"):
+    key: Key
+    request: SampleFields
+    parallel: ParallelFields = msgspec.field(default_factory=ParallelFields)
+    preview: bool = False
+    debug: DebugFields | None = None
+
+
+class Cancel(_Request, tag="cancel"):
+    target: Id
+    admin: Token | None = None  # the pool's admin secret: cancel any client's job
+
+
+class Status(_Request, tag="status"):
+    refresh: bool = False
+
+
+class Ping(_Request, tag="ping"):
+    """A waiting client's liveness probe: answered at once; it also tells the pool the client is still there."""
+
+
+class Shutdown(_Request, tag="shutdown"):
+    admin: Token | None = None
+
+
+Request = Union[LoadModel, Unload, Sample, Cancel, Status, Ping, Shutdown]
+QUEUED = (LoadModel, Unload, Sample)
+
+
+# ------------------------------------------------------------------------------------------------ replies
+class Accepted(_Message, tag="accepted"):
+    position: int
+    boot: str = ""  # the pool instance's random id: a client that later hears another one knows its job was lost
+
+
+class Progress(_Message, tag="progress"):
+    step: int
+    total: int
+    step_seconds: float
+    elapsed: float
+
+
+class Result(_Message, tag="result"):
+    data: dict[str, Any] = {}
+
+
+class Error(_Message, tag="error", kw_only=True):
+    id: Id | None = None
+    kind: str
+    message: str
+    rank: int | None = None
+
+
+Reply = Union[Accepted, Progress, Result, Error]
+
+
+# ------------------------------------------------------------------------------------------------ rank operations
+class LoadOp(Struct, tag="load", forbid_unknown_fields=True):
+    key: Key
+    source: str
+    family: str | None
+    dtype: str
+
+
+class UnloadOp(Struct, tag="unload", forbid_unknown_fields=True):
+    key: Key
+
+
+class SampleOp(Struct, tag="sample", forbid_unknown_fields=True):
+    key: Key
+    request: SampleFields
+    parallel: ParallelFields
+    preview: bool
+    debug: DebugFields | None = None
+
+
+class PingOp(Struct, tag="ping", forbid_unknown_fields=True):
+    pass
+
+
+class ShutdownOp(Struct, tag="shutdown", forbid_unknown_fields=True):
+    pass
+
+
+Op = Union[LoadOp, UnloadOp, SampleOp, PingOp, ShutdownOp]
+
+
+class Outcome(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """What one rank reports after an operation (or at start-up)."""
+    ok: bool
+    rank: int
+    pid: int
+    kind: str = ""
+    message: str = ""
+    host: str = ""
+    rss_bytes: int = 0
+    cuda_allocated_bytes: int | None = None
+    cuda_reserved_bytes: int | None = None
+
+
+def message_type(cls: type) -> str:
+    return cls.__struct_config__.tag
+
+
+REQUEST_TYPES = tuple(message_type(c) for c in Request.__args__)
+REPLY_TYPES = tuple(message_type(c) for c in Reply.__args__)
+request_decoder = msgspec.json.Decoder(Request)
+reply_decoder = msgspec.json.Decoder(Reply)
+json_encoder = msgspec.json.Encoder()
+op_decoder = msgspec.msgpack.Decoder(Op)
+outcome_decoder = msgspec.msgpack.Decoder(Outcome)
+msgpack_encoder = msgspec.msgpack.Encoder()
