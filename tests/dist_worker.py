@@ -32,15 +32,23 @@ def main() -> None:
     rank = dist.get_rank()
     for case in cases:
         print(f"rank {rank}: case {case['id']}", file=sys.stderr, flush=True)  # names the case if a rank dies
-        loaded = get_model(case, fresh=case["parallel"].get("pipefusion", 1) > 1)  # pipefusion shards it
+        # pipefusion shards the model; attention backends and processors stay set on it
+        fresh = case["parallel"].get("pipefusion", 1) > 1 or "attention_backend" in case or "processor" in case
+        loaded = get_model(case, fresh=fresh)
         req = build_request(loaded, case)
         config = ParallelConfig.from_dict(case["parallel"])
         steps_seen = []
         cancel_after = case.get("cancel_after")
         should_cancel = (lambda: len(steps_seen) >= cancel_after) if cancel_after else None
+        tensors = None  # other results than latents (the analyser's profile)
         try:
-            latents = run_job(loaded, req, config, callback=lambda info: steps_seen.append(info.step),
-                              should_cancel=should_cancel)
+            if "attention_backend" in case or "processor" in case or case.get("analyze"):
+                from tests.attn_cases import run_attention_case
+
+                latents, tensors = run_attention_case(loaded, req, config, case)
+            else:
+                latents = run_job(loaded, req, config, callback=lambda info: steps_seen.append(info.step),
+                                  should_cancel=should_cancel)
             result = {"ok": True, "comm": runner.last_comm_report}
             if config.pipefusion > 1:
                 from comfyui_xdit.parallel.pipefusion import parameter_report
@@ -54,8 +62,11 @@ def main() -> None:
             latents, result = None, {"ok": False, "cancelled": str(e), "steps_seen": steps_seen}
         if rank == 0:
             if latents is not None:
-                save_file({"latents": latents.cpu().contiguous()}, os.path.join(out_dir, case["id"] + ".safetensors"))
+                save_file({**(tensors or {}), "latents": latents.cpu().contiguous()},
+                          os.path.join(out_dir, case["id"] + ".safetensors"))
             json.dump(result, open(os.path.join(out_dir, case["id"] + ".json"), "w"))
+        if "processor" in case:  # this rank's error, if any
+            json.dump(result.get("error"), open(os.path.join(out_dir, f"{case['id']}.rank{rank}.error.json"), "w"))
         if "cache" in case:  # the steps this rank reused
             from comfyui_xdit.cache import last_reused_steps
 
