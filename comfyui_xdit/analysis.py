@@ -195,6 +195,9 @@ def _installed(adapter, layout: _Layout, recorder: _Recorder):
     from .parallel.sequence import wrap_attention
 
     plan = adapter.sp_plan()
+    # first, so that a refused processor leaves nothing installed; the same model everywhere: the same outcome
+    restore = wrap_attention([(m, j) for _, m, j, _ in layout.attention],
+                             lambda m, j: (lambda: F.scaled_dot_product_attention), root=adapter.model)
     handles = [adapter.model.register_forward_pre_hook(recorder.model_pre, with_kwargs=True)]
     for b, (_, block) in enumerate(layout.blocks):
         handles.append(block.register_forward_pre_hook(recorder.block_pre(b), with_kwargs=True))
@@ -203,8 +206,6 @@ def _installed(adapter, layout: _Layout, recorder: _Recorder):
     for row, (_, module, joint, b) in enumerate(layout.attention):
         module._xdit_tap = recorder.tap(row, text_row if joint else None, b, plan.text_first)
         text_row += 1 if joint else 0
-    restore = wrap_attention([(m, j) for _, m, j, _ in layout.attention],
-                             lambda m, j: (lambda: F.scaled_dot_product_attention))
     try:
         yield
     finally:

@@ -31,17 +31,26 @@ def main() -> None:
     rank = dist.get_rank()
     for case in cases:
         print(f"rank {rank}: case {case['id']}", file=sys.stderr, flush=True)  # names the case if a rank dies
-        loaded = get_model(case, fresh=case["parallel"].get("pipefusion", 1) > 1)  # pipefusion shards it
+        # pipefusion shards the model; attention backends and processors stay set on it
+        fresh = case["parallel"].get("pipefusion", 1) > 1 or "attention_backend" in case or "processor" in case
+        loaded = get_model(case, fresh=fresh)
         req = build_request(loaded, case)
         config = ParallelConfig.from_dict(case["parallel"])
         steps_seen = []
         cancel_after = case.get("cancel_after")
         should_cancel = (lambda: len(steps_seen) >= cancel_after) if cancel_after else None
+        tensors = None  # other results than latents (the analyser's profile)
         try:
-            job = run_job(loaded, req, config, callback=lambda info: steps_seen.append(info.step),
-                          should_cancel=should_cancel)
-            latents = job.latents
-            result = {"ok": True, "comm": job.comm}
+            job = None
+            if "attention_backend" in case or "processor" in case or case.get("analyze"):
+                from tests.attn_cases import run_attention_case
+
+                latents, tensors = run_attention_case(loaded, req, config, case)
+            else:
+                job = run_job(loaded, req, config, callback=lambda info: steps_seen.append(info.step),
+                              should_cancel=should_cancel)
+                latents = job.latents
+            result = {"ok": True, "comm": job.comm if job is not None else []}
             if config.pipefusion > 1:
                 from comfyui_xdit.parallel.pipefusion import parameter_report
 
@@ -54,8 +63,11 @@ def main() -> None:
             job, latents, result = None, None, {"ok": False, "cancelled": str(e), "steps_seen": steps_seen}
         if rank == 0:
             if latents is not None:
-                save_file({"latents": latents.cpu().contiguous()}, os.path.join(out_dir, case["id"] + ".safetensors"))
+                save_file({**(tensors or {}), "latents": latents.cpu().contiguous()},
+                          os.path.join(out_dir, case["id"] + ".safetensors"))
             json.dump(result, open(os.path.join(out_dir, case["id"] + ".json"), "w"))
+        if "processor" in case:  # this rank's error, if any
+            json.dump(result.get("error"), open(os.path.join(out_dir, f"{case['id']}.rank{rank}.error.json"), "w"))
         if "cache" in case:  # the steps this rank reused
             json.dump(job.reused_steps if job is not None else None,
                       open(os.path.join(out_dir, f"{case['id']}.rank{rank}.reused.json"), "w"))

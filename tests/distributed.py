@@ -19,11 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cases(world: int, cases: list[dict], out_dir: Path, timeout: float = 900) -> dict[str, dict]:
+def run_cases(world: int, cases: list[dict], out_dir: Path, timeout: float = 900,
+              env: dict[str, str] | None = None) -> dict[str, dict]:
+    """Run the cases on `world` ranks (extra environment variables `env`); per case id its result, with the
+    rank-0 latents and, in "tensors", every tensor the worker saved."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = out_dir / "cases.json"
     spec.write_text(json.dumps(cases))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     logs = out_dir / "logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
            f"--master-port={free_port()}", "--redirects=3", f"--log-dir={logs}",
@@ -37,9 +40,13 @@ def run_cases(world: int, cases: list[dict], out_dir: Path, timeout: float = 900
     for case in cases:
         info = json.loads((out_dir / f"{case['id']}.json").read_text())
         if info["ok"]:
-            info["latents"] = load_file(out_dir / f"{case['id']}.safetensors")["latents"]
+            info["tensors"] = load_file(out_dir / f"{case['id']}.safetensors")
+            info["latents"] = info["tensors"]["latents"]
         info["rank_comm"] = [json.loads((out_dir / f"{case['id']}.rank{r}.comm.json").read_text())
                              for r in range(world)]
+        if "processor" in case:
+            info["rank_errors"] = [json.loads((out_dir / f"{case['id']}.rank{r}.error.json").read_text())
+                                   for r in range(world)]
         if "cache" in case:
             info["rank_reused"] = [json.loads((out_dir / f"{case['id']}.rank{r}.reused.json").read_text())
                                    for r in range(world)]

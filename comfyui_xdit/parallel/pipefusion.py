@@ -208,6 +208,14 @@ class PipelineModel:
         plan = adapter.sp_plan()
         self.plan = plan
         self.sp, self.sp_rank = pm.config.sp, pm.rank("sp")
+        mine = {id(b) for b in stage.blocks}
+        owned = [(m, j) for m, j in plan.attention if any(m is sub for b in stage.blocks for sub in b.modules())]
+        assert mine  # a stage always has blocks
+        self.layers = {id(m): _BufferedAttention(pm, self.state, j, plan.text_first) for m, j in owned}
+        # wrapped (and checked, agreed by every rank of every stage) before any hook is installed
+        self.restore = wrap_attention(owned, lambda module, joint: (lambda layer=self.layers[id(module)]: layer),
+                                      root=adapter.model, where=f"pipefusion stage {stage.index} of {stage.count}",
+                                      collective=True)
         handles = [plan.image.register_forward_hook(self._image)]
         if plan.text is not None:
             handles.append(plan.text.register_forward_hook(self._text))
@@ -218,11 +226,6 @@ class PipelineModel:
         else:
             handles.append(stage.blocks[-1].register_forward_hook(self._end_stage))
         self.handles = handles
-        mine = {id(b) for b in stage.blocks}
-        owned = [(m, j) for m, j in plan.attention if any(m is sub for b in stage.blocks for sub in b.modules())]
-        assert mine  # a stage always has blocks
-        self.layers = {id(m): _BufferedAttention(pm, self.state, j, plan.text_first) for m, j in owned}
-        self.restore = wrap_attention(owned, lambda module, joint: (lambda layer=self.layers[id(module)]: layer))
 
     def close(self) -> None:
         for h in self.handles:

@@ -2,19 +2,24 @@
 
 Hooks split the embedders' outputs into this rank's token shard and gather the final projection's output, so
 the transformer's own forward runs on local tokens. Every self-attention processor is wrapped so that its SDPA
-call (direct, or through diffusers' attention dispatcher) runs USP attention instead: the processors themselves
-stay diffusers' own.
+call (direct, or through diffusers' attention dispatcher, held on its native SDPA path whatever backend diffusers
+is set to) runs USP attention instead: the processors themselves stay diffusers' own. A processor that computes
+attention without SDPA is refused (wrap_attention) rather than left to attend to its own shard.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..adapters import FamilyAdapter
+from ..attention_backend import diffusers_native_backend, diffusers_native_dispatch
+from ..errors import ConfigError
 from .attention import USPAttention
 
 
@@ -29,16 +34,18 @@ def shard_range(sizes: list[int], index: int) -> slice:
 
 
 class _SDPAOverride(TorchFunctionMode):
-    """Routes F.scaled_dot_product_attention calls made inside a processor to `attn`; `tap(q, k, v, out)`, when
-    given, sees every call's inputs and output (the redundancy analyser)."""
+    """Routes F.scaled_dot_product_attention calls made inside a processor to `attn` and counts them; `tap(q, k,
+    v, out)`, when given, sees every call's inputs and output (the redundancy analyser)."""
 
     def __init__(self, attn, tap=None):
         super().__init__()
         self.attn, self.tap = attn, tap
+        self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
+            self.calls += 1
             out = self.attn(*args, **kwargs)
             if self.tap is not None:
                 q, k, v = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(("query", "key", "value")))
@@ -47,41 +54,131 @@ class _SDPAOverride(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _not_rerouted(name: str, cls: type) -> str:
+    return (f"attention processor {cls.__name__} of {name} computed attention without "
+            "F.scaled_dot_product_attention, so parallel sampling cannot distribute it (each rank would attend "
+            "to its own tokens only): use a processor that calls F.scaled_dot_product_attention or diffusers' "
+            "dispatch_attention_fn")
+
+
+def _rerouted_call(processor, attn, args: tuple, kwargs: dict, replacement, tap):
+    """The base processor's __call__ with diffusers' dispatcher on native SDPA and every SDPA call routed to
+    `replacement`; a call that routed none computed its attention some other way and raises ConfigError."""
+    base = processor._xdit_base
+    override = _SDPAOverride(replacement, tap)
+    with diffusers_native_dispatch(), override:
+        out = base.__call__(processor, attn, *args, **kwargs)
+    if override.calls == 0:
+        raise ConfigError(_not_rerouted(processor._xdit_name, base))
+    return out
+
+
 _WRAPPED: dict[type, type] = {}
+# Read by diffusers' processors (dispatch_attention_fn(backend=self._attention_backend, parallel_config=...)):
+# the wrapped copy always asks for native SDPA and never for diffusers' own context parallelism.
+_NATIVE_BACKEND = property(lambda self: diffusers_native_backend(), lambda self, value: None)
+_NO_PARALLEL_CONFIG = property(lambda self: None, lambda self, value: None)
 
 
 def _wrapped_class(cls: type) -> type:
-    """A subclass of a processor class whose __call__ runs inside _SDPAOverride (signature kept: diffusers
-    inspects it to route keyword arguments). Wrapping a wrapped processor replaces its SDPA (one level only);
-    an `_xdit_tap` attribute on the attention module is passed to the override whoever wrapped it."""
+    """A subclass of a processor class whose __call__ runs inside _SDPAOverride with diffusers' dispatcher on
+    native SDPA (signature kept: diffusers inspects it to route keyword arguments). Wrapping a wrapped processor
+    replaces its SDPA (one level only); an `_xdit_tap` attribute on the attention module is passed to the
+    override whoever wrapped it."""
     cls = getattr(cls, "_xdit_base", cls)
     if cls not in _WRAPPED:
         def __call__(self, attn, *args, **kwargs):
-            with _SDPAOverride(self._xdit_attention(), getattr(attn, "_xdit_tap", None)):
-                return cls.__call__(self, attn, *args, **kwargs)
+            return _rerouted_call(self, attn, args, kwargs, self._xdit_attention(), getattr(attn, "_xdit_tap", None))
 
         functools.update_wrapper(__call__, cls.__call__)
-        _WRAPPED[cls] = type(f"SequenceParallel{cls.__name__}", (cls,), {"__call__": __call__, "_xdit_base": cls})
+        _WRAPPED[cls] = type(f"SequenceParallel{cls.__name__}", (cls,), {
+            "__call__": __call__, "_xdit_base": cls, "_attention_backend": _NATIVE_BACKEND,
+            "_parallel_config": _NO_PARALLEL_CONFIG})
     return _WRAPPED[cls]
 
 
-def wrap_attention(modules, make_attention):
+def _probe_inputs(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Two image tokens (and one text token where the module projects text or cross-attends) of zeros."""
+    p = next(module.parameters())
+
+    def zeros(n: int, dim: int) -> torch.Tensor:
+        return torch.zeros(1, n, dim, device=p.device, dtype=p.dtype)
+
+    kwargs = {"hidden_states": zeros(2, getattr(module, "query_dim", None) or module.to_q.in_features)}
+    if getattr(module, "added_kv_proj_dim", None) is not None:
+        kwargs["encoder_hidden_states"] = zeros(1, module.added_kv_proj_dim)
+    elif getattr(module, "is_cross_attention", False):
+        kwargs["encoder_hidden_states"] = zeros(1, module.cross_attention_dim)
+    return kwargs
+
+
+def _probe(module: torch.nn.Module, processor) -> str | None:
+    """Run a wrapped processor once on dummy tokens with plain local SDPA (no collectives, no tap): why it fails
+    the reroute check, or None."""
+    try:
+        with torch.no_grad():
+            _rerouted_call(processor, module, (), _probe_inputs(module), F.scaled_dot_product_attention, None)
+    except ConfigError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - a processor that cannot be checked cannot be trusted either
+        first = (str(e).splitlines() or [""])[0]
+        return (f"attention processor {processor._xdit_base.__name__} of {processor._xdit_name} could not be "
+                f"checked for parallel sampling: {type(e).__name__}: {first}")
+    return None
+
+
+def _agree(failures: list[str]) -> list[str]:
+    """Every rank's failures, on every rank of the default process group (one flag all-reduce when none)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return failures
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([1.0 if failures else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() == 0:
+        return []
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, failures)
+    return [f for rank_failures in every for f in rank_failures]
+
+
+def wrap_attention(modules, make_attention, root: torch.nn.Module | None = None, where: str = "",
+                   collective: bool = False) -> Callable[[], None]:
     """Wrap the processors of (module, joint) pairs: make_attention(module, joint) returns a zero-argument
-    callable giving the SDPA replacement for one call. Returns a function that restores the processors."""
-    originals = []
+    callable giving the SDPA replacement for one call. Returns a function that restores the processors.
+
+    Whatever attention backend diffusers is set to, a wrapped processor's dispatcher takes the native SDPA path,
+    which is rerouted; a processor call that reroutes no SDPA call raises ConfigError. Each wrapped processor is
+    first checked once here on dummy tokens (local SDPA), and a failure raises ConfigError before anything runs;
+    with `collective` (called on every rank of the default process group) the ranks agree on it first, so all of
+    them raise the same error, whichever stage holds the module. A processor that passes that check and later
+    reroutes nothing (its path depends on the input) raises in that call, on the ranks running it: under USP
+    all ranks of the group, under PipeFusion one stage only. `root` names the modules in messages, `where`
+    (e.g. a pipeline stage) is added to the name."""
+    names = {id(m): n for n, m in root.named_modules()} if root is not None else {}
+    where = f" ({where})" if where else ""
+    originals, failures = [], []
     for module, joint in modules:
         inner = module.processor
         cls = _wrapped_class(type(inner))
         wrapped = cls.__new__(cls)
         wrapped.__dict__.update(inner.__dict__)
         wrapped._xdit_attention = make_attention(module, joint)
+        wrapped._xdit_name = names.get(id(module), type(module).__name__) + where
         originals.append((module, inner))
         module.processor = wrapped
+        failure = _probe(module, wrapped)
+        if failure is not None:
+            failures.append(failure)
 
     def restore() -> None:
         for module, inner in originals:
             module.processor = inner
 
+    if collective:
+        failures = _agree(failures)
+    if failures:
+        restore()
+        raise ConfigError(failures[0])
     return restore
 
 
@@ -119,14 +216,15 @@ def sequence_parallel(adapter: FamilyAdapter, pm):
     def gather(module, args, out):
         return comm.all_gather(out, state.image, group, dim=1, kind="gather")
 
+    # wrapped (and checked, on every rank) before any hook is installed: a refused processor leaves nothing behind
+    restore = wrap_attention(plan.attention, lambda module, joint: (
+        lambda: USPAttention(pm, [i + t for i, t in zip(state.image, state.text)] if joint else list(state.image))),
+        root=adapter.model, collective=True)
     handles = [plan.image.register_forward_hook(split_image), plan.gather.register_forward_hook(gather)]
     if plan.text is not None:
         handles.append(plan.text.register_forward_hook(split_text))
     if plan.rope is not None:
         handles.append(plan.rope.register_forward_hook(split_rope))
-
-    restore = wrap_attention(plan.attention, lambda module, joint: (
-        lambda: USPAttention(pm, [i + t for i, t in zip(state.image, state.text)] if joint else list(state.image))))
     try:
         yield state
     finally:
