@@ -20,6 +20,7 @@ from comfyui_xdit_runtime.launcher import _pid_alive
 
 REQ = {"height": 128, "width": 128, "steps": 3}
 LONG = {"height": 128, "width": 128, "steps": 10000}
+FROZEN_PG_TIMEOUT = 30.0  # a frozen rank is found by the process group's timeout (default 120 s)
 
 
 def _first_line(e: BaseException) -> str:
@@ -38,7 +39,7 @@ def _until(fn, limit: float = 180.0) -> float:
     return float("nan")
 
 
-def killed_rank(pool: Pool, rank: int) -> tuple[str, float, float]:
+def killed_rank(pool: Pool, rank: int, sig: int = signal.SIGKILL) -> tuple[str, float, float]:
     client = pool.client()
     key = client.load_model("tiny-flux")
     pids = pool.rank_pids
@@ -47,7 +48,7 @@ def killed_rank(pool: Pool, rank: int) -> tuple[str, float, float]:
     def kill(p):
         if p.step == 2:
             t[0] = time.monotonic()
-            os.kill(pids[rank], signal.SIGKILL)
+            os.kill(pids[rank], sig)
 
     try:
         client.sample(key, LONG, on_progress=kill)
@@ -55,9 +56,8 @@ def killed_rank(pool: Pool, rank: int) -> tuple[str, float, float]:
     except PoolError as e:
         seen = _first_line(e)
     detect = time.monotonic() - t[0]
-    start = time.monotonic()
     client.sample(key, REQ)  # restarts the pool and loads the model again
-    return seen, detect, time.monotonic() - start
+    return seen, detect, time.monotonic() - t[0]
 
 
 def serve_rank0_killed(tmp: str) -> tuple[str, float, float]:
@@ -82,7 +82,8 @@ def serve_rank0_killed(tmp: str) -> tuple[str, float, float]:
         except PoolError as e:
             seen = _first_line(e)
         detect = time.monotonic() - t[0]
-        back = _until(lambda: client.status(timeout=1.0)["world_size"] == 2)
+        _until(lambda: client.status(timeout=1.0)["world_size"] == 2)
+        back = time.monotonic() - t[0]  # from the kill until the restarted pool answers
         client.sample(key, REQ)
         client.close()
         return seen, detect, back
@@ -103,7 +104,8 @@ def serve_sigterm(tmp: str) -> tuple[str, float, float]:
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
     gone = _until(lambda: not any(_pid_alive(p) for p in pids))
-    return f"serve exits {proc.returncode}; ranks gone", time.monotonic() - start, gone
+    return f"serve exits {proc.returncode}, every rank gone after {gone + (time.monotonic() - start):.1f} s", \
+        time.monotonic() - start, None
 
 
 def vanished_client(pool: Pool) -> tuple[str, float, float]:
@@ -120,7 +122,7 @@ def vanished_client(pool: Pool) -> tuple[str, float, float]:
     start = time.monotonic()
     _until(lambda: client.status()["running"] == "vanish", 30)
     _until(lambda: client.status()["running"] is None)
-    return "(nothing: the pool cancels its job)", time.monotonic() - start, 0.0
+    return "(nothing: the pool cancels its job)", time.monotonic() - start, None
 
 
 def hostile(pool: Pool) -> tuple[str, float, float]:
@@ -130,9 +132,8 @@ def hostile(pool: Pool) -> tuple[str, float, float]:
         seen = "no error"
     except PoolError as e:
         seen = _first_line(e)
-    start = time.monotonic()
-    client.status(refresh=True)
-    return seen, 0.0, time.monotonic() - start
+    client.status(refresh=True)  # every rank still there
+    return seen, None, None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,12 +151,20 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(("client vanishes mid-job (default timeout)", *vanished_client(pool)))
         finally:
             pool.stop()
+        frozen = Pool(args.nproc, log_path=f"{tmp}/frozen.log", pg_timeout=FROZEN_PG_TIMEOUT)
+        frozen.start()
+        try:
+            rows.append((f"rank 1 frozen (SIGSTOP) mid-job, `--pg-timeout {FROZEN_PG_TIMEOUT:g}`",
+                         *killed_rank(frozen, 1, signal.SIGSTOP)))
+        finally:
+            frozen.stop()
         rows.append(("rank 0 killed mid-job (`serve`, attached client)", *serve_rank0_killed(tmp)))
         rows.append(("SIGTERM to `serve`", *serve_sigterm(tmp)))
     print("| fault | what the client sees | time to detect (s) | back to serving (s) |")
     print("|---|---|---|---|")
     for name, seen, detect, back in rows:
-        print(f"| {name} | {seen} | {detect:.1f} | {back:.1f} |")
+        cells = ["-" if v is None else f"{v:.1f}" for v in (detect, back)]
+        print(f"| {name} | {seen} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":

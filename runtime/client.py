@@ -231,6 +231,8 @@ class PoolClient:
                     on_message(msg)
                 elif msg.type == "error":
                     done = True
+                    if msg.header.kind == "pool":
+                        self._await_exit()
                     raise_for_error(msg.header)
                 elif msg.type == "result":
                     done = True
@@ -240,6 +242,13 @@ class PoolClient:
             state.mailbox.pop(rid, None)
             if not done and isinstance(header, messages.QUEUED):
                 self._abandon(state, rid)
+
+    def _await_exit(self, limit: float = 30.0) -> None:
+        """The pool failed and is going down: with a supervisor, wait until it is gone, so the next request starts a
+        new pool instead of reaching the dying one."""
+        deadline = time.monotonic() + limit
+        while self._supervisor is not None and self._supervisor.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _abandon(self, state: _ThreadState, rid: str) -> None:
         """Gave up waiting (timeout, pool gone, interrupted): cancel the job, without waiting for the answer."""
