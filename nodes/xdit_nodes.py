@@ -5,7 +5,7 @@ import logging
 from typing import Any
 
 from . import checkpoints, convert
-from .families import SAMPLERS, SCHEDULERS, spec
+from .families import SAMPLERS, scheduler_names, spec
 from .pool import ATTENTION, DEVICES, MANAGER, ModelHandle, settings_from_inputs, validation_error
 
 log = logging.getLogger("comfyui_xdit.nodes")
@@ -143,7 +143,7 @@ class ParallelSampler:
                 "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
                 "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
                 "sampler_name": (list(SAMPLERS),),
-                "scheduler": (list(SCHEDULERS),),
+                "scheduler": (scheduler_names(),),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
             },
             "optional": {

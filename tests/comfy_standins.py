@@ -24,6 +24,11 @@ class Recorder:
         self.folders: dict[str, list[str]] = {}
 
 
+# comfy.samplers.SCHEDULER_NAMES of ComfyUI 0.3.64, in its order (a fact checked by test_comfyui_e2e.py)
+SCHEDULER_NAMES = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                   "linear_quadratic", "kl_optimal"]
+
+
 class InterruptProcessingException(Exception):
     pass
 
@@ -79,7 +84,7 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
 
     def calculate_sigmas(ms, scheduler, steps):
         rec.sigma_calls.append((ms, scheduler, steps))
-        if scheduler not in ("simple", "normal", "karras", "sgm_uniform", "beta"):
+        if scheduler not in SCHEDULER_NAMES:
             raise ValueError(f"error invalid scheduler {scheduler}")
         return torch.cat([torch.linspace(ms.sigma_max, max(ms.sigma_min, 1e-3), steps), torch.zeros(1)])
 
@@ -134,7 +139,9 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
         "comfy.supported_models": _module("comfy.supported_models", Flux=Flux, FluxSchnell=FluxSchnell, SD3=SD3,
                                           PixArtAlpha=PixArtAlpha, PixArtSigma=PixArtSigma),
         "comfy.latent_formats": _module("comfy.latent_formats", **formats),
-        "comfy.samplers": _module("comfy.samplers", calculate_sigmas=calculate_sigmas),
+        "comfy.samplers": _module("comfy.samplers", calculate_sigmas=calculate_sigmas,
+                                  SCHEDULER_NAMES=list(SCHEDULER_NAMES),
+                                  KSampler=type("KSampler", (), {"SCHEDULERS": list(SCHEDULER_NAMES)})),
         "comfy.sample": _module("comfy.sample", prepare_noise=prepare_noise,
                                 fix_empty_latent_channels=fix_empty_latent_channels),
         "comfy.utils": _module("comfy.utils", ProgressBar=ProgressBar),

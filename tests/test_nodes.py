@@ -68,7 +68,17 @@ def test_mappings_and_node_definitions(ext):
     assert sampler["positive"][0] == sampler["negative"][0] == "CONDITIONING"
     assert sampler["latent_image"][0] == "LATENT" and sampler["model"][0] == "XDIT_MODEL"
     assert {"euler", "dpmpp_2m"} <= set(sampler["sampler_name"][0])
-    assert set(sampler["scheduler"][0]) == {"simple", "normal", "karras", "sgm_uniform", "beta"}
+    assert sampler["scheduler"][0] == cs.SCHEDULER_NAMES  # every scheduler ComfyUI has, in its order
+    assert {"exponential", "ddim_uniform", "linear_quadratic", "kl_optimal"} <= set(sampler["scheduler"][0])
+
+
+def test_schedulers_are_comfyuis(ext):
+    """The stand-in's list is the recorded KSampler's (ComfyUI 0.3.64); without ComfyUI the nodes offer the same."""
+    core = json.loads((ROOT / "tests" / "data" / "comfyui_core_nodes.json").read_text())["nodes"]
+    assert cs.SCHEDULER_NAMES == core["KSampler"]["input"]["required"]["scheduler"][0]
+    assert list(ext.nodes.families.SCHEDULERS) == cs.SCHEDULER_NAMES
+    for name in cs.SCHEDULER_NAMES:  # each goes to ComfyUI's own calculate_sigmas
+        ext.nodes.convert.sigmas_for("pixart-sigma", "euler", name, 4, 1.0)
 
 
 def test_own_nodes_package_only_as_subpackage(ext):

@@ -189,7 +189,7 @@ def test_validator_catches_mistakes(defs):
     config = next(k for k, n in good.items() if n["class_type"] == "XDiTConfigureHybridParallel")
     breakages = [
         lambda g: g[sampler]["inputs"].pop("steps"),
-        lambda g: g[sampler]["inputs"].__setitem__("scheduler", "exponential"),
+        lambda g: g[sampler]["inputs"].__setitem__("scheduler", "exponential_typo"),
         lambda g: g[sampler]["inputs"].__setitem__("latent_image", [config, 0]),  # wrong type
         lambda g: g[sampler]["inputs"].__setitem__("denoise", 1.5),
         lambda g: g[config]["inputs"].__setitem__("cfg_degree", 2) or g[config]["inputs"].__setitem__(
