@@ -272,3 +272,34 @@ def test_queue_script_websocket_frames():
     assert got["pong"] == (0x8A, b"hi")
     ws.close()
     srv.close()
+
+
+# ------------------------------------------------------------------------------------------------ layout
+TITLE_HEIGHT = 30  # the editor draws a node's title bar above its pos
+
+
+def _rect(node):
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+def _overlaps(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("path", _ui_files(), ids=lambda p: p.stem)
+def test_ui_nodes_do_not_overlap(path):
+    nodes = json.loads(path.read_text())["nodes"]
+    for node in nodes:  # at least what the editor needs: a 20 px row per slot and per widget
+        rows = max(len(node["inputs"]), len(node["outputs"])) + len(node["widgets_values"])
+        assert node["size"][1] >= 20 * rows, (node["type"], node["size"])
+    clashes = [(a["type"], b["type"]) for i, a in enumerate(nodes) for b in nodes[i + 1:]
+               if _overlaps(_rect(a), _rect(b))]
+    assert not clashes
+
+
+def test_overlap_check_can_fail():
+    a = {"pos": [40, 60], "size": [320, 416]}
+    assert _overlaps(_rect(a), _rect({"pos": [40, 360], "size": [320, 156]}))  # today's Configure over Load VAE
+    assert not _overlaps(_rect(a), _rect({"pos": [40, 60 + 416 + TITLE_HEIGHT], "size": [320, 156]}))
+    assert not _overlaps(_rect(a), _rect({"pos": [380, 60], "size": [320, 156]}))
