@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import sys
 from typing import Any
 
 from .geometry import CheckpointError, Geometry
@@ -46,12 +47,10 @@ on_prompt.xdit_queue_check = True  # marks the handler so a reloaded extension d
 
 
 def register() -> bool:
-    """Adds the handler to ComfyUI's server (once); False without a server (tests, scripts)."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return False
-    server = getattr(PromptServer, "instance", None)
+    """Adds the handler to ComfyUI's server (once); False without one. ComfyUI imports its `server` module before
+    loading extensions: looked up, never imported (elsewhere a module of that name is someone else's)."""
+    module = sys.modules.get("server")
+    server = getattr(getattr(module, "PromptServer", None), "instance", None)
     if server is None or not hasattr(server, "add_on_prompt_handler"):
         return False
     if not any(getattr(h, "xdit_queue_check", False) for h in getattr(server, "on_prompt_handlers", [])):

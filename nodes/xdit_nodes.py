@@ -60,7 +60,7 @@ class ConfigureHybridParallel:
 
     @staticmethod
     def settings(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree, num_patches,
-                 warmup_steps, attention, gpus="", pool_address="", **_hidden):
+                 warmup_steps, attention, gpus="", pool_address=""):
         """The XDIT_PARALLEL_CONFIG value for these widget values (not yet validated)."""
         return settings_from_inputs(device=device, ulysses=int(ulysses_degree), ring=int(ring_degree),
                                     pipefusion=int(pipefusion_degree), cfg=int(cfg_degree), dp=int(dp_degree),
