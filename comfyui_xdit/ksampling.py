@@ -6,14 +6,26 @@ x0 + sigma * noise and enters the model divided by sqrt(1 + sigma^2)). DPM-Solve
 h = t_next - t and r = h_prev / h:
     x_next = (sigma_next / sigma) * x - expm1(-h) * D'   with D' = D on the first and the last step (sigma_next = 0)
                                                           and D' = (1 + 1/(2r)) D - 1/(2r) D_prev otherwise.
-Epsilon models see the nearest of the 1000 training timesteps in log sigma, as ComfyUI's discrete model sampling
-does. The engine uses this class for dpmpp_2m wherever it is asked for and for epsilon Euler with given sigmas.
+Epsilon models see the nearest of the 1000 training timesteps in log sigma, computed as ComfyUI's discrete model
+sampling does: the training log sigmas are the float64 levels' logs stored in float32, the step's sigma and the
+distances are float32, and the first minimum wins. A level half-way between two training steps (even sgm_uniform
+step counts) goes whichever way that float32 arithmetic takes it.
+The engine uses this class for dpmpp_2m wherever it is asked for and for epsilon Euler with given sigmas.
 """
 from __future__ import annotations
 
 import torch
 
 METHODS = ("euler", "dpmpp_2m")
+
+
+def nearest_timesteps(sigmas: torch.Tensor, train_sigmas: torch.Tensor) -> torch.Tensor:
+    """For each sigma, the index of the nearest training level in log space, one sigma at a time as ComfyUI asks
+    (float32, the first minimum). Give `train_sigmas` in float64 for ComfyUI's float32 table of float64 logs."""
+    log_train = train_sigmas.log().to(torch.float32)[:, None]
+    out = [(torch.tensor([float(s)], dtype=torch.float32).log() - log_train).abs().argmin(dim=0)
+           for s in sigmas.tolist()]
+    return torch.cat(out).to(torch.float32) if out else torch.zeros(0)
 
 
 class SigmaSampler:
@@ -27,9 +39,7 @@ class SigmaSampler:
         if flow:
             self.timesteps = self.sigmas[:-1] * 1000
         else:
-            log_train = train_sigmas.double().log()
-            self.timesteps = torch.stack([(log_train - torch.tensor(s, dtype=torch.float64).log()).abs().argmin()
-                                          for s in sigmas[:-1]]).float()
+            self.timesteps = nearest_timesteps(self.sigmas[:-1], train_sigmas)
         self._step_index: int | None = None
         self._begin_index = 0
         self._previous: torch.Tensor | None = None  # D of the previous step (dpmpp_2m)

@@ -37,6 +37,23 @@ def resolution_shift(image_tokens: int, cfg: dict) -> float:
     return image_tokens * m + (y0 - m * x0)
 
 
+def discrete_sigmas(cfg: dict) -> torch.Tensor:
+    """The training noise levels of an epsilon model's discrete schedule, in float64 as ComfyUI's discrete model
+    sampling builds them (diffusers works in float32): betas, alphas_cumprod = cumprod(1 - betas),
+    sigma = sqrt((1 - alphas_cumprod) / alphas_cumprod). diffusers' "linear" is ComfyUI's "sqrt_linear"
+    (betas linear), its "scaled_linear" is ComfyUI's "linear" (sqrt(betas) linear)."""
+    n, start, end = int(cfg["num_train_timesteps"]), float(cfg["beta_start"]), float(cfg["beta_end"])
+    kind = cfg.get("beta_schedule", "linear")
+    if kind == "linear":
+        betas = torch.linspace(start, end, n, dtype=torch.float64)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
+    else:
+        raise XDiTError(f"beta_schedule {kind!r} is not supported with explicit sigmas (linear, scaled_linear)")
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
 def default_sampler(family: str) -> str:
     return SAMPLERS[family][0]
 
@@ -75,11 +92,7 @@ def make_schedule(family: str, variant: str, sampler: str, steps: int, image_tok
             sched.set_timesteps(sigmas=s[:-1])
             sched.sigmas[-1] = s[-1]
         else:  # ComfyUI's samplers in sigma space (epsilon models: nearest training timestep, as ComfyUI)
-            train = None
-            if not flow:
-                alphas = DPMSolverMultistepScheduler.from_config(cfg).alphas_cumprod
-                train = ((1 - alphas) / alphas) ** 0.5
-            sched = SigmaSampler(s, sampler, flow, train)
+            sched = SigmaSampler(s, sampler, flow, None if flow else discrete_sigmas(cfg))
         sched.set_begin_index(0)
         return Schedule(sched, sched.timesteps, flow)
 

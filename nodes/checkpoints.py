@@ -121,13 +121,7 @@ def _folder_variant(p: Path) -> str:
 
 
 def _keys(p: Path) -> list[str]:
-    if p.suffix in (".safetensors", ".sft"):
-        from safetensors import safe_open
+    """Tensor names from the file's header; a damaged or truncated file raises CheckpointError naming it."""
+    from .geometry import tensor_shapes
 
-        with safe_open(str(p), framework="pt") as f:
-            return list(f.keys())
-    import torch
-
-    sd = torch.load(str(p), map_location="meta", weights_only=True, mmap=True)
-    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    return list(sd.keys())
+    return list(tensor_shapes(p))

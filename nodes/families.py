@@ -27,9 +27,21 @@ VARIANTS: dict[str, VariantSpec] = {
 DEFAULT_VARIANT = {"flux": "flux-dev", "sd3": "sd3-medium", "pixart": "pixart-sigma"}
 TINY_VARIANT = {"tiny-flux": "flux-dev", "tiny-sd3": "sd3-medium", "tiny-pixart": "pixart-sigma"}
 
-# Samplers the pool runs, per family, and the ComfyUI schedulers whose sigmas we compute and send.
+# Samplers the pool runs. Schedulers: ComfyUI's own (their sigmas are computed by ComfyUI's calculate_sigmas and
+# sent); this is ComfyUI 0.3.64's list, for use without ComfyUI.
 SAMPLERS = ("euler", "dpmpp_2m")
-SCHEDULERS = ("simple", "normal", "karras", "sgm_uniform", "beta")
+SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic",
+              "kl_optimal")
+
+
+def scheduler_names() -> list[str]:
+    """Every scheduler the running ComfyUI offers its KSampler (SCHEDULERS without ComfyUI)."""
+    try:
+        import comfy.samplers
+
+        return list(comfy.samplers.KSampler.SCHEDULERS)
+    except (ImportError, AttributeError):
+        return list(SCHEDULERS)
 
 
 def spec(variant: str) -> VariantSpec:

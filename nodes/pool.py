@@ -90,6 +90,8 @@ def validation_error(s: ParallelSettings, cuda_count: Callable[[], int] | None =
         return str(e)
     if s.pipefusion > 1 and (s.num_patches or s.pipefusion) < s.pipefusion:
         return f"num_patches ({s.num_patches}) must be at least the pipefusion degree ({s.pipefusion})"
+    if s.pipefusion > 1 and s.warmup_steps < 1:
+        return "pipefusion needs warmup_steps >= 1 to fill its K/V buffers"
     if s.pipefusion == 1 and s.num_patches > 1:
         return "num_patches applies to PipeFusion only: set pipefusion >= 2 or num_patches to 0"
     if s.address:
@@ -167,7 +169,7 @@ class PoolManager:
                 if device == "cuda" and s.gpus.strip():
                     env["CUDA_VISIBLE_DEVICES"] = s.gpus.replace(" ", "")
                 pool = pool_factory(s.world_size, device=device, env=env, die_with_parent=True)
-            log.info("xDiT: starting worker pool %s", key)
+            log.info("xDiT: starting worker pool %s%s", key, "" if s.address else _log_note(pool))
             pool.start()
             self._pool, self._key, self._client = pool, key, pool.client()
             return self._client
@@ -190,6 +192,12 @@ class PoolManager:
     @property
     def key(self) -> tuple | None:
         return self._key
+
+
+def _log_note(pool: Any) -> str:
+    """Where a pool started here writes its ranks' output (the first place to look when it fails)."""
+    path = getattr(pool, "log_path", None)
+    return f"; its log: {path}" if path else ""
 
 
 MANAGER = PoolManager()

@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import checkpoints, convert
-from .families import SAMPLERS, SCHEDULERS, spec
+from . import checkpoints, convert, queue_check
+from .families import SAMPLERS, scheduler_names, spec
 from .pool import ATTENTION, DEVICES, MANAGER, ModelHandle, settings_from_inputs, validation_error
 
 log = logging.getLogger("comfyui_xdit.nodes")
@@ -15,6 +15,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 FAMILIES = ("auto", "flux", "sd3", "pixart", "flux-dev", "flux-schnell", "sd3-medium", "sd3.5-medium",
             "sd3.5-large", "pixart-sigma", "pixart-alpha")
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+HIDDEN = {queue_check.HIDDEN: "UNIQUE_ID"}  # the node id, for the queue-time check's verdict
 
 
 class XDiTNodeError(Exception):
@@ -54,30 +55,26 @@ class ConfigureHybridParallel:
                 "pool_address": ("STRING", {"default": "", "tooltip": "tcp://HOST:PORT of a pool started with "
                                             "`python -m comfyui_xdit serve`; empty = start one here"}),
             },
+            "hidden": dict(HIDDEN),
         }
 
     @staticmethod
-    def _settings(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree, num_patches,
-                  warmup_steps, attention, gpus="", pool_address=""):
+    def settings(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree, num_patches,
+                 warmup_steps, attention, gpus="", pool_address=""):
+        """The XDIT_PARALLEL_CONFIG value for these widget values (not yet validated)."""
         return settings_from_inputs(device=device, ulysses=int(ulysses_degree), ring=int(ring_degree),
                                     pipefusion=int(pipefusion_degree), cfg=int(cfg_degree), dp=int(dp_degree),
                                     num_patches=int(num_patches), warmup_steps=int(warmup_steps),
                                     attention=attention, gpus=gpus or "", address=pool_address or "")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree,
-                        num_patches, warmup_steps, attention, gpus="", pool_address=""):
-        try:
-            s = cls._settings(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree,
-                              num_patches, warmup_steps, attention, gpus, pool_address)
-        except (TypeError, ValueError) as e:
-            return f"invalid parallel settings: {e}"
-        return validation_error(s) or True
+    def VALIDATE_INPUTS(cls, xdit_check=None):
+        return queue_check.problem_for(xdit_check)
 
     def configure(self, device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree, num_patches,
-                  warmup_steps, attention, gpus="", pool_address=""):
-        s = self._settings(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree,
-                           num_patches, warmup_steps, attention, gpus, pool_address)
+                  warmup_steps, attention, gpus="", pool_address="", xdit_check=None):
+        s = self.settings(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree,
+                          num_patches, warmup_steps, attention, gpus, pool_address)
         err = validation_error(s)
         if err:
             raise XDiTNodeError(err)
@@ -102,10 +99,15 @@ class LoadParallelDiT:
                                                                 "checkpoints"}),
                 "weight_dtype": (list(DTYPES), {"default": "bf16"}),
                 "family": (list(FAMILIES), {"default": "auto", "tooltip": "auto: detected from the weights"}),
-            }
+            },
+            "hidden": dict(HIDDEN),
         }
 
-    def load(self, parallel_config, checkpoint, weight_dtype, family):
+    @classmethod
+    def VALIDATE_INPUTS(cls, xdit_check=None):
+        return queue_check.problem_for(xdit_check)
+
+    def load(self, parallel_config, checkpoint, weight_dtype, family, xdit_check=None):
         try:
             path = checkpoints.resolve(checkpoint)
             variant = checkpoints.detect_variant(path, None if family == "auto" else family)
@@ -143,7 +145,7 @@ class ParallelSampler:
                 "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
                 "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
                 "sampler_name": (list(SAMPLERS),),
-                "scheduler": (list(SCHEDULERS),),
+                "scheduler": (scheduler_names(),),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
             },
             "optional": {
@@ -157,11 +159,16 @@ class ParallelSampler:
                 "cache_max_consecutive": ("INT", {"default": 0, "min": 0, "max": 10000,
                                                   "tooltip": "most reused steps in a row (0: no limit)"}),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "hidden": {"unique_id": "UNIQUE_ID", **HIDDEN},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, xdit_check=None):
+        return queue_check.problem_for(xdit_check)
+
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
-               cache="none", cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, unique_id=None):
+               cache="none", cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, unique_id=None,
+               xdit_check=None):
         if not isinstance(model, ModelHandle):
             raise XDiTNodeError("Parallel Sampler: model must come from Load Parallel DiT")
         if denoise <= 0.0:
@@ -255,6 +262,8 @@ def _one_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text
 
+
+queue_check.register()
 
 NODE_CLASS_MAPPINGS = {
     "XDiTConfigureHybridParallel": ConfigureHybridParallel,

@@ -106,6 +106,55 @@ def has_control(conf: list) -> bool:
     return len(conf) > 1 and isinstance(conf[1], dict) and bool(conf[1].get("control_after_generate"))
 
 
+NODE_WIDTH, COLUMN_GAP, ROW_GAP, TITLE = 320, 60, 40, 30
+SLOT_ROW, WIDGET_ROW, MULTILINE_ROWS = 24, 26, 4
+
+
+def node_height(info: dict, values: dict, n_inputs: int, n_outputs: int) -> int:
+    """Body height (the title bar is above `pos`), generous against what the editor computes: a row per slot, a row
+    per widget (four for a multiline text box), a seed's control widget, margins."""
+    rows = 0
+    for name, conf in ordered_inputs(info):
+        if is_link_type(conf[0]) or name not in values:
+            continue
+        extra = conf[1] if len(conf) > 1 and isinstance(conf[1], dict) else {}
+        rows += MULTILINE_ROWS if extra.get("multiline") else 1
+        rows += 1 if has_control(conf) else 0
+    return 40 + SLOT_ROW * max(n_inputs, n_outputs) + WIDGET_ROW * rows
+
+
+def columns(api: dict) -> dict[str, int]:
+    """Column of each node: its longest path from a node without inputs; such nodes sit just left of their first
+    consumer (a VAE loader next to VAE Decode, not beside the text encoders)."""
+    deps = {nid: [v[0] for v in n["inputs"].values() if isinstance(v, list)] for nid, n in api.items()}
+    col: dict[str, int] = {}
+
+    def depth(nid: str) -> int:
+        if nid not in col:
+            col[nid] = 1 + max((depth(d) for d in deps[nid]), default=-1)
+        return col[nid]
+
+    for nid in api:
+        depth(nid)
+    for nid in api:
+        consumers = [c for c, ds in deps.items() if nid in ds]
+        if not deps[nid] and consumers:
+            col[nid] = min(col[c] for c in consumers) - 1
+    return col
+
+
+def layout(api: dict, nodes: list[dict]) -> None:
+    """Positions in place: one column per dependency depth, nodes stacked in it with their title bars and a gap
+    between them, so that no two node rectangles overlap."""
+    col = columns(api)
+    bottom: dict[int, int] = {}
+    for node in nodes:
+        c = col[str(node["id"])]
+        y = bottom.get(c, 60)
+        node["pos"] = [40 + (NODE_WIDTH + COLUMN_GAP) * c, y]
+        bottom[c] = y + node["size"][1] + TITLE + ROW_GAP
+
+
 def to_ui(api: dict, object_info: dict) -> dict:
     """UI-format graph (what ComfyUI's editor saves) for an API-format graph."""
     nodes, links = [], []
@@ -131,11 +180,11 @@ def to_ui(api: dict, object_info: dict) -> dict:
                     widgets.append("fixed")
         outputs = [{"name": n, "type": t, "links": out_links.get((nid, i), []), "slot_index": i}
                    for i, (t, n) in enumerate(zip(info["output"], info.get("output_name", info["output"])))]
-        col, row = order % 4, order // 4
-        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [40 + 360 * col, 60 + 300 * row],
-                      "size": [320, 130 + 26 * len(widgets)], "flags": {}, "order": order, "mode": 0,
-                      "inputs": inputs, "outputs": outputs,
+        nodes.append({"id": int(nid), "type": node["class_type"], "pos": [0, 0],
+                      "size": [NODE_WIDTH, node_height(info, node["inputs"], len(inputs), len(outputs))],
+                      "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
+    layout(api, nodes)
     return {"last_node_id": max(int(n) for n in api), "last_link_id": len(links), "nodes": nodes,
             "links": [l[:6] for l in links], "groups": [], "config": {}, "extra": {}, "version": 0.4}
 

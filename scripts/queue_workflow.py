@@ -3,8 +3,8 @@
     python scripts/queue_workflow.py workflows/api/flux1-dev.json --server http://127.0.0.1:8188 --out out/
     python scripts/queue_workflow.py wf.json --set 8.seed=7 --set 2.text="a cat"
 
-Standard library only. Exit code 0 on success, 1 when ComfyUI reports an error, 2 on bad arguments or a
-rejected prompt (the node errors are printed)."""
+Standard library only. Exit code 0 on success, 1 when ComfyUI reports an error while running (or cannot be
+reached), 2 on bad arguments or a prompt ComfyUI rejects (its errors are printed, one line per node error)."""
 from __future__ import annotations
 
 import argparse
@@ -98,17 +98,44 @@ def http(server: str, path: str, body: dict | None = None, timeout: float = 30.0
         return json.loads(data) if r.headers.get_content_type() == "application/json" else data
 
 
+class UsageError(ValueError):
+    """Bad arguments: exit code 2."""
+
+
+class Rejected(ValueError):
+    """ComfyUI refused the prompt (POST /prompt answered 400): exit code 2."""
+
+
 def apply_overrides(graph: dict, overrides: list[str]) -> None:
     for item in overrides:
         target, _, raw = item.partition("=")
         nid, _, name = target.partition(".")
         if not raw or nid not in graph or not name:
-            raise SystemExit(f"error: --set {item!r}: expected NODE_ID.INPUT=VALUE with an existing node id")
+            raise UsageError(f"--set {item!r}: expected NODE_ID.INPUT=VALUE with an existing node id")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
         graph[nid]["inputs"][name] = value
+
+
+def format_rejection(code: int, body: str) -> str:
+    """POST /prompt's error answer as lines: the error, then one line per node error."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return f"ComfyUI rejected the prompt ({code}): {body.strip().splitlines()[0] if body.strip() else 'no detail'}"
+    err = data.get("error") if isinstance(data, dict) else None
+    node_errors = (data.get("node_errors") or {}) if isinstance(data, dict) else {}
+    head = err.get("message", "") if isinstance(err, dict) else str(err or "")
+    if isinstance(err, dict) and err.get("details") and not node_errors:
+        head += f": {err['details']}"
+    lines = [f"ComfyUI rejected the prompt ({code}): {head or 'no detail'}"]
+    for nid, entry in sorted(node_errors.items(), key=lambda kv: (len(kv[0]), kv[0])):
+        for e in entry.get("errors", []):
+            detail = f"{e.get('message', '')}: {e.get('details', '')}".strip(": ")
+            lines.append(f"  node {nid} ({entry.get('class_type', '?')}): {detail}")
+    return "\n".join(lines)
 
 
 def queue_and_wait(server: str, graph: dict, timeout: float = 3600.0, log=print) -> tuple[str, dict]:
@@ -120,8 +147,7 @@ def queue_and_wait(server: str, graph: dict, timeout: float = 3600.0, log=print)
         try:
             reply = http(server, "/prompt", {"prompt": graph, "client_id": client_id})
         except urllib.error.HTTPError as e:
-            detail = e.read().decode("utf-8", "replace")
-            raise ValueError(f"ComfyUI rejected the prompt ({e.code}): {detail}") from None
+            raise Rejected(format_rejection(e.code, e.read().decode("utf-8", "replace"))) from None
         pid = reply["prompt_id"]
         log(f"queued {pid}")
         deadline = time.monotonic() + timeout
@@ -170,6 +196,21 @@ def save_outputs(server: str, entry: dict, out: Path) -> list[Path]:
     return saved
 
 
+def read_workflow(path: Path) -> dict:
+    """An API-format graph from a file; UsageError (one line) for anything else."""
+    try:
+        graph = json.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UsageError(f"{path} is not JSON: {e}") from None
+    if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
+        raise UsageError(f"{path} is a UI-format workflow; queue its API twin (workflows/api/)")
+    if not isinstance(graph, dict) or not all(isinstance(n, dict) and "class_type" in n for n in graph.values()):
+        raise UsageError(f"{path} is not an API-format workflow ({{node id: {{class_type, inputs}}}})")
+    return graph
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Queue an API-format workflow on ComfyUI and save its images.")
     p.add_argument("workflow", type=Path, help="API-format JSON (workflows/api/*.json)")
@@ -179,14 +220,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="override an input (VALUE parsed as JSON when it can be)")
     p.add_argument("--timeout", type=float, default=3600.0)
     args = p.parse_args(argv)
-    graph = json.loads(args.workflow.read_text())
-    if "nodes" in graph and "links" in graph:
-        print("error: this is a UI-format workflow; queue its API twin (workflows/api/)", file=sys.stderr)
+    try:
+        graph = read_workflow(args.workflow)
+        apply_overrides(graph, args.set)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    apply_overrides(graph, args.set)
     try:
         pid, entry = queue_and_wait(args.server, graph, args.timeout)
-    except ValueError as e:
+    except Rejected as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (RuntimeError, ConnectionError, OSError) as e:

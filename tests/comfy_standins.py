@@ -3,6 +3,7 @@ ComfyUI, and a loader that imports this repository as a ComfyUI extension packag
 from __future__ import annotations
 
 import enum
+import inspect
 import importlib.util
 import math
 import sys
@@ -22,6 +23,12 @@ class Recorder:
         self.interrupt_after: int | None = None  # raise on the poll after this many progress updates
         self.unloaded = 0
         self.folders: dict[str, list[str]] = {}
+        self.server = None  # the stand-in PromptServer.instance
+
+
+# comfy.samplers.SCHEDULER_NAMES of ComfyUI 0.3.64, in its order (a fact checked by test_comfyui_e2e.py)
+SCHEDULER_NAMES = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                   "linear_quadratic", "kl_optimal"]
 
 
 class InterruptProcessingException(Exception):
@@ -79,7 +86,7 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
 
     def calculate_sigmas(ms, scheduler, steps):
         rec.sigma_calls.append((ms, scheduler, steps))
-        if scheduler not in ("simple", "normal", "karras", "sgm_uniform", "beta"):
+        if scheduler not in SCHEDULER_NAMES:
             raise ValueError(f"error invalid scheduler {scheduler}")
         return torch.cat([torch.linspace(ms.sigma_max, max(ms.sigma_min, 1e-3), steps), torch.zeros(1)])
 
@@ -127,6 +134,23 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
         def decode_latent_to_preview_image(self, fmt, x0):
             return (fmt, tuple(x0.shape), 512)
 
+    class PromptServer:  # server.PromptServer: the on-prompt handlers, called with POST /prompt's body
+        instance = None
+
+        def __init__(self):
+            self.on_prompt_handlers = []
+
+        def add_on_prompt_handler(self, handler):
+            self.on_prompt_handlers.append(handler)
+
+        def trigger_on_prompt(self, json_data):
+            for handler in self.on_prompt_handlers:
+                json_data = handler(json_data)
+            return json_data
+
+    PromptServer.instance = PromptServer()
+    rec.server = PromptServer.instance
+
     comfy = _module("comfy")
     mods = {
         "comfy": comfy,
@@ -134,7 +158,9 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
         "comfy.supported_models": _module("comfy.supported_models", Flux=Flux, FluxSchnell=FluxSchnell, SD3=SD3,
                                           PixArtAlpha=PixArtAlpha, PixArtSigma=PixArtSigma),
         "comfy.latent_formats": _module("comfy.latent_formats", **formats),
-        "comfy.samplers": _module("comfy.samplers", calculate_sigmas=calculate_sigmas),
+        "comfy.samplers": _module("comfy.samplers", calculate_sigmas=calculate_sigmas,
+                                  SCHEDULER_NAMES=list(SCHEDULER_NAMES),
+                                  KSampler=type("KSampler", (), {"SCHEDULERS": list(SCHEDULER_NAMES)})),
         "comfy.sample": _module("comfy.sample", prepare_noise=prepare_noise,
                                 fix_empty_latent_channels=fix_empty_latent_channels),
         "comfy.utils": _module("comfy.utils", ProgressBar=ProgressBar),
@@ -146,6 +172,7 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
                                 get_folder_paths=get_folder_paths,
                                 folder_names_and_paths={"diffusion_models": None, "checkpoints": None}),
         "latent_preview": _module("latent_preview", get_previewer=lambda device, fmt: Previewer()),
+        "server": _module("server", PromptServer=PromptServer),
         "nodes": _module("nodes", COMFY_OWN_NODES_MODULE=True),  # ComfyUI's own top-level `nodes`
     }
     for name, m in mods.items():
@@ -164,3 +191,18 @@ def load_extension(name: str = EXTENSION_NAME) -> types.ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def validation_messages(cls, inputs: dict, unique_id: str) -> list[str]:
+    """The details ComfyUI's prompt validation reports for a node's VALIDATE_INPUTS (facts of ComfyUI 0.3.64's
+    execution.validate_inputs): it passes each argument the method declares that the node has (linked inputs as None,
+    hidden UNIQUE_ID inputs as the node id; every input when it takes **kwargs), and for a result other than True
+    reports one error per argument passed, "<argument> - <result>"."""
+    spec = inspect.getfullargspec(cls.VALIDATE_INPUTS)
+    hidden = {k: unique_id for k, v in cls.INPUT_TYPES().get("hidden", {}).items() if v == "UNIQUE_ID"}
+    available = {**{k: None if isinstance(v, list) else v for k, v in inputs.items()}, **hidden}
+    args = available if spec.varkw else {k: available[k] for k in spec.args if k in available}
+    result = cls.VALIDATE_INPUTS(**args)
+    if result is True:
+        return []
+    return [f"{k} - {result}" if result is not False else k for k in args]

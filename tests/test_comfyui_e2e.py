@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -159,6 +160,8 @@ def test_nodes_registered(comfy):
         assert name in info and info[name]["category"] == "xDiT"
     assert "tiny_sd3_e2e.safetensors" in info["XDiTLoadParallelDiT"]["input"]["required"]["checkpoint"][0]
     assert info["XDiTParallelSampler"]["output"] == ["LATENT"]
+    ours = info["XDiTParallelSampler"]["input"]["required"]["scheduler"][0]
+    assert ours == info["KSampler"]["input"]["required"]["scheduler"][0]  # every scheduler ComfyUI has
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +310,8 @@ def test_flux_parallel_sampler_matches_native_ksampler(comfy, ran):
 
 def test_pixart_parallel_sampler_matches_native_ksampler(comfy, ran):
     """PixArt-Sigma (epsilon model, learned sigma, 4-channel latent) with true CFG, Ulysses 2, Euler and
-    DPM-Solver++(2M) on Karras levels."""
+    DPM-Solver++(2M) on Karras levels; sgm_uniform with an even step count (levels half-way between two training
+    timesteps) and kl_optimal, one of the schedulers added later."""
     from queue_workflow import queue_and_wait
 
     server, base = comfy
@@ -325,16 +329,17 @@ def test_pixart_parallel_sampler_matches_native_ksampler(comfy, ran):
                                                               "checkpoint": "tiny_pixart_e2e.safetensors",
                                                               "weight_dtype": "fp32", "family": "auto"}},
     }
-    for n, (sampler, scheduler) in enumerate((("euler", "simple"), ("dpmpp_2m", "karras"))):
+    pairs = (("euler", "simple"), ("dpmpp_2m", "karras"), ("euler", "sgm_uniform"), ("dpmpp_2m", "kl_optimal"))
+    for n, (sampler, scheduler) in enumerate(pairs):
         sampling = {"seed": 11, "steps": 4, "cfg": 4.0, "sampler_name": sampler, "scheduler": scheduler,
                     "denoise": 1.0}
         common = {"positive": ["1", 0], "negative": ["2", 0], "latent_image": ["3", 0], **sampling}
         graph[f"{20 + n}"] = {"class_type": "KSampler", "inputs": {"model": ["4", 0], **common}}
         graph[f"{30 + n}"] = {"class_type": "XDiTParallelSampler", "inputs": {"model": ["8", 0], **common}}
         graph[f"{40 + n}"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"{20 + n}", 0],
-                                                                    "filename_prefix": f"pxnative{sampler}"}}
+                                                                    "filename_prefix": f"pxnative{sampler}{scheduler}"}}
         graph[f"{50 + n}"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"{30 + n}", 0],
-                                                                    "filename_prefix": f"pxxdit{sampler}"}}
+                                                                    "filename_prefix": f"pxxdit{sampler}{scheduler}"}}
     _, entry = queue_and_wait(server, graph, timeout=600, log=lambda line: None)
     assert entry["status"]["status_str"] == "success", entry["status"]
 
@@ -343,8 +348,101 @@ def test_pixart_parallel_sampler_matches_native_ksampler(comfy, ran):
         assert files, f"no {prefix} latent saved"
         return load_file(str(files[-1]))["latent_tensor"].float()
 
-    for sampler in ("euler", "dpmpp_2m"):
-        native, ours = latent(f"pxnative{sampler}"), latent(f"pxxdit{sampler}")
+    for sampler, scheduler in pairs:
+        native, ours = latent(f"pxnative{sampler}{scheduler}"), latent(f"pxxdit{sampler}{scheduler}")
         assert ours.shape == native.shape == (1, 4, 64, 64)
         assert native.abs().mean() > 0.01
-        assert rel_l2(ours, native) <= 1e-4, (sampler, rel_l2(ours, native))
+        print(f"PixArt {sampler}/{scheduler}: rel L2 to native KSampler {rel_l2(ours, native):.2e}")
+        assert rel_l2(ours, native) <= 1e-4, (sampler, scheduler, rel_l2(ours, native))
+
+
+def _post(server: str, graph: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(server + "/prompt", data=json.dumps({"prompt": graph}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _refusal_graph(config: dict, checkpoint="tiny_flux_e2e.safetensors", cfg=1.0, batch=1) -> dict:
+    conf = {"device": "cpu", "ulysses_degree": 1, "ring_degree": 1, "pipefusion_degree": 1, "cfg_degree": 1,
+            "dp_degree": 1, "num_patches": 0, "warmup_steps": 1, "attention": "auto", **config}
+    return {
+        "1": {"class_type": "XDiTE2EConditioning", "inputs": {"seed": 3, "tokens": 8, "pooled": 768}},
+        "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": batch}},
+        "7": {"class_type": "XDiTConfigureHybridParallel", "inputs": conf},
+        "8": {"class_type": "XDiTLoadParallelDiT", "inputs": {"parallel_config": ["7", 0], "checkpoint": checkpoint,
+                                                              "weight_dtype": "fp32", "family": "auto"}},
+        "9": {"class_type": "XDiTParallelSampler", "inputs": {
+            "model": ["8", 0], "positive": ["1", 0], "negative": ["1", 0], "latent_image": ["3", 0], "seed": 1,
+            "steps": 2, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "10": {"class_type": "SaveLatent", "inputs": {"samples": ["9", 0], "filename_prefix": "refused"}},
+    }
+
+
+@pytest.mark.parametrize("config, graph, node, reason", [
+    (dict(pipefusion_degree=4, num_patches=2), {}, "7", "num_patches (2) must be at least the pipefusion degree"),
+    (dict(ulysses_degree=5), {}, "8", "ulysses_degree 5 does not divide the 24 attention heads of tiny_flux_e2e"),
+    (dict(pipefusion_degree=3), {}, "8", "pipefusion_degree 3 is larger than the 2 transformer blocks"),
+    (dict(cfg_degree=2), dict(cfg=1.0), "9", "cfg_degree 2 runs the negative branch"),
+    (dict(dp_degree=2), dict(batch=1), "9", "dp_degree 2 is larger than the batch size 1"),
+])
+def test_invalid_combinations_refused_when_queued(comfy, config, graph, node, reason):
+    """POST /prompt answers 400 before anything runs (no pool of the wrong size is started), with one error on the
+    offending node: not one per input."""
+    server, base = comfy
+    status, body = _post(server, _refusal_graph(config, **graph))
+    assert status == 400, body
+    errors = body["node_errors"]
+    assert list(errors) == [node], errors
+    (only,) = errors[node]["errors"]
+    assert reason in only["details"] and "\n" not in only["details"]
+
+
+def test_damaged_checkpoint_refused_when_queued(comfy):
+    server, base = comfy
+    models = base / "models" / "diffusion_models"
+    good = (models / "tiny_sd3_e2e.safetensors").read_bytes()
+    (models / "truncated_e2e.safetensors").write_bytes(good[: len(good) // 2])
+    status, body = _post(server, _refusal_graph({}, checkpoint="truncated_e2e.safetensors"))
+    assert status == 400
+    (only,) = body["node_errors"]["8"]["errors"]
+    assert "checkpoint truncated_e2e.safetensors is damaged or truncated" in only["details"]
+
+
+def test_pool_log_path_in_comfyui_log(comfy, ran):
+    _, base = comfy
+    text = (base / "comfyui.log").read_text(errors="replace")
+    paths = [line.rsplit("its log: ", 1)[1].strip() for line in text.splitlines() if "starting worker pool" in line
+             and "its log: " in line]
+    assert paths and Path(paths[0]).is_file(), text[-2000:]
+
+
+def test_recorded_pixart_timesteps_are_this_comfyuis(comfy):
+    """tests/data/comfyui_pixart_timesteps.json (used in CI) against this ComfyUI's own code."""
+    python = os.environ.get("COMFYUI_PYTHON") or next(
+        (str(p) for p in [Path(COMFYUI_DIR) / ".venv" / "bin" / "python"] if p.exists()), sys.executable)
+    code = textwrap.dedent("""
+        import json, sys
+        from types import SimpleNamespace
+        import comfy.cli_args
+        comfy.cli_args.args.cpu = True
+        import comfy.model_base, comfy.samplers, comfy.supported_models
+        settings = comfy.supported_models.PixArtSigma.sampling_settings
+        ms = comfy.model_base.model_sampling(SimpleNamespace(sampling_settings=settings),
+                                             comfy.model_base.ModelType.EPS)
+        out = []
+        for case in json.load(sys.stdin)["cases"]:
+            sig = comfy.samplers.calculate_sigmas(ms, case["scheduler"], case["steps"])
+            out.append([sig.tolist(), [int(ms.timestep(sig[i:i + 1].clone())) for i in range(len(sig) - 1)]])
+        print(json.dumps(out))
+    """)
+    data = (ROOT / "tests" / "data" / "comfyui_pixart_timesteps.json").read_text()
+    res = subprocess.run([python, "-c", code], input=data, capture_output=True, text=True, cwd=COMFYUI_DIR,
+                         timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    for case, (sigmas, timesteps) in zip(json.loads(data)["cases"], got):
+        assert (sigmas, timesteps) == (case["sigmas"], case["timesteps"]), case["scheduler"]

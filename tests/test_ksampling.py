@@ -58,3 +58,36 @@ def test_epsilon_timesteps_are_the_nearest_training_steps():
     sampler = SigmaSampler([14.6, 1.0, 0.0302, 0.0], "euler", False, train)
     assert sampler.timesteps.tolist() == [999, int((train.log() - torch.tensor(1.0).log()).abs().argmin()), 0]
     assert sampler.init_noise_sigma == pytest.approx(14.6)
+
+
+def test_pixart_timesteps_match_comfyui_for_every_scheduler():
+    """The training timestep each of ComfyUI's noise levels maps to, as recorded from ComfyUI 0.3.64. Even
+    sgm_uniform step counts land half-way between two training steps, where the float32 arithmetic decides."""
+    import json
+    from pathlib import Path
+
+    from comfyui_xdit.schedules import make_schedule
+
+    data = json.loads((Path(__file__).parent / "data" / "comfyui_pixart_timesteps.json").read_text())
+    wrong = []
+    for case in data["cases"]:
+        sched = make_schedule("pixart", "pixart-sigma", "euler", case["steps"], 0, sigmas=case["sigmas"])
+        got = [int(t) for t in sched.timesteps]
+        if got != case["timesteps"]:
+            wrong.append((case["scheduler"], case["steps"], got, case["timesteps"]))
+    assert not wrong, wrong[:3]
+    assert {c["scheduler"] for c in data["cases"]} >= {"sgm_uniform", "kl_optimal", "linear_quadratic"}
+
+
+def test_discrete_sigmas_are_float64_levels():
+    from comfyui_xdit.schedules import PIXART_DPM, discrete_sigmas
+
+    s = discrete_sigmas(PIXART_DPM)
+    assert s.dtype == torch.float64 and s.shape == (1000,)
+    betas = [0.0001 + (0.02 - 0.0001) * i / 999 for i in range(1000)]
+    prod = 1.0
+    for b in betas[:500]:
+        prod *= 1 - b
+    assert float(s[499]) == pytest.approx(((1 - prod) / prod) ** 0.5, rel=1e-12)
+    with pytest.raises(Exception, match="beta_schedule"):
+        discrete_sigmas({**PIXART_DPM, "beta_schedule": "squaredcos_cap_v2"})

@@ -68,7 +68,17 @@ def test_mappings_and_node_definitions(ext):
     assert sampler["positive"][0] == sampler["negative"][0] == "CONDITIONING"
     assert sampler["latent_image"][0] == "LATENT" and sampler["model"][0] == "XDIT_MODEL"
     assert {"euler", "dpmpp_2m"} <= set(sampler["sampler_name"][0])
-    assert set(sampler["scheduler"][0]) == {"simple", "normal", "karras", "sgm_uniform", "beta"}
+    assert sampler["scheduler"][0] == cs.SCHEDULER_NAMES  # every scheduler ComfyUI has, in its order
+    assert {"exponential", "ddim_uniform", "linear_quadratic", "kl_optimal"} <= set(sampler["scheduler"][0])
+
+
+def test_schedulers_are_comfyuis(ext):
+    """The stand-in's list is the recorded KSampler's (ComfyUI 0.3.64); without ComfyUI the nodes offer the same."""
+    core = json.loads((ROOT / "tests" / "data" / "comfyui_core_nodes.json").read_text())["nodes"]
+    assert cs.SCHEDULER_NAMES == core["KSampler"]["input"]["required"]["scheduler"][0]
+    assert list(ext.nodes.families.SCHEDULERS) == cs.SCHEDULER_NAMES
+    for name in cs.SCHEDULER_NAMES:  # each goes to ComfyUI's own calculate_sigmas
+        ext.nodes.convert.sigmas_for("pixart-sigma", "euler", name, 4, 1.0)
 
 
 def test_own_nodes_package_only_as_subpackage(ext):
@@ -94,10 +104,41 @@ def test_import_is_light_and_works_without_gpu():
 
 
 # ------------------------------------------------------------------------------------------------ configure
-def test_configure_valid_and_degrees(ext):
+def _queue(ext, rec, prompt: dict) -> dict[str, list[str]]:
+    """POST /prompt as ComfyUI handles it: the on-prompt handlers, then each node's VALIDATE_INPUTS, in one request
+    task (a context of its own). {node id: the error details ComfyUI would list for the node}."""
+    import contextvars
+
+    def run():
+        rec.server.trigger_on_prompt({"prompt": prompt, "client_id": "t"})
+        out = {}
+        for nid, node in prompt.items():
+            cls = ext.NODE_CLASS_MAPPINGS.get(node["class_type"])
+            if cls is not None and hasattr(cls, "VALIDATE_INPUTS"):
+                msgs = cs.validation_messages(cls, node["inputs"], nid)
+                if msgs:
+                    out[nid] = msgs
+        return out
+
+    return contextvars.copy_context().run(run)
+
+
+def _graph(config=None, checkpoint="tiny-flux", cfg=1.0, width=256, height=256, batch=1, latent="EmptySD3LatentImage"):
+    return {
+        "5": {"class_type": "XDiTConfigureHybridParallel", "inputs": dict(CONFIG_DEFAULTS, **(config or {}))},
+        "6": {"class_type": "XDiTLoadParallelDiT", "inputs": {"parallel_config": ["5", 0], "checkpoint": checkpoint,
+                                                              "weight_dtype": "fp32", "family": "auto"}},
+        "7": {"class_type": latent, "inputs": {"width": width, "height": height, "batch_size": batch}},
+        "8": {"class_type": "XDiTParallelSampler", "inputs": {
+            "model": ["6", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["7", 0], "seed": 1,
+            "steps": 4, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+    }
+
+
+def test_configure_valid_and_degrees(ext, rec):
     node = _node(ext, "XDiTConfigureHybridParallel")
     kw = dict(CONFIG_DEFAULTS, ulysses_degree=2, ring_degree=2, pipefusion_degree=2, cfg_degree=2, num_patches=4)
-    assert node.VALIDATE_INPUTS(**kw) is True
+    assert _queue(ext, rec, _graph(kw, cfg=3.0)) == {}
     (s,) = node().configure(**kw)
     assert s.world_size == 16
     assert s.degrees() == {"dp": 1, "cfg": 2, "pipefusion": 2, "ring": 2, "ulysses": 2, "num_patches": 4,
@@ -107,25 +148,91 @@ def test_configure_valid_and_degrees(ext):
 
 
 @pytest.mark.parametrize("change, reason", [
-    (dict(cfg_degree=3), "cfg parallel degree must be 1 or 2"),
-    (dict(ulysses_degree=0), "ulysses degree must be >= 1"),
     (dict(pipefusion_degree=4, num_patches=2), "num_patches (2) must be at least the pipefusion degree (4)"),
     (dict(num_patches=3), "num_patches applies to PipeFusion only"),
-    (dict(warmup_steps=-1), "warmup_steps must be >= 0"),
-    (dict(device="tpu"), "device must be one of auto, cuda, cpu"),
-    (dict(attention="fast"), "attention must be one of"),
+    (dict(pipefusion_degree=2, warmup_steps=0), "pipefusion needs warmup_steps >= 1"),
     (dict(gpus="0,1"), "gpus applies to device cuda only"),
     (dict(device="cuda", gpus="x"), None),
     (dict(pool_address="localhost:5555"), "pool address must look like tcp://HOST:PORT"),
 ])
-def test_configure_rejects_at_queue_time(ext, change, reason):
+def test_configure_rejects_at_queue_time_once(ext, rec, change, reason):
+    """One line for the node, not one per input (ComfyUI repeats a message once per VALIDATE_INPUTS argument)."""
+    errors = _queue(ext, rec, _graph(change))
+    assert list(errors) == ["5"] and len(errors["5"]) == 1, errors
+    msg = errors["5"][0]
+    assert "\n" not in msg and (reason is None or reason in msg)
     node = _node(ext, "XDiTConfigureHybridParallel")
-    msg = node.VALIDATE_INPUTS(**dict(CONFIG_DEFAULTS, **change))
-    assert isinstance(msg, str)
-    if reason:
-        assert reason in msg
-    with pytest.raises(Exception, match=re.escape(msg[:30])):
+    with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError, match=re.escape(msg.split(" - ", 1)[1][:30])):
         node().configure(**dict(CONFIG_DEFAULTS, **change))
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(cfg_degree=3), "cfg parallel degree must be 1 or 2"),
+    (dict(ulysses_degree=0), "ulysses degree must be >= 1"),
+    (dict(warmup_steps=-1), "warmup_steps must be >= 0"),
+    (dict(device="tpu"), "device must be one of auto, cuda, cpu"),
+    (dict(attention="fast"), "attention must be one of"),
+])
+def test_out_of_range_widgets_left_to_comfyui(ext, rec, change, reason):
+    """Values outside a widget's declared range or list: ComfyUI's own check names the input (VALIDATE_INPUTS no
+    longer takes the widgets, which turned those checks off); ours adds nothing, and running still refuses."""
+    node = _node(ext, "XDiTConfigureHybridParallel")
+    assert "xdit_check" in node.INPUT_TYPES()["hidden"]
+    assert _queue(ext, rec, _graph(change)) == {}
+    with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError, match=reason):
+        node().configure(**dict(CONFIG_DEFAULTS, **change))
+
+
+@pytest.mark.parametrize("config, graph, node, reason", [
+    (dict(ulysses_degree=3), {}, "6", "ulysses_degree 3 does not divide the 4 attention heads of tiny-flux"),
+    (dict(pipefusion_degree=3), dict(checkpoint="tiny-sd3"), "6",
+     "pipefusion_degree 3 is larger than the 2 transformer blocks of tiny-sd3"),
+    (dict(cfg_degree=2), dict(cfg=1.0), "8", "cfg_degree 2 runs the negative branch"),
+    (dict(dp_degree=2), dict(batch=1), "8", "dp_degree 2 is larger than the batch size 1"),
+    (dict(ulysses_degree=2, ring_degree=4), dict(width=32, height=32), "8",
+     "32x32 has 4 image tokens, fewer than ring x ulysses (8)"),
+    ({}, dict(width=264, latent="EmptyLatentImage", checkpoint="tiny-pixart"), "8", "264x256 is not a multiple of 16"),
+    ({}, dict(width=2048, checkpoint="tiny-sd3"), "8", "position table allows (1536 px)"),
+    (dict(pipefusion_degree=2, num_patches=20), dict(height=256), "8",
+     "num_patches 20 is larger than the latent height in tokens (16)"),
+])
+def test_graph_combinations_refused_at_queue_time(ext, rec, config, graph, node, reason):
+    """What only the whole graph tells (the checkpoint's heads and blocks, the sampler's cfg, the latent's size and
+    batch) is refused on POST /prompt, once, on the node where it shows, before any pool starts."""
+    errors = _queue(ext, rec, _graph(config, **graph))
+    assert list(errors) == [node] and len(errors[node]) == 1, errors
+    assert reason in errors[node][0]
+    assert MANAGER_KEY(ext) is None
+
+
+def MANAGER_KEY(ext):
+    return ext.nodes.xdit_nodes.MANAGER.key
+
+
+def test_queue_check_leaves_unknowns_to_sampling(ext, rec):
+    """A linked widget or a latent that is not an empty-latent node is known only when the graph runs."""
+    g = _graph(dict(dp_degree=2), batch=1)
+    g["7"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["1", 0], "vae": ["9", 0]}}
+    assert _queue(ext, rec, g) == {}
+    g = _graph(dict(cfg_degree=2))
+    g["8"]["inputs"]["cfg"] = ["12", 0]
+    assert _queue(ext, rec, g) == {}
+    g = _graph(dict(ulysses_degree=3))
+    g["5"]["inputs"]["ulysses_degree"] = ["13", 0]
+    assert _queue(ext, rec, g) == {}
+    assert _queue(ext, rec, _graph(dict(ulysses_degree=3), checkpoint="missing.safetensors")) == {}  # not in list
+    assert _queue(ext, rec, _graph(dict(ulysses_degree=2, cfg_degree=2), cfg=4.0)) == {}
+
+
+def test_queue_check_is_registered_once_and_never_breaks_a_prompt(ext, rec, monkeypatch):
+    handlers = rec.server.on_prompt_handlers
+    assert len(handlers) == 1 and getattr(handlers[0], "xdit_queue_check", False)
+    ext.nodes.queue_check.register()
+    assert len(rec.server.on_prompt_handlers) == 1
+    body = {"prompt": {"1": "not a node", "2": {"class_type": "XDiTParallelSampler"}}}
+    assert handlers[0](body) is body
+    monkeypatch.setattr(ext.nodes.queue_check, "graph_problems", lambda p: 1 / 0)
+    assert _queue(ext, rec, _graph(dict(ulysses_degree=3))) == {}  # a failing check lets the prompt through
 
 
 def test_gpu_count_checks(ext):
@@ -191,6 +298,22 @@ def test_pool_manager_reuses_restarts_and_never_stops_foreign_pools(ext, monkeyp
     mgr.stop()
     assert not c4.pool.stopped  # started elsewhere: left running
     assert len(FakePool.started) == 4
+
+
+def test_pool_log_path_in_comfyui_log(ext, caplog):
+    pool = ext.nodes.pool
+
+    class LoggingPool(FakePool):
+        log_path = "/tmp/xdit-pool-test.log"
+
+    mgr = pool.PoolManager(LoggingPool, LoggingPool.attach)
+    with caplog.at_level("INFO", logger="comfyui_xdit.nodes"):
+        mgr.client_for(pool.ParallelSettings(device="cpu", ulysses=2))
+        mgr.client_for(pool.ParallelSettings(address="tcp://127.0.0.1:5999"))
+    lines = [r.getMessage() for r in caplog.records if "starting worker pool" in r.getMessage()]
+    assert len(lines) == 2 and lines[0].endswith("its log: /tmp/xdit-pool-test.log")
+    assert "its log" not in lines[1]  # a pool started elsewhere logs there
+    mgr.stop()
 
 
 def test_launcher_scrubs_cuda_allocator_setting():
@@ -347,3 +470,34 @@ def test_sampler_rejects_foreign_model_and_skips_zero_denoise(ext):
     lat = {"samples": torch.zeros(1, 4, 8, 8)}
     with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError, match="must come from Load Parallel DiT"):
         node.sample(object(), _cond(), _cond(), lat, 0, 4, 1.0, "euler", "simple", 1.0)
+
+
+def test_damaged_checkpoint_named_at_queue_time_and_load(ext, rec, tmp_path):
+    path = tmp_path / "diffusion_models" / "flux-broken.safetensors"
+    path.parent.mkdir()
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(64, 16), "img_in.weight": torch.zeros(16, 64)},
+              str(path))
+    path.write_bytes(path.read_bytes()[:-100])
+    rec.folders = {"diffusion_models": [str(path)]}
+    errors = _queue(ext, rec, _graph(checkpoint="flux-broken.safetensors"))
+    assert list(errors) == ["6"] and len(errors["6"]) == 1
+    assert "checkpoint flux-broken.safetensors is damaged or truncated" in errors["6"][0]
+    loader = _node(ext, "XDiTLoadParallelDiT")
+    with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError,
+                       match=r"^Load Parallel DiT: checkpoint flux-broken\.safetensors is damaged or truncated: the "
+                             r"header describes \d+ bytes, the file has \d+ \(.*flux-broken\.safetensors\)$"):
+        loader().load(None, "flux-broken.safetensors", "bf16", "auto")
+
+
+def test_checkpoint_geometry_from_header_at_queue_time(ext, rec, tmp_path):
+    """A checkpoint on disk (not a built-in): heads from its header's shapes, without loading it."""
+    path = tmp_path / "diffusion_models" / "flux-24-heads.safetensors"
+    path.parent.mkdir()
+    t = torch.zeros
+    save_file({"img_in.weight": t(3072, 1), "double_blocks.0.img_attn.norm.query_norm.scale": t(128),
+               "double_blocks.0.img_attn.qkv.weight": t(1, 1), "single_blocks.0.linear1.weight": t(1, 1)}, str(path))
+    rec.folders = {"diffusion_models": [str(path)]}
+    errors = _queue(ext, rec, _graph(dict(ulysses_degree=5), checkpoint="flux-24-heads.safetensors"))
+    assert errors == {"6": ["xdit_check - ulysses_degree 5 does not divide the 24 attention heads of "
+                            "flux-24-heads.safetensors"]}
+    assert _queue(ext, rec, _graph(dict(ulysses_degree=8), checkpoint="flux-24-heads.safetensors")) == {}

@@ -99,10 +99,10 @@ def check_api(graph: dict, defs: dict) -> None:
                 assert 0 <= value[1] < len(outputs) and outputs[value[1]] == conf[0], f"{ct}.{name}: type mismatch"
             else:
                 check_value(ct, name, conf, value)
-        cls = info.get("cls")
-        if cls is not None and hasattr(cls, "VALIDATE_INPUTS"):
-            widgets = {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
-            assert cls.VALIDATE_INPUTS(**widgets) is True, f"{ct}: {cls.VALIDATE_INPUTS(**widgets)}"
+    ours = [info["cls"] for info in defs.values() if info.get("cls") is not None]
+    if ours:  # what our nodes refuse when the prompt is queued (the whole graph)
+        problems = sys.modules[ours[0].__module__].queue_check.graph_problems(graph)
+        assert not problems, problems
     # acyclic, and something is saved
     seen, done = set(), set()
 
@@ -189,7 +189,7 @@ def test_validator_catches_mistakes(defs):
     config = next(k for k, n in good.items() if n["class_type"] == "XDiTConfigureHybridParallel")
     breakages = [
         lambda g: g[sampler]["inputs"].pop("steps"),
-        lambda g: g[sampler]["inputs"].__setitem__("scheduler", "exponential"),
+        lambda g: g[sampler]["inputs"].__setitem__("scheduler", "exponential_typo"),
         lambda g: g[sampler]["inputs"].__setitem__("latent_image", [config, 0]),  # wrong type
         lambda g: g[sampler]["inputs"].__setitem__("denoise", 1.5),
         lambda g: g[config]["inputs"].__setitem__("cfg_degree", 2) or g[config]["inputs"].__setitem__(
@@ -219,10 +219,81 @@ def test_queue_script_overrides_and_refuses_ui_format(tmp_path, capsys):
     qw.apply_overrides(graph, ["8.seed=7", "2.text=a cat", "8.cfg=1.5"])
     assert graph["8"]["inputs"]["seed"] == 7 and graph["2"]["inputs"]["text"] == "a cat"
     assert graph["8"]["inputs"]["cfg"] == 1.5
-    with pytest.raises(SystemExit, match="NODE_ID.INPUT=VALUE"):
+    with pytest.raises(qw.UsageError, match="NODE_ID.INPUT=VALUE"):
         qw.apply_overrides(graph, ["99.seed=1"])
     assert qw.main([str(WF / "flux1-dev.json")]) == 2
     assert "UI-format" in capsys.readouterr().err
+
+
+def test_queue_script_bad_arguments_exit_2(tmp_path, capsys):
+    """As its docstring says: 2 for bad arguments, with one line (no traceback), before anything is sent."""
+    qw = _queue_script()
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    server = ["--server", "http://127.0.0.1:9"]  # nothing listens: reaching it would exit 1
+    for argv in ([str(WF / "api" / "flux1-dev.json"), "--set", "99.seed=1"],
+                 [str(WF / "api" / "flux1-dev.json"), "--set", "8.seed"],
+                 [str(tmp_path / "missing.json")], [str(tmp_path / "bad.json")], [str(tmp_path / "list.json")]):
+        assert qw.main(argv + server) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as e:
+        qw.main(["--no-such-option"])
+    assert e.value.code == 2
+
+
+def _fake_comfyui(status: int, body: dict):
+    """A server with ComfyUI's /ws handshake that answers POST /prompt with `status` and `body`."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            import base64
+            import hashlib
+
+            key = self.headers["Sec-WebSocket-Key"].encode()
+            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()).decode()
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Sec-WebSocket-Accept", accept)
+            self.end_headers()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_queue_script_prints_rejected_prompt_readably(capsys):
+    """ComfyUI 0.3.64's answer to a graph with a bad parallel config (tests/data/comfyui_rejected_prompt.json)."""
+    qw = _queue_script()
+    recorded = json.loads((ROOT / "tests" / "data" / "comfyui_rejected_prompt.json").read_text())
+    srv = _fake_comfyui(recorded["status"], recorded["body"])
+    try:
+        code = qw.main([str(WF / "api" / "flux1-dev.json"), "--server", f"http://127.0.0.1:{srv.server_port}"])
+    finally:
+        srv.shutdown()
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: ComfyUI rejected the prompt (400): Prompt outputs failed validation",
+        "  node 5 (XDiTConfigureHybridParallel): Custom validation failed for node: xdit_check - num_patches (2) "
+        "must be at least the pipefusion degree (4)",
+        "  node 10 (CLIPLoader): Value not in list: clip_name: 't5.safetensors' not in []"]
+    assert qw.format_rejection(500, "Internal Server Error\nmore") == \
+        "ComfyUI rejected the prompt (500): Internal Server Error"
 
 
 def test_queue_script_websocket_frames():
@@ -272,3 +343,34 @@ def test_queue_script_websocket_frames():
     assert got["pong"] == (0x8A, b"hi")
     ws.close()
     srv.close()
+
+
+# ------------------------------------------------------------------------------------------------ layout
+TITLE_HEIGHT = 30  # the editor draws a node's title bar above its pos
+
+
+def _rect(node):
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+def _overlaps(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("path", _ui_files(), ids=lambda p: p.stem)
+def test_ui_nodes_do_not_overlap(path):
+    nodes = json.loads(path.read_text())["nodes"]
+    for node in nodes:  # at least what the editor needs: a 20 px row per slot and per widget
+        rows = max(len(node["inputs"]), len(node["outputs"])) + len(node["widgets_values"])
+        assert node["size"][1] >= 20 * rows, (node["type"], node["size"])
+    clashes = [(a["type"], b["type"]) for i, a in enumerate(nodes) for b in nodes[i + 1:]
+               if _overlaps(_rect(a), _rect(b))]
+    assert not clashes
+
+
+def test_overlap_check_can_fail():
+    a = {"pos": [40, 60], "size": [320, 416]}
+    assert _overlaps(_rect(a), _rect({"pos": [40, 360], "size": [320, 156]}))  # today's Configure over Load VAE
+    assert not _overlaps(_rect(a), _rect({"pos": [40, 60 + 416 + TITLE_HEIGHT], "size": [320, 156]}))
+    assert not _overlaps(_rect(a), _rect({"pos": [380, 60], "size": [320, 156]}))

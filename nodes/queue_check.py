@@ -1,0 +1,253 @@
+"""Refusing at queue time what the pool would refuse at sampling.
+
+ComfyUI's VALIDATE_INPUTS sees one node's widget constants, not the graph; but a Ulysses degree that does not divide
+the model's heads, cfg parallel with cfg 1 or a dp degree larger than the batch are properties of several nodes
+together. So an on-prompt handler (PromptServer.add_on_prompt_handler, called on POST /prompt just before ComfyUI
+validates the graph, in the same request task) reads the whole graph: the checkpoint's geometry (nodes/geometry.py,
+no weights loaded), the constants of Configure Hybrid Parallel, Parallel Sampler and an empty-latent node; it keeps
+one line per offending node in a context variable of that task. Each node's VALIDATE_INPUTS takes a single hidden
+input, its node id, so ComfyUI reports that line once for the node (it repeats a message once per argument).
+What depends on values only known when the graph runs (linked widgets, a latent from a VAE) is checked at sampling.
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from typing import Any
+
+from .geometry import CheckpointError, Geometry
+
+log = logging.getLogger("comfyui_xdit.nodes")
+
+HIDDEN = "xdit_check"  # the hidden input (UNIQUE_ID) each node's VALIDATE_INPUTS takes; ComfyUI prefixes messages with it
+CONFIGURE, LOAD, SAMPLER = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"
+EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage")
+_FOUND: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("xdit_queue_problems", default=None)
+
+
+def problem_for(node_id: Any) -> str | bool:
+    """VALIDATE_INPUTS' answer for a node: True, or the line the on-prompt handler found for it."""
+    found = _FOUND.get()
+    return (found or {}).get(str(node_id), True)
+
+
+def on_prompt(json_data: dict) -> dict:
+    """The on-prompt handler: records the problems of json_data["prompt"]; never changes or blocks the prompt."""
+    try:
+        prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
+        _FOUND.set(graph_problems(prompt) if isinstance(prompt, dict) else {})
+    except Exception as e:  # noqa: BLE001 - a bug here must not stop a prompt; sampling checks again
+        _FOUND.set({})
+        log.warning("xDiT: queue-time check failed: %s", e)
+    return json_data
+
+
+on_prompt.xdit_queue_check = True  # marks the handler so a reloaded extension does not add a second one
+
+
+def register() -> bool:
+    """Adds the handler to ComfyUI's server (once); False without one. ComfyUI imports its `server` module before
+    loading extensions: looked up, never imported (elsewhere a module of that name is someone else's)."""
+    module = sys.modules.get("server")
+    server = getattr(getattr(module, "PromptServer", None), "instance", None)
+    if server is None or not hasattr(server, "add_on_prompt_handler"):
+        return False
+    if not any(getattr(h, "xdit_queue_check", False) for h in getattr(server, "on_prompt_handlers", [])):
+        server.add_on_prompt_handler(on_prompt)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ the graph
+def graph_problems(prompt: dict) -> dict[str, str]:
+    """{node id: one line} for every node of ours whose combination with the rest of the graph cannot run."""
+    out: dict[str, str] = {}
+    for nid, node in prompt.items():
+        if not isinstance(node, dict):
+            continue
+        kind = node.get("class_type")
+        lines = (_configure_problems(node) if kind == CONFIGURE else
+                 _load_problems(prompt, node) if kind == LOAD else
+                 _sampler_problems(prompt, node) if kind == SAMPLER else [])
+        if lines:
+            out[str(nid)] = "; ".join(lines)
+    return out
+
+
+def _node_class(kind: str):
+    from .xdit_nodes import NODE_CLASS_MAPPINGS
+
+    return NODE_CLASS_MAPPINGS[kind]
+
+
+def _constants(node: dict, kind: str) -> dict | None:
+    """The node's widget values when all are constants within their declared ranges and lists; None otherwise
+    (a linked widget is known only when the graph runs; ComfyUI itself reports a value out of range)."""
+    spec = _node_class(kind).INPUT_TYPES()
+    inputs = node.get("inputs") or {}
+    out = {}
+    for section in ("required", "optional"):
+        for name, conf in spec.get(section, {}).items():
+            if isinstance(conf[0], str) and conf[0] not in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                continue  # a link input
+            if name not in inputs:
+                if section == "required":
+                    return None
+                continue
+            value = inputs[name]
+            if isinstance(value, list) or not _in_range(value, conf):
+                return None
+            out[name] = value
+    return out
+
+
+def _in_range(value: Any, conf: tuple) -> bool:
+    if isinstance(conf[0], list):
+        return value in conf[0]
+    extra = conf[1] if len(conf) > 1 and isinstance(conf[1], dict) else {}
+    if conf[0] in ("INT", "FLOAT"):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        return extra.get("min", value) <= value <= extra.get("max", value)
+    return True
+
+
+def _source(prompt: dict, node: dict, name: str, kind: str | tuple) -> tuple[str, dict] | None:
+    link = (node.get("inputs") or {}).get(name)
+    if not (isinstance(link, list) and len(link) == 2):
+        return None
+    src = prompt.get(str(link[0]))
+    kinds = (kind,) if isinstance(kind, str) else kind
+    return (str(link[0]), src) if isinstance(src, dict) and src.get("class_type") in kinds else None
+
+
+def _settings(values: dict):
+    from .xdit_nodes import ConfigureHybridParallel
+
+    return ConfigureHybridParallel.settings(**values)
+
+
+# ------------------------------------------------------------------------------------------------ per node
+def _configure_problems(node: dict) -> list[str]:
+    from .pool import validation_error
+
+    values = _constants(node, CONFIGURE)
+    if values is None:
+        return []
+    try:
+        err = validation_error(_settings(values))
+    except (TypeError, ValueError) as e:
+        err = f"invalid parallel settings: {e}"
+    return [err] if err else []
+
+
+def _valid_settings(prompt: dict, node: dict):
+    """The settings of the Configure node feeding `node`, when they are known and valid (else that node says why)."""
+    from .pool import validation_error
+
+    src = _source(prompt, node, "parallel_config", CONFIGURE)
+    values = _constants(src[1], CONFIGURE) if src else None
+    if values is None:
+        return None
+    try:
+        s = _settings(values)
+    except (TypeError, ValueError):
+        return None
+    return None if validation_error(s) else s
+
+
+def _geometry(node: dict) -> Geometry | None:
+    """Raises CheckpointError for a damaged file; None when the checkpoint is not (yet) known."""
+    from . import checkpoints
+    from .geometry import geometry
+
+    values = _constants(node, LOAD)
+    if values is None:
+        return None
+    try:
+        path = checkpoints.resolve(values["checkpoint"])
+    except FileNotFoundError:
+        return None  # ComfyUI reports a name not in the list
+    try:
+        return geometry(path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - not one of our families: loading says so in detail
+        log.debug("xDiT: no geometry for %s: %s", path, e)
+        return None
+
+
+def _load_problems(prompt: dict, node: dict) -> list[str]:
+    try:
+        g = _geometry(node)
+    except CheckpointError as e:
+        return [str(e)]
+    s = _valid_settings(prompt, node)
+    if g is None or s is None:
+        return []
+    name = (node.get("inputs") or {}).get("checkpoint")
+    return model_fit_problems(s, g, name)
+
+
+def model_fit_problems(s, g: Geometry, name: str) -> list[str]:
+    """What the settings cannot do with this model, whatever the image (the engine's check_model_fit)."""
+    out = []
+    if g.heads and g.heads % s.ulysses:
+        out.append(f"ulysses_degree {s.ulysses} does not divide the {g.heads} attention heads of {name}")
+    if g.blocks and s.pipefusion > g.blocks:
+        out.append(f"pipefusion_degree {s.pipefusion} is larger than the {g.blocks} transformer blocks of {name}")
+    return out
+
+
+def _sampler_problems(prompt: dict, node: dict) -> list[str]:
+    load = _source(prompt, node, "model", LOAD)
+    s = _valid_settings(prompt, load[1]) if load else None
+    if s is None:
+        return []
+    values = {k: v for k, v in (node.get("inputs") or {}).items() if not isinstance(v, list)}
+    out = []
+    cfg = values.get("cfg")
+    if s.cfg == 2 and isinstance(cfg, (int, float)) and float(cfg) == 1.0:
+        out.append("cfg_degree 2 runs the negative branch on half the ranks, but cfg is 1 (no negative branch): "
+                   "set cfg != 1 or cfg_degree 1")
+    latent = _source(prompt, node, "latent_image", EMPTY_LATENTS)
+    size = _latent_size(latent[1]) if latent else None
+    if size is not None:
+        try:
+            g = _geometry(load[1])
+        except CheckpointError:
+            g = None  # the Load node reports it
+        out += image_problems(s, g, *size)
+    return out
+
+
+def _latent_size(node: dict) -> tuple[int, int, int] | None:
+    inputs = node.get("inputs") or {}
+    vals = [inputs.get(k) for k in ("height", "width", "batch_size")]
+    return tuple(vals) if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals) else None
+
+
+def image_problems(s, g: Geometry | None, height: int, width: int, batch: int) -> list[str]:
+    """What the settings cannot do with an image of this size and batch (the engine's checks at sampling)."""
+    out = []
+    if s.dp > batch:
+        out.append(f"dp_degree {s.dp} is larger than the batch size {batch}")
+    patch = g.patch if g else 2
+    multiple = 8 * patch
+    if height % multiple or width % multiple:
+        out.append(f"{width}x{height} is not a multiple of {multiple} px, as this model needs")
+        return out
+    if g and g.max_side and max(height, width) > g.max_side:
+        out.append(f"{width}x{height} is larger than this SD3 model's position table allows ({g.max_side} px)")
+    rows, cols = height // multiple, width // multiple
+    sp = s.ring * s.ulysses
+    if sp > rows * cols:
+        out.append(f"{width}x{height} has {rows * cols} image tokens, fewer than ring x ulysses ({sp})")
+    if s.pipefusion > 1:
+        patches = s.num_patches or s.pipefusion
+        if patches > rows:
+            out.append(f"num_patches {patches} is larger than the latent height in tokens ({rows})")
+        elif (rows // patches) * cols < sp:
+            out.append(f"a PipeFusion patch of {rows // patches}x{cols} tokens has fewer tokens than ring x "
+                       f"ulysses ({sp})")
+    return out
