@@ -13,7 +13,7 @@ from .errors import XDiTError
 from .schedules import Schedule, initial_latents, make_schedule
 from .tiny import TINY_TEXT_TOKENS
 
-MAX_SEED = 1 << 63  # the generators take int64 seeds (the conditioning generator uses seed + 1)
+MAX_SEED = (1 << 63) - 1  # largest seed (torch generators take up to 2**64 - 1; the conditioning one uses seed + 1)
 INPUT_NAMES = ("noise", "cond", "pooled", "neg_cond", "neg_pooled", "cond_mask", "neg_cond_mask", "latent", "sigmas")
 
 
@@ -74,8 +74,8 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
         raise XDiTError(f"unknown inputs {sorted(unknown)}: expected some of {', '.join(INPUT_NAMES)}")
     if req.batch_size < 1:
         raise XDiTError(f"batch size must be >= 1, got {req.batch_size}")
-    if not 0 <= req.seed < MAX_SEED:
-        raise XDiTError(f"seed must be between 0 and {MAX_SEED - 1}, got {req.seed}")
+    if not 0 <= req.seed <= MAX_SEED:
+        raise XDiTError(f"seed must be between 0 and {MAX_SEED}, got {req.seed}")
     adapter.check_size(req.height, req.width)
     inp = req.inputs
     shape = latent_shape(adapter, req)

@@ -13,7 +13,7 @@ from msgspec import Meta, Struct
 VERSION = 2
 PING_INTERVAL_S = 1.0    # a client waiting for a reply pings at least this often ...
 CLIENT_TIMEOUT_S = 15.0  # ... and the pool cancels the jobs of a client silent for this long (gone)
-MAX_SEED = (1 << 63) - 2  # the engine draws from seed and seed + 1 (int64 generators; the node folds larger seeds)
+MAX_SEED = (1 << 63) - 1  # the engine's largest seed (ComfyUI's node folds larger ones into this range)
 
 Id = Annotated[str, Meta(min_length=1, max_length=128)]
 Name = Annotated[str, Meta(min_length=1, max_length=64)]

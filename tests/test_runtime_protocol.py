@@ -130,6 +130,12 @@ def test_bind_policy_and_secret_file(tmp_path, monkeypatch):
         read_secret(None, str(tmp_path / "empty"))
 
 
+def test_seed_bounds_in_the_schema():
+    assert msgspec.convert({**REQUEST, "seed": (1 << 63) - 1}, SampleFields).seed == (1 << 63) - 1
+    with pytest.raises(msgspec.ValidationError, match="seed"):
+        msgspec.convert({**REQUEST, "seed": 1 << 63}, SampleFields)
+
+
 def test_request_from_schema():
     fields = msgspec.convert({**REQUEST, "cfg": 3, "guidance": None, "cache": {"threshold": 0.1}}, SampleFields)
     req = build_request(fields, {})

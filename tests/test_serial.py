@@ -142,3 +142,13 @@ def test_every_tensor_of_a_job_lives_on_the_model_device(name):
     for req in requests:
         out = sample(m.adapter, req, tiny=True)
         assert out.device.type == "meta" and out.shape == (1, m.adapter.latent_channels, 16, 20)
+
+
+def test_seed_range(tiny_models):
+    """Every seed the pool's schema takes samples; one past it is a clear error, not an overflow."""
+    m = tiny_models["tiny-flux"]
+    top = (1 << 63) - 1
+    assert torch.isfinite(sample(m.adapter, SampleRequest(height=64, width=64, steps=1, seed=top), tiny=True)).all()
+    for bad in (top + 1, -1):
+        with pytest.raises(XDiTError, match="seed must be between 0 and"):
+            prepare(m.adapter, SampleRequest(height=64, width=64, steps=1, seed=bad), tiny=True)
