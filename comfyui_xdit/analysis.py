@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import XDiTError
+from .families.spec import IMAGE, TEXT
+from .parallel.plan import install, remove, shard_sizes
+from .parallel.plan import positions as plan_positions
 
 ATTENTION_KINDS = ("k", "v", "out")
 TEXT_KINDS = ("text_k", "text_v", "text_out")
@@ -85,19 +88,21 @@ def _layout(adapter) -> _Layout:
     model = adapter.model
     if getattr(model, "_xdit_stage", None) is not None:
         raise XDiTError("this model was sharded into PipeFusion stages; load it again to analyse it")
-    plan = adapter.sp_plan()
-    joint_of = {id(m): j for m, j in plan.attention}
+    from .parallel.plan import attention_modules
+
+    streams_of = {id(m): streams for m, streams in attention_modules(model, adapter.plan)}
     Attention = _attention_classes()
     blocks, attention = [], []
-    for name in plan.blocks:
-        for i, block in enumerate(getattr(model, name)):
+    for bl in adapter.plan.blocks:
+        for i, block in enumerate(getattr(model, bl.name)):
             b = len(blocks)
-            blocks.append((f"{name}.{i}", block))
+            blocks.append((f"{bl.name}.{i}", block))
             for sub_name, sub in block.named_modules():
                 if isinstance(sub, Attention):
-                    joint = joint_of.get(id(sub), False)
+                    streams = streams_of.get(id(sub), ())
+                    joint = TEXT in streams and IMAGE in streams
                     role = "joint" if joint else ("cross" if getattr(sub, "is_cross_attention", False) else "self")
-                    attention.append((f"{name}.{i}.{sub_name} ({role})", sub, joint, b))
+                    attention.append((f"{bl.name}.{i}.{sub_name} ({role})", sub, streams if joint else None, b))
     rows = {k: [a[0] for a in attention] for k in ATTENTION_KINDS}
     if any(a[2] for a in attention):
         rows.update({k: [a[0] for a in attention if a[2]] for k in TEXT_KINDS})
@@ -115,14 +120,13 @@ class _Recorder:
     """Hooks and taps for one job: compares every recorded tensor with the previous step's and accumulates the
     sums of the current step on the device."""
 
-    def __init__(self, layout: _Layout, device: torch.device, steps: int):
-        self.layout = layout
+    def __init__(self, layout: _Layout, device: torch.device, steps: int, view: "_LengthView"):
+        self.layout, self.view = layout, view
         self.device = device
         self.acc_dtype = torch.float64 if device.type in ("cpu", "cuda") else torch.float32
         self.steps = steps
         self.call = -1                  # model call index within the current step
         self.prev: dict[tuple, torch.Tensor] = {}
-        self.text_tokens: dict[int, int] = {}  # block index -> local text tokens of its current call
         self.results = np.zeros((steps, layout.slots, 3))
         self._new_step()
 
@@ -146,16 +150,14 @@ class _Recorder:
     def model_pre(self, module, args, kwargs):
         self.call += 1
 
-    def block_pre(self, b: int):
-        def hook(module, args, kwargs):
-            ehs = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-            self.text_tokens[b] = ehs.shape[1] if isinstance(ehs, torch.Tensor) else 0
-        return hook
+    def block_post(self, b: int, adapter, block: torch.nn.Module):
+        blocks = adapter.block_list(block)
+        key = blocks.main
+        position = key if isinstance(key, int) else plan_positions(block).get(key, 0)
 
-    def block_post(self, b: int, adapter):
         def hook(module, args, kwargs, output):
-            x_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            x_out = adapter.block_streams(output)[0]
+            x_in = kwargs[key] if isinstance(key, str) and key in kwargs else args[position]
+            x_out = adapter.block_streams(output, blocks)[0]
             self.record("residual", b, x_out - x_in)
         return hook
 
@@ -167,7 +169,7 @@ class _Recorder:
                 for kind, x in zip(ATTENTION_KINDS, (k, v, out)):
                     self.record(kind, row, x, sub)
                 return
-            n_txt = self.text_tokens.get(b, 0)
+            n_txt = self.view.local(TEXT)
             n = k.shape[2]
             txt = slice(0, n_txt) if text_first else slice(n - n_txt, n)
             img = slice(n_txt, n) if text_first else slice(0, n - n_txt)
@@ -190,25 +192,59 @@ class _Recorder:
         self._new_step()
 
 
+class _LengthView:
+    """A token view that splits nothing: it records each stream's full length per forward, so the taps know how
+    many text tokens this rank's share of a joint sequence holds (sp: the ranks the streams are sharded over)."""
+
+    def __init__(self, sp: int, sp_rank: int):
+        self.sp, self.sp_rank = sp, sp_rank
+        self.full: dict[str, int] = {}
+
+    def begin(self) -> None:
+        self.full = {}
+
+    def take(self, stream: str, t: torch.Tensor, dim: int) -> torch.Tensor:
+        self.full[stream] = t.shape[dim]
+        return t
+
+    def sizes(self, stream: str) -> list[int]:
+        return shard_sizes(self.full.get(stream, 0), self.sp)
+
+    def local(self, stream: str) -> int:
+        return self.sizes(stream)[self.sp_rank]
+
+    def gather(self, t: torch.Tensor, spec) -> torch.Tensor:
+        return t
+
+
+def _sp_rank(config) -> int:
+    """This rank's index among the sequence-parallel ranks (ring x ulysses are the innermost mesh dimensions)."""
+    if config.sp == 1:
+        return 0
+    return torch.distributed.get_rank() % config.sp
+
+
 @contextlib.contextmanager
 def _installed(adapter, layout: _Layout, recorder: _Recorder):
     from .parallel.sequence import wrap_attention
 
-    plan = adapter.sp_plan()
     # first, so that a refused processor leaves nothing installed; the same model everywhere: the same outcome
-    restore = wrap_attention([(m, j) for _, m, j, _ in layout.attention],
-                             lambda m, j: (lambda: F.scaled_dot_product_attention), root=adapter.model)
-    handles = [adapter.model.register_forward_pre_hook(recorder.model_pre, with_kwargs=True)]
+    restore = wrap_attention([(m, streams) for _, m, streams, _ in layout.attention],
+                             lambda m, streams: (lambda: F.scaled_dot_product_attention), root=adapter.model)
+    # before the parallel hooks: the streams' full lengths, whatever splits them later
+    handles = install(adapter.model, adapter.plan, recorder.view, gathers=False)
+    handles.append(adapter.model.register_forward_pre_hook(recorder.model_pre, with_kwargs=True))
     for b, (_, block) in enumerate(layout.blocks):
-        handles.append(block.register_forward_pre_hook(recorder.block_pre(b), with_kwargs=True))
-        handles.append(block.register_forward_hook(recorder.block_post(b, adapter), with_kwargs=True))
+        handles.append(block.register_forward_hook(recorder.block_post(b, adapter, block), with_kwargs=True))
     text_row = 0
-    for row, (_, module, joint, b) in enumerate(layout.attention):
-        module._xdit_tap = recorder.tap(row, text_row if joint else None, b, plan.text_first)
+    for row, (_, module, streams, b) in enumerate(layout.attention):
+        joint = streams is not None
+        module._xdit_tap = recorder.tap(row, text_row if joint else None, b, joint and streams[0] == TEXT)
         text_row += 1 if joint else 0
     try:
         yield
     finally:
+        remove(handles)
         restore()
         for _, module, _, _ in layout.attention:
             if hasattr(module, "_xdit_tap"):
@@ -249,7 +285,7 @@ def analyze(loaded, requests: list, config=None) -> Profile:
             steps, timesteps = n, [float(t) for t in job.schedule.timesteps]
         elif n != steps:
             raise XDiTError("every request of an analysis must have the same number of steps")
-        recorder = _Recorder(layout, device, n)
+        recorder = _Recorder(layout, device, n, _LengthView(config.sp, _sp_rank(config)))
         with _installed(adapter, layout, recorder):
             run_job(loaded, req, config, step_end=recorder.step_end)
         sums.append(recorder.results)

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from . import families
 from .adapters import make_adapter
 from .adapters.base import Conditioning, FamilyAdapter
 from .attention_backend import preferred_attention
@@ -26,9 +27,11 @@ from .models import parse_dtype
 from .tiny import build_tiny, is_tiny
 
 CONFIG_DIR = Path(__file__).with_name("configs")
-ARCHS = {"flux": "flux-dev", "flux-schnell": "flux-schnell", "sd3": "sd3-medium", "sd3.5-large": "sd3.5-large",
-         "sd3.5-medium": "sd3.5-medium", "pixart": "pixart-sigma", "pixart-alpha": "pixart-alpha"}
-TEXT_TOKENS = {"flux": 512, "sd3": 154, "pixart": 300}  # what the families' text encoders produce
+
+
+def arch_names() -> list[str]:
+    """What --arch takes: a family (its first published variant), a variant, or a built-in tiny model."""
+    return [*families.names(), *families.variants(), *families.tiny_models()]
 
 
 def build_random(arch: str, dtype: torch.dtype, device: str) -> FamilyAdapter:
@@ -36,13 +39,18 @@ def build_random(arch: str, dtype: torch.dtype, device: str) -> FamilyAdapter:
     if is_tiny(arch):
         family, model = build_tiny(arch, dtype)
         return make_adapter(family, model.to(device))
-    if arch not in ARCHS:
-        raise SystemExit(f"error: unknown arch {arch!r}: one of {', '.join([*ARCHS, 'tiny-flux', 'bench-flux'])}")
+    try:
+        fam, variant = families.parse(arch)
+    except KeyError:
+        fam = variant = None
+    if fam is None:
+        raise SystemExit(f"error: unknown arch {arch!r}: one of {', '.join(arch_names())}")
+    variant = variant or fam.default_variant
     import diffusers
 
-    config = json.loads((CONFIG_DIR / f"{ARCHS[arch]}.json").read_text())
-    cls = getattr(diffusers, config.pop("_class_name"))
-    family = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}.get(cls.__name__, "pixart")
+    config = json.loads((CONFIG_DIR / variant.config).read_text())
+    cls = getattr(diffusers, fam.diffusers_class)
+    config.pop("_class_name", None)
     default = torch.get_default_dtype()
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)  # initialise in the target dtype, on the device: no full-size fp32 copy
@@ -51,17 +59,18 @@ def build_random(arch: str, dtype: torch.dtype, device: str) -> FamilyAdapter:
             model = cls.from_config(config)
     finally:
         torch.set_default_dtype(default)
-    return make_adapter(family, model.eval().requires_grad_(False))
+    return make_adapter(fam.name, model.eval().requires_grad_(False), variant.name)
 
 
 def step_inputs(adapter: FamilyAdapter, size: int, batch: int, device: str
                 ) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
     g = torch.Generator().manual_seed(0)
-    tokens = TEXT_TOKENS[adapter.family] if adapter.model.config.get("num_layers", 0) > 4 else 16
+    tokens = adapter.spec.cond.tokens if adapter.block_count > 4 else 16  # the encoder's; a tiny model gets 16
     c = adapter.random_conditioning(batch, tokens, g)
     c = Conditioning(*(None if t is None else t.to(device) for t in (c.cond, c.pooled, c.mask)))
     c = adapter.expand(c, batch)
-    x = torch.randn(batch, adapter.latent_channels, size // 8, size // 8, generator=g).to(device)
+    side = size // adapter.latent.downscale
+    x = torch.randn(batch, adapter.latent_channels, side, side, generator=g).to(device)
     return x, torch.tensor([500.0], device=device), c
 
 
@@ -101,8 +110,8 @@ def compile_blocks(adapter: FamilyAdapter) -> None:
     if hasattr(model, "compile_repeated_blocks"):
         model.compile_repeated_blocks(fullgraph=True)
         return
-    for name in adapter.sp_plan().blocks:
-        for block in getattr(model, name):
+    for bl in adapter.plan.blocks:
+        for block in getattr(model, bl.name):
             block.compile(fullgraph=True)
 
 
@@ -146,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="flux", help=f"{', '.join(ARCHS)}, or a built-in tiny model (CPU checks)")
+    p.add_argument("--arch", default="flux", help="a family or variant (e.g. flux, sd3.5-large), or a built-in tiny "
+                   "model (CPU checks)")
     p.add_argument("--size", type=int, default=1024, help="image side in pixels")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

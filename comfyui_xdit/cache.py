@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 
 from .errors import XDiTError
+from .parallel.plan import positions as plan_positions
 
 
 @dataclass
@@ -138,12 +139,12 @@ class StepPolicy:
         return reuse
 
 
-def _image_in(args: tuple, kwargs: dict) -> torch.Tensor:
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-
-def _text_in(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    return kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else (args[1] if len(args) > 1 else None)
+def _stream_in(key: str | int, position: int, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A block's stream input, given by name (or position) or passed positionally."""
+    if isinstance(key, str) and key in kwargs:
+        return kwargs[key]
+    i = key if isinstance(key, int) else position
+    return args[i] if i < len(args) else None
 
 
 class BlockCache:
@@ -165,7 +166,6 @@ class BlockCache:
         self.reuse = False
         self.ref: dict = {}      # slot -> first blocks' residual at the last computed step
         self.res: dict = {}      # slot -> the span's residual at the last computed step
-        self.tuple_out: dict[int, bool] = {}
         self.acc: torch.Tensor | None = None  # pipelined: (sum|r - ref|, sum|ref|) of this step's patches
         self._block0_in = self._span_in = None
         self.device = next(blocks[0].parameters()).device
@@ -200,41 +200,48 @@ class BlockCache:
     @contextlib.contextmanager
     def installed(self) -> Iterator["BlockCache"]:
         for j, block in enumerate(self.blocks):
-            block.forward = self._make_forward(j, block.forward)
+            block.forward = self._make_forward(j, block.forward, self.adapter.block_list(block))
         try:
             yield self
         finally:
             for block in self.blocks:
                 del block.forward  # back to the class's forward
 
-    def _make_forward(self, j: int, original: Callable) -> Callable:
+    def _make_forward(self, j: int, original: Callable, blocks) -> Callable:
+        """The block's forward with the cache; `blocks`: its declared list (which inputs are its streams, in which
+        order it returns them). The cache follows the main stream; a reused block passes the others through."""
         last = len(self.blocks) - 1
+        names = [key for key, _ in blocks.inputs]
+        pos = plan_positions(self.blocks[j])
+
+        def inputs(args, kwargs) -> list:
+            return [_stream_in(k, pos.get(k, i) if isinstance(k, str) else k, args, kwargs)
+                    for i, k in enumerate(names)]
 
         def forward(*args, **kwargs):
             key = self.slot if self.pipelined else self.call
             if j == 0:
-                self._block0_in = _image_in(args, kwargs)
+                self._block0_in = inputs(args, kwargs)[0]
             if j < self.first:
                 out = original(*args, **kwargs)
                 if j == self.first - 1:
-                    image = self.adapter.block_streams(out)[0]
-                    self._after_first(image - self._block0_in, key)
-                    self._span_in = image
+                    main = self.adapter.block_streams(out, blocks)[0]
+                    self._after_first(main - self._block0_in, key)
+                    self._span_in = main
                     if j == last:
                         self.call += 1
                 return out
             if j == self.first:
-                self._span_in = _image_in(args, kwargs)
+                self._span_in = inputs(args, kwargs)[0]
             if self.reuse:
-                image, text = _image_in(args, kwargs), _text_in(args, kwargs)
+                streams = inputs(args, kwargs)
                 if j == last:
-                    image = image + self.res[key]
+                    streams[0] = streams[0] + self.res[key]
                     self.call += 1
-                return (text, image) if self.tuple_out[j] else image
+                return streams[0] if blocks.outputs is None else tuple(streams[i] for i in blocks.outputs)
             out = original(*args, **kwargs)
-            self.tuple_out[j] = isinstance(out, tuple)
             if j == last:
-                self.res[key] = self.adapter.block_streams(out)[0] - self._span_in
+                self.res[key] = self.adapter.block_streams(out, blocks)[0] - self._span_in
                 self.call += 1
             return out
 
@@ -262,8 +269,8 @@ class BlockCache:
 
 
 def model_blocks(adapter) -> list[torch.nn.Module]:
-    """The transformer blocks this process holds, in execution order."""
-    return [b for name in adapter.sp_plan().blocks for b in getattr(adapter.model, name)]
+    """The transformer blocks this process holds that the step cache spans, in execution order."""
+    return [b for bl in adapter.plan.blocks if bl.cached for b in getattr(adapter.model, bl.name)]
 
 
 @contextlib.contextmanager

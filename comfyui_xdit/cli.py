@@ -12,8 +12,7 @@ POOL_PROBE_S = 10.0  # how long `generate --pool` waits for the pool's first ans
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="tiny-flux | tiny-sd3 | tiny-pixart | path to weights")
-    p.add_argument("--family", default=None, choices=["flux", "sd3", "pixart"])
+    add_model_args(p)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--height", type=int, required=True)
     p.add_argument("--width", type=int, required=True)
@@ -32,6 +31,15 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     add_secret_args(p, "the pool's shared secret")
     add_parallel_args(p)
     add_cache_args(p)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    from . import families
+
+    tiny = " | ".join(n for n in families.tiny_models() if n.startswith("tiny-"))
+    p.add_argument("--model", required=True, help=f"{tiny} | a diffusers folder or single-file checkpoint")
+    p.add_argument("--family", default=None, choices=[*families.names(), *families.variants()],
+                   help="the model's family or variant (default: detected from the weights)")
 
 
 def add_secret_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -403,8 +411,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_analyze_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="tiny-flux | tiny-sd3 | tiny-pixart | path to weights")
-    p.add_argument("--family", default=None, choices=["flux", "sd3", "pixart"])
+    add_model_args(p)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--prompts", type=int, default=4,
                    help="number of 'prompts': random conditionings drawn from --seed + p (there are no text "

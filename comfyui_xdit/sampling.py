@@ -59,7 +59,8 @@ class PreparedJob:
 
 
 def latent_shape(adapter: FamilyAdapter, req: SampleRequest) -> tuple[int, int, int, int]:
-    return (req.batch_size, adapter.latent_channels, req.height // 8, req.width // 8)
+    down = adapter.latent.downscale
+    return (req.batch_size, adapter.latent_channels, req.height // down, req.width // down)
 
 
 def seed_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -109,7 +110,8 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
 
     positive = branch("", "positive")
     negative = branch("neg_", "negative") if use_cfg else None
-    if negative is not None and negative.cond.shape[1] != positive.cond.shape[1] and adapter.family != "pixart":
+    if (negative is not None and negative.cond.shape[1] != positive.cond.shape[1]
+            and not adapter.spec.cond.negative_length_may_differ):
         raise XDiTError(f"negative conditioning has {negative.cond.shape[1]} tokens, positive has "
                         f"{positive.cond.shape[1]}: they must match")
 

@@ -1,40 +1,20 @@
-"""Schedulers and timesteps, computed the way the diffusers pipelines compute them by default."""
+"""Schedulers and timesteps, computed the way the diffusers pipelines compute them by default (each family's
+scheduler configs and timestep rule are declared in its family file)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from . import families
 from .errors import XDiTError
 from .ksampling import SigmaSampler
-
-# Scheduler configs as the published checkpoints ship them (scheduler/scheduler_config.json).
-FLOW_DEV = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                base_image_seq_len=256, max_image_seq_len=4096)
-FLOW_SCHNELL = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
-FLOW_SD3 = dict(num_train_timesteps=1000, shift=3.0)
-PIXART_DPM = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                  prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
-                  lower_order_final=True, timestep_spacing="linspace", steps_offset=0)
-
-SAMPLERS = {"flux": ("euler", "dpmpp_2m"), "sd3": ("euler", "dpmpp_2m"), "pixart": ("dpmpp_2m", "euler")}
-
 
 @dataclass
 class Schedule:
     scheduler: object          # a diffusers scheduler, ready to step
     timesteps: torch.Tensor    # the timesteps to run, in order
     flow: bool                 # flow matching (x = (1-s) x0 + s noise) or epsilon/VP
-
-
-def resolution_shift(image_tokens: int, cfg: dict) -> float:
-    """Flux's mu: linear in the image token count, from base_shift at base_image_seq_len to max_shift at
-    max_image_seq_len (the pipeline's formula; importing it would pull in transformers)."""
-    x0, x1 = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
-    y0, y1 = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
-    m = (y1 - y0) / (x1 - x0)
-    return image_tokens * m + (y0 - m * x0)
 
 
 def discrete_sigmas(cfg: dict) -> torch.Tensor:
@@ -54,16 +34,24 @@ def discrete_sigmas(cfg: dict) -> torch.Tensor:
     return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
 
+def _family(name: str):
+    try:
+        return families.get(name)
+    except KeyError as e:
+        raise XDiTError(str(e.args[0])) from None
+
+
 def default_sampler(family: str) -> str:
-    return SAMPLERS[family][0]
+    return _family(family).samplers[0]
 
 
 def scheduler_config(family: str, variant: str) -> dict:
-    if family == "flux":
-        return FLOW_SCHNELL if variant == "flux-schnell" else FLOW_DEV
-    if family == "sd3":
-        return FLOW_SD3
-    return PIXART_DPM
+    """The scheduler config the variant's checkpoints ship (the family's first variant's when unknown)."""
+    fam = _family(family)
+    try:
+        return fam.variant(variant).scheduler
+    except KeyError:
+        return fam.default_variant.scheduler
 
 
 def make_schedule(family: str, variant: str, sampler: str, steps: int, image_tokens: int,
@@ -73,15 +61,16 @@ def make_schedule(family: str, variant: str, sampler: str, steps: int, image_tok
     from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                            FlowMatchEulerDiscreteScheduler)
 
-    sampler = default_sampler(family) if sampler in ("default", "", None) else sampler
-    if sampler not in SAMPLERS[family]:
-        raise XDiTError(f"sampler {sampler!r} is not available for {family}: choose from {', '.join(SAMPLERS[family])}")
+    fam = _family(family)
+    sampler = fam.samplers[0] if sampler in ("default", "", None) else sampler
+    if sampler not in fam.samplers:
+        raise XDiTError(f"sampler {sampler!r} is not available for {family}: choose from {', '.join(fam.samplers)}")
     if not 0.0 < denoise <= 1.0:
         raise XDiTError(f"denoise must be in (0, 1], got {denoise}")
     if sigmas is None and steps < 1:
         raise XDiTError(f"steps must be >= 1, got {steps}")
     cfg = scheduler_config(family, variant)
-    flow = family in ("flux", "sd3")
+    flow = fam.flow
 
     if sigmas is not None:
         s = [float(v) for v in sigmas]
@@ -98,11 +87,8 @@ def make_schedule(family: str, variant: str, sampler: str, steps: int, image_tok
 
     if flow:
         sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
-        kwargs = {}
-        if family == "flux":  # FluxPipeline: linear sigmas and a resolution-dependent shift mu
-            kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
-            kwargs["mu"] = resolution_shift(image_tokens, cfg)
-            sched.set_timesteps(**kwargs)
+        if fam.set_timesteps is not None:  # the family's pipeline (e.g. linear sigmas and a resolution shift)
+            sched.set_timesteps(**fam.set_timesteps(steps, image_tokens, cfg))
         else:
             sched.set_timesteps(steps)
     elif sampler == "euler":

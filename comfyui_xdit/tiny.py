@@ -8,48 +8,31 @@ import math
 
 import torch
 
+from . import families
 from .errors import XDiTError
 
-# family, diffusers class name, constructor kwargs
-TINY_MODELS: dict[str, tuple[str, str, dict]] = {
-    "tiny-flux": ("flux", "FluxTransformer2DModel", dict(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=4, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6))),
-    "tiny-sd3": ("sd3", "SD3Transformer2DModel", dict(
-        sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=4,
-        joint_attention_dim=4096, caption_projection_dim=64, pooled_projection_dim=2048, out_channels=16,
-        pos_embed_max_size=96, qk_norm="rms_norm", dual_attention_layers=(0,))),
-    "tiny-pixart": ("pixart", "PixArtTransformer2DModel", dict(
-        sample_size=32, num_layers=2, attention_head_dim=16, num_attention_heads=4, in_channels=4, out_channels=8,
-        caption_channels=4096, cross_attention_dim=64, use_additional_conditions=False, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=1)),
-    # Larger built-in models for CPU benchmarks, where compute must dominate communication.
-    "bench-flux": ("flux", "FluxTransformer2DModel", dict(
-        patch_size=1, in_channels=64, num_layers=1, num_single_layers=5, attention_head_dim=64,
-        num_attention_heads=16, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 24, 24))),
-}
 TINY_TEXT_TOKENS = 16
 _WEIGHT_SEED = 20241122
 
 
 def is_tiny(name: str) -> bool:
-    return name in TINY_MODELS
+    return name in families.tiny_models()
 
 
 def build_tiny(name: str, dtype: torch.dtype = torch.float32, **overrides) -> tuple[str, torch.nn.Module]:
-    """Return (family, model) for a built-in tiny model; `overrides` change constructor kwargs (e.g. depth)."""
-    if name not in TINY_MODELS:
-        raise XDiTError(f"unknown model {name!r}: expected one of {', '.join(TINY_MODELS)} or a path")
-    family, cls_name, kwargs = TINY_MODELS[name]
+    """Return (family, model) for a built-in tiny model (each family declares its own); `overrides` change
+    constructor kwargs (e.g. depth)."""
+    tiny = families.tiny_models()
+    if name not in tiny:
+        raise XDiTError(f"unknown model {name!r}: expected one of {', '.join(tiny)} or a path")
+    family, kwargs = tiny[name]
     import diffusers
 
-    model = getattr(diffusers, cls_name)(**{**kwargs, **overrides})
+    model = getattr(diffusers, family.diffusers_class)(**{**kwargs, **overrides})
     fill_deterministic(model, _WEIGHT_SEED)
     if dtype != torch.float32:
         model = model.to(dtype)
-    return family, model.eval().requires_grad_(False)
+    return family.name, model.eval().requires_grad_(False)
 
 
 @torch.no_grad()

@@ -2,11 +2,11 @@
 side) read from its key names or config without loading weights."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from .families import DEFAULT_VARIANT, TINY_VARIANT, VARIANTS
+from .families import TINY_VARIANT, VARIANTS
+from .geometry import tensor_shapes
 
 FOLDERS = ("diffusion_models", "unet", "checkpoints")
 WEIGHT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
@@ -85,43 +85,26 @@ def resolve(name: str) -> str:
 
 
 def detect_variant(path: str, family: str | None = None) -> str:
-    """Model variant (flux-dev, flux-schnell, sd3.5-large, pixart-sigma, ...) of a checkpoint. `family` may be a
-    family or a variant chosen by the user; a family narrows the detection, a variant is returned as is."""
+    """Model variant (flux-dev, flux-schnell, sd3.5-large, pixart-sigma, ...) of a checkpoint, from its config or
+    its key names (the family's quick rule; no weights loaded). `family` may be a family or a variant chosen by
+    the user; a family narrows the detection, a variant is returned as is."""
     if family in VARIANTS:
         return family
     if path in TINY_VARIANT:
         return TINY_VARIANT[path]
+    from comfyui_xdit import families
+    from comfyui_xdit.weights import detect_family, folder_config
+
     p = Path(path)
     if p.is_dir():
-        return _folder_variant(p)
-    keys = _keys(p)
-    from comfyui_xdit.weights import detect_family
-
-    fam = detect_family(keys)
-    if family not in (None, "", "auto") and family != fam:
-        raise ValueError(f"{p.name} looks like a {fam} model, not {family}")
-    if fam == "flux":
-        return "flux-dev" if any("guidance_in." in k or "guidance_embedder." in k for k in keys) else "flux-schnell"
-    if fam == "pixart":
-        alpha = any(k.startswith(("csize_embedder.", "ar_embedder.")) or "resolution_embedder." in k for k in keys)
-        return "pixart-alpha" if alpha else "pixart-sigma"
-    return DEFAULT_VARIANT[fam]
-
-
-def _folder_variant(p: Path) -> str:
-    from comfyui_xdit.weights import FAMILY_CLASS, _variant_from_config
-
-    cfg_path = p / "config.json" if (p / "config.json").is_file() else p / "transformer" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    pipeline = ""
-    if (p / "model_index.json").is_file():
-        pipeline = str(json.loads((p / "model_index.json").read_text()).get("_class_name", ""))
-    fam = {v: k for k, v in FAMILY_CLASS.items()}.get(cfg.get("_class_name"), "pixart")
-    return _variant_from_config(fam, cfg, pipeline)
-
-
-def _keys(p: Path) -> list[str]:
-    """Tensor names from the file's header; a damaged or truncated file raises CheckpointError naming it."""
-    from .geometry import tensor_shapes
-
-    return list(tensor_shapes(p))
+        fam, cfg, pipeline = folder_config(p)
+        variant = fam.variant_of(cfg, pipeline)
+    else:
+        keys = set(tensor_shapes(p))
+        fam = families.get(detect_family(keys))
+        variant = fam.variant_of_keys(keys) if fam.variant_of_keys else fam.default_variant.name
+    if family not in (None, "", "auto") and family != fam.name:
+        raise ValueError(f"{p.name} looks like a {fam.name} model, not {family}")
+    if variant not in VARIANTS:
+        raise ValueError(f"{p.name} is a {variant} model, which this ComfyUI has no model class for")
+    return variant

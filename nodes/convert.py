@@ -8,12 +8,11 @@ from typing import Any
 
 import torch
 
-from .families import spec
+from .families import cond_spec, spec
 
 SUPPORTED_EXTRAS = ("pooled_output", "guidance", "attention_mask")
 # Extras ComfyUI attaches with a value that changes nothing; any other value is rejected.
 NEUTRAL_EXTRAS = {"start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}
-FLUX_DEFAULT_GUIDANCE = 3.5  # what ComfyUI's Flux model uses when the conditioning has no guidance
 
 
 class ConversionError(ValueError):
@@ -53,9 +52,11 @@ def _is_number(v: Any) -> bool:
 
 def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: bool
                          ) -> tuple[dict[str, torch.Tensor], float | None]:
-    """Pool input tensors (cond, pooled, cond_mask and their neg_ twins) and Flux guidance.
+    """Pool input tensors (cond, pooled, cond_mask and their neg_ twins) and distilled guidance, as the family's
+    conditioning declares them (comfyui_xdit.families: CondSpec).
 
     The negative is read only when classifier-free guidance is on (cfg != 1), as ComfyUI does."""
+    want = cond_spec(family)
     tensors: dict[str, torch.Tensor] = {}
     guidance = None
     sides = [("", positive, "positive")] + ([("neg_", negative, "negative")] if use_cfg else [])
@@ -63,17 +64,17 @@ def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: boo
         cond, extras = _one_entry(conditioning, which)
         tensors[prefix + "cond"] = cond.detach().to("cpu", torch.float32).contiguous()
         pooled = extras.get("pooled_output")
-        if family in ("flux", "sd3"):
+        if want.pooled is not None:
             if pooled is None:
                 raise ConversionError(f"{which} conditioning has no pooled_output; {family} needs the CLIP pooled "
                                       "vector (encode with CLIPTextEncode from DualCLIPLoader/TripleCLIPLoader)")
             tensors[prefix + "pooled"] = pooled.detach().to("cpu", torch.float32).reshape(pooled.shape[0], -1)
         mask = extras.get("attention_mask")
-        if family == "pixart" and mask is not None:
+        if want.mask and mask is not None:
             tensors[prefix + "cond_mask"] = mask.detach().to("cpu").reshape(mask.shape[0], -1).to(torch.int64)
-        if prefix == "" and family == "flux":
+        if prefix == "" and want.guidance is not None:
             g = extras.get("guidance")
-            guidance = FLUX_DEFAULT_GUIDANCE if g is None else float(g)
+            guidance = want.guidance if g is None else float(g)
     return tensors, guidance
 
 

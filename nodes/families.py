@@ -1,31 +1,39 @@
-"""What the nodes need to know about each model variant on ComfyUI's side: which of ComfyUI's sampling
-configurations and latent formats it corresponds to. Only names here; ComfyUI's objects are built lazily by
-`comfy_objects`, so this module imports without ComfyUI."""
+"""What the nodes need to know about each model variant on ComfyUI's side, read from the engine's family registry
+(comfyui_xdit/families): which of ComfyUI's sampling configurations and latent formats it corresponds to. ComfyUI's
+objects are built lazily by `comfy_objects`, so this module imports without ComfyUI (and without diffusers)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from comfyui_xdit import families as registry
+
 
 @dataclass(frozen=True)
 class VariantSpec:
-    family: str          # engine family: flux | sd3 | pixart
+    family: str           # engine family name
     supported_model: str  # class name in comfy.supported_models whose sampling_settings apply
-    model_type: str      # member of comfy.model_base.ModelType
-    latent_format: str   # class name in comfy.latent_formats
+    model_type: str       # member of comfy.model_base.ModelType
+    latent_format: str    # class name in comfy.latent_formats
     channels: int
+    dims: int             # latent spatial dimensions (2: image, 3: video)
 
 
-VARIANTS: dict[str, VariantSpec] = {
-    "flux-dev": VariantSpec("flux", "Flux", "FLUX", "Flux", 16),
-    "flux-schnell": VariantSpec("flux", "FluxSchnell", "FLOW", "Flux", 16),
-    "sd3-medium": VariantSpec("sd3", "SD3", "FLOW", "SD3", 16),
-    "sd3.5-medium": VariantSpec("sd3", "SD3", "FLOW", "SD3", 16),
-    "sd3.5-large": VariantSpec("sd3", "SD3", "FLOW", "SD3", 16),
-    "pixart-sigma": VariantSpec("pixart", "PixArtSigma", "EPS", "SDXL", 4),
-    "pixart-alpha": VariantSpec("pixart", "PixArtAlpha", "EPS", "SD15", 4),
-}
-DEFAULT_VARIANT = {"flux": "flux-dev", "sd3": "sd3-medium", "pixart": "pixart-sigma"}
-TINY_VARIANT = {"tiny-flux": "flux-dev", "tiny-sd3": "sd3-medium", "tiny-pixart": "pixart-sigma"}
+def _specs() -> dict[str, VariantSpec]:
+    out = {}
+    for name, (fam, v) in registry.variants().items():
+        if v.comfy is None:
+            continue  # not a model the supported ComfyUI has
+        latent = fam.latent_of(name)
+        out[name] = VariantSpec(fam.name, v.comfy.supported_model, v.comfy.model_type, v.comfy.latent_format,
+                                latent.channels, latent.dims)
+    return out
+
+
+VARIANTS: dict[str, VariantSpec] = _specs()
+DEFAULT_VARIANT = {f.name: f.default_variant.name for f in registry.families().values()
+                   if f.default_variant.name in VARIANTS}
+TINY_VARIANT = {name: fam.default_variant.name for name, (fam, _) in registry.tiny_models().items()
+                if name.startswith("tiny-") and fam.default_variant.name in VARIANTS}
 
 # Samplers the pool runs. Schedulers: ComfyUI's own (their sigmas are computed by ComfyUI's calculate_sigmas and
 # sent); this is ComfyUI 0.3.64's list, for use without ComfyUI.
@@ -49,6 +57,11 @@ def spec(variant: str) -> VariantSpec:
         return VARIANTS[variant]
     except KeyError:
         raise ValueError(f"unknown model variant {variant!r}: expected one of {', '.join(VARIANTS)}") from None
+
+
+def cond_spec(family: str):
+    """The family's text conditioning (comfyui_xdit.families.spec.CondSpec)."""
+    return registry.get(family).cond
 
 
 def comfy_objects(variant: str):

@@ -1,18 +1,16 @@
-"""What the queue-time checks need of a checkpoint (attention heads, transformer blocks, the SD3 position table),
-read from its config.json or from the tensor shapes in its header, never from its weights. The rules are those by
-which the engine (comfyui_xdit.weights) infers the model's config from the same shapes. A file whose header does not
+"""What the queue-time checks need of a checkpoint (attention heads, transformer blocks, the largest image side),
+read from its config.json or from the tensor shapes in its header, never from its weights: the engine's own
+conversion and config inference (comfyui_xdit.weights, the family files) run on shapes alone. A file whose header does not
 describe it (truncated, overwritten) is reported as damaged, by name."""
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
-PATCH = 2  # latent pixels per token side, for every family the engine runs (Flux packs 2x2)
+PATCH = 2  # latent pixels per token side of the families the engine runs (Flux packs 2x2)
 _MAX_HEADER = 100 << 20
 
 
@@ -93,11 +91,12 @@ _CACHE: dict[tuple, Geometry] = {}
 
 def geometry(path: str) -> Geometry:
     """The geometry of a listed checkpoint's resolved path, a diffusers folder or a built-in tiny model name."""
-    from comfyui_xdit.tiny import TINY_MODELS
+    from comfyui_xdit import families
 
-    if path in TINY_MODELS:
-        family, _, kw = TINY_MODELS[path]
-        return _from_config(family, kw)
+    tiny = families.tiny_models()
+    if path in tiny:
+        fam, kw = tiny[path]
+        return _from_config(fam, kw)
     p = Path(path)
     st = p.stat()
     key = (str(p), st.st_mtime_ns, st.st_size)
@@ -107,70 +106,36 @@ def geometry(path: str) -> Geometry:
 
 
 def _folder_geometry(p: Path) -> Geometry:
-    from comfyui_xdit.weights import FAMILY_CLASS
+    from comfyui_xdit.errors import WeightsError
+    from comfyui_xdit.weights import folder_config
 
-    cfg_path = p / "config.json" if (p / "config.json").is_file() else p / "transformer" / "config.json"
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {cfg_path}: {_first_line(e)}") from None
-    family = {v: k for k, v in FAMILY_CLASS.items()}.get(cfg.get("_class_name"), "pixart")
-    return _from_config(family, cfg)
+        fam, cfg, _ = folder_config(p)
+    except WeightsError as e:
+        raise CheckpointError(str(e)) from None
+    return _from_config(fam, cfg)
 
 
-def _from_config(family: str, cfg: dict) -> Geometry:
-    layers = cfg.get("num_layers")
-    if family == "flux" and layers is not None:
-        layers += cfg.get("num_single_layers", 0)
-    side = cfg.get("pos_embed_max_size") if family == "sd3" else None
-    return Geometry(family, cfg.get("num_attention_heads"), layers, side * PATCH * 8 if side else None)
+def _from_config(fam, cfg: dict) -> Geometry:
+    """The engine family's own reading of a config (comfyui_xdit.families: heads_of, blocks_of, max_side_of)."""
+    def read(fn):
+        try:
+            return fn(cfg)
+        except (KeyError, TypeError):
+            return None
 
-
-def _count(keys, pattern: str) -> int:
-    ids = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
-    return max(ids) + 1 if ids else 0
-
-
-def _head_dim(norm: tuple | None, hidden: int, base: int, min_heads: int) -> int | None:
-    """The engine's rule: a per-head q-norm's length; else the published head size when it gives at least
-    `min_heads` heads; else 4 heads (the project's small test models)."""
-    if norm:
-        return int(norm[0])
-    if hidden % base == 0 and hidden // base >= min_heads:
-        return base
-    return hidden // 4 if hidden % 4 == 0 else None
+    return Geometry(fam.name, read(fam.heads_of), read(fam.blocks_of), read(fam.max_side_of),
+                    fam.patch * fam.latent.downscale // 8)
 
 
 def shapes_geometry(shapes: dict[str, tuple[int, ...]]) -> Geometry:
-    """Geometry from the tensor shapes of a single-file checkpoint, original or diffusers layout."""
-    from comfyui_xdit.weights import _strip_prefix, detect_family
+    """Geometry from the tensor shapes of a single-file checkpoint, original or diffusers layout: the engine's
+    conversion and config inference (comfyui_xdit.weights.describe) on shapes alone."""
+    from comfyui_xdit.errors import WeightsError
+    from comfyui_xdit.weights import describe
 
-    s = _strip_prefix(shapes)
-    family = detect_family(s.keys())
-
-    def first(*names: str) -> tuple | None:
-        return next((s[n] for n in names if n in s), None)
-
-    if family == "flux":
-        hidden = first("img_in.weight", "x_embedder.weight")
-        norm = first("double_blocks.0.img_attn.norm.query_norm.scale", "single_blocks.0.norm.query_norm.scale",
-                     "transformer_blocks.0.attn.norm_q.weight", "single_transformer_blocks.0.attn.norm_q.weight")
-        blocks = (_count(s, r"(?:double_blocks|transformer_blocks)\.(\d+)\.")
-                  + _count(s, r"(?:single_blocks|single_transformer_blocks)\.(\d+)\."))
-        base, min_heads, side = 128, 4, None
-    elif family == "sd3":
-        hidden = first("x_embedder.proj.weight", "pos_embed.proj.weight")
-        norm = first("joint_blocks.0.x_block.attn.ln_q.weight", "transformer_blocks.0.attn.norm_q.weight")
-        blocks = _count(s, r"(?:joint_blocks|transformer_blocks)\.(\d+)\.")
-        table = first("pos_embed", "pos_embed.pos_embed")
-        base, min_heads = 64, 1
-        side = math.isqrt(table[1]) * PATCH * 8 if table and len(table) == 3 else None
-    else:
-        hidden = first("x_embedder.proj.weight", "pos_embed.proj.weight")
-        norm = first("transformer_blocks.0.attn1.norm_q.weight")
-        blocks = _count(s, r"(?:blocks|transformer_blocks)\.(\d+)\.")
-        base, min_heads, side = 72, 4, None
-    if not hidden:
-        return Geometry(family, None, blocks or None, side)
-    head_dim = _head_dim(norm, int(hidden[0]), base, min_heads)
-    return Geometry(family, int(hidden[0]) // head_dim if head_dim else None, blocks or None, side)
+    try:
+        d = describe(shapes)
+    except WeightsError as e:
+        raise CheckpointError(str(e)) from None
+    return _from_config(d.family, d.config)

@@ -3,7 +3,6 @@ previews and polls for the user's cancel, which it forwards to the pool."""
 from __future__ import annotations
 
 import queue
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 

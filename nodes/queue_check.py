@@ -193,7 +193,10 @@ def model_fit_problems(s, g: Geometry, name: str) -> list[str]:
     """What the settings cannot do with this model, whatever the image (the engine's check_model_fit)."""
     out = []
     if g.heads and g.heads % s.ulysses:
-        out.append(f"ulysses_degree {s.ulysses} does not divide the {g.heads} attention heads of {name}")
+        from comfyui_xdit.parallel.config import heads_advice
+
+        out.append(f"ulysses_degree {s.ulysses} does not divide the {g.heads} attention heads of {name} "
+                   f"({heads_advice(g.heads)})")
     if g.blocks and s.pipefusion > g.blocks:
         out.append(f"pipefusion_degree {s.pipefusion} is larger than the {g.blocks} transformer blocks of {name}")
     return out

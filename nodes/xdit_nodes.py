@@ -5,15 +5,14 @@ import logging
 from typing import Any
 
 from . import checkpoints, convert, queue_check
-from .families import SAMPLERS, scheduler_names, spec
+from .families import SAMPLERS, VARIANTS, scheduler_names, spec
 from .pool import ATTENTION, DEVICES, MANAGER, ModelHandle, settings_from_inputs, validation_error
 
 log = logging.getLogger("comfyui_xdit.nodes")
 
 CATEGORY = "xDiT"
 DTYPES = ("bf16", "fp16", "fp32")
-FAMILIES = ("auto", "flux", "sd3", "pixart", "flux-dev", "flux-schnell", "sd3-medium", "sd3.5-medium",
-            "sd3.5-large", "pixart-sigma", "pixart-alpha")
+FAMILIES = ("auto", *dict.fromkeys(v.family for v in VARIANTS.values()), *VARIANTS)
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 HIDDEN = {queue_check.HIDDEN: "UNIQUE_ID"}  # the node id, for the queue-time check's verdict
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from comfyui_xdit.adapters import FamilyAdapter
-from comfyui_xdit.adapters.flux import pack, unpack
+from comfyui_xdit.families.flux import pack, unpack
 from comfyui_xdit.schedules import make_schedule
 
 

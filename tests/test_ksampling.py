@@ -80,7 +80,8 @@ def test_pixart_timesteps_match_comfyui_for_every_scheduler():
 
 
 def test_discrete_sigmas_are_float64_levels():
-    from comfyui_xdit.schedules import PIXART_DPM, discrete_sigmas
+    from comfyui_xdit.families.pixart import PIXART_DPM
+    from comfyui_xdit.schedules import discrete_sigmas
 
     s = discrete_sigmas(PIXART_DPM)
     assert s.dtype == torch.float64 and s.shape == (1000,)

@@ -491,13 +491,19 @@ def test_damaged_checkpoint_named_at_queue_time_and_load(ext, rec, tmp_path):
 
 def test_checkpoint_geometry_from_header_at_queue_time(ext, rec, tmp_path):
     """A checkpoint on disk (not a built-in): heads from its header's shapes, without loading it."""
+    from diffusers import FluxTransformer2DModel
+
+    from tests.test_weights import flux_to_bfl
+
     path = tmp_path / "diffusion_models" / "flux-24-heads.safetensors"
     path.parent.mkdir()
-    t = torch.zeros
-    save_file({"img_in.weight": t(3072, 1), "double_blocks.0.img_attn.norm.query_norm.scale": t(128),
-               "double_blocks.0.img_attn.qkv.weight": t(1, 1), "single_blocks.0.linear1.weight": t(1, 1)}, str(path))
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=24, joint_attention_dim=64,
+                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    save_file({k: v.contiguous() for k, v in flux_to_bfl(model).items()}, str(path))  # the original BFL layout
     rec.folders = {"diffusion_models": [str(path)]}
     errors = _queue(ext, rec, _graph(dict(ulysses_degree=5), checkpoint="flux-24-heads.safetensors"))
     assert errors == {"6": ["xdit_check - ulysses_degree 5 does not divide the 24 attention heads of "
-                            "flux-24-heads.safetensors"]}
+                            "flux-24-heads.safetensors (Ulysses degrees that work: 1, 2, 3, 4, 6, 8 or 12; the ring "
+                            "degree takes any other split)"]}
     assert _queue(ext, rec, _graph(dict(ulysses_degree=8), checkpoint="flux-24-heads.safetensors")) == {}

@@ -448,10 +448,11 @@ def test_bad_folders(tmp_path, models):
     ("flux-dev", 11.90), ("flux-schnell", 11.90), ("sd3-medium", 2.03), ("sd3.5-medium", 2.24),
     ("sd3.5-large", 8.06), ("pixart-sigma", 0.61), ("pixart-alpha", 0.61)])
 def test_published_configs_round_trip(variant, billions):
-    from comfyui_xdit import weights
+    from comfyui_xdit import families, weights
 
-    family = weights.VARIANT_FAMILY[variant]
-    base = weights._base_config(variant)
+    fam, _ = families.variants()[variant]
+    family = fam.name
+    base = weights._base_config(fam, variant)
     with torch.device("meta"):
         model = {"flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel,
                  "pixart": PixArtTransformer2DModel}[family].from_config(base)
@@ -461,12 +462,11 @@ def test_published_configs_round_trip(variant, billions):
         del original["pos_embed"]  # its values (not shapes) are read; meta tensors have none
     else:
         original = {"flux": flux_to_bfl, "sd3": sd3_to_mmdit}[family](model)
-    path = weights.Path(f"{variant}.safetensors")
-    converted, hints = (weights._convert_flux(original, path), {}) if family == "flux" else \
-        (weights._convert_sd3(original, path), {}) if family == "sd3" else weights._convert_pixart(original, path)
+    assert fam.is_original(set(original))
+    converted, hints = fam.convert(original, f"{variant}.safetensors")
     assert converted.keys() == model.state_dict().keys()
     assert all(converted[k].shape == v.shape for k, v in model.state_dict().items())
-    inferred = weights._infer_config(family, converted, hints)
+    inferred = fam.infer_config(converted, hints)
     norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
     assert {k: norm(v) for k, v in inferred.items()} == {k: norm(base[k]) for k in inferred}
-    assert weights._variant_from_config(family, inferred, hints.get("pipeline", "")) == variant
+    assert fam.variant_of(inferred, hints.get("pipeline", "")) == variant

@@ -1,36 +1,19 @@
-"""What every model family adapter provides: latent convention, conditioning checks and one model call."""
+"""What every model family adapter provides: the family's declarations (families/<name>.py) bound to one loaded
+diffusers transformer, the conditioning checks, and the one model call that differs per family."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from ..errors import XDiTError
-
-
-@dataclass
-class SequencePlan:
-    """Modules of a transformer whose outputs are split into per-rank token shards or gathered back.
-
-    image/text: outputs [B, N, D] of the image and text embedders, split along N. rope: output (cos, sin) of
-    a rotary embedder over [text; image] positions, split the same way. gather: output [B, N_img, D] gathered.
-    attention: self-attention modules and whether their sequence holds text tokens too (joint attention).
-    text_first: in joint attention the processor puts the text tokens before the image tokens.
-    blocks: the transformer's block lists (attribute names) in execution order.
-    """
-
-    image: torch.nn.Module
-    gather: torch.nn.Module
-    attention: list[tuple[torch.nn.Module, bool]]
-    text: torch.nn.Module | None = None
-    rope: torch.nn.Module | None = None
-    text_first: bool = True
-    blocks: tuple[str, ...] = ("transformer_blocks",)
-
+from ..families.spec import IMAGE, TEXT, BlockList, Family, TokenPlan
 
 # Parameter names of a block's text stream (joint blocks) and of its adaLN modulation: both run on few rows
 # (text tokens, or one vector per sample), so they barely count towards a block's compute per image token.
-_FEW_ROW_MARKERS = ("context", "add_", "norm_added", "norm1.linear", "norm.linear", "scale_shift_table")
+_FEW_ROW_MARKERS = ("context", "add_", "norm_added", "norm1.linear", "norm.linear", "scale_shift_table", "txt_",
+                    "modulation", "adaLN")
 
 
 def per_token_bytes(block: torch.nn.Module) -> int:
@@ -45,8 +28,8 @@ class Conditioning:
 
     cond: torch.Tensor                      # [B, L, D] text embeddings
     pooled: torch.Tensor | None = None      # [B, P] pooled text embedding (flux, sd3)
-    mask: torch.Tensor | None = None        # [B, L] text attention mask (pixart)
-    guidance: float | None = None           # distilled guidance (flux dev)
+    mask: torch.Tensor | None = None        # [B, L] text attention mask
+    guidance: float | None = None           # distilled guidance
 
     def select(self, index: slice) -> "Conditioning":
         """The conditioning of a slice of the batch."""
@@ -58,47 +41,91 @@ class FamilyAdapter:
     """Adapts one diffusers transformer class to the sampling loop.
 
     The loop works on model-space latents [B, C, h, w] (h, w = image size / 8); the adapter turns them into the
-    transformer's input layout and returns the prediction in the same [B, C, h, w] layout.
+    transformer's input layout and returns the prediction in the same [B, C, h, w] layout. A subclass (in its
+    family's file) implements `predict` and `token_plan`; everything else comes from the family's declarations.
     """
 
-    family: str
-    latent_channels: int
-    vae_scale: float
-    vae_shift: float
-    cond_width: int = 4096
-    pooled_width: int | None = None
-    uses_mask: bool = False
-    patch: int = 2  # latent pixels per token side
-
-    def __init__(self, model: torch.nn.Module, variant: str = ""):
+    def __init__(self, spec: Family, model: torch.nn.Module, variant: str = ""):
+        self.spec = spec
         self.model = model
         self.variant = variant
         self.dtype = next(model.parameters()).dtype
         # every block of the model as loaded (PipeFusion later keeps only a stage's blocks on each rank)
-        self.block_count = sum(len(getattr(model, name)) for name in self.sp_plan().blocks)
+        self.block_count = sum(len(getattr(model, b.name)) for b in self.plan.blocks)
+
+    # --- the family's declarations ---
+    @property
+    def family(self) -> str:
+        return self.spec.name
+
+    @property
+    def latent(self):
+        return self.spec.latent_of(self.variant)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.latent.channels
+
+    @property
+    def patch(self) -> int:
+        return self.spec.patch
+
+    @property
+    def cond_width(self) -> int:
+        return self.spec.cond.width
+
+    @property
+    def pooled_width(self) -> int | None:
+        return self.spec.cond.pooled
+
+    @property
+    def uses_mask(self) -> bool:
+        return self.spec.cond.mask
 
     @property
     def device(self) -> torch.device:
         """Where the model's weights are: every tensor of a job lives there."""
         return next(self.model.parameters()).device
 
+    @cached_property
+    def plan(self) -> TokenPlan:
+        return self.token_plan()
+
+    def token_plan(self) -> TokenPlan:
+        raise NotImplementedError
+
     # --- latent convention (ComfyUI LATENT <-> model space) ---
+    def _channel_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        fmt = self.latent
+        return (torch.tensor(fmt.mean, dtype=x.dtype, device=x.device).view(shape),
+                torch.tensor(fmt.std, dtype=x.dtype, device=x.device).view(shape))
+
     def to_model_space(self, latent: torch.Tensor) -> torch.Tensor:
-        return (latent - self.vae_shift) * self.vae_scale
+        if self.latent.mean is not None:
+            mean, std = self._channel_stats(latent)
+            return (latent - mean) / std * self.latent.scale
+        return (latent - self.latent.shift) * self.latent.scale
 
     def from_model_space(self, x: torch.Tensor) -> torch.Tensor:
-        return x / self.vae_scale + self.vae_shift
+        if self.latent.mean is not None:
+            mean, std = self._channel_stats(x)
+            return x / self.latent.scale * std + mean
+        return x / self.latent.scale + self.latent.shift
 
     # --- checks ---
     @property
     def num_heads(self) -> int:
-        return self.model.config.num_attention_heads
+        return self.spec.heads_of(dict(self.model.config))
 
     def check_size(self, height: int, width: int) -> None:
-        multiple = 8 * self.patch
+        multiple = self.latent.downscale * self.patch
         if height <= 0 or width <= 0 or height % multiple or width % multiple:
             raise XDiTError(f"height and width must be positive multiples of {multiple} for {self.family}; "
-                             f"got {height}x{width}")
+                            f"got {height}x{width}")
+        limit = self.spec.max_side_of(dict(self.model.config))
+        if limit is not None and max(height, width) > limit:
+            raise XDiTError(f"{height}x{width} is larger than this {self.family} model allows ({limit} px a side)")
 
     def check_conditioning(self, c: Conditioning, batch: int, what: str = "positive") -> None:
         def fail(msg: str) -> None:
@@ -108,13 +135,18 @@ class FamilyAdapter:
             fail(f"expected cond of shape [B, L, {self.cond_width}], got {list(c.cond.shape)}")
         if c.cond.shape[0] not in (1, batch):
             fail(f"cond batch {c.cond.shape[0]} does not match batch size {batch}")
+        if c.cond.shape[1] < 1:
+            fail("cond has no tokens")
         if self.pooled_width is not None:
             if c.pooled is None:
                 fail(f"a pooled embedding [B, {self.pooled_width}] is required")
             if c.pooled.ndim != 2 or c.pooled.shape[-1] != self.pooled_width or c.pooled.shape[0] != c.cond.shape[0]:
                 fail(f"expected pooled of shape [{c.cond.shape[0]}, {self.pooled_width}], got {list(c.pooled.shape)}")
-        if c.mask is not None and tuple(c.mask.shape) != tuple(c.cond.shape[:2]):
-            fail(f"expected mask of shape {list(c.cond.shape[:2])}, got {list(c.mask.shape)}")
+        if c.mask is not None:
+            if tuple(c.mask.shape) != tuple(c.cond.shape[:2]):
+                fail(f"expected mask of shape {list(c.cond.shape[:2])}, got {list(c.mask.shape)}")
+            if not bool((c.mask != 0).any(dim=1).all()):
+                fail("the mask hides every token of a prompt")
 
     def expand(self, c: Conditioning, batch: int) -> Conditioning:
         """Broadcast a batch-1 conditioning to the batch and move it to the model's device and dtype."""
@@ -133,26 +165,40 @@ class FamilyAdapter:
         mask = torch.ones(batch, tokens, dtype=torch.long) if self.uses_mask else None
         return Conditioning(cond, pooled, mask)
 
-    # --- sequence parallelism: where tokens are split and gathered ---
-    def sp_plan(self) -> "SequencePlan":
-        raise NotImplementedError
+    def block_list(self, block: torch.nn.Module) -> BlockList:
+        """The declared block list a block of this model belongs to."""
+        for bl in self.plan.blocks:
+            if any(b is block for b in getattr(self.model, bl.name)):
+                return bl
+        raise KeyError(f"{type(block).__name__} is in none of {self.family}'s block lists")
+
+    def block_streams(self, output, blocks: BlockList | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(main, second) stream of a block's output: image (or joint) and text for joint blocks. `blocks`: the
+        block's list (default: the first list whose output form matches)."""
+        if blocks is None:
+            blocks = next((b for b in self.plan.blocks if (b.outputs is None) != isinstance(output, tuple)),
+                          self.plan.blocks[0])
+        if blocks.outputs is None:
+            return output, None
+        main = output[blocks.outputs.index(0)]
+        second = output[blocks.outputs.index(1)] if 1 in blocks.outputs else None
+        return main, second
 
     @property
     def hidden_size(self) -> int:
         cfg = self.model.config
         return cfg.num_attention_heads * cfg.attention_head_dim
 
-    @staticmethod
-    def block_streams(output) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(image, text) hidden states from a block's output (diffusers joint blocks return (text, image))."""
-        if isinstance(output, tuple):
-            return output[1], output[0]
-        return output, None
-
     # --- the model call ---
     def predict(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
         """Model output for latents x [B, C, h, w] at scheduler timestep t; same layout as x."""
         raise NotImplementedError
 
+    def stream_lengths(self, image_tokens: int, text_tokens: int) -> dict[str, int]:
+        """Each token stream's length inside the transformer for this many image tokens and text tokens (a
+        family that pads its sequences says so here; PipeFusion sizes its transfers by it)."""
+        return {IMAGE: image_tokens, TEXT: text_tokens}
+
     def image_tokens(self, height: int, width: int) -> int:
-        return (height // (8 * self.patch)) * (width // (8 * self.patch))
+        side = self.latent.downscale * self.patch
+        return (height // side) * (width // side)

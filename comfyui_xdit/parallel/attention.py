@@ -11,10 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
+from ..errors import ConfigError
 from .comm import Comm
 
 
-def _flash_attn_lse(q, k, v, scale):
+def _flash_attn_lse(q, k, v, scale, mask=None):
+    if mask is not None:
+        raise NotImplementedError("flash-attn takes no mask")
     from flash_attn import flash_attn_func  # optional accelerator
 
     out, lse, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
@@ -22,21 +25,29 @@ def _flash_attn_lse(q, k, v, scale):
     return out.transpose(1, 2), lse
 
 
-def _cudnn_lse(q, k, v, scale):
-    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
+def _bias(mask, q):
+    return None if mask is None else mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], mask.shape[-1])
+
+
+def _cudnn_lse(q, k, v, scale, mask=None):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, _bias(mask, q), True, 0.0, False, False,
                                                                scale=scale)[:2]
 
 
-def _flash_lse(q, k, v, scale):
+def _flash_lse(q, k, v, scale, mask=None):
+    if mask is not None:
+        raise NotImplementedError("flash attention takes no mask")
     return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
 
 
-def _efficient_lse(q, k, v, scale):
-    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
+def _efficient_lse(q, k, v, scale, mask=None):
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, _bias(mask, q), True, scale=scale)[:2]
 
 
-def _cpu_lse(q, k, v, scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)[:2]
+def _cpu_lse(q, k, v, scale, mask=None):
+    bias = None if mask is None else mask.to(q.dtype)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+                                                                       scale=scale)[:2]
 
 
 # Fastest first (cuDNN measured fastest on H100 at DiT shapes); a kernel that rejects the inputs is skipped.
@@ -45,18 +56,19 @@ _CUDA_LSE_KERNELS = [("flash_attn", _flash_attn_lse), ("cudnn", _cudnn_lse), ("f
 _chosen: dict[tuple, str] = {}
 
 
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                       mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output [B, H, S, D] and its log-sum-exp [B, H, S] (fp32) from torch's SDPA kernels (or
-    flash-attn when installed). On CUDA the first kernel that accepts the shape and dtype is kept for it."""
+    flash-attn when installed). `mask`: an additive key bias [B, 1, 1, S_k] (0 or -inf). On CUDA the first kernel
+    that accepts the shape, dtype and mask is kept for them."""
     if not q.is_cuda:
-        out, lse = _cpu_lse(q, k, v, scale)
+        out, lse = _cpu_lse(q, k, v, scale, mask)
         return out, lse.float()
-    key = (q.dtype, q.shape[-1])
+    key = (q.dtype, q.shape[-1], mask is not None)
     kernels = [kv for kv in _CUDA_LSE_KERNELS if _chosen.get(key, kv[0]) == kv[0]]
     for name, fn in kernels:
         try:
-            out, lse = fn(q, k, v, scale)
+            out, lse = fn(q, k, v, scale, mask)
         except (ImportError, RuntimeError, NotImplementedError):
             continue
         _chosen[key] = name
@@ -76,8 +88,9 @@ def merge_partial(acc: tuple[torch.Tensor, torch.Tensor] | None, out: torch.Tens
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], group: ProcessGroup,
-                   me: int, comm: Comm, scale: float | None) -> torch.Tensor:
-    """Exact attention of local queries over the keys of every ring member; member i holds lengths[i] keys.
+                   me: int, comm: Comm, scale: float | None, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Exact attention of local queries over the keys of every ring member; member i holds lengths[i] keys
+    (`masks[i]`: the additive key bias of member i's keys, or None).
 
     The K/V block in hand is sent on while the next one arrives, so transfer overlaps the block's compute.
     """
@@ -90,7 +103,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: l
             src = (me - step - 1) % n
             shape = (*k.shape[:2], lengths[src], k.shape[3])
             transfer = comm.ring_shift([kb, vb], [shape, shape], group, kind="ring")
-        acc = merge_partial(acc, *attention_with_lse(q, kb, vb, scale))
+        holder = (me - step) % n  # whose keys kb holds
+        acc = merge_partial(acc, *attention_with_lse(q, kb, vb, scale, None if masks is None else masks[holder]))
         if transfer is not None:
             kb, vb = transfer.wait()
     return acc[0].to(q.dtype)
@@ -117,31 +131,69 @@ def ulysses_gather(x: torch.Tensor, lengths: list[int], me: int, group: ProcessG
     return torch.cat([g.view(b, hu, lengths[me], d) for g in got], dim=1)
 
 
+def key_padding(mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
+    """A mask given to SDPA as a key-padding mask [B, S_k] (True: attend). Bool masks (True: attend) and additive
+    ones (0 or -inf) of any broadcastable shape are taken as long as every query sees the same keys; anything
+    else (a causal or soft bias) cannot be split across ranks and is refused."""
+    if mask.is_floating_point():
+        if not bool(((mask == 0) | (mask == float("-inf"))).all()):
+            raise ConfigError("sequence-parallel attention takes key-padding masks only (0 or -inf), not a soft bias")
+        mask = mask == 0
+    mask = mask.bool()
+    while mask.ndim < 4:
+        mask = mask[None]
+    if mask.shape[-1] != keys:
+        raise ConfigError(f"attention mask covers {mask.shape[-1]} keys, the sequence has {keys}")
+    rows = mask.reshape(mask.shape[0], -1, keys)
+    if not bool((rows == rows[:, :1]).all()):
+        raise ConfigError("sequence-parallel attention takes key-padding masks only (the same keys for every query "
+                          "and head)")
+    return rows[:, 0].expand(batch, keys)
+
+
+def _bias_of(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Key mask [B, S] (True: attend) -> additive bias [B, 1, 1, S]."""
+    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill(~valid, float("-inf"))[:, None,
+                                                                                                       None]
+
+
 class USPAttention:
-    """Callable with SDPA's signature that runs attention over the tokens of every sequence-parallel rank."""
+    """Callable with SDPA's signature that runs attention over the tokens of every sequence-parallel rank. A
+    key-padding mask travels with its keys: the ranks' masks are gathered once per call (in the keys' order), so
+    masked keys stay masked on every rank and in every ring step."""
 
     def __init__(self, pm, lengths: list[int]):
         self.pm = pm
         self.lengths = lengths  # tokens per sp rank for this attention call
 
+    def _masks(self, attn_mask: torch.Tensor, batch: int, keys: int, dtype: torch.dtype) -> torch.Tensor:
+        """Key bias [B, 1, 1, sum(lengths)] of every sp rank's keys, in sp-rank order."""
+        local = key_padding(attn_mask, batch, keys).to(torch.uint8)
+        valid = self.pm.comm.all_gather(local.contiguous(), self.lengths, self.pm.group("sp"), dim=1, kind="mask")
+        return _bias_of(valid.bool(), dtype)
+
     def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False):
-        if attn_mask is not None or is_causal or dropout_p or enable_gqa:
-            raise NotImplementedError("sequence-parallel attention supports unmasked, non-causal attention only")
+        if is_causal or dropout_p or enable_gqa:
+            raise NotImplementedError("sequence-parallel attention supports non-causal attention only")
         pm, cfg = self.pm, self.pm.config
         sp_rank = pm.rank("sp")
         ring_idx, uly_idx = divmod(sp_rank, cfg.ulysses)
         u = cfg.ulysses
         uly_lengths = self.lengths[ring_idx * u:(ring_idx + 1) * u]
+        bias = None if attn_mask is None else self._masks(attn_mask, query.shape[0], key.shape[2], query.dtype)
+        offsets = [sum(self.lengths[:r * u]) for r in range(cfg.ring + 1)]  # where each ring member's keys start
         q, k, v = query, key, value
         if u > 1:
             g = pm.group("ulysses")
             q, k, v = ulysses_scatter(torch.stack([q, k, v]), uly_lengths, g, pm.comm).unbind(0)
         if cfg.ring > 1:
             ring_lengths = [sum(self.lengths[r * u:(r + 1) * u]) for r in range(cfg.ring)]
-            out = ring_attention(q, k, v, ring_lengths, pm.group("ring"), ring_idx, pm.comm, scale)
+            masks = None if bias is None else [bias[..., offsets[r]:offsets[r + 1]] for r in range(cfg.ring)]
+            out = ring_attention(q, k, v, ring_lengths, pm.group("ring"), ring_idx, pm.comm, scale, masks)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            mask = None if bias is None else bias[..., offsets[ring_idx]:offsets[ring_idx + 1]]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         if u > 1:
             out = ulysses_gather(out, uly_lengths, uly_idx, pm.group("ulysses"), pm.comm)
         return out

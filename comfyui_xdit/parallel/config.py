@@ -55,3 +55,15 @@ class ParallelConfig:
             raise ConfigError(
                 f"degrees multiply to {self.world_size} (dp {self.dp} x cfg {self.cfg} x pipefusion "
                 f"{self.pipefusion} x ring {self.ring} x ulysses {self.ulysses}) but the world size is {world_size}")
+
+
+def ulysses_degrees(heads: int, limit: int = 16) -> list[int]:
+    """The Ulysses degrees up to `limit` that split `heads` attention heads evenly."""
+    return [d for d in range(1, min(heads, limit) + 1) if heads % d == 0]
+
+
+def heads_advice(heads: int) -> str:
+    """What to do instead of a Ulysses degree that does not divide the heads."""
+    degrees = ulysses_degrees(heads)
+    listed = ", ".join(map(str, degrees[:-1])) + f" or {degrees[-1]}" if len(degrees) > 1 else str(degrees[0])
+    return f"Ulysses degrees that work: {listed}; the ring degree takes any other split"

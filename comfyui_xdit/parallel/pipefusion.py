@@ -23,8 +23,11 @@ import torch.nn.functional as F
 from ..adapters.base import per_token_bytes
 from ..cache import BlockCache
 from ..errors import ConfigError
-from .attention import ulysses_gather, ulysses_scatter
-from .sequence import shard_range, shard_sizes, wrap_attention
+from ..families.spec import IMAGE
+from . import plan as plan_mod
+from .attention import _bias_of, key_padding, ulysses_gather, ulysses_scatter
+from .plan import regroup, shard_range, shard_sizes
+from .sequence import wrap_attention
 
 
 def partition(costs: list[int], parts: int, weights: list[int] | None = None, cap: float | None = None) -> list[int]:
@@ -65,7 +68,12 @@ def _param_bytes(module: torch.nn.Module) -> int:
 class Stage:
     index: int
     count: int
-    blocks: list[torch.nn.Module]  # this stage's blocks in execution order
+    blocks: list[torch.nn.Module]  # this stage's pipelined blocks in execution order
+    extra: list[torch.nn.Module] = field(default_factory=list)  # blocks of unpipelined lists (first stage only)
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        return self.extra + self.blocks
 
     @property
     def first(self) -> bool:
@@ -91,188 +99,256 @@ def shard_stage(adapter, stage: int, stages: int) -> Stage:
             raise ConfigError(f"this model was loaded for pipefusion stage {layout[0][0]} of {layout[0][1]}; "
                               f"load it again for stage {stage} of {stages}")
         return layout[1]
-    plan = adapter.sp_plan()
-    flat = [(name, i, b) for name in plan.blocks for i, b in enumerate(getattr(model, name))]
+    lists = adapter.plan.blocks
+    flat = [(bl.name, i, b) for bl in lists if bl.pipelined for i, b in enumerate(getattr(model, bl.name))]
     if stages > len(flat):
         raise ConfigError(f"pipefusion degree {stages} is larger than the model's {len(flat)} transformer blocks")
     sizes = [_param_bytes(b) for _, _, b in flat]
     starts = partition([per_token_bytes(b) for _, _, b in flat], stages, sizes,
                        cap=sum(sizes) / stages + max(sizes)) + [len(flat)]
     mine = flat[starts[stage]:starts[stage + 1]]
-    for name in plan.blocks:
-        keep = [b for n, _, b in mine if n == name]
-        setattr(model, name, torch.nn.ModuleList(keep))
-    result = Stage(stage, stages, [b for _, _, b in mine])
+    extra = [b for bl in lists if not bl.pipelined for b in getattr(model, bl.name)] if stage == 0 else []
+    for bl in lists:
+        if bl.pipelined:
+            keep = [b for n, _, b in mine if n == bl.name]
+        else:  # the first stage runs the whole list
+            keep = list(getattr(model, bl.name)) if stage == 0 else []
+        setattr(model, bl.name, torch.nn.ModuleList(keep))
+    result = Stage(stage, stages, [b for _, _, b in mine], extra)
     model._xdit_stage = ((stage, stages), result)
     return result
 
 
 def parameter_report(adapter) -> dict[str, int]:
     """Parameter bytes this process holds: transformer blocks and everything else (embedders, final layer)."""
-    plan = adapter.sp_plan()
-    blocks = sum(_param_bytes(getattr(adapter.model, n)) for n in plan.blocks)
+    blocks = sum(_param_bytes(getattr(adapter.model, bl.name)) for bl in adapter.plan.blocks)
     return {"blocks": blocks, "other": _param_bytes(adapter.model) - blocks}
 
 
 class _StageDone(Exception):
     """Raised by the hook on a stage's last block to end the forward there (later stages do the rest)."""
 
-    def __init__(self, image: torch.Tensor, text: torch.Tensor | None):
-        self.image, self.text = image, text
+    def __init__(self, streams: dict[str, torch.Tensor]):
+        self.streams = streams  # the block's output, per token stream
 
 
-@dataclass
-class _PatchState:
-    """What the hooks and attention need for the forward in progress."""
+class PatchView:
+    """PipeFusion's token view: the image stream restricted to the current patch's tokens (the last patch also
+    takes any tail the model appends to the image stream), then every stream sharded over the sp ranks."""
 
-    tokens: slice = field(default_factory=lambda: slice(0, 0))  # the patch's image tokens in the full image
-    image_sizes: list[int] = field(default_factory=list)  # patch tokens per sp rank
-    text_sizes: list[int] = field(default_factory=list)   # text tokens per sp rank
-    total_tokens: int = 0
-    branch: int = 0
-    received: tuple | None = None             # (image, text) activations from the previous stage
+    def __init__(self, sp: int, rank: int, all_gather):
+        self.sp, self.rank, self._all_gather = sp, rank, all_gather
+        self.tokens = slice(0, 0)            # the patch's image tokens
+        self.expected: dict[str, int] = {}  # each stream's full length in this job
+        self.branch = 0
+        self.received: dict[str, torch.Tensor] | None = None  # activations from the previous stage
+
+    def set_patch(self, tokens: slice, expected: dict[str, int], branch: int) -> None:
+        self.tokens, self.expected, self.branch = tokens, expected, branch
+
+    def begin(self) -> None:
+        pass
+
+    def _length(self, stream: str) -> int:
+        if stream == IMAGE:
+            return self.tokens.stop - self.tokens.start
+        return self.expected.get(stream, 0)
+
+    def take(self, stream: str, t: torch.Tensor, dim: int) -> torch.Tensor:
+        if t.shape[dim] != self.expected.get(stream):
+            raise ConfigError(f"pipefusion: the {stream} stream has {t.shape[dim]} tokens, expected "
+                              f"{self.expected.get(stream)} (the family's stream_lengths)")
+        if stream == IMAGE:
+            t = t.narrow(dim, self.tokens.start, self._length(IMAGE))
+        sizes = self.sizes(stream)
+        return t.narrow(dim, shard_range(sizes, self.rank).start, sizes[self.rank])
+
+    def sizes(self, stream: str) -> list[int]:
+        return shard_sizes(self._length(stream), self.sp)
+
+    def gather(self, t: torch.Tensor, spec) -> torch.Tensor:
+        """The patch's output put into a full-size tensor (zeros outside the patch's image tokens)."""
+        per_rank = [[self.sizes(s)[r] for s in spec.streams] for r in range(self.sp)]
+        if self.sp > 1:
+            t = regroup(self._all_gather(t, [sum(p) for p in per_rank], spec.dim), per_rank, spec.dim)
+        parts = t.split([self._length(s) for s in spec.streams], dim=spec.dim)
+        out = []
+        for stream, part in zip(spec.streams, parts):
+            if stream == IMAGE:
+                shape = list(part.shape)
+                shape[spec.dim] = self.expected[IMAGE]
+                full = part.new_zeros(shape)
+                full.narrow(spec.dim, self.tokens.start, part.shape[spec.dim]).copy_(part)
+                part = full
+            out.append(part)
+        return torch.cat(out, dim=spec.dim) if len(out) > 1 else out[0]
 
 
 class _BufferedAttention:
     """SDPA replacement for one self-attention layer: attends the patch's queries to the full-image K/V buffer
-    (freshly updated at the patch's tokens) plus the fresh text K/V."""
+    (freshly updated at the patch's tokens) plus the fresh K/V of the other streams (text). A key-padding mask
+    is buffered with the image keys it belongs to."""
 
-    def __init__(self, pm, state: _PatchState, joint: bool, text_first: bool):
-        self.pm, self.state, self.joint, self.text_first = pm, state, joint, text_first
-        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _lengths(self) -> list[tuple[int, int]]:
-        st = self.state
-        return [(i, t if self.joint else 0) for i, t in zip(st.image_sizes, st.text_sizes)]
+    def __init__(self, pm, view: PatchView, streams: tuple[str, ...]):
+        self.pm, self.view, self.streams = pm, view, streams
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False):
-        if attn_mask is not None or is_causal or dropout_p or enable_gqa:
-            raise NotImplementedError("pipefusion attention supports unmasked, non-causal attention only")
-        pm, cfg = self.pm, self.pm.config
-        lengths = self._lengths()
+        if is_causal or dropout_p or enable_gqa:
+            raise NotImplementedError("pipefusion attention supports non-causal attention only")
+        pm, cfg, view = self.pm, self.pm.config, self.view
+        per_stream = [view.sizes(s) for s in self.streams]
+        sp = len(per_stream[0])
+        totals = [sum(p[m] for p in per_stream) for m in range(sp)]
+        valid = None
+        if attn_mask is not None:  # every sp rank's key mask, in sp-rank order
+            local = key_padding(attn_mask, query.shape[0], key.shape[2]).to(torch.uint8).contiguous()
+            valid = (pm.comm.all_gather(local, totals, pm.group("sp"), dim=1, kind="mask") if sp > 1
+                     else local).bool()
         u = cfg.ulysses
         ring_idx, uly_idx = divmod(pm.rank("sp"), u)
-        totals = [i + t for i, t in lengths]
         q, k, v = query, key, value
-        members = list(range(len(lengths)))  # sp ranks whose tokens k and v hold, in order
+        members = [pm.rank("sp")]  # sp ranks whose tokens k and v hold, in order
         if u > 1:
             group_totals = totals[ring_idx * u:(ring_idx + 1) * u]
             q, k, v = ulysses_scatter(torch.stack([q, k, v]), group_totals, pm.group("ulysses"), pm.comm).unbind(0)
-            members = members[ring_idx * u:(ring_idx + 1) * u]
-        else:
-            members = [pm.rank("sp")]
+            members = list(range(ring_idx * u, (ring_idx + 1) * u))
         if cfg.ring > 1:  # every ring member needs the patch's full fresh K/V for the buffer
             ring_totals = [sum(totals[r * u:(r + 1) * u]) for r in range(cfg.ring)]
             kv = pm.comm.all_gather(torch.stack([k, v]), ring_totals, pm.group("ring"), dim=3, kind="pipefusion_kv")
             k, v = kv.unbind(0)
-            members = list(range(len(lengths)))
-        # separate text and image tokens of each member's segment
-        img_k, img_v, txt_k, txt_v = [], [], [], []
-        pos = 0
-        for m in members:
-            n_img, n_txt = lengths[m]
-            seg = slice(pos, pos + n_img + n_txt)
-            ks, vs = k[:, :, seg], v[:, :, seg]
-            cut = n_txt if self.text_first else n_img
-            a_k, b_k, a_v, b_v = ks[:, :, :cut], ks[:, :, cut:], vs[:, :, :cut], vs[:, :, cut:]
-            if self.text_first:
-                txt_k.append(a_k), img_k.append(b_k), txt_v.append(a_v), img_v.append(b_v)
+            members = list(range(sp))
+        # each member's segment holds its part of every stream, in the processor's order
+        seg_k = k.split([totals[m] for m in members], dim=2)
+        seg_v = v.split([totals[m] for m in members], dim=2)
+        seg_mask = None
+        if valid is not None:
+            start = sum(totals[:members[0]])
+            seg_mask = valid[:, start:start + sum(totals[m] for m in members)].split([totals[m] for m in members], 1)
+        keys = {s: [] for s in self.streams}
+        vals = {s: [] for s in self.streams}
+        masks = {s: [] for s in self.streams}
+        for i, m in enumerate(members):
+            sizes = [p[m] for p in per_stream]
+            for s, kk, vv in zip(self.streams, seg_k[i].split(sizes, dim=2), seg_v[i].split(sizes, dim=2)):
+                keys[s].append(kk)
+                vals[s].append(vv)
+            if seg_mask is not None:
+                for s, mm in zip(self.streams, seg_mask[i].split(sizes, dim=1)):
+                    masks[s].append(mm)
+        all_k, all_v, all_m = [], [], []
+        for s in self.streams:
+            if s == IMAGE:
+                bk, bv, bm = self._buffered(torch.cat(keys[s], 2), torch.cat(vals[s], 2),
+                                            torch.cat(masks[s], 1) if seg_mask is not None else None)
+                all_k.append(bk), all_v.append(bv), all_m.append(bm)
             else:
-                img_k.append(a_k), txt_k.append(b_k), img_v.append(a_v), txt_v.append(b_v)
-            pos = seg.stop
-        fresh_k, fresh_v = torch.cat(img_k, dim=2), torch.cat(img_v, dim=2)
-        st = self.state
-        buf = self.buffers.get(st.branch)
-        if buf is None or buf[0].shape[2] != st.total_tokens or buf[0].shape[:2] != fresh_k.shape[:2]:
-            shape = (*fresh_k.shape[:2], st.total_tokens, fresh_k.shape[3])
-            buf = (fresh_k.new_zeros(shape), fresh_v.new_zeros(shape))
-            self.buffers[st.branch] = buf
-        buf[0][:, :, st.tokens] = fresh_k
-        buf[1][:, :, st.tokens] = fresh_v
-        keys = torch.cat([*txt_k, buf[0]], dim=2)
-        values = torch.cat([*txt_v, buf[1]], dim=2)
-        out = F.scaled_dot_product_attention(q, keys, values, scale=scale)
+                all_k += keys[s]
+                all_v += vals[s]
+                all_m += masks[s] if seg_mask is not None else []
+        bias = None if seg_mask is None else _bias_of(torch.cat(all_m, dim=1), q.dtype)
+        out = F.scaled_dot_product_attention(q, torch.cat(all_k, dim=2), torch.cat(all_v, dim=2), attn_mask=bias,
+                                             scale=scale)
         if u > 1:
-            out = ulysses_gather(out, totals[ring_idx * u:(ring_idx + 1) * u], uly_idx, pm.group("ulysses"),
-                                 pm.comm)
+            out = ulysses_gather(out, totals[ring_idx * u:(ring_idx + 1) * u], uly_idx, pm.group("ulysses"), pm.comm)
         return out
+
+    def _buffered(self, fresh_k, fresh_v, fresh_m):
+        """The full image's K/V (and key mask) with this patch's tokens replaced by the fresh ones."""
+        view = self.view
+        total = view.expected[IMAGE]
+        buf = self.buffers.get(view.branch)
+        if buf is None or buf[0].shape[2] != total or buf[0].shape[:2] != fresh_k.shape[:2]:
+            shape = (*fresh_k.shape[:2], total, fresh_k.shape[3])
+            mask = None if fresh_m is None else torch.ones(fresh_m.shape[0], total, dtype=torch.bool,
+                                                           device=fresh_m.device)
+            buf = (fresh_k.new_zeros(shape), fresh_v.new_zeros(shape), mask)
+            self.buffers[view.branch] = buf
+        buf[0][:, :, view.tokens] = fresh_k
+        buf[1][:, :, view.tokens] = fresh_v
+        if fresh_m is not None:
+            buf[2][:, view.tokens] = fresh_m
+        return buf
 
 
 class PipelineModel:
-    """The hooks that make one stage's forward run on one patch (installed for a whole job)."""
+    """The hooks that make one stage's forward run on one patch (installed for a whole job): the family's token
+    plan through a PatchView; on later stages the received activations replace the first block's inputs; the
+    stage's last block ends the forward."""
 
     def __init__(self, adapter, pm, stage: Stage):
         self.adapter, self.pm, self.stage = adapter, pm, stage
-        self.state = _PatchState()
-        plan = adapter.sp_plan()
-        self.plan = plan
         self.sp, self.sp_rank = pm.config.sp, pm.rank("sp")
-        mine = {id(b) for b in stage.blocks}
-        owned = [(m, j) for m, j in plan.attention if any(m is sub for b in stage.blocks for sub in b.modules())]
-        assert mine  # a stage always has blocks
-        self.layers = {id(m): _BufferedAttention(pm, self.state, j, plan.text_first) for m, j in owned}
+        self.view = PatchView(self.sp, self.sp_rank, lambda t, sizes, dim: pm.comm.all_gather(
+            t, sizes, pm.group("sp"), dim=dim, kind="gather"))
+        model, plan = adapter.model, adapter.plan
+        owned = [(m, streams) for m, streams in plan_mod.attention_modules(model, plan)
+                 if any(m is sub for b in stage.modules for sub in b.modules())]
+        self.layers = {id(m): _BufferedAttention(pm, self.view, streams) for m, streams in owned}
         # wrapped (and checked, agreed by every rank of every stage) before any hook is installed
-        self.restore = wrap_attention(owned, lambda module, joint: (lambda layer=self.layers[id(module)]: layer),
-                                      root=adapter.model, where=f"pipefusion stage {stage.index} of {stage.count}",
+        self.restore = wrap_attention(owned, lambda module, streams: (lambda layer=self.layers[id(module)]: layer),
+                                      root=model, where=f"pipefusion stage {stage.index} of {stage.count}",
                                       collective=True)
-        handles = [plan.image.register_forward_hook(self._image)]
-        if plan.text is not None:
-            handles.append(plan.text.register_forward_hook(self._text))
-        if plan.rope is not None:
-            handles.append(plan.rope.register_forward_hook(self._rope))
-        if stage.last:
-            handles.append(plan.gather.register_forward_hook(self._gather))
-        else:
-            handles.append(stage.blocks[-1].register_forward_hook(self._end_stage))
+        try:
+            handles = plan_mod.install(model, plan, self.view, gathers=stage.last)
+            if not stage.first:
+                first = stage.blocks[0]
+                handles.append(first.register_forward_pre_hook(self._inject(adapter.block_list(first)),
+                                                               with_kwargs=True))
+            if not stage.last:
+                last = stage.blocks[-1]
+                handles.append(last.register_forward_hook(self._end_stage(adapter.block_list(last))))
+        except BaseException:
+            self.restore()
+            raise
         self.handles = handles
 
     def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+        plan_mod.remove(self.handles)
         self.restore()
 
-    def set_patch(self, tokens: slice, total_tokens: int, text_tokens: int, branch: int) -> None:
-        st = self.state
-        st.tokens, st.total_tokens, st.branch = tokens, total_tokens, branch
-        st.image_sizes = shard_sizes(tokens.stop - tokens.start, self.sp)
-        st.text_sizes = shard_sizes(text_tokens, self.sp)
+    def set_patch(self, tokens: slice, expected: dict[str, int], branch: int) -> None:
+        self.view.set_patch(tokens, expected, branch)
 
-    def local_image_tokens(self) -> int:
-        return self.state.image_sizes[self.sp_rank]
-
-    def local_text_tokens(self) -> int:
-        return self.state.text_sizes[self.sp_rank]
+    def local_tokens(self, stream: str) -> int:
+        return self.view.sizes(stream)[self.sp_rank]
 
     # hooks
-    def _image(self, module, args, out):
-        if not self.stage.first:
-            return self.state.received[0]
-        st = self.state
-        return out[:, st.tokens][:, shard_range(st.image_sizes, self.sp_rank)]
+    def _inject(self, blocks):
+        """Replace the block's stream inputs with the previous stage's activations (joined as this list takes
+        them)."""
+        positions = plan_mod.positions(self.stage.blocks[0])
 
-    def _text(self, module, args, out):
-        if not self.stage.first:
-            return self.state.received[1]
-        return out[:, shard_range(self.state.text_sizes, self.sp_rank)]
+        def hook(module, args, kwargs):
+            got = self.view.received
+            args = list(args)
+            for key, streams in blocks.inputs:
+                value = torch.cat([got[s] for s in streams], dim=1) if len(streams) > 1 else got[streams[0]]
+                i = positions.get(key) if isinstance(key, str) else key
+                if isinstance(key, str) and (key in kwargs or i is None or i >= len(args)):
+                    kwargs[key] = value
+                else:
+                    args[i] = value
+            return tuple(args), kwargs
 
-    def _rope(self, module, args, out):
-        st = self.state
-        n_txt = sum(st.text_sizes)
-        txt = shard_range(st.text_sizes, self.sp_rank)
-        img = shard_range(st.image_sizes, self.sp_rank)
-        return tuple(torch.cat([t[txt], t[n_txt:][st.tokens][img]]) for t in out)
+        return hook
 
-    def _end_stage(self, module, args, out):
-        raise _StageDone(*self.adapter.block_streams(out))
+    def _end_stage(self, blocks):
+        def hook(module, args, out):
+            raise _StageDone(self.streams_of(blocks, out))
 
-    def _gather(self, module, args, out):
-        st = self.state
-        patch = self.pm.comm.all_gather(out, st.image_sizes, self.pm.group("sp"), dim=1, kind="gather") \
-            if self.sp > 1 else out
-        full = patch.new_zeros(out.shape[0], st.total_tokens, out.shape[2])
-        full[:, st.tokens] = patch
-        return full
+        return hook
+
+    def streams_of(self, blocks, out) -> dict[str, torch.Tensor]:
+        """A block's output per token stream (a joint stream cut at the local lengths)."""
+        outputs = (out,) if blocks.outputs is None else tuple(out[blocks.outputs.index(i)]
+                                                             for i in range(len(blocks.inputs)))
+        found: dict[str, torch.Tensor] = {}
+        for (_, streams), t in zip(blocks.inputs, outputs):
+            parts = t.split([self.local_tokens(s) for s in streams], dim=1) if len(streams) > 1 else (t,)
+            found.update(zip(streams, parts))
+        return found
 
 
 def _patch_rows(rows: int, patches: int) -> list[tuple[int, int]]:
@@ -282,7 +358,8 @@ def _patch_rows(rows: int, patches: int) -> list[tuple[int, int]]:
 
 
 def check_pipefusion(config, adapter, height: int, width: int) -> None:
-    rows, cols = height // (8 * adapter.patch), width // (8 * adapter.patch)
+    side = adapter.latent.downscale * adapter.patch
+    rows, cols = height // side, width // side
     if config.num_patches > rows:
         raise ConfigError(f"num_patches {config.num_patches} is larger than the latent height in patches ({rows})")
     if (rows // config.num_patches) * cols < config.sp:
@@ -290,7 +367,7 @@ def check_pipefusion(config, adapter, height: int, width: int) -> None:
                           f"sequence-parallel degree {config.sp}")
     if config.warmup_steps < 1:
         raise ConfigError("pipefusion needs warmup_steps >= 1 to fill the K/V buffers")
-    blocks = sum(len(getattr(adapter.model, n)) for n in adapter.sp_plan().blocks)
+    blocks = sum(len(getattr(adapter.model, bl.name)) for bl in adapter.plan.blocks if bl.pipelined)
     if getattr(adapter.model, "_xdit_stage", None) is None and config.pipefusion > blocks:
         raise ConfigError(f"pipefusion degree {config.pipefusion} is larger than the model's {blocks} "
                           "transformer blocks")
@@ -323,7 +400,13 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
     schedulers = [copy.deepcopy(sched) for _ in patches]
     hidden = adapter.hidden_size
     dtype = adapter.dtype
-    text_tokens = cfg_branches[0].cond.shape[1] if adapter.sp_plan().text is not None else 0
+    expected = adapter.stream_lengths(total_tokens, cfg_branches[0].cond.shape[1])
+    # the token streams that cross a stage boundary, in a fixed order
+    crossing = sorted({s for bl in adapter.plan.blocks if bl.pipelined for _, streams in bl.inputs for s in streams})
+
+    def patch_tokens(r0: int, r1: int) -> slice:  # the last patch also takes any tail of the image stream
+        return slice(r0 * cols, expected[IMAGE] if r1 == rows else r1 * cols)
+
     timesteps = job.schedule.timesteps
     model = PipelineModel(adapter, pm, stage)
     cache = None
@@ -360,9 +443,8 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
             if not stage.first:  # this step's activations will all come: post their receives ahead
                 messages = []
                 for r0, r1 in work:
-                    model.set_patch(slice(r0 * cols, r1 * cols), total_tokens, text_tokens, 0)
-                    n_i, n_t = model.local_image_tokens(), model.local_text_tokens()
-                    like = [((b, n_i, hidden), dtype)] + ([((b, n_t, hidden), dtype)] if text_tokens else [])
+                    model.set_patch(patch_tokens(r0, r1), expected, 0)
+                    like = [((b, model.local_tokens(s), hidden), dtype) for s in crossing]
                     messages += [like] * len(cfg_branches)
                 acts_in.expect(messages)
             for r0, r1 in work:
@@ -371,15 +453,14 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
                         a, z = pending.pop(0)
                         x[:, :, a * p:z * p] = latents_in.take()[0]
                         received_upto = z
-                tokens = slice(r0 * cols, r1 * cols)
+                tokens = patch_tokens(r0, r1)
                 preds = []
                 for k, branch in enumerate(cfg_branches):
-                    model.set_patch(tokens, total_tokens, text_tokens, k)
+                    model.set_patch(tokens, expected, k)
                     if cache is not None:
                         cache.slot = (k, r0, r1)
                     if not stage.first:
-                        got = acts_in.take()
-                        model.state.received = (got[0], got[1] if text_tokens else None)
+                        model.view.received = dict(zip(crossing, acts_in.take()))
                     sched_in = schedulers[0]
                     x_in = x
                     if hasattr(sched_in, "scale_model_input"):
@@ -389,7 +470,7 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
                     try:
                         out = adapter.predict(x_in, t, branch)
                     except _StageDone as done:
-                        acts = [done.image] + ([done.text] if text_tokens else [])
+                        acts = [done.streams[s] for s in crossing]
                         outbox.post(pm.comm.send(acts, stage.index + 1, group, kind="pipefusion"))
                         continue
                     preds.append(out[:, :, r0 * p:r1 * p].float())

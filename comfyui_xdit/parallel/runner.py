@@ -12,7 +12,7 @@ import torch.distributed as dist
 from ..cache import job_cache
 from ..errors import Cancelled, ConfigError
 from ..sampling import PreparedJob, SampleRequest, StepCallback, prepare, run_loop
-from .config import ParallelConfig
+from .config import ParallelConfig, heads_advice
 from .mesh import ParallelMesh, get_mesh
 from .sequence import sequence_parallel, shard_range, shard_sizes
 
@@ -21,7 +21,7 @@ def check_model_fit(config: ParallelConfig, adapter, req: SampleRequest) -> None
     heads = adapter.num_heads
     if heads % config.ulysses:
         raise ConfigError(f"the model has {heads} attention heads, not divisible by the Ulysses degree "
-                          f"{config.ulysses}")
+                          f"{config.ulysses} ({heads_advice(heads)})")
     tokens = adapter.image_tokens(req.height, req.width)
     if config.sp > tokens:
         raise ConfigError(f"{req.height}x{req.width} has {tokens} image tokens, fewer than the sequence-parallel "

@@ -1,7 +1,7 @@
 """Install sequence parallelism on an unmodified diffusers transformer with forward hooks and processor wrappers.
 
-Hooks split the embedders' outputs into this rank's token shard and gather the final projection's output, so
-the transformer's own forward runs on local tokens. Every self-attention processor is wrapped so that its SDPA
+Hooks at the family's token-plan points (parallel/plan.py) split the tokens into this rank's shard and gather the
+final projection's output, so the transformer's own forward runs on local tokens. Every self-attention processor is wrapped so that its SDPA
 call (direct, or through diffusers' attention dispatcher, held on its native SDPA path whatever backend diffusers
 is set to) runs USP attention instead: the processors themselves stay diffusers' own. A processor that computes
 attention without SDPA is refused (wrap_attention) rather than left to attend to its own shard.
@@ -20,17 +20,9 @@ from torch.overrides import TorchFunctionMode
 from ..adapters import FamilyAdapter
 from ..attention_backend import diffusers_native_backend, diffusers_native_dispatch
 from ..errors import ConfigError
+from . import plan as plan_mod
 from .attention import USPAttention
-
-
-def shard_sizes(n: int, parts: int) -> list[int]:
-    """Contiguous, balanced shard lengths (the first n % parts shards get one more)."""
-    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
-
-
-def shard_range(sizes: list[int], index: int) -> slice:
-    start = sum(sizes[:index])
-    return slice(start, start + sizes[index])
+from .plan import ShardView, shard_range, shard_sizes  # noqa: F401 - re-exported
 
 
 class _SDPAOverride(TorchFunctionMode):
@@ -143,7 +135,7 @@ def _agree(failures: list[str]) -> list[str]:
 
 def wrap_attention(modules, make_attention, root: torch.nn.Module | None = None, where: str = "",
                    collective: bool = False) -> Callable[[], None]:
-    """Wrap the processors of (module, joint) pairs: make_attention(module, joint) returns a zero-argument
+    """Wrap the processors of (module, streams) pairs: make_attention(module, streams) returns a zero-argument
     callable giving the SDPA replacement for one call. Returns a function that restores the processors.
 
     Whatever attention backend diffusers is set to, a wrapped processor's dispatcher takes the native SDPA path,
@@ -157,12 +149,12 @@ def wrap_attention(modules, make_attention, root: torch.nn.Module | None = None,
     names = {id(m): n for n, m in root.named_modules()} if root is not None else {}
     where = f" ({where})" if where else ""
     originals, failures = [], []
-    for module, joint in modules:
+    for module, streams in modules:
         inner = module.processor
         cls = _wrapped_class(type(inner))
         wrapped = cls.__new__(cls)
         wrapped.__dict__.update(inner.__dict__)
-        wrapped._xdit_attention = make_attention(module, joint)
+        wrapped._xdit_attention = make_attention(module, streams)
         wrapped._xdit_name = names.get(id(module), type(module).__name__) + where
         originals.append((module, inner))
         module.processor = wrapped
@@ -182,52 +174,25 @@ def wrap_attention(modules, make_attention, root: torch.nn.Module | None = None,
     return restore
 
 
-class _TokenState:
-    """Per-forward token layout, filled in by the split hooks before any attention runs."""
-
-    def __init__(self, parts: int, rank: int):
-        self.parts, self.rank = parts, rank
-        self.image: list[int] = []
-        self.text: list[int] = [0] * parts
-
-
 @contextlib.contextmanager
 def sequence_parallel(adapter: FamilyAdapter, pm):
-    """While active, every forward of adapter.model runs on this rank's share of the tokens and returns the
-    full output on every sequence-parallel rank."""
+    """While active, every forward of adapter.model runs on this rank's share of the tokens (the family's token
+    plan says where they are split and gathered) and returns the full output on every sequence-parallel rank."""
     parts, rank = pm.config.sp, pm.rank("sp")
-    plan = adapter.sp_plan()
-    state = _TokenState(parts, rank)
     comm, group = pm.comm, pm.group("sp")
-
-    def split_image(module, args, out):
-        state.image = shard_sizes(out.shape[1], parts)
-        return out[:, shard_range(state.image, rank)]
-
-    def split_text(module, args, out):
-        state.text = shard_sizes(out.shape[1], parts)
-        return out[:, shard_range(state.text, rank)]
-
-    def split_rope(module, args, out):
-        n_txt = sum(state.text)
-        txt, img = shard_range(state.text, rank), shard_range(state.image, rank)
-        return tuple(torch.cat([t[txt], t[n_txt:][img]]) for t in out)
-
-    def gather(module, args, out):
-        return comm.all_gather(out, state.image, group, dim=1, kind="gather")
-
+    view = ShardView(parts, rank, lambda t, sizes, dim: comm.all_gather(t, sizes, group, dim=dim, kind="gather"))
+    model = adapter.model
     # wrapped (and checked, on every rank) before any hook is installed: a refused processor leaves nothing behind
-    restore = wrap_attention(plan.attention, lambda module, joint: (
-        lambda: USPAttention(pm, [i + t for i, t in zip(state.image, state.text)] if joint else list(state.image))),
-        root=adapter.model, collective=True)
-    handles = [plan.image.register_forward_hook(split_image), plan.gather.register_forward_hook(gather)]
-    if plan.text is not None:
-        handles.append(plan.text.register_forward_hook(split_text))
-    if plan.rope is not None:
-        handles.append(plan.rope.register_forward_hook(split_rope))
+    restore = wrap_attention(plan_mod.attention_modules(model, adapter.plan),
+                             lambda module, streams: (lambda: USPAttention(pm, plan_mod.lengths(view, streams))),
+                             root=model, collective=True)
     try:
-        yield state
+        handles = plan_mod.install(model, adapter.plan, view)
+    except BaseException:
+        restore()
+        raise
+    try:
+        yield view
     finally:
-        for h in handles:
-            h.remove()
+        plan_mod.remove(handles)
         restore()
