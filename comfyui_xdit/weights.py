@@ -202,16 +202,21 @@ def _read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         except Exception as e:  # torch raises many types for bad pickles / zip archives
             raise WeightsError(f"{path} is truncated or corrupt, not a readable torch checkpoint "
                                f"({_first_line(e)})") from None
-        for wrapper in ("state_dict", "model", "module", "ema"):
-            if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-                obj = obj[wrapper]
-                break
+        obj = unwrap_state_dict(obj)
         if not isinstance(obj, dict):
             raise WeightsError(f"{path} does not contain a state dict")
         raw = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     else:
         raise WeightsError(f"unsupported weights file {path.name}: expected .safetensors (or .pt/.pth/.ckpt)")
     return _dequantize(raw, dtype)
+
+
+def unwrap_state_dict(obj):
+    """The state dict inside a torch checkpoint that wraps it (training checkpoints: state_dict, model, ...)."""
+    for wrapper in ("state_dict", "model", "module", "ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            return obj[wrapper]
+    return obj
 
 
 def _dequantize(raw: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -291,23 +296,6 @@ def _build(fam: Family, config: dict, sd: dict, path: Path) -> torch.nn.Module:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _finalize_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """In place: bring stray floating tensors (e.g. recomputed position tables) to `dtype` (unlike `model.to(dtype)`,
-    without touching the others or a diffusers warning), and copy tensors that safetensors left at unaligned
-    addresses, where CPU kernels take other code paths: the loaded model then computes bit for bit like the same
-    model built in memory."""
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for name, t in store.items():
-                if t is None or t.device.type != "cpu":
-                    continue
-                cast = t.is_floating_point() and t.dtype != dtype
-                if cast or t.data_ptr() % 64:
-                    new = t.to(dtype) if cast else t.clone()
-                    store[name] = torch.nn.Parameter(new, requires_grad=False) if isinstance(
-                        t, torch.nn.Parameter) else new
 
 
 def _finalize_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:

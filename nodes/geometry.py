@@ -72,10 +72,9 @@ def _torch_shapes(p: Path) -> dict[str, tuple[int, ...]]:
             obj = torch.load(str(p), map_location="meta", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad archives and pickles
         raise _damaged(p, f"not a readable torch checkpoint: {_first_line(e)}") from None
-    for wrapper in ("state_dict", "model", "module", "ema"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-            break
+    from comfyui_xdit.weights import unwrap_state_dict
+
+    obj = unwrap_state_dict(obj)
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {p.name} does not hold a state dict ({p})")
     return {k: tuple(v.shape) for k, v in obj.items() if isinstance(v, torch.Tensor)}
