@@ -192,7 +192,7 @@ def test_out_of_range_widgets_left_to_comfyui(ext, rec, change, reason):
     (dict(ulysses_degree=2, ring_degree=4), dict(width=32, height=32), "8",
      "32x32 has 4 image tokens, fewer than ring x ulysses (8)"),
     ({}, dict(width=264, latent="EmptyLatentImage", checkpoint="tiny-pixart"), "8", "264x256 is not a multiple of 16"),
-    ({}, dict(width=2048, checkpoint="tiny-sd3"), "8", "position table allows (1536 px)"),
+    ({}, dict(width=2048, checkpoint="tiny-sd3"), "8", "larger than this model allows (1536 px a side)"),
     (dict(pipefusion_degree=2, num_patches=20), dict(height=256), "8",
      "num_patches 20 is larger than the latent height in tokens (16)"),
 ])
