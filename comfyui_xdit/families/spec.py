@@ -153,6 +153,9 @@ class Family:
     max_side_of: Callable[[dict], int | None] = lambda cfg: None      # largest image side in pixels, if limited
     set_timesteps: Callable[[int, int, dict], dict] | None = None     # flow: (steps, image tokens, scheduler config)
     #                                                                   -> set_timesteps kwargs (default: steps only)
+    cfg_combine: Callable[[Any, Any, float], Any] | None = None       # the pipeline's CFG rule (pos, neg, scale) ->
+    #                 prediction on [B, C, h, w] tensors, used with the pipeline's schedule (no explicit sigmas);
+    #                 None, and always with explicit sigmas (ComfyUI's): neg + scale * (pos - neg)
     patch: int = 2                               # latent pixels per token side
     order: int = 100                             # detection order (lower first) when key patterns overlap
     other_classes: tuple[str, ...] = ()          # other diffusers class names of the same model

@@ -476,7 +476,7 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
                     preds.append(out[:, :, r0 * p:r1 * p].float())
                 if not stage.last:
                     continue
-                pred = _guide(preds, job.cfg, pm)
+                pred = _guide(preds, job, pm)
                 # the sampler step, per scheduler patch covered by this work item
                 for m, (a, z) in enumerate(patches):
                     if a >= r0 and z <= r1:
@@ -553,7 +553,8 @@ def _pass_flags(stage: Stage, pm, group, device, stop: bool, reuse: bool, outbox
     return stop, reuse
 
 
-def _guide(preds: list[torch.Tensor], scale: float, pm) -> torch.Tensor:
+def _guide(preds: list[torch.Tensor], job, pm) -> torch.Tensor:
+    """The guided prediction of one patch (whole rows of tokens, so per-token CFG rules apply to it as well)."""
     if pm.config.cfg == 2:
         both = pm.comm.all_gather(preds[0][None], [1, 1], pm.group("cfg"), dim=0, kind="cfg")
         pos, neg = both[0], both[1]
@@ -561,6 +562,6 @@ def _guide(preds: list[torch.Tensor], scale: float, pm) -> torch.Tensor:
         pos, neg = preds
     else:
         return preds[0]
-    return neg + scale * (pos - neg)
+    return job.guide(pos, neg)
 
 
