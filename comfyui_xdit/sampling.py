@@ -77,6 +77,16 @@ def seed_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 
+def _one_frame(adapter: FamilyAdapter, t: torch.Tensor) -> torch.Tensor:
+    """A latent in ComfyUI's layout of a family with a frame axis ([B, C, 1, h, w]) as the engine samples it."""
+    return t[:, :, 0] if adapter.latent.frame_axis and t.ndim == 5 and t.shape[2] == 1 else t
+
+
+def comfy_latents(adapter: FamilyAdapter, latents: torch.Tensor) -> torch.Tensor:
+    """Sampled [B, C, h, w] latents in ComfyUI's LATENT layout of the family (with its frame axis, if any)."""
+    return latents.unsqueeze(2) if adapter.latent.frame_axis and latents.ndim == 4 else latents
+
+
 def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJob:
     """Validate the request against the model and resolve every input (drawing what is absent from the seed)."""
     unknown = set(req.inputs) - set(INPUT_NAMES)
@@ -87,7 +97,7 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
     if not 0 <= req.seed <= MAX_SEED:
         raise XDiTError(f"seed must be between 0 and {MAX_SEED}, got {req.seed}")
     adapter.check_size(req.height, req.width)
-    inp = req.inputs
+    inp = {k: _one_frame(adapter, v) if k in ("noise", "latent") else v for k, v in req.inputs.items()}
     shape = latent_shape(adapter, req)
 
     noise = inp.get("noise")

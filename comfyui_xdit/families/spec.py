@@ -96,6 +96,8 @@ class LatentFormat:
     std: tuple[float, ...] | None = None
     dims: int = 2                   # spatial dimensions of the latent (3: video [B, C, T, H, W])
     downscale: int = 8              # image pixels per latent pixel
+    frame_axis: bool = False        # ComfyUI's LATENT is [B, C, 1, H, W] (a video VAE's format, one frame); the
+    #                                 engine samples [B, C, H, W] and the CLI and the nodes add or drop the axis
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ class ComfySpec:
     supported_model: str
     model_type: str
     latent_format: str
+    text_mask: bool = True    # ComfyUI's model applies the CONDITIONING's attention_mask (False: it ignores it, and
+    #                           so do the nodes, to sample what KSampler samples)
 
 
 @dataclass(frozen=True)
