@@ -483,3 +483,23 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, qwen_sd):
     save_file(sd, str(tmp_path / "b.safetensors"))
     with pytest.raises(WeightsError, match="missing keys proj_out.weight"):
         load_transformer(str(tmp_path / "b.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------ Qwen-Image-Edit
+def test_edit_reference_tokens_fit_the_token_plan(tmp_path):
+    """Qwen-Image-Edit appends the reference image's tokens to the image stream (img_shapes gets a second entry;
+    Edit-2511 adds a per-token modulate_index): under the same token plan, Ulysses 4, Ring 4 and Ulysses 2 x Ring
+    2 give the serial forward (93 image tokens, a 15-token text padded on several ranks)."""
+    from tests.distributed import ROOT, free_port
+
+    out = tmp_path / "edit.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4",
+                           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+                           str(ROOT / "tests" / "qwen_edit_worker.py"), str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(out.read_text())
+    names = [f"{m}4{z}" for m in ("ulysses", "ring", "usp") for z in ("", "_zero_cond_t")]
+    for name in names:
+        assert errors[name] <= 1e-5 and errors[name + "_bytes"] > 0, (name, errors[name])
