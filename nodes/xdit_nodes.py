@@ -85,7 +85,7 @@ class LoadParallelDiT:
     RETURN_TYPES = ("XDIT_MODEL",)
     RETURN_NAMES = ("model",)
     FUNCTION = "load"
-    DESCRIPTION = ("Loads a Flux, SD3/SD3.5 or PixArt transformer on the worker pool of the parallel config "
+    DESCRIPTION = ("Loads a Flux, SD3/SD3.5, PixArt or Qwen-Image transformer on the worker pool of the parallel config "
                    "(starting the pool, or restarting it when the config changed). Text encoders and VAE stay "
                    "ComfyUI's own loaders.")
 
