@@ -503,3 +503,28 @@ def test_edit_reference_tokens_fit_the_token_plan(tmp_path):
     names = [f"{m}4{z}" for m in ("ulysses", "ring", "usp") for z in ("", "_zero_cond_t")]
     for name in names:
         assert errors[name] <= 1e-5 and errors[name + "_bytes"] > 0, (name, errors[name])
+
+
+def test_generate_on_a_pool_writes_comfyuis_layout(tmp_path):
+    """generate --pool (the nodes' path from the command line): the pool returns [B, 16, H/8, W/8] and the CLI
+    writes Qwen-Image's ComfyUI layout, the same latents as generating in this process."""
+    from safetensors.torch import load_file
+
+    from comfyui_xdit.cli import main
+    from tests.test_runtime_cli import _serve
+
+    proc, address = _serve(tmp_path)
+    try:
+        job = ["generate", "--model", MODEL, "--height", "112", "--width", "144", "--steps", "3", "--cfg", "2"]
+        assert main([*job, "--out", str(tmp_path / "local.safetensors")]) == 0
+        assert main([*job, "--out", str(tmp_path / "pool.safetensors"), "--pool", address,
+                     "--ulysses-degree", "2"]) == 0
+        local, remote = (load_file(tmp_path / f"{n}.safetensors")["latents"] for n in ("local", "pool"))
+        assert local.shape == remote.shape == (1, 16, 1, 14, 18)
+        assert rel_l2(remote, local) < 1e-5
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
