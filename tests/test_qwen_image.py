@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from comfyui_xdit import families
-from comfyui_xdit.cache import CacheSettings
 from comfyui_xdit.engine import run_job
 from comfyui_xdit.errors import XDiTError
 from comfyui_xdit.families.flux import pack, unpack
