@@ -33,7 +33,7 @@ def request(loaded: LoadedModel, size: int, steps: int, cfg: float, cache: Cache
             device: str) -> SampleRequest:
     ad = loaded.adapter
     gen = torch.Generator().manual_seed(11)
-    tokens = TINY_TEXT_TOKENS if loaded.tiny else {"flux": 512, "sd3": 154, "pixart": 300}[ad.family]
+    tokens = TINY_TEXT_TOKENS if loaded.tiny else ad.spec.cond.tokens  # the encoder's (CondSpec.tokens)
     inputs = {}
     for prefix in ("", "neg_"):
         c = ad.random_conditioning(1, tokens, gen)

@@ -233,7 +233,8 @@ def _generate_on_pool(args: argparse.Namespace, config) -> int:
             raise XDiTError(f"no answer from a pool at {args.pool} within {POOL_PROBE_S:g}s: is `serve` running "
                             "there, and is the secret the pool's?") from None
         t0 = time.perf_counter()
-        key = client.load_model(args.model, args.family, args.dtype)
+        loaded = client.load(args.model, args.family, args.dtype)
+        key = loaded["key"]
         print(f"loaded {args.model} on the pool at {args.pool} in {time.perf_counter() - t0:.2f}s", flush=True)
 
         def on_progress(p) -> None:
@@ -249,6 +250,11 @@ def _generate_on_pool(args: argparse.Namespace, config) -> int:
     if "reused_steps" in info:
         steps = [s + 1 for s in info["reused_steps"]]
         print(f"cache: reused {len(steps)} of {args.steps} steps {steps}", flush=True)
+    from . import families
+
+    family = families.families().get(loaded.get("family", ""))
+    if family is not None and family.latent.frame_axis and latents.ndim == 4:  # ComfyUI's layout for the family
+        latents = latents.unsqueeze(2)
     save_file({"latents": latents.float().cpu().contiguous()}, args.out)
     return 0
 
@@ -258,7 +264,7 @@ def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) 
 
     from .engine import run_job
     from .models import load_model
-    from .sampling import SampleRequest
+    from .sampling import SampleRequest, comfy_latents
 
     say = print if rank == 0 else (lambda *a, **k: None)
     inputs = read_inputs(args.inputs)
@@ -280,7 +286,7 @@ def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) 
 
     t1 = time.perf_counter()
     result = run_job(loaded, req, config, callback=on_step)
-    latents = result.latents
+    latents = comfy_latents(loaded.adapter, result.latents)
     if args.report_comm and config.world_size > 1:
         for i, sent in enumerate(result.comm):
             print(f"rank {rank} step {i + 1} bytes sent: " + ", ".join(f"{k} {v}" for k, v in sorted(sent.items())),

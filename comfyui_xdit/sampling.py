@@ -46,6 +46,11 @@ class StepInfo:
 StepCallback = Callable[[StepInfo], None]
 
 
+def plain_cfg(pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance as ComfyUI and most pipelines combine the branches."""
+    return neg + scale * (pos - neg)
+
+
 @dataclass
 class PreparedJob:
     """Everything the loop needs, resolved and validated."""
@@ -56,6 +61,10 @@ class PreparedJob:
     negative: Conditioning | None   # None: no classifier-free guidance
     cfg: float
     cache: CacheSettings | None = None
+    combine: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = plain_cfg  # (pos, neg, cfg) -> guided
+
+    def guide(self, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        return self.combine(pos, neg, self.cfg)
 
 
 def latent_shape(adapter: FamilyAdapter, req: SampleRequest) -> tuple[int, int, int, int]:
@@ -68,6 +77,16 @@ def seed_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 
+def _one_frame(adapter: FamilyAdapter, t: torch.Tensor) -> torch.Tensor:
+    """A latent in ComfyUI's layout of a family with a frame axis ([B, C, 1, h, w]) as the engine samples it."""
+    return t[:, :, 0] if adapter.latent.frame_axis and t.ndim == 5 and t.shape[2] == 1 else t
+
+
+def comfy_latents(adapter: FamilyAdapter, latents: torch.Tensor) -> torch.Tensor:
+    """Sampled [B, C, h, w] latents in ComfyUI's LATENT layout of the family (with its frame axis, if any)."""
+    return latents.unsqueeze(2) if adapter.latent.frame_axis and latents.ndim == 4 else latents
+
+
 def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJob:
     """Validate the request against the model and resolve every input (drawing what is absent from the seed)."""
     unknown = set(req.inputs) - set(INPUT_NAMES)
@@ -78,7 +97,7 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
     if not 0 <= req.seed <= MAX_SEED:
         raise XDiTError(f"seed must be between 0 and {MAX_SEED}, got {req.seed}")
     adapter.check_size(req.height, req.width)
-    inp = req.inputs
+    inp = {k: _one_frame(adapter, v) if k in ("noise", "latent") else v for k, v in req.inputs.items()}
     shape = latent_shape(adapter, req)
 
     noise = inp.get("noise")
@@ -124,7 +143,9 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
     x = initial_latents(schedule, noise.float().to(device), x0 if (req.denoise < 1.0 or sigmas is not None) else None)
     if req.cache is not None:
         req.cache.check(len(schedule.timesteps), adapter.block_count)
-    return PreparedJob(x.float(), schedule, positive, negative, req.cfg, req.cache)
+    # the family pipeline's own CFG rule goes with its schedule; explicit sigmas (ComfyUI's) get ComfyUI's rule
+    combine = adapter.spec.cfg_combine if sigmas is None and adapter.spec.cfg_combine is not None else plain_cfg
+    return PreparedJob(x.float(), schedule, positive, negative, req.cfg, req.cache, combine)
 
 
 def guided(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, job: PreparedJob) -> torch.Tensor:
@@ -133,7 +154,7 @@ def guided(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, job: Prepar
     if job.negative is None:
         return pred
     neg = adapter.predict(x, t, job.negative).float()
-    return neg + job.cfg * (pred - neg)
+    return job.guide(pred, neg)
 
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

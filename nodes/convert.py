@@ -50,13 +50,15 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: bool
+def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: bool, variant: str | None = None
                          ) -> tuple[dict[str, torch.Tensor], float | None]:
     """Pool input tensors (cond, pooled, cond_mask and their neg_ twins) and distilled guidance, as the family's
     conditioning declares them (comfyui_xdit.families: CondSpec).
 
-    The negative is read only when classifier-free guidance is on (cfg != 1), as ComfyUI does."""
+    The negative is read only when classifier-free guidance is on (cfg != 1), as ComfyUI does. An attention_mask
+    is dropped where ComfyUI's model of the variant ignores it (so the pool samples what KSampler samples)."""
     want = cond_spec(family)
+    keep_mask = want.mask and (variant is None or spec(variant).text_mask)
     tensors: dict[str, torch.Tensor] = {}
     guidance = None
     sides = [("", positive, "positive")] + ([("neg_", negative, "negative")] if use_cfg else [])
@@ -70,7 +72,7 @@ def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: boo
                                       "vector (encode with CLIPTextEncode from DualCLIPLoader/TripleCLIPLoader)")
             tensors[prefix + "pooled"] = pooled.detach().to("cpu", torch.float32).reshape(pooled.shape[0], -1)
         mask = extras.get("attention_mask")
-        if want.mask and mask is not None:
+        if keep_mask and mask is not None:
             tensors[prefix + "cond_mask"] = mask.detach().to("cpu").reshape(mask.shape[0], -1).to(torch.int64)
         if prefix == "" and want.guidance is not None:
             g = extras.get("guidance")
@@ -87,8 +89,12 @@ def latent_input(latent: Any, variant: str) -> dict:
         raise ConversionError("latent_image has a noise_mask (inpainting), which Parallel Sampler does not support")
     samples = latent["samples"]
     s = spec(variant)
+    if s.frame_axis and samples.ndim == 5 and samples.shape[2] == 1:  # one frame of a video VAE's latent
+        samples = samples[:, :, 0]
     if samples.ndim != 4:
-        raise ConversionError(f"latent_image has shape {list(samples.shape)}, expected [batch, channels, h, w]")
+        expected = "[batch, channels, 1, h, w] or [batch, channels, h, w]" if s.frame_axis else \
+            "[batch, channels, h, w]"
+        raise ConversionError(f"latent_image has shape {list(samples.shape)}, expected {expected}")
     if samples.shape[1] != s.channels:
         if torch.count_nonzero(samples) != 0:
             raise ConversionError(f"latent_image has {samples.shape[1]} channels but {variant} uses {s.channels}; "
@@ -169,8 +175,15 @@ def request_fields(samples: torch.Tensor, steps: int, seed: int, cfg: float, gui
     return fields
 
 
-def output_latent(latent: dict, samples: torch.Tensor) -> dict:
-    """The LATENT to return: the input's entries (batch_index...) with the sampled latents."""
+def comfy_layout(samples: torch.Tensor, variant: str) -> torch.Tensor:
+    """[B, C, H, W] latents (the pool's) in ComfyUI's layout for the variant: with its frame axis where ComfyUI's
+    latent format has one ([B, C, 1, H, W], as KSampler returns them)."""
+    return samples.unsqueeze(2) if spec(variant).frame_axis and samples.ndim == 4 else samples
+
+
+def output_latent(latent: dict, samples: torch.Tensor, variant: str | None = None) -> dict:
+    """The LATENT to return: the input's entries (batch_index...) with the sampled latents (in the variant's
+    layout when given)."""
     out = {k: v for k, v in latent.items() if k != "noise_mask"}
-    out["samples"] = samples.to(torch.float32)
+    out["samples"] = (samples if variant is None else comfy_layout(samples, variant)).to(torch.float32)
     return out

@@ -16,6 +16,8 @@ class VariantSpec:
     latent_format: str    # class name in comfy.latent_formats
     channels: int
     dims: int             # latent spatial dimensions (2: image, 3: video)
+    frame_axis: bool = False  # ComfyUI's LATENT is [B, C, 1, H, W] for this image model (a video VAE's format)
+    text_mask: bool = True    # ComfyUI's model applies the CONDITIONING's attention_mask
 
 
 def _specs() -> dict[str, VariantSpec]:
@@ -25,7 +27,7 @@ def _specs() -> dict[str, VariantSpec]:
             continue  # not a model the supported ComfyUI has
         latent = fam.latent_of(name)
         out[name] = VariantSpec(fam.name, v.comfy.supported_model, v.comfy.model_type, v.comfy.latent_format,
-                                latent.channels, latent.dims)
+                                latent.channels, latent.dims, latent.frame_axis, v.comfy.text_mask)
     return out
 
 

@@ -85,7 +85,7 @@ class LoadParallelDiT:
     RETURN_TYPES = ("XDIT_MODEL",)
     RETURN_NAMES = ("model",)
     FUNCTION = "load"
-    DESCRIPTION = ("Loads a Flux, SD3/SD3.5 or PixArt transformer on the worker pool of the parallel config "
+    DESCRIPTION = ("Loads a Flux, SD3/SD3.5, PixArt or Qwen-Image transformer on the worker pool of the parallel config "
                    "(starting the pool, or restarting it when the config changed). Text encoders and VAE stay "
                    "ComfyUI's own loaders.")
 
@@ -174,7 +174,8 @@ class ParallelSampler:
             return (dict(latent_image),)
         try:
             lat = convert.latent_input(latent_image, model.variant)
-            tensors, guidance = convert.conditioning_tensors(positive, negative, model.family, cfg != 1.0)
+            tensors, guidance = convert.conditioning_tensors(positive, negative, model.family, cfg != 1.0,
+                                                             model.variant)
         except convert.ConversionError as e:
             raise XDiTNodeError(f"Parallel Sampler: {e}") from None
         samples = lat["samples"]
@@ -193,7 +194,7 @@ class ParallelSampler:
                                "max_consecutive": int(cache_max_consecutive)}
         _free_comfy_vram(model)
         out = _run(model, fields, tensors, unique_id, len(tensors["sigmas"]) - 1, latent_format)
-        return (convert.output_latent(latent_image, out),)
+        return (convert.output_latent(latent_image, out, model.variant),)
 
 
 def _comfy_objects(variant: str):
@@ -226,7 +227,8 @@ def _run(model: ModelHandle, fields: dict, tensors: dict, unique_id: Any, total:
         image = None
         if previewer is not None and preview is not None:
             try:
-                image = previewer.decode_latent_to_preview_image("JPEG", latent_format.process_in(preview.float()))
+                preview = convert.comfy_layout(preview.float(), model.variant)
+                image = previewer.decode_latent_to_preview_image("JPEG", latent_format.process_in(preview))
             except Exception as e:  # noqa: BLE001 - a preview must never fail the job
                 log.debug("xDiT preview failed: %s", e)
         pbar.update_absolute(step, steps, image)

@@ -22,9 +22,34 @@ def parallel(**deg):
     return d
 
 
+def qwen_image_graph() -> dict:
+    """Qwen-Image with ComfyUI's own loaders (the files of Comfy-Org/Qwen-Image_ComfyUI): Qwen2.5-VL 7B through
+    CLIPLoader type qwen_image, the Wan-style Qwen-Image VAE, EmptySD3LatentImage at the release's 1328x1328, true
+    CFG 4 on cfg parallel x Ulysses 2 (24 heads: Ulysses 1, 2, 3, 4, 6 or 8)."""
+    return {
+        "1": ("CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image",
+                             "device": "default"}),
+        "2": ("CLIPTextEncode", {"text": 'a neon sign reading "xDiT" above a rainy street market at night, '
+                                         "photograph", "clip": ["1", 0]}),
+        "3": ("CLIPTextEncode", {"text": " ", "clip": ["1", 0]}),
+        "5": ("XDiTConfigureHybridParallel", parallel(cfg_degree=2)),
+        "6": ("XDiTLoadParallelDiT", {"parallel_config": ["5", 0], "checkpoint": "qwen_image_bf16.safetensors",
+                                      "weight_dtype": "bf16", "family": "auto"}),
+        "7": ("EmptySD3LatentImage", {"width": 1328, "height": 1328, "batch_size": 1}),
+        "8": ("XDiTParallelSampler", {"model": ["6", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                      "latent_image": ["7", 0], "seed": 42, "steps": 30, "cfg": 4.0,
+                                      "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}),
+        "9": ("VAELoader", {"vae_name": "qwen_image_vae.safetensors"}),
+        "10": ("VAEDecode", {"samples": ["8", 0], "vae": ["9", 0]}),
+        "11": ("SaveImage", {"images": ["10", 0], "filename_prefix": "xdit_qwen_image"}),
+    }
+
+
 def graph(kind: str) -> dict:
     """API-format graph for one example; links as [node_id, output_index]."""
-    if kind in ("flux1-dev", "flux1-schnell"):
+    if kind == "qwen-image":
+        g = qwen_image_graph()
+    elif kind in ("flux1-dev", "flux1-schnell"):
         dev = kind == "flux1-dev"
         g = {
             "1": ("DualCLIPLoader", {"clip_name1": "t5xxl_fp16.safetensors", "clip_name2": "clip_l.safetensors",
@@ -86,7 +111,7 @@ def graph(kind: str) -> dict:
     return {nid: {"class_type": ct, "inputs": inputs} for nid, (ct, inputs) in sorted(g.items(), key=lambda x: int(x[0]))}
 
 
-EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma")
+EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "qwen-image")
 
 
 def is_link_type(t) -> bool:

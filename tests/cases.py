@@ -22,14 +22,18 @@ def get_model(case: dict, fresh: bool = False):
 
 
 def build_request(loaded, case: dict) -> SampleRequest:
-    """Request with conditioning drawn from the case seed (text length may be odd to test uneven shards)."""
+    """Request with conditioning drawn from the case seed (text length may be odd to test uneven shards).
+    `masks` (optional): {"cond_mask": rows, "neg_cond_mask": rows} of 0/1 per text token and batch row; their
+    lengths set each branch's text length (a padded prompt, and a negative of another length)."""
     gen = torch.Generator().manual_seed(1000 + case["seed"])
     batch = case.get("batch", 1)
     ad = loaded.adapter
     inputs = {}
     tokens = case.get("text_tokens", 16)
-    pos = ad.random_conditioning(batch, tokens, gen)
-    neg = ad.random_conditioning(batch, tokens, gen)
+    masks = {k: torch.tensor(v, dtype=torch.long) for k, v in case.get("masks", {}).items()}
+    pos = ad.random_conditioning(batch, masks["cond_mask"].shape[1] if "cond_mask" in masks else tokens, gen)
+    neg = ad.random_conditioning(batch, masks["neg_cond_mask"].shape[1] if "neg_cond_mask" in masks else tokens, gen)
+    pos.mask, neg.mask = masks.get("cond_mask", pos.mask), masks.get("neg_cond_mask", neg.mask)
     inputs["cond"] = pos.cond
     if pos.pooled is not None:
         inputs["pooled"], inputs["neg_pooled"] = pos.pooled, neg.pooled

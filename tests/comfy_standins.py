@@ -74,6 +74,9 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
     class PixArtSigma(PixArtAlpha):
         pass
 
+    class QwenImage:  # ModelType.FLUX in ComfyUI 0.3.64's supported_models.QwenImage
+        sampling_settings = {"multiplier": 1.0, "shift": 1.15}
+
     class _Format:
         scale_factor, shift_factor, latent_channels = 1.0, 0.0, 4
 
@@ -83,6 +86,16 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
     formats = {name: type(name, (_Format,), {"scale_factor": sc, "shift_factor": sh, "latent_channels": ch})
                for name, sc, sh, ch in [("Flux", 0.3611, 0.1159, 16), ("SD3", 1.5305, 0.0609, 16),
                                         ("SDXL", 0.13025, 0.0, 4), ("SD15", 0.18215, 0.0, 4)]}
+
+    class Wan21(_Format):  # latent_dimensions 3: its per-channel statistics are shaped [1, 16, 1, 1, 1]
+        latent_channels, latent_dimensions = 16, 3
+
+        def process_in(self, x):
+            if x.ndim != 5:
+                raise ValueError(f"Wan21 latents are [B, C, T, H, W], got {list(x.shape)}")
+            return x
+
+    formats["Wan21"] = Wan21
 
     def calculate_sigmas(ms, scheduler, steps):
         rec.sigma_calls.append((ms, scheduler, steps))
@@ -156,7 +169,7 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
         "comfy": comfy,
         "comfy.model_base": _module("comfy.model_base", ModelType=ModelType, model_sampling=model_sampling),
         "comfy.supported_models": _module("comfy.supported_models", Flux=Flux, FluxSchnell=FluxSchnell, SD3=SD3,
-                                          PixArtAlpha=PixArtAlpha, PixArtSigma=PixArtSigma),
+                                          PixArtAlpha=PixArtAlpha, PixArtSigma=PixArtSigma, QwenImage=QwenImage),
         "comfy.latent_formats": _module("comfy.latent_formats", **formats),
         "comfy.samplers": _module("comfy.samplers", calculate_sigmas=calculate_sigmas,
                                   SCHEDULER_NAMES=list(SCHEDULER_NAMES),

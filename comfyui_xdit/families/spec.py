@@ -96,6 +96,8 @@ class LatentFormat:
     std: tuple[float, ...] | None = None
     dims: int = 2                   # spatial dimensions of the latent (3: video [B, C, T, H, W])
     downscale: int = 8              # image pixels per latent pixel
+    frame_axis: bool = False        # ComfyUI's LATENT is [B, C, 1, H, W] (a video VAE's format, one frame); the
+    #                                 engine samples [B, C, H, W] and the CLI and the nodes add or drop the axis
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ class ComfySpec:
     supported_model: str
     model_type: str
     latent_format: str
+    text_mask: bool = True    # ComfyUI's model applies the CONDITIONING's attention_mask (False: it ignores it, and
+    #                           so do the nodes, to sample what KSampler samples)
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,9 @@ class Family:
     max_side_of: Callable[[dict], int | None] = lambda cfg: None      # largest image side in pixels, if limited
     set_timesteps: Callable[[int, int, dict], dict] | None = None     # flow: (steps, image tokens, scheduler config)
     #                                                                   -> set_timesteps kwargs (default: steps only)
+    cfg_combine: Callable[[Any, Any, float], Any] | None = None       # the pipeline's CFG rule (pos, neg, scale) ->
+    #                 prediction on [B, C, h, w] tensors, used with the pipeline's schedule (no explicit sigmas);
+    #                 None, and always with explicit sigmas (ComfyUI's): neg + scale * (pos - neg)
     patch: int = 2                               # latent pixels per token side
     order: int = 100                             # detection order (lower first) when key patterns overlap
     other_classes: tuple[str, ...] = ()          # other diffusers class names of the same model

@@ -400,12 +400,13 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
     schedulers = [copy.deepcopy(sched) for _ in patches]
     hidden = adapter.hidden_size
     dtype = adapter.dtype
-    expected = adapter.stream_lengths(total_tokens, cfg_branches[0].cond.shape[1])
+    # each branch's stream lengths (the CFG branches' text lengths may differ)
+    expected = [adapter.stream_lengths(total_tokens, branch.cond.shape[1]) for branch in cfg_branches]
     # the token streams that cross a stage boundary, in a fixed order
     crossing = sorted({s for bl in adapter.plan.blocks if bl.pipelined for _, streams in bl.inputs for s in streams})
 
-    def patch_tokens(r0: int, r1: int) -> slice:  # the last patch also takes any tail of the image stream
-        return slice(r0 * cols, expected[IMAGE] if r1 == rows else r1 * cols)
+    def patch_tokens(r0: int, r1: int, k: int) -> slice:  # the last patch also takes any tail of the image stream
+        return slice(r0 * cols, expected[k][IMAGE] if r1 == rows else r1 * cols)
 
     timesteps = job.schedule.timesteps
     model = PipelineModel(adapter, pm, stage)
@@ -443,9 +444,9 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
             if not stage.first:  # this step's activations will all come: post their receives ahead
                 messages = []
                 for r0, r1 in work:
-                    model.set_patch(patch_tokens(r0, r1), expected, 0)
-                    like = [((b, model.local_tokens(s), hidden), dtype) for s in crossing]
-                    messages += [like] * len(cfg_branches)
+                    for k in range(len(cfg_branches)):
+                        model.set_patch(patch_tokens(r0, r1, k), expected[k], k)
+                        messages.append([((b, model.local_tokens(s), hidden), dtype) for s in crossing])
                 acts_in.expect(messages)
             for r0, r1 in work:
                 if stage.first:  # latent rows of this patch from the previous step
@@ -453,10 +454,9 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
                         a, z = pending.pop(0)
                         x[:, :, a * p:z * p] = latents_in.take()[0]
                         received_upto = z
-                tokens = patch_tokens(r0, r1)
                 preds = []
                 for k, branch in enumerate(cfg_branches):
-                    model.set_patch(tokens, expected, k)
+                    model.set_patch(patch_tokens(r0, r1, k), expected[k], k)
                     if cache is not None:
                         cache.slot = (k, r0, r1)
                     if not stage.first:
@@ -476,7 +476,7 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
                     preds.append(out[:, :, r0 * p:r1 * p].float())
                 if not stage.last:
                     continue
-                pred = _guide(preds, job.cfg, pm)
+                pred = _guide(preds, job, pm)
                 # the sampler step, per scheduler patch covered by this work item
                 for m, (a, z) in enumerate(patches):
                     if a >= r0 and z <= r1:
@@ -553,7 +553,8 @@ def _pass_flags(stage: Stage, pm, group, device, stop: bool, reuse: bool, outbox
     return stop, reuse
 
 
-def _guide(preds: list[torch.Tensor], scale: float, pm) -> torch.Tensor:
+def _guide(preds: list[torch.Tensor], job, pm) -> torch.Tensor:
+    """The guided prediction of one patch (whole rows of tokens, so per-token CFG rules apply to it as well)."""
     if pm.config.cfg == 2:
         both = pm.comm.all_gather(preds[0][None], [1, 1], pm.group("cfg"), dim=0, kind="cfg")
         pos, neg = both[0], both[1]
@@ -561,6 +562,6 @@ def _guide(preds: list[torch.Tensor], scale: float, pm) -> torch.Tensor:
         pos, neg = preds
     else:
         return preds[0]
-    return neg + scale * (pos - neg)
+    return job.guide(pos, neg)
 
 

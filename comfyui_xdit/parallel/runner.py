@@ -38,7 +38,7 @@ def check_model_fit(config: ParallelConfig, adapter, req: SampleRequest) -> None
 
 def _local_job(job: PreparedJob, batch: slice) -> PreparedJob:
     neg = None if job.negative is None else job.negative.select(batch)
-    return PreparedJob(job.x[batch], job.schedule, job.positive.select(batch), neg, job.cfg, job.cache)
+    return PreparedJob(job.x[batch], job.schedule, job.positive.select(batch), neg, job.cfg, job.cache, job.combine)
 
 
 def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback: StepCallback | None = None,
@@ -132,7 +132,6 @@ def _cfg_predictor(adapter, job: PreparedJob, pm: ParallelMesh):
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         mine = adapter.predict(x, t, branch).float()
         both = pm.comm.all_gather(mine[None], [1, 1], group, dim=0, kind="cfg")
-        pos, neg = both[0], both[1]
-        return neg + job.cfg * (pos - neg)
+        return job.guide(both[0], both[1])
 
     return predict

@@ -1,0 +1,117 @@
+"""Qwen-Image through the nodes without ComfyUI (stand-ins): ComfyUI's Qwen-Image CONDITIONING (Qwen2.5-VL 7B
+hidden states [1, L, 3584], an attention_mask only when padded, which ComfyUI's QwenImage model ignores) and
+LATENT (EmptySD3LatentImage's [B, 16, H/8, W/8] in, [B, 16, 1, H/8, W/8] out as KSampler returns it), sigmas from
+the FLUX model sampling with shift 1.15, and a run on a real 2-rank CPU pool (Ulysses 2, CFG) equal to the engine."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from comfyui_xdit.engine import run_job
+from comfyui_xdit.models import load_model
+from comfyui_xdit.sampling import SampleRequest
+
+from . import comfy_standins as cs
+from .conftest import rel_l2
+from .test_nodes import CONFIG_DEFAULTS
+
+VARIANT = "qwen-image-t2i"
+
+
+@pytest.fixture(scope="module")
+def ext():
+    rec = cs.Recorder()
+    saved = {k: sys.modules.get(k) for k in cs.install(rec)}
+    sys.modules.update(cs.install(rec))
+    module = cs.load_extension()
+    module.rec = rec
+    yield module
+    module.nodes.xdit_nodes.MANAGER.stop()
+    for k, v in saved.items():
+        if v is None:
+            sys.modules.pop(k, None)
+        else:
+            sys.modules[k] = v
+
+
+def _cond(seed: int, tokens: int, **extras):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, 3584, generator=g), {"pooled_output": None, **extras}]]
+
+
+def test_variant_spec(ext):
+    s = ext.nodes.families.spec(VARIANT)
+    assert (s.family, s.supported_model, s.model_type, s.latent_format, s.channels) == \
+        ("qwen-image", "QwenImage", "FLUX", "Wan21", 16)
+    assert s.frame_axis and not s.text_mask
+    assert ext.nodes.families.TINY_VARIANT["tiny-qwen-image"] == VARIANT
+    ck = ext.nodes.checkpoints
+    assert ck.detect_variant("tiny-qwen-image") == VARIANT
+
+
+def test_conditioning_drops_the_mask_comfyui_ignores(ext):
+    cv = ext.nodes.convert
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    tensors, guidance = cv.conditioning_tensors(_cond(1, 6, attention_mask=mask), _cond(2, 4), "qwen-image", True,
+                                                VARIANT)
+    assert set(tensors) == {"cond", "neg_cond"} and guidance is None  # no pooled vector, no distilled guidance
+    assert tensors["cond"].shape == (1, 6, 3584) and tensors["neg_cond"].shape == (1, 4, 3584)
+    kept, _ = cv.conditioning_tensors(_cond(1, 6, attention_mask=mask), None, "qwen-image", False)
+    assert torch.equal(kept["cond_mask"], mask)  # without a variant (the engine's own rule): kept
+    with pytest.raises(cv.ConversionError, match="uses reference_latents"):  # Qwen-Image-Edit's conditioning
+        cv.conditioning_tensors(_cond(1, 6, reference_latents=[torch.zeros(1, 16, 1, 8, 8)]), None, "qwen-image",
+                                False, VARIANT)
+
+
+def test_latent_in_and_out(ext):
+    cv = ext.nodes.convert
+    empty = {"samples": torch.zeros(2, 16, 12, 16)}  # EmptySD3LatentImage
+    assert cv.latent_input(empty, VARIANT)["samples"].shape == (2, 16, 12, 16)
+    framed = torch.randn(2, 16, 1, 12, 16)  # a VAE-encoded image or an earlier sampler's output
+    assert torch.equal(cv.latent_input({"samples": framed}, VARIANT)["samples"], framed[:, :, 0])
+    assert cv.latent_input({"samples": torch.zeros(1, 4, 8, 8)}, VARIANT)["samples"].shape == (1, 16, 8, 8)
+    with pytest.raises(cv.ConversionError, match=r"expected \[batch, channels, 1, h, w\]"):
+        cv.latent_input({"samples": torch.zeros(1, 16, 2, 8, 8)}, VARIANT)
+    with pytest.raises(cv.ConversionError, match=r"expected \[batch, channels, h, w\]$"):
+        cv.latent_input({"samples": torch.zeros(1, 16, 1, 8, 8)}, "flux-dev")
+    out = cv.output_latent({"samples": empty["samples"], "batch_index": [0, 1]}, torch.ones(2, 16, 12, 16), VARIANT)
+    assert out["samples"].shape == (2, 16, 1, 12, 16) and out["batch_index"] == [0, 1]
+    assert cv.output_latent(empty, torch.ones(2, 16, 12, 16), "flux-dev")["samples"].shape == (2, 16, 12, 16)
+
+
+def test_sigmas_from_comfyuis_qwen_image_sampling(ext):
+    cv, rec = ext.nodes.convert, ext.rec
+    sig = cv.sigmas_for(VARIANT, "euler", "simple", 8, 1.0)
+    ms, scheduler, steps = rec.sigma_calls[-1]
+    assert (ms.model_type.name, ms.settings, scheduler, steps) == ("FLUX", {"multiplier": 1.0, "shift": 1.15},
+                                                                   "simple", 8)
+    assert sig.shape == (9,)
+
+
+def test_sampler_on_pool_matches_the_engine(ext):
+    """Ulysses 2 with CFG, a padded positive (its mask dropped as ComfyUI drops it) and a shorter negative; the
+    empty 4-D latent comes back [1, 16, 1, h, w], previews in the Wan21 layout."""
+    rec, m = ext.rec, ext.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"]().load(config, "tiny-qwen-image", "fp32", "auto")
+    assert (model.family, model.variant) == ("qwen-image", VARIANT)
+    pos = _cond(3, 11, attention_mask=torch.tensor([[1] * 8 + [0] * 3]))
+    neg = _cond(4, 5)
+    rec.progress[:] = []
+    latent = {"samples": torch.zeros(1, 16, 14, 18)}  # 7 x 9 tokens
+    (out,) = m["XDiTParallelSampler"]().sample(model, pos, neg, latent, 5, 4, 3.5, "euler", "simple", 1.0,
+                                               unique_id="7")
+    assert out["samples"].shape == (1, 16, 1, 14, 18)
+    assert [p[0] for p in rec.progress] == [1, 2, 3, 4]
+    assert all(p[3] is not None and len(p[3][1]) == 5 for p in rec.progress)  # previews reached the previewer
+    sigmas = ext.nodes.convert.sigmas_for(VARIANT, "euler", "simple", 4, 1.0)
+    z = torch.zeros(1, 16, 14, 18)
+    inputs = {"cond": pos[0][0], "neg_cond": neg[0][0], "latent": z, "sigmas": sigmas,
+              "noise": torch.randn(1, 16, 14, 18, generator=torch.Generator().manual_seed(5))}
+    ref = run_job(load_model("tiny-qwen-image"), SampleRequest(112, 144, 4, seed=5, cfg=3.5, inputs=inputs)).latents
+    assert rel_l2(out["samples"][:, :, 0], ref) <= 1e-4
+    masked = run_job(load_model("tiny-qwen-image"), SampleRequest(
+        112, 144, 4, seed=5, cfg=3.5, inputs={**inputs, "cond_mask": pos[0][1]["attention_mask"]})).latents
+    assert rel_l2(masked, ref) > 1e-3  # the dropped mask would have mattered
