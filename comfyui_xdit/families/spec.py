@@ -106,6 +106,7 @@ class CondSpec:
     mask: bool = False                           # a text mask [B, L] is used when given
     guidance: float | None = None                # distilled guidance: the default when the request gives none
     negative_length_may_differ: bool = False     # the negative branch may have another token count
+    negative: bool = True                        # takes a negative prompt (true CFG); False: cfg must be 1
     tokens: int = 256                            # text tokens its encoder produces (bench, random conditioning)
 
 
