@@ -113,10 +113,13 @@ class CondSpec:
 @dataclass(frozen=True)
 class ComfySpec:
     """Names of ComfyUI's objects for a variant (built lazily by the nodes): comfy.supported_models class,
-    comfy.model_base.ModelType member, comfy.latent_formats class."""
+    comfy.model_base.ModelType member, comfy.latent_formats class. `shift`, for a model ComfyUI has no class of:
+    (image tokens, steps) -> the sampling_settings "shift" of a job (a pipeline's size- and step-dependent shift),
+    replacing the supported model's."""
     supported_model: str
     model_type: str
     latent_format: str
+    shift: Callable[[int, int], float] | None = None
 
 
 @dataclass(frozen=True)
