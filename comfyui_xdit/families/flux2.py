@@ -34,8 +34,8 @@ from .checkpoint import count, head_dim, require, run_converter
 from .spec import IMAGE, TEXT, BlockList, ComfySpec, CondSpec, Family, LatentFormat, TokenPlan, Variant, from_cp_plan
 
 TEXT_WIDTH = 15360  # Mistral-3 Small: hidden states of layers 10, 20, 30 (3 x 5120) per token
-# FlowMatchEulerDiscreteScheduler as the FLUX.2-dev checkpoint configures it: the pipeline passes its own sigmas
-# and mu, so only the dynamic (exponential) shift matters
+# FlowMatchEulerDiscreteScheduler with dynamic, exponential shifting: Flux2Pipeline passes its own sigmas and mu, so
+# only use_dynamic_shifting and time_shift_type are read; the other fields are Flux.1-dev's values (not used here)
 FLOW_FLUX2 = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                   base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
 # the shared modulation layers only FLUX.2 has (BFL "lin", diffusers "linear"); Flux.1 modulates per block
