@@ -8,7 +8,8 @@ the relative difference mean|x_t - x_{t-1}| / mean|x_{t-1}|. Kinds:
   attention (Flux, SD3: text and image tokens in one sequence) these cover the image tokens only and
   text_k, text_v, text_out the text tokens; in other attention (PixArt attn1/attn2, SD3.5 attn2) the whole
   sequence (PixArt's cross-attention K/V are text tokens, its output image tokens).
-- residual: a transformer block's image-stream output minus its image-stream input.
+- residual: a transformer block's image-stream output minus its image-stream input (the image tokens of a joint
+  stream, e.g. FLUX.2's single blocks).
 
 Sums (sum|diff|, sum|prev|, element count) are accumulated on the device per step, all-reduced over the
 default process group at the step boundary (one host sync per step), so a parallel run (sequence parallel:
@@ -158,8 +159,17 @@ class _Recorder:
         def hook(module, args, kwargs, output):
             x_in = kwargs[key] if isinstance(key, str) and key in kwargs else args[position]
             x_out = adapter.block_streams(output, blocks)[0]
-            self.record("residual", b, x_out - x_in)
+            self.record("residual", b, self._image_part(x_out - x_in, blocks.inputs[0][1]))
         return hook
+
+    def _image_part(self, x: torch.Tensor, streams: tuple[str, ...]) -> torch.Tensor:
+        """The image tokens of a block's main stream (a joint stream holds this rank's part of each stream in
+        order; the image part is what the other streams leave)."""
+        if len(streams) == 1 or IMAGE not in streams:
+            return x
+        others = {s: self.view.local(s) for s in streams if s != IMAGE}
+        start = sum(others[s] for s in streams[:streams.index(IMAGE)])
+        return x.narrow(1, start, x.shape[1] - sum(others.values()))
 
     def tap(self, row: int, text_row: int | None, b: int, text_first: bool):
         def tap(q, k, v, out):

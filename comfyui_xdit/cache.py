@@ -209,30 +209,36 @@ class BlockCache:
 
     def _make_forward(self, j: int, original: Callable, blocks) -> Callable:
         """The block's forward with the cache; `blocks`: its declared list (which inputs are its streams, in which
-        order it returns them). The cache follows the main stream; a reused block passes the others through."""
+        order it returns them). The cache follows the main stream; a reused block passes the others through.
+        Residuals are taken in the layout of the block that ends them: a span from separate image and text streams
+        to a joint one (e.g. double then single blocks) starts from the streams joined as the joint one is."""
         last = len(self.blocks) - 1
         names = [key for key, _ in blocks.inputs]
+        main_streams = blocks.inputs[0][1]
         pos = plan_positions(self.blocks[j])
 
         def inputs(args, kwargs) -> list:
             return [_stream_in(k, pos.get(k, i) if isinstance(k, str) else k, args, kwargs)
                     for i, k in enumerate(names)]
 
+        def by_streams(values) -> dict:
+            return {streams: v for (_, streams), v in zip(blocks.inputs, values) if v is not None}
+
         def forward(*args, **kwargs):
             key = self.slot if self.pipelined else self.call
             if j == 0:
-                self._block0_in = inputs(args, kwargs)[0]
+                self._block0_in = by_streams(inputs(args, kwargs))
             if j < self.first:
                 out = original(*args, **kwargs)
                 if j == self.first - 1:
-                    main = self.adapter.block_streams(out, blocks)[0]
-                    self._after_first(main - self._block0_in, key)
-                    self._span_in = main
+                    main, second = self.adapter.block_streams(out, blocks)
+                    self._after_first(main - _joined(self._block0_in, main_streams), key)
+                    self._span_in = by_streams((main, second))
                     if j == last:
                         self.call += 1
                 return out
             if j == self.first:
-                self._span_in = inputs(args, kwargs)[0]
+                self._span_in = by_streams(inputs(args, kwargs))
             if self.reuse:
                 streams = inputs(args, kwargs)
                 if j == last:
@@ -241,7 +247,7 @@ class BlockCache:
                 return streams[0] if blocks.outputs is None else tuple(streams[i] for i in blocks.outputs)
             out = original(*args, **kwargs)
             if j == last:
-                self.res[key] = self.adapter.block_streams(out, blocks)[0] - self._span_in
+                self.res[key] = self.adapter.block_streams(out, blocks)[0] - _joined(self._span_in, main_streams)
                 self.call += 1
             return out
 
@@ -266,6 +272,18 @@ class BlockCache:
             self.reuse = self.policy.decide(self.step, rel)
         if not self.reuse:
             self.ref[key] = r
+
+
+def _joined(by_streams: dict[tuple[str, ...], torch.Tensor], streams: tuple[str, ...]) -> torch.Tensor:
+    """The tensor of `streams` (one stream, or a joint stream in this order) from tensors recorded per stream
+    tuple: itself, or its streams' tensors concatenated along the token dimension."""
+    if streams in by_streams:
+        return by_streams[streams]
+    singles = {s[0]: t for s, t in by_streams.items() if len(s) == 1}
+    if not all(s in singles for s in streams):
+        raise XDiTError(f"step cache: cannot form the {'+'.join(streams)} stream from the "
+                        f"{', '.join('+'.join(s) for s in by_streams)} streams of an earlier block")
+    return torch.cat([singles[s] for s in streams], dim=1)
 
 
 def model_blocks(adapter) -> list[torch.nn.Module]:

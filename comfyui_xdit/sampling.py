@@ -113,6 +113,9 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
             raise XDiTError(f"latent has shape {list(latent.shape)}, expected {list(shape)}")
 
     use_cfg = req.cfg != 1.0
+    if use_cfg and not adapter.spec.cond.negative:
+        raise XDiTError(f"{adapter.family} takes no negative prompt (its pipeline has no true classifier-free "
+                        f"guidance): cfg must be 1, got {req.cfg}")
     gen = torch.Generator().manual_seed(req.seed + 1)
 
     def branch(prefix: str, what: str) -> Conditioning:

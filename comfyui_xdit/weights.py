@@ -97,7 +97,8 @@ def describe(shapes: dict) -> Description:
     """Family, config and variant of a single-file checkpoint from its tensors' shapes alone (names -> shape
     tuples or tensors): the same conversion and inference as loading, on meta tensors."""
     sd = {k: v if isinstance(v, torch.Tensor) else torch.empty(tuple(v), device="meta")
-          for k, v in _strip_prefix(dict(shapes)).items()}
+          for k, v in _strip_prefix(dict(shapes)).items()
+          if k != "scaled_fp8" and not k.endswith(_QUANT_MARKERS)}  # what loading drops (_dequantize)
     fam = families.get(detect_family(sd.keys()))
     hints: dict = {}
     if fam.convert is not None and fam.is_original(set(sd)):
@@ -219,18 +220,32 @@ def unwrap_state_dict(obj):
     return obj
 
 
+_QUANT_MARKERS = (".scale_weight", ".scale_input", ".input_scale", ".weight_scale", ".comfy_quant")
+
+
 def _dequantize(raw: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Cast floating tensors to `dtype`; fp8 is upcast exactly. ComfyUI "scaled fp8" files store, next to each fp8
-    `x.weight`, a `x.scale_weight` to multiply it by (and `x.scale_input`/`scaled_fp8` markers, unused here)."""
+    `x.weight`, a `x.scale_weight` to multiply it by (and `x.scale_input`/`scaled_fp8` markers, unused here); its
+    newer mixed-precision files (per-layer float8 with a `x.weight_scale`, optional `x.input_scale` and
+    `x.comfy_quant` metadata) are read the same way. Other quantized formats (int8 blocks, NVFP4) are refused."""
     out = {}
     for k, t in raw.items():
-        if k == "scaled_fp8" or k.endswith((".scale_weight", ".scale_input")):
+        if k.endswith((".weight_scale_2", ".pre_quant_scale")):
+            raise WeightsError(f"quantized weights with {k.rsplit('.', 1)[1]} (e.g. NVFP4) are not supported; "
+                               "use a bf16, fp16 or fp8 checkpoint")
+        if k == "scaled_fp8" or k.endswith(_QUANT_MARKERS):
             continue
+        if k.endswith(".weight"):
+            scale_key = next((s for s in (k[: -len("weight")] + "scale_weight", k + "_scale") if s in raw), None)
+        else:
+            scale_key = None
         if t.is_floating_point():
-            scale_key = k[: -len("weight")] + "scale_weight" if k.endswith(".weight") else None
-            if scale_key in raw:
+            if scale_key is not None:
                 t = t.to(torch.float32) * raw[scale_key].to(torch.float32)
             t = t.to(dtype)
+        elif scale_key is not None:
+            raise WeightsError(f"{k} is quantized as {str(t.dtype).replace('torch.', '')} with a scale, which is not "
+                               "supported; use a bf16, fp16 or fp8 checkpoint")
         out[k] = t
     return out
 

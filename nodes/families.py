@@ -4,6 +4,7 @@ objects are built lazily by `comfy_objects`, so this module imports without Comf
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from comfyui_xdit import families as registry
 
@@ -18,6 +19,8 @@ class VariantSpec:
     dims: int             # latent spatial dimensions (2: image, 3: video)
     frame_axis: bool = False  # ComfyUI's LATENT is [B, C, 1, H, W] for this image model (a video VAE's format)
     text_mask: bool = True    # ComfyUI's model applies the CONDITIONING's attention_mask
+    shift: Callable[[int, int], float] | None = None  # (image tokens, steps) -> the job's sampling shift
+    patch: int = 2        # latent pixels per token side
 
 
 def _specs() -> dict[str, VariantSpec]:
@@ -27,7 +30,8 @@ def _specs() -> dict[str, VariantSpec]:
             continue  # not a model the supported ComfyUI has
         latent = fam.latent_of(name)
         out[name] = VariantSpec(fam.name, v.comfy.supported_model, v.comfy.model_type, v.comfy.latent_format,
-                                latent.channels, latent.dims, latent.frame_axis, v.comfy.text_mask)
+                                latent.channels, latent.dims, latent.frame_axis, v.comfy.text_mask,
+                                v.comfy.shift, fam.patch)
     return out
 
 
@@ -66,8 +70,9 @@ def cond_spec(family: str):
     return registry.get(family).cond
 
 
-def comfy_objects(variant: str):
-    """(model_sampling, latent_format) as ComfyUI would build them for a model of this variant."""
+def comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps: int | None = None):
+    """(model_sampling, latent_format) as ComfyUI would build them for a model of this variant; for a variant with
+    a per-job shift, the shift of a latent of `latent_hw` (LATENT height, width) sampled in `steps` steps."""
     from types import SimpleNamespace
 
     import comfy.latent_formats
@@ -76,6 +81,8 @@ def comfy_objects(variant: str):
 
     s = spec(variant)
     settings = dict(getattr(comfy.supported_models, s.supported_model).sampling_settings)
+    if s.shift is not None and latent_hw is not None and steps:
+        settings["shift"] = float(s.shift((latent_hw[0] // s.patch) * (latent_hw[1] // s.patch), int(steps)))
     model_type = getattr(comfy.model_base.ModelType, s.model_type)
     model_sampling = comfy.model_base.model_sampling(SimpleNamespace(sampling_settings=settings), model_type)
     return model_sampling, getattr(comfy.latent_formats, s.latent_format)()

@@ -209,19 +209,34 @@ def _sampler_problems(prompt: dict, node: dict) -> list[str]:
         return []
     values = {k: v for k, v in (node.get("inputs") or {}).items() if not isinstance(v, list)}
     out = []
+    try:
+        g = _geometry(load[1])
+    except CheckpointError:
+        g = None  # the Load node reports it
     cfg = values.get("cfg")
-    if s.cfg == 2 and isinstance(cfg, (int, float)) and float(cfg) == 1.0:
+    if g is not None and not _takes_negative(g.family):
+        if s.cfg == 2:
+            out.append(f"cfg_degree 2 runs a negative branch, but {g.family} takes no negative prompt (no true "
+                       "classifier-free guidance): set cfg_degree 1")
+        elif isinstance(cfg, (int, float)) and float(cfg) != 1.0:
+            out.append(f"{g.family} takes no negative prompt (no true classifier-free guidance): set cfg 1")
+    elif s.cfg == 2 and isinstance(cfg, (int, float)) and float(cfg) == 1.0:
         out.append("cfg_degree 2 runs the negative branch on half the ranks, but cfg is 1 (no negative branch): "
                    "set cfg != 1 or cfg_degree 1")
     latent = _source(prompt, node, "latent_image", EMPTY_LATENTS)
     size = _latent_size(latent[1]) if latent else None
     if size is not None:
-        try:
-            g = _geometry(load[1])
-        except CheckpointError:
-            g = None  # the Load node reports it
         out += image_problems(s, g, *size)
     return out
+
+
+def _takes_negative(family: str) -> bool:
+    from .families import cond_spec
+
+    try:
+        return cond_spec(family).negative
+    except KeyError:
+        return True
 
 
 def _latent_size(node: dict) -> tuple[int, int, int] | None:

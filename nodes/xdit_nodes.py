@@ -181,7 +181,8 @@ class ParallelSampler:
         samples = lat["samples"]
         tensors["latent"] = samples
         tensors["noise"] = convert.noise_for(samples, seed, lat["batch_index"])
-        model_sampling, latent_format = _comfy_objects(model.variant)
+        full_steps = steps if denoise > 0.9999 else int(steps / denoise)  # the schedule denoise truncates
+        model_sampling, latent_format = _comfy_objects(model.variant, tuple(samples.shape[2:4]), full_steps)
         try:
             tensors["sigmas"] = convert.sigmas_for(model.variant, sampler_name, scheduler, steps, denoise,
                                                    model_sampling)
@@ -197,10 +198,10 @@ class ParallelSampler:
         return (convert.output_latent(latent_image, out, model.variant),)
 
 
-def _comfy_objects(variant: str):
+def _comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps: int | None = None):
     from .families import comfy_objects
 
-    return comfy_objects(variant)
+    return comfy_objects(variant, latent_hw, steps)
 
 
 def _free_comfy_vram(model: ModelHandle) -> None:

@@ -106,12 +106,46 @@ def graph(kind: str) -> dict:
             "10": ("VAEDecode", {"samples": ["8", 0], "vae": ["9", 0]}),
             "11": ("SaveImage", {"images": ["10", 0], "filename_prefix": "xdit_pixart_sigma"}),
         }
+    elif kind == "flux2-dev":
+        g = flux2_graph()
     else:
         raise ValueError(kind)
     return {nid: {"class_type": ct, "inputs": inputs} for nid, (ct, inputs) in sorted(g.items(), key=lambda x: int(x[0]))}
 
 
-EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "qwen-image")
+FLUX2_NOTE = (
+    "FLUX.2-dev on xDiT. ComfyUI 0.3.64 has no FLUX.2 text encoder and no FLUX.2 VAE.\n\n"
+    "Text: replace nodes 1-2 (placeholders) with a node whose CONDITIONING tensor is what Flux2Pipeline.encode_prompt "
+    "makes with the Mistral-3 Small 24B encoder: [batch, tokens (512), 15360], the hidden states of its layers 10, 20 "
+    "and 30 stacked per token (3 x 5120). No pooled output, no mask. FluxGuidance sets the distilled guidance "
+    "(default 4.0). FLUX.2 has no negative prompt: keep cfg 1 (negative is unused).\n\n"
+    "Latent: the sampler returns [batch, 32, H/8, W/8], the FLUX.2 VAE's batch-norm-normalised latent in its "
+    "32-channel layout; Save Latent writes it. Decode with diffusers' AutoencoderKLFlux2: "
+    "vae.decode(comfyui_xdit.families.flux2.to_vae_space(latent, vae)).")
+
+
+def flux2_graph() -> dict:
+    """FLUX.2-dev: placeholder text encoding (no FLUX.2 text encoder in ComfyUI 0.3.64) and Save Latent (no FLUX.2
+    VAE either); the UI file carries FLUX2_NOTE."""
+    return {
+        "1": ("CLIPLoader", {"clip_name": "flux2_text_encoder_placeholder.safetensors", "type": "stable_diffusion",
+                             "device": "default"}),
+        "2": ("CLIPTextEncode", {"text": "a glass teapot on a wooden table in morning light, photograph",
+                                 "clip": ["1", 0]}),
+        "4": ("FluxGuidance", {"conditioning": ["2", 0], "guidance": 4.0}),
+        "5": ("XDiTConfigureHybridParallel", parallel()),
+        "6": ("XDiTLoadParallelDiT", {"parallel_config": ["5", 0], "checkpoint": "flux2-dev.safetensors",
+                                      "weight_dtype": "bf16", "family": "auto"}),
+        "7": ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        "8": ("XDiTParallelSampler", {"model": ["6", 0], "positive": ["4", 0], "negative": ["4", 0],
+                                      "latent_image": ["7", 0], "seed": 42, "steps": 50, "cfg": 1.0,
+                                      "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}),
+        "9": ("SaveLatent", {"samples": ["8", 0], "filename_prefix": "latents/xdit_flux2_dev"}),
+    }
+
+
+EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "qwen-image", "flux2-dev")
+NOTES = {"flux2-dev": FLUX2_NOTE}  # UI-only Note nodes (the editor's own; not queued, so not in the API twin)
 
 
 def is_link_type(t) -> bool:
@@ -180,6 +214,18 @@ def layout(api: dict, nodes: list[dict]) -> None:
         bottom[c] = y + node["size"][1] + TITLE + ROW_GAP
 
 
+def add_note(ui: dict, text: str) -> None:
+    """A Note node (the editor's own) in the first column, below the nodes there."""
+    first = [n for n in ui["nodes"] if n["pos"][0] == 40]
+    y = max((n["pos"][1] + n["size"][1] for n in first), default=0) + TITLE + ROW_GAP
+    lines = sum(max(1, -(-len(par) // 44)) for par in text.split("\n"))
+    nid = ui["last_node_id"] + 1
+    ui["nodes"].append({"id": nid, "type": "Note", "pos": [40, y], "size": [NODE_WIDTH, 40 + 17 * lines],
+                        "flags": {}, "order": len(ui["nodes"]), "mode": 0, "inputs": [], "outputs": [],
+                        "properties": {}, "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
+    ui["last_node_id"] = nid
+
+
 def to_ui(api: dict, object_info: dict) -> dict:
     """UI-format graph (what ComfyUI's editor saves) for an API-format graph."""
     nodes, links = [], []
@@ -224,7 +270,10 @@ def main() -> None:
     for kind in EXAMPLES:
         api = graph(kind)
         (OUT / "api" / f"{kind}.json").write_text(json.dumps(api, indent=2) + "\n")
-        (OUT / f"{kind}.json").write_text(json.dumps(to_ui(api, object_info), indent=2) + "\n")
+        ui = to_ui(api, object_info)
+        if kind in NOTES:
+            add_note(ui, NOTES[kind])
+        (OUT / f"{kind}.json").write_text(json.dumps(ui, indent=2) + "\n")
         print("wrote", kind)
 
 

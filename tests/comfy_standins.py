@@ -85,7 +85,8 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
 
     formats = {name: type(name, (_Format,), {"scale_factor": sc, "shift_factor": sh, "latent_channels": ch})
                for name, sc, sh, ch in [("Flux", 0.3611, 0.1159, 16), ("SD3", 1.5305, 0.0609, 16),
-                                        ("SDXL", 0.13025, 0.0, 4), ("SD15", 0.18215, 0.0, 4)]}
+                                        ("SDXL", 0.13025, 0.0, 4), ("SD15", 0.18215, 0.0, 4),
+                                        ("LatentFormat", 1.0, 0.0, 4)]}  # ComfyUI's base class: the identity
 
     class Wan21(_Format):  # latent_dimensions 3: its per-channel statistics are shaped [1, 16, 1, 1, 1]
         latent_channels, latent_dimensions = 16, 3

@@ -94,7 +94,14 @@ class FluxAdapter(FamilyAdapter):
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
+# Modulation layers shared by all blocks (FLUX.2, BFL and diffusers names): a model with them is not Flux.1, whose
+# blocks carry their own modulation, although both name their blocks alike.
+_SHARED_MODULATION = ("double_stream_modulation_img.", "double_stream_modulation_txt.", "single_stream_modulation.")
+
+
 def _detect(keys: set[str]) -> bool:
+    if any(k.startswith(_SHARED_MODULATION) for k in keys):
+        return False
     if any(k.startswith(("double_blocks.", "single_blocks.", "single_transformer_blocks.")) for k in keys):
         return True
     return {"x_embedder.weight", "context_embedder.weight", "norm_out.linear.weight"} <= keys  # no single blocks

@@ -108,18 +108,22 @@ class CondSpec:
     mask: bool = False                           # a text mask [B, L] is used when given
     guidance: float | None = None                # distilled guidance: the default when the request gives none
     negative_length_may_differ: bool = False     # the negative branch may have another token count
+    negative: bool = True                        # takes a negative prompt (true CFG); False: cfg must be 1
     tokens: int = 256                            # text tokens its encoder produces (bench, random conditioning)
 
 
 @dataclass(frozen=True)
 class ComfySpec:
     """Names of ComfyUI's objects for a variant (built lazily by the nodes): comfy.supported_models class,
-    comfy.model_base.ModelType member, comfy.latent_formats class."""
+    comfy.model_base.ModelType member, comfy.latent_formats class. `shift`, for a model ComfyUI has no class of:
+    (image tokens, steps) -> the sampling_settings "shift" of a job (a pipeline's size- and step-dependent shift),
+    replacing the supported model's."""
     supported_model: str
     model_type: str
     latent_format: str
     text_mask: bool = True    # ComfyUI's model applies the CONDITIONING's attention_mask (False: it ignores it, and
     #                           so do the nodes, to sample what KSampler samples)
+    shift: Callable[[int, int], float] | None = None
 
 
 @dataclass(frozen=True)

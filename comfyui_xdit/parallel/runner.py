@@ -26,6 +26,9 @@ def check_model_fit(config: ParallelConfig, adapter, req: SampleRequest) -> None
     if config.sp > tokens:
         raise ConfigError(f"{req.height}x{req.width} has {tokens} image tokens, fewer than the sequence-parallel "
                           f"degree {config.sp} (ring x ulysses)")
+    if config.cfg == 2 and not adapter.spec.cond.negative:
+        raise ConfigError(f"cfg parallel is not available for {adapter.family}: it takes no negative prompt (no true "
+                          "classifier-free guidance)")
     if config.cfg == 2 and req.cfg == 1.0:
         raise ConfigError("cfg parallel needs classifier-free guidance: a negative conditioning and cfg scale != 1")
     if config.dp > req.batch_size:
