@@ -19,8 +19,11 @@ IMAGE, TEXT = "image", "text"
 @dataclass(frozen=True)
 class Split:
     """Split a tensor of token stream `stream` along `dim`; tensors of another rank than `ndim` pass (as diffusers'
-    `expected_dims`)."""
-    stream: str
+    `expected_dims`). `stream` may name several streams: a joint tensor holding them one after another along `dim`
+    (e.g. a unified sequence's rope frequencies), each part split as its own stream and the parts kept in order;
+    their full lengths must be known from earlier split points of the same forward (under PipeFusion: from the
+    family's stream_lengths)."""
+    stream: str | tuple[str, ...]
     dim: int = 1
     ndim: int | None = None
 

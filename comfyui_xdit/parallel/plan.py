@@ -30,7 +30,7 @@ def shard_range(sizes: list[int], index: int) -> slice:
 
 class TokenView(Protocol):
     def begin(self) -> None: ...                                              # a new forward starts
-    def take(self, stream: str, t: torch.Tensor, dim: int) -> torch.Tensor: ...  # this rank's part of a stream
+    def take(self, stream: str | tuple[str, ...], t: torch.Tensor, dim: int) -> torch.Tensor: ...  # this rank's part
     def sizes(self, stream: str) -> list[int]: ...                           # local lengths per sp rank
     def gather(self, t: torch.Tensor, spec: Gather) -> torch.Tensor: ...     # the whole output from local parts
 
@@ -51,7 +51,9 @@ class ShardView:
             raise ConfigError(f"token plan: the {stream} stream has {seen} tokens at one split point and {n} at "
                               "another")
 
-    def take(self, stream: str, t: torch.Tensor, dim: int) -> torch.Tensor:
+    def take(self, stream: str | tuple[str, ...], t: torch.Tensor, dim: int) -> torch.Tensor:
+        if not isinstance(stream, str):
+            return take_joint(self, stream, t, dim, self.full)
         self.record(stream, t.shape[dim])
         sizes = self.sizes(stream)
         part = shard_range(sizes, self.rank)
@@ -64,6 +66,18 @@ class ShardView:
         per_rank = [[self.sizes(s)[r] for s in spec.streams] for r in range(self.parts)]
         whole = self._all_gather(t, [sum(p) for p in per_rank], spec.dim)
         return regroup(whole, per_rank, spec.dim)
+
+
+def take_joint(view: TokenView, streams: tuple[str, ...], t: torch.Tensor, dim: int,
+               full: dict[str, int]) -> torch.Tensor:
+    """A joint tensor (the streams one after another along `dim`, at their `full` lengths): each stream's part
+    taken by the view as that stream, concatenated in the same order."""
+    lengths = [full.get(s) for s in streams]
+    if None in lengths or sum(lengths) != t.shape[dim]:
+        known = ", ".join(f"{s} {n if n is not None else '?'}" for s, n in zip(streams, lengths))
+        raise ConfigError(f"token plan: a joint {'+'.join(streams)} tensor has {t.shape[dim]} tokens, its streams "
+                          f"hold {known} (each stream's length comes from an earlier split point)")
+    return torch.cat([view.take(s, part, dim) for s, part in zip(streams, t.split(lengths, dim=dim))], dim=dim)
 
 
 def regroup(t: torch.Tensor, per_rank: list[list[int]], dim: int) -> torch.Tensor:
