@@ -44,3 +44,21 @@ def test_joint_split_under_pipefusion_takes_the_patch():
     assert view.take((IMAGE, TEXT), torch.arange(8.0)[None], 1).tolist() == [[2, 3, 5, 6, 7]]
     with pytest.raises(ConfigError, match="has 7 tokens"):
         view.take((IMAGE, TEXT), torch.zeros(1, 7), 1)
+
+
+def test_patterns_may_match_nothing_plain_paths_may_not():
+    """"blocks.[0]" names the first block only; on a model (a PipeFusion stage) without those blocks a pattern
+    installs nothing, a plain path that matches no module is an error."""
+    from comfyui_xdit.families.spec import Split, TokenPlan
+    from comfyui_xdit.parallel.plan import install, remove, resolve
+
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+    model.empty = torch.nn.ModuleList()
+    assert [n for n, _ in resolve(model, "blocks.[0]")] == ["blocks.0"]
+    assert [n for n, _ in resolve(model, "blocks.*")] == ["blocks.0", "blocks.1", "blocks.2"]
+    view = ShardView(1, 0, _no_gather)
+    for path in ("empty.[0]", "empty.*", "empty.?"):
+        remove(install(model, TokenPlan({path: {0: Split(IMAGE)}}, {}, {}, {}, ()), view))
+    with pytest.raises(ConfigError, match="has no module 'empty.0'"):
+        install(model, TokenPlan({"empty.0": {0: Split(IMAGE)}}, {}, {}, {}, ()), view)

@@ -90,7 +90,8 @@ def regroup(t: torch.Tensor, per_rank: list[list[int]], dim: int) -> torch.Tenso
 
 
 def resolve(model: torch.nn.Module, pattern: str) -> list[tuple[str, torch.nn.Module]]:
-    """Modules whose path matches a plan path ("" the model itself, "*" one path component)."""
+    """Modules whose path matches a plan path ("" the model itself, "*" one path component; any fnmatch pattern
+    within a component, e.g. "blocks.[0]" the first block only)."""
     if pattern == "":
         return [("", model)]
     return [(n, m) for n, m in model.named_modules() if n and fnmatch.fnmatchcase(n, pattern)
@@ -167,7 +168,7 @@ def install(model: torch.nn.Module, plan: TokenPlan, view: TokenView, gathers: b
 
 def _resolved(model: torch.nn.Module, path: str) -> list[tuple[str, torch.nn.Module]]:
     found = resolve(model, path)
-    if not found and not path.endswith("*") and "*." not in path:
+    if not found and not any(c in path for c in "*?["):  # a pattern may match nothing (a stage without those blocks)
         raise ConfigError(f"token plan: {type(model).__name__} has no module {path!r}")
     return found
 
