@@ -402,12 +402,13 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
     schedulers = [copy.deepcopy(sched) for _ in patches]
     hidden = adapter.hidden_size
     dtype = adapter.dtype
-    expected = adapter.stream_lengths(total_tokens, cfg_branches[0].cond.shape[1])
+    # each branch's stream lengths (a negative prompt may have another text length than the positive)
+    expected = [adapter.stream_lengths(total_tokens, branch.cond.shape[1]) for branch in cfg_branches]
     # the token streams that cross a stage boundary, in a fixed order
     crossing = sorted({s for bl in adapter.plan.blocks if bl.pipelined for _, streams in bl.inputs for s in streams})
 
     def patch_tokens(r0: int, r1: int) -> slice:  # the last patch also takes any tail of the image stream
-        return slice(r0 * cols, expected[IMAGE] if r1 == rows else r1 * cols)
+        return slice(r0 * cols, expected[0][IMAGE] if r1 == rows else r1 * cols)
 
     timesteps = job.schedule.timesteps
     model = PipelineModel(adapter, pm, stage)
@@ -445,9 +446,9 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
             if not stage.first:  # this step's activations will all come: post their receives ahead
                 messages = []
                 for r0, r1 in work:
-                    model.set_patch(patch_tokens(r0, r1), expected, 0)
-                    like = [((b, model.local_tokens(s), hidden), dtype) for s in crossing]
-                    messages += [like] * len(cfg_branches)
+                    for k in range(len(cfg_branches)):
+                        model.set_patch(patch_tokens(r0, r1), expected[k], k)
+                        messages.append([((b, model.local_tokens(s), hidden), dtype) for s in crossing])
                 acts_in.expect(messages)
             for r0, r1 in work:
                 if stage.first:  # latent rows of this patch from the previous step
@@ -458,7 +459,7 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
                 tokens = patch_tokens(r0, r1)
                 preds = []
                 for k, branch in enumerate(cfg_branches):
-                    model.set_patch(tokens, expected, k)
+                    model.set_patch(tokens, expected[k], k)
                     if cache is not None:
                         cache.slot = (k, r0, r1)
                     if not stage.first:
