@@ -241,7 +241,7 @@ def image_problems(s, g: Geometry | None, height: int, width: int, batch: int) -
         out.append(f"{width}x{height} is not a multiple of {multiple} px, as this model needs")
         return out
     if g and g.max_side and max(height, width) > g.max_side:
-        out.append(f"{width}x{height} is larger than this SD3 model's position table allows ({g.max_side} px)")
+        out.append(f"{width}x{height} is larger than this {g.family} model's position table allows ({g.max_side} px)")
     rows, cols = height // multiple, width // multiple
     sp = s.ring * s.ulysses
     if sp > rows * cols:
