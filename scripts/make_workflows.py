@@ -87,6 +87,8 @@ def graph(kind: str) -> dict:
 
 
 EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma")
+# Notes (the editor's Note nodes, not part of the API graph): example -> [(node placed under, text)]
+NOTES: dict[str, list[tuple[str, str]]] = {}
 
 
 def is_link_type(t) -> bool:
@@ -155,8 +157,9 @@ def layout(api: dict, nodes: list[dict]) -> None:
         bottom[c] = y + node["size"][1] + TITLE + ROW_GAP
 
 
-def to_ui(api: dict, object_info: dict) -> dict:
-    """UI-format graph (what ComfyUI's editor saves) for an API-format graph."""
+def to_ui(api: dict, object_info: dict, notes: list[tuple[str, str]] = ()) -> dict:
+    """UI-format graph (what ComfyUI's editor saves) for an API-format graph, with Note nodes (text, each below
+    the node it names)."""
     nodes, links = [], []
     out_links: dict[tuple[str, int], list[int]] = {}
     for nid, node in api.items():
@@ -185,21 +188,34 @@ def to_ui(api: dict, object_info: dict) -> dict:
                       "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
     layout(api, nodes)
-    return {"last_node_id": max(int(n) for n in api), "last_link_id": len(links), "nodes": nodes,
+    last = max(int(n) for n in api)
+    for anchor, text in notes:
+        x = next(n["pos"][0] for n in nodes if n["id"] == int(anchor))
+        y = max(n["pos"][1] + n["size"][1] for n in nodes if n["pos"][0] == x) + TITLE + ROW_GAP
+        last += 1
+        rows = 2 + len(text) // 40  # the editor wraps the text at about 40 characters per 320 px
+        nodes.append({"id": last, "type": "Note", "pos": [x, y], "size": [NODE_WIDTH, 20 * rows], "flags": {},
+                      "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {"text": ""},
+                      "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
+    return {"last_node_id": last, "last_link_id": len(links), "nodes": nodes,
             "links": [l[:6] for l in links], "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--server", default="http://127.0.0.1:8188")
+    p.add_argument("--object-info", default=None, help="a saved GET /object_info answer instead of a server")
     args = p.parse_args()
-    with urllib.request.urlopen(args.server.rstrip("/") + "/object_info", timeout=60) as r:
-        object_info = json.load(r)
+    if args.object_info:
+        object_info = json.loads(Path(args.object_info).read_text())
+    else:
+        with urllib.request.urlopen(args.server.rstrip("/") + "/object_info", timeout=60) as r:
+            object_info = json.load(r)
     (OUT / "api").mkdir(parents=True, exist_ok=True)
     for kind in EXAMPLES:
         api = graph(kind)
         (OUT / "api" / f"{kind}.json").write_text(json.dumps(api, indent=2) + "\n")
-        (OUT / f"{kind}.json").write_text(json.dumps(to_ui(api, object_info), indent=2) + "\n")
+        (OUT / f"{kind}.json").write_text(json.dumps(to_ui(api, object_info, NOTES.get(kind, [])), indent=2) + "\n")
         print("wrote", kind)
 
 

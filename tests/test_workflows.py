@@ -14,6 +14,7 @@ from . import comfy_standins as cs
 ROOT = cs.ROOT
 WF = ROOT / "workflows"
 EXPECTED = {"flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma"}
+VIRTUAL = ("Note", "MarkdownNote")  # the editor's own nodes: saved in UI files, never queued
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 MODEL_FILE_INPUTS = {("XDiTLoadParallelDiT", "checkpoint")}
 
@@ -132,6 +133,9 @@ def ui_to_api(ui: dict, defs: dict) -> dict:
         assert s["outputs"][src_slot]["type"] == d["inputs"][dst_slot]["type"] == typ
     api = {}
     for node in ui["nodes"]:
+        if node["type"] in VIRTUAL:
+            assert not node["inputs"] and not node["outputs"] and isinstance(node["widgets_values"][0], str)
+            continue
         info = defs[node["type"]]
         values = list(node["widgets_values"])
         inputs = {}
