@@ -81,14 +81,40 @@ def graph(kind: str) -> dict:
             "10": ("VAEDecode", {"samples": ["8", 0], "vae": ["9", 0]}),
             "11": ("SaveImage", {"images": ["10", 0], "filename_prefix": "xdit_pixart_sigma"}),
         }
+    elif kind == "z-image-turbo":
+        g = {
+            # how ComfyUI versions with Z-Image load its Qwen3-4B text encoder (see the note: 0.3.64 has none)
+            "1": ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}),
+            "2": ("CLIPTextEncode", {"text": "a lantern-lit street market in the rain at night, photograph",
+                                     "clip": ["1", 0]}),
+            "3": ("CLIPTextEncode", {"text": "", "clip": ["1", 0]}),
+            "5": ("XDiTConfigureHybridParallel", parallel()),  # 30 heads: Ulysses 2, 3, 5, 6, 10 or 15
+            "6": ("XDiTLoadParallelDiT", {"parallel_config": ["5", 0], "checkpoint": "z_image_turbo_bf16.safetensors",
+                                          "weight_dtype": "bf16", "family": "auto"}),
+            "7": ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+            "8": ("XDiTParallelSampler", {"model": ["6", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                          "latent_image": ["7", 0], "seed": 42, "steps": 9, "cfg": 1.0,
+                                          "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}),
+            "9": ("VAELoader", {"vae_name": "ae.safetensors"}),
+            "10": ("VAEDecode", {"samples": ["8", 0], "vae": ["9", 0]}),
+            "11": ("SaveImage", {"images": ["10", 0], "filename_prefix": "xdit_z_image_turbo"}),
+        }
     else:
         raise ValueError(kind)
     return {nid: {"class_type": ct, "inputs": inputs} for nid, (ct, inputs) in sorted(g.items(), key=lambda x: int(x[0]))}
 
 
-EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma")
+EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "z-image-turbo")
 # Notes (the editor's Note nodes, not part of the API graph): example -> [(node placed under, text)]
-NOTES: dict[str, list[tuple[str, str]]] = {}
+NOTES = {
+    "z-image-turbo": [("1", (
+        "Parallel Sampler expects the conditioning ZImagePipeline's text encoder makes: Qwen3-4B hidden states "
+        "of its second-to-last layer for the chat-templated prompt, [batch, tokens, 2560], the prompt's real "
+        "tokens only (or an attention_mask marking them). ComfyUI 0.3.64 has no Qwen3-4B text encoder: this "
+        "CLIPLoader (type lumina2, qwen_3_4b.safetensors) is how later ComfyUI versions load it; on 0.3.64 feed "
+        "such a CONDITIONING from another node. Turbo is distilled: cfg 1 (the negative is unused), 8-9 steps; "
+        "the VAE is the Flux VAE (ae.safetensors)."))],
+}
 
 
 def is_link_type(t) -> bool:

@@ -29,7 +29,7 @@ def build_request(loaded, case: dict) -> SampleRequest:
     inputs = {}
     tokens = case.get("text_tokens", 16)
     pos = ad.random_conditioning(batch, tokens, gen)
-    neg = ad.random_conditioning(batch, tokens, gen)
+    neg = ad.random_conditioning(batch, case.get("neg_text_tokens", tokens), gen)  # a negative may be shorter
     inputs["cond"] = pos.cond
     if pos.pooled is not None:
         inputs["pooled"], inputs["neg_pooled"] = pos.pooled, neg.pooled

@@ -13,7 +13,7 @@ from . import comfy_standins as cs
 
 ROOT = cs.ROOT
 WF = ROOT / "workflows"
-EXPECTED = {"flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma"}
+EXPECTED = {"flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "z-image-turbo"}
 VIRTUAL = ("Note", "MarkdownNote")  # the editor's own nodes: saved in UI files, never queued
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 MODEL_FILE_INPUTS = {("XDiTLoadParallelDiT", "checkpoint")}
