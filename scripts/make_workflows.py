@@ -108,6 +108,24 @@ def graph(kind: str) -> dict:
         }
     elif kind == "flux2-dev":
         g = flux2_graph()
+    elif kind == "z-image-turbo":
+        g = {
+            # how ComfyUI versions with Z-Image load its Qwen3-4B text encoder (see the note: 0.3.64 has none)
+            "1": ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}),
+            "2": ("CLIPTextEncode", {"text": "a lantern-lit street market in the rain at night, photograph",
+                                     "clip": ["1", 0]}),
+            "3": ("CLIPTextEncode", {"text": "", "clip": ["1", 0]}),
+            "5": ("XDiTConfigureHybridParallel", parallel()),  # 30 heads: Ulysses 2, 3, 5, 6, 10 or 15
+            "6": ("XDiTLoadParallelDiT", {"parallel_config": ["5", 0], "checkpoint": "z_image_turbo_bf16.safetensors",
+                                          "weight_dtype": "bf16", "family": "auto"}),
+            "7": ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+            "8": ("XDiTParallelSampler", {"model": ["6", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                          "latent_image": ["7", 0], "seed": 42, "steps": 9, "cfg": 1.0,
+                                          "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}),
+            "9": ("VAELoader", {"vae_name": "ae.safetensors"}),
+            "10": ("VAEDecode", {"samples": ["8", 0], "vae": ["9", 0]}),
+            "11": ("SaveImage", {"images": ["10", 0], "filename_prefix": "xdit_z_image_turbo"}),
+        }
     else:
         raise ValueError(kind)
     return {nid: {"class_type": ct, "inputs": inputs} for nid, (ct, inputs) in sorted(g.items(), key=lambda x: int(x[0]))}
@@ -144,8 +162,16 @@ def flux2_graph() -> dict:
     }
 
 
-EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "qwen-image", "flux2-dev")
-NOTES = {"flux2-dev": FLUX2_NOTE}  # UI-only Note nodes (the editor's own; not queued, so not in the API twin)
+EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "qwen-image", "flux2-dev", "z-image-turbo")
+Z_IMAGE_NOTE = (
+    "Parallel Sampler expects the conditioning ZImagePipeline's text encoder makes: Qwen3-4B hidden states "
+    "of its second-to-last layer for the chat-templated prompt, [batch, tokens, 2560], the prompt's real "
+    "tokens only (or an attention_mask marking them). ComfyUI 0.3.64 has no Qwen3-4B text encoder: this "
+    "CLIPLoader (type lumina2, qwen_3_4b.safetensors) is how later ComfyUI versions load it; on 0.3.64 feed "
+    "such a CONDITIONING from another node. Turbo is distilled: cfg 1 (the negative is unused), 8-9 steps; "
+    "the VAE is the Flux VAE (ae.safetensors).")
+# UI-only Note nodes (the editor's own; not queued, so not in the API twin)
+NOTES = {"flux2-dev": FLUX2_NOTE, "z-image-turbo": Z_IMAGE_NOTE}
 
 
 def is_link_type(t) -> bool:
@@ -263,9 +289,13 @@ def to_ui(api: dict, object_info: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--server", default="http://127.0.0.1:8188")
+    p.add_argument("--object-info", default=None, help="a saved GET /object_info answer instead of a server")
     args = p.parse_args()
-    with urllib.request.urlopen(args.server.rstrip("/") + "/object_info", timeout=60) as r:
-        object_info = json.load(r)
+    if args.object_info:
+        object_info = json.loads(Path(args.object_info).read_text())
+    else:
+        with urllib.request.urlopen(args.server.rstrip("/") + "/object_info", timeout=60) as r:
+            object_info = json.load(r)
     (OUT / "api").mkdir(parents=True, exist_ok=True)
     for kind in EXAMPLES:
         api = graph(kind)

@@ -31,8 +31,10 @@ def build_request(loaded, case: dict) -> SampleRequest:
     inputs = {}
     tokens = case.get("text_tokens", 16)
     masks = {k: torch.tensor(v, dtype=torch.long) for k, v in case.get("masks", {}).items()}
+    neg_tokens = case.get("neg_text_tokens", tokens)  # a negative may be shorter
     pos = ad.random_conditioning(batch, masks["cond_mask"].shape[1] if "cond_mask" in masks else tokens, gen)
-    neg = ad.random_conditioning(batch, masks["neg_cond_mask"].shape[1] if "neg_cond_mask" in masks else tokens, gen)
+    neg = ad.random_conditioning(batch, masks["neg_cond_mask"].shape[1] if "neg_cond_mask" in masks else neg_tokens,
+                                 gen)
     pos.mask, neg.mask = masks.get("cond_mask", pos.mask), masks.get("neg_cond_mask", neg.mask)
     inputs["cond"] = pos.cond
     if pos.pooled is not None:

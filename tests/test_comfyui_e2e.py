@@ -22,7 +22,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from .conftest import rel_l2

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from comfyui_xdit.errors import ConfigError, WeightsError, XDiTError
 from comfyui_xdit.families import flux2
 from comfyui_xdit.parallel import ParallelConfig
-from comfyui_xdit.sampling import SampleRequest, latent_shape, prepare, run_loop, sample, seed_noise
+from comfyui_xdit.sampling import SampleRequest, latent_shape, prepare, sample, seed_noise
 from tests.cases import build_request, get_model
 from tests.conftest import rel_l2
 from tests.distributed import run_cases

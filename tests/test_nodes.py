@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -446,7 +445,7 @@ def test_checkpoint_listing_resolve_and_variant(ext, rec, tmp_path):
                    "checkpoints": [str(full)]}
     names = ck.list_checkpoints()
     assert names == ["flux-dev-mini.safetensors", "flux-schnell-mini.safetensors", "pixart-diffusers/",
-                     "sd3-all-in-one.safetensors", "tiny-flux", "tiny-sd3", "tiny-pixart", "tiny-qwen-image", "tiny-flux2"]
+                     "sd3-all-in-one.safetensors", "tiny-flux", "tiny-sd3", "tiny-pixart", "tiny-qwen-image", "tiny-z-image", "tiny-flux2"]
     assert ck.resolve("flux-dev-mini.safetensors") == str(dev)
     assert ck.resolve("pixart-diffusers/") == str(folder)
     assert ck.detect_variant(str(dev)) == "flux-dev"

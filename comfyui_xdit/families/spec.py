@@ -2,7 +2,8 @@
 ComfyUI nodes read these at start-up.
 
 Token plans use diffusers' context-parallel vocabulary (`_cp_plan`): a module path ("" the transformer itself,
-"*" any index of a ModuleList) maps input names (or positions) and output indices to how that tensor is split
+"*" any index of a ModuleList, or another fnmatch pattern such as "[0]" for the first block only; a pattern may
+match nothing, as on a PipeFusion stage that holds none of those blocks) maps input names (or positions) and output indices to how that tensor is split
 along its token dimension, and output gathers say how a module's output is put back together. Each split also
 names its token stream ("image", "text"), so the engine knows the per-rank lengths of every attention's sequence
 without a collective; shards are contiguous and balanced (`shard_sizes`), never padded.
@@ -19,8 +20,11 @@ IMAGE, TEXT = "image", "text"
 @dataclass(frozen=True)
 class Split:
     """Split a tensor of token stream `stream` along `dim`; tensors of another rank than `ndim` pass (as diffusers'
-    `expected_dims`)."""
-    stream: str
+    `expected_dims`). `stream` may name several streams: a joint tensor holding them one after another along `dim`
+    (e.g. a unified sequence's rope frequencies), each part split as its own stream and the parts kept in order;
+    their full lengths must be known from earlier split points of the same forward (under PipeFusion: from the
+    family's stream_lengths)."""
+    stream: str | tuple[str, ...]
     dim: int = 1
     ndim: int | None = None
 

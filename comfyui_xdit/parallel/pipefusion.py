@@ -154,7 +154,9 @@ class PatchView:
             return self.tokens.stop - self.tokens.start
         return self.expected.get(stream, 0)
 
-    def take(self, stream: str, t: torch.Tensor, dim: int) -> torch.Tensor:
+    def take(self, stream: str | tuple[str, ...], t: torch.Tensor, dim: int) -> torch.Tensor:
+        if not isinstance(stream, str):
+            return plan_mod.take_joint(self, stream, t, dim, self.expected)
         if t.shape[dim] != self.expected.get(stream):
             raise ConfigError(f"pipefusion: the {stream} stream has {t.shape[dim]} tokens, expected "
                               f"{self.expected.get(stream)} (the family's stream_lengths)")

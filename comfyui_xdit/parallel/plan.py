@@ -30,7 +30,7 @@ def shard_range(sizes: list[int], index: int) -> slice:
 
 class TokenView(Protocol):
     def begin(self) -> None: ...                                              # a new forward starts
-    def take(self, stream: str, t: torch.Tensor, dim: int) -> torch.Tensor: ...  # this rank's part of a stream
+    def take(self, stream: str | tuple[str, ...], t: torch.Tensor, dim: int) -> torch.Tensor: ...  # this rank's part
     def sizes(self, stream: str) -> list[int]: ...                           # local lengths per sp rank
     def gather(self, t: torch.Tensor, spec: Gather) -> torch.Tensor: ...     # the whole output from local parts
 
@@ -51,7 +51,9 @@ class ShardView:
             raise ConfigError(f"token plan: the {stream} stream has {seen} tokens at one split point and {n} at "
                               "another")
 
-    def take(self, stream: str, t: torch.Tensor, dim: int) -> torch.Tensor:
+    def take(self, stream: str | tuple[str, ...], t: torch.Tensor, dim: int) -> torch.Tensor:
+        if not isinstance(stream, str):
+            return take_joint(self, stream, t, dim, self.full)
         self.record(stream, t.shape[dim])
         sizes = self.sizes(stream)
         part = shard_range(sizes, self.rank)
@@ -66,6 +68,18 @@ class ShardView:
         return regroup(whole, per_rank, spec.dim)
 
 
+def take_joint(view: TokenView, streams: tuple[str, ...], t: torch.Tensor, dim: int,
+               full: dict[str, int]) -> torch.Tensor:
+    """A joint tensor (the streams one after another along `dim`, at their `full` lengths): each stream's part
+    taken by the view as that stream, concatenated in the same order."""
+    lengths = [full.get(s) for s in streams]
+    if None in lengths or sum(lengths) != t.shape[dim]:
+        known = ", ".join(f"{s} {n if n is not None else '?'}" for s, n in zip(streams, lengths))
+        raise ConfigError(f"token plan: a joint {'+'.join(streams)} tensor has {t.shape[dim]} tokens, its streams "
+                          f"hold {known} (each stream's length comes from an earlier split point)")
+    return torch.cat([view.take(s, part, dim) for s, part in zip(streams, t.split(lengths, dim=dim))], dim=dim)
+
+
 def regroup(t: torch.Tensor, per_rank: list[list[int]], dim: int) -> torch.Tensor:
     """Rank-major [r0: s0, s1, ...; r1: s0, s1, ...] along `dim` -> stream-major [s0 of every rank; s1 ...]."""
     if len(per_rank[0]) == 1:
@@ -76,7 +90,8 @@ def regroup(t: torch.Tensor, per_rank: list[list[int]], dim: int) -> torch.Tenso
 
 
 def resolve(model: torch.nn.Module, pattern: str) -> list[tuple[str, torch.nn.Module]]:
-    """Modules whose path matches a plan path ("" the model itself, "*" one path component)."""
+    """Modules whose path matches a plan path ("" the model itself, "*" one path component; any fnmatch pattern
+    within a component, e.g. "blocks.[0]" the first block only)."""
     if pattern == "":
         return [("", model)]
     return [(n, m) for n, m in model.named_modules() if n and fnmatch.fnmatchcase(n, pattern)
@@ -153,7 +168,7 @@ def install(model: torch.nn.Module, plan: TokenPlan, view: TokenView, gathers: b
 
 def _resolved(model: torch.nn.Module, path: str) -> list[tuple[str, torch.nn.Module]]:
     found = resolve(model, path)
-    if not found and not path.endswith("*") and "*." not in path:
+    if not found and not any(c in path for c in "*?["):  # a pattern may match nothing (a stage without those blocks)
         raise ConfigError(f"token plan: {type(model).__name__} has no module {path!r}")
     return found
 
