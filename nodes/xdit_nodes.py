@@ -85,9 +85,10 @@ class LoadParallelDiT:
     RETURN_TYPES = ("XDIT_MODEL",)
     RETURN_NAMES = ("model",)
     FUNCTION = "load"
-    DESCRIPTION = ("Loads a Flux, SD3/SD3.5, PixArt or Qwen-Image transformer on the worker pool of the parallel config "
-                   "(starting the pool, or restarting it when the config changed). Text encoders and VAE stay "
-                   "ComfyUI's own loaders.")
+    DESCRIPTION = ("Loads a diffusion transformer (families: "
+                   + ", ".join(dict.fromkeys(v.family for v in VARIANTS.values()))
+                   + ") on the worker pool of the parallel config (starting the pool, or restarting it when the "
+                   "config changed). Text encoders and VAE stay ComfyUI's own loaders.")
 
     @classmethod
     def INPUT_TYPES(cls):
