@@ -25,7 +25,7 @@ from tests.conftest import rel_l2
 from tests.distributed import run_cases
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from pipefusion_error_qwen import stale_cases  # noqa: E402
+from pipefusion_error import stale_cases  # noqa: E402
 
 MODEL = "tiny-qwen-image"
 # 112x144 -> 7x9 = 63 image tokens (no degree divides it). 15 text tokens: shards 8|7 (2 ranks), 4|4|4|3 (4); row 0
@@ -199,7 +199,7 @@ STALE_BOUND = {
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory):
-    return run_cases(2, WORLD2 + stale_cases() + [CACHED], tmp_path_factory.mktemp("qwen2"))
+    return run_cases(2, WORLD2 + stale_cases("qwen-image") + [CACHED], tmp_path_factory.mktemp("qwen2"))
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,7 @@ def test_world4_pipefusion_hybrids_are_plain_pipefusion(world2, world4, c):
     assert rel_l2(ours, serial(c)) > 1e-6
 
 
-@pytest.mark.parametrize("c", stale_cases(), ids=lambda c: c["id"])
+@pytest.mark.parametrize("c", stale_cases("qwen-image"), ids=lambda c: c["id"])
 def test_pipefusion_stale_error_within_bound(world2, c):
     err = rel_l2(_ok(world2, c), serial(c))
     assert 1e-6 < err <= STALE_BOUND[c["id"]]  # stale K/V really used, and the drift bounded

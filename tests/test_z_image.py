@@ -25,7 +25,7 @@ from tests.conftest import rel_l2
 from tests.distributed import run_cases
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from z_image_pipefusion_error import stale_cases  # noqa: E402
+from pipefusion_error import stale_cases  # noqa: E402
 
 MODEL = "tiny-z-image"
 ODD = dict(height=112, width=144, text_tokens=15)   # 7x9 = 63 image tokens, 15 text tokens
@@ -171,7 +171,7 @@ ANALYZE = {"model": MODEL, "seed": 21, "steps": 3, "height": 64, "width": 64, "p
 def _world2_cases() -> list[dict]:
     cache = {"model": MODEL, "seed": 5, "steps": 6, "cfg": 3.0, **SQUARE}
     return (_exact_world2()
-            + [c for c in stale_cases() if c["id"] in STALE_BOUND]
+            + [c for c in stale_cases("z-image") if c["id"] in STALE_BOUND]
             + [{**STALE, "id": "stale_twin", "parallel": STALE_PF},
                {**cache, "id": "cache_ulysses2", "parallel": {"ulysses": 2}, "cache": {"mask": CACHE_MASK}},
                {**cache, "id": "cache_pf2", "parallel": STALE_PF, "cache": {"threshold": 0.0}},
@@ -214,7 +214,7 @@ def test_world4_exact_methods_match_serial(world4, case):
     assert rel_l2(_ok(world4, case["id"])["latents"], _serial(case)) <= 1e-4
 
 
-@pytest.mark.parametrize("case", [c for c in stale_cases() if c["id"] in STALE_BOUND], ids=lambda c: c["id"])
+@pytest.mark.parametrize("case", [c for c in stale_cases("z-image") if c["id"] in STALE_BOUND], ids=lambda c: c["id"])
 def test_pipefusion_stale_error_within_stated_bound(world2, case):
     err = rel_l2(_ok(world2, case["id"])["latents"], _serial(case))
     assert 1e-3 < err <= STALE_BOUND[case["id"]]  # stale K/V really used, and the drift bounded
