@@ -274,7 +274,10 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
     if cache is not None:
         fields["cache"] = cache
     _free_comfy_vram(model)
-    out = _run(name, model, fields, tensors, unique_id, len(sigmas) - 1, latent_format)
+    try:
+        out = _run(model, fields, tensors, unique_id, len(sigmas) - 1, latent_format)
+    except _PoolFailure as e:
+        raise XDiTNodeError(f"{name}: {e}") from None
     return (convert.output_latent(latent_image, out, model.variant),)
 
 
@@ -294,8 +297,11 @@ def _free_comfy_vram(model: ModelHandle) -> None:
     mm.soft_empty_cache()
 
 
-def _run(name: str, model: ModelHandle, fields: dict, tensors: dict, unique_id: Any, total: int,
-         latent_format: Any):
+class _PoolFailure(Exception):
+    """The pool's one-line reason a job failed; the sampler node names itself in front of it."""
+
+
+def _run(model: ModelHandle, fields: dict, tensors: dict, unique_id: Any, total: int, latent_format: Any):
     import comfy.model_management as mm
     import comfy.utils
 
@@ -323,11 +329,11 @@ def _run(name: str, model: ModelHandle, fields: dict, tensors: dict, unique_id: 
                                 preview=previewer is not None)
     except JobCancelled:
         mm.throw_exception_if_processing_interrupted()
-        raise XDiTNodeError(f"{name}: the pool cancelled the job") from None
+        raise _PoolFailure("the pool cancelled the job") from None
     except PoolError as e:
-        raise XDiTNodeError(f"{name}: {_one_line(e)}") from None
+        raise _PoolFailure(_one_line(e)) from None
     if "reused_steps" in info:
-        log.info("%s: the step cache reused %d of %d steps %s", name, len(info["reused_steps"]), total,
+        log.info("xDiT sampler: the step cache reused %d of %d steps %s", len(info["reused_steps"]), total,
                  info["reused_steps"])
     return latents
 
