@@ -485,7 +485,8 @@ def test_advanced_sampler_has_ksampler_advanceds_inputs(ext):
     assert (req["start_at_step"][1]["default"], req["end_at_step"][1]["default"]) == (0, 10000)
     assert req["end_at_step"][1]["max"] == 10000 and req["cfg"][1]["default"] == 8.0
     assert req["noise_seed"][1]["max"] == 0xFFFFFFFFFFFFFFFF and req["noise_seed"][1]["control_after_generate"]
-    assert req["scheduler"] == plain["required"]["scheduler"] and req["sampler_name"] == plain["required"]["sampler_name"]
+    for name in ("scheduler", "sampler_name", "steps", "positive", "latent_image"):
+        assert req[name] == plain["required"][name], name
     assert adv["optional"] == plain["optional"] and adv["hidden"] == plain["hidden"]
 
 
@@ -553,8 +554,8 @@ def test_advanced_sampler_checked_at_queue_time(ext, rec):
     g = _graph(dict(dp_degree=2), batch=1)
     plain = g["8"]["inputs"]
     g["8"] = {"class_type": "XDiTParallelSamplerAdvanced", "inputs": {
-        "model": plain["model"], "add_noise": "enable", "noise_seed": 1, "steps": 4, "cfg": 1.0, "sampler_name": "euler",
-        "scheduler": "simple", "positive": plain["positive"], "negative": plain["negative"],
+        "model": plain["model"], "add_noise": "enable", "noise_seed": 1, "steps": 4, "cfg": 1.0,
+        "sampler_name": "euler", "scheduler": "simple", "positive": plain["positive"], "negative": plain["negative"],
         "latent_image": plain["latent_image"], "start_at_step": 0, "end_at_step": 2,
         "return_with_leftover_noise": "enable"}}
     errors = _queue(ext, rec, g)
