@@ -142,13 +142,38 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
                              adapter.image_tokens(req.height, req.width),
                              None if sigmas is None else sigmas.flatten().tolist(), req.denoise)
     device = adapter.device  # the seed's noise is drawn on the CPU (as ComfyUI draws it), then moved there
-    x0 = None if latent is None else adapter.to_model_space(latent.float().to(device))
+    x0 = None if latent is None else start_latent(adapter, latent.float().to(device))
     x = initial_latents(schedule, noise.float().to(device), x0 if (req.denoise < 1.0 or sigmas is not None) else None)
     if req.cache is not None:
         req.cache.check(len(schedule.timesteps), adapter.block_count)
     # the family pipeline's own CFG rule goes with its schedule; explicit sigmas (ComfyUI's) get ComfyUI's rule
     combine = adapter.spec.cfg_combine if sigmas is None and adapter.spec.cfg_combine is not None else plain_cfg
     return PreparedJob(x.float(), schedule, positive, negative, req.cfg, req.cache, combine)
+
+
+def start_latent(adapter: FamilyAdapter, latent: torch.Tensor) -> torch.Tensor:
+    """A given latent in model space. An all-zero latent (an empty one) stays zero, as ComfyUI leaves it (it does not
+    shift the empty latent image into the model's space). A meta tensor has no values to look at."""
+    if latent.device.type != "meta" and not bool(latent.any()):
+        return torch.zeros_like(latent)
+    return adapter.to_model_space(latent)
+
+
+def final_sigma(schedule: Schedule) -> float:
+    """The noise level the schedule ends at: 0 unless given sigmas stop early (a first stage of a split)."""
+    sigmas = getattr(schedule.scheduler, "sigmas", None)
+    return 0.0 if sigmas is None or len(sigmas) == 0 else float(sigmas[-1])
+
+
+def finish(adapter: FamilyAdapter, schedule: Schedule, x: torch.Tensor) -> torch.Tensor:
+    """Model-space latents after the last step, in ComfyUI's LATENT convention. A flow schedule that ends at a
+    sigma s > 0 gives x / (1 - s), as ComfyUI's inverse noise scaling for flow models does, so that the next stage
+    started there with zero noise, (1 - s) * latent + s * 0, continues from x exactly. Epsilon models' x is already
+    latent + s * noise: unchanged."""
+    s = final_sigma(schedule)
+    if schedule.flow and s > 0.0:
+        x = x / (1.0 - s)
+    return adapter.from_model_space(x)
 
 
 def guided(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, job: PreparedJob) -> torch.Tensor:
@@ -189,4 +214,4 @@ def sample(adapter: FamilyAdapter, req: SampleRequest, tiny: bool = False,
     job = prepare(adapter, req, tiny)
     with job_cache(adapter, job.cache) as cache:
         x = run_loop(job, lambda x, t: guided(adapter, x, t, job), callback, cache)
-    return adapter.from_model_space(x)
+    return finish(adapter, job.schedule, x)

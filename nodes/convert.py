@@ -164,6 +164,34 @@ def sigmas_for(variant: str, sampler: str, scheduler: str, steps: int, denoise: 
     return sigmas.detach().to("cpu", torch.float32)
 
 
+def step_range(sigmas: torch.Tensor, start_step: int | None, last_step: int | None,
+               force_full_denoise: bool) -> torch.Tensor:
+    """KSamplerAdvanced's cut of a schedule (comfy.samplers.KSampler.sample): the levels up to last_step, the last
+    set to 0 when force_full_denoise and the cut ends early, then from start_step on. The caller has checked that
+    start_step leaves a step to run (ComfyUI returns the latent unchanged otherwise)."""
+    if last_step is not None and last_step < len(sigmas) - 1:
+        sigmas = sigmas[:last_step + 1].clone()
+        if force_full_denoise:
+            sigmas[-1] = 0
+    if start_step is not None:
+        if start_step >= len(sigmas) - 1:
+            raise ValueError(f"start step {start_step} leaves no step of {len(sigmas) - 1} to run")
+        sigmas = sigmas[start_step:]
+    return sigmas
+
+
+def unchanged_latent(latent: Any, variant: str) -> Any:
+    """What KSamplerAdvanced returns when it has no step to run: the input LATENT, an empty latent of the wrong
+    channel count widened to the model's (ComfyUI widens before it looks at the steps)."""
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        return latent
+    samples, channels = latent["samples"], spec(variant).channels
+    out = dict(latent)
+    if samples.ndim >= 2 and samples.shape[1] != channels and torch.count_nonzero(samples) == 0:
+        out["samples"] = widen_empty_latent(samples, channels)
+    return out
+
+
 def request_fields(samples: torch.Tensor, steps: int, seed: int, cfg: float, guidance: float | None,
                    sampler: str) -> dict[str, Any]:
     """The JSON part of a pool sample request for a latent of this shape."""

@@ -4,7 +4,7 @@ ComfyUI's VALIDATE_INPUTS sees one node's widget constants, not the graph; but a
 the model's heads, cfg parallel with cfg 1 or a dp degree larger than the batch are properties of several nodes
 together. So an on-prompt handler (PromptServer.add_on_prompt_handler, called on POST /prompt just before ComfyUI
 validates the graph, in the same request task) reads the whole graph: the checkpoint's geometry (nodes/geometry.py,
-no weights loaded), the constants of Configure Hybrid Parallel, Parallel Sampler and an empty-latent node; it keeps
+no weights loaded), the constants of Configure Hybrid Parallel, the Parallel Samplers and an empty-latent node; it keeps
 one line per offending node in a context variable of that task. Each node's VALIDATE_INPUTS takes a single hidden
 input, its node id, so ComfyUI reports that line once for the node (it repeats a message once per argument).
 What depends on values only known when the graph runs (linked widgets, a latent from a VAE) is checked at sampling.
@@ -22,6 +22,7 @@ log = logging.getLogger("comfyui_xdit.nodes")
 
 HIDDEN = "xdit_check"  # the hidden input (UNIQUE_ID) each node's VALIDATE_INPUTS takes; ComfyUI prefixes messages with it
 CONFIGURE, LOAD, SAMPLER = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"
+SAMPLERS = (SAMPLER, "XDiTParallelSamplerAdvanced")  # the same checks: both take a model, cfg and a latent
 EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage")
 _FOUND: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("xdit_queue_problems", default=None)
 
@@ -68,7 +69,7 @@ def graph_problems(prompt: dict) -> dict[str, str]:
         kind = node.get("class_type")
         lines = (_configure_problems(node) if kind == CONFIGURE else
                  _load_problems(prompt, node) if kind == LOAD else
-                 _sampler_problems(prompt, node) if kind == SAMPLER else [])
+                 _sampler_problems(prompt, node) if kind in SAMPLERS else [])
         if lines:
             out[str(nid)] = "; ".join(lines)
     return out

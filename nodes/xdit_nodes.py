@@ -1,4 +1,4 @@
-"""The three nodes: thin adapters between ComfyUI's types and the worker pool."""
+"""The nodes: thin adapters between ComfyUI's types and the worker pool."""
 from __future__ import annotations
 
 import logging
@@ -169,34 +169,116 @@ class ParallelSampler:
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
                cache="none", cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, unique_id=None,
                xdit_check=None):
-        if not isinstance(model, ModelHandle):
-            raise XDiTNodeError("Parallel Sampler: model must come from Load Parallel DiT")
-        if denoise <= 0.0:
-            return (dict(latent_image),)
-        try:
-            lat = convert.latent_input(latent_image, model.variant)
-            tensors, guidance = convert.conditioning_tensors(positive, negative, model.family, cfg != 1.0,
-                                                             model.variant)
-        except convert.ConversionError as e:
-            raise XDiTNodeError(f"Parallel Sampler: {e}") from None
-        samples = lat["samples"]
-        tensors["latent"] = samples
+        return _sample("Parallel Sampler", model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
+                       scheduler, _cache_fields(cache, cache_threshold, cache_warmup, cache_max_consecutive),
+                       unique_id, denoise=denoise)
+
+
+ENABLE = ["enable", "disable"]
+
+
+class ParallelSamplerAdvanced:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    DESCRIPTION = ("KSamplerAdvanced for a Parallel DiT: runs steps start_at_step..end_at_step of a `steps` schedule "
+                   "on the worker pool, with or without adding noise and returning the leftover noise, so that two "
+                   "samplers can share one schedule (as Wan 2.2's high-noise and low-noise stages do).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        base = ParallelSampler.INPUT_TYPES()
+        req = base["required"]
+        return {
+            "required": {
+                "model": req["model"],
+                "add_noise": (list(ENABLE), {"tooltip": "disable: the latent already holds its noise (a second "
+                                             "stage)"}),
+                "noise_seed": req["seed"],
+                "steps": req["steps"],
+                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "sampler_name": req["sampler_name"],
+                "scheduler": req["scheduler"],
+                "positive": req["positive"],
+                "negative": req["negative"],
+                "latent_image": req["latent_image"],
+                "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000}),
+                "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000}),
+                "return_with_leftover_noise": (["disable", "enable"], {"tooltip": (
+                    "enable: stop at end_at_step's noise level (for a next stage); disable: denoise fully there")}),
+            },
+            "optional": dict(base["optional"]),
+            "hidden": dict(base["hidden"]),
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, xdit_check=None):
+        return queue_check.problem_for(xdit_check)
+
+    def sample(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+               latent_image, start_at_step, end_at_step, return_with_leftover_noise, cache="none",
+               cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, unique_id=None, xdit_check=None):
+        name = "Parallel Sampler (Advanced)"
+        for what, value in (("add_noise", add_noise), ("return_with_leftover_noise", return_with_leftover_noise)):
+            if value not in ENABLE:
+                raise XDiTNodeError(f"{name}: {what} must be enable or disable, got {value!r}")
+        for what, value in (("start_at_step", start_at_step), ("end_at_step", end_at_step)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise XDiTNodeError(f"{name}: {what} must be a whole number >= 0, got {value!r}")
+        return _sample(name, model, positive, negative, latent_image, noise_seed, steps, cfg, sampler_name,
+                       scheduler, _cache_fields(cache, cache_threshold, cache_warmup, cache_max_consecutive),
+                       unique_id, add_noise=add_noise == "enable", start_step=start_at_step, last_step=end_at_step,
+                       force_full_denoise=return_with_leftover_noise == "disable")
+
+
+def _cache_fields(cache, threshold, warmup, max_consecutive) -> dict | None:
+    if cache != "fbcache":
+        return None
+    return {"threshold": float(threshold), "warmup": int(warmup), "max_consecutive": int(max_consecutive)}
+
+
+def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
+            cache: dict | None, unique_id, denoise: float = 1.0, add_noise: bool = True,
+            start_step: int | None = None, last_step: int | None = None, force_full_denoise: bool = False):
+    """KSampler's and KSamplerAdvanced's sampling (ComfyUI's common_ksampler) on the pool: the noise levels of the
+    `steps` schedule (denoise truncates it), cut to [start_step : last_step + 1] with the last set to 0 when
+    force_full_denoise cuts it short; ComfyUI's noise for the seed, or zeros without add_noise."""
+    if not isinstance(model, ModelHandle):
+        raise XDiTNodeError(f"{name}: model must come from Load Parallel DiT")
+    if denoise <= 0.0:
+        return (dict(latent_image),)
+    if start_step is not None and start_step >= min(steps if last_step is None else last_step, steps):
+        return (convert.unchanged_latent(latent_image, model.variant),)  # nothing to run: ComfyUI returns the input
+    try:
+        lat = convert.latent_input(latent_image, model.variant)
+        tensors, guidance = convert.conditioning_tensors(positive, negative, model.family, cfg != 1.0,
+                                                         model.variant)
+    except convert.ConversionError as e:
+        raise XDiTNodeError(f"{name}: {e}") from None
+    samples = lat["samples"]
+    tensors["latent"] = samples
+    if add_noise:
         tensors["noise"] = convert.noise_for(samples, seed, lat["batch_index"])
-        full_steps = steps if denoise > 0.9999 else int(steps / denoise)  # the schedule denoise truncates
-        model_sampling, latent_format = _comfy_objects(model.variant, tuple(samples.shape[2:4]), full_steps)
-        try:
-            tensors["sigmas"] = convert.sigmas_for(model.variant, sampler_name, scheduler, steps, denoise,
-                                                   model_sampling)
-        except ValueError as e:
-            raise XDiTNodeError(f"Parallel Sampler: {e}") from None
-        tensors["noise"] = convert.engine_noise(tensors["noise"], tensors["sigmas"], model.variant, model_sampling)
-        fields = convert.request_fields(samples, steps, seed, cfg, guidance, sampler_name)
-        if cache == "fbcache":
-            fields["cache"] = {"threshold": float(cache_threshold), "warmup": int(cache_warmup),
-                               "max_consecutive": int(cache_max_consecutive)}
-        _free_comfy_vram(model)
-        out = _run(model, fields, tensors, unique_id, len(tensors["sigmas"]) - 1, latent_format)
-        return (convert.output_latent(latent_image, out, model.variant),)
+    else:
+        tensors["noise"] = samples.new_zeros(samples.shape)
+    full_steps = steps if denoise > 0.9999 else int(steps / denoise)  # the schedule denoise truncates
+    model_sampling, latent_format = _comfy_objects(model.variant, tuple(samples.shape[2:4]), full_steps)
+    try:
+        sigmas = convert.sigmas_for(model.variant, sampler_name, scheduler, steps, denoise, model_sampling)
+    except ValueError as e:
+        raise XDiTNodeError(f"{name}: {e}") from None
+    sigmas = convert.step_range(sigmas, start_step, last_step, force_full_denoise)
+    tensors["sigmas"] = sigmas
+    tensors["noise"] = convert.engine_noise(tensors["noise"], sigmas, model.variant, model_sampling)
+    fields = convert.request_fields(samples, steps, seed, cfg, guidance, sampler_name)
+    if cache is not None:
+        fields["cache"] = cache
+    _free_comfy_vram(model)
+    try:
+        out = _run(model, fields, tensors, unique_id, len(sigmas) - 1, latent_format)
+    except _PoolFailure as e:
+        raise XDiTNodeError(f"{name}: {e}") from None
+    return (convert.output_latent(latent_image, out, model.variant),)
 
 
 def _comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps: int | None = None):
@@ -213,6 +295,10 @@ def _free_comfy_vram(model: ModelHandle) -> None:
 
     mm.unload_all_models()
     mm.soft_empty_cache()
+
+
+class _PoolFailure(Exception):
+    """The pool's one-line reason a job failed; the sampler node names itself in front of it."""
 
 
 def _run(model: ModelHandle, fields: dict, tensors: dict, unique_id: Any, total: int, latent_format: Any):
@@ -243,11 +329,11 @@ def _run(model: ModelHandle, fields: dict, tensors: dict, unique_id: Any, total:
                                 preview=previewer is not None)
     except JobCancelled:
         mm.throw_exception_if_processing_interrupted()
-        raise XDiTNodeError("Parallel Sampler: the pool cancelled the job") from None
+        raise _PoolFailure("the pool cancelled the job") from None
     except PoolError as e:
-        raise XDiTNodeError(f"Parallel Sampler: {_one_line(e)}") from None
+        raise _PoolFailure(_one_line(e)) from None
     if "reused_steps" in info:
-        log.info("Parallel Sampler: the step cache reused %d of %d steps %s", len(info["reused_steps"]), total,
+        log.info("xDiT sampler: the step cache reused %d of %d steps %s", len(info["reused_steps"]), total,
                  info["reused_steps"])
     return latents
 
@@ -272,9 +358,11 @@ NODE_CLASS_MAPPINGS = {
     "XDiTConfigureHybridParallel": ConfigureHybridParallel,
     "XDiTLoadParallelDiT": LoadParallelDiT,
     "XDiTParallelSampler": ParallelSampler,
+    "XDiTParallelSamplerAdvanced": ParallelSamplerAdvanced,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTConfigureHybridParallel": "Configure Hybrid Parallel (xDiT)",
     "XDiTLoadParallelDiT": "Load Parallel DiT (xDiT)",
     "XDiTParallelSampler": "Parallel Sampler (xDiT)",
+    "XDiTParallelSamplerAdvanced": "Parallel Sampler (Advanced) (xDiT)",
 }

@@ -43,10 +43,10 @@ CONFIG_DEFAULTS = dict(device="cpu", ulysses_degree=1, ring_degree=1, pipefusion
 # ------------------------------------------------------------------------------------------------ registration
 def test_mappings_and_node_definitions(ext):
     assert set(ext.NODE_CLASS_MAPPINGS) == {"XDiTConfigureHybridParallel", "XDiTLoadParallelDiT",
-                                            "XDiTParallelSampler"}
+                                            "XDiTParallelSampler", "XDiTParallelSamplerAdvanced"}
     assert set(ext.NODE_DISPLAY_NAME_MAPPINGS) == set(ext.NODE_CLASS_MAPPINGS)
     returns = {"XDiTConfigureHybridParallel": ("XDIT_PARALLEL_CONFIG",), "XDiTLoadParallelDiT": ("XDIT_MODEL",),
-               "XDiTParallelSampler": ("LATENT",)}
+               "XDiTParallelSampler": ("LATENT",), "XDiTParallelSamplerAdvanced": ("LATENT",)}
     for name, cls in ext.NODE_CLASS_MAPPINGS.items():
         assert cls.CATEGORY == "xDiT"
         assert cls.RETURN_TYPES == returns[name]
@@ -99,7 +99,7 @@ def test_import_is_light_and_works_without_gpu():
         "print(len(m.NODE_CLASS_MAPPINGS), heavy)" % str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "3 []"
+    assert out.stdout.strip() == "4 []"
 
 
 # ------------------------------------------------------------------------------------------------ configure
@@ -462,6 +462,107 @@ def test_checkpoint_listing_resolve_and_variant(ext, rec, tmp_path):
     assert loader.INPUT_TYPES()["required"]["checkpoint"][0] == names
     with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError, match="^Load Parallel DiT: checkpoint 'missing"):
         loader().load(None, "missing.safetensors", "bf16", "auto")
+
+
+# ------------------------------------------------------------------------------------------------ advanced sampler
+# KSamplerAdvanced's inputs in ComfyUI 0.3.64's order (nodes.py), with their defaults
+KSAMPLER_ADVANCED = ["model", "add_noise", "noise_seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
+                     "negative", "latent_image", "start_at_step", "end_at_step", "return_with_leftover_noise"]
+
+
+def _handle(ext, variant="sd3-medium", family="sd3"):
+    settings = ext.nodes.xdit_nodes.ConfigureHybridParallel.settings(**CONFIG_DEFAULTS)
+    return ext.nodes.pool.ModelHandle(settings, "tiny-sd3", "fp32", family, variant, "key")
+
+
+def test_advanced_sampler_has_ksampler_advanceds_inputs(ext):
+    adv = _node(ext, "XDiTParallelSamplerAdvanced").INPUT_TYPES()
+    plain = _node(ext, "XDiTParallelSampler").INPUT_TYPES()
+    req = adv["required"]
+    assert list(req) == KSAMPLER_ADVANCED
+    assert req["add_noise"][0] == ["enable", "disable"]  # first entry: the default
+    assert req["return_with_leftover_noise"][0] == ["disable", "enable"]
+    assert (req["start_at_step"][1]["default"], req["end_at_step"][1]["default"]) == (0, 10000)
+    assert req["end_at_step"][1]["max"] == 10000 and req["cfg"][1]["default"] == 8.0
+    assert req["noise_seed"][1]["max"] == 0xFFFFFFFFFFFFFFFF and req["noise_seed"][1]["control_after_generate"]
+    for name in ("scheduler", "sampler_name", "steps", "positive", "latent_image"):
+        assert req[name] == plain["required"][name], name
+    assert adv["optional"] == plain["optional"] and adv["hidden"] == plain["hidden"]
+
+
+def test_step_range_as_ksampler_advanced(ext):
+    """comfy.samplers.KSampler.sample's cut: levels up to end_at_step (its last set to 0 only when fully denoising
+    and the cut ends early), then from start_at_step."""
+    cut = ext.nodes.convert.step_range
+    sig = torch.linspace(1.0, 0.1, 10).tolist() + [0.0]  # 10 steps
+    t = torch.tensor(sig)
+    assert cut(t, 0, 10000, True).tolist() == sig
+    assert cut(t, 0, 10, True).tolist() == sig  # ends where the schedule ends: nothing changed
+    assert cut(t, 0, 4, False).tolist() == sig[:5] and sig[4] > 0  # leftover noise: stops at level 4
+    assert cut(t, 0, 4, True).tolist() == sig[:4] + [0.0]  # fully denoised there
+    assert cut(t, 4, 10000, True).tolist() == sig[4:]
+    assert cut(t, 4, 7, False).tolist() == sig[4:8]
+    assert t.tolist() == sig  # the schedule itself is not changed
+    for start, last in ((4, 4), (5, 3), (10, 10000), (0, 0)):
+        with pytest.raises(ValueError, match="leaves no step"):
+            cut(t, start, last, True)
+
+
+def test_advanced_sampler_nothing_to_run_returns_the_latent(ext):
+    """start_at_step >= end_at_step or >= steps: ComfyUI returns the input (an empty latent widened); no pool."""
+    node = _node(ext, "XDiTParallelSamplerAdvanced")()
+    model = _handle(ext)
+    lat = {"samples": torch.randn(1, 16, 8, 8), "batch_index": [3]}
+    for start, end in ((4, 4), (6, 2), (8, 10000), (9, 20)):
+        (out,) = node.sample(model, "disable", 1, 8, 4.0, "euler", "simple", _cond(), _cond(), lat, start, end,
+                             "enable")
+        assert out["samples"] is lat["samples"] and out["batch_index"] == [3]
+    (out,) = node.sample(model, "enable", 1, 8, 4.0, "euler", "simple", _cond(), _cond(),
+                         {"samples": torch.zeros(1, 4, 8, 8)}, 3, 3, "disable")
+    assert out["samples"].shape == (1, 16, 8, 8) and not out["samples"].any()
+    assert MANAGER_KEY(ext) is None  # no pool was started
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(add_noise="yes"), "add_noise must be enable or disable, got 'yes'"),
+    (dict(return_with_leftover_noise=True), "return_with_leftover_noise must be enable or disable, got True"),
+    (dict(start_at_step=-1), "start_at_step must be a whole number >= 0, got -1"),
+    (dict(end_at_step=2.5), "end_at_step must be a whole number >= 0, got 2.5"),
+    (dict(model=object()), "model must come from Load Parallel DiT"),
+    (dict(latent_image={"samples": torch.zeros(1, 16, 8, 8), "noise_mask": torch.ones(1, 8, 8)}),
+     "noise_mask (inpainting)"),
+    (dict(latent_image={"samples": torch.ones(1, 4, 8, 8)}), "4 channels but sd3-medium uses 16"),
+    (dict(positive=_cond(dim=4096, area=(8, 8, 0, 0))), "uses area"),
+    (dict(scheduler="simple_typo"), "invalid scheduler"),
+])
+def test_advanced_sampler_bad_inputs_one_line(ext, args, match):
+    node = _node(ext, "XDiTParallelSamplerAdvanced")()
+    kw = dict(model=_handle(ext), add_noise="enable", noise_seed=1, steps=4, cfg=4.0, sampler_name="euler",
+              scheduler="simple", positive=_cond(pooled_output=torch.zeros(1, 2048)),
+              negative=_cond(pooled_output=torch.zeros(1, 2048)), latent_image={"samples": torch.zeros(1, 16, 8, 8)},
+              start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable")
+    kw.update(args)
+    with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError) as e:
+        node.sample(**kw)
+    msg = str(e.value)
+    assert msg.startswith("Parallel Sampler (Advanced): ") and "\n" not in msg and match in msg, msg
+    assert MANAGER_KEY(ext) is None
+
+
+def test_advanced_sampler_checked_at_queue_time(ext, rec):
+    """The graph checks of Parallel Sampler apply to the advanced node too, once, on the node."""
+    g = _graph(dict(dp_degree=2), batch=1)
+    plain = g["8"]["inputs"]
+    g["8"] = {"class_type": "XDiTParallelSamplerAdvanced", "inputs": {
+        "model": plain["model"], "add_noise": "enable", "noise_seed": 1, "steps": 4, "cfg": 1.0,
+        "sampler_name": "euler", "scheduler": "simple", "positive": plain["positive"], "negative": plain["negative"],
+        "latent_image": plain["latent_image"], "start_at_step": 0, "end_at_step": 2,
+        "return_with_leftover_noise": "enable"}}
+    errors = _queue(ext, rec, g)
+    assert list(errors) == ["8"] and len(errors["8"]) == 1, errors
+    assert "dp_degree 2 is larger than the batch size 1" in errors["8"][0]
+    assert _queue(ext, rec, _graph(batch=1) | {"8": g["8"]}) == {}
+    assert MANAGER_KEY(ext) is None
 
 
 def test_sampler_rejects_foreign_model_and_skips_zero_denoise(ext):

@@ -1,4 +1,4 @@
-"""The three nodes end to end on a real 2-rank CPU worker pool (Ulysses 2) with the built-in tiny SD3 model:
+"""The nodes end to end on a real 2-rank CPU worker pool (Ulysses 2) with the built-in tiny SD3 model:
 same result as the engine's serial sampling, progress per step with previews, cancel, and the pool reused."""
 from __future__ import annotations
 
@@ -89,6 +89,53 @@ def test_sampler_on_pool_matches_serial_with_progress_and_cancel(ext_mod):
         sampler.sample(model, bad, neg, latent, 7, 2, 4.0, "euler", "simple", 1.0)
     assert str(e.value).startswith("Parallel Sampler: ") and "\n" not in str(e.value)
     assert "1000" in str(e.value) or "4096" in str(e.value)
+
+
+def _pixart_conditioning(seed: int, tokens: int = 10):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, 4096, generator=g), {}]]
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny-sd3", "tiny-pixart"])
+def test_advanced_sampler_on_pool_single_and_two_stages(ext_mod, checkpoint):
+    """Parallel Sampler (Advanced) on the 2-rank pool: 0..steps with noise is Parallel Sampler; two stages (noise
+    added, steps 0..3 with leftover noise; then no noise, 3..end, fully denoised) give the one-run latent (Euler:
+    no state between steps), for a flow model (SD3) and an epsilon model (PixArt)."""
+    ext, rec = ext_mod, ext_mod.rec
+    m = ext.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"]().load(config, checkpoint, "fp32", "auto")
+    plain, adv = m["XDiTParallelSampler"](), m["XDiTParallelSamplerAdvanced"]()
+    if checkpoint == "tiny-sd3":
+        pos, neg = _conditioning(1), _conditioning(2)
+    else:
+        pos, neg = _pixart_conditioning(1), _pixart_conditioning(2)
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}  # EmptyLatentImage
+    steps, split = 6, 3
+    (full,) = plain.sample(model, pos, neg, latent, 7, steps, 4.0, "euler", "simple", 1.0)
+    for end in (steps, 10000):
+        (same,) = adv.sample(model, "enable", 7, steps, 4.0, "euler", "simple", pos, neg, latent, 0, end, "disable")
+        assert rel_l2(same["samples"], full["samples"]) <= 1e-6
+
+    rec.progress[:] = []
+    (first,) = adv.sample(model, "enable", 7, steps, 4.0, "euler", "simple", pos, neg, latent, 0, split, "enable",
+                          unique_id="21")
+    assert [p[0] for p in rec.progress] == [1, 2, 3] and {p[1] for p in rec.progress} == {split}
+    rec.progress[:] = []
+    (second,) = adv.sample(model, "disable", 12345, steps, 4.0, "euler", "simple", pos, neg, first, split, 10000,
+                           "disable", unique_id="22")
+    assert [p[0] for p in rec.progress] == [1, 2, 3]
+    err = rel_l2(second["samples"], full["samples"])
+    print(f"{checkpoint}: two stages vs one run, rel L2 {err:.2e}")
+    assert err <= 1e-5, err
+    assert rel_l2(first["samples"], full["samples"]) > 1e-2  # the first stage left noise: the check can fail
+    # leftover disabled: the first stage is fully denoised at its last level (sigma 0), a different latent
+    (denoised,) = adv.sample(model, "enable", 7, steps, 4.0, "euler", "simple", pos, neg, latent, 0, split,
+                             "disable")
+    assert rel_l2(denoised["samples"], first["samples"]) > 1e-2
+    # add_noise disabled on the first stage: zero noise (sampling the empty latent), not the seed's
+    (quiet,) = adv.sample(model, "disable", 7, steps, 4.0, "euler", "simple", pos, neg, latent, 0, split, "enable")
+    assert rel_l2(quiet["samples"], first["samples"]) > 1e-2
 
 
 def test_pool_started_by_nodes_dies_with_the_comfyui_process(tmp_path):

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from ..cache import job_cache
 from ..errors import Cancelled, ConfigError
-from ..sampling import PreparedJob, SampleRequest, StepCallback, prepare, run_loop
+from ..sampling import PreparedJob, SampleRequest, StepCallback, finish, prepare, run_loop
 from .config import ParallelConfig, heads_advice
 from .mesh import ParallelMesh, get_mesh
 from .sequence import sequence_parallel, shard_range, shard_sizes
@@ -67,7 +67,7 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
         x = _pipefusion(adapter, local, pm, callback, should_cancel, reports, step_end)
         if config.dp > 1:
             x = pm.comm.all_gather(x, batch_sizes, pm.group("dp"), dim=0, kind="dp_gather")
-        return adapter.from_model_space(x), reports
+        return finish(adapter, job.schedule, x), reports
 
     def on_step(info) -> None:
         reports.append(pm.comm.reset())
@@ -87,7 +87,7 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
         x = run_loop(local, predict, on_step, block_cache)
     if config.dp > 1:
         x = pm.comm.all_gather(x, batch_sizes, pm.group("dp"), dim=0, kind="dp_gather")
-    return adapter.from_model_space(x), reports
+    return finish(adapter, job.schedule, x), reports
 
 
 def _pipefusion(adapter, job: PreparedJob, pm: ParallelMesh, callback, should_cancel, reports, step_end
