@@ -8,7 +8,9 @@ import importlib.util
 import math
 import sys
 import types
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -205,6 +207,29 @@ def load_extension(name: str = EXTENSION_NAME) -> types.ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextmanager
+def extension() -> Iterator[types.ModuleType]:
+    """The extension loaded over the stand-ins (its `rec` attribute: their Recorder); sys.modules restored and the
+    nodes' pools stopped afterwards."""
+    rec = Recorder()
+    modules = install(rec)
+    saved = {k: sys.modules.get(k) for k in modules}
+    sys.modules.update(modules)
+    ext = None
+    try:
+        ext = load_extension()
+        ext.rec = rec
+        yield ext
+    finally:
+        if ext is not None:
+            ext.nodes.xdit_nodes.MANAGER.stop()
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
 
 
 def validation_messages(cls, inputs: dict, unique_id: str) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,11 +23,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from .comfy_server import COMFYUI_DIR, ROOT, comfy_python, make_base, running_comfyui
 from .conftest import rel_l2
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 COND_NODE = textwrap.dedent('''
@@ -52,12 +50,6 @@ COND_NODE = textwrap.dedent('''
 
     NODE_CLASS_MAPPINGS = {"XDiTE2EConditioning": XDiTE2EConditioning}
 ''')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_tiny_sd3(path: Path) -> None:
@@ -105,62 +97,15 @@ def _write_tiny_pixart(path: Path) -> None:
     save_file({k: v.contiguous() for k, v in pixart_to_original(model).items()}, str(path))
 
 
-def _checkout_paths(base: Path) -> Path:
-    """A folder that puts this checkout's engine and runtime first on ComfyUI's path and its pool ranks' (they
-    inherit the environment), ahead of any installed comfyui-xdit (an editable install of another checkout)."""
-    shim = base / "pythonpath"
-    shim.mkdir()
-    (shim / "comfyui_xdit").symlink_to(ROOT / "comfyui_xdit")
-    (shim / "comfyui_xdit_runtime").symlink_to(ROOT / "runtime")
-    return shim
-
-
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "comfyui-xdit").symlink_to(ROOT)
-    (base / "custom_nodes" / "xdit_e2e_cond.py").write_text(COND_NODE)
-    models = base / "models" / "diffusion_models"
-    models.mkdir(parents=True)
+    models = make_base(base, {"xdit_e2e_cond.py": COND_NODE})
     _write_tiny_sd3(models / "tiny_sd3_e2e.safetensors")
     _write_tiny_flux(models / "tiny_flux_e2e.safetensors")
     _write_tiny_pixart(models / "tiny_pixart_e2e.safetensors")
-    python = os.environ.get("COMFYUI_PYTHON") or next(
-        (str(p) for p in [Path(COMFYUI_DIR) / ".venv" / "bin" / "python"] if p.exists()), sys.executable)
-    port = _free_port()
-    log = open(base / "comfyui.log", "wb")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_checkout_paths(base))] + (
-        [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    proc = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--base-directory", str(base), "--preview-method", "latent2rgb"],
-                            cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited: {(base / 'comfyui.log').read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(server + "/system_stats", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("ComfyUI did not answer within 120 s")
-                time.sleep(0.5)
+    with running_comfyui(base) as server:
         yield server, base
-    finally:
-        try:
-            urllib.request.urlopen(urllib.request.Request(server + "/free", data=b'{"unload_models": true}',
-                                                          headers={"Content-Type": "application/json"}), timeout=5)
-        except OSError:
-            pass
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-        log.close()
 
 
 def test_nodes_registered(comfy):
@@ -530,8 +475,6 @@ def test_pool_log_path_in_comfyui_log(comfy, ran):
 
 def test_recorded_pixart_timesteps_are_this_comfyuis(comfy):
     """tests/data/comfyui_pixart_timesteps.json (used in CI) against this ComfyUI's own code."""
-    python = os.environ.get("COMFYUI_PYTHON") or next(
-        (str(p) for p in [Path(COMFYUI_DIR) / ".venv" / "bin" / "python"] if p.exists()), sys.executable)
     code = textwrap.dedent("""
         import json, sys
         from types import SimpleNamespace
@@ -548,7 +491,7 @@ def test_recorded_pixart_timesteps_are_this_comfyuis(comfy):
         print(json.dumps(out))
     """)
     data = (ROOT / "tests" / "data" / "comfyui_pixart_timesteps.json").read_text()
-    res = subprocess.run([python, "-c", code], input=data, capture_output=True, text=True, cwd=COMFYUI_DIR,
+    res = subprocess.run([comfy_python(), "-c", code], input=data, capture_output=True, text=True, cwd=COMFYUI_DIR,
                          timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])

@@ -14,19 +14,16 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from .comfy_server import COMFYUI_DIR, ROOT, comfy_python, make_base, running_comfyui
 from .conftest import rel_l2
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 CHECKPOINT = "tiny_qwen_image_e2e.safetensors"
 
@@ -57,19 +54,6 @@ COND_NODE = textwrap.dedent('''
 ''')
 
 
-def _python() -> str:
-    return os.environ.get("COMFYUI_PYTHON") or next(
-        (str(p) for p in [Path(COMFYUI_DIR) / ".venv" / "bin" / "python"] if p.exists()), sys.executable)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _write_tiny_qwen(path: Path) -> None:
     from diffusers import QwenImageTransformer2DModel
 
@@ -83,44 +67,10 @@ def _write_tiny_qwen(path: Path) -> None:
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_qwen")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "comfyui-xdit").symlink_to(ROOT)
-    (base / "custom_nodes" / "xdit_e2e_qwen_cond.py").write_text(COND_NODE)
-    models = base / "models" / "diffusion_models"
-    models.mkdir(parents=True)
+    models = make_base(base, {"xdit_e2e_qwen_cond.py": COND_NODE})
     _write_tiny_qwen(models / CHECKPOINT)
-    port = _free_port()
-    log = open(base / "comfyui.log", "wb")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.Popen([_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--base-directory", str(base), "--preview-method", "latent2rgb"],
-                            cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited: {(base / 'comfyui.log').read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(server + "/system_stats", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("ComfyUI did not answer within 120 s")
-                time.sleep(0.5)
+    with running_comfyui(base) as server:
         yield server, base
-    finally:
-        try:
-            urllib.request.urlopen(urllib.request.Request(server + "/free", data=b'{"unload_models": true}',
-                                                          headers={"Content-Type": "application/json"}), timeout=5)
-        except OSError:
-            pass
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-        log.close()
 
 
 def test_comfyui_detects_the_tiny_checkpoint_as_qwen_image(comfy):
@@ -140,7 +90,7 @@ def test_comfyui_detects_the_tiny_checkpoint_as_qwen_image(comfy):
               m.model.get_dtype(), isinstance(ms, comfy.model_sampling.ModelSamplingFlux), ms.shift,
               type(m.model.latent_format).__name__)
     """)
-    res = subprocess.run([_python(), "-c", code], capture_output=True, text=True, cwd=COMFYUI_DIR, timeout=300,
+    res = subprocess.run([comfy_python(), "-c", code], capture_output=True, text=True, cwd=COMFYUI_DIR, timeout=300,
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "unet missing" not in res.stdout and "unet unexpected" not in res.stdout, res.stdout[-2000:]

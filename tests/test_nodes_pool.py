@@ -19,18 +19,8 @@ from .test_nodes import CONFIG_DEFAULTS
 
 @pytest.fixture(scope="module")
 def ext_mod():
-    rec = cs.Recorder()
-    saved = {k: sys.modules.get(k) for k in cs.install(rec)}
-    sys.modules.update(cs.install(rec))
-    ext = cs.load_extension()
-    ext.rec = rec
-    yield ext
-    ext.nodes.xdit_nodes.MANAGER.stop()
-    for k, v in saved.items():
-        if v is None:
-            sys.modules.pop(k, None)
-        else:
-            sys.modules[k] = v
+    with cs.extension() as ext:
+        yield ext
 
 
 def _conditioning(seed: int, tokens: int = 12):

@@ -4,7 +4,6 @@ LATENT (EmptySD3LatentImage's [B, 16, H/8, W/8] in, [B, 16, 1, H/8, W/8] out as 
 the FLUX model sampling with shift 1.15, and a run on a real 2-rank CPU pool (Ulysses 2, CFG) equal to the engine."""
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -22,18 +21,8 @@ VARIANT = "qwen-image-t2i"
 
 @pytest.fixture(scope="module")
 def ext():
-    rec = cs.Recorder()
-    saved = {k: sys.modules.get(k) for k in cs.install(rec)}
-    sys.modules.update(cs.install(rec))
-    module = cs.load_extension()
-    module.rec = rec
-    yield module
-    module.nodes.xdit_nodes.MANAGER.stop()
-    for k, v in saved.items():
-        if v is None:
-            sys.modules.pop(k, None)
-        else:
-            sys.modules[k] = v
+    with cs.extension() as ext:
+        yield ext
 
 
 def _cond(seed: int, tokens: int, **extras):

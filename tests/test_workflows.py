@@ -20,11 +20,7 @@ MODEL_FILE_INPUTS = {("XDiTLoadParallelDiT", "checkpoint")}
 
 @pytest.fixture(scope="module")
 def defs():
-    rec = cs.Recorder()
-    saved = {k: sys.modules.get(k) for k in cs.install(rec)}
-    sys.modules.update(cs.install(rec))
-    try:
-        ext = cs.load_extension()
+    with cs.extension() as ext:
         core = json.loads((ROOT / "tests" / "data" / "comfyui_core_nodes.json").read_text())["nodes"]
         out = dict(core)
         for name, cls in ext.NODE_CLASS_MAPPINGS.items():
@@ -32,12 +28,6 @@ def defs():
             out[name] = {"input": spec, "output": list(cls.RETURN_TYPES), "cls": cls,
                          "input_order": {s: list(spec.get(s, {})) for s in ("required", "optional")}}
         yield out
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
 
 
 def _ordered(info):

@@ -1,0 +1,91 @@
+"""A real ComfyUI for the end-to-end tests (COMFYUI_DIR; COMFYUI_PYTHON picks its interpreter, default
+COMFYUI_DIR/.venv/bin/python, else this one): a base directory of its own with this checkout linked into
+custom_nodes, and the server started on a free loopback port, stopped (and its models freed) afterwards."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def comfy_python() -> str:
+    return os.environ.get("COMFYUI_PYTHON") or next(
+        (str(p) for p in [Path(COMFYUI_DIR) / ".venv" / "bin" / "python"] if p.exists()), sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def checkout_env(base: Path) -> dict[str, str]:
+    """The environment for ComfyUI and its pool ranks (they inherit it): this checkout's engine and runtime first on
+    the path, ahead of any installed comfyui-xdit (an editable install of another checkout)."""
+    shim = base / "pythonpath"
+    if not shim.exists():
+        shim.mkdir()
+        (shim / "comfyui_xdit").symlink_to(ROOT / "comfyui_xdit")
+        (shim / "comfyui_xdit_runtime").symlink_to(ROOT / "runtime")
+    rest = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim), *rest]))
+
+
+def make_base(base: Path, custom_nodes: dict[str, str]) -> Path:
+    """A ComfyUI base directory with this checkout and the given test-only node files (name -> source) in
+    custom_nodes; returns its models/diffusion_models folder."""
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "comfyui-xdit").symlink_to(ROOT)
+    for name, text in custom_nodes.items():
+        (base / "custom_nodes" / name).write_text(text)
+    models = base / "models" / "diffusion_models"
+    models.mkdir(parents=True)
+    return models
+
+
+@contextmanager
+def running_comfyui(base: Path) -> Iterator[str]:
+    """ComfyUI on the CPU with `base` as its base directory; yields its URL once it answers /system_stats."""
+    port = free_port()
+    log = open(base / "comfyui.log", "wb")
+    proc = subprocess.Popen([comfy_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                             "--base-directory", str(base), "--preview-method", "latent2rgb"],
+                            cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=checkout_env(base),
+                            start_new_session=True)
+    server = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited: {(base / 'comfyui.log').read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(server + "/system_stats", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("ComfyUI did not answer within 120 s")
+                time.sleep(0.5)
+        yield server
+    finally:
+        try:
+            urllib.request.urlopen(urllib.request.Request(server + "/free", data=b'{"unload_models": true}',
+                                                          headers={"Content-Type": "application/json"}), timeout=5)
+        except OSError:
+            pass
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
