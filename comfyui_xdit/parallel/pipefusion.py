@@ -487,7 +487,8 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
                 for m, (a, z) in enumerate(patches):
                     if a >= r0 and z <= r1:
                         rs = slice((a - r0) * p, (z - r0) * p)
-                        x[:, :, a * p:z * p] = schedulers[m].step(pred[:, :, rs], t, x[:, :, a * p:z * p],
+                        # a copy: a multistep scheduler (UniPC) keeps the sample it was given for its corrector
+                        x[:, :, a * p:z * p] = schedulers[m].step(pred[:, :, rs], t, x[:, :, a * p:z * p].clone(),
                                                                   return_dict=False)[0].float()
                 if i < len(timesteps) - 1:
                     outbox.post(pm.comm.send([x[:, :, r0 * p:r1 * p].clone()], 0, group, kind="pipefusion_latent"))
