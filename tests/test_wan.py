@@ -294,3 +294,121 @@ def test_analyser_serial_and_ulysses(world2):
     usp = world2["analyze_ulysses2"]["tensors"]
     for name, t in profile_tensors(profile).items():
         np.testing.assert_allclose(usp[name].numpy(), t.numpy(), rtol=1e-4, atol=1e-7, equal_nan=True, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+# diffusers -> the original Wan layout (ComfyUI's files), the inverse of diffusers' converter, for the tests only
+_TO_ORIGINAL = [("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+                ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+                ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+                ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+                ("condition_embedder.time_proj.", "time_projection.1."),
+                ("condition_embedder.image_embedder.norm1.", "img_emb.proj.0."),
+                ("condition_embedder.image_embedder.ff.net.0.proj.", "img_emb.proj.1."),
+                ("condition_embedder.image_embedder.ff.net.2.", "img_emb.proj.3."),
+                ("condition_embedder.image_embedder.norm2.", "img_emb.proj.4."),
+                (".attn1.", ".self_attn."), (".attn2.", ".cross_attn."), (".to_out.0.", ".o."), (".to_q.", ".q."),
+                (".to_k.", ".k."), (".to_v.", ".v."), (".add_k_proj.", ".k_img."), (".add_v_proj.", ".v_img."),
+                (".norm_added_k.", ".norm_k_img."), (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2."),
+                (".norm2.", ".norm3."), (".scale_shift_table", ".modulation")]
+
+
+def wan_to_original(model) -> dict:
+    out = {}
+    for key, value in model.state_dict().items():
+        if key == "scale_shift_table":
+            key = "head.modulation"
+        elif key.startswith("proj_out."):
+            key = "head.head." + key[len("proj_out."):]
+        for a, b in _TO_ORIGINAL:
+            key = key.replace(a, b)
+        out[key] = value
+    return out
+
+
+def _randomized(**kw):
+    from diffusers import WanTransformer3DModel
+
+    from comfyui_xdit.tiny import fill_deterministic
+
+    model = WanTransformer3DModel(**{**dict(num_attention_heads=4, attention_head_dim=24, in_channels=16,
+                                           out_channels=16, num_layers=2, ffn_dim=64, freq_dim=32), **kw})
+    fill_deterministic(model, 9)
+    return model.eval().requires_grad_(False)
+
+
+def _same(model, loaded) -> None:
+    ref, got = model.state_dict(), loaded.model.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_single_files_original_comfyui_and_diffusers(tmp_path):
+    """The original layout (converted with diffusers' converter), ComfyUI's prefixed file, the diffusers layout in
+    one file, a diffusers folder; the I2V layout (CLIP-vision embedding, image K/V) too."""
+    from comfyui_xdit.weights import detect_family, load_transformer
+
+    model = _randomized()
+    original = wan_to_original(model)
+    assert {"head.modulation", "blocks.0.self_attn.q.weight", "blocks.1.cross_attn.norm_k.weight",
+            "blocks.0.norm3.weight", "head.head.weight", "patch_embedding.weight"} <= set(original)
+    save_file({k: v.contiguous() for k, v in original.items()}, str(tmp_path / "wan.safetensors"))
+    loaded = load_transformer(str(tmp_path / "wan.safetensors"))
+    assert (loaded.family, loaded.variant) == ("wan", "wan2.1-t2v-1.3b")
+    _same(model, loaded)
+    assert loaded.model.config.num_attention_heads == 4 and loaded.model.config.ffn_dim == 64  # 96 wide: 4 heads
+    comfy = {f"model.diffusion_model.{k}": v.contiguous() for k, v in original.items()}
+    save_file(comfy, str(tmp_path / "wan_comfy.safetensors"))
+    _same(model, load_transformer(str(tmp_path / "wan_comfy.safetensors")))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "diffusers.safetensors"))
+    _same(model, load_transformer(str(tmp_path / "diffusers.safetensors")))
+    model.save_pretrained(str(tmp_path / "folder"))
+    _same(model, load_transformer(str(tmp_path / "folder"), family="wan"))
+    assert detect_family(original) == detect_family(model.state_dict()) == "wan"
+    i2v = _randomized(in_channels=36, image_dim=24, added_kv_proj_dim=24)
+    save_file({k: v.contiguous() for k, v in wan_to_original(i2v).items()}, str(tmp_path / "i2v.safetensors"))
+    loaded = load_transformer(str(tmp_path / "i2v.safetensors"))
+    assert loaded.variant == "wan2.1-i2v-14b" and loaded.model.config.image_dim == 24
+    _same(i2v, loaded)
+
+
+def test_detection_is_specific_and_bad_files_are_one_line_errors(tmp_path):
+    from comfyui_xdit import families
+    from comfyui_xdit.weights import load_transformer
+    from tests.test_weights import flux_to_bfl, make_flux, make_pixart, make_sd3, sd3_to_mmdit
+
+    wan = families.get("wan")
+    model = _randomized()
+    for keys in (set(model.state_dict()), set(wan_to_original(model))):
+        assert [f.name for f in families.families().values() if f.detect(keys)] == ["wan"]
+    for other in (make_flux().state_dict(), flux_to_bfl(make_flux()), make_sd3().state_dict(),
+                  sd3_to_mmdit(make_sd3()), make_pixart().state_dict()):
+        assert not wan.detect(set(other))
+    broken = {k: v.contiguous() for k, v in wan_to_original(model).items() if not k.startswith("text_embedding.0.")}
+    save_file(broken, str(tmp_path / "a.safetensors"))
+    with pytest.raises(WeightsError, match="missing keys condition_embedder.text_embedder.linear_1.weight"):
+        load_transformer(str(tmp_path / "a.safetensors"))
+
+
+@pytest.mark.parametrize("variant,billions", [("wan2.1-t2v-1.3b", 1.419), ("wan2.1-t2v-14b", 14.288),
+                                              ("wan2.1-i2v-14b", 16.395), ("wan2.2-i2v-a14b", 14.289),
+                                              ("wan2.2-ti2v-5b", 5.000)])
+def test_published_configs_round_trip(variant, billions):
+    """Each shipped config builds the published size; its original layout converts with diffusers' converter and
+    the config inferred from the shapes is the published one (meta tensors)."""
+    from diffusers import WanTransformer3DModel
+
+    from comfyui_xdit import families, weights
+
+    fam = families.get("wan")
+    base = weights._base_config(fam, variant)
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config(base)
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.001)
+    original = wan_to_original(model)
+    assert fam.is_original(set(original)) and not fam.is_original(set(model.state_dict()))
+    converted, hints = fam.convert(original, "wan.safetensors")
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in model.state_dict().items()}
+    inferred = fam.infer_config(converted, hints)
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in inferred.items()} == {k: base[k] for k in inferred}
+    expected = "wan2.1-t2v-14b" if variant == "wan2.2-t2v-a14b" else variant  # one expert looks like Wan 2.1 14B
+    assert fam.variant_of(inferred, "") == expected
