@@ -29,7 +29,7 @@ def build_tiny(name: str, dtype: torch.dtype = torch.float32, **overrides) -> tu
     import diffusers
 
     kwargs = {**kwargs, **overrides}
-    model = family.build(kwargs) if family.build is not None else getattr(diffusers, family.diffusers_class)(**kwargs)
+    model = family.build(kwargs, "") if family.build is not None else getattr(diffusers, family.diffusers_class)(**kwargs)
     fill_deterministic(model, _WEIGHT_SEED)
     if dtype != torch.float32:
         model = model.to(dtype)

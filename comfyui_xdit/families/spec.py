@@ -174,7 +174,9 @@ class Family:
     order: int = 100                             # detection order (lower first) when key patterns overlap
     other_classes: tuple[str, ...] = ()          # other diffusers class names of the same model
     accepts: Callable[[dict], bool] = lambda cfg: True  # does a folder's config.json of such a class belong here?
-    build: Callable[[dict], Any] | None = None   # builds a tiny model from its kwargs (default: the diffusers class)
+    build: Callable[[dict, str], Any] | None = None  # (constructor kwargs or a shipped config, variant) -> the model
+    #                                                  (tiny models: variant ""; default: the diffusers class)
+    aliases: dict[str, str] = field(default_factory=dict)  # short names (bench --arch) -> variant names
     extra: dict[str, Any] = field(default_factory=dict)
 
     def variant(self, name: str) -> Variant:
