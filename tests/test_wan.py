@@ -412,3 +412,41 @@ def test_published_configs_round_trip(variant, billions):
     assert {k: list(v) if isinstance(v, tuple) else v for k, v in inferred.items()} == {k: base[k] for k in inferred}
     expected = "wan2.1-t2v-14b" if variant == "wan2.2-t2v-a14b" else variant  # one expert looks like Wan 2.1 14B
     assert fam.variant_of(inferred, "") == expected
+
+
+# ------------------------------------------------------------------------------------------------ bench, CLI
+def test_bench_memory_per_degree_and_a_tiny_run(capsys):
+    from comfyui_xdit.bench import build_random, main, memory_rows, run
+
+    adapter = build_random("wan-14b", torch.bfloat16, "meta")
+    total = sum(p.numel() for p in adapter.model.parameters())
+    assert total == pytest.approx(14.288e9, rel=1e-4) and adapter.variant == "wan2.1-t2v-14b"
+    rows = {(m, d): (params, tokens, kv) for m, d, params, tokens, kv in memory_rows(adapter, "832x480", 81)}
+    assert rows[("ulysses", 8)] == (2 * total, 4095, 0) and rows[("ring", 4)] == (2 * total, 8190, 0)
+    params, tokens, kv = rows[("pipefusion", 4)]
+    assert 2 * total / 4 < params < 2 * total / 4 * 1.1 and tokens == 32760
+    assert kv == 2 * 2 * 32760 * 5120 * 2 * 10  # K and V, 2 branches, bf16, 10 of the 40 blocks
+    assert main(["--arch", "wan-14b", "--frames", "81", "--size", "832x480", "--memory"]) == 0
+    out = capsys.readouterr().out
+    assert "wan-14b 832x480 81 frames bf16: 32760 tokens" in out and "pipefusion        8" in out
+    experts = build_random("wan-a14b", torch.bfloat16, "meta")
+    assert sum(p.numel() for p in experts.model.parameters()) == 2 * total and experts.experts
+    assert {m for m, *_ in memory_rows(experts, "832x480", 81)} == {"ulysses", "ring"}  # pipefusion refused
+    rows, facts = run(MODEL, (48, 80), "cpu", torch.float32, compile=False, repeats=1, frames=9)
+    assert [r[0] for r in rows] == ["diffusers eager", "ours eager"] and facts["rel_l2_ours_vs_diffusers"] == 0.0
+
+
+def test_generate_with_frames(tmp_path, capsys):
+    from comfyui_xdit.cli import main
+
+    cond, _ = _embeddings(4)
+    save_file({"cond": cond}, str(tmp_path / "in.safetensors"))
+    args = ["generate", "--model", MODEL, "--height", "48", "--width", "80", "--steps", "2", "--seed", "2",
+            "--inputs", str(tmp_path / "in.safetensors"), "--out", str(tmp_path / "out.safetensors")]
+    assert main([*args, "--frames", "9"]) == 0, capsys.readouterr().err
+    out = load_file(tmp_path / "out.safetensors")["latents"]
+    ref = sample(get_model({"model": MODEL}).adapter,
+                 SampleRequest(height=48, width=80, frames=9, steps=2, seed=2, inputs={"cond": cond}))
+    assert out.shape == (1, 16, 3, 6, 10) and torch.equal(out, ref)
+    assert main([*args, "--frames", "8"]) == 2
+    assert "frames must be 4k+1" in capsys.readouterr().err

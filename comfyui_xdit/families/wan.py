@@ -84,12 +84,13 @@ class WanExperts(torch.nn.Module):
         return (self.transformer, self.transformer_2)[expert](*args, **kwargs)
 
 
-def build_tiny(kwargs: dict) -> torch.nn.Module:
-    """A tiny WanTransformer3DModel, or two of them in WanExperts when kwargs name a `boundary_ratio`."""
+def build(kwargs: dict, variant: str = "") -> torch.nn.Module:
+    """A WanTransformer3DModel, or two of them in WanExperts for a two-expert variant or kwargs naming a
+    `boundary_ratio` (tiny models)."""
     from diffusers import WanTransformer3DModel
 
-    kwargs = dict(kwargs)
-    boundary = kwargs.pop("boundary_ratio", None)
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
+    boundary = kwargs.pop("boundary_ratio", BOUNDARY.get(variant))
     if boundary is None:
         return WanTransformer3DModel(**kwargs)
     return WanExperts(WanTransformer3DModel(**kwargs), WanTransformer3DModel(**kwargs), boundary)
@@ -226,6 +227,8 @@ FAMILY = Family(
     convert=_convert,
     infer_config=_infer_config,
     variant_of=_variant_of,
-    build=build_tiny,
+    build=build,
+    aliases={"wan-1.3b": "wan2.1-t2v-1.3b", "wan-14b": "wan2.1-t2v-14b", "wan-a14b": "wan2.2-t2v-a14b",
+             "wan-i2v": "wan2.1-i2v-14b", "wan-5b": "wan2.2-ti2v-5b"},
     order=60,
 )
