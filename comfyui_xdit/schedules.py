@@ -8,7 +8,7 @@ import torch
 
 from . import families
 from .errors import XDiTError
-from .ksampling import SigmaSampler
+from .ksampling import METHODS, SigmaSampler
 
 @dataclass
 class Schedule:
@@ -76,6 +76,8 @@ def make_schedule(family: str, variant: str, sampler: str, steps: int, image_tok
         s = [float(v) for v in sigmas]
         if len(s) < 2 or any(b > a for a, b in zip(s, s[1:])):
             raise XDiTError("sigmas must be a decreasing list of at least two noise levels")
+        if sampler not in METHODS:
+            raise XDiTError(f"sampler {sampler!r} cannot run over explicit sigmas: choose {' or '.join(METHODS)}")
         if flow and sampler == "euler":
             sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
             sched.set_timesteps(sigmas=s[:-1])

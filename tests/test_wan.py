@@ -135,6 +135,8 @@ def test_schedule_latents_and_refusals(tmp_path):
     sig = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.0])
     assert torch.isfinite(sample(ad, SampleRequest(**base, sampler="euler", inputs={"sigmas": sig}),
                                  tiny=True)).all()
+    with pytest.raises(XDiTError, match="sampler 'unipc' cannot run over explicit sigmas: choose euler or dpmpp_2m"):
+        prepare(ad, SampleRequest(**base, inputs={"sigmas": sig}), tiny=True)
     latent = torch.randn(1, 16, 2, 3, 3)
     mean, std = (torch.tensor(v).view(1, 16, 1, 1, 1) for v in (ad.latent.mean, ad.latent.std))
     assert torch.allclose(ad.to_model_space(latent), (latent - mean) / std)
