@@ -92,9 +92,10 @@ def comfy_latents(adapter: FamilyAdapter, latents: torch.Tensor) -> torch.Tensor
 
 def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJob:
     """Validate the request against the model and resolve every input (drawing what is absent from the seed)."""
-    unknown = set(req.inputs) - set(INPUT_NAMES)
+    names = (*INPUT_NAMES, *adapter.spec.cond.extra_inputs)
+    unknown = set(req.inputs) - set(names)
     if unknown:
-        raise XDiTError(f"unknown inputs {sorted(unknown)}: expected some of {', '.join(INPUT_NAMES)}")
+        raise XDiTError(f"unknown inputs {sorted(unknown)}: expected some of {', '.join(names)}")
     if req.batch_size < 1:
         raise XDiTError(f"batch size must be >= 1, got {req.batch_size}")
     if not 0 <= req.seed <= MAX_SEED:
@@ -132,6 +133,7 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
         else:
             c = Conditioning(cond, inp.get(prefix + "pooled"), inp.get(prefix + "cond_mask"))
         c.guidance = req.guidance
+        c.extra = {k: inp[k] for k in adapter.spec.cond.extra_inputs if k in inp}
         adapter.check_conditioning(c, req.batch_size, what)
         return adapter.expand(c, req.batch_size)
 

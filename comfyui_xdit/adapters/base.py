@@ -2,7 +2,7 @@
 diffusers transformer, the conditioning checks, and the one model call that differs per family."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -30,11 +30,13 @@ class Conditioning:
     pooled: torch.Tensor | None = None      # [B, P] pooled text embedding (flux, sd3)
     mask: torch.Tensor | None = None        # [B, L] text attention mask
     guidance: float | None = None           # distilled guidance
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the family's extra inputs (CondSpec.extra_inputs)
 
     def select(self, index: slice) -> "Conditioning":
         """The conditioning of a slice of the batch."""
         return Conditioning(self.cond[index], None if self.pooled is None else self.pooled[index],
-                            None if self.mask is None else self.mask[index], self.guidance)
+                            None if self.mask is None else self.mask[index], self.guidance,
+                            {k: v[index] for k, v in self.extra.items()})
 
 
 class FamilyAdapter:
@@ -171,7 +173,8 @@ class FamilyAdapter:
             t = t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 and batch > 1 else t
             return t.to(device=self.device, dtype=dtype if dtype is not None else t.dtype)
 
-        return Conditioning(fit(c.cond, self.dtype), fit(c.pooled, self.dtype), fit(c.mask, None), c.guidance)
+        return Conditioning(fit(c.cond, self.dtype), fit(c.pooled, self.dtype), fit(c.mask, None), c.guidance,
+                            {k: fit(v, self.dtype) for k, v in c.extra.items()})
 
     def random_conditioning(self, batch: int, tokens: int, generator: torch.Generator) -> Conditioning:
         """Conditioning drawn from a generator (tiny models: stands in for text encoders)."""

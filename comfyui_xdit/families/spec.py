@@ -116,6 +116,8 @@ class CondSpec:
     negative_length_may_differ: bool = False     # the negative branch may have another token count
     negative: bool = True                        # takes a negative prompt (true CFG); False: cfg must be 1
     tokens: int = 256                            # text tokens its encoder produces (bench, random conditioning)
+    extra_inputs: tuple[str, ...] = ()           # further --inputs names the family takes, the same for both
+    #                                              branches (batch first; e.g. Wan I2V's image conditioning)
 
 
 @dataclass(frozen=True)
