@@ -20,6 +20,7 @@ from tests.conftest import rel_l2
 from tests.distributed import run_cases
 
 MODEL, EXPERTS, TI2V = "tiny-wan", "tiny-wan-a14b", "tiny-wan-ti2v"
+I2V = {"in_channels": 36, "image_dim": 32, "added_kv_proj_dim": 64}  # tiny-wan as Wan 2.1 I2V (CLIP width 32)
 ODD = dict(height=48, width=80, frames=9, text_tokens=15)      # 3 x 3 x 5 = 45 video tokens
 NEG = dict(cfg=4.0, neg_text_tokens=7)
 
@@ -95,6 +96,38 @@ def test_experts_switch_at_the_boundary():
     assert rel_l2(ours, pipeline_latents(ad, req, cond, neg, guidance_scale_2=1.0)) > 1e-3
 
 
+def test_i2v_serial_matches_wan_i2v_pipeline():
+    """Wan 2.1 I2V: WanImageToVideoPipeline with the same transformer, embeddings and image_embeds; its VAE step
+    (prepare_latents) returns the seed noise and the same image_cond, so the denoising loop and the model calls
+    are the pipeline's own."""
+    import diffusers
+
+    from comfyui_xdit.schedules import make_schedule
+
+    ad = get_model({"model": MODEL, "overrides": I2V}).adapter
+    assert ad.variant == "wan2.1-i2v-14b"
+    gen = torch.Generator().manual_seed(5)
+    cond, neg = torch.randn(1, 512, 4096, generator=gen), torch.randn(1, 512, 4096, generator=gen)
+    image_cond, embeds = torch.randn(1, 20, 3, 6, 10, generator=gen), torch.randn(1, 257, 32, generator=gen)
+    req = SampleRequest(height=48, width=80, frames=9, steps=4, seed=3, cfg=5.0,
+                        inputs={"cond": cond, "neg_cond": neg, "image_cond": image_cond, "image_embeds": embeds})
+    ours = sample(ad, req)
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+    pipe = diffusers.WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, image_encoder=None,
+                                             image_processor=None, transformer=ad.model,
+                                             scheduler=make_schedule("wan", ad.variant, "default", 4, 0).scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    noise = seed_noise(3, latent_shape(ad, req))
+    pipe.prepare_latents = lambda *args, **kwargs: (noise, image_cond)
+    pipe.check_inputs = lambda *args, **kwargs: None  # it refuses an image together with image_embeds
+    out = pipe(image=torch.zeros(1, 3, 48, 80), prompt_embeds=cond, negative_prompt_embeds=neg, image_embeds=embeds,
+               guidance_scale=5.0, height=48, width=80, num_frames=9, num_inference_steps=4, output_type="latent",
+               return_dict=False)[0]
+    assert rel_l2(ours, ad.from_model_space(out.float())) <= 1e-4
+    no_image = sample(ad, SampleRequest(**{**req.__dict__, "inputs": {**req.inputs, "image_cond": 0 * image_cond}}))
+    assert rel_l2(ours, no_image) > 1e-3  # the image conditioning reaches the model
+
+
 def test_frames_and_shapes_are_checked():
     ad = get_model({"model": MODEL}).adapter
     base = dict(height=48, width=80, steps=2, seed=1)
@@ -147,8 +180,17 @@ def test_schedule_latents_and_refusals(tmp_path):
     i2v = make_adapter("wan", WanTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=36,
                                                     out_channels=16, num_layers=1, ffn_dim=32, freq_dim=32,
                                                     image_dim=32, added_kv_proj_dim=32).eval(), "wan2.1-i2v-14b")
-    with pytest.raises(XDiTError, match=r"wan2.1-i2v-14b takes image conditioning \(36 input channels"):
+    with pytest.raises(XDiTError, match=r"wan2.1-i2v-14b needs image_cond \[B, 20, 2, 6, 6\]"):
         prepare(i2v, SampleRequest(**base), tiny=True)
+    with pytest.raises(XDiTError, match=r"image_cond has shape \[1, 20, 3, 6, 6\], expected \[B, 20, 2, 6, 6\]"):
+        prepare(i2v, SampleRequest(**base, inputs={"image_cond": torch.zeros(1, 20, 3, 6, 6)}), tiny=True)
+    with pytest.raises(XDiTError, match=r"needs image_embeds \[B, 257, 32\]"):
+        prepare(i2v, SampleRequest(**base, inputs={"image_cond": torch.zeros(1, 20, 2, 6, 6)}), tiny=True)
+    with pytest.raises(XDiTError, match="cond has 8 tokens: with image_embeds the text must be 512 tokens"):
+        prepare(i2v, SampleRequest(**base, inputs={"image_cond": torch.zeros(1, 20, 2, 6, 6), "cond": torch.zeros(
+            1, 8, 4096), "image_embeds": torch.zeros(1, 257, 32)}), tiny=False)
+    with pytest.raises(XDiTError, match="wan2.1-t2v-1.3b takes no image_cond"):
+        prepare(ad, SampleRequest(**base, inputs={"image_cond": torch.zeros(1, 20, 2, 6, 6)}), tiny=True)
     experts = get_model({"model": EXPERTS}).adapter
     with pytest.raises(ConfigError, match="step cache is not available for wan2.2-t2v-a14b"):
         prepare(experts, SampleRequest(**base, cache=CacheSettings(threshold=0.1)), tiny=True)
@@ -169,7 +211,10 @@ def _exact_world2() -> list[dict]:
             {**base, "id": "experts_ulysses2", "model": EXPERTS, "steps": 4, "parallel": {"ulysses": 2}, **NEG},
             {**base, "id": "experts_cfg2", "model": EXPERTS, "steps": 4, "parallel": {"cfg": 2}, **NEG},
             {**base, "id": "ti2v_ring2", "model": TI2V, "height": 96, "width": 160, "parallel": {"ring": 2}, **NEG},
-            {**base, "id": "ti2v_pf2_allwarm", "model": TI2V, "height": 96, "width": 160, "parallel": allwarm}]
+            {**base, "id": "ti2v_pf2_allwarm", "model": TI2V, "height": 96, "width": 160, "parallel": allwarm},
+            {**base, "id": "i2v_ulysses2", "overrides": I2V, "text_tokens": 512, "cfg": 4.0, "neg_text_tokens": 512,
+             "random_inputs": {"image_cond": [1, 20, 3, 6, 10], "image_embeds": [1, 257, 32]},
+             "parallel": {"ulysses": 2}}]
 
 
 def _exact_world4() -> list[dict]:

@@ -11,8 +11,11 @@ Wan 2.2 A14B runs two transformers of one architecture: `transformer` (high nois
 t >= boundary_ratio x 1000 and `transformer_2` (low noise) below; the engine holds them in one `WanExperts` module
 (the token plan covers both). One cfg scale serves both experts (WanPipeline's guidance_scale_2 = guidance_scale).
 
-I2V variants (in_channels 36: the noisy latent, 4 mask and 16 image-latent channels, and Wan 2.1's CLIP-vision
-embedding) are declared and load, but the engine has no image-conditioning input yet: sampling them is refused.
+I2V variants (in_channels 36) take two more inputs, the same for both CFG branches: `image_cond` [B, 20, T, h, w],
+the channels the model reads after the noisy latent (4 mask channels, then the 16-channel image latent, in
+WanImageToVideoPipeline's convention: the mask is 1 on the given frames), and for Wan 2.1 I2V `image_embeds`
+[B, 257, 1280] (CLIP vision, the pipeline's image encoder output); the model then splits its context at 512 text
+tokens, so the text must be exactly 512 tokens (the pipeline's padded length).
 
 Single files in the original layout (ComfyUI's diffusion_models files: `blocks.0.self_attn.q.weight`,
 `head.head.weight`, optionally behind `model.diffusion_model.`) are converted with diffusers' converter.
@@ -57,6 +60,8 @@ def unipc_flow(flow_shift: float) -> dict:
 UNIPC = unipc_flow(5.0)
 BOUNDARY = {"wan2.2-t2v-a14b": 0.875, "wan2.2-i2v-a14b": 0.9}   # boundary_ratio of the two-expert releases
 EXPAND_TIMESTEPS = {"wan2.2-ti2v-5b"}                             # one timestep per token (WanPipeline's flag)
+IMAGE_TO_VIDEO = {"wan2.1-i2v-14b", "wan2.2-i2v-a14b"}            # in_channels 36: latent + mask + image latent
+TEXT_TOKENS = 512  # the text length the model assumes when it also takes image embeddings
 T2V = ComfySpec("WAN21_T2V", "FLOW", "Wan21")
 I2V = ComfySpec("WAN21_I2V", "FLOW", "Wan21")
 
@@ -100,7 +105,9 @@ class WanAdapter(FamilyAdapter):
     def __init__(self, spec: Family, model: torch.nn.Module, variant: str = ""):
         # a built-in tiny model comes with the family's default variant: take the one its shape says
         experts = isinstance(model, WanExperts)
-        if (variant in BOUNDARY) != experts or spec.latent_of(variant).channels != model.config.out_channels:
+        image = model.config.in_channels != model.config.out_channels
+        if ((variant in BOUNDARY) != experts or spec.latent_of(variant).channels != model.config.out_channels
+                or (variant in IMAGE_TO_VIDEO) != image):
             variant = _variant_of(dict(model.config), "", experts)
         super().__init__(spec, model, variant)
 
@@ -121,9 +128,33 @@ class WanAdapter(FamilyAdapter):
                             blocks=(BlockList("blocks"),))
 
     def check_request(self, req, config=None) -> None:
-        if self.model.config.in_channels != self.latent_channels:
-            raise XDiTError(f"{self.variant} takes image conditioning ({self.model.config.in_channels} input "
-                            f"channels: latent, mask and image latent), which the engine does not supply yet")
+        from ..sampling import latent_shape
+
+        cfg = self.model.config
+        extra = cfg.in_channels - self.latent_channels
+        given, embeds = req.inputs.get("image_cond"), req.inputs.get("image_embeds")
+        shape = latent_shape(self, req)
+        if extra:
+            want = [extra, *shape[2:]]
+            if given is None:
+                raise XDiTError(f"{self.variant} needs image_cond [B, {', '.join(map(str, want))}] (the mask and the "
+                                "image latent the model reads after the noisy latent)")
+            if given.ndim != 5 or list(given.shape[1:]) != want or given.shape[0] not in (1, req.batch_size):
+                raise XDiTError(f"image_cond has shape {list(given.shape)}, expected [B, {', '.join(map(str, want))}]")
+        elif given is not None:
+            raise XDiTError(f"{self.variant} takes no image_cond (a text-to-video model)")
+        if cfg.image_dim and embeds is None:
+            raise XDiTError(f"{self.variant} needs image_embeds [B, 257, {cfg.image_dim}] (CLIP vision)")
+        if embeds is not None:
+            if not cfg.image_dim:
+                raise XDiTError(f"{self.variant} takes no image_embeds")
+            if embeds.ndim != 3 or embeds.shape[-1] != cfg.image_dim or embeds.shape[0] not in (1, req.batch_size):
+                raise XDiTError(f"image_embeds has shape {list(embeds.shape)}, expected [B, N, {cfg.image_dim}]")
+            for name in ("cond", "neg_cond"):
+                t = req.inputs.get(name)
+                if t is not None and t.ndim == 3 and t.shape[1] != TEXT_TOKENS:
+                    raise XDiTError(f"{name} has {t.shape[1]} tokens: with image_embeds the text must be "
+                                    f"{TEXT_TOKENS} tokens (the model splits its context there)")
         if self.experts and req.cache is not None:
             raise ConfigError(f"the step cache is not available for {self.variant}: its two experts do not share "
                               "the residual it reuses")
@@ -140,6 +171,10 @@ class WanAdapter(FamilyAdapter):
             tokens = frames * (h // self.patch) * (w // self.patch)
             timestep = timestep.float()[:, None].expand(b, tokens)
         kwargs = {"expert": self.model.expert(t)} if self.experts else {}
+        if "image_cond" in c.extra:  # I2V: mask and image latent after the noisy latent
+            x = torch.cat([x, c.extra["image_cond"].to(x.dtype)], dim=1)
+        if "image_embeds" in c.extra:
+            kwargs["encoder_hidden_states_image"] = c.extra["image_embeds"]
         out = self.model(hidden_states=x.to(self.dtype), timestep=timestep, encoder_hidden_states=c.cond,
                          return_dict=False, **kwargs)[0]
         return out
@@ -215,7 +250,7 @@ FAMILY = Family(
               Variant("wan2.2-ti2v-5b", "wan2.2-ti2v-5b.json", UNIPC, ComfySpec("WAN22_T2V", "FLOW", "Wan22"),
                       latent=WAN22_LATENT)),
     latent=WAN21_LATENT,
-    cond=CondSpec(width=4096, negative_length_may_differ=True, tokens=512),
+    cond=CondSpec(width=4096, negative_length_may_differ=True, tokens=512, extra_inputs=("image_cond", "image_embeds")),
     flow=True,
     samplers=("unipc", "euler", "dpmpp_2m"),
     adapter=f"{__name__}:WanAdapter",
