@@ -32,6 +32,7 @@ class SampleRequest:
     denoise: float = 1.0
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     cache: CacheSettings | None = None  # first-block residual cache (None: every step computes every block)
+    frames: int = 1                      # pixel frames of a video model (an image model: 1)
 
 
 @dataclass
@@ -67,9 +68,11 @@ class PreparedJob:
         return self.combine(pos, neg, self.cfg)
 
 
-def latent_shape(adapter: FamilyAdapter, req: SampleRequest) -> tuple[int, int, int, int]:
+def latent_shape(adapter: FamilyAdapter, req: SampleRequest) -> tuple[int, ...]:
+    """[B, C, h, w], or [B, C, T, h, w] for a video model (T latent frames)."""
     down = adapter.latent.downscale
-    return (req.batch_size, adapter.latent_channels, req.height // down, req.width // down)
+    frames = (adapter.latent_frames(req.frames),) if adapter.latent.dims == 3 else ()
+    return (req.batch_size, adapter.latent_channels, *frames, req.height // down, req.width // down)
 
 
 def seed_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -89,14 +92,17 @@ def comfy_latents(adapter: FamilyAdapter, latents: torch.Tensor) -> torch.Tensor
 
 def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJob:
     """Validate the request against the model and resolve every input (drawing what is absent from the seed)."""
-    unknown = set(req.inputs) - set(INPUT_NAMES)
+    names = (*INPUT_NAMES, *adapter.spec.cond.extra_inputs)
+    unknown = set(req.inputs) - set(names)
     if unknown:
-        raise XDiTError(f"unknown inputs {sorted(unknown)}: expected some of {', '.join(INPUT_NAMES)}")
+        raise XDiTError(f"unknown inputs {sorted(unknown)}: expected some of {', '.join(names)}")
     if req.batch_size < 1:
         raise XDiTError(f"batch size must be >= 1, got {req.batch_size}")
     if not 0 <= req.seed <= MAX_SEED:
         raise XDiTError(f"seed must be between 0 and {MAX_SEED}, got {req.seed}")
     adapter.check_size(req.height, req.width)
+    adapter.latent_frames(req.frames)
+    adapter.check_request(req)
     inp = {k: _one_frame(adapter, v) if k in ("noise", "latent") else v for k, v in req.inputs.items()}
     shape = latent_shape(adapter, req)
 
@@ -127,6 +133,7 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
         else:
             c = Conditioning(cond, inp.get(prefix + "pooled"), inp.get(prefix + "cond_mask"))
         c.guidance = req.guidance
+        c.extra = {k: inp[k] for k in adapter.spec.cond.extra_inputs if k in inp}
         adapter.check_conditioning(c, req.batch_size, what)
         return adapter.expand(c, req.batch_size)
 
@@ -139,7 +146,7 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
 
     sigmas = inp.get("sigmas")
     schedule = make_schedule(adapter.family, adapter.variant, req.sampler, req.steps,
-                             adapter.image_tokens(req.height, req.width),
+                             adapter.image_tokens(req.height, req.width, req.frames),
                              None if sigmas is None else sigmas.flatten().tolist(), req.denoise)
     device = adapter.device  # the seed's noise is drawn on the CPU (as ComfyUI draws it), then moved there
     x0 = None if latent is None else start_latent(adapter, latent.float().to(device))

@@ -42,6 +42,9 @@ def build_request(loaded, case: dict) -> SampleRequest:
     if pos.mask is not None:
         inputs["cond_mask"], inputs["neg_cond_mask"] = pos.mask, neg.mask
     inputs["neg_cond"] = neg.cond
+    for name, shape in case.get("random_inputs", {}).items():  # a family's extra inputs (e.g. image conditioning)
+        inputs[name] = torch.randn(shape, generator=gen)
     return SampleRequest(height=case["height"], width=case["width"], steps=case.get("steps", 3), seed=case["seed"],
                          batch_size=batch, cfg=case.get("cfg", 1.0), sampler=case.get("sampler", "default"),
+                         frames=case.get("frames", 1),
                          inputs=inputs, cache=CacheSettings.from_dict(case["cache"]) if "cache" in case else None)

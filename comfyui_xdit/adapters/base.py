@@ -2,7 +2,7 @@
 diffusers transformer, the conditioning checks, and the one model call that differs per family."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -30,11 +30,13 @@ class Conditioning:
     pooled: torch.Tensor | None = None      # [B, P] pooled text embedding (flux, sd3)
     mask: torch.Tensor | None = None        # [B, L] text attention mask
     guidance: float | None = None           # distilled guidance
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the family's extra inputs (CondSpec.extra_inputs)
 
     def select(self, index: slice) -> "Conditioning":
         """The conditioning of a slice of the batch."""
         return Conditioning(self.cond[index], None if self.pooled is None else self.pooled[index],
-                            None if self.mask is None else self.mask[index], self.guidance)
+                            None if self.mask is None else self.mask[index], self.guidance,
+                            {k: v[index] for k, v in self.extra.items()})
 
 
 class FamilyAdapter:
@@ -127,6 +129,21 @@ class FamilyAdapter:
         if limit is not None and max(height, width) > limit:
             raise XDiTError(f"{height}x{width} is larger than this {self.family} model allows ({limit} px a side)")
 
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of a request for `frames` pixel frames (an image model: 1 frame only)."""
+        k = self.latent.time_downscale
+        if not k:
+            if frames != 1:
+                raise XDiTError(f"{self.family} makes images: frames must be 1, got {frames}")
+            return 1
+        if frames < 1 or (frames - 1) % k:
+            raise XDiTError(f"frames must be {k}k+1 (1, {k + 1}, {2 * k + 1}, ..., 81, ...) for {self.family}, "
+                            f"got {frames}")
+        return (frames - 1) // k + 1
+
+    def check_request(self, req, config=None) -> None:
+        """Family-specific refusals of a request (and, with `config`, of a parallel configuration); default none."""
+
     def check_conditioning(self, c: Conditioning, batch: int, what: str = "positive") -> None:
         def fail(msg: str) -> None:
             raise XDiTError(f"{what} conditioning for {self.family}: {msg}")
@@ -156,7 +173,8 @@ class FamilyAdapter:
             t = t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 and batch > 1 else t
             return t.to(device=self.device, dtype=dtype if dtype is not None else t.dtype)
 
-        return Conditioning(fit(c.cond, self.dtype), fit(c.pooled, self.dtype), fit(c.mask, None), c.guidance)
+        return Conditioning(fit(c.cond, self.dtype), fit(c.pooled, self.dtype), fit(c.mask, None), c.guidance,
+                            {k: fit(v, self.dtype) for k, v in c.extra.items()})
 
     def random_conditioning(self, batch: int, tokens: int, generator: torch.Generator) -> Conditioning:
         """Conditioning drawn from a generator (tiny models: stands in for text encoders)."""
@@ -199,6 +217,7 @@ class FamilyAdapter:
         family that pads its sequences says so here; PipeFusion sizes its transfers by it)."""
         return {IMAGE: image_tokens, TEXT: text_tokens}
 
-    def image_tokens(self, height: int, width: int) -> int:
+    def image_tokens(self, height: int, width: int, frames: int = 1) -> int:
+        """Image (video) tokens of a request: per latent frame (h/patch) x (w/patch)."""
         side = self.latent.downscale * self.patch
-        return (height // side) * (width // side)
+        return self.latent_frames(frames) * (height // side) * (width // side)
