@@ -30,8 +30,10 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 
 
 def arch_names() -> list[str]:
-    """What --arch takes: a family (its first published variant), a variant, or a built-in tiny model."""
-    return [*families.names(), *families.variants(), *families.tiny_models()]
+    """What --arch takes: a family (its first published variant), a variant or its short name, or a built-in tiny
+    model."""
+    aliases = [a for f in families.families().values() for a in f.aliases]
+    return [*families.names(), *families.variants(), *aliases, *families.tiny_models()]
 
 
 def build_random(arch: str, dtype: torch.dtype, device: str) -> FamilyAdapter:
@@ -56,22 +58,82 @@ def build_random(arch: str, dtype: torch.dtype, device: str) -> FamilyAdapter:
     torch.set_default_dtype(dtype)  # initialise in the target dtype, on the device: no full-size fp32 copy
     try:
         with torch.device(device):
-            model = cls.from_config(config)
+            model = fam.build(config, variant.name) if fam.build is not None else cls.from_config(config)
     finally:
         torch.set_default_dtype(default)
     return make_adapter(fam.name, model.eval().requires_grad_(False), variant.name)
 
 
-def step_inputs(adapter: FamilyAdapter, size: int, batch: int, device: str
+def parse_size(size: int | str | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a side ("1024", 1024) or of ComfyUI's WIDTHxHEIGHT ("832x480")."""
+    if isinstance(size, tuple):
+        return size
+    if isinstance(size, str) and "x" in size:
+        width, height = (int(v) for v in size.lower().split("x"))
+        return height, width
+    return int(size), int(size)
+
+
+def step_inputs(adapter: FamilyAdapter, size, batch: int, device: str, frames: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
     g = torch.Generator().manual_seed(0)
     tokens = adapter.spec.cond.tokens if adapter.block_count > 4 else 16  # the encoder's; a tiny model gets 16
     c = adapter.random_conditioning(batch, tokens, g)
     c = Conditioning(*(None if t is None else t.to(device) for t in (c.cond, c.pooled, c.mask)))
     c = adapter.expand(c, batch)
-    side = size // adapter.latent.downscale
-    x = torch.randn(batch, adapter.latent_channels, side, side, generator=g).to(device)
+    height, width = parse_size(size)
+    down = adapter.latent.downscale
+    time = (adapter.latent_frames(frames),) if adapter.latent.dims == 3 else ()
+    x = torch.randn(batch, adapter.latent_channels, *time, height // down, width // down, generator=g).to(device)
     return x, torch.tensor([500.0], device=device), c
+
+
+def _allows_pipefusion(adapter: FamilyAdapter, height: int, width: int, frames: int, degree: int) -> bool:
+    from .errors import ConfigError
+    from .parallel import ParallelConfig
+    from .sampling import SampleRequest
+
+    try:
+        adapter.check_request(SampleRequest(height=height, width=width, steps=1, frames=frames),
+                              ParallelConfig(pipefusion=degree, num_patches=degree))
+    except ConfigError:
+        return False
+    return True
+
+
+def memory_rows(adapter: FamilyAdapter, size, frames: int = 1, degrees: tuple[int, ...] = (1, 2, 4, 8),
+                branches: int = 2) -> list[tuple[str, int, int, int, int]]:
+    """Per-rank memory from the model as built (meta tensors will do): (method, degree, parameter bytes, video or
+    image tokens, PipeFusion's K/V buffer bytes). Ulysses and Ring keep every weight and 1/d of the tokens;
+    PipeFusion keeps one stage's blocks (the split shard_stage makes) plus the rest of the model, and a full-sequence
+    K and V per self-attention layer of its stage for each CFG branch. Ulysses degrees must divide the heads."""
+    from .adapters.base import per_token_bytes
+    from .parallel.pipefusion import partition
+
+    def nbytes(module: torch.nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    height, width = parse_size(size)
+    tokens = adapter.image_tokens(height, width, frames)
+    model = adapter.model
+    total = nbytes(model)
+    blocks = [b for bl in adapter.plan.blocks if bl.pipelined for b in getattr(model, bl.name)]
+    other = total - sum(nbytes(b) for b in blocks)
+    element = next(model.parameters()).element_size()
+    rows = []
+    for d in degrees:
+        if adapter.num_heads % d == 0:
+            rows.append(("ulysses", d, total, -(-tokens // d), 0))
+        rows.append(("ring", d, total, -(-tokens // d), 0))
+        if 1 < d <= len(blocks) and _allows_pipefusion(adapter, height, width, frames, d):
+            sizes = [nbytes(b) for b in blocks]
+            starts = partition([per_token_bytes(b) for b in blocks], d, sizes,
+                               cap=sum(sizes) / d + max(sizes)) + [len(blocks)]
+            stage = max(range(d), key=lambda i: sum(sizes[starts[i]:starts[i + 1]]))
+            layers = starts[stage + 1] - starts[stage]
+            kv = 2 * branches * tokens * adapter.hidden_size * element * layers
+            rows.append(("pipefusion", d, other + sum(sizes[starts[stage]:starts[stage + 1]]), tokens, kv))
+    return rows
 
 
 def median_seconds(fn: Callable[[], object], device: str, repeats: int, warmup: int = 2) -> float:
@@ -116,11 +178,11 @@ def compile_blocks(adapter: FamilyAdapter) -> None:
 
 
 @torch.no_grad()
-def run(arch: str, size: int, device: str, dtype: torch.dtype, compile: bool, repeats: int,
-        batch: int = 1) -> tuple[list[tuple[str, float, float, str]], dict]:
+def run(arch: str, size, device: str, dtype: torch.dtype, compile: bool, repeats: int,
+        batch: int = 1, frames: int = 1) -> tuple[list[tuple[str, float, float, str]], dict]:
     """Rows (name, seconds per step, TFLOP/s, note) and facts (flops, ceiling, max difference ours vs diffusers)."""
     adapter = build_random(arch, dtype, device)
-    x, t, c = step_inputs(adapter, size, batch, device)
+    x, t, c = step_inputs(adapter, size, batch, device, frames)
 
     def diffusers_step() -> torch.Tensor:
         return adapter.predict(x, t, c)
@@ -157,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="flux", help="a family or variant (e.g. flux, sd3.5-large), or a built-in tiny "
                    "model (CPU checks)")
-    p.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    p.add_argument("--size", default="1024", help="image side in pixels, or WIDTHxHEIGHT (e.g. 832x480)")
+    p.add_argument("--frames", type=int, default=1, help="pixel frames of a video model (4k+1 for Wan)")
+    p.add_argument("--memory", action="store_true", help="only print per-rank memory at each parallel degree, "
+                   "from a meta-device build (no weights allocated, nothing timed)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
@@ -167,9 +232,20 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype)
-    rows, facts = run(args.arch, args.size, args.device, dtype, args.compile, args.repeats, args.batch)
+    height, width = parse_size(args.size)
+    what = f"{args.arch} {width}x{height}" + (f" {args.frames} frames" if args.frames != 1 else "")
+    if args.memory:
+        adapter = build_random(args.arch, dtype, "meta")
+        print(f"{what} {args.dtype}: {adapter.image_tokens(height, width, args.frames)} tokens; per-rank memory "
+              "(meta-device build; activations other than PipeFusion's K/V buffers not counted)")
+        print(f"{'method':<12}{'degree':>7}{'params GiB':>12}{'tokens/rank':>13}{'K/V GiB':>10}")
+        for method, d, params, tokens, kv in memory_rows(adapter, (height, width), args.frames):
+            print(f"{method:<12}{d:>7}{params / 2**30:>12.2f}{tokens:>13}{f'{kv / 2**30:.2f}' if kv else '-':>10}")
+        return 0
+    rows, facts = run(args.arch, (height, width), args.device, dtype, args.compile, args.repeats, args.batch,
+                      args.frames)
     ceiling = facts["ceiling_tflops"]
-    print(f"{args.arch} {args.size}x{args.size} batch {args.batch} {args.dtype} on {_device_name(args.device)}; "
+    print(f"{what} batch {args.batch} {args.dtype} on {_device_name(args.device)}; "
           f"{facts['flops'] / 1e12:.4g} TFLOP per step; matmul ceiling {ceiling:.1f} TFLOP/s")
     print(f"{'path':<16}{'step s':>10}{'TFLOP/s':>10}{'of ceiling':>12}{'vs diffusers':>14}")
     for name, seconds, tflops, ratio in rows:

@@ -16,6 +16,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--height", type=int, required=True)
     p.add_argument("--width", type=int, required=True)
+    p.add_argument("--frames", type=int, default=1, help="pixel frames of a video model (4k+1 for Wan; images: 1)")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1)
@@ -225,6 +226,8 @@ def _generate_on_pool(args: argparse.Namespace, config) -> int:
     fields = {"height": args.height, "width": args.width, "steps": args.steps, "seed": args.seed,
               "batch_size": args.batch_size, "cfg": args.cfg, "guidance": args.guidance, "sampler": args.sampler,
               "denoise": args.denoise, "cache": None if settings is None else settings.to_dict()}
+    if args.frames != 1:  # a video model's frames (image jobs send the fields they always did)
+        fields["frames"] = args.frames
     client = PoolClient(args.pool, _pool_secret(args))
     try:
         try:  # a short request first: a wrong secret gets no reply at all (the pool drops unsigned messages)
@@ -275,7 +278,7 @@ def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) 
     req = SampleRequest(height=args.height, width=args.width, steps=args.steps, seed=args.seed,
                         batch_size=args.batch_size, cfg=args.cfg, guidance=args.guidance, sampler=args.sampler,
                         denoise=args.denoise, inputs={k: v.to(device) for k, v in inputs.items()},
-                        cache=cache_settings(args))
+                        cache=cache_settings(args), frames=args.frames)
 
     if config.pipefusion > 1:
         _report_stage_memory(loaded, config, rank)

@@ -32,6 +32,7 @@ class SampleRequest:
     denoise: float = 1.0
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     cache: CacheSettings | None = None  # first-block residual cache (None: every step computes every block)
+    frames: int = 1                      # pixel frames of a video model (an image model: 1)
 
 
 @dataclass
@@ -67,9 +68,11 @@ class PreparedJob:
         return self.combine(pos, neg, self.cfg)
 
 
-def latent_shape(adapter: FamilyAdapter, req: SampleRequest) -> tuple[int, int, int, int]:
+def latent_shape(adapter: FamilyAdapter, req: SampleRequest) -> tuple[int, ...]:
+    """[B, C, h, w], or [B, C, T, h, w] for a video model (T latent frames)."""
     down = adapter.latent.downscale
-    return (req.batch_size, adapter.latent_channels, req.height // down, req.width // down)
+    frames = (adapter.latent_frames(req.frames),) if adapter.latent.dims == 3 else ()
+    return (req.batch_size, adapter.latent_channels, *frames, req.height // down, req.width // down)
 
 
 def seed_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -97,6 +100,8 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
     if not 0 <= req.seed <= MAX_SEED:
         raise XDiTError(f"seed must be between 0 and {MAX_SEED}, got {req.seed}")
     adapter.check_size(req.height, req.width)
+    adapter.latent_frames(req.frames)
+    adapter.check_request(req)
     inp = {k: _one_frame(adapter, v) if k in ("noise", "latent") else v for k, v in req.inputs.items()}
     shape = latent_shape(adapter, req)
 
@@ -139,7 +144,7 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
 
     sigmas = inp.get("sigmas")
     schedule = make_schedule(adapter.family, adapter.variant, req.sampler, req.steps,
-                             adapter.image_tokens(req.height, req.width),
+                             adapter.image_tokens(req.height, req.width, req.frames),
                              None if sigmas is None else sigmas.flatten().tolist(), req.denoise)
     device = adapter.device  # the seed's noise is drawn on the CPU (as ComfyUI draws it), then moved there
     x0 = None if latent is None else start_latent(adapter, latent.float().to(device))

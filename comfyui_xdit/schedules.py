@@ -8,7 +8,7 @@ import torch
 
 from . import families
 from .errors import XDiTError
-from .ksampling import SigmaSampler
+from .ksampling import METHODS, SigmaSampler
 
 @dataclass
 class Schedule:
@@ -76,6 +76,8 @@ def make_schedule(family: str, variant: str, sampler: str, steps: int, image_tok
         s = [float(v) for v in sigmas]
         if len(s) < 2 or any(b > a for a, b in zip(s, s[1:])):
             raise XDiTError("sigmas must be a decreasing list of at least two noise levels")
+        if sampler not in METHODS:
+            raise XDiTError(f"sampler {sampler!r} cannot run over explicit sigmas: choose {' or '.join(METHODS)}")
         if flow and sampler == "euler":
             sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
             sched.set_timesteps(sigmas=s[:-1])
@@ -85,8 +87,14 @@ def make_schedule(family: str, variant: str, sampler: str, steps: int, image_tok
         sched.set_begin_index(0)
         return Schedule(sched, sched.timesteps, flow)
 
+    # the config's scheduler class (flow models without one: flow-matching Euler); a sampler other than the
+    # family's first over a scheduler of another kind runs as ComfyUI's sampler over that scheduler's noise levels
+    import diffusers
+
+    cls = getattr(diffusers, cfg.get("_class_name", "FlowMatchEulerDiscreteScheduler"))
+    cfg = {k: v for k, v in cfg.items() if k != "_class_name"}
     if flow:
-        sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+        sched = cls.from_config(cfg)
         if fam.set_timesteps is not None:  # the family's pipeline (e.g. linear sigmas and a resolution shift)
             sched.set_timesteps(**fam.set_timesteps(steps, image_tokens, cfg))
         else:
@@ -98,7 +106,8 @@ def make_schedule(family: str, variant: str, sampler: str, steps: int, image_tok
         sched = DPMSolverMultistepScheduler.from_config(cfg)
         sched.set_timesteps(steps)
 
-    if flow and sampler == "dpmpp_2m":  # ComfyUI's DPM-Solver++(2M) over the pipeline's default noise levels
+    other = sampler != fam.samplers[0] and cls is not FlowMatchEulerDiscreteScheduler
+    if flow and (sampler == "dpmpp_2m" or other):  # ComfyUI's sampler over the pipeline's default noise levels
         start = int(max(steps - min(int(steps * denoise), steps), 0))
         levels = sched.sigmas.tolist()[start:]
         if len(levels) < 2:

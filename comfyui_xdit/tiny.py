@@ -28,7 +28,8 @@ def build_tiny(name: str, dtype: torch.dtype = torch.float32, **overrides) -> tu
     family, kwargs = tiny[name]
     import diffusers
 
-    model = getattr(diffusers, family.diffusers_class)(**{**kwargs, **overrides})
+    kwargs = {**kwargs, **overrides}
+    model = family.build(kwargs, "") if family.build is not None else getattr(diffusers, family.diffusers_class)(**kwargs)
     fill_deterministic(model, _WEIGHT_SEED)
     if dtype != torch.float32:
         model = model.to(dtype)

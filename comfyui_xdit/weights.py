@@ -147,6 +147,14 @@ def _load_folder(path: Path, want_family: str | None, dtype: torch.dtype):
     from safetensors import SafetensorError
 
     cls = getattr(diffusers, fam.diffusers_class)
+    if getattr(cls, "_keep_in_fp32_modules", None) and importlib.util.find_spec("accelerate") is None:
+        # diffusers' from_pretrained needs accelerate for such a class (Wan): the folder's config and weights files
+        # through the single-file construction instead
+        config = {k: v for k, v in _read_json(folder / "config.json").items() if not k.startswith("_")}
+        sd: dict = {}
+        for file in sorted(weights):
+            sd.update(_read_state_dict(file, dtype))
+        return fam.name, fam.variant_of(config, pipeline_class), _build(fam, config, sd, folder)
     try:
         # low_cpu_mem_usage needs accelerate; asking for it without accelerate only earns a warning
         model = cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,

@@ -445,7 +445,8 @@ def test_checkpoint_listing_resolve_and_variant(ext, rec, tmp_path):
                    "checkpoints": [str(full)]}
     names = ck.list_checkpoints()
     assert names == ["flux-dev-mini.safetensors", "flux-schnell-mini.safetensors", "pixart-diffusers/",
-                     "sd3-all-in-one.safetensors", "tiny-flux", "tiny-sd3", "tiny-pixart", "tiny-qwen-image", "tiny-z-image", "tiny-flux2"]
+                     "sd3-all-in-one.safetensors", "tiny-flux", "tiny-sd3", "tiny-pixart", "tiny-qwen-image", "tiny-z-image", "tiny-flux2",
+                     "tiny-wan", "tiny-wan-a14b", "tiny-wan-ti2v"]
     assert ck.resolve("flux-dev-mini.safetensors") == str(dev)
     assert ck.resolve("pixart-diffusers/") == str(folder)
     assert ck.detect_variant(str(dev)) == "flux-dev"

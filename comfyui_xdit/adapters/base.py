@@ -127,6 +127,21 @@ class FamilyAdapter:
         if limit is not None and max(height, width) > limit:
             raise XDiTError(f"{height}x{width} is larger than this {self.family} model allows ({limit} px a side)")
 
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of a request for `frames` pixel frames (an image model: 1 frame only)."""
+        k = self.latent.time_downscale
+        if not k:
+            if frames != 1:
+                raise XDiTError(f"{self.family} makes images: frames must be 1, got {frames}")
+            return 1
+        if frames < 1 or (frames - 1) % k:
+            raise XDiTError(f"frames must be {k}k+1 (1, {k + 1}, {2 * k + 1}, ..., 81, ...) for {self.family}, "
+                            f"got {frames}")
+        return (frames - 1) // k + 1
+
+    def check_request(self, req, config=None) -> None:
+        """Family-specific refusals of a request (and, with `config`, of a parallel configuration); default none."""
+
     def check_conditioning(self, c: Conditioning, batch: int, what: str = "positive") -> None:
         def fail(msg: str) -> None:
             raise XDiTError(f"{what} conditioning for {self.family}: {msg}")
@@ -199,6 +214,7 @@ class FamilyAdapter:
         family that pads its sequences says so here; PipeFusion sizes its transfers by it)."""
         return {IMAGE: image_tokens, TEXT: text_tokens}
 
-    def image_tokens(self, height: int, width: int) -> int:
+    def image_tokens(self, height: int, width: int, frames: int = 1) -> int:
+        """Image (video) tokens of a request: per latent frame (h/patch) x (w/patch)."""
         side = self.latent.downscale * self.patch
-        return (height // side) * (width // side)
+        return self.latent_frames(frames) * (height // side) * (width // side)

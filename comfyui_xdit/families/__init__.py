@@ -67,4 +67,7 @@ def parse(name: str | None) -> tuple[Family | None, Variant | None]:
         return families()[name], None
     if name in variants():
         return variants()[name]
+    for f in families().values():
+        if name in f.aliases:
+            return f, f.variant(f.aliases[name])
     raise KeyError(f"unknown family {name!r}: expected one of {', '.join([*families(), *variants()])}")

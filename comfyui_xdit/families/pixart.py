@@ -40,7 +40,7 @@ class PixArtAdapter(FamilyAdapter):
 
 def _detect(keys: set[str]) -> bool:
     if any(re.match(r"blocks\.\d+\.cross_attn\.", k) for k in keys):
-        return True
+        return not any(re.match(r"blocks\.\d+\.self_attn\.", k) for k in keys)  # Wan's blocks have both
     return any(k.startswith("adaln_single.") for k in keys) and any(k.startswith("caption_projection.") for k in keys)
 
 

@@ -102,6 +102,8 @@ class LatentFormat:
     downscale: int = 8              # image pixels per latent pixel
     frame_axis: bool = False        # ComfyUI's LATENT is [B, C, 1, H, W] (a video VAE's format, one frame); the
     #                                 engine samples [B, C, H, W] and the CLI and the nodes add or drop the axis
+    time_downscale: int = 0         # video (dims 3): pixel frames per latent frame, F = time_downscale (T - 1) + 1
+    #                                 frames make T latent frames; 0: an image model (one frame)
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,9 @@ class Family:
     order: int = 100                             # detection order (lower first) when key patterns overlap
     other_classes: tuple[str, ...] = ()          # other diffusers class names of the same model
     accepts: Callable[[dict], bool] = lambda cfg: True  # does a folder's config.json of such a class belong here?
+    build: Callable[[dict, str], Any] | None = None  # (constructor kwargs or a shipped config, variant) -> the model
+    #                                                  (tiny models: variant ""; default: the diffusers class)
+    aliases: dict[str, str] = field(default_factory=dict)  # short names (bench --arch) -> variant names
     extra: dict[str, Any] = field(default_factory=dict)
 
     def variant(self, name: str) -> Variant:

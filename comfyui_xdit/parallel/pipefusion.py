@@ -1,4 +1,6 @@
-"""PipeFusion: the transformer blocks split into pipeline stages, the image into M patches along height.
+"""PipeFusion: the transformer blocks split into pipeline stages, the image into M patches along height (a video's
+frames are folded into its rows: patches are contiguous ranges of the flattened T x H x W token sequence, frame
+after frame, row after row).
 
 Warm-up steps run the whole image through the stages one after another and fill every self-attention layer's
 K/V buffer. Afterwards each stage runs its blocks on one patch at a time; attention uses the full-image K/V
@@ -359,9 +361,10 @@ def _patch_rows(rows: int, patches: int) -> list[tuple[int, int]]:
     return [(s, s + n) for s, n in zip(starts, sizes)]
 
 
-def check_pipefusion(config, adapter, height: int, width: int) -> None:
+def check_pipefusion(config, adapter, height: int, width: int, frames: int = 1) -> None:
+    """`frames`: latent frames (their rows, frame after frame, are the rows patches split)."""
     side = adapter.latent.downscale * adapter.patch
-    rows, cols = height // side, width // side
+    rows, cols = frames * (height // side), width // side
     if config.num_patches > rows:
         raise ConfigError(f"num_patches {config.num_patches} is larger than the latent height in patches ({rows})")
     if (rows // config.num_patches) * cols < config.sp:
@@ -391,7 +394,8 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
     stage = shard_stage(adapter, pm.rank("pipefusion"), cfg.pipefusion)
     group = pm.group("pipefusion")
     P, M = cfg.pipefusion, cfg.num_patches
-    x = job.x.clone()
+    shape = job.x.shape  # [B, C, h, w] or a video's [B, C, T, h, w]
+    x = job.x.clone().flatten(2, -2)  # frames folded into rows (the token order): [B, C, T h, w]
     device = x.device
     b, _, h, w = x.shape
     p = adapter.patch
@@ -470,7 +474,7 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
                         s_in._step_index = s_in.index_for_timestep(t)
                         x_in = s_in.scale_model_input(x, t)
                     try:
-                        out = adapter.predict(x_in, t, branch)
+                        out = adapter.predict(x_in.view(shape), t, branch).flatten(2, -2)
                     except _StageDone as done:
                         acts = [done.streams[s] for s in crossing]
                         outbox.post(pm.comm.send(acts, stage.index + 1, group, kind="pipefusion"))
@@ -483,7 +487,8 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
                 for m, (a, z) in enumerate(patches):
                     if a >= r0 and z <= r1:
                         rs = slice((a - r0) * p, (z - r0) * p)
-                        x[:, :, a * p:z * p] = schedulers[m].step(pred[:, :, rs], t, x[:, :, a * p:z * p],
+                        # a copy: a multistep scheduler (UniPC) keeps the sample it was given for its corrector
+                        x[:, :, a * p:z * p] = schedulers[m].step(pred[:, :, rs], t, x[:, :, a * p:z * p].clone(),
                                                                   return_dict=False)[0].float()
                 if i < len(timesteps) - 1:
                     outbox.post(pm.comm.send([x[:, :, r0 * p:r1 * p].clone()], 0, group, kind="pipefusion_latent"))
@@ -492,13 +497,13 @@ def pipefusion_loop(adapter, job, pm, on_step, cfg_branches, stop_requested) -> 
                 latents_in.expect([[((b, x.shape[1], (z - a) * p, w), torch.float32)] for a, z in work])
             if cache is not None:
                 cache.end_step()
-            on_step(i, x, reuse)
+            on_step(i, x.view(shape), reuse)
         outbox.flush()
     finally:
         model.close()
         blocks_cached.close()
     # the final latents live on the last stage
-    return pm.comm.broadcast(x, P - 1, group, kind="pipefusion_result")
+    return pm.comm.broadcast(x, P - 1, group, kind="pipefusion_result").view(shape)
 
 
 class _Inbox:

@@ -22,7 +22,8 @@ def check_model_fit(config: ParallelConfig, adapter, req: SampleRequest) -> None
     if heads % config.ulysses:
         raise ConfigError(f"the model has {heads} attention heads, not divisible by the Ulysses degree "
                           f"{config.ulysses} ({heads_advice(heads)})")
-    tokens = adapter.image_tokens(req.height, req.width)
+    adapter.check_request(req, config)
+    tokens = adapter.image_tokens(req.height, req.width, req.frames)
     if config.sp > tokens:
         raise ConfigError(f"{req.height}x{req.width} has {tokens} image tokens, fewer than the sequence-parallel "
                           f"degree {config.sp} (ring x ulysses)")
@@ -36,7 +37,7 @@ def check_model_fit(config: ParallelConfig, adapter, req: SampleRequest) -> None
     if config.pipefusion > 1:
         from .pipefusion import check_pipefusion
 
-        check_pipefusion(config, adapter, req.height, req.width)
+        check_pipefusion(config, adapter, req.height, req.width, adapter.latent_frames(req.frames))
 
 
 def _local_job(job: PreparedJob, batch: slice) -> PreparedJob:

@@ -100,7 +100,8 @@ def _probe_inputs(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     if getattr(module, "added_kv_proj_dim", None) is not None:
         kwargs["encoder_hidden_states"] = zeros(1, module.added_kv_proj_dim)
     elif getattr(module, "is_cross_attention", False):
-        kwargs["encoder_hidden_states"] = zeros(1, module.cross_attention_dim)
+        kwargs["encoder_hidden_states"] = zeros(1, getattr(module, "cross_attention_dim", None)
+                                                or module.to_k.in_features)  # WanAttention names no width
     return kwargs
 
 
