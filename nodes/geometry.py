@@ -123,8 +123,13 @@ def _from_config(fam, cfg: dict) -> Geometry:
         except (KeyError, TypeError):
             return None
 
+    latent = fam.latent
+    try:  # the variant's own latent where it differs (Wan 2.2 TI2V 5B: 16x spatial)
+        latent = fam.latent_of(fam.variant_of(cfg, ""))
+    except Exception:  # noqa: BLE001 - a config the family cannot place: its family's latent
+        pass
     return Geometry(fam.name, read(fam.heads_of), read(fam.blocks_of), read(fam.max_side_of),
-                    fam.patch * fam.latent.downscale // 8)
+                    fam.patch * latent.downscale // 8)
 
 
 def shapes_geometry(shapes: dict[str, tuple[int, ...]]) -> Geometry:

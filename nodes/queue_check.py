@@ -23,7 +23,8 @@ log = logging.getLogger("comfyui_xdit.nodes")
 HIDDEN = "xdit_check"  # the hidden input (UNIQUE_ID) each node's VALIDATE_INPUTS takes; ComfyUI prefixes messages with it
 CONFIGURE, LOAD, SAMPLER = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"
 SAMPLERS = (SAMPLER, "XDiTParallelSamplerAdvanced")  # the same checks: both take a model, cfg and a latent
-EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage")
+EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent")
+VIDEO_LATENTS = {"EmptyHunyuanLatentVideo": 4, "Wan22ImageToVideoLatent": 4}  # pixel frames per latent frame
 _FOUND: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("xdit_queue_problems", default=None)
 
 
@@ -231,6 +232,16 @@ def _sampler_problems(prompt: dict, node: dict) -> list[str]:
     return out
 
 
+def _latent_frames(node: dict) -> int:
+    """Latent frames T of an empty-latent node: a video node's `length` pixel frames make (length - 1) // k + 1
+    (ComfyUI floors a length that is not k n + 1); an image node makes one."""
+    k = VIDEO_LATENTS.get(node.get("class_type"))
+    length = (node.get("inputs") or {}).get("length")
+    if k is None or not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        return 1
+    return (length - 1) // k + 1
+
+
 def _takes_negative(family: str) -> bool:
     from .families import cond_spec
 
@@ -243,11 +254,15 @@ def _takes_negative(family: str) -> bool:
 def _latent_size(node: dict) -> tuple[int, int, int] | None:
     inputs = node.get("inputs") or {}
     vals = [inputs.get(k) for k in ("height", "width", "batch_size")]
-    return tuple(vals) if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals) else None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals):
+        return None
+    return (*vals, _latent_frames(node))
 
 
-def image_problems(s, g: Geometry | None, height: int, width: int, batch: int) -> list[str]:
-    """What the settings cannot do with an image of this size and batch (the engine's checks at sampling)."""
+def image_problems(s, g: Geometry | None, height: int, width: int, batch: int, latent_frames: int = 1
+                   ) -> list[str]:
+    """What the settings cannot do with an image (or a video of `latent_frames` latent frames) of this size and
+    batch (the engine's checks at sampling)."""
     out = []
     if s.dp > batch:
         out.append(f"dp_degree {s.dp} is larger than the batch size {batch}")
@@ -260,9 +275,16 @@ def image_problems(s, g: Geometry | None, height: int, width: int, batch: int) -
         out.append(f"{width}x{height} is larger than this model allows ({g.max_side} px a side)")
     rows, cols = height // multiple, width // multiple
     sp = s.ring * s.ulysses
-    if sp > rows * cols:
-        out.append(f"{width}x{height} has {rows * cols} image tokens, fewer than ring x ulysses ({sp})")
-    if s.pipefusion > 1:
+    tokens = latent_frames * rows * cols
+    if sp > tokens:
+        what = f"{width}x{height}" + (f" x {latent_frames} latent frames" if latent_frames > 1 else "")
+        out.append(f"{what} has {tokens} {'video' if latent_frames > 1 else 'image'} tokens, fewer than ring x "
+                   f"ulysses ({sp})")
+    if s.pipefusion > 1 and latent_frames > 1:
+        patches = s.num_patches or s.pipefusion
+        if patches > tokens:
+            out.append(f"num_patches {patches} is larger than the {tokens} video tokens")
+    elif s.pipefusion > 1:
         patches = s.num_patches or s.pipefusion
         if patches > rows:
             out.append(f"num_patches {patches} is larger than the latent height in tokens ({rows})")
