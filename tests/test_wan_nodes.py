@@ -158,7 +158,9 @@ def test_sampler_on_pool_matches_the_engine(ext, rec):
     ref = run_job(load_model("tiny-wan"), SampleRequest(48, 80, 3, seed=5, cfg=4.0, frames=9, sampler="euler",
                                                         inputs=inputs)).latents
     assert ref.shape == out["samples"].shape
-    assert rel_l2(out["samples"], ref) <= 1e-5
+    err = rel_l2(out["samples"], ref)
+    print(f"Wan nodes, Ulysses 2 + CFG, 45 tokens: rel L2 to the engine {err:.2e}")
+    assert err <= 1e-5, err
     other = run_job(load_model("tiny-wan"), SampleRequest(48, 80, 3, seed=5, cfg=4.0, frames=9, sampler="euler",
                                                           inputs={**inputs, "noise": noise.flip(2)})).latents
     assert rel_l2(other, ref) > 1e-2  # the frames' order matters: the comparison can fail
@@ -179,5 +181,7 @@ def test_two_stage_advanced_on_pool_matches_one_run(ext, rec):
     (out,) = adv.sample(low, "disable", 11, 4, 3.0, "euler", "simple", pos, neg, mid, 2, 10000, "disable")
     (one,) = m["XDiTParallelSampler"]().sample(high, pos, neg, latent, 11, 4, 3.0, "euler", "simple", 1.0)
     assert out["samples"].shape == (1, 16, 2, 4, 6)
-    assert rel_l2(out["samples"], one["samples"]) <= 1e-5
+    err = rel_l2(out["samples"], one["samples"])
+    print(f"Wan nodes, two Advanced stages (cfg parallel 2) against one run: rel L2 {err:.2e}")
+    assert err <= 1e-5, err
     assert rel_l2(mid["samples"], one["samples"]) > 1e-2  # the first stage alone is not done
