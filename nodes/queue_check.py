@@ -24,6 +24,8 @@ HIDDEN = "xdit_check"  # the hidden input (UNIQUE_ID) each node's VALIDATE_INPUT
 CONFIGURE, LOAD, SAMPLER = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"
 SAMPLERS = (SAMPLER, "XDiTParallelSamplerAdvanced")  # the same checks: both take a model, cfg and a latent
 EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent")
+# ComfyUI's nodes whose CONDITIONING carries Wan image-to-video inputs (concat_latent_image, clip_vision_output)
+IMAGE_CONDITIONING = ("WanImageToVideo", "WanFirstLastFrameToVideo", "WanFunInpaintToVideo", "WanCameraImageToVideo")
 VIDEO_LATENTS = {"EmptyHunyuanLatentVideo": 4, "Wan22ImageToVideoLatent": 4}  # pixel frames per latent frame
 _FOUND: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("xdit_queue_problems", default=None)
 
@@ -188,7 +190,11 @@ def _load_problems(prompt: dict, node: dict) -> list[str]:
     if g is None or s is None:
         return []
     name = (node.get("inputs") or {}).get("checkpoint")
-    return model_fit_problems(s, g, name)
+    out = model_fit_problems(s, g, name)
+    if g.image_input:
+        out.append(f"{name} is an image-to-video model (latent, mask and image-latent input channels), which "
+                   "Parallel Sampler does not sample yet: use the native UNETLoader and KSampler")
+    return out
 
 
 def model_fit_problems(s, g: Geometry, name: str) -> list[str]:
@@ -225,7 +231,15 @@ def _sampler_problems(prompt: dict, node: dict) -> list[str]:
     elif s.cfg == 2 and isinstance(cfg, (int, float)) and float(cfg) == 1.0:
         out.append("cfg_degree 2 runs the negative branch on half the ranks, but cfg is 1 (no negative branch): "
                    "set cfg != 1 or cfg_degree 1")
+    for side in ("positive", "negative"):
+        src = _source(prompt, node, side, IMAGE_CONDITIONING)
+        if src is not None:
+            out.append(f"{side} comes from {src[1]['class_type']}, image-to-video conditioning, which Parallel "
+                       "Sampler does not take yet: use the native KSampler for image-to-video")
     latent = _source(prompt, node, "latent_image", EMPTY_LATENTS)
+    if latent and isinstance((latent[1].get("inputs") or {}).get("start_image"), list):
+        out.append(f"latent_image comes from {latent[1]['class_type']} with a start_image (an inpainting "
+                   "noise_mask), which Parallel Sampler does not take yet: leave start_image unconnected")
     size = _latent_size(latent[1]) if latent else None
     if size is not None:
         out += image_problems(s, g, *size)

@@ -136,6 +136,41 @@ def test_queue_checks_count_video_tokens(ext, rec):
                                    length=5, latent="Wan22ImageToVideoLatent")) == {}
 
 
+def test_queue_refuses_image_to_video_inputs(ext, rec):
+    g = _graph()
+    g["2"] = {"class_type": "WanImageToVideo", "inputs": {"positive": ["20", 0], "negative": ["21", 0],
+                                                         "vae": ["22", 0], "width": 32, "height": 16, "length": 5,
+                                                         "batch_size": 1}}
+    g["8"]["inputs"]["positive"] = ["2", 0]
+    g["8"]["inputs"]["negative"] = ["2", 1]
+    found = _queue(ext, rec, g)["8"][0]
+    assert "positive comes from WanImageToVideo" in found and "negative comes from WanImageToVideo" in found
+    g = _graph(checkpoint="tiny-wan-ti2v", width=64, height=32, length=5, latent="Wan22ImageToVideoLatent")
+    g["7"]["inputs"].update(vae=["22", 0], start_image=["23", 0])
+    assert "with a start_image" in _queue(ext, rec, g)["8"][0]
+
+
+def test_queue_refuses_an_image_to_video_checkpoint(ext, rec, tmp_path):
+    """A Wan I2V file (36 input channels), read from its header only, is refused on Load Parallel DiT."""
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    from .test_wan import wan_to_original
+
+    model = WanTransformer3DModel(num_attention_heads=4, attention_head_dim=16, in_channels=36, out_channels=16,
+                                  text_dim=4096, freq_dim=32, ffn_dim=64, num_layers=1)
+    save_file({k: v.contiguous() for k, v in wan_to_original(model).items()}, str(tmp_path / "wan_i2v.safetensors"))
+    rec.folders["diffusion_models"] = [str(tmp_path / "wan_i2v.safetensors")]
+    found = _queue(ext, rec, _graph(checkpoint="wan_i2v.safetensors", length=5))
+    assert "wan_i2v.safetensors is an image-to-video model" in found["6"][0]
+    rec.folders["diffusion_models"] = []
+    t2v = WanTransformer3DModel(num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
+                                text_dim=4096, freq_dim=32, ffn_dim=64, num_layers=1)
+    save_file({k: v.contiguous() for k, v in wan_to_original(t2v).items()}, str(tmp_path / "wan_t2v.safetensors"))
+    rec.folders["diffusion_models"] = [str(tmp_path / "wan_t2v.safetensors")]
+    assert _queue(ext, rec, _graph(checkpoint="wan_t2v.safetensors", length=5)) == {}
+
+
 def test_sampler_on_pool_matches_the_engine(ext, rec):
     """Ulysses 2 with CFG on 3 x 3 x 5 = 45 video tokens (not divisible by 2), a padded positive and a shorter
     negative; the 5-D latent comes back 5-D, progress each step, previews of one frame."""
