@@ -103,8 +103,21 @@ def detect_variant(path: str, family: str | None = None) -> str:
         keys = set(tensor_shapes(p))
         fam = families.get(detect_family(keys))
         variant = fam.variant_of_keys(keys) if fam.variant_of_keys else fam.default_variant.name
+        if fam.variant_of_keys is None and any(v.latent is not None for v in fam.variants):
+            variant = _variant_from_shapes(p, fam, variant)  # variants with latents of their own (Wan 2.2 TI2V)
     if family not in (None, "", "auto") and family != fam.name:
         raise ValueError(f"{p.name} looks like a {fam.name} model, not {family}")
     if variant not in VARIANTS:
         raise ValueError(f"{p.name} is a {variant} model, which this ComfyUI has no model class for")
     return variant
+
+
+def _variant_from_shapes(p: Path, fam, default: str) -> str:
+    """The variant the file's config says, inferred from its tensor shapes (no weights read)."""
+    from comfyui_xdit.errors import WeightsError
+    from comfyui_xdit.weights import describe
+
+    try:
+        return fam.variant_of(describe(tensor_shapes(p)).config, "")
+    except (WeightsError, KeyError, TypeError):
+        return default

@@ -11,6 +11,8 @@ import torch
 from .families import cond_spec, spec
 
 SUPPORTED_EXTRAS = ("pooled_output", "guidance", "attention_mask")
+# What WanImageToVideo / WanFirstLastFrameToVideo / CLIPVisionEncode attach for Wan's image-to-video models
+IMAGE_EXTRAS = ("concat_latent_image", "concat_mask", "clip_vision_output")
 # Extras ComfyUI attaches with a value that changes nothing; any other value is rejected.
 NEUTRAL_EXTRAS = {"start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}
 
@@ -30,6 +32,11 @@ def _one_entry(conditioning: Any, which: str) -> tuple[torch.Tensor, dict]:
         raise ConversionError(f"{which} conditioning entry is not [tensor, dict]")
     cond, extras = entry
     extras = dict(extras or {})
+    image = sorted(k for k in IMAGE_EXTRAS if extras.get(k) is not None)
+    if image:
+        raise ConversionError(f"{which} conditioning carries image conditioning ({', '.join(image)}, from "
+                              "WanImageToVideo or CLIP Vision Encode), which Parallel Sampler does not take yet; "
+                              "use the native KSampler for image-to-video")
     bad = []
     for key, value in extras.items():
         if key in SUPPORTED_EXTRAS or value is None:
@@ -89,9 +96,15 @@ def latent_input(latent: Any, variant: str) -> dict:
         raise ConversionError("latent_image has a noise_mask (inpainting), which Parallel Sampler does not support")
     samples = latent["samples"]
     s = spec(variant)
-    if s.frame_axis and samples.ndim == 5 and samples.shape[2] == 1:  # one frame of a video VAE's latent
+    if s.dims == 3:  # video: [B, C, T, h, w]; an image latent is one frame, as ComfyUI takes it
+        if samples.ndim == 4:
+            samples = samples.unsqueeze(2)
+        if samples.ndim != 5:
+            raise ConversionError(f"latent_image has shape {list(samples.shape)}, expected a video latent "
+                                  "[batch, channels, frames, h, w] (EmptyHunyuanLatentVideo, Wan22ImageToVideoLatent)")
+    elif s.frame_axis and samples.ndim == 5 and samples.shape[2] == 1:  # one frame of a video VAE's latent
         samples = samples[:, :, 0]
-    if samples.ndim != 4:
+    if samples.ndim != (5 if s.dims == 3 else 4):
         expected = "[batch, channels, 1, h, w] or [batch, channels, h, w]" if s.frame_axis else \
             "[batch, channels, h, w]"
         raise ConversionError(f"latent_image has shape {list(samples.shape)}, expected {expected}")
@@ -99,23 +112,24 @@ def latent_input(latent: Any, variant: str) -> dict:
         if torch.count_nonzero(samples) != 0:
             raise ConversionError(f"latent_image has {samples.shape[1]} channels but {variant} uses {s.channels}; "
                                   "encode the image with this model's VAE")
-        samples = widen_empty_latent(samples, s.channels)
+        samples = widen_empty_latent(samples, s.channels, s.dims)
     return {"samples": samples.detach().to("cpu", torch.float32).contiguous(),
             "batch_index": latent.get("batch_index")}
 
 
-def widen_empty_latent(samples: torch.Tensor, channels: int) -> torch.Tensor:
+def widen_empty_latent(samples: torch.Tensor, channels: int, dims: int = 2) -> torch.Tensor:
     """ComfyUI's comfy.sample.fix_empty_latent_channels when ComfyUI is present (same rule otherwise)."""
     try:
         import comfy.sample
     except ImportError:
-        return samples.new_zeros((samples.shape[0], channels, *samples.shape[2:]))
+        out = samples.new_zeros((samples.shape[0], channels, *samples.shape[2:]))
+        return out.unsqueeze(2) if dims == 3 and out.ndim == 4 else out
 
     class _Model:  # the one method fix_empty_latent_channels asks of a model
         @staticmethod
         def get_model_object(name):
             assert name == "latent_format"
-            return type("LatentFormat", (), {"latent_channels": channels, "latent_dimensions": 2})()
+            return type("LatentFormat", (), {"latent_channels": channels, "latent_dimensions": dims})()
 
     return comfy.sample.fix_empty_latent_channels(_Model(), samples)
 
@@ -185,19 +199,27 @@ def unchanged_latent(latent: Any, variant: str) -> Any:
     channel count widened to the model's (ComfyUI widens before it looks at the steps)."""
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         return latent
-    samples, channels = latent["samples"], spec(variant).channels
+    s = spec(variant)
+    samples, channels = latent["samples"], s.channels
     out = dict(latent)
     if samples.ndim >= 2 and samples.shape[1] != channels and torch.count_nonzero(samples) == 0:
-        out["samples"] = widen_empty_latent(samples, channels)
+        out["samples"] = widen_empty_latent(samples, channels, s.dims)
+    elif s.dims == 3 and samples.ndim == 4:
+        out["samples"] = samples.unsqueeze(2)
     return out
 
 
 def request_fields(samples: torch.Tensor, steps: int, seed: int, cfg: float, guidance: float | None,
-                   sampler: str) -> dict[str, Any]:
-    """The JSON part of a pool sample request for a latent of this shape."""
-    fields: dict[str, Any] = {"height": int(samples.shape[2]) * 8, "width": int(samples.shape[3]) * 8,
+                   sampler: str, variant: str | None = None) -> dict[str, Any]:
+    """The JSON part of a pool sample request for a latent of this shape ([B, C, h, w], or a video model's
+    [B, C, T, h, w]: its pixel frames k (T - 1) + 1 go as `frames`)."""
+    s = spec(variant) if variant is not None else None
+    down = s.downscale if s is not None else 8
+    fields: dict[str, Any] = {"height": int(samples.shape[-2]) * down, "width": int(samples.shape[-1]) * down,
                               "steps": int(steps), "seed": int(seed) % (1 << 63), "batch_size": int(samples.shape[0]),
                               "cfg": float(cfg), "sampler": sampler, "denoise": 1.0}
+    if samples.ndim == 5 and s is not None and s.time_downscale:
+        fields["frames"] = s.time_downscale * (int(samples.shape[2]) - 1) + 1
     if guidance is not None:
         fields["guidance"] = float(guidance)
     return fields

@@ -21,6 +21,8 @@ class VariantSpec:
     text_mask: bool = True    # ComfyUI's model applies the CONDITIONING's attention_mask
     shift: Callable[[int, int], float] | None = None  # (image tokens, steps) -> the job's sampling shift
     patch: int = 2        # latent pixels per token side
+    downscale: int = 8    # image pixels per latent pixel (Wan 2.2's VAE: 16)
+    time_downscale: int = 0  # video: pixel frames per latent frame (F = k (T - 1) + 1); 0: an image model
 
 
 def _specs() -> dict[str, VariantSpec]:
@@ -31,15 +33,28 @@ def _specs() -> dict[str, VariantSpec]:
         latent = fam.latent_of(name)
         out[name] = VariantSpec(fam.name, v.comfy.supported_model, v.comfy.model_type, v.comfy.latent_format,
                                 latent.channels, latent.dims, latent.frame_axis, v.comfy.text_mask,
-                                v.comfy.shift, fam.patch)
+                                v.comfy.shift, fam.patch, latent.downscale, latent.time_downscale)
     return out
 
 
 VARIANTS: dict[str, VariantSpec] = _specs()
 DEFAULT_VARIANT = {f.name: f.default_variant.name for f in registry.families().values()
                    if f.default_variant.name in VARIANTS}
-TINY_VARIANT = {name: fam.default_variant.name for name, (fam, _) in registry.tiny_models().items()
-                if name.startswith("tiny-") and fam.default_variant.name in VARIANTS}
+
+
+def _tiny_variant(fam, kwargs: dict) -> str:
+    """A tiny model's variant: its family's default, or the one its config says where variants differ in their
+    latents (tiny-wan-ti2v is Wan 2.2 TI2V 5B's 48-channel architecture)."""
+    if any(v.latent is not None for v in fam.variants):
+        try:
+            return fam.variant_of(kwargs, "")
+        except (KeyError, TypeError):
+            pass
+    return fam.default_variant.name
+
+
+TINY_VARIANT = {name: v for name, (fam, kw) in registry.tiny_models().items()
+                if name.startswith("tiny-") and (v := _tiny_variant(fam, kw)) in VARIANTS}
 
 # Samplers the pool runs. Schedulers: ComfyUI's own (their sigmas are computed by ComfyUI's calculate_sigmas and
 # sent); this is ComfyUI 0.3.64's list, for use without ComfyUI.

@@ -25,6 +25,7 @@ class Geometry:
     blocks: int | None             # transformer blocks (what PipeFusion splits)
     max_side: int | None = None    # SD3: largest height or width its position table allows, in pixels
     patch: int = PATCH
+    image_input: bool = False      # a video model whose input holds image conditioning (Wan I2V: 36 channels)
 
 
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -123,8 +124,14 @@ def _from_config(fam, cfg: dict) -> Geometry:
         except (KeyError, TypeError):
             return None
 
+    latent = fam.latent
+    try:  # the variant's own latent where it differs (Wan 2.2 TI2V 5B: 16x spatial)
+        latent = fam.latent_of(fam.variant_of(cfg, ""))
+    except Exception:  # noqa: BLE001 - a config the family cannot place: its family's latent
+        pass
+    image_input = latent.dims == 3 and cfg.get("in_channels", latent.channels) != latent.channels
     return Geometry(fam.name, read(fam.heads_of), read(fam.blocks_of), read(fam.max_side_of),
-                    fam.patch * fam.latent.downscale // 8)
+                    fam.patch * latent.downscale // 8, image_input)
 
 
 def shapes_geometry(shapes: dict[str, tuple[int, ...]]) -> Geometry:

@@ -23,7 +23,10 @@ log = logging.getLogger("comfyui_xdit.nodes")
 HIDDEN = "xdit_check"  # the hidden input (UNIQUE_ID) each node's VALIDATE_INPUTS takes; ComfyUI prefixes messages with it
 CONFIGURE, LOAD, SAMPLER = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"
 SAMPLERS = (SAMPLER, "XDiTParallelSamplerAdvanced")  # the same checks: both take a model, cfg and a latent
-EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage")
+EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent")
+# ComfyUI's nodes whose CONDITIONING carries Wan image-to-video inputs (concat_latent_image, clip_vision_output)
+IMAGE_CONDITIONING = ("WanImageToVideo", "WanFirstLastFrameToVideo", "WanFunInpaintToVideo", "WanCameraImageToVideo")
+VIDEO_LATENTS = {"EmptyHunyuanLatentVideo": 4, "Wan22ImageToVideoLatent": 4}  # pixel frames per latent frame
 _FOUND: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("xdit_queue_problems", default=None)
 
 
@@ -187,7 +190,11 @@ def _load_problems(prompt: dict, node: dict) -> list[str]:
     if g is None or s is None:
         return []
     name = (node.get("inputs") or {}).get("checkpoint")
-    return model_fit_problems(s, g, name)
+    out = model_fit_problems(s, g, name)
+    if g.image_input:
+        out.append(f"{name} is an image-to-video model (latent, mask and image-latent input channels), which "
+                   "Parallel Sampler does not sample yet: use the native UNETLoader and KSampler")
+    return out
 
 
 def model_fit_problems(s, g: Geometry, name: str) -> list[str]:
@@ -224,11 +231,29 @@ def _sampler_problems(prompt: dict, node: dict) -> list[str]:
     elif s.cfg == 2 and isinstance(cfg, (int, float)) and float(cfg) == 1.0:
         out.append("cfg_degree 2 runs the negative branch on half the ranks, but cfg is 1 (no negative branch): "
                    "set cfg != 1 or cfg_degree 1")
+    for side in ("positive", "negative"):
+        src = _source(prompt, node, side, IMAGE_CONDITIONING)
+        if src is not None:
+            out.append(f"{side} comes from {src[1]['class_type']}, image-to-video conditioning, which Parallel "
+                       "Sampler does not take yet: use the native KSampler for image-to-video")
     latent = _source(prompt, node, "latent_image", EMPTY_LATENTS)
+    if latent and isinstance((latent[1].get("inputs") or {}).get("start_image"), list):
+        out.append(f"latent_image comes from {latent[1]['class_type']} with a start_image (an inpainting "
+                   "noise_mask), which Parallel Sampler does not take yet: leave start_image unconnected")
     size = _latent_size(latent[1]) if latent else None
     if size is not None:
         out += image_problems(s, g, *size)
     return out
+
+
+def _latent_frames(node: dict) -> int:
+    """Latent frames T of an empty-latent node: a video node's `length` pixel frames make (length - 1) // k + 1
+    (ComfyUI floors a length that is not k n + 1); an image node makes one."""
+    k = VIDEO_LATENTS.get(node.get("class_type"))
+    length = (node.get("inputs") or {}).get("length")
+    if k is None or not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        return 1
+    return (length - 1) // k + 1
 
 
 def _takes_negative(family: str) -> bool:
@@ -243,11 +268,15 @@ def _takes_negative(family: str) -> bool:
 def _latent_size(node: dict) -> tuple[int, int, int] | None:
     inputs = node.get("inputs") or {}
     vals = [inputs.get(k) for k in ("height", "width", "batch_size")]
-    return tuple(vals) if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals) else None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals):
+        return None
+    return (*vals, _latent_frames(node))
 
 
-def image_problems(s, g: Geometry | None, height: int, width: int, batch: int) -> list[str]:
-    """What the settings cannot do with an image of this size and batch (the engine's checks at sampling)."""
+def image_problems(s, g: Geometry | None, height: int, width: int, batch: int, latent_frames: int = 1
+                   ) -> list[str]:
+    """What the settings cannot do with an image (or a video of `latent_frames` latent frames) of this size and
+    batch (the engine's checks at sampling)."""
     out = []
     if s.dp > batch:
         out.append(f"dp_degree {s.dp} is larger than the batch size {batch}")
@@ -260,9 +289,16 @@ def image_problems(s, g: Geometry | None, height: int, width: int, batch: int) -
         out.append(f"{width}x{height} is larger than this model allows ({g.max_side} px a side)")
     rows, cols = height // multiple, width // multiple
     sp = s.ring * s.ulysses
-    if sp > rows * cols:
-        out.append(f"{width}x{height} has {rows * cols} image tokens, fewer than ring x ulysses ({sp})")
-    if s.pipefusion > 1:
+    tokens = latent_frames * rows * cols
+    if sp > tokens:
+        what = f"{width}x{height}" + (f" x {latent_frames} latent frames" if latent_frames > 1 else "")
+        out.append(f"{what} has {tokens} {'video' if latent_frames > 1 else 'image'} tokens, fewer than ring x "
+                   f"ulysses ({sp})")
+    if s.pipefusion > 1 and latent_frames > 1:
+        patches = s.num_patches or s.pipefusion
+        if patches > tokens:
+            out.append(f"num_patches {patches} is larger than the {tokens} video tokens")
+    elif s.pipefusion > 1:
         patches = s.num_patches or s.pipefusion
         if patches > rows:
             out.append(f"num_patches {patches} is larger than the latent height in tokens ({rows})")

@@ -262,7 +262,7 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
     else:
         tensors["noise"] = samples.new_zeros(samples.shape)
     full_steps = steps if denoise > 0.9999 else int(steps / denoise)  # the schedule denoise truncates
-    model_sampling, latent_format = _comfy_objects(model.variant, tuple(samples.shape[2:4]), full_steps)
+    model_sampling, latent_format = _comfy_objects(model.variant, tuple(samples.shape[-2:]), full_steps)
     try:
         sigmas = convert.sigmas_for(model.variant, sampler_name, scheduler, steps, denoise, model_sampling)
     except ValueError as e:
@@ -270,7 +270,7 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
     sigmas = convert.step_range(sigmas, start_step, last_step, force_full_denoise)
     tensors["sigmas"] = sigmas
     tensors["noise"] = convert.engine_noise(tensors["noise"], sigmas, model.variant, model_sampling)
-    fields = convert.request_fields(samples, steps, seed, cfg, guidance, sampler_name)
+    fields = convert.request_fields(samples, steps, seed, cfg, guidance, sampler_name, model.variant)
     if cache is not None:
         fields["cache"] = cache
     _free_comfy_vram(model)

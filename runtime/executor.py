@@ -188,7 +188,10 @@ class Executor:
 def _preview(loaded: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
     """Current latents in ComfyUI's convention, average-pooled to at most PREVIEW_SIDE per side, float16."""
     x = loaded.adapter.from_model_space(latents.detach().float())
+    video = x.ndim == 5
+    if video:  # a video's first latent frame ([B, C, 1, h, w]: what ComfyUI's previewers show of a video)
+        x = x[:, :, 0]
     factor = max(1, -(-max(x.shape[-2:]) // PREVIEW_SIDE))
     if factor > 1:
         x = torch.nn.functional.avg_pool2d(x, factor, ceil_mode=True)
-    return x.half().cpu()
+    return (x.unsqueeze(2) if video else x).half().cpu()

@@ -45,10 +45,83 @@ def qwen_image_graph() -> dict:
     }
 
 
+def wan_graph(kind: str) -> dict:
+    """Wan with ComfyUI's own loaders (the file names of Comfy-Org's repackaged Wan 2.1 / 2.2 releases): umT5-xxl
+    through CLIPLoader type wan, the Wan 2.1 VAE (the Wan 2.2 VAE for TI2V 5B), VAE Decode, Create Video and
+    Save Video. Wan 2.2 A14B is ComfyUI's own two-expert graph: two loaders (the high-noise and the low-noise
+    files) and two advanced samplers sharing one schedule, split at the user's step."""
+    size, steps, cfg, fps = {"wan2.2-t2v-a14b": ((832, 480, 81), 20, 3.5, 16),
+                             "wan2.2-ti2v-5b": ((1280, 704, 121), 30, 5.0, 24),
+                             "wan2.1-t2v-1.3b": ((832, 480, 81), 30, 6.0, 16)}[kind]
+    w, h, length = size
+    g = {
+        "1": ("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                             "device": "default"}),
+        "2": ("CLIPTextEncode", {"text": "a red panda rides a bicycle along a canal in autumn, leaves falling, "
+                                         "tracking shot", "clip": ["1", 0]}),
+        "3": ("CLIPTextEncode", {"text": "blurry, static, low quality, watermark, text", "clip": ["1", 0]}),
+        # 40 heads (14B): Ulysses 1, 2, 4, 5 or 8; 24 heads (5B) and 12 heads (1.3B): 1, 2, 3, 4, 6 ...
+        "5": ("XDiTConfigureHybridParallel", parallel(cfg_degree=2)),
+        "12": ("VAELoader", {"vae_name": "wan2.2_vae.safetensors" if kind == "wan2.2-ti2v-5b"
+                             else "wan_2.1_vae.safetensors"}),
+        "13": ("VAEDecode", {"samples": ["9" if kind == "wan2.2-t2v-a14b" else "8", 0], "vae": ["12", 0]}),
+        "14": ("CreateVideo", {"images": ["13", 0], "fps": float(fps)}),
+        "15": ("SaveVideo", {"video": ["14", 0], "filename_prefix": f"video/xdit_{kind}", "format": "auto",
+                             "codec": "auto"}),
+    }
+    sampling = {"positive": ["2", 0], "negative": ["3", 0], "cfg": cfg, "sampler_name": "euler",
+                "scheduler": "simple"}
+    if kind == "wan2.2-ti2v-5b":
+        g["7"] = ("Wan22ImageToVideoLatent", {"width": w, "height": h, "length": length, "batch_size": 1,
+                                              "vae": ["12", 0]})
+    else:
+        g["7"] = ("EmptyHunyuanLatentVideo", {"width": w, "height": h, "length": length, "batch_size": 1})
+    if kind == "wan2.2-t2v-a14b":
+        split = steps // 2
+        g["6"] = ("XDiTLoadParallelDiT", {"parallel_config": ["5", 0],
+                                          "checkpoint": "wan2.2_t2v_high_noise_14B_fp16.safetensors",
+                                          "weight_dtype": "bf16", "family": "auto"})
+        g["4"] = ("XDiTLoadParallelDiT", {"parallel_config": ["5", 0],
+                                          "checkpoint": "wan2.2_t2v_low_noise_14B_fp16.safetensors",
+                                          "weight_dtype": "bf16", "family": "auto"})
+        g["8"] = ("XDiTParallelSamplerAdvanced", {
+            "model": ["6", 0], "add_noise": "enable", "noise_seed": 42, "steps": steps, **sampling,
+            "latent_image": ["7", 0], "start_at_step": 0, "end_at_step": split, "return_with_leftover_noise": "enable"})
+        g["9"] = ("XDiTParallelSamplerAdvanced", {
+            "model": ["4", 0], "add_noise": "disable", "noise_seed": 42, "steps": steps, **sampling,
+            "latent_image": ["8", 0], "start_at_step": split, "end_at_step": 10000,
+            "return_with_leftover_noise": "disable"})
+    else:
+        ckpt = {"wan2.2-ti2v-5b": "wan2.2_ti2v_5B_fp16.safetensors",
+                "wan2.1-t2v-1.3b": "wan2.1_t2v_1.3B_fp16.safetensors"}[kind]
+        g["6"] = ("XDiTLoadParallelDiT", {"parallel_config": ["5", 0], "checkpoint": ckpt, "weight_dtype": "bf16",
+                                          "family": "auto"})
+        g["8"] = ("XDiTParallelSampler", {"model": ["6", 0], **sampling, "latent_image": ["7", 0], "seed": 42,
+                                          "steps": steps, "denoise": 1.0})
+    return g
+
+
+WAN_NOTE = (
+    "Wan on xDiT. Text encoder and VAE are ComfyUI's own loaders; the Parallel Sampler takes their CONDITIONING "
+    "(umT5-xxl) and the video LATENT [batch, channels, frames, h, w] and returns the same shape for VAE Decode. "
+    "Sampling shift: ComfyUI's default for Wan (8.0); a ModelSamplingSD3 node cannot be attached to a Parallel DiT, "
+    "so a shift override is not seen. Samplers: euler or dpmpp_2m. Frames: 4k+1 (81, 121).")
+WAN_A14B_NOTE = (
+    WAN_NOTE + "\n\nWan 2.2 A14B is ComfyUI's usual two-expert graph: the high-noise file samples steps 0 to "
+    "end_at_step with leftover noise, the low-noise file the rest without adding noise; the split step is the "
+    "boundary between the experts, as in ComfyUI. Both models stay loaded on the pool (two Load Parallel DiT, one "
+    "parallel config). Needs both experts' memory on every rank (2 x 29 GB in bf16 with Ulysses/Ring/CFG).")
+WAN_TI2V_NOTE = (
+    WAN_NOTE + "\n\nWan 2.2 TI2V 5B: 48-channel Wan 2.2 VAE latents at 16x (Wan22ImageToVideoLatent); text to video "
+    "only: a start_image gives the latent a noise_mask, which Parallel Sampler refuses (use the native KSampler).")
+
+
 def graph(kind: str) -> dict:
     """API-format graph for one example; links as [node_id, output_index]."""
     if kind == "qwen-image":
         g = qwen_image_graph()
+    elif kind.startswith("wan"):
+        g = wan_graph(kind)
     elif kind in ("flux1-dev", "flux1-schnell"):
         dev = kind == "flux1-dev"
         g = {
@@ -162,7 +235,8 @@ def flux2_graph() -> dict:
     }
 
 
-EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "qwen-image", "flux2-dev", "z-image-turbo")
+EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "qwen-image", "flux2-dev", "z-image-turbo",
+            "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b")
 Z_IMAGE_NOTE = (
     "Parallel Sampler expects the conditioning ZImagePipeline's text encoder makes: Qwen3-4B hidden states "
     "of its second-to-last layer for the chat-templated prompt, [batch, tokens, 2560], the prompt's real "
@@ -171,7 +245,8 @@ Z_IMAGE_NOTE = (
     "such a CONDITIONING from another node. Turbo is distilled: cfg 1 (the negative is unused), 8-9 steps; "
     "the VAE is the Flux VAE (ae.safetensors).")
 # UI-only Note nodes (the editor's own; not queued, so not in the API twin)
-NOTES = {"flux2-dev": FLUX2_NOTE, "z-image-turbo": Z_IMAGE_NOTE}
+NOTES = {"flux2-dev": FLUX2_NOTE, "z-image-turbo": Z_IMAGE_NOTE, "wan2.2-t2v-a14b": WAN_A14B_NOTE,
+         "wan2.2-ti2v-5b": WAN_TI2V_NOTE, "wan2.1-t2v-1.3b": WAN_NOTE}
 
 
 def is_link_type(t) -> bool:

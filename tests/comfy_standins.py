@@ -79,6 +79,15 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
     class QwenImage:  # ModelType.FLUX in ComfyUI 0.3.64's supported_models.QwenImage
         sampling_settings = {"multiplier": 1.0, "shift": 1.15}
 
+    class WAN21_T2V:  # ModelType.FLOW (comfy.model_base.WAN21); WAN22_T2V and WAN21_I2V inherit the settings
+        sampling_settings = {"shift": 8.0}
+
+    class WAN22_T2V(WAN21_T2V):
+        pass
+
+    class WAN21_I2V(WAN21_T2V):
+        pass
+
     class _Format:
         scale_factor, shift_factor, latent_channels = 1.0, 0.0, 4
 
@@ -99,6 +108,7 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
             return x
 
     formats["Wan21"] = Wan21
+    formats["Wan22"] = type("Wan22", (Wan21,), {"latent_channels": 48})
 
     def calculate_sigmas(ms, scheduler, steps):
         rec.sigma_calls.append((ms, scheduler, steps))
@@ -114,7 +124,9 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
         fmt = model.get_model_object("latent_format")
         if fmt.latent_channels != latent.shape[1] and torch.count_nonzero(latent) == 0:
             reps = math.ceil(fmt.latent_channels / latent.shape[1])
-            latent = latent.repeat(1, reps, 1, 1)[:, :fmt.latent_channels]
+            latent = latent.repeat(1, reps, *[1] * (latent.ndim - 2))[:, :fmt.latent_channels]
+        if getattr(fmt, "latent_dimensions", 2) == 3 and latent.ndim == 4:
+            latent = latent.unsqueeze(2)
         return latent
 
     class ProgressBar:
@@ -172,7 +184,8 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
         "comfy": comfy,
         "comfy.model_base": _module("comfy.model_base", ModelType=ModelType, model_sampling=model_sampling),
         "comfy.supported_models": _module("comfy.supported_models", Flux=Flux, FluxSchnell=FluxSchnell, SD3=SD3,
-                                          PixArtAlpha=PixArtAlpha, PixArtSigma=PixArtSigma, QwenImage=QwenImage),
+                                          PixArtAlpha=PixArtAlpha, PixArtSigma=PixArtSigma, QwenImage=QwenImage,
+                                          WAN21_T2V=WAN21_T2V, WAN22_T2V=WAN22_T2V, WAN21_I2V=WAN21_I2V),
         "comfy.latent_formats": _module("comfy.latent_formats", **formats),
         "comfy.samplers": _module("comfy.samplers", calculate_sigmas=calculate_sigmas,
                                   SCHEDULER_NAMES=list(SCHEDULER_NAMES),

@@ -12,7 +12,8 @@ from . import comfy_standins as cs
 
 ROOT = cs.ROOT
 WF = ROOT / "workflows"
-EXPECTED = {"flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "flux2-dev", "qwen-image", "z-image-turbo"}
+EXPECTED = {"flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "flux2-dev", "qwen-image", "z-image-turbo",
+            "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b"}
 EDITOR_ONLY = ("Note", "MarkdownNote")  # the editor's own nodes: never queued, so absent from the API twins
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 MODEL_FILE_INPUTS = {("XDiTLoadParallelDiT", "checkpoint")}
@@ -163,8 +164,37 @@ def test_api_workflow_valid(path, defs):
     graph = json.loads(path.read_text())
     check_api(graph, defs)
     types = {n["class_type"] for n in graph.values()}
-    assert {"XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"} <= types
+    assert {"XDiTConfigureHybridParallel", "XDiTLoadParallelDiT"} <= types
+    assert types & {"XDiTParallelSampler", "XDiTParallelSamplerAdvanced"}
     assert types & {"VAEDecode", "SaveLatent"}  # decoded, or saved where ComfyUI has no VAE for the model (FLUX.2)
+
+
+def test_wan_examples_are_comfyuis_own_graphs():
+    """Wan: ComfyUI's loaders and a video save; Wan 2.2 A14B as ComfyUI's two-expert graph (two loaders of the
+    high- and low-noise files, two advanced samplers splitting one schedule, the second continuing the first)."""
+    for kind in ("wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b"):
+        graph = json.loads((WF / "api" / f"{kind}.json").read_text())
+        by_type = {}
+        for nid, n in graph.items():
+            by_type.setdefault(n["class_type"], []).append((nid, n["inputs"]))
+        assert by_type["CLIPLoader"][0][1]["type"] == "wan"
+        assert by_type["CLIPLoader"][0][1]["clip_name"].startswith("umt5_xxl")
+        vae = by_type["VAELoader"][0][1]["vae_name"]
+        assert vae == ("wan2.2_vae.safetensors" if kind == "wan2.2-ti2v-5b" else "wan_2.1_vae.safetensors")
+        assert {"VAEDecode", "CreateVideo", "SaveVideo"} <= set(by_type)
+        latent = "Wan22ImageToVideoLatent" if kind == "wan2.2-ti2v-5b" else "EmptyHunyuanLatentVideo"
+        assert (by_type[latent][0][1]["length"] - 1) % 4 == 0
+    graph = json.loads((WF / "api" / "wan2.2-t2v-a14b.json").read_text())
+    loads = {nid: n["inputs"]["checkpoint"] for nid, n in graph.items() if n["class_type"] == "XDiTLoadParallelDiT"}
+    assert sorted(loads.values()) == ["wan2.2_t2v_high_noise_14B_fp16.safetensors",
+                                      "wan2.2_t2v_low_noise_14B_fp16.safetensors"]
+    adv = [n["inputs"] for n in graph.values() if n["class_type"] == "XDiTParallelSamplerAdvanced"]
+    high = next(a for a in adv if a["add_noise"] == "enable")
+    low = next(a for a in adv if a["add_noise"] == "disable")
+    assert "high_noise" in loads[high["model"][0]] and "low_noise" in loads[low["model"][0]]
+    assert high["return_with_leftover_noise"] == "enable" and low["return_with_leftover_noise"] == "disable"
+    assert high["end_at_step"] == low["start_at_step"] and high["steps"] == low["steps"]
+    assert graph[low["latent_image"][0]]["class_type"] == "XDiTParallelSamplerAdvanced"
 
 
 def test_flux2_example_says_what_the_sampler_takes():

@@ -1,0 +1,222 @@
+"""Wan through the nodes without ComfyUI (stand-ins): ComfyUI's Wan CONDITIONING (umT5-xxl [B, L, 4096], no pooled
+vector), video LATENTs [B, C, T, H/8, W/8] in and out (EmptyHunyuanLatentVideo's 16 channels; Wan 2.2 TI2V's 48
+channels at 16x), the pixel frames sent to the pool, sigmas from ComfyUI's WAN21_T2V sampling (FLOW, shift 8),
+image-to-video conditioning refused in one line, the queue-time checks over video tokens, and a run on a real
+2-rank CPU pool (Ulysses 2, CFG, 45 video tokens) equal to the engine."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_xdit.engine import run_job
+from comfyui_xdit.models import load_model
+from comfyui_xdit.sampling import SampleRequest
+
+from . import comfy_standins as cs
+from .conftest import rel_l2
+from .test_nodes import CONFIG_DEFAULTS, _queue
+
+T2V = "wan2.1-t2v-1.3b"
+TI2V = "wan2.2-ti2v-5b"
+
+
+@pytest.fixture
+def rec():
+    return cs.Recorder()
+
+
+@pytest.fixture
+def ext(rec, monkeypatch):
+    import sys
+
+    for name, module in cs.install(rec).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    module = cs.load_extension()
+    yield module
+    module.nodes.xdit_nodes.MANAGER.stop()
+
+
+def _cond(seed: int, tokens: int = 512, **extras):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, 4096, generator=g), dict(extras)]]
+
+
+def test_variant_specs(ext):
+    f = ext.nodes.families
+    s = f.spec(T2V)
+    assert (s.family, s.supported_model, s.model_type, s.latent_format, s.channels, s.dims, s.downscale,
+            s.time_downscale) == ("wan", "WAN21_T2V", "FLOW", "Wan21", 16, 3, 8, 4)
+    s5 = f.spec(TI2V)
+    assert (s5.supported_model, s5.latent_format, s5.channels, s5.downscale) == ("WAN22_T2V", "Wan22", 48, 16)
+    assert f.spec("wan2.2-t2v-a14b").supported_model == "WAN21_T2V"  # each expert file is a Wan 14B T2V model
+    ck = ext.nodes.checkpoints
+    assert ck.detect_variant("tiny-wan") == T2V
+    assert ck.detect_variant("tiny-wan-ti2v") == TI2V
+
+
+def test_conditioning_umt5_without_pooled(ext):
+    cv = ext.nodes.convert
+    tensors, guidance = cv.conditioning_tensors(_cond(1), _cond(2, 300), "wan", True, T2V)
+    assert set(tensors) == {"cond", "neg_cond"} and guidance is None
+    assert tensors["cond"].shape == (1, 512, 4096) and tensors["neg_cond"].shape == (1, 300, 4096)
+    only, _ = cv.conditioning_tensors(_cond(1), None, "wan", False, T2V)  # cfg 1: the negative is not read
+    assert set(only) == {"cond"}
+
+
+@pytest.mark.parametrize("extra", ["concat_latent_image", "concat_mask", "clip_vision_output"])
+def test_image_to_video_conditioning_refused_in_one_line(ext, extra):
+    cv = ext.nodes.convert
+    with pytest.raises(cv.ConversionError, match="image conditioning") as e:
+        cv.conditioning_tensors(_cond(1, 8, **{extra: torch.zeros(1, 16, 2, 4, 4)}), None, "wan", False, T2V)
+    assert extra in str(e.value) and "\n" not in str(e.value)
+
+
+def test_video_latent_in_and_out(ext):
+    cv = ext.nodes.convert
+    video = {"samples": torch.zeros(2, 16, 5, 6, 10)}  # EmptyHunyuanLatentVideo: 17 frames, 80x48, batch 2
+    assert cv.latent_input(video, T2V)["samples"].shape == (2, 16, 5, 6, 10)
+    assert cv.latent_input({"samples": torch.zeros(1, 4, 6, 10)}, T2V)["samples"].shape == (1, 16, 1, 6, 10)
+    encoded = torch.randn(1, 16, 6, 10)  # a 4-D latent is one frame, as ComfyUI takes it
+    assert torch.equal(cv.latent_input({"samples": encoded}, T2V)["samples"], encoded.unsqueeze(2))
+    with pytest.raises(cv.ConversionError, match="expected a video latent"):
+        cv.latent_input({"samples": torch.zeros(1, 16, 10)}, T2V)
+    with pytest.raises(cv.ConversionError, match="has 16 channels but wan2.2-ti2v-5b uses 48"):
+        cv.latent_input({"samples": torch.ones(1, 16, 2, 4, 4)}, TI2V)
+    assert cv.latent_input({"samples": torch.zeros(1, 48, 3, 4, 4)}, TI2V)["samples"].shape == (1, 48, 3, 4, 4)
+    out = cv.output_latent({"samples": video["samples"], "batch_index": [3, 4]}, torch.ones(2, 16, 5, 6, 10), T2V)
+    assert out["samples"].shape == (2, 16, 5, 6, 10) and out["batch_index"] == [3, 4]
+    assert cv.unchanged_latent({"samples": torch.zeros(1, 4, 6, 10)}, T2V)["samples"].shape == (1, 16, 1, 6, 10)
+
+
+def test_request_fields_carry_frames_and_pixels(ext):
+    cv = ext.nodes.convert
+    f = cv.request_fields(torch.zeros(1, 16, 5, 6, 10), 8, 1, 5.0, None, "euler", T2V)
+    assert (f["frames"], f["height"], f["width"]) == (17, 48, 80)
+    f5 = cv.request_fields(torch.zeros(1, 48, 31, 44, 80), 8, 1, 5.0, None, "euler", TI2V)  # 1280x704, 121 frames
+    assert (f5["frames"], f5["height"], f5["width"]) == (121, 704, 1280)
+    assert "frames" not in cv.request_fields(torch.zeros(1, 16, 6, 10), 8, 1, 5.0, None, "euler", "flux-dev")
+
+
+def test_sigmas_from_comfyuis_wan_sampling(ext, rec):
+    sig = ext.nodes.convert.sigmas_for(T2V, "euler", "simple", 6, 1.0)
+    ms, scheduler, steps = rec.sigma_calls[-1]
+    assert (ms.model_type.name, ms.settings, scheduler, steps) == ("FLOW", {"shift": 8.0}, "simple", 6)
+    assert sig.shape == (7,)
+
+
+def _graph(config=None, checkpoint="tiny-wan", cfg=5.0, width=32, height=16, length=1, batch=1,
+           latent="EmptyHunyuanLatentVideo"):
+    return {
+        "5": {"class_type": "XDiTConfigureHybridParallel", "inputs": dict(CONFIG_DEFAULTS, **(config or {}))},
+        "6": {"class_type": "XDiTLoadParallelDiT", "inputs": {"parallel_config": ["5", 0], "checkpoint": checkpoint,
+                                                              "weight_dtype": "fp32", "family": "auto"}},
+        "7": {"class_type": latent, "inputs": {"width": width, "height": height, "length": length,
+                                               "batch_size": batch}},
+        "8": {"class_type": "XDiTParallelSampler", "inputs": {
+            "model": ["6", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["7", 0], "seed": 1,
+            "steps": 4, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+    }
+
+
+def test_queue_checks_count_video_tokens(ext, rec):
+    sp4 = dict(ulysses_degree=2, ring_degree=2)
+    # 32x16 is 2 tokens a frame: one latent frame is too few for ring x ulysses 4, two frames (length 5) enough
+    found = _queue(ext, rec, _graph(sp4, length=1))
+    assert "has 2 image tokens, fewer than ring x ulysses (4)" in found["8"][0]
+    assert _queue(ext, rec, _graph(sp4, length=5)) == {}
+    found = _queue(ext, rec, _graph(sp4, length=3, width=16))  # 1 frame of 1 token
+    assert "fewer than ring x ulysses (4)" in found["8"][0]
+    found = _queue(ext, rec, _graph(dict(ulysses_degree=3), length=9))  # tiny-wan: 4 heads
+    assert "ulysses_degree 3 does not divide the 4 attention heads of tiny-wan" in found["6"][0]
+    # Wan 2.2 TI2V 5B: 32 px per token side
+    found = _queue(ext, rec, _graph(checkpoint="tiny-wan-ti2v", width=48, height=32, length=5,
+                                    latent="Wan22ImageToVideoLatent"))
+    assert "48x32 is not a multiple of 32 px" in found["8"][0]
+    assert _queue(ext, rec, _graph(dict(ulysses_degree=2), checkpoint="tiny-wan-ti2v", width=64, height=32,
+                                   length=5, latent="Wan22ImageToVideoLatent")) == {}
+
+
+def test_queue_refuses_image_to_video_inputs(ext, rec):
+    g = _graph()
+    g["2"] = {"class_type": "WanImageToVideo", "inputs": {"positive": ["20", 0], "negative": ["21", 0],
+                                                         "vae": ["22", 0], "width": 32, "height": 16, "length": 5,
+                                                         "batch_size": 1}}
+    g["8"]["inputs"]["positive"] = ["2", 0]
+    g["8"]["inputs"]["negative"] = ["2", 1]
+    found = _queue(ext, rec, g)["8"][0]
+    assert "positive comes from WanImageToVideo" in found and "negative comes from WanImageToVideo" in found
+    g = _graph(checkpoint="tiny-wan-ti2v", width=64, height=32, length=5, latent="Wan22ImageToVideoLatent")
+    g["7"]["inputs"].update(vae=["22", 0], start_image=["23", 0])
+    assert "with a start_image" in _queue(ext, rec, g)["8"][0]
+
+
+def test_queue_refuses_an_image_to_video_checkpoint(ext, rec, tmp_path):
+    """A Wan I2V file (36 input channels), read from its header only, is refused on Load Parallel DiT."""
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    from .test_wan import wan_to_original
+
+    model = WanTransformer3DModel(num_attention_heads=4, attention_head_dim=16, in_channels=36, out_channels=16,
+                                  text_dim=4096, freq_dim=32, ffn_dim=64, num_layers=1)
+    save_file({k: v.contiguous() for k, v in wan_to_original(model).items()}, str(tmp_path / "wan_i2v.safetensors"))
+    rec.folders["diffusion_models"] = [str(tmp_path / "wan_i2v.safetensors")]
+    found = _queue(ext, rec, _graph(checkpoint="wan_i2v.safetensors", length=5))
+    assert "wan_i2v.safetensors is an image-to-video model" in found["6"][0]
+    rec.folders["diffusion_models"] = []
+    t2v = WanTransformer3DModel(num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
+                                text_dim=4096, freq_dim=32, ffn_dim=64, num_layers=1)
+    save_file({k: v.contiguous() for k, v in wan_to_original(t2v).items()}, str(tmp_path / "wan_t2v.safetensors"))
+    rec.folders["diffusion_models"] = [str(tmp_path / "wan_t2v.safetensors")]
+    assert _queue(ext, rec, _graph(checkpoint="wan_t2v.safetensors", length=5)) == {}
+
+
+def test_sampler_on_pool_matches_the_engine(ext, rec):
+    """Ulysses 2 with CFG on 3 x 3 x 5 = 45 video tokens (not divisible by 2), a padded positive and a shorter
+    negative; the 5-D latent comes back 5-D, progress each step, previews of one frame."""
+    m = ext.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"]().load(config, "tiny-wan", "fp32", "auto")
+    assert (model.family, model.variant) == ("wan", T2V)
+    pos, neg = _cond(3, 24), _cond(4, 9)
+    rec.progress[:] = []
+    latent = {"samples": torch.zeros(1, 16, 3, 6, 10)}  # 9 frames at 80x48
+    (out,) = m["XDiTParallelSampler"]().sample(model, pos, neg, latent, 5, 3, 4.0, "euler", "simple", 1.0,
+                                               unique_id="9")
+    assert out["samples"].shape == (1, 16, 3, 6, 10)
+    assert [p[0] for p in rec.progress] == [1, 2, 3]
+    assert all(p[3] is not None and p[3][1] == (1, 16, 1, 6, 10) for p in rec.progress)  # one frame
+    sigmas = ext.nodes.convert.sigmas_for(T2V, "euler", "simple", 3, 1.0)
+    noise = torch.randn(1, 16, 3, 6, 10, generator=torch.Generator().manual_seed(5))
+    inputs = {"cond": pos[0][0], "neg_cond": neg[0][0], "latent": torch.zeros(1, 16, 3, 6, 10), "sigmas": sigmas,
+              "noise": noise}
+    ref = run_job(load_model("tiny-wan"), SampleRequest(48, 80, 3, seed=5, cfg=4.0, frames=9, sampler="euler",
+                                                        inputs=inputs)).latents
+    assert ref.shape == out["samples"].shape
+    err = rel_l2(out["samples"], ref)
+    print(f"Wan nodes, Ulysses 2 + CFG, 45 tokens: rel L2 to the engine {err:.2e}")
+    assert err <= 1e-5, err
+    other = run_job(load_model("tiny-wan"), SampleRequest(48, 80, 3, seed=5, cfg=4.0, frames=9, sampler="euler",
+                                                          inputs={**inputs, "noise": noise.flip(2)})).latents
+    assert rel_l2(other, ref) > 1e-2  # the frames' order matters: the comparison can fail
+
+
+def test_two_stage_advanced_on_pool_matches_one_run(ext, rec):
+    """Wan 2.2 A14B's graph shape: a high-noise Parallel Sampler (Advanced) over steps 0..2 with leftover noise and
+    a low-noise one over 2..4 without adding noise (both models stay loaded); with one model for both stages and
+    euler this is the 4-step run."""
+    m = ext.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, cfg_degree=2))
+    (high,) = m["XDiTLoadParallelDiT"]().load(config, "tiny-wan", "fp32", "auto")
+    (low,) = m["XDiTLoadParallelDiT"]().load(config, "tiny-wan", "fp32", "auto")
+    pos, neg = _cond(6, 16), _cond(7, 16)
+    latent = {"samples": torch.zeros(1, 16, 2, 4, 6)}
+    adv = m["XDiTParallelSamplerAdvanced"]()
+    (mid,) = adv.sample(high, "enable", 11, 4, 3.0, "euler", "simple", pos, neg, latent, 0, 2, "enable")
+    (out,) = adv.sample(low, "disable", 11, 4, 3.0, "euler", "simple", pos, neg, mid, 2, 10000, "disable")
+    (one,) = m["XDiTParallelSampler"]().sample(high, pos, neg, latent, 11, 4, 3.0, "euler", "simple", 1.0)
+    assert out["samples"].shape == (1, 16, 2, 4, 6)
+    err = rel_l2(out["samples"], one["samples"])
+    print(f"Wan nodes, two Advanced stages (cfg parallel 2) against one run: rel L2 {err:.2e}")
+    assert err <= 1e-5, err
+    assert rel_l2(mid["samples"], one["samples"]) > 1e-2  # the first stage alone is not done
