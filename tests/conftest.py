@@ -1,4 +1,5 @@
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -20,3 +21,23 @@ def tiny_models():
 def rel_l2(a, b) -> float:
     a, b = a.detach().cpu().double(), b.detach().cpu().double()
     return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture
+def rec():
+    from . import comfy_standins as cs
+
+    return cs.Recorder()
+
+
+@pytest.fixture
+def ext(rec, monkeypatch):
+    """The extension loaded over the ComfyUI stand-ins, sys.modules patched for the test; `ext.rec` is `rec`."""
+    from . import comfy_standins as cs
+
+    for name, module in cs.install(rec).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    module = cs.load_extension()
+    module.rec = rec
+    yield module
+    module.nodes.xdit_nodes.MANAGER.stop()

@@ -18,20 +18,6 @@ from . import comfy_standins as cs
 ROOT = cs.ROOT
 
 
-@pytest.fixture
-def rec():
-    return cs.Recorder()
-
-
-@pytest.fixture
-def ext(rec, monkeypatch):
-    for name, module in cs.install(rec).items():
-        monkeypatch.setitem(sys.modules, name, module)
-    module = cs.load_extension()
-    yield module
-    module.nodes.xdit_nodes.MANAGER.stop()
-
-
 def _node(ext, name):
     return ext.NODE_CLASS_MAPPINGS[name]
 

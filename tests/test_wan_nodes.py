@@ -12,28 +12,11 @@ from comfyui_xdit.engine import run_job
 from comfyui_xdit.models import load_model
 from comfyui_xdit.sampling import SampleRequest
 
-from . import comfy_standins as cs
 from .conftest import rel_l2
 from .test_nodes import CONFIG_DEFAULTS, _queue
 
 T2V = "wan2.1-t2v-1.3b"
 TI2V = "wan2.2-ti2v-5b"
-
-
-@pytest.fixture
-def rec():
-    return cs.Recorder()
-
-
-@pytest.fixture
-def ext(rec, monkeypatch):
-    import sys
-
-    for name, module in cs.install(rec).items():
-        monkeypatch.setitem(sys.modules, name, module)
-    module = cs.load_extension()
-    yield module
-    module.nodes.xdit_nodes.MANAGER.stop()
 
 
 def _cond(seed: int, tokens: int = 512, **extras):

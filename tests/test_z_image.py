@@ -463,19 +463,6 @@ def test_generate_from_a_diffusers_folder(tmp_path, capsys, tiny):
 
 
 # ------------------------------------------------------------------------------------------------ nodes
-@pytest.fixture
-def ext(monkeypatch):
-    from . import comfy_standins as cs
-
-    rec = cs.Recorder()
-    for name, module in cs.install(rec).items():
-        monkeypatch.setitem(sys.modules, name, module)
-    module = cs.load_extension()
-    module.rec = rec
-    yield module
-    module.nodes.xdit_nodes.MANAGER.stop()
-
-
 def _queue(ext, prompt):
     from .test_nodes import _queue as queue
 
