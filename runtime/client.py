@@ -157,7 +157,15 @@ class PoolClient:
     def forward(self, key: str, x: torch.Tensor, timestep: torch.Tensor, conds: dict[str, torch.Tensor],
                 guidance: float | None = None, parallel: dict[str, int] | None = None,
                 timeout: float | None = None, debug: dict | None = None) -> torch.Tensor:
-        """One transformer forward on the pool (engine conventions: model-space x, engine timesteps [B]).
+        """`forward_with_info` without the reply's fields."""
+        return self.forward_with_info(key, x, timestep, conds, guidance, parallel, timeout, debug)[0]
+
+    def forward_with_info(self, key: str, x: torch.Tensor, timestep: torch.Tensor, conds: dict[str, torch.Tensor],
+                          guidance: float | None = None, parallel: dict[str, int] | None = None,
+                          timeout: float | None = None, debug: dict | None = None
+                          ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One transformer forward on the pool and the reply's fields (seconds: the pool's time for it), in the
+        engine's conventions (model-space x, engine timesteps [B]).
         `conds` (cond, pooled, cond_mask) go by content hash: uploaded with the first call that needs them and
         again only when the pool no longer holds them (evicted, restarted). A model lost to a restart is loaded
         again once."""
@@ -191,7 +199,7 @@ class PoolClient:
                     self._uploaded[digest] = None
                 while len(self._uploaded) > MAX_REMEMBERED_UPLOADS:
                     self._uploaded.pop(next(iter(self._uploaded)))
-            return msg.tensors["out"]
+            return msg.tensors["out"], dict(msg.header.data)
         raise AssertionError("unreachable")
 
     def cancel(self, request_id: str, timeout: float | None = None) -> str:
