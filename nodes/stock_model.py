@@ -62,6 +62,8 @@ class PoolDiffusionModel(torch.nn.Module):
         self.dtype = torch.float32
         object.__setattr__(self, "_meta", meta_model)
         self._client = None
+        self._run = None   # the sampling run of the last forward (ComfyUI's sample_sigmas tensor)
+        self.key = handle.key
         self.calls = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -73,11 +75,20 @@ class PoolDiffusionModel(torch.nn.Module):
                 raise
             return getattr(meta, name)
 
-    def _pool(self):
+    def _pool(self, run: Any):
+        """The pool's client for this forward. A pool that stopped during this sampling run (a rank died) is an
+        error; the next run starts it again and loads the model there."""
+        same_run = run is not None and run is self._run
+        self._run = run
+        if self._client is not None and same_run and not self._client.pool_alive():
+            self._client = None
+            raise StockModelError(f"{NAME}: the worker pool stopped during sampling (a rank exited); the next run "
+                                  "starts it again")
         client = MANAGER.client_for(self.handle.settings)
         if client is not self._client:  # a new pool (first call, restart): make sure the model is on it
-            client.load(self.handle.source, None if self.handle.family == "auto" else self.handle.family,
-                        self.handle.dtype)
+            family = self.handle.key.rsplit("|", 2)[1]  # as Load Parallel DiT asked for it (executor.model_key)
+            info = client.load(self.handle.source, None if family == "auto" else family, self.handle.dtype)
+            self.key = info["key"]
             self._client = client
         return client
 
@@ -122,8 +133,8 @@ class PoolDiffusionModel(torch.nn.Module):
         t = self.engine_timestep(timesteps, transformer_options, b)
         xin = x.detach().to("cpu", torch.float32).contiguous()
         try:
-            out = self._pool().forward(self.handle.key, xin, t, conds, guidance=g,
-                                       parallel=self.handle.settings.degrees())
+            out = self._pool(transformer_options.get("sample_sigmas")).forward(
+                self.key, xin, t, conds, guidance=g, parallel=self.handle.settings.degrees())
         except PoolError as e:
             self._client = None  # a failed pool is checked (and the model loaded) again on the next call
             raise StockModelError(f"{NAME}: {str(e).strip() or type(e).__name__}") from None
@@ -135,15 +146,15 @@ def stock_model(handle: ModelHandle):
     """The ComfyUI MODEL (a ModelPatcher) for a loaded XDIT_MODEL."""
     import os
 
-    import comfy.model_management as mm
-    import comfy.model_patcher
-
     if not os.path.isfile(handle.source):
         raise StockModelError(f"{NAME}: needs a single-file checkpoint ComfyUI can detect; {handle.source} is not "
                               "one (built-in tiny models and diffusers folders run in Parallel Sampler)")
     if handle.settings.pipefusion > 1:
         raise StockModelError(f"{NAME}: PipeFusion needs the whole sampling loop: use Parallel Sampler for "
                               "pipefusion_degree > 1 (the parallel model runs Ulysses, Ring, CFG and DP per forward)")
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
     config, sd = comfy_model_config(handle.source)
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model(sd, "", device=torch.device("meta"))

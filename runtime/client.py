@@ -202,6 +202,10 @@ class PoolClient:
             return msg.tensors["out"], dict(msg.header.data)
         raise AssertionError("unreachable")
 
+    def pool_alive(self) -> bool:
+        """False when this client's supervised pool has stopped (a rank died); True without a supervisor."""
+        return self._supervisor is None or self._supervisor.is_alive()
+
     def cancel(self, request_id: str, timeout: float | None = None) -> str:
         """Cancel a queued or running job of this client (any client's, with the admin secret). Returns "running",
         "queued" or "unknown"; another client's job raises PoolError (kind "forbidden")."""

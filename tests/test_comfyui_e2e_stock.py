@@ -206,6 +206,39 @@ def test_sampler_custom_advanced_cfg_guider_and_shift(comfy):
     assert rel_l2(_saved(base, "shiftnative"), _saved(base, "noshiftnative")) > 1e-3  # the shift changes the result
 
 
+def _long_run(family: str, steps: int, prefix: str) -> dict:
+    graph = _base_graph(family)
+    model = _parallel_model(graph, 100, family, U)
+    graph["3"]["inputs"].update(width=256, height=256)
+    graph["110"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "positive": ["1", 0], "negative": ["2", 0], "latent_image": ["3", 0], "seed": 1,
+        "steps": steps, "cfg": 3.0, "sampler_name": "uni_pc", "scheduler": "simple", "denoise": 1.0}}
+    graph["111"] = {"class_type": "SaveLatent", "inputs": {"samples": ["110", 0], "filename_prefix": prefix}}
+    return graph
+
+
+def test_cancel_between_forwards_leaves_the_pool_clean(comfy):
+    """ComfyUI's Cancel (POST /interrupt) stops its own loop between forwards; the next prompt runs at once."""
+    from queue_workflow import http, queue_and_wait
+
+    server, base = comfy
+    stepped = []
+
+    def log(line):
+        if line.startswith("node 110: step"):
+            stepped.append(line)
+            if line == "node 110: step 2/500":
+                http(server, "/interrupt", {})
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        queue_and_wait(server, _long_run("sd3", 500, "cancelled"), timeout=600, log=log)
+    assert 2 <= len(stepped) <= 4, stepped
+    t0 = time.monotonic()
+    _, entry = queue_and_wait(server, _long_run("sd3", 2, "aftercancel"), timeout=600, log=lambda line: None)
+    assert entry["status"]["status_str"] == "success" and time.monotonic() - t0 < 120
+    assert not sorted((base / "output").glob("cancelled_*")) and sorted((base / "output").glob("aftercancel_*"))
+
+
 def _pool_ranks(base: Path) -> list[int]:
     """Pids of pool ranks started by this test's ComfyUI (an ancestor's command line names its base directory)."""
     pids = []
@@ -231,13 +264,7 @@ def test_killed_rank_is_a_clear_error_and_the_next_run_works(comfy):
     from queue_workflow import queue_and_wait
 
     server, base = comfy
-    graph = _base_graph("sd3")
-    model = _parallel_model(graph, 100, "sd3", U)
-    graph["3"]["inputs"].update(width=256, height=256)
-    graph["110"] = {"class_type": "KSampler", "inputs": {
-        "model": model, "positive": ["1", 0], "negative": ["2", 0], "latent_image": ["3", 0], "seed": 1,
-        "steps": 500, "cfg": 3.0, "sampler_name": "uni_pc", "scheduler": "simple", "denoise": 1.0}}
-    graph["111"] = {"class_type": "SaveLatent", "inputs": {"samples": ["110", 0], "filename_prefix": "killed"}}
+    graph = _long_run("sd3", 500, "killed")
     killed = []
 
     def log(line):
