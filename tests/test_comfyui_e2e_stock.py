@@ -276,8 +276,9 @@ def test_killed_rank_is_a_clear_error_and_the_next_run_works(comfy):
 
     with pytest.raises(RuntimeError, match="Parallel DiT Model: .*(pool|died|stopped)") as info:
         queue_and_wait(server, graph, timeout=600, log=log)
-    assert killed and time.monotonic() - killed[0] < 20, "the error came late"
-    print(f"killed rank: {info.value}")
+    late = time.monotonic() - killed[0]
+    assert late < 20, f"the error came {late:.1f} s after the kill"
+    print(f"killed rank: error {late:.1f} s after the kill: {info.value}")
     graph["110"]["inputs"]["steps"] = 2
     graph["111"]["inputs"]["filename_prefix"] = "afterkill"
     _, entry = queue_and_wait(server, graph, timeout=600, log=lambda line: None)
