@@ -63,6 +63,7 @@ class PoolDiffusionModel(torch.nn.Module):
         object.__setattr__(self, "_meta", meta_model)
         self._client = None
         self._run = None   # the sampling run of the last forward (ComfyUI's sample_sigmas tensor)
+        self._hashes: dict[tuple, tuple[torch.Tensor, str]] = {}  # this run's conditioning hashes (see _hash)
         self.key = handle.key
         self.calls = 0
 
@@ -79,6 +80,8 @@ class PoolDiffusionModel(torch.nn.Module):
         """The pool's client for this forward. A pool that stopped during this sampling run (a rank died) is an
         error; the next run starts it again and loads the model there."""
         same_run = run is not None and run is self._run
+        if not same_run:
+            self._hashes.clear()
         self._run = run
         if self._client is not None and same_run and not self._client.pool_alive():
             self._client = None
@@ -91,6 +94,22 @@ class PoolDiffusionModel(torch.nn.Module):
             self.key = info["key"]
             self._client = client
         return client
+
+    def _hash(self, role: str, t: torch.Tensor, options: dict) -> str:
+        """The content hash of a conditioning tensor, computed once per sampling run: ComfyUI rebuilds the batch's
+        tensors every step from the same conds (named by their uuids in transformer_options); a strided sample of
+        the values guards the reuse."""
+        from ..runtime.cond_cache import content_hash
+
+        sample = t.reshape(-1)[torch.linspace(0, max(t.numel() - 1, 0), min(t.numel(), 4099)).long()]
+        key = (role, tuple(map(str, options.get("uuids") or ())), tuple(options.get("cond_or_uncond") or ()),
+               tuple(t.shape), t.dtype)
+        known = self._hashes.get(key) if options.get("uuids") else None
+        if known is not None and torch.equal(known[0], sample):
+            return known[1]
+        digest = content_hash(t)
+        self._hashes[key] = (sample.clone(), digest)
+        return digest
 
     def engine_timestep(self, timestep: torch.Tensor, transformer_options: dict, batch: int) -> torch.Tensor:
         """ComfyUI's model timestep -> the engine's: flow models take sigma * 1000 (the sigmas ComfyUI's loop
@@ -133,8 +152,10 @@ class PoolDiffusionModel(torch.nn.Module):
         t = self.engine_timestep(timesteps, transformer_options, b)
         xin = x.detach().to("cpu", torch.float32).contiguous()
         try:
-            out = self._pool(transformer_options.get("sample_sigmas")).forward(
-                self.key, xin, t, conds, guidance=g, parallel=self.handle.settings.degrees())
+            client = self._pool(transformer_options.get("sample_sigmas"))
+            hashes = {role: self._hash(role, v, transformer_options) for role, v in conds.items()}
+            out = client.forward(self.key, xin, t, conds, guidance=g, parallel=self.handle.settings.degrees(),
+                                 hashes=hashes)
         except PoolError as e:
             self._client = None  # a failed pool is checked (and the model loaded) again on the next call
             raise StockModelError(f"{NAME}: {str(e).strip() or type(e).__name__}") from None

@@ -156,20 +156,22 @@ class PoolClient:
 
     def forward(self, key: str, x: torch.Tensor, timestep: torch.Tensor, conds: dict[str, torch.Tensor],
                 guidance: float | None = None, parallel: dict[str, int] | None = None,
-                timeout: float | None = None, debug: dict | None = None) -> torch.Tensor:
+                timeout: float | None = None, debug: dict | None = None,
+                hashes: dict[str, str] | None = None) -> torch.Tensor:
         """`forward_with_info` without the reply's fields."""
-        return self.forward_with_info(key, x, timestep, conds, guidance, parallel, timeout, debug)[0]
+        return self.forward_with_info(key, x, timestep, conds, guidance, parallel, timeout, debug, hashes)[0]
 
     def forward_with_info(self, key: str, x: torch.Tensor, timestep: torch.Tensor, conds: dict[str, torch.Tensor],
                           guidance: float | None = None, parallel: dict[str, int] | None = None,
-                          timeout: float | None = None, debug: dict | None = None
-                          ) -> tuple[torch.Tensor, dict[str, Any]]:
+                          timeout: float | None = None, debug: dict | None = None,
+                          hashes: dict[str, str] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """One transformer forward on the pool and the reply's fields (seconds: the pool's time for it), in the
         engine's conventions (model-space x, engine timesteps [B]).
         `conds` (cond, pooled, cond_mask) go by content hash: uploaded with the first call that needs them and
-        again only when the pool no longer holds them (evicted, restarted). A model lost to a restart is loaded
-        again once."""
-        refs = {role: content_hash(t) for role, t in conds.items()}
+        again only when the pool no longer holds them (evicted, restarted). `hashes`: their content_hash values
+        when the caller knows them (the pool checks every upload against its hash). A model lost to a restart is
+        loaded again once."""
+        refs = {role: (hashes or {}).get(role) or content_hash(t) for role, t in conds.items()}
         fields = dict(key=key, conds=refs, guidance=guidance, parallel=parallel or {}, debug=debug or None)
         with self._lock:
             known = set(self._uploaded)

@@ -18,8 +18,8 @@ class FakeClient:
     def pool_alive(self):
         return self.alive
 
-    def forward(self, key, x, t, conds, guidance=None, parallel=None):
-        self.calls.append(dict(key=key, x=x, t=t, conds=conds, guidance=guidance, parallel=parallel))
+    def forward(self, key, x, t, conds, guidance=None, parallel=None, hashes=None):
+        self.calls.append(dict(key=key, x=x, t=t, conds=conds, guidance=guidance, parallel=parallel, hashes=hashes))
         return -x
 
 
@@ -55,6 +55,34 @@ def test_flow_model_sends_sigma_times_1000_and_its_conditioning(proxy):
     assert model.in_features == 2  # ComfyUI's BaseModel reads its diffusion model's attributes: the meta model's
     model(x, torch.tensor([0.5, 0.5]), context=ctx, y=y, transformer_options={"sigmas": torch.tensor([0.5])})
     assert len(client.loads) == 1  # the same pool: loaded once
+
+
+def test_conditioning_hashed_once_per_run_unless_its_values_change(proxy, ext, monkeypatch):
+    make, _ = proxy
+    model, client = make("sd3.5-large")
+    cache_mod = importlib.import_module(ext.__name__ + ".runtime.cond_cache")
+    hashed = []
+    real = cache_mod.content_hash
+    monkeypatch.setattr(cache_mod, "content_hash", lambda t: hashed.append(t.shape) or real(t))
+    ctx, y = torch.randn(2, 5, 4096), torch.randn(2, 2048)
+    opts = {"sigmas": torch.tensor([0.5]), "sample_sigmas": torch.tensor([1.0, 0.0]), "uuids": ["a", "b"],
+            "cond_or_uncond": [0, 1]}
+
+    def step(context):
+        model(torch.randn(2, 16, 4, 4), torch.tensor([0.5, 0.5]), context=context, y=y.clone(),
+              transformer_options=opts)
+
+    for _ in range(3):  # ComfyUI's fresh copies of the same conds, every step
+        step(ctx.clone())
+    assert len(hashed) == 2  # cond and pooled, once
+    assert all(c["hashes"] == {"cond": real(ctx), "pooled": real(y)} for c in client.calls)
+    changed = ctx.clone()
+    changed[1, 4, 4095] += 1  # the last value, which the guard samples
+    step(changed)
+    assert client.calls[-1]["hashes"]["cond"] == real(changed) != real(ctx) and len(hashed) == 3
+    opts["sample_sigmas"] = torch.tensor([1.0, 0.0])  # a new run hashes anew
+    step(ctx.clone())
+    assert len(hashed) == 5
 
 
 def test_epsilon_model_sends_comfyuis_discrete_timestep(proxy):
