@@ -171,8 +171,9 @@ def test_ksampler_on_parallel_model_matches_native(comfy, family):
             assert rel_l2(native, first) > 1e-3
 
 
-def test_sampler_custom_advanced_cfg_guider_and_shift(comfy):
-    """SamplerCustomAdvanced with CFGGuider, and ModelSamplingSD3 (shift 5) under KSampler, on SD3, Ulysses 2."""
+def test_sampler_custom_advanced_cfg_guider_shift_and_dp(comfy):
+    """SamplerCustomAdvanced with CFGGuider, and ModelSamplingSD3 (shift 5) under KSampler, on SD3, Ulysses 2; and
+    a batch of 2 images (4 rows with the uncond ones) over DP 2."""
     from queue_workflow import queue_and_wait
 
     server, base = comfy
@@ -196,9 +197,15 @@ def test_sampler_custom_advanced_cfg_guider_and_shift(comfy):
         })
     _ksampler_pair(graph, 400, ["306", 0], "euler_ancestral", "simple", 3.0, "shift", native=["206", 0])
     _ksampler_pair(graph, 410, ours, "euler_ancestral", "simple", 3.0, "noshift")
+    dp = _parallel_model(graph, 500, "sd3", {"dp_degree": 2})
+    graph["520"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 80, "height": 112, "batch_size": 2}}
+    _ksampler_pair(graph, 510, dp, "dpmpp_2m_sde", "karras", 3.0, "dp")
+    for nid in ("510", "512"):
+        graph[nid]["inputs"]["latent_image"] = ["520", 0]
     _, entry = queue_and_wait(server, graph, timeout=1800, log=lambda line: None)
     assert entry["status"]["status_str"] == "success", entry["status"]
-    for case in ("custom", "shift"):
+    assert _saved(base, "dpnative").shape[0] == 2
+    for case in ("custom", "shift", "dp"):
         native, mine = _saved(base, case + "native"), _saved(base, case + "xdit")
         err = rel_l2(mine, native)
         print(f"sd3 {case}: rel L2 to native {err:.2e}")
