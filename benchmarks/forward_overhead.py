@@ -92,7 +92,8 @@ def main() -> None:
     client = pool.client()
     rows = ["| model, latent | client per call: hash check + encode (ms) | pool decode | pool forward | reply "
             "enc+dec | transfer, queue, collectives | round trip | in-process forward (baseline) | overhead (round "
-            "trip - pool forward) / baseline | once per run: hash + upload |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "trip - pool forward) / baseline | once per run: hash + upload |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     try:
         for model, side in (("tiny-flux", 256), ("tiny-flux", 512), ("tiny-sd3", 512), ("tiny-pixart", 512)):
             rows += case(client, model, side, args.repeats)

@@ -27,8 +27,8 @@ import zmq
 from . import protocol
 from .executor import Executor, model_key
 from .fanout import Fanout
-from .messages import (CLIENT_TIMEOUT_S, Accepted, Cancel, Forward, ForwardOp, LoadModel, LoadOp, Op, Outcome, Ping, PingOp,
-                       Progress, Sample, SampleOp, Shutdown, ShutdownOp, Status, Unload, UnloadOp)
+from .messages import (CLIENT_TIMEOUT_S, Accepted, Cancel, Forward, ForwardOp, LoadModel, LoadOp, Op, Outcome,
+                       Ping, PingOp, Progress, Sample, SampleOp, Shutdown, ShutdownOp, Status, Unload, UnloadOp)
 from .protocol import AuthError, ProtocolError
 from .security import ReplayGuard
 
