@@ -5,7 +5,6 @@ extra_conds; its `diffusion_model` is a proxy whose forward sends one transforme
 the output as ComfyUI's model would. ComfyUI's loop gives progress, previews and cancel."""
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -13,7 +12,6 @@ import torch
 from .families import spec
 from .pool import MANAGER, ModelHandle
 
-log = logging.getLogger("comfyui_xdit.nodes")
 NAME = "Parallel DiT Model"
 # ComfyUI diffusion-model arguments a text-to-image forward may carry without changing anything here
 _IGNORED = {"c_size", "c_ar"}  # PixArt micro-conditioning: Sigma's model does not use it (the engine passes none)

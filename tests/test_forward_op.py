@@ -3,7 +3,6 @@ whose forward equals the in-process model call for every exact method (relative 
 import pytest
 import torch
 
-from comfyui_xdit.adapters import Conditioning
 from comfyui_xdit.errors import XDiTError
 from comfyui_xdit.models import load_model
 from comfyui_xdit_runtime import Pool, PoolError, protocol
