@@ -354,15 +354,19 @@ def _one_line(e: BaseException) -> str:
 
 queue_check.register()
 
+from .stock_model import ParallelDiTModel  # noqa: E402 - the stock-sampler model node, in its own module
+
 NODE_CLASS_MAPPINGS = {
     "XDiTConfigureHybridParallel": ConfigureHybridParallel,
     "XDiTLoadParallelDiT": LoadParallelDiT,
     "XDiTParallelSampler": ParallelSampler,
     "XDiTParallelSamplerAdvanced": ParallelSamplerAdvanced,
+    "XDiTParallelDiTModel": ParallelDiTModel,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "XDiTConfigureHybridParallel": "Configure Hybrid Parallel (xDiT)",
     "XDiTLoadParallelDiT": "Load Parallel DiT (xDiT)",
     "XDiTParallelSampler": "Parallel Sampler (xDiT)",
     "XDiTParallelSamplerAdvanced": "Parallel Sampler (Advanced) (xDiT)",
+    "XDiTParallelDiTModel": "Parallel DiT Model (xDiT)",
 }

@@ -23,12 +23,14 @@ import zmq
 
 from . import messages, protocol
 from .messages import PING_INTERVAL_S
+from .cond_cache import UPLOAD_PREFIX, content_hash
 from .errors import JobCancelled, PoolDied, PoolError, PoolTimeout, raise_for_error
 from .protocol import AuthError, Message, ProtocolError
 from .security import as_secret
 
 log = logging.getLogger("comfyui_xdit_runtime.client")
 POLL_SLICE_MS = 100
+MAX_REMEMBERED_UPLOADS = 256
 LIVENESS_TIMEOUT_S = 6.0  # a pool that sends nothing for this long (pings unanswered) is gone
 
 
@@ -77,6 +79,7 @@ class PoolClient:
         self._sockets: list[zmq.Socket] = []
         self._lock = threading.Lock()
         self._loads: dict[str, tuple[str, str | None, str]] = {}  # key -> load arguments, to reload after restart
+        self._uploaded: dict[str, None] = {}  # conditioning hashes the pool holds, as far as this client knows
 
     # ---------------------------------------------------------------- public API
     @staticmethod
@@ -150,6 +153,60 @@ class PoolClient:
                 self.load(*args)
                 rid = self.new_request_id()
         raise AssertionError("unreachable")
+
+    def forward(self, key: str, x: torch.Tensor, timestep: torch.Tensor, conds: dict[str, torch.Tensor],
+                guidance: float | None = None, parallel: dict[str, int] | None = None,
+                timeout: float | None = None, debug: dict | None = None,
+                hashes: dict[str, str] | None = None) -> torch.Tensor:
+        """`forward_with_info` without the reply's fields."""
+        return self.forward_with_info(key, x, timestep, conds, guidance, parallel, timeout, debug, hashes)[0]
+
+    def forward_with_info(self, key: str, x: torch.Tensor, timestep: torch.Tensor, conds: dict[str, torch.Tensor],
+                          guidance: float | None = None, parallel: dict[str, int] | None = None,
+                          timeout: float | None = None, debug: dict | None = None,
+                          hashes: dict[str, str] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One transformer forward on the pool and the reply's fields (seconds: the pool's time for it), in the
+        engine's conventions (model-space x, engine timesteps [B]).
+        `conds` (cond, pooled, cond_mask) go by content hash: uploaded with the first call that needs them and
+        again only when the pool no longer holds them (evicted, restarted). `hashes`: their content_hash values
+        when the caller knows them (the pool checks every upload against its hash). A model lost to a restart is
+        loaded again once."""
+        refs = {role: (hashes or {}).get(role) or content_hash(t) for role, t in conds.items()}
+        fields = dict(key=key, conds=refs, guidance=guidance, parallel=parallel or {}, debug=debug or None)
+        with self._lock:
+            known = set(self._uploaded)
+        for attempt in range(3):
+            tensors = {"x": x, "timestep": timestep}
+            tensors.update({UPLOAD_PREFIX + d: conds[r] for r, d in refs.items() if d not in known})
+            try:
+                msg = self._request(self._build(messages.Forward, **fields), tensors, timeout=timeout,
+                                    allow_unbounded=True)
+            except PoolError as e:
+                if e.kind == "cond_missing" and not attempt:
+                    known = set()  # the pool lost them: send them all again
+                    continue
+                with self._lock:
+                    args = self._loads.get(key)
+                if e.kind == "unknown_model" and args is not None and attempt < 2:
+                    self.load(*args)
+                    known = set()
+                    continue
+                if isinstance(e, PoolDied):
+                    with self._lock:
+                        self._uploaded.clear()
+                raise
+            with self._lock:
+                for digest in refs.values():
+                    self._uploaded.pop(digest, None)
+                    self._uploaded[digest] = None
+                while len(self._uploaded) > MAX_REMEMBERED_UPLOADS:
+                    self._uploaded.pop(next(iter(self._uploaded)))
+            return msg.tensors["out"], dict(msg.header.data)
+        raise AssertionError("unreachable")
+
+    def pool_alive(self) -> bool:
+        """False when this client's supervised pool has stopped (a rank died); True without a supervisor."""
+        return self._supervisor is None or self._supervisor.is_alive()
 
     def cancel(self, request_id: str, timeout: float | None = None) -> str:
         """Cancel a queued or running job of this client (any client's, with the admin secret). Returns "running",

@@ -19,8 +19,10 @@ from comfyui_xdit.models import LoadedModel, load_model
 from comfyui_xdit.parallel import ParallelConfig
 from comfyui_xdit.sampling import SampleRequest, StepInfo
 
+from .cond_cache import CondCache, CondMissing
 from .fanout import Fanout
-from .messages import LoadOp, Op, Outcome, PingOp, SampleFields, SampleOp, ShutdownOp, UnloadOp
+from .messages import (ForwardOp, LoadOp, Op, Outcome, PingOp, SampleFields, SampleOp, ShutdownOp,
+                       UnloadOp)
 
 # progress(step, total, step_seconds, preview or None); runs on rank 0 only
 ProgressHook = Callable[[int, int, float, "torch.Tensor | None"], None]
@@ -75,6 +77,7 @@ class Executor:
         self.models: dict[str, LoadedModel] = {}
         self.model_info: dict[str, dict] = {}
         self.test_hooks = test_hooks
+        self.conds = CondCache()  # Parallel DiT Model's conditioning, by content hash
 
     def run(self, op: Op, tensors: dict[str, torch.Tensor], progress: ProgressHook | None = None,
             should_cancel: Callable[[], bool] | None = None) -> tuple[list[Outcome], torch.Tensor | None, dict]:
@@ -87,6 +90,8 @@ class Executor:
                 extra = {"unloaded": self._unload(op.key)}
             elif isinstance(op, SampleOp):
                 result, extra = self._sample(op, tensors, progress, should_cancel)
+            elif isinstance(op, ForwardOp):
+                result, extra = self._forward(op, tensors)
             elif not isinstance(op, (PingOp, ShutdownOp)):
                 raise XDiTError(f"unknown operation {type(op).__name__}")
         except Cancelled as e:
@@ -95,6 +100,8 @@ class Executor:
             failure = ("peer", str(e))
         except UnknownModel as e:
             failure = ("unknown_model", str(e))
+        except CondMissing as e:
+            failure = ("cond_missing", str(e))
         except XDiTError as e:
             failure = ("invalid", str(e))
         except Exception as e:  # noqa: BLE001 - reported to the client with the rank's own text
@@ -126,12 +133,42 @@ class Executor:
                 torch.cuda.empty_cache()
         return found
 
+    def _loaded(self, key: str) -> LoadedModel:
+        loaded = self.models.get(key)
+        if loaded is None:
+            shown = key if len(key) <= 200 else key[:200] + "..."
+            raise UnknownModel(f"model {shown!r} is not loaded on the pool")
+        return loaded
+
+    def _forward(self, op: ForwardOp, tensors: dict) -> tuple[torch.Tensor, dict]:
+        """One transformer forward of a stock ComfyUI sampler's step (comfyui_xdit.parallel.forward)."""
+        from comfyui_xdit.adapters import Conditioning
+        from comfyui_xdit.parallel.forward import forward_call
+
+        start = time.perf_counter()
+        rest = self.conds.take_uploads(tensors)  # uploads are kept even when the call fails below
+        loaded = self._loaded(op.key)
+        unknown = set(op.conds) - {"cond", "pooled", "cond_mask"}
+        if unknown or "cond" not in op.conds:
+            raise XDiTError(f"forward conditioning must name cond (and optionally pooled, cond_mask), got "
+                            f"{sorted(op.conds)}")
+        if set(rest) != {"x", "timestep"}:
+            raise XDiTError(f"forward takes the tensors x and timestep, got {sorted(rest)}")
+        got = {role: self.conds.get(digest).to(self.device) for role, digest in op.conds.items()}
+        cond = Conditioning(got["cond"], got.get("pooled"), got.get("cond_mask"), op.guidance)
+        config = ParallelConfig(**msgspec.structs.asdict(op.parallel))
+        if config.world_size not in (1, self.world):
+            raise XDiTError(f"the parallel degrees multiply to {config.world_size} but the pool has "
+                            f"{self.world} ranks")
+        if self.test_hooks and op.debug is not None and op.debug.raise_on_rank == self.rank:
+            raise RuntimeError("injected failure in a forward")
+        out = forward_call(loaded.adapter, rest["x"].to(self.device), rest["timestep"], cond, config)
+        extra = {"seconds": round(time.perf_counter() - start, 6)}
+        return (out.cpu() if self.rank == 0 else out), extra
+
     def _sample(self, op: SampleOp, tensors: dict, progress: ProgressHook | None,
                 should_cancel: Callable[[], bool] | None) -> tuple[torch.Tensor, dict]:
-        loaded = self.models.get(op.key)
-        if loaded is None:
-            shown = op.key if len(op.key) <= 200 else op.key[:200] + "..."
-            raise UnknownModel(f"model {shown!r} is not loaded on the pool")
+        loaded = self._loaded(op.key)
         req = build_request(op.request, {k: v.to(self.device) for k, v in tensors.items()})
         config = ParallelConfig(**msgspec.structs.asdict(op.parallel))
         config.validate()

@@ -98,6 +98,20 @@ class Sample(_Request, tag="sample"):
     debug: DebugFields | None = None
 
 
+CondRefs = Annotated[dict[Name, Annotated[str, Meta(pattern="^[0-9a-f]{32}$")]], Meta(max_length=16)]
+
+
+class Forward(_Request, tag="forward"):
+    """One transformer forward (Parallel DiT Model): per-call tensors `x` and `timestep` (the engine's convention,
+    [B]) as frames; the conditioning by content hash (role -> hash: cond, pooled, cond_mask), each uploaded once
+    as a frame named "c:<hash>" and kept on the pool (bounded LRU) for the calls after it."""
+    key: Key
+    conds: CondRefs = {}
+    guidance: Annotated[float, Meta(ge=-1e4, le=1e4)] | None = None
+    parallel: ParallelFields = msgspec.field(default_factory=ParallelFields)
+    debug: DebugFields | None = None
+
+
 class Cancel(_Request, tag="cancel"):
     target: Id
     admin: Token | None = None  # the pool's admin secret: cancel any client's job
@@ -115,8 +129,8 @@ class Shutdown(_Request, tag="shutdown"):
     admin: Token | None = None
 
 
-Request = Union[LoadModel, Unload, Sample, Cancel, Status, Ping, Shutdown]
-QUEUED = (LoadModel, Unload, Sample)
+Request = Union[LoadModel, Unload, Sample, Forward, Cancel, Status, Ping, Shutdown]
+QUEUED = (LoadModel, Unload, Sample, Forward)
 
 
 # ------------------------------------------------------------------------------------------------ replies
@@ -166,6 +180,14 @@ class SampleOp(Struct, tag="sample", forbid_unknown_fields=True):
     debug: DebugFields | None = None
 
 
+class ForwardOp(Struct, tag="forward", forbid_unknown_fields=True):
+    key: Key
+    conds: dict[str, str]
+    guidance: float | None
+    parallel: ParallelFields
+    debug: DebugFields | None = None
+
+
 class PingOp(Struct, tag="ping", forbid_unknown_fields=True):
     pass
 
@@ -174,7 +196,7 @@ class ShutdownOp(Struct, tag="shutdown", forbid_unknown_fields=True):
     pass
 
 
-Op = Union[LoadOp, UnloadOp, SampleOp, PingOp, ShutdownOp]
+Op = Union[LoadOp, UnloadOp, SampleOp, ForwardOp, PingOp, ShutdownOp]
 
 
 class Outcome(Struct, forbid_unknown_fields=True, omit_defaults=True):

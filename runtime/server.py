@@ -27,8 +27,8 @@ import zmq
 from . import protocol
 from .executor import Executor, model_key
 from .fanout import Fanout
-from .messages import (CLIENT_TIMEOUT_S, Accepted, Cancel, LoadModel, LoadOp, Op, Outcome, Ping, PingOp, Progress, Sample, SampleOp,
-                       Shutdown, ShutdownOp, Status, Unload, UnloadOp)
+from .messages import (CLIENT_TIMEOUT_S, Accepted, Cancel, Forward, ForwardOp, LoadModel, LoadOp, Op, Outcome,
+                       Ping, PingOp, Progress, Sample, SampleOp, Shutdown, ShutdownOp, Status, Unload, UnloadOp)
 from .protocol import AuthError, ProtocolError
 from .security import ReplayGuard
 
@@ -147,6 +147,8 @@ class Rank0Server:
             self._send(job, protocol.result(job.id, status=self.status()))
         elif job.kind == "sample":
             self._send(job, protocol.result(job.id, **extra), {"latents": result})
+        elif job.kind == "forward":
+            self._send(job, protocol.result(job.id, **extra), {"out": result})
         else:
             self._send(job, protocol.result(job.id, **extra))
         return job.kind != "shutdown"
@@ -256,7 +258,7 @@ class Rank0Server:
             self._reply_now(identity, protocol.result(rid, alive=True, boot=self.boot))
         elif stopping and not isinstance(h, Status):
             self._reply_now(identity, protocol.error(rid, "shutdown", "the pool is shutting down"))
-        elif isinstance(h, (LoadModel, Unload, Sample)):
+        elif isinstance(h, (LoadModel, Unload, Sample, Forward)):
             kind = msg.type
             if isinstance(h, Unload) and msg.tensors:
                 self._reply_now(identity, protocol.error(rid, "protocol", "unload takes no tensors"))
@@ -287,11 +289,13 @@ class Rank0Server:
                 and hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self.admin_secret))
 
     @staticmethod
-    def _make_op(h: LoadModel | Unload | Sample) -> Op:
+    def _make_op(h: LoadModel | Unload | Sample | Forward) -> Op:
         if isinstance(h, LoadModel):
             return LoadOp(model_key(h.source, h.family, h.dtype), h.source, h.family, h.dtype)
         if isinstance(h, Unload):
             return UnloadOp(h.key)
+        if isinstance(h, Forward):
+            return ForwardOp(h.key, dict(h.conds), h.guidance, h.parallel, h.debug)
         return SampleOp(h.key, h.request, h.parallel, h.preview, h.debug)
 
     def _enqueue(self, job: Job) -> None:

@@ -116,9 +116,56 @@ WAN_TI2V_NOTE = (
     "only: a start_image gives the latent a noise_mask, which Parallel Sampler refuses (use the native KSampler).")
 
 
+def stock_graph(kind: str) -> dict:
+    """Stock ComfyUI samplers on Parallel DiT Model's MODEL: KSampler behind ModelSamplingSD3 (SD3.5-large), and
+    SamplerCustomAdvanced with CFGGuider (Flux.1-dev)."""
+    if kind == "sd3.5-large-stock-ksampler":
+        return {
+            "1": ("TripleCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
+                                       "clip_name3": "t5xxl_fp16.safetensors"}),
+            "2": ("CLIPTextEncode", {"text": "a lighthouse on a cliff at dusk, oil painting", "clip": ["1", 0]}),
+            "3": ("CLIPTextEncode", {"text": "blurry, low quality", "clip": ["1", 0]}),
+            "5": ("XDiTConfigureHybridParallel", parallel(ulysses_degree=2, cfg_degree=2)),
+            "6": ("XDiTLoadParallelDiT", {"parallel_config": ["5", 0], "checkpoint": "sd3.5_large.safetensors",
+                                          "weight_dtype": "bf16", "family": "auto"}),
+            "7": ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+            "8": ("KSampler", {"model": ["13", 0], "positive": ["2", 0], "negative": ["3", 0],
+                               "latent_image": ["7", 0], "seed": 42, "steps": 28, "cfg": 4.5,
+                               "sampler_name": "dpmpp_2m_sde", "scheduler": "beta", "denoise": 1.0}),
+            "9": ("VAELoader", {"vae_name": "sd3.5_vae.safetensors"}),
+            "10": ("VAEDecode", {"samples": ["8", 0], "vae": ["9", 0]}),
+            "11": ("SaveImage", {"images": ["10", 0], "filename_prefix": "xdit_sd3.5_stock"}),
+            "12": ("XDiTParallelDiTModel", {"model": ["6", 0]}),
+            "13": ("ModelSamplingSD3", {"model": ["12", 0], "shift": 3.0}),
+        }
+    return {
+        "1": ("DualCLIPLoader", {"clip_name1": "t5xxl_fp16.safetensors", "clip_name2": "clip_l.safetensors",
+                                 "type": "flux", "device": "default"}),
+        "2": ("CLIPTextEncode", {"text": "a red fox in fresh snow, morning light, photograph", "clip": ["1", 0]}),
+        "3": ("FluxGuidance", {"conditioning": ["2", 0], "guidance": 3.5}),
+        "4": ("CLIPTextEncode", {"text": "", "clip": ["1", 0]}),
+        "5": ("XDiTConfigureHybridParallel", parallel(ulysses_degree=2, ring_degree=2)),
+        "6": ("XDiTLoadParallelDiT", {"parallel_config": ["5", 0], "checkpoint": "flux1-dev.safetensors",
+                                      "weight_dtype": "bf16", "family": "auto"}),
+        "7": ("XDiTParallelDiTModel", {"model": ["6", 0]}),
+        "8": ("CFGGuider", {"model": ["7", 0], "positive": ["3", 0], "negative": ["4", 0], "cfg": 1.0}),
+        "9": ("KSamplerSelect", {"sampler_name": "res_multistep"}),
+        "10": ("BasicScheduler", {"model": ["7", 0], "scheduler": "simple", "steps": 28, "denoise": 1.0}),
+        "11": ("RandomNoise", {"noise_seed": 42}),
+        "12": ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        "13": ("SamplerCustomAdvanced", {"noise": ["11", 0], "guider": ["8", 0], "sampler": ["9", 0],
+                                         "sigmas": ["10", 0], "latent_image": ["12", 0]}),
+        "14": ("VAELoader", {"vae_name": "ae.safetensors"}),
+        "15": ("VAEDecode", {"samples": ["13", 0], "vae": ["14", 0]}),
+        "16": ("SaveImage", {"images": ["15", 0], "filename_prefix": "xdit_flux_stock"}),
+    }
+
+
 def graph(kind: str) -> dict:
     """API-format graph for one example; links as [node_id, output_index]."""
-    if kind == "qwen-image":
+    if "-stock-" in kind:
+        g = stock_graph(kind)
+    elif kind == "qwen-image":
         g = qwen_image_graph()
     elif kind.startswith("wan"):
         g = wan_graph(kind)
@@ -236,7 +283,8 @@ def flux2_graph() -> dict:
 
 
 EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "qwen-image", "flux2-dev", "z-image-turbo",
-            "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b")
+            "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b", "sd3.5-large-stock-ksampler",
+            "flux1-dev-stock-custom-advanced")
 Z_IMAGE_NOTE = (
     "Parallel Sampler expects the conditioning ZImagePipeline's text encoder makes: Qwen3-4B hidden states "
     "of its second-to-last layer for the chat-templated prompt, [batch, tokens, 2560], the prompt's real "

@@ -13,7 +13,8 @@ from . import comfy_standins as cs
 ROOT = cs.ROOT
 WF = ROOT / "workflows"
 EXPECTED = {"flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "flux2-dev", "qwen-image", "z-image-turbo",
-            "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b"}
+            "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b",
+            "sd3.5-large-stock-ksampler", "flux1-dev-stock-custom-advanced"}  # stock samplers on Parallel DiT Model
 EDITOR_ONLY = ("Note", "MarkdownNote")  # the editor's own nodes: never queued, so absent from the API twins
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 MODEL_FILE_INPUTS = {("XDiTLoadParallelDiT", "checkpoint")}
@@ -165,8 +166,23 @@ def test_api_workflow_valid(path, defs):
     check_api(graph, defs)
     types = {n["class_type"] for n in graph.values()}
     assert {"XDiTConfigureHybridParallel", "XDiTLoadParallelDiT"} <= types
-    assert types & {"XDiTParallelSampler", "XDiTParallelSamplerAdvanced"}
+    assert types & {"XDiTParallelSampler", "XDiTParallelSamplerAdvanced", "XDiTParallelDiTModel"}
     assert types & {"VAEDecode", "SaveLatent"}  # decoded, or saved where ComfyUI has no VAE for the model (FLUX.2)
+
+
+def test_stock_sampler_examples_drive_the_parallel_model():
+    """KSampler (behind ModelSamplingSD3) and SamplerCustomAdvanced + CFGGuider take Parallel DiT Model's MODEL."""
+    for name, sampler, guider in (("sd3.5-large-stock-ksampler", "KSampler", None),
+                                  ("flux1-dev-stock-custom-advanced", "SamplerCustomAdvanced", "CFGGuider")):
+        graph = json.loads((WF / "api" / f"{name}.json").read_text())
+        model = next(nid for nid, n in graph.items() if n["class_type"] == "XDiTParallelDiTModel")
+        (samp,) = [n for n in graph.values() if n["class_type"] == sampler]
+        src = samp["inputs"]["guider" if guider else "model"][0]
+        while src != model:  # through the guider or the shift node, to the parallel model
+            node = graph[src]
+            src = node["inputs"]["model"][0]
+        assert not any(n["class_type"] in ("XDiTParallelSampler", "XDiTParallelSamplerAdvanced")
+                       for n in graph.values())
 
 
 def test_wan_examples_are_comfyuis_own_graphs():

@@ -1,0 +1,107 @@
+"""Per-call overhead of Parallel DiT Model's forward op: `python benchmarks/forward_overhead.py [--repeats 30]`.
+
+A 1-rank CPU pool (HMAC on) and the same tiny model in this process, same inputs: CFG-batched latents [2, C, h, w]
+and conditioning as ComfyUI forms them (cached on the pool after the first call). Prints a Markdown table of
+medians: the client's per-call work (the proxy's strided-sample check of its per-run conditioning hashes, and the
+message encode with HMAC), pool decode (the server's protocol.decode, timed here on the same frames), the
+pool's forward (rank 0's own time for the op), reply encode + decode, the rest of the round trip (transfer over
+loopback TCP, queueing, the accepted reply, broadcast and outcome gather), and the in-process forward as the
+baseline step; and, once per sampling run, hashing the conditioning and the first call's upload.
+Device: CPU, one torch thread per process (as the pool's ranks run)."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from comfyui_xdit.models import load_model
+from comfyui_xdit_runtime import Pool, messages, protocol
+from comfyui_xdit_runtime.cond_cache import content_hash
+
+SECRET = b"bench-secret"
+
+
+def median(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def case(client, model: str, side: int, repeats: int) -> list[str]:
+    key = client.load_model(model)
+    a = load_model(model).adapter
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, a.latent_channels, side // 8, side // 8, generator=g)
+    c = a.random_conditioning(2, a.spec.cond.tokens, g)
+    conds = {"cond": c.cond, **({"pooled": c.pooled} if c.pooled is not None else {})}
+    t = torch.tensor([500.0, 500.0])
+    torch.set_num_threads(1)  # as the pool's rank runs
+    with torch.no_grad():
+        local = median(lambda: a.predict(x, t, c), repeats)
+    refs = {r: content_hash(v) for r, v in conds.items()}
+    header = messages.Forward(id="b", key=key, conds=refs, client="c" * 32, ts=time.time(), nonce="n" * 32)
+    tensors = {"x": x, "timestep": t}
+
+    def guard():  # what the proxy does per call instead of hashing: a strided sample compared to the run's
+        for v in conds.values():
+            flat = v.reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 4099)).long()
+            torch.equal(flat[idx], flat[idx])
+
+    encode = median(lambda: (guard(), protocol.encode(header, tensors, SECRET)), repeats)
+    hash_once = median(lambda: [content_hash(v) for v in conds.values()], max(3, repeats // 5))
+    frames = [bytes(f) for f in protocol.encode(header, tensors, SECRET)]
+    decode = median(lambda: protocol.decode(frames, SECRET), repeats)
+    out = a.predict(x, t, c).float()
+    reply = protocol.result("b", seconds=0.1)
+    reply_time = median(lambda: protocol.decode_reply(
+        [bytes(f) for f in protocol.encode(reply, {"out": out}, SECRET)], SECRET), repeats)
+    client._uploaded.clear()
+    t0 = time.perf_counter()
+    client.forward(key, x, t, conds, hashes=refs)  # uploads the conditioning (or finds it cached on the pool)
+    first = time.perf_counter() - t0
+    walls, pool_fw = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _, info = client.forward_with_info(key, x, t, conds, hashes=refs)
+        walls.append(time.perf_counter() - t0)
+        pool_fw.append(info["seconds"])
+    wall, fw = statistics.median(walls), statistics.median(pool_fw)
+    rest = max(0.0, wall - encode - decode - fw - reply_time)
+    over = wall - fw
+    ms = lambda v: f"{v * 1e3:.2f}"  # noqa: E731
+    upload = sum(v.numel() * v.element_size() for v in conds.values())
+    return [f"| {model} {side}x{side}, batch 2 ({a.image_tokens(side, side)} tokens/image; cond {upload >> 10} KiB "
+            f"cached, x {x.numel() * 4 >> 10} KiB/call) | {ms(encode)} | {ms(decode)} | {ms(fw)} | {ms(reply_time)} "
+            f"| {ms(rest)} | {ms(wall)} | {ms(local)} | {100 * over / local:.1f}% | {ms(hash_once)} + "
+            f"{ms(max(0.0, first - wall))} |"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args()
+    pool = Pool(1, secret=SECRET)
+    pool.start()
+    client = pool.client()
+    rows = ["| model, latent | client per call: hash check + encode (ms) | pool decode | pool forward | reply "
+            "enc+dec | transfer, queue, collectives | round trip | in-process forward (baseline) | overhead (round "
+            "trip - pool forward) / baseline | once per run: hash + upload |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    try:
+        for model, side in (("tiny-flux", 256), ("tiny-flux", 512), ("tiny-sd3", 512), ("tiny-pixart", 512)):
+            rows += case(client, model, side, args.repeats)
+    finally:
+        client.close()
+        pool.stop()
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

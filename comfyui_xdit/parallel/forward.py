@@ -1,0 +1,78 @@
+"""One transformer forward per call (ComfyUI's samplers drive the loop): the batch ComfyUI forms (cond and uncond
+rows together, or larger batches) split over DP and the CFG halves, Ulysses x Ring inside the forward. Every rank
+ends with the whole output. PipeFusion needs the whole loop (its stale K/V span steps) and is refused here."""
+from __future__ import annotations
+
+import torch
+
+from ..adapters import Conditioning, FamilyAdapter
+from ..errors import ConfigError, XDiTError
+from .config import ParallelConfig, heads_advice
+from .mesh import get_mesh
+from .sequence import sequence_parallel, shard_range, shard_sizes
+
+
+def _tokens(adapter: FamilyAdapter, x: torch.Tensor) -> int:
+    frames = x.shape[2] if x.ndim == 5 else 1
+    return frames * (x.shape[-2] // adapter.patch) * (x.shape[-1] // adapter.patch)
+
+
+def check_forward(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, config: ParallelConfig) -> None:
+    """Refusals that need the call's shapes; identical on every rank, before any collective."""
+    config.validate()
+    if config.pipefusion > 1:
+        raise ConfigError("PipeFusion needs the whole sampling loop: use Parallel Sampler for pipefusion_degree > 1 "
+                          "(Parallel DiT Model runs Ulysses, Ring, CFG and DP per forward)")
+    want = 5 if adapter.latent.dims == 3 else 4
+    if x.ndim != want:
+        raise XDiTError(f"{adapter.family} forward takes latents of {want} dimensions, got {list(x.shape)}")
+    if x.shape[1] != adapter.latent_channels:
+        raise XDiTError(f"{adapter.family} forward takes {adapter.latent_channels} channels, got {x.shape[1]}")
+    if t.ndim != 1 or t.shape[0] != x.shape[0]:
+        raise XDiTError(f"timestep must have one value per sample ([{x.shape[0]}]), got {list(t.shape)}")
+    down = adapter.latent.downscale
+    adapter.check_size(x.shape[-2] * down, x.shape[-1] * down)
+    if config.ulysses > 1 and adapter.num_heads % config.ulysses:
+        raise ConfigError(f"the model has {adapter.num_heads} attention heads, not divisible by the Ulysses degree "
+                          f"{config.ulysses} ({heads_advice(adapter.num_heads)})")
+    if config.sp > _tokens(adapter, x):
+        raise ConfigError(f"a latent of {list(x.shape)} has {_tokens(adapter, x)} image tokens, fewer than the "
+                          f"sequence-parallel degree {config.sp}")
+
+
+@torch.no_grad()
+def forward_call(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, c: Conditioning,
+                 config: ParallelConfig | None = None) -> torch.Tensor:
+    """The model's output for model-space latents x (ComfyUI's layout of the family: a frame axis of 1 where its
+    latent format has one) at engine timesteps t [B], float32, same layout as x. With a config of world size > 1,
+    call it on every rank of the default process group with the same arguments."""
+    config = config or ParallelConfig()
+    one_frame = adapter.latent.frame_axis and x.ndim == 5 and x.shape[2] == 1
+    xm = (x[:, :, 0] if one_frame else x).to(adapter.device, torch.float32)
+    t = t.to(adapter.device, torch.float32)
+    check_forward(adapter, xm, t, config)
+    b = xm.shape[0]
+    adapter.check_conditioning(c, b)
+    c = adapter.expand(c, b)
+    if config.world_size == 1:
+        out = adapter.predict(xm, t, c).float()
+    else:
+        pm = get_mesh(config, xm.device.type)
+        dp_sizes = shard_sizes(b, config.dp)
+        dp_part = shard_range(dp_sizes, pm.rank("dp"))
+        cfg_sizes = shard_sizes(dp_sizes[pm.rank("dp")], config.cfg)
+        cfg_part = shard_range(cfg_sizes, pm.rank("cfg"))
+        mine = slice(dp_part.start + cfg_part.start, dp_part.start + cfg_part.stop)
+        if mine.stop > mine.start:  # a whole SP group has rows or none: its collectives stay within it
+            if config.sp > 1:
+                with sequence_parallel(adapter, pm):
+                    out = adapter.predict(xm[mine], t[mine], c.select(mine)).float()
+            else:
+                out = adapter.predict(xm[mine], t[mine], c.select(mine)).float()
+        else:
+            out = xm.new_zeros((0, *xm.shape[1:]))
+        if config.cfg > 1:
+            out = pm.comm.all_gather(out, cfg_sizes, pm.group("cfg"), dim=0, kind="cfg")
+        if config.dp > 1:
+            out = pm.comm.all_gather(out, dp_sizes, pm.group("dp"), dim=0, kind="dp_gather")
+    return out.unsqueeze(2) if one_frame else out

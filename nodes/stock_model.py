@@ -1,0 +1,204 @@
+"""Parallel DiT Model: an XDIT_MODEL as a ComfyUI MODEL that stock sampling nodes drive (KSampler, SamplerCustom-
+Advanced with any guider, ModelSampling* shift nodes, ...). ComfyUI's own BaseModel of the family is built from the
+checkpoint's header (meta tensors: no weights in ComfyUI's process) with its model_sampling, latent format and
+extra_conds; its `diffusion_model` is a proxy whose forward sends one transformer forward to the pool and returns
+the output as ComfyUI's model would. ComfyUI's loop gives progress, previews and cancel."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .families import spec
+from .pool import MANAGER, ModelHandle
+
+NAME = "Parallel DiT Model"
+# ComfyUI diffusion-model arguments a text-to-image forward may carry without changing anything here
+_IGNORED = {"c_size", "c_ar"}  # PixArt micro-conditioning: Sigma's model does not use it (the engine passes none)
+
+
+class StockModelError(Exception):
+    """One clear line for ComfyUI's error dialog."""
+
+
+def _meta_state_dict(path: str) -> dict[str, torch.Tensor]:
+    from .geometry import tensor_shapes
+
+    return {k: torch.empty(shape, dtype=torch.float32, device="meta") for k, shape in tensor_shapes(path).items()}
+
+
+def comfy_model_config(path: str):
+    """ComfyUI's model config for a checkpoint file (its detection, run on meta tensors of the header's shapes)."""
+    import comfy.model_detection as md
+    import comfy.utils
+
+    sd = _meta_state_dict(path)
+    prefix = md.unet_prefix_from_state_dict(sd)
+    stripped = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True)
+    sd = stripped or sd
+    config = md.model_config_from_unet(sd, "")
+    if config is None:
+        converted = md.convert_diffusers_mmdit(sd, "")
+        if converted is not None:
+            sd = converted
+            config = md.model_config_from_unet(sd, "")
+    if config is None:
+        raise StockModelError(f"{NAME}: ComfyUI does not recognise the checkpoint {path}")
+    return config, sd
+
+
+class PoolDiffusionModel(torch.nn.Module):
+    """Stands in for ComfyUI's diffusion model: no weights; forward = one transformer forward on the pool. ComfyUI's
+    own model, built on the meta device, is kept beside it (unregistered) for the attributes ComfyUI's BaseModel
+    reads of its diffusion model (patch size, input channels...)."""
+
+    def __init__(self, handle: ModelHandle, meta_model: torch.nn.Module | None):
+        super().__init__()
+        self.handle = handle
+        self.flow = spec(handle.variant).model_type != "EPS"
+        self.text_mask = spec(handle.variant).text_mask
+        self.dtype = torch.float32
+        object.__setattr__(self, "_meta", meta_model)
+        self._client = None
+        self._run = None   # the sampling run of the last forward (ComfyUI's sample_sigmas tensor)
+        self._hashes: dict[tuple, tuple[torch.Tensor, str]] = {}  # this run's conditioning hashes (see _hash)
+        self.key = handle.key
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            meta = self.__dict__.get("_meta")
+            if meta is None or name.startswith("_"):
+                raise
+            return getattr(meta, name)
+
+    def _pool(self, run: Any):
+        """The pool's client for this forward. A pool that stopped during this sampling run (a rank died) is an
+        error; the next run starts it again and loads the model there."""
+        same_run = run is not None and run is self._run
+        if not same_run:
+            self._hashes.clear()
+        self._run = run
+        if self._client is not None and same_run and not self._client.pool_alive():
+            self._client = None
+            raise StockModelError(f"{NAME}: the worker pool stopped during sampling (a rank exited); the next run "
+                                  "starts it again")
+        client = MANAGER.client_for(self.handle.settings)
+        if client is not self._client:  # a new pool (first call, restart): make sure the model is on it
+            family = self.handle.key.rsplit("|", 2)[1]  # as Load Parallel DiT asked for it (executor.model_key)
+            info = client.load(self.handle.source, None if family == "auto" else family, self.handle.dtype)
+            self.key = info["key"]
+            self._client = client
+        return client
+
+    def _hash(self, role: str, t: torch.Tensor, options: dict) -> str:
+        """The content hash of a conditioning tensor, computed once per sampling run: ComfyUI rebuilds the batch's
+        tensors every step from the same conds (named by their uuids in transformer_options); a strided sample of
+        the values guards the reuse."""
+        from ..runtime.cond_cache import content_hash
+
+        sample = t.reshape(-1)[torch.linspace(0, max(t.numel() - 1, 0), min(t.numel(), 4099)).long()]
+        key = (role, tuple(map(str, options.get("uuids") or ())), tuple(options.get("cond_or_uncond") or ()),
+               tuple(t.shape), t.dtype)
+        known = self._hashes.get(key) if options.get("uuids") else None
+        if known is not None and torch.equal(known[0], sample):
+            return known[1]
+        digest = content_hash(t)
+        self._hashes[key] = (sample.clone(), digest)
+        return digest
+
+    def engine_timestep(self, timestep: torch.Tensor, transformer_options: dict, batch: int) -> torch.Tensor:
+        """ComfyUI's model timestep -> the engine's: flow models take sigma * 1000 (the sigmas ComfyUI's loop
+        passes in transformer_options, one per row), epsilon models the discrete timestep ComfyUI computed."""
+        t = timestep.detach().to("cpu", torch.float32).reshape(-1)
+        if not self.flow:
+            return t
+        sigmas = transformer_options.get("sigmas")
+        if isinstance(sigmas, torch.Tensor) and sigmas.numel() and batch % sigmas.numel() == 0:
+            s = sigmas.detach().to("cpu", torch.float32).reshape(-1)
+            return s.repeat(batch // s.numel()) * 1000
+        raise StockModelError(f"{NAME}: ComfyUI's sampler gave no sigmas for this forward")
+
+    def forward(self, x, timesteps, context=None, y=None, guidance=None, attention_mask=None, control=None,
+                transformer_options={}, **kwargs):  # noqa: B006 - ComfyUI's signature
+        from ..runtime.errors import PoolError
+
+        used = sorted(k for k, v in kwargs.items() if v is not None and k not in _IGNORED)
+        if control is not None:
+            used.append("control")
+        if used:
+            raise StockModelError(f"{NAME}: this forward carries {', '.join(used)} (ControlNet, reference latents, "
+                                  "image conditioning), which the parallel model does not take yet")
+        if context is None:
+            raise StockModelError(f"{NAME}: the forward has no text conditioning")
+        b = x.shape[0]
+        conds = {"cond": context.detach().to("cpu", torch.float32).contiguous()}
+        if y is not None:
+            conds["pooled"] = y.detach().to("cpu", torch.float32).reshape(y.shape[0], -1).contiguous()
+        if attention_mask is not None:
+            if spec(self.handle.variant).family == "flux" or not self.text_mask:
+                raise StockModelError(f"{NAME}: an attention_mask on {self.handle.variant} is not supported")
+            conds["cond_mask"] = attention_mask.detach().to("cpu").reshape(b, -1).to(torch.int64)
+        g = None
+        if guidance is not None:
+            gv = guidance.detach().to("cpu", torch.float32).reshape(-1)
+            if gv.numel() and not bool((gv == gv[0]).all()):
+                raise StockModelError(f"{NAME}: rows of one forward have different Flux guidance values")
+            g = float(gv[0]) if gv.numel() else None
+        t = self.engine_timestep(timesteps, transformer_options, b)
+        xin = x.detach().to("cpu", torch.float32).contiguous()
+        try:
+            client = self._pool(transformer_options.get("sample_sigmas"))
+            hashes = {role: self._hash(role, v, transformer_options) for role, v in conds.items()}
+            out = client.forward(self.key, xin, t, conds, guidance=g, parallel=self.handle.settings.degrees(),
+                                 hashes=hashes)
+        except PoolError as e:
+            self._client = None  # a failed pool is checked (and the model loaded) again on the next call
+            raise StockModelError(f"{NAME}: {str(e).strip() or type(e).__name__}") from None
+        self.calls += 1
+        return out.to(device=x.device, dtype=x.dtype)
+
+
+def stock_model(handle: ModelHandle):
+    """The ComfyUI MODEL (a ModelPatcher) for a loaded XDIT_MODEL."""
+    import os
+
+    if not os.path.isfile(handle.source):
+        raise StockModelError(f"{NAME}: needs a single-file checkpoint ComfyUI can detect; {handle.source} is not "
+                              "one (built-in tiny models and diffusers folders run in Parallel Sampler)")
+    if handle.settings.pipefusion > 1:
+        raise StockModelError(f"{NAME}: PipeFusion needs the whole sampling loop: use Parallel Sampler for "
+                              "pipefusion_degree > 1 (the parallel model runs Ulysses, Ring, CFG and DP per forward)")
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    config, sd = comfy_model_config(handle.source)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model(sd, "", device=torch.device("meta"))
+    meta = model.diffusion_model
+    model.diffusion_model = PoolDiffusionModel(handle, meta)
+    model.memory_usage_factor = 0.0  # activations live on the pool: ComfyUI frees nothing for them
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device(), size=1)
+
+
+class ParallelDiTModel:
+    CATEGORY = "xDiT"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "build"
+    DESCRIPTION = ("The Parallel DiT as a ComfyUI MODEL for stock sampling nodes (KSampler, SamplerCustomAdvanced, "
+                   "guiders, ModelSampling shift nodes): ComfyUI runs the sampling loop, the worker pool runs each "
+                   "transformer forward with Ulysses / Ring inside it and the cond/uncond batch split over CFG and "
+                   "DP ranks. PipeFusion stays in Parallel Sampler.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("XDIT_MODEL",)}}
+
+    def build(self, model):
+        if not isinstance(model, ModelHandle):
+            raise StockModelError(f"{NAME}: model must come from Load Parallel DiT")
+        return (stock_model(model),)

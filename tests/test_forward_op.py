@@ -1,0 +1,128 @@
+"""The forward wire op (Parallel DiT Model): message schema, the conditioning cache, and a real 2-rank CPU pool
+whose forward equals the in-process model call for every exact method (relative L2 <= 1e-5 across processes)."""
+import pytest
+import torch
+
+from comfyui_xdit.errors import XDiTError
+from comfyui_xdit.models import load_model
+from comfyui_xdit_runtime import Pool, PoolError, protocol
+from comfyui_xdit_runtime import messages
+from comfyui_xdit_runtime.cond_cache import CondCache, CondMissing, content_hash
+from tests.conftest import rel_l2
+
+SECRET = b"forward-secret"
+
+
+def test_forward_message_round_trip_and_refusals():
+    h = messages.Forward(id="f1", key="tiny-flux|auto|fp32", conds={"cond": "0" * 32}, guidance=3.5)
+    x = torch.randn(2, 16, 4, 4)
+    frames = protocol.encode(h, {"x": x, "timestep": torch.ones(2)}, SECRET)
+    msg = protocol.decode(frames, SECRET)
+    assert msg.type == "forward" and msg.header.conds == {"cond": "0" * 32} and torch.equal(msg.tensors["x"], x)
+    bad = messages.Forward(id="f2", key="k", conds={"cond": "not-a-hash"})
+    with pytest.raises(protocol.ProtocolError, match="conds"):
+        protocol.decode(protocol.encode(bad))
+
+
+def test_cond_cache_lru_and_hash_check():
+    a, b, c = (torch.full((1, 4, 8), float(i)) for i in range(3))
+    cache = CondCache(max_bytes=2 * a.numel() * 4)
+    for t in (a, b):
+        cache.put(content_hash(t), t)
+    cache.get(content_hash(a))  # a is now the most recent: b goes first
+    cache.put(content_hash(c), c)
+    assert content_hash(a) in cache and content_hash(c) in cache and content_hash(b) not in cache
+    with pytest.raises(CondMissing):
+        cache.get(content_hash(b))
+    with pytest.raises(XDiTError, match="does not match"):
+        cache.put(content_hash(a), b)
+    assert content_hash(a) != content_hash(a.double()) and content_hash(a) != content_hash(a.reshape(1, 8, 4))
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    p = Pool(2, secret=SECRET, env={"XDIT_RUNTIME_TEST_HOOKS": "1"}, log_path=tmp_path_factory.mktemp("fwd") / "p.log")
+    p.start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def client(pool):
+    c = pool.client()
+    yield c
+    c.close()
+
+
+def _inputs(family_model: str, b: int, seed: int = 0):
+    loaded = load_model(family_model)
+    a = loaded.adapter
+    g = torch.Generator().manual_seed(seed)
+    shape = (b, a.latent_channels, *((3,) if a.latent.dims == 3 else ()), 6, 10)  # 15 tokens: not divisible by 2
+    x = torch.randn(shape, generator=g)
+    c = a.random_conditioning(b, 7, g)
+    t = torch.tensor([700.0, 300.0, 500.0, 100.0][:b])
+    conds = {"cond": c.cond}
+    if c.pooled is not None:
+        conds["pooled"] = c.pooled
+    if c.mask is not None:
+        conds["cond_mask"] = c.mask
+    with torch.no_grad():
+        ref = a.predict(x, t, c).float()
+    return conds, x, t, ref
+
+
+@pytest.mark.parametrize("model, degrees, batch", [
+    ("tiny-flux", {"ulysses": 2}, 1), ("tiny-flux", {"ring": 2}, 2), ("tiny-sd3", {"cfg": 2}, 2),
+    ("tiny-sd3", {"cfg": 2}, 3), ("tiny-pixart", {"dp": 2}, 3), ("tiny-pixart", {"cfg": 2}, 1),
+    ("tiny-flux", {}, 2)])
+def test_pool_forward_matches_in_process(client, model, degrees, batch):
+    key = client.load_model(model)
+    conds, x, t, ref = _inputs(model, batch)
+    out = client.forward(key, x, t, conds, parallel=degrees)
+    assert out.shape == ref.shape
+    err = rel_l2(out, ref)
+    print(f"{model} {degrees} batch {batch}: rel L2 {err:.2e}")
+    assert err <= 1e-5, err
+    other = client.forward(key, x, t.flip(0) + 1.0, conds, parallel=degrees)  # the check can fail
+    assert rel_l2(other, ref) > 1e-4
+
+
+def test_conditioning_uploaded_once_and_resent_when_missing(client, pool):
+    key = client.load_model("tiny-flux")
+    conds, x, t, ref = _inputs("tiny-flux", 1, seed=5)
+    sent = []
+    real = client._send
+
+    def spy(state, header, tensors=None):
+        if isinstance(header, messages.Forward):
+            sent.append(sorted(tensors))
+        return real(state, header, tensors)
+
+    client._send = spy
+    try:
+        for _ in range(3):
+            assert rel_l2(client.forward(key, x, t, conds), ref) <= 1e-5
+        assert [len(s) for s in sent] == [4, 2, 2]  # x, timestep and the two uploads; then x, timestep only
+        client._uploaded.clear()
+        client._uploaded[content_hash(torch.zeros(1))] = None  # believes the wrong thing: nothing lost either way
+        sent.clear()
+        # a hash the pool never saw: the client thinks it is there, the pool answers cond_missing, it resends
+        client._uploaded.update({d: None for d in (content_hash(conds["cond"] + 1),)})
+        bumped = {**conds, "cond": conds["cond"] + 1}
+        client.forward(key, x, t, bumped)
+        assert len(sent) == 2 and len(sent[0]) == 3 and len(sent[1]) == 4
+    finally:
+        client._send = real
+
+
+def test_failed_forward_is_one_error_and_the_pool_stays_up(client):
+    key = client.load_model("tiny-flux")
+    conds, x, t, ref = _inputs("tiny-flux", 1)
+    with pytest.raises(PoolError, match="injected failure"):
+        client.forward(key, x, t, conds, debug={"raise_on_rank": 1})
+    with pytest.raises(PoolError, match="PipeFusion needs the whole sampling loop"):
+        client.forward(key, x, t, conds, parallel={"pipefusion": 2})
+    with pytest.raises(PoolError, match="timestep must have one value per sample"):
+        client.forward(key, x, t[:0], conds)
+    assert rel_l2(client.forward(key, x, t, conds, parallel={"ulysses": 2}), ref) <= 1e-5

@@ -1,0 +1,151 @@
+"""Parallel DiT Model's proxy diffusion model without ComfyUI: what it sends the pool for ComfyUI's forward
+arguments (timestep conventions, conditioning roles, guidance, parallel degrees) and what it refuses."""
+import importlib
+
+import pytest
+import torch
+
+
+class FakeClient:
+    def __init__(self):
+        self.calls, self.loads = [], []
+        self.alive = True
+
+    def load(self, *args):
+        self.loads.append(args)
+        return {"key": "k"}
+
+    def pool_alive(self):
+        return self.alive
+
+    def forward(self, key, x, t, conds, guidance=None, parallel=None, hashes=None):
+        self.calls.append(dict(key=key, x=x, t=t, conds=conds, guidance=guidance, parallel=parallel, hashes=hashes))
+        return -x
+
+
+@pytest.fixture
+def proxy(ext, monkeypatch):
+    stock = ext.nodes.stock_model
+    pool = ext.nodes.pool
+    client = FakeClient()
+    monkeypatch.setattr(stock.MANAGER, "client_for", lambda settings: client)
+
+    def make(variant, **degrees):
+        settings = pool.ParallelSettings(device="cpu", **degrees)
+        handle = pool.ModelHandle(settings, "/m.safetensors", "fp32", stock.spec(variant).family, variant,
+                                  "/m.safetensors|auto|fp32")
+        return stock.PoolDiffusionModel(handle, torch.nn.Linear(2, 3, device="meta")), client
+
+    return make, stock
+
+
+def test_flow_model_sends_sigma_times_1000_and_its_conditioning(proxy):
+    make, _ = proxy
+    model, client = make("flux-dev", ulysses=2)
+    x = torch.randn(2, 16, 4, 6)
+    ctx, y = torch.randn(2, 5, 4096), torch.randn(2, 768)
+    sigmas = torch.tensor([0.75])  # ComfyUI's per-sample sigmas; the cond + uncond batch repeats them
+    out = model(x, torch.tensor([0.75, 0.75]), context=ctx, y=y, guidance=torch.tensor([3.5, 3.5]),
+                transformer_options={"sigmas": sigmas})
+    assert torch.equal(out, -x) and client.loads == [("/m.safetensors", None, "fp32")]  # as Load Parallel DiT did
+    (call,) = client.calls
+    assert torch.equal(call["t"], torch.tensor([750.0, 750.0])) and call["guidance"] == 3.5
+    assert set(call["conds"]) == {"cond", "pooled"} and torch.equal(call["conds"]["cond"], ctx)
+    assert call["parallel"]["ulysses"] == 2
+    assert model.in_features == 2  # ComfyUI's BaseModel reads its diffusion model's attributes: the meta model's
+    model(x, torch.tensor([0.5, 0.5]), context=ctx, y=y, transformer_options={"sigmas": torch.tensor([0.5])})
+    assert len(client.loads) == 1  # the same pool: loaded once
+
+
+def test_conditioning_hashed_once_per_run_unless_its_values_change(proxy, ext, monkeypatch):
+    make, _ = proxy
+    model, client = make("sd3.5-large")
+    cache_mod = importlib.import_module(ext.__name__ + ".runtime.cond_cache")
+    hashed = []
+    real = cache_mod.content_hash
+    monkeypatch.setattr(cache_mod, "content_hash", lambda t: hashed.append(t.shape) or real(t))
+    ctx, y = torch.randn(2, 5, 4096), torch.randn(2, 2048)
+    opts = {"sigmas": torch.tensor([0.5]), "sample_sigmas": torch.tensor([1.0, 0.0]), "uuids": ["a", "b"],
+            "cond_or_uncond": [0, 1]}
+
+    def step(context):
+        model(torch.randn(2, 16, 4, 4), torch.tensor([0.5, 0.5]), context=context, y=y.clone(),
+              transformer_options=opts)
+
+    for _ in range(3):  # ComfyUI's fresh copies of the same conds, every step
+        step(ctx.clone())
+    assert len(hashed) == 2  # cond and pooled, once
+    assert all(c["hashes"] == {"cond": real(ctx), "pooled": real(y)} for c in client.calls)
+    changed = ctx.clone()
+    changed[1, 4, 4095] += 1  # the last value, which the guard samples
+    step(changed)
+    assert client.calls[-1]["hashes"]["cond"] == real(changed) != real(ctx) and len(hashed) == 3
+    opts["sample_sigmas"] = torch.tensor([1.0, 0.0])  # a new run hashes anew
+    step(ctx.clone())
+    assert len(hashed) == 5
+
+
+def test_epsilon_model_sends_comfyuis_discrete_timestep(proxy):
+    make, _ = proxy
+    model, client = make("pixart-sigma")
+    x = torch.randn(1, 4, 8, 8)
+    model(x, torch.tensor([917.0]), context=torch.randn(1, 3, 4096), c_size=torch.ones(1, 2),
+          transformer_options={"sigmas": torch.tensor([14.6])})
+    assert torch.equal(client.calls[0]["t"], torch.tensor([917.0]))
+
+
+@pytest.mark.parametrize("extra, reason", [
+    ({"control": {"output": []}}, "control"), ({"ref_latents": [torch.zeros(1)]}, "ref_latents"),
+    ({"guidance": torch.tensor([1.0, 2.0])}, "different Flux guidance"),
+    ({"attention_mask": torch.ones(2, 5)}, "attention_mask"),
+])
+def test_refusals_are_one_line(proxy, extra, reason):
+    make, stock = proxy
+    model, client = make("flux-dev")
+    with pytest.raises(stock.StockModelError, match=reason) as e:
+        model(torch.randn(2, 16, 4, 4), torch.tensor([0.5, 0.5]), context=torch.randn(2, 5, 4096),
+              y=torch.randn(2, 768), transformer_options={"sigmas": torch.tensor([0.5])}, **extra)
+    assert "\n" not in str(e.value) and str(e.value).startswith("Parallel DiT Model: ") and not client.calls
+
+
+def test_pool_error_is_one_line_and_the_next_call_checks_the_pool_again(proxy, ext):
+    make, stock = proxy
+    model, client = make("sd3.5-large")
+    # the extension's own runtime package, whose errors its pool client raises
+    PoolDied = importlib.import_module(ext.__name__ + ".runtime.errors").PoolDied
+
+    def die(*a, **k):
+        raise PoolDied("the pool stopped during forward: rank 1 exited with signal 9", "died")
+
+    client.forward = die
+    args = (torch.randn(1, 16, 4, 4), torch.tensor([500.0]))
+    kw = dict(context=torch.randn(1, 5, 4096), y=torch.randn(1, 2048),
+              transformer_options={"sigmas": torch.tensor([0.5])})
+    with pytest.raises(stock.StockModelError, match="Parallel DiT Model: the pool stopped during forward"):
+        model(*args, **kw)
+    del client.forward
+    model(*args, **kw)
+    assert len(client.loads) == 2  # loaded again on the (restarted) pool
+
+
+def test_a_pool_that_stops_during_a_run_is_an_error_and_the_next_run_goes_on(proxy):
+    make, stock = proxy
+    model, client = make("sd3.5-large")
+    run, later = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0])  # ComfyUI's sample_sigmas of two runs
+    kw = dict(context=torch.randn(1, 5, 4096), y=torch.randn(1, 2048))
+    args = (torch.randn(1, 16, 4, 4), torch.tensor([500.0]))
+    model(*args, **kw, transformer_options={"sigmas": torch.tensor([0.5]), "sample_sigmas": run})
+    client.alive = False  # a rank died between two forwards of the run
+    with pytest.raises(stock.StockModelError, match="worker pool stopped during sampling"):
+        model(*args, **kw, transformer_options={"sigmas": torch.tensor([0.4]), "sample_sigmas": run})
+    model(*args, **kw, transformer_options={"sigmas": torch.tensor([0.5]), "sample_sigmas": later})
+    assert len(client.calls) == 2 and len(client.loads) == 2
+
+
+def test_node_refuses_pipefusion_and_non_files(ext):
+    stock, pool = ext.nodes.stock_model, ext.nodes.pool
+    for settings, source, reason in ((pool.ParallelSettings(pipefusion=2), __file__, "PipeFusion"),
+                                     (pool.ParallelSettings(), "tiny-flux", "single-file checkpoint")):
+        handle = pool.ModelHandle(settings, source, "fp32", "flux", "flux-dev", "k")
+        with pytest.raises(stock.StockModelError, match=reason):
+            stock.ParallelDiTModel().build(handle)
