@@ -344,9 +344,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from comfyui_xdit_runtime.security import ADMIN_ENV
 
     _stop_on_sigterm()
-    pool = Pool(args.nproc, args.address, _pool_secret(args), device=args.device, backend=args.backend,
-                log_path=args.log, max_message_bytes=args.max_message_bytes, die_with_parent=True,
-                admin_secret=os.environ.get(ADMIN_ENV))
+    try:
+        pool = Pool(args.nproc, args.address, _pool_secret(args), device=args.device, backend=args.backend,
+                    log_path=args.log, max_message_bytes=args.max_message_bytes, die_with_parent=True,
+                    admin_secret=os.environ.get(ADMIN_ENV), nnodes=args.nnodes, node_rank=args.node_rank,
+                    rdzv_endpoint=args.rdzv_endpoint)
+    except PoolError as e:
+        raise XDiTError(str(e)) from None
 
     def restarted(message: str, log_tail: str) -> None:
         print(f"{message}; log tail:\n{log_tail}", file=sys.stderr, flush=True)
@@ -356,8 +360,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pool.start()
         except PoolError as e:
             raise XDiTError(str(e)) from None
-        print(f"pool of {args.nproc} ranks ready at {pool.address} (log: {pool.log_path}); Ctrl-C or SIGTERM stops "
-              "it", flush=True)
+        if args.node_rank > 0:
+            print(f"node {args.node_rank} of {args.nnodes}: {args.nproc} ranks joining the rendezvous at "
+                  f"{args.rdzv_endpoint} (log: {pool.log_path}); Ctrl-C or SIGTERM stops them", flush=True)
+        else:
+            print(f"pool of {args.nproc * args.nnodes} ranks ready at {pool.address} (log: {pool.log_path}); Ctrl-C "
+                  "or SIGTERM stops it", flush=True)
         code = pool.supervise(on_restart=restarted)
         if code:
             print(f"the pool could not be restarted (code {code}); log tail:\n{pool.log_tail(20)}", file=sys.stderr)
@@ -369,7 +377,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nproc", type=int, default=1, help="ranks (one per GPU)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks on this node (one per GPU)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines in the pool (each runs serve with its --node-rank)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1 (0 serves clients)")
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of node 0's torchrun rendezvous (needed with "
+                   "--nnodes > 1; off loopback it needs --secret)")
     p.add_argument("--address", default=None,
                    help="where rank 0 listens: tcp://HOST:PORT or ipc://PATH (default tcp://127.0.0.1:<free>); "
                         "a non-loopback address needs --secret")

@@ -20,6 +20,8 @@ read in part: they load whole (LoadReport.frugal False), as does a converter tha
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import os
 import time
@@ -87,7 +89,7 @@ class LoadReport:
     checkpoint_bytes: int = 0      # every tensor of the checkpoint, in the load dtype
     read_bytes: int = 0            # the tensors (or parts) read, in the load dtype
     kept_bytes: int = 0            # parameters and buffers the model holds after the load
-    rss_before_bytes: int = 0      # host RSS when the load started
+    rss_before_bytes: int = 0      # host RSS when the load started (the loader's libraries imported)
     peak_rss_bytes: int = 0        # host RSS high-water mark during the load (0: unknown on this system)
     device_peak_bytes: int = 0     # CUDA memory high-water mark during the load (0 on CPU)
     seconds: float = 0.0
@@ -118,20 +120,21 @@ class Checkpoint:
             file, key = self._direct[name]
             return _read_file_tensor(file, key, self.dtype, index)
         t = realize(self.tensors[name])
-        return t[index].clone() if index is not None else t
+        if index is not None:
+            t = t[index]
+        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        return t if whole and t.is_contiguous() and not t.data_ptr() % 64 else t.clone()  # e.g. a split's part
 
 
 def open_checkpoint(source: str | os.PathLike, family: str | None = None, dtype: torch.dtype = torch.float32,
                     config_overrides: dict | None = None) -> Checkpoint:
     """Read a checkpoint's headers only: what it holds, its family and config. Raises WeightsError for sources that
     cannot be read in part (torch pickles), and for everything load_transformer refuses."""
-    from .weights import _base_config, _parse_family, _strip_prefix, detect_family, folder_config
+    from .weights import _base_config, _parse_family, _strip_prefix, detect_family, existing_path, folder_config
 
     want_family, want_variant = _parse_family(family)
-    path = Path(str(source)).expanduser()
-    if not path.exists():
-        raise WeightsError(f"model path not found: {str(source)[:200]}")
-    if path.is_dir():
+    path, is_dir = existing_path(str(source))
+    if is_dir:
         fam, config, pipeline_class = folder_config(path)
         folder = path if (path / "config.json").is_file() else path / "transformer"
         if want_family and fam.name != want_family:
@@ -238,8 +241,9 @@ def _deferred_read(file: Path, key: str, shape: tuple[int, ...], st_dtype: str, 
 
 def _read_file_tensor(file: Path, key: str, dtype: torch.dtype, index=None, scales: tuple[str, ...] = ()
                       ) -> torch.Tensor:
-    """One tensor (or `tensor[index]`) of a safetensors file, dequantized and cast as loading whole does, at a
-    64-byte aligned address."""
+    """One tensor (or `tensor[index]`) of a safetensors file, dequantized and cast as loading whole does, in memory
+    of its own at a 64-byte aligned address (safetensors hands out views of its file mapping: a model on them would
+    change with the file, and its pages would count only once touched)."""
     from safetensors import SafetensorError, safe_open
 
     from .weights import _dequantize
@@ -251,7 +255,8 @@ def _read_file_tensor(file: Path, key: str, dtype: torch.dtype, index=None, scal
     except SafetensorError as e:
         raise WeightsError(f"{file} is truncated or corrupt ({first_line(e)})") from None
     t = _dequantize(raw, dtype)[key]
-    return t.clone() if t.data_ptr() % 64 else t
+    return t.clone() if t.data_ptr() % 64 or t.untyped_storage().data_ptr() == raw[key].untyped_storage().data_ptr() \
+        else t
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -315,6 +320,24 @@ class _parameters_on_meta:
         self._no_init.__exit__(*exc)
 
 
+def _release_freed_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc malloc_trim): the transient copies of one tensor's
+    reads would otherwise stay resident between the kept ones. A no-op elsewhere."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def tensor_names(model: torch.nn.Module) -> dict[int, str]:
     """id of each parameter and buffer -> its state-dict name (record it before blocks are dropped/renumbered)."""
     sd = model.state_dict(keep_vars=True)
@@ -351,6 +374,7 @@ def materialize(model: torch.nn.Module, ckpt: Checkpoint, names: dict[int, str],
             value = ckpt.read(name, None if choice is True else choice).to(device)
             read += value.numel() * value.element_size()
             seen[id(t)] = value
+            _release_freed_heap()  # a converted tensor's sources were read and dropped
         if place is not None:
             place(module, attr, name, value)
         elif is_param:
@@ -369,23 +393,30 @@ def load_frugal(source: str, family: str | None = None, dtype: torch.dtype = tor
     """(FamilyAdapter, LoadReport): the transformer at `source` with only what this rank keeps read (see the
     module's docstring). Sources that cannot be read in part are loaded whole, then `prepare` applied; the report
     says so."""
+    import diffusers
+    import safetensors  # noqa: F401
+
     from .adapters import make_adapter
     from .weights import _finalize_tensors, load_transformer
 
-    report = LoadReport(rss_before_bytes=rss_bytes())
+    t0 = time.perf_counter()
+    notes = []
+    try:
+        ckpt = open_checkpoint(source, family, dtype)  # headers only
+    except NotDeferrable as e:
+        ckpt, notes = None, [f"read whole: {e}"]
+    except WeightsError as e:
+        if "cannot be read in part" not in str(e) and "to read in part" not in str(e):
+            raise
+        ckpt, notes = None, [f"read whole: {e}"]
+    if ckpt is not None:  # the model's code imported before the baseline: it is no part of the checkpoint's memory
+        getattr(diffusers, ckpt.family.diffusers_class)
+        importlib.import_module(ckpt.family.adapter.partition(":")[0])
+    report = LoadReport(rss_before_bytes=rss_bytes(), notes=notes)
     have_peak = reset_peak_rss()
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    try:
-        ckpt = open_checkpoint(source, family, dtype)
-    except NotDeferrable as e:
-        ckpt, report.notes = None, [f"read whole: {e}"]
-    except WeightsError as e:
-        if "cannot be read in part" not in str(e) and "to read in part" not in str(e):
-            raise
-        ckpt, report.notes = None, [f"read whole: {e}"]
     if ckpt is None:
         loaded = load_transformer(source, family, dtype, device)
         adapter = make_adapter(loaded.family, loaded.model, loaded.variant)
@@ -405,13 +436,24 @@ def load_frugal(source: str, family: str | None = None, dtype: torch.dtype = tor
         except NotDeferrable as e:
             raise WeightsError(f"{ckpt.path.name}: cannot convert tensor by tensor ({e})") from None
         _finalize_tensors(adapter.model, dtype)
-        adapter.model.to(device)
+        _move_real_tensors(adapter.model, torch.device(device))
     report.kept_bytes = _nbytes(adapter.model)
     report.seconds = round(time.perf_counter() - t0, 3)
     report.peak_rss_bytes = peak_rss_bytes() if have_peak else 0
     if cuda:
         report.device_peak_bytes = torch.cuda.max_memory_allocated(device)
     return adapter, report
+
+
+def _move_real_tensors(model: torch.nn.Module, device: torch.device) -> None:
+    """Tensors made by the constructor (non-persistent buffers) to `device`; meta ones (not kept) stay."""
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None and t.device.type not in ("meta", device.type):
+                    moved = t.to(device)
+                    store[name] = torch.nn.Parameter(moved, requires_grad=False) if isinstance(
+                        t, torch.nn.Parameter) else moved
 
 
 def _nbytes(model: torch.nn.Module) -> int:
