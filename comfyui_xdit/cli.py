@@ -154,6 +154,19 @@ def _report_stage_memory(loaded, config, rank: int) -> None:
                   flush=True)
 
 
+def load_line(rank: int, report: dict) -> str:
+    """One line of a rank's load report (comfyui_xdit.frugal.LoadReport as a dict)."""
+    mib = 1 << 20
+    peak = report.get("peak_rss_bytes", 0) - report.get("rss_before_bytes", 0)
+    line = (f"rank {rank} load: read {report['read_bytes'] / mib:.1f} of {report['checkpoint_bytes'] / mib:.1f} MiB "
+            f"({report['layout']}{'' if report['frugal'] else ', whole'}), keeps {report['kept_bytes'] / mib:.1f} MiB")
+    if report.get("peak_rss_bytes"):
+        line += f", peak host RSS +{peak / mib:.1f} MiB"
+    if report.get("device_peak_bytes"):
+        line += f", device peak {report['device_peak_bytes'] / mib:.1f} MiB"
+    return line
+
+
 def read_inputs(path: str | None) -> dict:
     if path is None:
         return {}
@@ -236,9 +249,13 @@ def _generate_on_pool(args: argparse.Namespace, config) -> int:
             raise XDiTError(f"no answer from a pool at {args.pool} within {POOL_PROBE_S:g}s: is `serve` running "
                             "there, and is the secret the pool's?") from None
         t0 = time.perf_counter()
-        loaded = client.load(args.model, args.family, args.dtype)
+        loaded = client.load(args.model, args.family, args.dtype,
+                             parallel=config.to_dict() if config.pipefusion > 1 else None)
         key = loaded["key"]
         print(f"loaded {args.model} on the pool at {args.pool} in {time.perf_counter() - t0:.2f}s", flush=True)
+        for r in loaded.get("ranks", []):
+            if r.get("layout"):
+                print(load_line(r["rank"], r), flush=True)
 
         def on_progress(p) -> None:
             print(f"step {p.step}/{p.total} {p.step_seconds * 1000:.1f} ms", flush=True)
@@ -272,9 +289,11 @@ def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) 
     say = print if rank == 0 else (lambda *a, **k: None)
     inputs = read_inputs(args.inputs)
     t0 = time.perf_counter()
-    loaded = load_model(args.model, args.family, args.dtype, device)
+    loaded = load_model(args.model, args.family, args.dtype, device, layout=config, rank=rank)
     say(f"loaded {args.model} ({loaded.family}, {args.dtype}, {device}) in {time.perf_counter() - t0:.2f}s"
         + (f"; {config.world_size} ranks {config.to_dict()}" if config.world_size > 1 else ""), flush=True)
+    if loaded.report is not None:
+        print(load_line(rank, loaded.report.to_dict()), flush=True)
     req = SampleRequest(height=args.height, width=args.width, steps=args.steps, seed=args.seed,
                         batch_size=args.batch_size, cfg=args.cfg, guidance=args.guidance, sampler=args.sampler,
                         denoise=args.denoise, inputs={k: v.to(device) for k, v in inputs.items()},
