@@ -89,3 +89,14 @@ def test_rendezvous_off_loopback_needs_the_secret():
         Pool(1, nnodes=2, node_rank=2, rdzv_endpoint="127.0.0.1:1")
     with pytest.raises(PoolError, match="without a shared secret"):
         Pool(1, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.2:29500").start()
+
+
+def test_serve_flags(capsys):
+    from comfyui_xdit.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "h:1"])
+    assert (args.nnodes, args.node_rank, args.rdzv_endpoint) == (2, 1, "h:1")
+    assert main(["serve", "--nnodes", "2", "--node-rank", "1"]) == 2
+    assert "needs --rdzv-endpoint" in capsys.readouterr().err
+    assert main(["serve", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "10.0.0.2:29500"]) == 2
+    assert "without a shared secret" in capsys.readouterr().err
