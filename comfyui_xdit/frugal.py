@@ -262,7 +262,8 @@ def _read_file_tensor(file: Path, key: str, dtype: torch.dtype, index=None, scal
 # ------------------------------------------------------------------------------------------------ the model
 def build_meta(ckpt: Checkpoint) -> torch.nn.Module:
     """The checkpoint's transformer with every parameter and persistent buffer on the meta device (non-persistent
-    buffers the constructor computes, such as rotary tables, are real), checked against the checkpoint's names and shapes."""
+    buffers the constructor computes, such as rotary tables, are real), checked against the checkpoint's names and
+    shapes."""
     import diffusers
 
     from .families.checkpoint import few
@@ -458,6 +459,20 @@ def _move_real_tensors(model: torch.nn.Module, device: torch.device) -> None:
 
 def _nbytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.device.type != "meta")
+
+
+# ------------------------------------------------------------------------------------------------ weight sharding
+def dim0_shard_keep(rank: int, world: int) -> KeepFn:
+    """`keep` for FSDP2's Shard(0) placement: rank `rank` of `world` keeps rows [r*c, min((r+1)*c, n)) of every
+    tensor, c = ceil(n / world) (torch.chunk's split; trailing ranks may keep none). Scalars are kept whole."""
+    def keep(name: str, shape: tuple[int, ...]):
+        if not shape:
+            return True
+        chunk = -(-shape[0] // world)
+        start = min(rank * chunk, shape[0])
+        return (slice(start, min(start + chunk, shape[0])),)
+
+    return keep
 
 
 # ------------------------------------------------------------------------------------------------ PipeFusion

@@ -38,14 +38,14 @@ class PeerFailed(Exception):
     """Another rank failed at this step; raised on the ranks that did not."""
 
 
-def model_key(source: str, family: str | None, dtype: str, parallel: "ParallelFields | None" = None) -> str:
+def model_key(source: str, family: str | None, dtype: str, parallel: ParallelFields | None = None) -> str:
     """The cache key of a load; one loaded for a PipeFusion layout (each rank holding its stage) has its own."""
     key = f"{source}|{family or 'auto'}|{dtype}"
     layout = staged_layout(parallel)
     return key if layout is None else f"{key}|stages {'x'.join(map(str, layout.mesh_shape))}"
 
 
-def staged_layout(parallel: "ParallelFields | None") -> ParallelConfig | None:
+def staged_layout(parallel: ParallelFields | None) -> ParallelConfig | None:
     """The config a load is staged for: only PipeFusion degrees > 1 change what a rank reads."""
     if parallel is None or parallel.pipefusion <= 1:
         return None

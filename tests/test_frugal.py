@@ -20,7 +20,8 @@ from comfyui_xdit.frugal import load_frugal, mesh_coordinates, open_checkpoint  
 from comfyui_xdit.parallel import ParallelConfig  # noqa: E402
 from comfyui_xdit.weights import load_transformer  # noqa: E402
 
-from .test_weights import FP8, flux_to_bfl, make_flux, make_pixart, make_sd3, pixart_to_original, sd3_to_mmdit  # noqa: E402
+from .test_weights import (FP8, flux_to_bfl, make_flux, make_pixart, make_sd3, pixart_to_original,  # noqa: E402
+                           sd3_to_mmdit)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,11 +95,9 @@ def test_every_layout_loads_as_the_whole_file_does(sources, name, dtype):
 def test_pipefusion_stages_read_their_blocks_only(sources, name):
     """Each stage's model holds exactly the blocks shard_stage keeps of the whole model, with the same values, and
     reads only those (plus the embedders and final layer)."""
-    from comfyui_xdit.models import LoadedModel
-    from comfyui_xdit.parallel.pipefusion import shard_stage
-
     from comfyui_xdit.adapters import make_adapter
     from comfyui_xdit.models import load_model
+    from comfyui_xdit.parallel.pipefusion import shard_stage
 
     path, _ = sources[name]
     whole = load_transformer(path)
@@ -108,7 +107,7 @@ def test_pipefusion_stages_read_their_blocks_only(sources, name):
     for rank in range(2):
         reference = make_adapter(whole.family, load_transformer(path).model, whole.variant)
         shard_stage(reference, rank, 2)
-        loaded: LoadedModel = load_model(path, layout=config, rank=rank)
+        loaded = load_model(path, layout=config, rank=rank)
         assert _equal(loaded.adapter.model.state_dict(), reference.model.state_dict())
         assert loaded.layout == config and loaded.report.read_bytes == loaded.report.kept_bytes < total
         read += loaded.report.read_bytes
@@ -141,6 +140,20 @@ def test_keep_reads_the_rows_asked_for(sources, name):
         else:
             assert torch.equal(got[key], t), key
     assert report.read_bytes == report.kept_bytes < report.checkpoint_bytes
+
+
+def test_dim0_shards_are_torch_chunks_and_cover_the_model(sources):
+    """dim0_shard_keep: what FSDP2's Shard(0) keeps per rank; three ranks' parts put together are the model."""
+    from comfyui_xdit.frugal import dim0_shard_keep
+
+    path, _ = sources["flux-diffusers-file"]
+    whole = load_transformer(path).model.state_dict()
+    parts = [load_frugal(path, keep=dim0_shard_keep(r, 3))[0].model.state_dict() for r in range(3)]
+    for key, t in whole.items():
+        chunks = torch.chunk(t, 3) if t.ndim else (t,)
+        for r, part in enumerate(parts):
+            want = chunks[r] if r < len(chunks) else t[:0]
+            assert torch.equal(part[key], want) if t.ndim else torch.equal(part[key], t), key
 
 
 def test_header_only_description_and_refusals(tmp_path, sources):
