@@ -223,6 +223,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=1, help="pixel frames of a video model (4k+1 for Wan)")
     p.add_argument("--memory", action="store_true", help="only print per-rank memory at each parallel degree, "
                    "from a meta-device build (no weights allocated, nothing timed)")
+    p.add_argument("--weight-storage", default="bf16", choices=["bf16", "fp8"],
+                   help="--memory: the weights' storage in the weights + activations table (fp8: analytic)")
+    p.add_argument("--shard-degree", default="2,4,8",
+                   help="--memory: FSDP degrees (comma list) of that table's 'fsdp x usp' rows (analytic)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
@@ -241,6 +245,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{'method':<12}{'degree':>7}{'params GiB':>12}{'tokens/rank':>13}{'K/V GiB':>10}")
         for method, d, params, tokens, kv in memory_rows(adapter, (height, width), args.frames):
             print(f"{method:<12}{d:>7}{params / 2**30:>12.2f}{tokens:>13}{f'{kv / 2**30:.2f}' if kv else '-':>10}")
+        from .memory_estimate import CARDS_GIB, OVERHEAD_GIB, format_table, memory_table
+
+        shard = tuple(int(v) for v in args.shard_degree.split(",") if v.strip())
+        print(f"\nper-rank weights ({args.weight_storage} storage) + activations (analytic, bf16, one branch); fits: "
+              f"total + {OVERHEAD_GIB:g} GiB within a card of {'/'.join(map(str, CARDS_GIB))} GiB")
+        print(format_table(memory_table(adapter, (height, width), args.frames, storage=args.weight_storage,
+                                        shard_degrees=shard)))
         return 0
     rows, facts = run(args.arch, (height, width), args.device, dtype, args.compile, args.repeats, args.batch,
                       args.frames)

@@ -154,6 +154,19 @@ def _report_stage_memory(loaded, config, rank: int) -> None:
                   flush=True)
 
 
+def load_line(rank: int, report: dict) -> str:
+    """One line of a rank's load report (comfyui_xdit.frugal.LoadReport as a dict)."""
+    mib = 1 << 20
+    peak = report.get("peak_rss_bytes", 0) - report.get("rss_before_bytes", 0)
+    line = (f"rank {rank} load: read {report['read_bytes'] / mib:.1f} of {report['checkpoint_bytes'] / mib:.1f} MiB "
+            f"({report['layout']}{'' if report['frugal'] else ', whole'}), keeps {report['kept_bytes'] / mib:.1f} MiB")
+    if report.get("peak_rss_bytes"):
+        line += f", peak host RSS +{peak / mib:.1f} MiB"
+    if report.get("device_peak_bytes"):
+        line += f", device peak {report['device_peak_bytes'] / mib:.1f} MiB"
+    return line
+
+
 def read_inputs(path: str | None) -> dict:
     if path is None:
         return {}
@@ -236,9 +249,13 @@ def _generate_on_pool(args: argparse.Namespace, config) -> int:
             raise XDiTError(f"no answer from a pool at {args.pool} within {POOL_PROBE_S:g}s: is `serve` running "
                             "there, and is the secret the pool's?") from None
         t0 = time.perf_counter()
-        loaded = client.load(args.model, args.family, args.dtype)
+        loaded = client.load(args.model, args.family, args.dtype,
+                             parallel=config.to_dict() if config.pipefusion > 1 else None)
         key = loaded["key"]
         print(f"loaded {args.model} on the pool at {args.pool} in {time.perf_counter() - t0:.2f}s", flush=True)
+        for r in loaded.get("ranks", []):
+            if r.get("layout"):
+                print(load_line(r["rank"], r), flush=True)
 
         def on_progress(p) -> None:
             print(f"step {p.step}/{p.total} {p.step_seconds * 1000:.1f} ms", flush=True)
@@ -272,9 +289,11 @@ def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) 
     say = print if rank == 0 else (lambda *a, **k: None)
     inputs = read_inputs(args.inputs)
     t0 = time.perf_counter()
-    loaded = load_model(args.model, args.family, args.dtype, device)
+    loaded = load_model(args.model, args.family, args.dtype, device, layout=config, rank=rank)
     say(f"loaded {args.model} ({loaded.family}, {args.dtype}, {device}) in {time.perf_counter() - t0:.2f}s"
         + (f"; {config.world_size} ranks {config.to_dict()}" if config.world_size > 1 else ""), flush=True)
+    if loaded.report is not None:
+        print(load_line(rank, loaded.report.to_dict()), flush=True)
     req = SampleRequest(height=args.height, width=args.width, steps=args.steps, seed=args.seed,
                         batch_size=args.batch_size, cfg=args.cfg, guidance=args.guidance, sampler=args.sampler,
                         denoise=args.denoise, inputs={k: v.to(device) for k, v in inputs.items()},
@@ -344,9 +363,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from comfyui_xdit_runtime.security import ADMIN_ENV
 
     _stop_on_sigterm()
-    pool = Pool(args.nproc, args.address, _pool_secret(args), device=args.device, backend=args.backend,
-                log_path=args.log, max_message_bytes=args.max_message_bytes, die_with_parent=True,
-                admin_secret=os.environ.get(ADMIN_ENV))
+    try:
+        pool = Pool(args.nproc, args.address, _pool_secret(args), device=args.device, backend=args.backend,
+                    log_path=args.log, max_message_bytes=args.max_message_bytes, die_with_parent=True,
+                    admin_secret=os.environ.get(ADMIN_ENV), nnodes=args.nnodes, node_rank=args.node_rank,
+                    rdzv_endpoint=args.rdzv_endpoint)
+    except PoolError as e:
+        raise XDiTError(str(e)) from None
 
     def restarted(message: str, log_tail: str) -> None:
         print(f"{message}; log tail:\n{log_tail}", file=sys.stderr, flush=True)
@@ -356,8 +379,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pool.start()
         except PoolError as e:
             raise XDiTError(str(e)) from None
-        print(f"pool of {args.nproc} ranks ready at {pool.address} (log: {pool.log_path}); Ctrl-C or SIGTERM stops "
-              "it", flush=True)
+        if args.node_rank > 0:
+            print(f"node {args.node_rank} of {args.nnodes}: {args.nproc} ranks joining the rendezvous at "
+                  f"{args.rdzv_endpoint} (log: {pool.log_path}); Ctrl-C or SIGTERM stops them", flush=True)
+        else:
+            print(f"pool of {args.nproc * args.nnodes} ranks ready at {pool.address} (log: {pool.log_path}); Ctrl-C "
+                  "or SIGTERM stops it", flush=True)
         code = pool.supervise(on_restart=restarted)
         if code:
             print(f"the pool could not be restarted (code {code}); log tail:\n{pool.log_tail(20)}", file=sys.stderr)
@@ -369,7 +396,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nproc", type=int, default=1, help="ranks (one per GPU)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks on this node (one per GPU)")
+    p.add_argument("--nnodes", type=int, default=1, help="machines in the pool (each runs serve with its --node-rank)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1 (0 serves clients)")
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of node 0's torchrun rendezvous (needed with "
+                   "--nnodes > 1; off loopback it needs --secret)")
     p.add_argument("--address", default=None,
                    help="where rank 0 listens: tcp://HOST:PORT or ipc://PATH (default tcp://127.0.0.1:<free>); "
                         "a non-loopback address needs --secret")

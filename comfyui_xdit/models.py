@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .adapters import FamilyAdapter, make_adapter
 from .errors import XDiTError
 from .tiny import build_tiny, is_tiny
+
+if TYPE_CHECKING:
+    from .frugal import LoadReport
+    from .parallel.config import ParallelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -17,6 +22,8 @@ class LoadedModel:
     adapter: FamilyAdapter
     source: str
     tiny: bool
+    report: "LoadReport | None" = None  # what the load read and cost this rank (files only)
+    layout: "ParallelConfig | None" = None  # the PipeFusion layout it was loaded for: it holds one stage's blocks
 
     @property
     def family(self) -> str:
@@ -30,19 +37,27 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def load_model(source: str, family: str | None = None, dtype: str = "fp32", device: str = "cpu",
-               **tiny_overrides) -> LoadedModel:
-    """Load a transformer and wrap it in its family adapter."""
+               layout: "ParallelConfig | None" = None, rank: int = 0, **tiny_overrides) -> LoadedModel:
+    """Load a transformer and wrap it in its family adapter. Files are loaded frugally (frugal.py): with a
+    `layout` of PipeFusion degree > 1, rank `rank` of it reads only its stage's blocks (and the model serves only
+    jobs of that layout)."""
     torch_dtype = parse_dtype(dtype)
+    staged = layout is not None and layout.pipefusion > 1
     if is_tiny(source):
         fam, model = build_tiny(source, torch_dtype, **tiny_overrides)
         if family not in (None, "", "auto", fam):
             raise XDiTError(f"family mismatch: {source} is a {fam} model, not {family}")
-        variant = ""
-        tiny = True
-    else:
-        from .weights import load_transformer
+        loaded = LoadedModel(make_adapter(fam, model.to(device), ""), source, True)
+        if staged:
+            from .frugal import pipefusion_prepare
 
-        loaded = load_transformer(source, None if family in (None, "", "auto") else family, torch_dtype, device)
-        fam, model, variant = loaded.family, loaded.model, loaded.variant
-        tiny = False
-    return LoadedModel(make_adapter(fam, model.to(device), variant), source, tiny)
+            pipefusion_prepare(layout, rank)(loaded.adapter)
+    else:
+        from .frugal import load_frugal, pipefusion_prepare
+
+        prepare = pipefusion_prepare(layout, rank) if staged else None
+        adapter, report = load_frugal(source, None if family in (None, "", "auto") else family, torch_dtype,
+                                      device, prepare=prepare)
+        loaded = LoadedModel(adapter, source, False, report)
+    loaded.layout = layout if staged else None
+    return loaded

@@ -65,6 +65,18 @@ def load_transformer(source: str, family: str | None = None, dtype: torch.dtype 
     fields the weights cannot determine, e.g. the head count of a non-standard PixArt).
     """
     want_family, want_variant = _parse_family(family)
+    path, is_dir = existing_path(source)
+    if is_dir:
+        fam, variant, model = _load_folder(path, want_family, dtype)
+    else:
+        fam, variant, model = _load_single_file(path, want_family, want_variant, dtype, config_overrides)
+    _finalize_tensors(model, dtype)
+    model = model.to(device).eval().requires_grad_(False)
+    return LoadedTransformer(fam, want_variant or variant, model)
+
+
+def existing_path(source: str) -> tuple[Path, bool]:
+    """(path, is a folder) of a model source that exists; else a one-line WeightsError."""
     path = Path(str(source)).expanduser()
     shown = source if len(source) <= 200 else source[:200] + "..."
     try:
@@ -73,13 +85,7 @@ def load_transformer(source: str, family: str | None = None, dtype: torch.dtype 
         raise WeightsError(f"model path not usable: {shown} ({e.strerror})") from None
     if not found:
         raise WeightsError(f"model path not found: {shown}")
-    if is_dir:
-        fam, variant, model = _load_folder(path, want_family, dtype)
-    else:
-        fam, variant, model = _load_single_file(path, want_family, want_variant, dtype, config_overrides)
-    _finalize_tensors(model, dtype)
-    model = model.to(device).eval().requires_grad_(False)
-    return LoadedTransformer(fam, want_variant or variant, model)
+    return path, is_dir
 
 
 def detect_family(state_dict_keys: Iterable[str]) -> str:

@@ -78,7 +78,7 @@ class PoolClient:
         self._local = threading.local()
         self._sockets: list[zmq.Socket] = []
         self._lock = threading.Lock()
-        self._loads: dict[str, tuple[str, str | None, str]] = {}  # key -> load arguments, to reload after restart
+        self._loads: dict[str, tuple] = {}  # key -> load arguments, to reload after restart
         self._uploaded: dict[str, None] = {}  # conditioning hashes the pool holds, as far as this client knows
 
     # ---------------------------------------------------------------- public API
@@ -87,18 +87,22 @@ class PoolClient:
         return uuid.uuid4().hex
 
     def load(self, source: str, family: str | None = None, dtype: str = "fp32",
-             timeout: float | None = None) -> dict[str, Any]:
-        """Load (or find cached) a model on every rank. Returns {"key", "cached", "seconds", ...}."""
-        msg = self._request(self._build(messages.LoadModel, source=source, family=family, dtype=dtype),
+             timeout: float | None = None, parallel: dict[str, int] | None = None) -> dict[str, Any]:
+        """Load (or find cached) a model on every rank. Returns {"key", "cached", "seconds", ...}; a fresh load
+        also "ranks": per rank its load report (bytes read and kept, peak host RSS, device peak). With `parallel`
+        degrees of PipeFusion > 1 each rank reads only its stage's blocks, and the key serves those degrees only."""
+        msg = self._request(self._build(messages.LoadModel, source=source, family=family, dtype=dtype,
+                                        parallel=parallel or None),
                             timeout=timeout if timeout is not None else max(self.timeout, 600.0))
         info = dict(msg.header.data)
         with self._lock:
-            self._loads[info["key"]] = (source, family, dtype)
+            self._loads[info["key"]] = (source, family, dtype, None, parallel)
         return info
 
-    def load_model(self, source: str, family: str | None = None, dtype: str = "fp32") -> str:
+    def load_model(self, source: str, family: str | None = None, dtype: str = "fp32",
+                   parallel: dict[str, int] | None = None) -> str:
         """Load a model on the pool; returns its key. Loading the same model again costs nothing."""
-        return self.load(source, family, dtype)["key"]
+        return self.load(source, family, dtype, parallel=parallel)["key"]
 
     def unload(self, key: str) -> bool:
         with self._lock:

@@ -15,14 +15,16 @@ import torch.distributed as dist
 from comfyui_xdit.cache import CacheSettings
 from comfyui_xdit.engine import run_job
 from comfyui_xdit.errors import Cancelled, XDiTError
+from comfyui_xdit.frugal import peak_rss_bytes, reset_peak_rss, rss_bytes
 from comfyui_xdit.models import LoadedModel, load_model
 from comfyui_xdit.parallel import ParallelConfig
+from comfyui_xdit.parallel.config import MESH_DIMS
 from comfyui_xdit.sampling import SampleRequest, StepInfo
 
 from .cond_cache import CondCache, CondMissing
 from .fanout import Fanout
-from .messages import (ForwardOp, LoadOp, Op, Outcome, PingOp, SampleFields, SampleOp, ShutdownOp,
-                       UnloadOp)
+from .messages import (ForwardOp, LoadOp, Op, Outcome, ParallelFields, PingOp, SampleFields, SampleOp,
+                       ShutdownOp, UnloadOp)
 
 # progress(step, total, step_seconds, preview or None); runs on rank 0 only
 ProgressHook = Callable[[int, int, float, "torch.Tensor | None"], None]
@@ -38,8 +40,18 @@ class PeerFailed(Exception):
     """Another rank failed at this step; raised on the ranks that did not."""
 
 
-def model_key(source: str, family: str | None, dtype: str) -> str:
-    return f"{source}|{family or 'auto'}|{dtype}"
+def model_key(source: str, family: str | None, dtype: str, parallel: ParallelFields | None = None) -> str:
+    """The cache key of a load; one loaded for a PipeFusion layout (each rank holding its stage) has its own."""
+    key = f"{source}|{family or 'auto'}|{dtype}"
+    layout = staged_layout(parallel)
+    return key if layout is None else f"{key}|stages {'x'.join(map(str, layout.mesh_shape))}"
+
+
+def staged_layout(parallel: ParallelFields | None) -> ParallelConfig | None:
+    """The config a load is staged for: only PipeFusion degrees > 1 change what a rank reads."""
+    if parallel is None or parallel.pipefusion <= 1:
+        return None
+    return ParallelConfig(**msgspec.structs.asdict(parallel))
 
 
 def build_request(fields: SampleFields, inputs: dict[str, torch.Tensor]) -> SampleRequest:
@@ -53,17 +65,19 @@ def build_request(fields: SampleFields, inputs: dict[str, torch.Tensor]) -> Samp
 
 
 def memory_stats(device: torch.device) -> dict[str, int]:
-    rss = 0
-    try:
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        pass
-    stats = {"rss_bytes": rss}
+    """This rank's memory now, and its high-water marks since reset_memory_peaks() (or the process start)."""
+    stats = {"rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes()}
     if device.type == "cuda":
         stats["cuda_allocated_bytes"] = torch.cuda.memory_allocated(device)
         stats["cuda_reserved_bytes"] = torch.cuda.memory_reserved(device)
+        stats["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
     return stats
+
+
+def reset_memory_peaks(device: torch.device) -> None:
+    reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 class Executor:
@@ -83,6 +97,7 @@ class Executor:
             should_cancel: Callable[[], bool] | None = None) -> tuple[list[Outcome], torch.Tensor | None, dict]:
         """Execute, then exchange outcomes. Returns (outcome per rank, result on rank 0, reply fields)."""
         result, extra, failure = None, {}, None
+        reset_memory_peaks(self.device)
         try:
             if isinstance(op, LoadOp):
                 extra = self._load(op)
@@ -108,8 +123,9 @@ class Executor:
             traceback.print_exc()
             failure = ("internal", f"{type(e).__name__}: {e}")
         kind, message = failure or ("", "")
+        report = extra.pop("load_report", None) if isinstance(op, LoadOp) else None
         outcomes = self.fanout.gather(Outcome(ok=failure is None, kind=kind, message=message, rank=self.rank,
-                                              pid=os.getpid(), **memory_stats(self.device)))
+                                              pid=os.getpid(), load=report, **memory_stats(self.device)))
         if isinstance(op, LoadOp) and not all(o.ok for o in outcomes):
             self._unload(op.key)  # loaded on some ranks only: forget it everywhere
         return outcomes, result, extra
@@ -118,11 +134,16 @@ class Executor:
         if op.key in self.models:
             return {"key": op.key, "cached": True, "seconds": 0.0, "family": self.models[op.key].family}
         t0 = time.perf_counter()
-        loaded = load_model(op.source, op.family, op.dtype, str(self.device))
+        layout = staged_layout(op.parallel)
+        if layout is not None:
+            layout.validate(self.world)
+        loaded = load_model(op.source, op.family, op.dtype, str(self.device), layout=layout, rank=self.rank)
         self.models[op.key] = loaded
         self.model_info[op.key] = {"key": op.key, "source": op.source, "family": loaded.family, "dtype": op.dtype}
+        if layout is not None:
+            self.model_info[op.key]["parallel"] = layout.to_dict()
         return {"key": op.key, "cached": False, "seconds": round(time.perf_counter() - t0, 3),
-                "family": loaded.family}
+                "family": loaded.family, "load_report": loaded.report.to_dict() if loaded.report else None}
 
     def _unload(self, key: str) -> bool:
         found = self.models.pop(key, None) is not None
@@ -172,6 +193,10 @@ class Executor:
         req = build_request(op.request, {k: v.to(self.device) for k, v in tensors.items()})
         config = ParallelConfig(**msgspec.structs.asdict(op.parallel))
         config.validate()
+        if loaded.layout is not None and loaded.layout.mesh_shape != config.mesh_shape:
+            raise XDiTError(f"this model was loaded for pipefusion {loaded.layout.pipefusion} with degrees "
+                            f"{_degrees(loaded.layout)} (each rank holds its stage's blocks); load it again for "
+                            f"degrees {_degrees(config)}")
         timing = {"progress_seconds": 0.0}
         is_rank0 = self.rank == 0
         start = time.perf_counter()
@@ -220,6 +245,10 @@ class Executor:
         if not self.test_hooks or hook is None or hook.raise_on_rank != self.rank:
             return None
         return hook.at_step
+
+
+def _degrees(config: ParallelConfig) -> str:
+    return " x ".join(f"{d} {getattr(config, d)}" for d in MESH_DIMS if getattr(config, d) > 1) or "all 1"
 
 
 def _preview(loaded: LoadedModel, latents: torch.Tensor) -> torch.Tensor:

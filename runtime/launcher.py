@@ -16,7 +16,7 @@ from pathlib import Path
 from .client import PoolClient
 from .errors import PoolError, PoolStartError
 from .protocol import DEFAULT_MAX_BYTES
-from .security import ADMIN_ENV, SECRET_ENV, as_secret, check_bind_address
+from .security import ADMIN_ENV, SECRET_ENV, as_secret, check_bind_address, check_rendezvous
 
 log = logging.getLogger("comfyui_xdit_runtime.launcher")
 
@@ -59,6 +59,11 @@ def _pid_alive(pid: int) -> bool:
 class Pool:
     """A pool of `nproc` ranks serving at `address` (default tcp://127.0.0.1:<free port>, kept across restarts).
 
+    Multi-node: `nnodes` machines each start a Pool with the same `rdzv_endpoint` (HOST:PORT of node 0's torchrun
+    rendezvous) and their `node_rank`; global ranks are node-major (node r holds ranks r*nproc ... r*nproc+nproc-1),
+    so the innermost mesh dimension (Ulysses) stays within a node. Rank 0 (on node 0) serves at `address`; a node
+    other than 0 only runs its ranks (`start` returns once they run; `supervise` restarts them when they exit).
+
     `Pool.attach(address)` wraps a pool started elsewhere: no processes to watch or restart."""
 
     def __init__(self, nproc: int = 1, address: str | None = None, secret: str | bytes | None = None, *,
@@ -66,12 +71,18 @@ class Pool:
                  startup_timeout: float = 300.0, pg_timeout: float = 120.0, heartbeat: float = 2.0,
                  max_message_bytes: int = DEFAULT_MAX_BYTES, env: dict[str, str] | None = None,
                  torchrun_args: list[str] | None = None, die_with_parent: bool = False,
-                 admin_secret: str | bytes | None = None, client_timeout: float | None = None):
+                 admin_secret: str | bytes | None = None, client_timeout: float | None = None,
+                 nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None):
         """`die_with_parent`: stop the pool when this process dies (Linux; the signal comes when the thread that
         started it ends, so start it from a long-lived thread). `admin_secret` (default: a random one this object
         keeps): what cancelling other clients' jobs and shutting the pool down take. `client_timeout`: seconds
         after which a silent client's jobs are cancelled (default: the server's)."""
         self.nproc, self.device, self.backend = nproc, device, backend
+        if nnodes < 1 or not 0 <= node_rank < nnodes:
+            raise PoolError(f"node rank {node_rank} is not in 0..{nnodes - 1}", "config")
+        if nnodes > 1 and not rdzv_endpoint:
+            raise PoolError("a pool over several nodes needs --rdzv-endpoint HOST:PORT (node 0's address)", "config")
+        self.nnodes, self.node_rank, self.rdzv_endpoint = nnodes, node_rank, rdzv_endpoint
         self.die_with_parent = die_with_parent
         self._address = address
         self.secret = as_secret(secret)
@@ -129,6 +140,10 @@ class Pool:
             if self._proc is not None and self._proc.poll() is None:
                 raise PoolError("the pool is already running", "config")
             check_bind_address(self.address, self.secret)
+            if self.rdzv_endpoint:
+                rdzv_host, rdzv_port = check_rendezvous(self.rdzv_endpoint, self.secret)
+            else:
+                rdzv_host, rdzv_port = "127.0.0.1", free_port()
             env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
             env.update(self.extra_env)
             env.setdefault("OMP_NUM_THREADS", "1")
@@ -138,7 +153,8 @@ class Pool:
                 env[SECRET_ENV] = self.secret.decode("utf-8", "surrogateescape")
             env[ADMIN_ENV] = self.admin_secret.decode("utf-8", "surrogateescape")
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
-                   "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "--monitor-interval", "0.2",
+                   f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}",  # static rendezvous: node-major ranks
+                   "--master-addr", rdzv_host, "--master-port", str(rdzv_port), "--monitor-interval", "0.2",
                    *self.torchrun_args, "-m", "comfyui_xdit_runtime.worker", "--address", self.address,
                    "--device", self.device, "--pg-timeout", str(self.pg_timeout), "--heartbeat", str(self.heartbeat),
                    "--max-message-bytes", str(self.max_message_bytes)]
@@ -153,6 +169,9 @@ class Pool:
                 self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                               start_new_session=True,
                                               preexec_fn=_die_with_parent if self.die_with_parent else None)
+            if self.node_rank > 0:  # rank 0 serves on node 0; here only this node's ranks run
+                self._generation += 1
+                return
             try:
                 status = self._wait_ready(self._proc)
             except BaseException:
@@ -195,7 +214,7 @@ class Pool:
                 return
             if self._proc is None:
                 return
-            if self._proc.poll() is None:
+            if self._proc.poll() is None and self.node_rank == 0:
                 client = self._admin_client()
                 try:
                     client.shutdown(timeout=min(timeout, 5.0))

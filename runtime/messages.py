@@ -46,6 +46,7 @@ class LoadModel(_Request, tag="load_model"):
     source: Annotated[str, Meta(min_length=1, max_length=4096)]
     family: Name | None = None
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    parallel: ParallelFields | None = None  # load for these degrees: with PipeFusion each rank reads its stage only
 
 
 class Unload(_Request, tag="unload"):
@@ -166,6 +167,7 @@ class LoadOp(Struct, tag="load", forbid_unknown_fields=True):
     source: str
     family: str | None
     dtype: str
+    parallel: ParallelFields | None = None
 
 
 class UnloadOp(Struct, tag="unload", forbid_unknown_fields=True):
@@ -208,8 +210,11 @@ class Outcome(Struct, forbid_unknown_fields=True, omit_defaults=True):
     message: str = ""
     host: str = ""
     rss_bytes: int = 0
+    peak_rss_bytes: int = 0                  # host RSS high-water mark since the operation began (0: unknown)
     cuda_allocated_bytes: int | None = None
     cuda_reserved_bytes: int | None = None
+    cuda_peak_bytes: int | None = None       # device high-water mark since the operation began
+    load: dict[str, Any] | None = None       # a load's report on this rank (comfyui_xdit.frugal.LoadReport)
 
 
 def message_type(cls: type) -> str:

@@ -37,6 +37,19 @@ def check_bind_address(address: str, secret: bytes | None) -> None:
                         "config")
 
 
+def check_rendezvous(endpoint: str, secret: bytes | None) -> tuple[str, int]:
+    """(host, port) of a torchrun rendezvous endpoint HOST:PORT; one off loopback needs the shared secret, as a
+    public bind does (torch's rendezvous store itself is unauthenticated: keep it on a trusted network)."""
+    host, sep, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PoolError(f"bad rendezvous endpoint {endpoint!r}: expected HOST:PORT", "config")
+    if not is_local_address(f"tcp://{host}:{port}") and not secret:
+        raise PoolError(f"refusing a rendezvous at {endpoint} off loopback without a shared secret: set --secret or "
+                        f"{SECRET_ENV}", "config")
+    return host, int(port)
+
+
 def as_secret(secret: str | bytes | None) -> bytes | None:
     if secret is None or secret == "" or secret == b"":
         return None

@@ -149,6 +149,10 @@ class Rank0Server:
             self._send(job, protocol.result(job.id, **extra), {"latents": result})
         elif job.kind == "forward":
             self._send(job, protocol.result(job.id, **extra), {"out": result})
+        elif isinstance(job.op, LoadOp):  # each rank's load report and memory high-water marks
+            ranks = [{"rank": o.rank, "peak_rss_bytes": o.peak_rss_bytes, "cuda_peak_bytes": o.cuda_peak_bytes,
+                      **(o.load or {})} for o in outcomes]
+            self._send(job, protocol.result(job.id, **extra, ranks=ranks))
         else:
             self._send(job, protocol.result(job.id, **extra))
         return job.kind != "shutdown"
@@ -176,7 +180,8 @@ class Rank0Server:
     @staticmethod
     def _rank_rows(outcomes: list[Outcome]) -> list[dict]:
         now = time.time()
-        keep = ("rank", "pid", "host", "rss_bytes", "cuda_allocated_bytes", "cuda_reserved_bytes")
+        keep = ("rank", "pid", "host", "rss_bytes", "peak_rss_bytes", "cuda_allocated_bytes", "cuda_reserved_bytes",
+                "cuda_peak_bytes")
         return [{**{k: getattr(o, k) for k in keep if getattr(o, k) not in (None, "")}, "updated": now}
                 for o in outcomes]
 
@@ -291,7 +296,7 @@ class Rank0Server:
     @staticmethod
     def _make_op(h: LoadModel | Unload | Sample | Forward) -> Op:
         if isinstance(h, LoadModel):
-            return LoadOp(model_key(h.source, h.family, h.dtype), h.source, h.family, h.dtype)
+            return LoadOp(model_key(h.source, h.family, h.dtype, h.parallel), h.source, h.family, h.dtype, h.parallel)
         if isinstance(h, Unload):
             return UnloadOp(h.key)
         if isinstance(h, Forward):
