@@ -15,6 +15,7 @@ import torch.distributed as dist
 from comfyui_xdit.cache import CacheSettings
 from comfyui_xdit.engine import run_job
 from comfyui_xdit.errors import Cancelled, XDiTError
+from comfyui_xdit.lora import LoraSpec, apply_loras
 from comfyui_xdit.models import LoadedModel, load_model
 from comfyui_xdit.parallel import ParallelConfig
 from comfyui_xdit.sampling import SampleRequest, StepInfo
@@ -132,6 +133,7 @@ class Executor:
         if loaded is None:
             shown = op.key if len(op.key) <= 200 else op.key[:200] + "..."
             raise UnknownModel(f"model {shown!r} is not loaded on the pool")
+        lora_info = self._apply_loras(op, loaded)
         req = build_request(op.request, {k: v.to(self.device) for k, v in tensors.items()})
         config = ParallelConfig(**msgspec.structs.asdict(op.parallel))
         config.validate()
@@ -159,9 +161,21 @@ class Executor:
                             f"{self.world} ranks")
         timing["seconds"] = time.perf_counter() - start
         extra = {k: round(v, 6) for k, v in timing.items()}
+        extra.update(lora_info)
         if req.cache is not None:
             extra["reused_steps"] = job.reused_steps  # 0-based steps the cache reused
         return job.latents.float().cpu() if is_rank0 else job.latents, extra
+
+    def _apply_loras(self, op: SampleOp, loaded: LoadedModel) -> dict:
+        """Patch the job's LoRA set into this rank's weights (the base weights for an empty set); the set is part
+        of what the model entry holds now (model_info's "loras")."""
+        specs = [LoraSpec(lo.path, lo.strength) for lo in op.loras]
+        t0 = time.perf_counter()
+        info = apply_loras(loaded.adapter.model, loaded.family, specs)
+        self.model_info[op.key]["loras"] = [[s.path, s.strength] for s in specs if s.strength != 0.0]
+        if not info["changed"]:
+            return {}
+        return {"lora_seconds": round(time.perf_counter() - t0, 6), "lora_patched": info["patched"]}
 
     def _serial_step(self, info: StepInfo, report: Callable, should_cancel, fault_at: int | None) -> None:
         report(info)

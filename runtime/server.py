@@ -292,7 +292,7 @@ class Rank0Server:
             return LoadOp(model_key(h.source, h.family, h.dtype), h.source, h.family, h.dtype)
         if isinstance(h, Unload):
             return UnloadOp(h.key)
-        return SampleOp(h.key, h.request, h.parallel, h.preview, h.debug)
+        return SampleOp(h.key, h.request, h.parallel, h.preview, h.debug, h.loras)
 
     def _enqueue(self, job: Job) -> None:
         with self._cond:

@@ -1,0 +1,345 @@
+"""LoRA on a loaded transformer, patched into the weights where they live and taken out again exactly.
+
+A LoRA file (safetensors only: nothing is unpickled) is brought to the model's diffusers module names by diffusers'
+own LoRA loaders (the pipeline mixins' `lora_state_dict`, which detect and convert the ComfyUI/kohya, BFL/ai-toolkit,
+musubi/LightX2V and diffusers/PEFT formats). Those converters keep each low-rank pair: a fused original layer
+(Flux's qkv, linear1) becomes per-projection pairs that share the down matrix and split the up matrix by rows, so
+every full delta ``up @ down`` is exactly the matching rows of the fused one.
+
+Applying a set of (file, strength): every file is read and checked against the full model's parameter names and
+shapes first (one-line error naming the file and the first key that does not fit; nothing changes), then each
+parameter this process holds (its PipeFusion stage; an FSDP shard's rows, see `_local_part`) is backed up once and
+patched in float32: ``w + strength * scale * up @ down`` (scale alpha/rank where the file gives alpha, else 1; a
+`lora_B.bias` / ComfyUI `diff_b` adds to the bias), stored back in the parameter's own dtype (fp8 included).
+Another set restores the backups bit for bit first; no checkpoint is read again.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from .errors import WeightsError
+
+# family -> diffusers LoRA loader (its pipeline mixin); a family without one takes diffusers/PEFT keys as they are
+LOADERS = {
+    "flux": "FluxLoraLoaderMixin",
+    "flux2": "Flux2LoraLoaderMixin",
+    "sd3": "SD3LoraLoaderMixin",
+    "qwen-image": "QwenImageLoraLoaderMixin",
+    "wan": "WanLoraLoaderMixin",
+    "z-image": "ZImageLoraLoaderMixin",
+}
+# key fragments of adapter types that are not low-rank pairs: refused
+_REFUSED = (("hada_w1", "LoHa"), ("hada_w2", "LoHa"), ("lokr_w1", "LoKr"), ("lokr_w2", "LoKr"),
+            ("dora_scale", "DoRA"), (".oft_", "OFT"), ("glora_", "GLoRA"))
+_PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.", "model.diffusion_model.")
+_SKIPPED = ("text_encoder", "text_encoder_2", "lora_te", "lora_te1_", "lora_te2_", "text_encoders.")  # CLIP/T5 parts
+_MAX_FILE_BYTES = 1 << 36
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    path: str
+    strength: float
+
+
+@dataclass
+class LoraFile:
+    """One file in the model's names: weight key -> (up, down, scale); bias key -> delta."""
+    path: str
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    def keys(self) -> list[str]:
+        return sorted({*self.pairs, *self.biases})
+
+    def delta(self, key: str) -> torch.Tensor:
+        """The full float32 delta of parameter `key` at strength 1 (on the pair's device)."""
+        if key in self.biases:
+            return self.biases[key].float()
+        up, down, scale = self.pairs[key]
+        d = up.flatten(1).float() @ down.flatten(1).float()
+        return d * scale if scale != 1.0 else d
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+def read_lora(path: str, family: str) -> LoraFile:
+    """Read and convert one LoRA file for a model of `family`; one-line WeightsError on anything it cannot use."""
+    p = Path(path)
+    name = p.name
+    if not name.lower().endswith((".safetensors", ".sft")):
+        raise WeightsError(f"LoRA {name}: only .safetensors LoRA files are read (no pickles)")
+    try:
+        if not p.is_file():
+            raise WeightsError(f"LoRA {name}: file not found: {path}")
+        if p.stat().st_size > _MAX_FILE_BYTES:
+            raise WeightsError(f"LoRA {name}: file too large for a LoRA")
+    except OSError as e:
+        raise WeightsError(f"LoRA {name}: not readable ({e.strerror})") from None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        raw = load_file(str(p), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"LoRA {name}: truncated or not a safetensors file ({_first_line(e)})") from None
+    return convert_lora(raw, family, str(p))
+
+
+def convert_lora(raw: dict[str, torch.Tensor], family: str, path: str = "lora") -> LoraFile:
+    """A LoRA state dict (any supported format) in the model's diffusers names."""
+    name = Path(path).name
+    for k in raw:
+        for frag, kind in _REFUSED:
+            if frag in k:
+                raise WeightsError(f"LoRA {name}: {kind} adapters are not supported, only LoRA (up/down pairs); "
+                                   f"first such key {k}")
+    sd = {k: v for k, v in raw.items() if not k.startswith(_SKIPPED)}  # text-encoder parts: model-only LoRA
+    if not sd:
+        raise WeightsError(f"LoRA {name}: no diffusion-model keys in the file (first key: "
+                           f"{next(iter(sorted(raw)), 'none')})")
+    sd = _with_diffusers_loader(sd, family, name)
+    return _collect(sd, name, path)
+
+
+def _with_diffusers_loader(sd: dict, family: str, name: str) -> dict:
+    loader_name = LOADERS.get(family)
+    if loader_name is None:
+        return sd
+    import diffusers.loaders.lora_pipeline as lp
+
+    loader = getattr(lp, loader_name)
+    if family == "flux" and any(k.startswith("diffusion_model.") and ".lora_A." in k for k in sd):
+        # ComfyUI's own layout with PEFT pair names: the kohya path of diffusers' Flux loader reads it once the
+        # pairs carry kohya's names
+        sd = {k.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up."): v for k, v in sd.items()}
+    records = _Records()
+    logs = [logging.getLogger(n) for n in ("diffusers.loaders.lora_pipeline", "diffusers.loaders.lora_conversion_utils")]
+    for lg in logs:
+        lg.addHandler(records)
+    try:
+        out = loader.lora_state_dict(dict(sd), return_alphas=True) if family == "flux" else \
+            loader.lora_state_dict(dict(sd))
+    except (KeyError, ValueError, RuntimeError, IndexError, AssertionError, NotImplementedError, TypeError) as e:
+        detail = f"missing key {e.args[0]}" if isinstance(e, KeyError) and e.args else _first_line(e)
+        raise WeightsError(f"LoRA {name}: does not fit a {family} model ({detail})") from None
+    finally:
+        for lg in logs:
+            lg.removeHandler(records)
+    if records.dropped:  # diffusers filtered keys it cannot convert: refuse rather than apply part of the file
+        raise WeightsError(f"LoRA {name}: has keys diffusers' {family} LoRA conversion drops ({records.dropped[0]})")
+    if isinstance(out, tuple):
+        state, alphas = out[0], (out[1] or {})
+        state = {**state, **{k: v for k, v in alphas.items()}}
+    else:
+        state = out
+    return state
+
+
+class _Records(logging.Handler):
+    """Collects what diffusers' LoRA converters say when they leave keys out."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.dropped: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        low = text.lower()
+        if ("unsupported" in low or "do not handle" in low or "not supported" in low) and "all zeros" not in low:
+            self.dropped.append(text.splitlines()[0][:200])
+
+
+def _collect(sd: dict, name: str, path: str) -> LoraFile:
+    """Group converted keys into (up, down, scale) per weight and bias deltas; anything else is an error."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        key = k
+        while key.startswith(_PREFIXES):  # diffusers' Qwen converter prefixes an already prefixed PEFT key again
+            key = key[len(next(p for p in _PREFIXES if key.startswith(p))):]
+        for suffix, part in ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora_down.weight", "down"),
+                             (".lora_up.weight", "up"), (".lora_B.bias", "bias"), (".diff_b", "bias"),
+                             (".alpha", "alpha")):
+            if key.endswith(suffix):
+                groups.setdefault(key[: -len(suffix)], {})[part] = v
+                break
+        else:
+            raise WeightsError(f"LoRA {name}: unsupported key {k} (only lora_A/lora_B, lora_down/lora_up, alpha and "
+                               "bias deltas are applied)")
+    out = LoraFile(path)
+    for module in sorted(groups):
+        g = groups[module]
+        if ("up" in g) != ("down" in g):
+            raise WeightsError(f"LoRA {name}: {module} has a lora {'up' if 'up' in g else 'down'} matrix without "
+                               "its pair")
+        if "up" in g:
+            up, down = g["up"], g["down"]
+            if up.ndim < 2 or down.ndim < 2 or up.flatten(1).shape[1] != down.shape[0]:
+                raise WeightsError(f"LoRA {name}: {module} has up {tuple(up.shape)} and down {tuple(down.shape)} "
+                                   "of different ranks")
+            scale = 1.0
+            if "alpha" in g:
+                scale = float(g["alpha"].float().reshape(-1)[0]) / down.shape[0]
+            out.pairs[module + ".weight"] = (up, down, scale)
+        elif "alpha" in g:
+            raise WeightsError(f"LoRA {name}: {module}.alpha without a lora pair")
+        if "bias" in g:
+            out.biases[module + ".bias"] = g["bias"]
+    if not out.pairs and not out.biases:
+        raise WeightsError(f"LoRA {name}: no LoRA weights in the file")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- checking
+def check_fits(lora: LoraFile, shapes: dict[str, tuple[int, ...]], family: str = "") -> None:
+    """Every key of `lora` names a parameter of the full model with a delta of its shape; else one line naming the
+    file and the first key that does not fit."""
+    what = f"the {family} model" if family else "the model"
+    for key in lora.keys():
+        shape = shapes.get(key)
+        if shape is None:
+            raise WeightsError(f"LoRA {lora.name} does not match {what}: no parameter {key} (wrong family or model?)")
+        if key in lora.biases:
+            got = tuple(lora.biases[key].shape)
+        else:
+            up, down, _ = lora.pairs[key]
+            got = (up.shape[0], math.prod(down.shape[1:]))
+            shape = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else shape
+        if tuple(got) != tuple(shape):
+            raise WeightsError(f"LoRA {lora.name} does not match {what}: {key} is {tuple(shapes[key])} in the "
+                               f"model but the LoRA's delta is {tuple(got)} (another model size?)")
+
+
+# ----------------------------------------------------------------------------------------------------- names
+def record_layout(model: torch.nn.Module) -> None:
+    """Before a model drops blocks (PipeFusion stages): remember every parameter's shape and each block's original
+    path, so that LoRA keys keep their meaning on a stage that holds only some of the blocks. Idempotent."""
+    if getattr(model, "_xdit_full_shapes", None) is not None:
+        return
+    for name, module in model.named_modules():
+        if name and not hasattr(module, "_xdit_path"):
+            module._xdit_path = name
+    model._xdit_full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def full_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    shapes = getattr(model, "_xdit_full_shapes", None)
+    return dict(shapes) if shapes is not None else {n: tuple(p.shape) for n, p in held_parameters(model)}
+
+
+def held_parameters(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Parameter]]:
+    """(name in the full model, parameter) for every parameter this process holds."""
+    stack = [(model, "")]
+    while stack:
+        module, path = stack.pop()
+        path = getattr(module, "_xdit_path", path)
+        for n, p in module._parameters.items():
+            if p is not None:
+                yield (f"{path}.{n}" if path else n), p
+        for n, child in module._modules.items():
+            if child is not None:
+                stack.append((child, f"{path}.{n}" if path else n))
+
+
+# ----------------------------------------------------------------------------------------------------- patching
+@dataclass
+class _State:
+    signature: tuple = ()
+    backups: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> original values (CPU)
+
+
+def signature(specs: Sequence[LoraSpec]) -> tuple:
+    """What identifies a LoRA set (with the file's size and time, so that a rewritten file is read again)."""
+    sig = []
+    for s in specs:
+        if s.strength == 0.0:
+            continue
+        try:
+            st = os.stat(s.path)
+            sig.append((os.path.realpath(s.path), float(s.strength), st.st_size, st.st_mtime_ns))
+        except OSError:
+            sig.append((s.path, float(s.strength), -1, -1))
+    return tuple(sig)
+
+
+def applied(model: torch.nn.Module) -> tuple:
+    state = getattr(model, "_xdit_lora", None)
+    return state.signature if state is not None else ()
+
+
+def apply_loras(model: torch.nn.Module, family: str, specs: Sequence[LoraSpec]) -> dict:
+    """Make `model` the base model plus exactly this LoRA set (in order; strength 0 entries left out). Reads and
+    checks every file before touching a weight; restores the previous set's parameters bit for bit. Returns
+    {"loras": number applied, "patched": parameters patched here, "changed": whether weights changed}."""
+    state: _State = model.__dict__.setdefault("_xdit_lora", _State())
+    sig = signature(specs)
+    if sig == state.signature:
+        return {"loras": len(sig), "patched": 0, "changed": False}
+    files = [(read_lora(s.path, family), float(s.strength)) for s in specs if s.strength != 0.0]
+    shapes = full_shapes(model)
+    for lora, _ in files:
+        check_fits(lora, shapes, family)
+    held = dict(held_parameters(model))
+    restore(model)
+    touched = sorted({k for lora, _ in files for k in lora.keys() if k in held})
+    with torch.no_grad():
+        for key in touched:
+            param = held[key]
+            state.backups[key] = param.detach().to("cpu", copy=True)
+            local, index = _local_part(param)
+            w = local.float()
+            for lora, strength in files:
+                if key in lora.pairs or key in lora.biases:
+                    d = lora.delta(key).to(w.device).reshape(param.shape)
+                    w += d[index] * strength if index is not None else d * strength
+            local.copy_(w.to(local.dtype))
+    state.signature = sig
+    return {"loras": len(files), "patched": len(touched), "changed": True}
+
+
+def restore(model: torch.nn.Module) -> int:
+    """Put back the original values of every parameter a LoRA set changed; returns how many."""
+    state: _State | None = getattr(model, "_xdit_lora", None)
+    if state is None or not state.backups:
+        if state is not None:
+            state.signature = ()
+        return 0
+    held = dict(held_parameters(model))
+    with torch.no_grad():
+        for key, original in state.backups.items():
+            local, _ = _local_part(held[key])
+            local.copy_(original.to(local.device))
+    n = len(state.backups)
+    state.backups.clear()
+    state.signature = ()
+    return n
+
+
+def _local_part(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...] | None]:
+    """The tensor this process stores for `param` and where it sits in the full parameter. Hook for sharded
+    weights: an FSDP2 DTensor patches only its local shard (the rows of the full delta it holds)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        DTensor = ()  # type: ignore[assignment]
+    if isinstance(param, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        return param.to_local(), tuple(slice(o, o + s) for o, s in zip(offset, shape))
+    return param.data, None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
