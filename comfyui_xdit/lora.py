@@ -124,9 +124,12 @@ def _with_diffusers_loader(sd: dict, family: str, name: str) -> dict:
         # pairs carry kohya's names
         sd = {k.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up."): v for k, v in sd.items()}
     records = _Records()
-    logs = [logging.getLogger(n) for n in ("diffusers.loaders.lora_pipeline", "diffusers.loaders.lora_conversion_utils")]
-    for lg in logs:
+    logs = [logging.getLogger(f"diffusers.loaders.{n}") for n in ("lora_pipeline", "lora_conversion_utils")]
+    saved = [(lg.level, lg.propagate) for lg in logs]
+    for lg in logs:  # what they say at info level too, kept from the console
         lg.addHandler(records)
+        lg.setLevel(logging.DEBUG)
+        lg.propagate = False
     try:
         out = loader.lora_state_dict(dict(sd), return_alphas=True) if family == "flux" else \
             loader.lora_state_dict(dict(sd))
@@ -134,8 +137,10 @@ def _with_diffusers_loader(sd: dict, family: str, name: str) -> dict:
         detail = f"missing key {e.args[0]}" if isinstance(e, KeyError) and e.args else _first_line(e)
         raise WeightsError(f"LoRA {name}: does not fit a {family} model ({detail})") from None
     finally:
-        for lg in logs:
+        for lg, (level, propagate) in zip(logs, saved):
             lg.removeHandler(records)
+            lg.setLevel(level)
+            lg.propagate = propagate
     if records.dropped:  # diffusers filtered keys it cannot convert: refuse rather than apply part of the file
         raise WeightsError(f"LoRA {name}: has keys diffusers' {family} LoRA conversion drops ({records.dropped[0]})")
     if isinstance(out, tuple):
