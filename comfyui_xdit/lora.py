@@ -260,7 +260,7 @@ def held_parameters(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Para
 @dataclass
 class _State:
     signature: tuple = ()
-    backups: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> original values (CPU)
+    backups: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> original local values (CPU)
 
 
 def signature(specs: Sequence[LoraSpec]) -> tuple:
@@ -300,8 +300,8 @@ def apply_loras(model: torch.nn.Module, family: str, specs: Sequence[LoraSpec]) 
     with torch.no_grad():
         for key in touched:
             param = held[key]
-            state.backups[key] = param.detach().to("cpu", copy=True)
             local, index = _local_part(param)
+            state.backups[key] = local.detach().to("cpu", copy=True)
             w = local.float()
             for lora, strength in files:
                 if key in lora.pairs or key in lora.biases:
