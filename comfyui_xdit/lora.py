@@ -63,14 +63,6 @@ class LoraFile:
     def keys(self) -> list[str]:
         return sorted({*self.pairs, *self.biases})
 
-    def delta(self, key: str) -> torch.Tensor:
-        """The full float32 delta of parameter `key` at strength 1 (on the pair's device)."""
-        if key in self.biases:
-            return self.biases[key].float()
-        up, down, scale = self.pairs[key]
-        d = up.flatten(1).float() @ down.flatten(1).float()
-        return d * scale if scale != 1.0 else d
-
 
 # ----------------------------------------------------------------------------------------------------- reading
 def read_lora(path: str, family: str) -> LoraFile:
@@ -295,21 +287,44 @@ def apply_loras(model: torch.nn.Module, family: str, specs: Sequence[LoraSpec]) 
     for lora, _ in files:
         check_fits(lora, shapes, family)
     held = dict(held_parameters(model))
-    restore(model)
     touched = sorted({k for lora, _ in files for k in lora.keys() if k in held})
+    keep = set(touched)
+    state.signature = ("incomplete",)  # until every parameter is done (the backups stay the base values)
     with torch.no_grad():
+        for key in [k for k in state.backups if k not in keep]:  # changed by the old set only: the base again
+            local, _ = _local_part(held[key])
+            local.copy_(state.backups.pop(key).to(local.device))
         for key in touched:
-            param = held[key]
-            local, index = _local_part(param)
-            state.backups[key] = local.detach().to("cpu", copy=True)
-            w = local.float()
-            for lora, strength in files:
-                if key in lora.pairs or key in lora.biases:
-                    d = lora.delta(key).to(w.device).reshape(param.shape)
-                    w += d[index] * strength if index is not None else d * strength
-            local.copy_(w.to(local.dtype))
+            local, index = _local_part(held[key])
+            if key in state.backups:  # changed by the old set too: from its base values
+                local.copy_(state.backups[key].to(local.device))
+            else:
+                state.backups[key] = local.detach().to("cpu", copy=True)
+            _add_deltas(local, index, tuple(held[key].shape), key, files)
     state.signature = sig
     return {"loras": len(files), "patched": len(touched), "changed": True}
+
+
+def _add_deltas(local: torch.Tensor, index: tuple[slice, ...] | None, shape: tuple[int, ...], key: str,
+                files: list[tuple[LoraFile, float]]) -> None:
+    """local += strength * delta of every file, in order, in float32 (in place for an fp32 parameter; an fp16,
+    bf16 or fp8 one is upcast, patched and stored back in its dtype). A pair's strength and scale go into its up
+    matrix, so each pair is one addmm over the weight."""
+    w = local if local.dtype == torch.float32 and local.is_contiguous() else local.float().contiguous()
+    for lora, strength in files:
+        if key in lora.biases:
+            d = lora.biases[key].to(w.device, torch.float32) * strength
+            w.add_(d[index] if index is not None else d)
+        elif key in lora.pairs:
+            up, down, scale = lora.pairs[key]
+            up = up.flatten(1).to(w.device, torch.float32) * (scale * strength)
+            down = down.flatten(1).to(w.device, torch.float32)
+            if index is None:
+                w.view(w.shape[0], -1).addmm_(up, down)
+            else:  # a shard: the rows (and columns) of the full delta it holds
+                w.add_((up @ down).reshape(shape)[index])
+    if w is not local:
+        local.copy_(w.to(local.dtype))
 
 
 def restore(model: torch.nn.Module) -> int:
