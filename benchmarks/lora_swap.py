@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--targets", choices=("all", "attn"), default="all",
+                    help="all: every attention and MLP matrix of the blocks (distillation LoRAs); attn: q, k, v only")
     a = ap.parse_args()
     from diffusers import FluxTransformer2DModel
 
@@ -47,7 +49,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         ckpt = Path(d) / "model.safetensors"
         save_file(sd, str(ckpt))
-        mods = lf.matrices(sd, ("attn.", "ff.", "ff_context.", "proj_mlp", "proj_out"), exclude=("norm",))
+        include = ("attn.", "ff.", "ff_context.", "proj_mlp", "proj_out") if a.targets == "all" else \
+            ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+        mods = lf.matrices(sd, include, exclude=("norm",))
         mods = [m for m in mods if "blocks." in m]
         paths = []
         for seed in (1, 2):
@@ -67,11 +71,14 @@ def main() -> None:
                 t0 = time.perf_counter()
                 apply_loras(net, loaded.family, spec)
                 swaps[name].append(time.perf_counter() - t0)
+                if name == "none -> A":
+                    kept = sum(t.numel() * t.element_size() for t in net._xdit_lora.backups.values())
             assert all(torch.equal(v, base[k]) for k, v in net.state_dict().items())
             del loaded, net, base
     print(f"Flux layout, width {a.width}, {a.double} double + {a.single} single blocks, {params / 1e6:.0f} M "
-          f"parameters fp32; LoRA rank {a.rank} on {len(mods)} matrices; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median of {a.repeat}\n")
+          f"parameters fp32; LoRA rank {a.rank} on {len(mods)} matrices ({a.targets}), base values kept "
+          f"{kept / 2**20:.0f} MiB; torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
+          f"{a.repeat}\n")
     print("| operation | seconds |\n|---|---|")
     print(f"| full reload (load_model of the checkpoint) | {statistics.median(reload):.3f} |")
     for name, t in swaps.items():

@@ -296,33 +296,42 @@ def apply_loras(model: torch.nn.Module, family: str, specs: Sequence[LoraSpec]) 
             local.copy_(state.backups.pop(key).to(local.device))
         for key in touched:
             local, index = _local_part(held[key])
-            if key in state.backups:  # changed by the old set too: from its base values
-                local.copy_(state.backups[key].to(local.device))
-            else:
+            if key not in state.backups:
                 state.backups[key] = local.detach().to("cpu", copy=True)
-            _add_deltas(local, index, tuple(held[key].shape), key, files)
+            _patch(local, state.backups[key], index, tuple(held[key].shape), key, files)
     state.signature = sig
     return {"loras": len(files), "patched": len(touched), "changed": True}
 
 
-def _add_deltas(local: torch.Tensor, index: tuple[slice, ...] | None, shape: tuple[int, ...], key: str,
-                files: list[tuple[LoraFile, float]]) -> None:
-    """local += strength * delta of every file, in order, in float32 (in place for an fp32 parameter; an fp16,
-    bf16 or fp8 one is upcast, patched and stored back in its dtype). A pair's strength and scale go into its up
-    matrix, so each pair is one addmm over the weight."""
-    w = local if local.dtype == torch.float32 and local.is_contiguous() else local.float().contiguous()
+def _patch(local: torch.Tensor, base: torch.Tensor, index: tuple[slice, ...] | None, shape: tuple[int, ...],
+           key: str, files: list[tuple[LoraFile, float]]) -> None:
+    """local = base + strength * delta of every file, in order, in float32 (an fp16, bf16 or fp8 parameter is
+    upcast, patched and stored back in its dtype). A pair's strength and scale go into its up matrix, so each pair
+    is one addmm over the weight; on an fp32 parameter the first one reads the base values and writes the
+    parameter in one pass."""
+    base = base.to(local.device)
+    direct = local.dtype == torch.float32 and local.is_contiguous() and index is None
+    w = local if direct else base.to(torch.float32, copy=True).contiguous()  # never the kept base values
+    src = base if direct else None  # None: w already holds the values to add to
     for lora, strength in files:
         if key in lora.biases:
             d = lora.biases[key].to(w.device, torch.float32) * strength
-            w.add_(d[index] if index is not None else d)
+            d = d[index] if index is not None else d
+            torch.add(src, d, out=w) if src is not None else w.add_(d)
         elif key in lora.pairs:
             up, down, scale = lora.pairs[key]
             up = up.flatten(1).to(w.device, torch.float32) * (scale * strength)
             down = down.flatten(1).to(w.device, torch.float32)
-            if index is None:
+            if index is not None:  # a shard: the rows (and columns) of the full delta it holds
+                d = (up @ down).reshape(shape)[index]
+                torch.add(src, d, out=w) if src is not None else w.add_(d)
+            elif src is not None:
+                torch.addmm(src.reshape(w.shape[0], -1), up, down, out=w.view(w.shape[0], -1))
+            else:
                 w.view(w.shape[0], -1).addmm_(up, down)
-            else:  # a shard: the rows (and columns) of the full delta it holds
-                w.add_((up @ down).reshape(shape)[index])
+        else:
+            continue
+        src = None
     if w is not local:
         local.copy_(w.to(local.dtype))
 

@@ -228,3 +228,25 @@ def test_world2_with_loras_matches_serial(world2, lora_paths, index):
     print(f"{case['id']} with two LoRAs: rel L2 to serial {err:.2e} (LoRA vs none {rel_l2(serial, plain):.2e})")
     assert err <= 1e-4
     assert rel_l2(serial, plain) > 1e-3  # the LoRAs change the result
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn], ids=str)
+def test_low_precision_weights_upcast_patched_stored_back(tmp_path, dtype):
+    """An fp16/bf16/fp8 parameter: base values upcast, patched in float32, stored in its dtype; the restore is
+    bit for bit."""
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        model.proj.weight.copy_(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)) * 0.3)
+    model.proj.weight = torch.nn.Parameter(model.proj.weight.detach().to(dtype), requires_grad=False)
+    base = model.proj.weight.detach().clone()
+    pairs = lf.draw_pairs({"proj.weight": base.float()}, ["proj"], 2, 1, alpha=1.0)
+    path = tmp_path / "l.safetensors"
+    save_file(lf.diffusers(pairs), str(path))
+    apply_loras(model, "", [LoraSpec(str(path), 2.0)])
+    want = lf.patched({"proj.weight": base.float()}, [(pairs, 2.0)])["proj.weight"].to(dtype)
+    got = model.proj.weight.detach()
+    assert got.dtype == dtype and not torch.equal(got.float(), base.float())
+    assert torch.equal(got.float(), want.float()) or rel_l2(got.float(), want.float()) < 1e-2
+    apply_loras(model, "", [])
+    assert torch.equal(model.proj.weight.detach().view(torch.uint8), base.view(torch.uint8))
