@@ -126,7 +126,12 @@ def _with_diffusers_loader(sd: dict, family: str, name: str) -> dict:
         out = loader.lora_state_dict(dict(sd), return_alphas=True) if family == "flux" else \
             loader.lora_state_dict(dict(sd))
     except (KeyError, ValueError, RuntimeError, IndexError, AssertionError, NotImplementedError, TypeError) as e:
-        detail = f"missing key {e.args[0]}" if isinstance(e, KeyError) and e.args else _first_line(e)
+        if isinstance(e, KeyError) and e.args:
+            detail = f"missing key {e.args[0]}"
+        elif isinstance(e, AssertionError) and not str(e):  # e.g. kohya Flux: split sizes of Flux.1 (3072 wide)
+            detail = f"diffusers' {family} LoRA converter's fixed sizes do not fit this model"
+        else:
+            detail = _first_line(e)
         raise WeightsError(f"LoRA {name}: does not fit a {family} model ({detail})") from None
     finally:
         for lg, (level, propagate) in zip(logs, saved):

@@ -250,3 +250,17 @@ def test_low_precision_weights_upcast_patched_stored_back(tmp_path, dtype):
     assert torch.equal(got.float(), want.float()) or rel_l2(got.float(), want.float()) < 1e-2
     apply_loras(model, "", [])
     assert torch.equal(model.proj.weight.detach().view(torch.uint8), base.view(torch.uint8))
+
+
+def test_kohya_flux_of_another_width_is_refused(tmp_path):
+    """diffusers' kohya Flux converter splits linear1 at Flux.1's sizes: a file for a narrower model is refused in
+    one line rather than split wrongly."""
+    from tests.test_weights import flux_to_bfl
+
+    model = load_model("tiny-flux").adapter.model
+    orig = flux_to_bfl(model)
+    path = tmp_path / "k.safetensors"
+    save_file(lf.kohya(lf.draw_pairs(orig, lf.matrices(orig, ("linear1",)), 2, 1)), str(path))
+    with pytest.raises(WeightsError, match=r"^LoRA k\.safetensors: does not fit a flux model \(diffusers' flux LoRA "
+                                           r"converter's fixed sizes do not fit this model\)$"):
+        apply_loras(model, "flux", [LoraSpec(str(path), 1.0)])
