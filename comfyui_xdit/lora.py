@@ -88,14 +88,21 @@ def read_lora(path: str, family: str) -> LoraFile:
     return convert_lora(raw, family, str(p))
 
 
+def refusal(keys: Iterable[str]) -> str | None:
+    """Why a file with these key names is not a LoRA the engine applies (LoKr, LoHa, DoRA, ...), or None."""
+    for k in keys:
+        for frag, kind in _REFUSED:
+            if frag in k:
+                return f"{kind} adapters are not supported, only LoRA (up/down pairs); first such key {k}"
+    return None
+
+
 def convert_lora(raw: dict[str, torch.Tensor], family: str, path: str = "lora") -> LoraFile:
     """A LoRA state dict (any supported format) in the model's diffusers names."""
     name = Path(path).name
-    for k in raw:
-        for frag, kind in _REFUSED:
-            if frag in k:
-                raise WeightsError(f"LoRA {name}: {kind} adapters are not supported, only LoRA (up/down pairs); "
-                                   f"first such key {k}")
+    refused = refusal(raw)
+    if refused:
+        raise WeightsError(f"LoRA {name}: {refused}")
     sd = {k: v for k, v in raw.items() if not k.startswith(_SKIPPED)}  # text-encoder parts: model-only LoRA
     if not sd:
         raise WeightsError(f"LoRA {name}: no diffusion-model keys in the file (first key: "

@@ -264,3 +264,34 @@ def test_kohya_flux_of_another_width_is_refused(tmp_path):
     with pytest.raises(WeightsError, match=r"^LoRA k\.safetensors: does not fit a flux model \(diffusers' flux LoRA "
                                            r"converter's fixed sizes do not fit this model\)$"):
         apply_loras(model, "flux", [LoraSpec(str(path), 1.0)])
+
+
+def test_queue_time_checks_through_parallel_lora(ext, rec, tmp_path):
+    """On POST /prompt: the sampler's checks still reach the Load node through a chain of Parallel LoRA nodes, and
+    a LoRA file that is not one the pool applies (LoKr, no pairs) is refused on its node, once."""
+    from tests.test_nodes import _graph, _queue
+
+    good, lokr, plain = (tmp_path / n for n in ("good.safetensors", "lokr.safetensors", "plain.safetensors"))
+    save_file({"transformer.x.lora_A.weight": torch.zeros(1, 2), "transformer.x.lora_B.weight": torch.zeros(2, 1)},
+              str(good))
+    save_file({"lora_unet_x.lokr_w1": torch.zeros(2, 2)}, str(lokr))
+    save_file({"x.weight": torch.zeros(2, 2)}, str(plain))
+    rec.folders["loras"] = [str(good), str(lokr), str(plain)]
+
+    def graph(names, **kw):
+        g = _graph(**kw)
+        prev = "6"
+        for i, name in enumerate(names):
+            g[f"9{i}"] = {"class_type": "XDiTParallelLoRA", "inputs": {"model": [prev, 0], "lora_name": name,
+                                                                      "strength_model": 1.0}}
+            prev = f"9{i}"
+        g["8"]["inputs"]["model"] = [prev, 0]
+        return g
+
+    assert _queue(ext, rec, graph(["good.safetensors", "good.safetensors"])) == {}
+    errors = _queue(ext, rec, graph(["good.safetensors", "good.safetensors"], config={"cfg_degree": 2}))
+    assert list(errors) == ["8"] and "cfg_degree 2 runs" in errors["8"][0]  # the sampler, through 2 LoRAs
+    errors = _queue(ext, rec, graph(["good.safetensors", "lokr.safetensors", "plain.safetensors"]))
+    assert sorted(errors) == ["91", "92"] and all(len(v) == 1 for v in errors.values())
+    assert "LoRA lokr.safetensors: LoKr adapters are not supported" in errors["91"][0]
+    assert "LoRA plain.safetensors: no LoRA pairs in the file (first key: x.weight)" in errors["92"][0]
