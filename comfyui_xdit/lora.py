@@ -281,6 +281,15 @@ def signature(specs: Sequence[LoraSpec]) -> tuple:
     return tuple(sig)
 
 
+def set_key(sig: tuple) -> str:
+    """A short name of a LoRA set's signature ("" for none): with the model's key, what the weights now are."""
+    if not sig:
+        return ""
+    import hashlib
+
+    return hashlib.sha256(repr(sig).encode()).hexdigest()[:16]
+
+
 def applied(model: torch.nn.Module) -> tuple:
     state = getattr(model, "_xdit_lora", None)
     return state.signature if state is not None else ()
@@ -289,11 +298,12 @@ def applied(model: torch.nn.Module) -> tuple:
 def apply_loras(model: torch.nn.Module, family: str, specs: Sequence[LoraSpec]) -> dict:
     """Make `model` the base model plus exactly this LoRA set (in order; strength 0 entries left out). Reads and
     checks every file before touching a weight; restores the previous set's parameters bit for bit. Returns
-    {"loras": number applied, "patched": parameters patched here, "changed": whether weights changed}."""
+    {"loras": number applied, "patched": parameters patched here, "changed": whether weights changed, "key": the
+    set's key (set_key)}."""
     state: _State = model.__dict__.setdefault("_xdit_lora", _State())
     sig = signature(specs)
     if sig == state.signature:
-        return {"loras": len(sig), "patched": 0, "changed": False}
+        return {"loras": len(sig), "patched": 0, "changed": False, "key": set_key(sig)}
     files = [(read_lora(s.path, family), float(s.strength)) for s in specs if s.strength != 0.0]
     shapes = full_shapes(model)
     for lora, _ in files:
@@ -312,7 +322,7 @@ def apply_loras(model: torch.nn.Module, family: str, specs: Sequence[LoraSpec]) 
                 state.backups[key] = local.detach().to("cpu", copy=True)
             _patch(local, state.backups[key], index, tuple(held[key].shape), key, files)
     state.signature = sig
-    return {"loras": len(files), "patched": len(touched), "changed": True}
+    return {"loras": len(files), "patched": len(touched), "changed": True, "key": set_key(sig)}
 
 
 def _patch(local: torch.Tensor, base: torch.Tensor, index: tuple[slice, ...] | None, shape: tuple[int, ...],

@@ -167,15 +167,17 @@ class Executor:
         return job.latents.float().cpu() if is_rank0 else job.latents, extra
 
     def _apply_loras(self, op: SampleOp, loaded: LoadedModel) -> dict:
-        """Patch the job's LoRA set into this rank's weights (the base weights for an empty set); the set is part
-        of what the model entry holds now (model_info's "loras")."""
+        """Patch the job's LoRA set into this rank's weights (the base weights for an empty set). The model entry's
+        weights are then its key plus the set: model_info's "loras" and "lora_key", and the result's "lora_key"."""
         specs = [LoraSpec(lo.path, lo.strength) for lo in op.loras]
         t0 = time.perf_counter()
         info = apply_loras(loaded.adapter.model, loaded.family, specs)
-        self.model_info[op.key]["loras"] = [[s.path, s.strength] for s in specs if s.strength != 0.0]
-        if not info["changed"]:
-            return {}
-        return {"lora_seconds": round(time.perf_counter() - t0, 6), "lora_patched": info["patched"]}
+        self.model_info[op.key].update(loras=[[s.path, s.strength] for s in specs if s.strength != 0.0],
+                                       lora_key=info["key"])
+        out = {"lora_key": info["key"]} if info["key"] else {}
+        if info["changed"]:
+            out.update(lora_seconds=round(time.perf_counter() - t0, 6), lora_patched=info["patched"])
+        return out
 
     def _serial_step(self, info: StepInfo, report: Callable, should_cancel, fault_at: int | None) -> None:
         report(info)

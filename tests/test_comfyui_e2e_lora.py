@@ -56,26 +56,21 @@ def comfy(tmp_path_factory):
     _write_tiny_flux(models / "flux.safetensors")
     _write_tiny_qwen(models / "qwen.safetensors")
     _write_tiny_wan(models / "wan.safetensors", 1357)
-    files = {}
     diff, bfl = _flux_layouts()
-    files["flux"] = (
-        _write(loras, "flux_kohya.safetensors", lf.kohya(lf.draw_pairs(
-            bfl, lf.matrices(bfl, ("qkv", "linear1", "proj", "mlp")), 4, 1, 2.0))),
-        _write(loras, "flux_diffusers.safetensors", lf.diffusers(lf.draw_pairs(
-            diff, lf.matrices(diff, ("to_q", "to_k", "to_v", "add_q_proj", "proj_out")), 4, 2))))
-    qwen = load_file(str(models / "qwen.safetensors"))
-    files["qwen"] = (
-        _write(loras, "qwen_kohya.safetensors", lf.kohya(lf.draw_pairs(
-            qwen, lf.matrices(qwen, ("attn.to_", "attn.add_", "img_mlp")), 4, 3, 2.0))),
-        _write(loras, "qwen_diffusers.safetensors", lf.diffusers(lf.draw_pairs(
-            qwen, lf.matrices(qwen, ("attn.to_", "txt_mlp", "img_mod")), 4, 4))))
-    wan = load_file(str(models / "wan.safetensors"))
-    files["wan"] = (
-        _write(loras, "wan_kohya.safetensors", lf.kohya(lf.draw_pairs(
-            wan, lf.matrices(wan, ("self_attn", "cross_attn", "ffn")), 4, 5, 2.0))),
-        _write(loras, "wan_comfy.safetensors", lf.comfy(lf.draw_pairs(
-            wan, lf.matrices(wan, ("self_attn", "ffn", "head.head")), 4, 6))))
-    del qwen, wan, diff, bfl
+    qwen, wan = (load_file(str(models / f"{n}.safetensors")) for n in ("qwen", "wan"))
+    # family -> two files: (name, writer, the layout its names are in, modules containing, seed, alpha)
+    specs = {
+        "flux": (("flux_kohya", lf.kohya, bfl, ("qkv", "linear1", "proj", "mlp"), 1, 2.0),
+                 ("flux_diffusers", lf.diffusers, diff, ("to_q", "to_k", "to_v", "add_q_proj", "proj_out"), 2, None)),
+        "qwen": (("qwen_kohya", lf.kohya, qwen, ("attn.to_", "attn.add_", "img_mlp"), 3, 2.0),
+                 ("qwen_diffusers", lf.diffusers, qwen, ("attn.to_", "txt_mlp", "img_mod"), 4, None)),
+        "wan": (("wan_kohya", lf.kohya, wan, ("self_attn", "cross_attn", "ffn"), 5, 2.0),
+                ("wan_comfy", lf.comfy, wan, ("self_attn", "ffn", "head.head"), 6, None)),
+    }
+    files = {family: tuple(_write(loras, f"{name}.safetensors", writer(lf.draw_pairs(
+        sd, lf.matrices(sd, include), 4, seed, alpha))) for name, writer, sd, include, seed, alpha in pair)
+        for family, pair in specs.items()}
+    del qwen, wan, diff, bfl, specs
     with running_comfyui(base) as server:
         yield server, base, files
 

@@ -295,3 +295,15 @@ def test_queue_time_checks_through_parallel_lora(ext, rec, tmp_path):
     assert sorted(errors) == ["91", "92"] and all(len(v) == 1 for v in errors.values())
     assert "LoRA lokr.safetensors: LoKr adapters are not supported" in errors["91"][0]
     assert "LoRA plain.safetensors: no LoRA pairs in the file (first key: x.weight)" in errors["92"][0]
+
+
+@pytest.mark.parametrize("tiny", ["tiny-sd3", "tiny-pixart", "tiny-z-image", "tiny-flux2"])
+def test_other_families_take_diffusers_loras(tmp_path, tiny):
+    loaded = load_model(tiny)
+    model = loaded.adapter.model
+    base = _state(model)
+    pairs = lf.draw_pairs(base, lf.matrices(base, ("attn", "attention", "ff", "feed_forward"))[:20], 2, 1, 1.0)
+    path = tmp_path / "l.safetensors"
+    save_file(lf.diffusers(pairs), str(path))
+    assert apply_loras(model, loaded.family, [LoraSpec(str(path), 0.5)])["patched"] > 5
+    assert _max_err(model, lf.patched(base, [(pairs, 0.5)])) <= 1e-6 and _max_err(model, base) > 1e-3

@@ -60,10 +60,10 @@ def test_sets_swap_between_jobs(client, loras, parallel):
         print(f"pool {parallel}: {name} rel L2 {err:.2e}, lora {info.get('lora_seconds')} s")
         assert err <= 1e-5, name
         if specs:
-            assert rel_l2(out, base) > 1e-3 and info["lora_patched"] > 0
+            assert rel_l2(out, base) > 1e-3 and info["lora_patched"] > 0 and len(info["lora_key"]) == 16
     assert torch.equal(out, base)  # none: the base weights, bit for bit
     models = {m["key"]: m for m in client.status()["models"]}
-    assert models[key]["loras"] == []
+    assert models[key]["loras"] == [] and models[key]["lora_key"] == ""
 
 
 def test_mismatch_is_one_line_and_the_pool_stays(client, loras):
