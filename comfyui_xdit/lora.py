@@ -104,6 +104,9 @@ def convert_lora(raw: dict[str, torch.Tensor], family: str, path: str = "lora") 
     if refused:
         raise WeightsError(f"LoRA {name}: {refused}")
     sd = {k: v for k, v in raw.items() if not k.startswith(_SKIPPED)}  # text-encoder parts: model-only LoRA
+    # all-zero full-weight and bias deltas change nothing (LightX2V files carry zeroed norm diffs, which diffusers'
+    # converters leave out): dropped here, so that only a delta with an effect that would be lost is refused
+    sd = {k: v for k, v in sd.items() if not (k.endswith((".diff", ".diff_b")) and not v.any())}
     if not sd:
         raise WeightsError(f"LoRA {name}: no diffusion-model keys in the file (first key: "
                            f"{next(iter(sorted(raw)), 'none')})")

@@ -307,3 +307,35 @@ def test_other_families_take_diffusers_loras(tmp_path, tiny):
     save_file(lf.diffusers(pairs), str(path))
     assert apply_loras(model, loaded.family, [LoraSpec(str(path), 0.5)])["patched"] > 5
     assert _max_err(model, lf.patched(base, [(pairs, 0.5)])) <= 1e-6 and _max_err(model, base) > 1e-3
+
+
+def test_wan_bias_deltas_and_dropped_diffs(tmp_path):
+    """LightX2V-style Wan files: a `diff_b` bias delta is added (times the strength, as ComfyUI does); a nonzero
+    full-weight `diff`, which diffusers' converter leaves out, refuses the file instead of applying part of it."""
+    from tests.test_wan import wan_to_original
+
+    loaded = load_model("tiny-wan")
+    model = loaded.adapter.model
+    base = _state(model)
+    orig = wan_to_original(model)
+    pairs = lf.draw_pairs(orig, lf.matrices(orig, ("self_attn",)), 2, 1)
+    sd = lf.comfy(pairs)
+    bias = torch.randn(orig["blocks.0.self_attn.q.bias"].shape, generator=torch.Generator().manual_seed(2))
+    sd["diffusion_model.blocks.0.self_attn.q.diff_b"] = bias
+    path = tmp_path / "lightx2v.safetensors"
+    save_file(sd, str(path))
+    apply_loras(model, "wan", [LoraSpec(str(path), 0.5)])
+    patched_bias = model.state_dict()["blocks.0.attn1.to_q.bias"].clone()
+    assert torch.allclose(patched_bias, base["blocks.0.attn1.to_q.bias"] + 0.5 * bias, atol=1e-6)
+    apply_loras(model, "wan", [])
+    sd["diffusion_model.blocks.0.norm3.diff"] = torch.zeros(orig["blocks.0.norm3.weight"].shape)  # zeroed: no effect
+    save_file(sd, str(path))
+    apply_loras(model, "wan", [LoraSpec(str(path), 0.5)])
+    assert torch.equal(model.state_dict()["blocks.0.attn1.to_q.bias"], patched_bias)
+    apply_loras(model, "wan", [])
+    sd["diffusion_model.blocks.0.norm3.diff"] = torch.ones(orig["blocks.0.norm3.weight"].shape)
+    save_file(sd, str(path))
+    with pytest.raises(WeightsError, match=r"^LoRA lightx2v\.safetensors: has keys diffusers' wan LoRA conversion "
+                                           r"drops"):
+        apply_loras(model, "wan", [LoraSpec(str(path), 0.5)])
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
