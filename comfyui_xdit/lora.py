@@ -361,24 +361,6 @@ def _patch(local: torch.Tensor, base: torch.Tensor, index: tuple[slice, ...] | N
         local.copy_(w.to(local.dtype))
 
 
-def restore(model: torch.nn.Module) -> int:
-    """Put back the original values of every parameter a LoRA set changed; returns how many."""
-    state: _State | None = getattr(model, "_xdit_lora", None)
-    if state is None or not state.backups:
-        if state is not None:
-            state.signature = ()
-        return 0
-    held = dict(held_parameters(model))
-    with torch.no_grad():
-        for key, original in state.backups.items():
-            local, _ = _local_part(held[key])
-            local.copy_(original.to(local.device))
-    n = len(state.backups)
-    state.backups.clear()
-    state.signature = ()
-    return n
-
-
 def _local_part(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...] | None]:
     """The tensor this process stores for `param` and where it sits in the full parameter. Hook for sharded
     weights: an FSDP2 DTensor patches only its local shard (the rows of the full delta it holds)."""
