@@ -129,9 +129,15 @@ class ModelHandle:
     variant: str
     key: str
     info: dict = field(default_factory=dict)
+    loras: tuple[tuple[str, float], ...] = ()  # (file, strength) in order, from Parallel LoRA nodes
+
+    def lora_fields(self) -> list[dict]:
+        """The `loras` of a pool sample request."""
+        return [{"path": p, "strength": s} for p, s in self.loras]
 
     def __repr__(self) -> str:
-        return f"ModelHandle({self.source!r}, {self.variant}, {self.dtype}, ranks={self.settings.world_size})"
+        loras = f", loras={[(os.path.basename(p), s) for p, s in self.loras]}" if self.loras else ""
+        return f"ModelHandle({self.source!r}, {self.variant}, {self.dtype}, ranks={self.settings.world_size}{loras})"
 
 
 class PoolManager:

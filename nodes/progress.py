@@ -17,8 +17,8 @@ _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xdit-job")
 
 def run_job(client: Any, key: str, fields: dict, tensors: dict[str, torch.Tensor], parallel: dict,
             on_step: Callable[[int, int, torch.Tensor | None], None] | None = None,
-            check_interrupt: Callable[[], None] | None = None, preview: bool = False
-            ) -> tuple[torch.Tensor, dict[str, Any]]:
+            check_interrupt: Callable[[], None] | None = None, preview: bool = False,
+            loras: list[dict] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Sample on the pool; returns the latents and the result's fields (timings, steps the cache reused).
     `on_step(step, total, preview)` and `check_interrupt()` run on the calling thread; if either raises, the pool
     job is cancelled, and the exception propagates once the pool has stopped it."""
@@ -29,7 +29,7 @@ def run_job(client: Any, key: str, fields: dict, tensors: dict[str, torch.Tensor
         events.put((p.step, p.total, p.preview))
 
     future = _EXECUTOR.submit(client.sample_with_info, key, fields, tensors, parallel=parallel, on_progress=progress,
-                              preview=preview, request_id=rid)
+                              preview=preview, request_id=rid, **({"loras": loras} if loras else {}))
     try:
         while True:
             try:

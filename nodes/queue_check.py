@@ -22,6 +22,7 @@ log = logging.getLogger("comfyui_xdit.nodes")
 
 HIDDEN = "xdit_check"  # the hidden input (UNIQUE_ID) each node's VALIDATE_INPUTS takes; ComfyUI prefixes messages with it
 CONFIGURE, LOAD, SAMPLER = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"
+LORA = "XDiTParallelLoRA"
 SAMPLERS = (SAMPLER, "XDiTParallelSamplerAdvanced")  # the same checks: both take a model, cfg and a latent
 EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent")
 # ComfyUI's nodes whose CONDITIONING carries Wan image-to-video inputs (concat_latent_image, clip_vision_output)
@@ -72,7 +73,8 @@ def graph_problems(prompt: dict) -> dict[str, str]:
         kind = node.get("class_type")
         lines = (_configure_problems(node) if kind == CONFIGURE else
                  _load_problems(prompt, node) if kind == LOAD else
-                 _sampler_problems(prompt, node) if kind in SAMPLERS else [])
+                 _sampler_problems(prompt, node) if kind in SAMPLERS else
+                 _lora_problems(node) if kind == LORA else [])
         if lines:
             out[str(nid)] = "; ".join(lines)
     return out
@@ -210,8 +212,44 @@ def model_fit_problems(s, g: Geometry, name: str) -> list[str]:
     return out
 
 
+def _model_source(prompt: dict, node: dict) -> tuple[str, dict] | None:
+    """The Load Parallel DiT behind a node's model input, through any chain of Parallel LoRA nodes."""
+    for _ in range(64):  # a chain (a cycle is ComfyUI's to report)
+        src = _source(prompt, node, "model", (LOAD, LORA))
+        if src is None or src[1].get("class_type") == LOAD:
+            return src
+        node = src[1]
+    return None
+
+
+def _lora_problems(node: dict) -> list[str]:
+    """A constant lora_name whose file is not a LoRA the pool applies (unreadable, LoKr/LoHa/DoRA, no pairs)."""
+    from comfyui_xdit.lora import refusal
+
+    from .geometry import tensor_shapes
+    from .lora_nodes import LoraNodeError, resolve
+
+    name = (node.get("inputs") or {}).get("lora_name")
+    if not isinstance(name, str):
+        return []
+    try:
+        keys = tensor_shapes(resolve(name))
+    except LoraNodeError as e:
+        return [str(e).removeprefix("Parallel LoRA: ")]
+    except (CheckpointError, OSError) as e:
+        return [f"LoRA {name}: {e}"]
+    why = refusal(keys)
+    if why is None and not any(k.endswith(_PAIR_SUFFIXES) for k in keys):
+        why = f"no LoRA pairs in the file (first key: {next(iter(sorted(keys)), 'none')})"
+    return [f"LoRA {name}: {why}"] if why else []
+
+
+_PAIR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_up.weight", ".lora_down.weight", ".diff_b",
+                  ".lora_B.bias")
+
+
 def _sampler_problems(prompt: dict, node: dict) -> list[str]:
-    load = _source(prompt, node, "model", LOAD)
+    load = _model_source(prompt, node)
     s = _valid_settings(prompt, load[1]) if load else None
     if s is None:
         return []

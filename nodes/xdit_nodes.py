@@ -326,7 +326,8 @@ def _run(model: ModelHandle, fields: dict, tensors: dict, unique_id: Any, total:
         client.load(model.source, None if model.family == "auto" else model.family, model.dtype)
         latents, info = run_job(client, model.key, fields, tensors, model.settings.degrees(), on_step=on_step,
                                 check_interrupt=mm.throw_exception_if_processing_interrupted,
-                                preview=previewer is not None)
+                                preview=previewer is not None,
+                                **({"loras": model.lora_fields()} if model.loras else {}))
     except JobCancelled:
         mm.throw_exception_if_processing_interrupted()
         raise _PoolFailure("the pool cancelled the job") from None

@@ -112,21 +112,23 @@ class PoolClient:
     def sample(self, key: str, request_fields: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None,
                parallel: dict[str, int] | None = None, on_progress: Callable[[Progress], None] | None = None,
                preview: bool = False, timeout: float | None = None, request_id: str | None = None,
-               debug: dict | None = None) -> torch.Tensor:
+               debug: dict | None = None, loras: list[dict] | None = None) -> torch.Tensor:
         """Sample on the pool; returns latents [B, C, H/8, W/8] float32. `timeout` (seconds, None = no limit)
         covers queueing and sampling. If `on_progress` raises, the job is cancelled and the error re-raised.
         A model lost to a pool restart is loaded again once, transparently."""
         return self.sample_with_info(key, request_fields, tensors, parallel, on_progress, preview, timeout,
-                                     request_id, debug)[0]
+                                     request_id, debug, loras)[0]
 
     def sample_with_info(self, key: str, request_fields: dict[str, Any],
                          tensors: dict[str, torch.Tensor] | None = None, parallel: dict[str, int] | None = None,
                          on_progress: Callable[[Progress], None] | None = None, preview: bool = False,
                          timeout: float | None = None, request_id: str | None = None,
-                         debug: dict | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+                         debug: dict | None = None, loras: list[dict] | None = None
+                         ) -> tuple[torch.Tensor, dict[str, Any]]:
         """`sample`, also returning the result's fields: seconds (on rank 0), progress_seconds (spent sending
-        progress)."""
-        fields = dict(key=key, request=request_fields, parallel=parallel or {}, preview=preview, debug=debug or None)
+        progress). `loras`: [{"path", "strength"}, ...] patched into the model for this job (none: the base)."""
+        fields = dict(key=key, request=request_fields, parallel=parallel or {}, preview=preview, debug=debug or None,
+                      loras=list(loras or []))
         rid = request_id or self.new_request_id()
 
         def on_message(msg: Message) -> None:

@@ -16,6 +16,7 @@ from comfyui_xdit.cache import CacheSettings
 from comfyui_xdit.engine import run_job
 from comfyui_xdit.errors import Cancelled, XDiTError
 from comfyui_xdit.frugal import peak_rss_bytes, reset_peak_rss, rss_bytes
+from comfyui_xdit.lora import LoraSpec, apply_loras
 from comfyui_xdit.models import LoadedModel, load_model
 from comfyui_xdit.parallel import ParallelConfig
 from comfyui_xdit.parallel.config import MESH_DIMS
@@ -169,6 +170,7 @@ class Executor:
         start = time.perf_counter()
         rest = self.conds.take_uploads(tensors)  # uploads are kept even when the call fails below
         loaded = self._loaded(op.key)
+        self._apply_loras(op, loaded)  # the base weights: a forward carries no LoRA set
         unknown = set(op.conds) - {"cond", "pooled", "cond_mask"}
         if unknown or "cond" not in op.conds:
             raise XDiTError(f"forward conditioning must name cond (and optionally pooled, cond_mask), got "
@@ -190,6 +192,7 @@ class Executor:
     def _sample(self, op: SampleOp, tensors: dict, progress: ProgressHook | None,
                 should_cancel: Callable[[], bool] | None) -> tuple[torch.Tensor, dict]:
         loaded = self._loaded(op.key)
+        lora_info = self._apply_loras(op, loaded)
         req = build_request(op.request, {k: v.to(self.device) for k, v in tensors.items()})
         config = ParallelConfig(**msgspec.structs.asdict(op.parallel))
         config.validate()
@@ -221,9 +224,24 @@ class Executor:
                             f"{self.world} ranks")
         timing["seconds"] = time.perf_counter() - start
         extra = {k: round(v, 6) for k, v in timing.items()}
+        extra.update(lora_info)
         if req.cache is not None:
             extra["reused_steps"] = job.reused_steps  # 0-based steps the cache reused
         return job.latents.float().cpu() if is_rank0 else job.latents, extra
+
+    def _apply_loras(self, op: SampleOp | ForwardOp, loaded: LoadedModel) -> dict:
+        """Patch the job's LoRA set into this rank's weights (the base weights for an empty set, and for a forward,
+        which carries none: a LoRA of an earlier sample job must not leak into it). The model entry's weights are
+        then its key plus the set: model_info's "loras" and "lora_key", and the result's "lora_key"."""
+        specs = [LoraSpec(lo.path, lo.strength) for lo in getattr(op, "loras", ())]
+        t0 = time.perf_counter()
+        info = apply_loras(loaded.adapter.model, loaded.family, specs)
+        self.model_info[op.key].update(loras=[[s.path, s.strength] for s in specs if s.strength != 0.0],
+                                       lora_key=info["key"])
+        out = {"lora_key": info["key"]} if info["key"] else {}
+        if info["changed"]:
+            out.update(lora_seconds=round(time.perf_counter() - t0, 6), lora_patched=info["patched"])
+        return out
 
     def _serial_step(self, info: StepInfo, report: Callable, should_cancel, fault_at: int | None) -> None:
         report(info)

@@ -91,12 +91,22 @@ class DebugFields(Struct, forbid_unknown_fields=True):
     at_step: Annotated[int, Meta(ge=1)] = 1
 
 
+class LoraFields(Struct, forbid_unknown_fields=True):
+    """One LoRA of a job's set: a .safetensors file the ComfyUI side resolved in its loras folder, and its strength."""
+    path: Annotated[str, Meta(min_length=1, max_length=4096, pattern=r"(?i)\.(safetensors|sft)$")]
+    strength: Annotated[float, Meta(ge=-100, le=100)] = 1.0
+
+
+Loras = Annotated[list[LoraFields], Meta(max_length=64)]
+
+
 class Sample(_Request, tag="sample"):
     key: Key
     request: SampleFields
     parallel: ParallelFields = msgspec.field(default_factory=ParallelFields)
     preview: bool = False
     debug: DebugFields | None = None
+    loras: Loras = []  # applied in order on the model before sampling (the base weights when empty)
 
 
 CondRefs = Annotated[dict[Name, Annotated[str, Meta(pattern="^[0-9a-f]{32}$")]], Meta(max_length=16)]
@@ -180,6 +190,7 @@ class SampleOp(Struct, tag="sample", forbid_unknown_fields=True):
     parallel: ParallelFields
     preview: bool
     debug: DebugFields | None = None
+    loras: Loras = []
 
 
 class ForwardOp(Struct, tag="forward", forbid_unknown_fields=True):

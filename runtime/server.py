@@ -301,7 +301,7 @@ class Rank0Server:
             return UnloadOp(h.key)
         if isinstance(h, Forward):
             return ForwardOp(h.key, dict(h.conds), h.guidance, h.parallel, h.debug)
-        return SampleOp(h.key, h.request, h.parallel, h.preview, h.debug)
+        return SampleOp(h.key, h.request, h.parallel, h.preview, h.debug, h.loras)
 
     def _enqueue(self, job: Job) -> None:
         with self._cond:

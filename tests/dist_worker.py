@@ -36,6 +36,7 @@ def main() -> None:
         loaded = get_model(case, fresh=fresh)
         req = build_request(loaded, case)
         config = ParallelConfig.from_dict(case["parallel"])
+        _loras(loaded, config, case.get("loras", []))
         steps_seen = []
         cancel_after = case.get("cancel_after")
         should_cancel = (lambda: len(steps_seen) >= cancel_after) if cancel_after else None
@@ -75,6 +76,19 @@ def main() -> None:
         json.dump(job.comm if job is not None else [],
                   open(os.path.join(out_dir, f"{case['id']}.rank{rank}.comm.json"), "w"))
     release_process_groups()
+
+
+def _loras(loaded, config, loras: list) -> None:
+    """The case's LoRA set (none: the base weights of a cached model); on a PipeFusion stage it is patched after the
+    stage dropped the other stages' blocks, as on a pool that sampled before."""
+    from comfyui_xdit.lora import LoraSpec, apply_loras
+
+    if loras and config.pipefusion > 1:
+        from comfyui_xdit.parallel.mesh import get_mesh
+        from comfyui_xdit.parallel.pipefusion import shard_stage
+
+        shard_stage(loaded.adapter, get_mesh(config, "cpu").rank("pipefusion"), config.pipefusion)
+    apply_loras(loaded.adapter.model, loaded.family, [LoraSpec(p, s) for p, s in loras])
 
 
 if __name__ == "__main__":

@@ -30,11 +30,11 @@ CONFIG_DEFAULTS = dict(device="cpu", ulysses_degree=1, ring_degree=1, pipefusion
 def test_mappings_and_node_definitions(ext):
     assert set(ext.NODE_CLASS_MAPPINGS) == {"XDiTConfigureHybridParallel", "XDiTLoadParallelDiT",
                                             "XDiTParallelSampler", "XDiTParallelSamplerAdvanced",
-                                            "XDiTParallelDiTModel"}
+                                            "XDiTParallelDiTModel", "XDiTParallelLoRA"}
     assert set(ext.NODE_DISPLAY_NAME_MAPPINGS) == set(ext.NODE_CLASS_MAPPINGS)
     returns = {"XDiTConfigureHybridParallel": ("XDIT_PARALLEL_CONFIG",), "XDiTLoadParallelDiT": ("XDIT_MODEL",),
                "XDiTParallelSampler": ("LATENT",), "XDiTParallelSamplerAdvanced": ("LATENT",),
-               "XDiTParallelDiTModel": ("MODEL",)}
+               "XDiTParallelDiTModel": ("MODEL",), "XDiTParallelLoRA": ("XDIT_MODEL",)}
     for name, cls in ext.NODE_CLASS_MAPPINGS.items():
         assert cls.CATEGORY == "xDiT"
         assert cls.RETURN_TYPES == returns[name]
@@ -87,7 +87,7 @@ def test_import_is_light_and_works_without_gpu():
         "print(len(m.NODE_CLASS_MAPPINGS), heavy)" % str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "5 []"
+    assert out.stdout.strip() == "6 []"
 
 
 # ------------------------------------------------------------------------------------------------ configure

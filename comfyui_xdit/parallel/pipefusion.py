@@ -26,6 +26,7 @@ from ..adapters.base import per_token_bytes
 from ..cache import BlockCache
 from ..errors import ConfigError
 from ..families.spec import IMAGE
+from ..lora import record_layout
 from . import plan as plan_mod
 from .attention import _bias_of, key_padding, ulysses_gather, ulysses_scatter
 from .plan import regroup, shard_range, shard_sizes
@@ -109,6 +110,7 @@ def shard_stage(adapter, stage: int, stages: int) -> Stage:
     starts = partition([per_token_bytes(b) for _, _, b in flat], stages, sizes,
                        cap=sum(sizes) / stages + max(sizes)) + [len(flat)]
     mine = flat[starts[stage]:starts[stage + 1]]
+    record_layout(model)  # LoRA keys name blocks by their index in the full model
     extra = [b for bl in lists if not bl.pipelined for b in getattr(model, bl.name)] if stage == 0 else []
     for bl in lists:
         if bl.pipelined:
