@@ -162,6 +162,23 @@ class Executor:
             raise UnknownModel(f"model {shown!r} is not loaded on the pool")
         return loaded
 
+    def _fit_layout(self, key: str, loaded: LoadedModel, pipefusion: ParallelConfig | None) -> LoadedModel:
+        """The model as this job needs it. A PipeFusion job drops every block but its stage's from the cached
+        model; a later job with another layout (no PipeFusion, another stage) would run a model without those
+        blocks, so the model is loaded again from its file first (every rank sees the same op: all reload)."""
+        staged = getattr(loaded.adapter.model, "_xdit_stage", None)
+        if staged is None or loaded.layout is not None:  # whole, or loaded for its degrees (checked by the caller)
+            return loaded
+        if pipefusion is not None and staged[0] == (pipefusion_stage(pipefusion, self.rank), pipefusion.pipefusion):
+            return loaded
+        info = self.model_info[key]
+        self.models.pop(key)
+        del loaded
+        gc.collect()
+        loaded = load_model(info["source"], info["family"], info["dtype"], str(self.device))
+        self.models[key] = loaded
+        return loaded
+
     def _forward(self, op: ForwardOp, tensors: dict) -> tuple[torch.Tensor, dict]:
         """One transformer forward of a stock ComfyUI sampler's step (comfyui_xdit.parallel.forward)."""
         from comfyui_xdit.adapters import Conditioning
@@ -169,7 +186,7 @@ class Executor:
 
         start = time.perf_counter()
         rest = self.conds.take_uploads(tensors)  # uploads are kept even when the call fails below
-        loaded = self._loaded(op.key)
+        loaded = self._fit_layout(op.key, self._loaded(op.key), None)  # a forward runs the whole model
         self._apply_loras(op, loaded)  # the base weights: a forward carries no LoRA set
         unknown = set(op.conds) - {"cond", "pooled", "cond_mask"}
         if unknown or "cond" not in op.conds:
@@ -191,11 +208,12 @@ class Executor:
 
     def _sample(self, op: SampleOp, tensors: dict, progress: ProgressHook | None,
                 should_cancel: Callable[[], bool] | None) -> tuple[torch.Tensor, dict]:
-        loaded = self._loaded(op.key)
-        lora_info = self._apply_loras(op, loaded)
-        req = build_request(op.request, {k: v.to(self.device) for k, v in tensors.items()})
         config = ParallelConfig(**msgspec.structs.asdict(op.parallel))
         config.validate()
+        staged = config.world_size == self.world and config.pipefusion > 1
+        loaded = self._fit_layout(op.key, self._loaded(op.key), config if staged else None)
+        lora_info = self._apply_loras(op, loaded)
+        req = build_request(op.request, {k: v.to(self.device) for k, v in tensors.items()})
         if loaded.layout is not None and loaded.layout.mesh_shape != config.mesh_shape:
             raise XDiTError(f"this model was loaded for pipefusion {loaded.layout.pipefusion} with degrees "
                             f"{_degrees(loaded.layout)} (each rank holds its stage's blocks); load it again for "
@@ -263,6 +281,14 @@ class Executor:
         if not self.test_hooks or hook is None or hook.raise_on_rank != self.rank:
             return None
         return hook.at_step
+
+
+def pipefusion_stage(config: ParallelConfig, rank: int) -> int:
+    """The PipeFusion stage of `rank` in the mesh of `config` (row-major over MESH_DIMS, as init_device_mesh)."""
+    coords = {}
+    for dim, size in zip(reversed(MESH_DIMS), reversed(config.mesh_shape)):
+        rank, coords[dim] = divmod(rank, size)
+    return coords["pipefusion"]
 
 
 def _degrees(config: ParallelConfig) -> str:

@@ -78,3 +78,28 @@ def test_mismatch_is_one_line_and_the_pool_stays(client, loras):
     assert torch.equal(again, with_a)
     with pytest.raises(PoolError, match="bad sample request"):
         client.sample(key, REQ, loras=[{"path": "/etc/passwd", "strength": 1.0}])
+
+
+def test_forward_after_a_lora_job_runs_on_the_base_weights(client, loras):
+    """The stock-sampler forward op carries no LoRA set: a set an earlier sample job patched in must not leak into
+    it (the pool restores the base weights first). And a model a PipeFusion job cut down to one stage per rank is
+    whole again for a later Ulysses job or forward (the pool reloads it)."""
+    key = client.load("tiny-flux")["key"]
+    loaded = load_model("tiny-flux")
+    a = loaded.adapter
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, a.latent_channels, 6, 10, generator=g)  # 15 tokens
+    c = a.random_conditioning(1, 7, g)
+    t = torch.tensor([600.0])
+    conds = {"cond": c.cond, "pooled": c.pooled}
+    with torch.no_grad():
+        base = a.predict(x, t, c).float()
+        apply_loras(a.model, loaded.family, [LoraSpec(loras["a"], 0.8)])
+        patched = a.predict(x, t, c).float()
+    assert rel_l2(patched, base) > 1e-3  # the LoRA changes the forward: the check below can fail
+    client.sample(key, REQ, parallel=PIPE)  # each rank now holds one stage; the jobs below need the whole model
+    out = client.sample(key, REQ, parallel={"ulysses": 2}, loras=[{"path": loras["a"], "strength": 0.8}])
+    assert rel_l2(out, _reference([LoraSpec(loras["a"], 0.8)])) <= 1e-5
+    client.sample(key, REQ, parallel=PIPE)
+    out = client.forward(key, x, t, conds, parallel={"ulysses": 2})
+    assert rel_l2(out, base) <= 1e-5
