@@ -130,6 +130,7 @@ class ModelHandle:
     key: str
     info: dict = field(default_factory=dict)
     loras: tuple[tuple[str, float], ...] = ()  # (file, strength) in order, from Parallel LoRA nodes
+    load_family: str | None = None  # the family the pool load was asked for (None: detected), to load it again
 
     def lora_fields(self) -> list[dict]:
         """The `loras` of a pool sample request."""

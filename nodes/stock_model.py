@@ -87,8 +87,7 @@ class PoolDiffusionModel(torch.nn.Module):
                                   "starts it again")
         client = MANAGER.client_for(self.handle.settings)
         if client is not self._client:  # a new pool (first call, restart): make sure the model is on it
-            family = self.handle.key.rsplit("|", 2)[1]  # as Load Parallel DiT asked for it (executor.model_key)
-            info = client.load(self.handle.source, None if family == "auto" else family, self.handle.dtype)
+            info = client.load(self.handle.source, self.handle.load_family, self.handle.dtype)
             self.key = info["key"]
             self._client = client
         return client

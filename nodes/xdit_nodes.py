@@ -123,7 +123,8 @@ class LoadParallelDiT:
         if spec(variant).family != loaded_family:
             raise XDiTNodeError(f"Load Parallel DiT: the pool loaded {checkpoint} as {loaded_family}, "
                                 f"expected {spec(variant).family}")
-        return (ModelHandle(parallel_config, path, weight_dtype, loaded_family, variant, info["key"], info),)
+        return (ModelHandle(parallel_config, path, weight_dtype, loaded_family, variant, info["key"], info,
+                            load_family=engine_family),)
 
 
 class ParallelSampler:
@@ -323,8 +324,9 @@ def _run(model: ModelHandle, fields: dict, tensors: dict, unique_id: Any, total:
 
     try:
         client = MANAGER.client_for(model.settings)
-        client.load(model.source, None if model.family == "auto" else model.family, model.dtype)
-        latents, info = run_job(client, model.key, fields, tensors, model.settings.degrees(), on_step=on_step,
+        # as Load Parallel DiT loaded it (the same key: no second copy), again if the pool restarted since
+        key = client.load(model.source, model.load_family, model.dtype)["key"]
+        latents, info = run_job(client, key, fields, tensors, model.settings.degrees(), on_step=on_step,
                                 check_interrupt=mm.throw_exception_if_processing_interrupted,
                                 preview=previewer is not None,
                                 **({"loras": model.lora_fields()} if model.loras else {}))

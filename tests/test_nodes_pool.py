@@ -80,6 +80,11 @@ def test_sampler_on_pool_matches_serial_with_progress_and_cancel(ext_mod):
     assert str(e.value).startswith("Parallel Sampler: ") and "\n" not in str(e.value)
     assert "1000" in str(e.value) or "4096" in str(e.value)
 
+    # Every run used the model Load Parallel DiT loaded ("auto" family): one copy on the pool, not a second one
+    # under the detected family's key.
+    models = ext.nodes.pool.MANAGER.client_for(config).status()["models"]
+    assert [m["key"] for m in models] == [model.key]
+
 
 def _pixart_conditioning(seed: int, tokens: int = 10):
     g = torch.Generator().manual_seed(seed)
