@@ -32,7 +32,8 @@ def main() -> None:
     for case in cases:
         print(f"rank {rank}: case {case['id']}", file=sys.stderr, flush=True)  # names the case if a rank dies
         # pipefusion shards the model; attention backends and processors stay set on it
-        fresh = case["parallel"].get("pipefusion", 1) > 1 or "attention_backend" in case or "processor" in case
+        fresh = case["parallel"].get("pipefusion", 1) > 1 or "attention_backend" in case or "processor" in case \
+            or case["parallel"].get("shard", 1) > 1  # fully_shard changes the model
         loaded = get_model(case, fresh=fresh)
         req = build_request(loaded, case)
         config = ParallelConfig.from_dict(case["parallel"])
@@ -57,6 +58,15 @@ def main() -> None:
                 reports = [None] * dist.get_world_size()
                 dist.all_gather_object(reports, parameter_report(loaded.adapter))
                 result["params"] = reports
+            if config.shard > 1:
+                from comfyui_xdit.parallel.shard import gather_volume, local_parameter_bytes, sharded_layout
+
+                layout = sharded_layout(loaded.adapter.model)
+                mine = {"params": local_parameter_bytes(loaded.adapter.model),
+                        "gather_volume": sum(gather_volume(layout).values())}
+                reports = [None] * dist.get_world_size()
+                dist.all_gather_object(reports, mine)
+                result["shard"] = reports
         except XDiTError as e:
             job, latents, result = None, None, {"ok": False, "error": str(e)}
         except Cancelled as e:

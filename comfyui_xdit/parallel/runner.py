@@ -34,6 +34,8 @@ def check_model_fit(config: ParallelConfig, adapter, req: SampleRequest) -> None
         raise ConfigError("cfg parallel needs classifier-free guidance: a negative conditioning and cfg scale != 1")
     if config.dp > req.batch_size:
         raise ConfigError(f"data parallel degree {config.dp} is larger than the batch size {req.batch_size}")
+    if config.pipefusion > 1 and getattr(adapter.model, "_xdit_fsdp", None) is not None:
+        raise ConfigError("this model's weights are sharded (shard degree); load it again to run pipefusion")
     if config.pipefusion > 1:
         from .pipefusion import check_pipefusion
 
@@ -56,6 +58,10 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
     job = prepare(adapter, req, loaded.tiny)  # identical on every rank: the same seed and inputs
     device = job.x.device
     pm = get_mesh(config, device.type)
+    if config.shard > 1 or getattr(adapter.model, "_xdit_fsdp", None) is not None:
+        from .shard import prepare_shards
+
+        prepare_shards(adapter, pm)
 
     batch_sizes = shard_sizes(req.batch_size, config.dp)
     local = _local_job(job, shard_range(batch_sizes, pm.rank("dp")))
@@ -83,7 +89,7 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
 
     sp = sequence_parallel(adapter, pm) if config.sp > 1 else contextlib.nullcontext()
     # the cache's decision: the positive branch's measurement summed over every rank (cfg's negative half adds 0)
-    cache = job_cache(adapter, local.cache, agree=pm.comm.all_reduce_sum, contributes=pm.rank("cfg") == 0)
+    cache = job_cache(adapter, local.cache, agree=pm.comm.all_reduce_sum, contributes=pm.rank("cfg") == 0 and pm.rank("replica") == 0)
     with sp, cache as block_cache:
         x = run_loop(local, predict, on_step, block_cache)
     if config.dp > 1:

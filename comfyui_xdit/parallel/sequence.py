@@ -108,8 +108,10 @@ def _probe_inputs(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _probe(module: torch.nn.Module, processor) -> str | None:
     """Run a wrapped processor once on dummy tokens with plain local SDPA (no collectives, no tap): why it fails
     the reroute check, or None."""
+    from .shard import full_size_stand_ins
+
     try:
-        with torch.no_grad():
+        with torch.no_grad(), full_size_stand_ins(module):  # a sharded module's weights at full size
             _rerouted_call(processor, module, (), _probe_inputs(module), F.scaled_dot_product_attention, None)
     except ConfigError as e:
         return str(e)
