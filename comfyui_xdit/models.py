@@ -30,8 +30,12 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def load_model(source: str, family: str | None = None, dtype: str = "fp32", device: str = "cpu",
-               **tiny_overrides) -> LoadedModel:
-    """Load a transformer and wrap it in its family adapter."""
+               weight_dtype: str = "default", **tiny_overrides) -> LoadedModel:
+    """Load a transformer and wrap it in its family adapter. `weight_dtype` fp8_e4m3fn / fp8_e5m2 keeps the Linear
+    weights in fp8, computing in `dtype` (weight_storage.py)."""
+    from .weight_storage import parse_weight_dtype, store_weights
+
+    parse_weight_dtype(weight_dtype)
     torch_dtype = parse_dtype(dtype)
     if is_tiny(source):
         fam, model = build_tiny(source, torch_dtype, **tiny_overrides)
@@ -45,4 +49,6 @@ def load_model(source: str, family: str | None = None, dtype: str = "fp32", devi
         loaded = load_transformer(source, None if family in (None, "", "auto") else family, torch_dtype, device)
         fam, model, variant = loaded.family, loaded.model, loaded.variant
         tiny = False
-    return LoadedModel(make_adapter(fam, model.to(device), variant), source, tiny)
+    loaded = LoadedModel(make_adapter(fam, model.to(device), variant), source, tiny)
+    store_weights(loaded.adapter.model, weight_dtype)  # after the adapter read the compute dtype
+    return loaded

@@ -91,10 +91,12 @@ def _wrapped_class(cls: type) -> type:
 
 def _probe_inputs(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Two image tokens (and one text token where the module projects text or cross-attends) of zeros."""
-    p = next(module.parameters())
+    from ..weight_storage import compute_dtype_of
+
+    p, dtype = next(module.parameters()), compute_dtype_of(module)
 
     def zeros(n: int, dim: int) -> torch.Tensor:
-        return torch.zeros(1, n, dim, device=p.device, dtype=p.dtype)
+        return torch.zeros(1, n, dim, device=p.device, dtype=dtype)
 
     kwargs = {"hidden_states": zeros(2, getattr(module, "query_dim", None) or module.to_q.in_features)}
     if getattr(module, "added_kv_proj_dim", None) is not None:
