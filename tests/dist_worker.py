@@ -62,8 +62,13 @@ def main() -> None:
                 from comfyui_xdit.parallel.shard import gather_volume, local_parameter_bytes, sharded_layout
 
                 layout = sharded_layout(loaded.adapter.model)
-                mine = {"params": local_parameter_bytes(loaded.adapter.model),
-                        "gather_volume": sum(gather_volume(layout).values())}
+                full = dict(get_model(case, fresh=True).adapter.model.named_parameters())
+                kept = []  # does every local shard hold the rows kept_slice names?
+                for name, p in loaded.adapter.model.named_parameters():
+                    rows, local = layout.kept_slice(tuple(p.shape)), p.to_local()
+                    kept.append(rows is None or torch.equal(local[: rows.stop - rows.start], full[name][rows]))
+                mine = {"params": local_parameter_bytes(loaded.adapter.model), "kept_slice_ok": all(kept),
+                        "gather_volume": sum(gather_volume(layout).values()), "ranks": list(layout.ranks)}
                 reports = [None] * dist.get_world_size()
                 dist.all_gather_object(reports, mine)
                 result["shard"] = reports

@@ -15,6 +15,7 @@ from ..sampling import PreparedJob, SampleRequest, StepCallback, finish, prepare
 from .config import ParallelConfig, heads_advice
 from .mesh import ParallelMesh, get_mesh
 from .sequence import sequence_parallel, shard_range, shard_sizes
+from .shard import sharded_job
 
 def check_model_fit(config: ParallelConfig, adapter, req: SampleRequest) -> None:
     """Checks that depend on the model and the request; identical on every rank, before any collective."""
@@ -58,10 +59,6 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
     job = prepare(adapter, req, loaded.tiny)  # identical on every rank: the same seed and inputs
     device = job.x.device
     pm = get_mesh(config, device.type)
-    if config.shard > 1 or getattr(adapter.model, "_xdit_fsdp", None) is not None:
-        from .shard import prepare_shards
-
-        prepare_shards(adapter, pm)
 
     batch_sizes = shard_sizes(req.batch_size, config.dp)
     local = _local_job(job, shard_range(batch_sizes, pm.rank("dp")))
@@ -90,7 +87,7 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
     sp = sequence_parallel(adapter, pm) if config.sp > 1 else contextlib.nullcontext()
     # the cache's decision: the positive branch's measurement summed over every rank (cfg's negative half adds 0)
     cache = job_cache(adapter, local.cache, agree=pm.comm.all_reduce_sum, contributes=pm.rank("cfg") == 0 and pm.rank("replica") == 0)
-    with sp, cache as block_cache:
+    with sharded_job(adapter, pm), sp, cache as block_cache:
         x = run_loop(local, predict, on_step, block_cache)
     if config.dp > 1:
         x = pm.comm.all_gather(x, batch_sizes, pm.group("dp"), dim=0, kind="dp_gather")

@@ -78,7 +78,8 @@ def kept_slice(full_shape: tuple[int, ...] | torch.Size, rank: int, degree: int)
 
 
 class CountingAllGather(DefaultAllGather):
-    """FSDP2's all-gather, with the bytes this rank sends added to the current job's Comm."""
+    """FSDP2's all-gather, with the bytes this rank sends added to the current job's Comm. float8 buffers (a
+    group of fp8-stored weights only) travel as bytes: gloo has no float8 types."""
 
     def __init__(self) -> None:
         self.comm: Comm | None = None
@@ -87,6 +88,8 @@ class CountingAllGather(DefaultAllGather):
         if self.comm is not None:
             self.comm.sent[GATHER_KIND] += input_tensor.numel() * input_tensor.element_size() * (
                 dist.get_world_size(group) - 1)
+        if input_tensor.dtype.itemsize == 1 and input_tensor.is_floating_point():
+            output_tensor, input_tensor = output_tensor.view(torch.uint8), input_tensor.view(torch.uint8)
         return super().__call__(output_tensor, input_tensor, group, async_op)
 
 
@@ -155,15 +158,20 @@ def shard_model(adapter, pm) -> ShardLayout:
     return layout
 
 
-def prepare_shards(adapter, pm) -> ShardLayout | None:
-    """Shard the model for a job with a shard degree; a model an earlier job sharded keeps its layout under a job
-    without one (every rank still calls each block in step, so the gathers pair up) and reports its gathers."""
-    if pm.config.shard > 1:
-        return shard_model(adapter, pm)
-    layout = sharded_layout(adapter.model)
+@contextlib.contextmanager
+def sharded_job(adapter, pm) -> Iterator[ShardLayout | None]:
+    """For one job: shard the model if the job has a shard degree (a model an earlier job sharded keeps its
+    layout under a job without one: every rank still calls each block in step, so the gathers pair up), count
+    its gathers in the job's comm report, and free weights kept gathered (`shard_keep`) when the job ends."""
+    layout = shard_model(adapter, pm) if pm.config.shard > 1 else sharded_layout(adapter.model)
     if layout is not None:
         layout.counter.comm = pm.comm
-    return layout
+    try:
+        yield layout
+    finally:
+        if layout is not None and layout.keep:
+            for module in layout.groups:
+                module.reshard()
 
 
 @contextlib.contextmanager
