@@ -33,8 +33,10 @@ def load_model(source: str, family: str | None = None, dtype: str = "fp32", devi
                weight_dtype: str = "default", **tiny_overrides) -> LoadedModel:
     """Load a transformer and wrap it in its family adapter. `weight_dtype` fp8_e4m3fn / fp8_e5m2 keeps the Linear
     weights in fp8, computing in `dtype` (weight_storage.py)."""
-    from .weight_storage import parse_weight_dtype, store_weights
+    from .weight_storage import WEIGHT_DTYPES, parse_weight_dtype, store_weights
 
+    if dtype in WEIGHT_DTYPES and dtype != "default":  # the pool's and the nodes' fp8 choices: computed in bf16
+        dtype, weight_dtype = "bf16", dtype
     parse_weight_dtype(weight_dtype)
     torch_dtype = parse_dtype(dtype)
     if is_tiny(source):
