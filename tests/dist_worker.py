@@ -59,19 +59,7 @@ def main() -> None:
                 dist.all_gather_object(reports, parameter_report(loaded.adapter))
                 result["params"] = reports
             if config.shard > 1:
-                from comfyui_xdit.parallel.shard import gather_volume, local_parameter_bytes, sharded_layout
-
-                layout = sharded_layout(loaded.adapter.model)
-                full = dict(get_model(case, fresh=True).adapter.model.named_parameters())
-                kept = []  # does every local shard hold the rows kept_slice names?
-                for name, p in loaded.adapter.model.named_parameters():
-                    rows, local = layout.kept_slice(tuple(p.shape)), p.to_local()
-                    kept.append(rows is None or torch.equal(local[: rows.stop - rows.start], full[name][rows]))
-                mine = {"params": local_parameter_bytes(loaded.adapter.model), "kept_slice_ok": all(kept),
-                        "gather_volume": sum(gather_volume(layout).values()), "ranks": list(layout.ranks)}
-                reports = [None] * dist.get_world_size()
-                dist.all_gather_object(reports, mine)
-                result["shard"] = reports
+                result["shard"] = _shard_report(loaded, case)
         except XDiTError as e:
             job, latents, result = None, None, {"ok": False, "error": str(e)}
         except Cancelled as e:
@@ -90,6 +78,33 @@ def main() -> None:
         json.dump(job.comm if job is not None else [],
                   open(os.path.join(out_dir, f"{case['id']}.rank{rank}.comm.json"), "w"))
     release_process_groups()
+
+
+def _shard_report(loaded, case: dict) -> list[dict]:
+    """Every rank's parameter bytes and analytic gather volume, and whether its local shards hold the rows
+    kept_slice names, as sharded and after fill_local_shards refilled them from zeros."""
+    from comfyui_xdit.parallel.shard import fill_local_shards, gather_volume, local_parameter_bytes, sharded_layout
+
+    model = loaded.adapter.model
+    layout = sharded_layout(model)
+    full = dict(get_model(case, fresh=True).adapter.model.named_parameters())
+
+    def kept_ok() -> bool:
+        for name, p in model.named_parameters():
+            rows = layout.kept_slice(tuple(p.shape))
+            if rows is not None and not torch.equal(p.to_local()[: rows.stop - rows.start], full[name][rows]):
+                return False
+        return True
+
+    as_sharded = kept_ok()
+    for p in model.parameters():
+        p.to_local().view(torch.uint8).zero_()
+    fill_local_shards(model, lambda name, rows: full[name][rows], layout)
+    mine = {"params": local_parameter_bytes(model), "kept_slice_ok": as_sharded and kept_ok(),
+            "gather_volume": sum(gather_volume(layout).values()), "ranks": list(layout.ranks)}
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, mine)
+    return reports
 
 
 if __name__ == "__main__":
