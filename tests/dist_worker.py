@@ -101,7 +101,9 @@ def _shard_report(loaded, case: dict) -> list[dict]:
         p.to_local().view(torch.uint8).zero_()
     fill_local_shards(model, lambda name, rows: full[name][rows], layout)
     mine = {"params": local_parameter_bytes(model), "kept_slice_ok": as_sharded and kept_ok(),
-            "gather_volume": sum(gather_volume(layout).values()), "ranks": list(layout.ranks)}
+            "gather_volume": sum(gather_volume(layout).values()), "ranks": list(layout.ranks),
+            "prefetching": sum(len(m._get_fsdp_state()._states_to_forward_prefetch) > 0 for m in layout.groups),
+            "blocks": len(layout.groups) - 1}
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, mine)
     return reports

@@ -109,6 +109,8 @@ def test_gathered_bytes_match_analytic(world2, case_id):
     for rank in range(2):
         volume = info["shard"][rank]["gather_volume"]
         assert volume > 0
+        print(f"{case_id} rank {rank}: fsdp_gather per step {info['rank_comm'][rank][0]['fsdp_gather']} bytes "
+              f"= {_forwards_per_step(case)} x {volume}")
         for step in info["rank_comm"][rank]:
             assert step["fsdp_gather"] == _forwards_per_step(case) * volume
 
@@ -119,6 +121,13 @@ def test_analytic_volume_is_the_local_shard(world2):
     m = get_model({"model": "tiny-flux"}).adapter.model
     expected = sum(math.ceil(p.shape[0] / 2) * math.prod(p.shape[1:]) * p.element_size() for p in m.parameters())
     assert world2["shard2"]["shard"][0]["gather_volume"] == expected
+
+
+def test_each_block_prefetches_the_next(world2):
+    """Every block but the last of a run issues the next block's gather; Wan 2.2's two experts are two runs."""
+    for case_id, runs in (("shard2", 1), ("shard2_wan_experts", 2), ("bench_shard2", 1)):
+        report = world2[case_id]["shard"][0]
+        assert report["prefetching"] == report["blocks"] - runs, case_id
 
 
 def test_keep_gathers_once(world2):
