@@ -33,6 +33,8 @@ def test_shard_over_the_pool(client):
     assert rel_l2(out, _reference(seed=3)) <= 1e-4
     out = client.sample(key, {**REQ, "seed": 4}, parallel={"ulysses": 2})  # the sharded model, no shard degree
     assert rel_l2(out, _reference(seed=4)) <= 1e-4
+    out = client.sample(key, {**REQ, "seed": 4}, parallel={"ulysses": 2, "shard": 2, "shard_keep": 1})  # kept
+    assert rel_l2(out, _reference(seed=4)) <= 1e-4
     with pytest.raises(PoolError, match="shard degree 4 must be 1 or a product"):
         client.sample(key, REQ, parallel={"shard": 4, "ulysses": 2})
     with pytest.raises(PoolError, match="sharded .*load it again to run pipefusion"):

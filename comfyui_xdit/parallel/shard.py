@@ -97,7 +97,7 @@ class CountingAllGather(DefaultAllGather):
 class ShardLayout:
     degree: int
     ranks: tuple[int, ...]   # global ranks of this rank's shard group
-    keep: bool               # gathered weights kept after the forward
+    keep: bool               # gathered weights kept after the forward (this job's choice)
     groups: list[torch.nn.Module]  # the FSDP modules: blocks in execution order, then the root
     counter: CountingAllGather
 
@@ -129,18 +129,17 @@ def shard_model(adapter, pm) -> ShardLayout:
     model = adapter.model
     config = pm.config
     ranks = tuple(dist.get_process_group_ranks(pm.group("shard")))
-    key = (config.shard, ranks, bool(config.shard_keep))
+    keep = bool(config.shard_keep)
     layout: ShardLayout | None = getattr(model, "_xdit_fsdp", None)
     if layout is not None:
-        if (layout.degree, layout.ranks, layout.keep) != key:
-            raise ConfigError(f"this model was sharded for shard {layout.degree} over ranks {list(layout.ranks)}"
-                              f"{' (kept gathered)' if layout.keep else ''}; load it again for shard {config.shard}")
-        layout.counter.comm = pm.comm
+        if (layout.degree, layout.ranks) != (config.shard, ranks):
+            raise ConfigError(f"this model was sharded for shard {layout.degree} over ranks {list(layout.ranks)}; "
+                              f"load it again for shard {config.shard}")
         return layout
     if getattr(model, "_xdit_stage", None) is not None:
         raise ConfigError("this model was split into pipefusion stages; load it again to shard it")
     chains = block_chains(adapter)
-    reshard = not config.shard_keep
+    reshard = not keep
     for chain in chains:
         for block in chain:
             fully_shard(block, mesh=pm.shard_mesh, reshard_after_forward=reshard)
@@ -153,7 +152,7 @@ def shard_model(adapter, pm) -> ShardLayout:
     for module in groups:
         module.set_custom_all_gather(counter)
     counter.comm = pm.comm
-    layout = ShardLayout(config.shard, ranks, bool(config.shard_keep), groups, counter)
+    layout = ShardLayout(config.shard, ranks, keep, groups, counter)
     model._xdit_fsdp = layout
     return layout
 
@@ -166,6 +165,11 @@ def sharded_job(adapter, pm) -> Iterator[ShardLayout | None]:
     layout = shard_model(adapter, pm) if pm.config.shard > 1 else sharded_layout(adapter.model)
     if layout is not None:
         layout.counter.comm = pm.comm
+        keep = bool(pm.config.shard_keep)
+        if layout.keep != keep:  # this job's choice (an earlier job's may differ)
+            for module in layout.groups:
+                module.set_reshard_after_forward(not keep, recurse=False)
+            layout.keep = keep
     try:
         yield layout
     finally:
