@@ -21,13 +21,14 @@ CONFIGS = [("serial", []), ("cfg 2", ["--cfg-parallel"]), ("ulysses 2", ["--ulys
            ("pipefusion 2", ["--pipefusion-degree", "2", "--num-patches", "2", "--warmup-steps", "1"])]
 
 
-def step_times(args: argparse.Namespace, extra: list[str]) -> list[float]:
+def step_times(args: argparse.Namespace, extra: list[str], pin: bool | None = None) -> list[float]:
+    """Step times of one `generate` run; `pin` (default: for serial runs) keeps it on one core."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "comfyui_xdit", "generate", "--model", args.model, "--height", str(args.size),
                "--width", str(args.size), "--steps", str(args.steps), "--cfg", "3.0", "--out",
                os.path.join(tmp, "out.safetensors"), *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        if not extra and shutil.which("taskset"):  # serial pinned to one core, as each parallel rank is
+        if (not extra if pin is None else pin) and shutil.which("taskset"):  # one core, as each parallel rank
             cmd = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *cmd]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return [float(ms) / 1000 for ms in re.findall(r"step \d+/\d+ ([\d.]+) ms", out)]

@@ -14,6 +14,8 @@ POOL_PROBE_S = 10.0  # how long `generate --pool` waits for the pool's first ans
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--weight-dtype", default="default", choices=["default", "fp8_e4m3fn", "fp8_e5m2"],
+                   help="fp8: Linear weights stored in fp8, upcast to --dtype per layer")
     p.add_argument("--height", type=int, required=True)
     p.add_argument("--width", type=int, required=True)
     p.add_argument("--frames", type=int, default=1, help="pixel frames of a video model (4k+1 for Wan; images: 1)")
@@ -89,6 +91,9 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipefusion-degree", type=int, default=1, help="pipeline stages (blocks split across ranks)")
     g.add_argument("--num-patches", type=int, default=None, help="PipeFusion patches M (default: the degree)")
     g.add_argument("--warmup-steps", type=int, default=1, help="PipeFusion synchronous full-image steps")
+    g.add_argument("--shard-degree", type=int, default=1,
+                   help="FSDP2: split every block's weights over the innermost N ranks (alone: N ranks)")
+    g.add_argument("--shard-keep", action="store_true", help="keep gathered weights for the whole job")
     g.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl on cuda, else gloo")
     g.add_argument("--report-comm", action="store_true", help="print bytes sent per collective kind per step")
 
@@ -98,7 +103,8 @@ def parallel_config(args: argparse.Namespace):
 
     config = ParallelConfig(dp=args.dp_degree, cfg=2 if args.cfg_parallel else 1, ring=args.ring_degree,
                             ulysses=args.ulysses_degree, pipefusion=args.pipefusion_degree,
-                            num_patches=args.num_patches or args.pipefusion_degree, warmup_steps=args.warmup_steps)
+                            num_patches=args.num_patches or args.pipefusion_degree, warmup_steps=args.warmup_steps,
+                            shard=args.shard_degree, shard_keep=int(args.shard_keep))
     config.validate()
     return config
 
@@ -249,7 +255,8 @@ def _generate_on_pool(args: argparse.Namespace, config) -> int:
             raise XDiTError(f"no answer from a pool at {args.pool} within {POOL_PROBE_S:g}s: is `serve` running "
                             "there, and is the secret the pool's?") from None
         t0 = time.perf_counter()
-        loaded = client.load(args.model, args.family, args.dtype,
+        fp8 = args.weight_dtype != "default"  # the pool's fp8 choices compute in bf16
+        loaded = client.load(args.model, args.family, args.weight_dtype if fp8 else args.dtype,
                              parallel=config.to_dict() if config.pipefusion > 1 else None)
         key = loaded["key"]
         print(f"loaded {args.model} on the pool at {args.pool} in {time.perf_counter() - t0:.2f}s", flush=True)
@@ -289,7 +296,8 @@ def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) 
     say = print if rank == 0 else (lambda *a, **k: None)
     inputs = read_inputs(args.inputs)
     t0 = time.perf_counter()
-    loaded = load_model(args.model, args.family, args.dtype, device, layout=config, rank=rank)
+    loaded = load_model(args.model, args.family, args.dtype, device, layout=config, rank=rank,
+                        weight_dtype=args.weight_dtype)
     say(f"loaded {args.model} ({loaded.family}, {args.dtype}, {device}) in {time.perf_counter() - t0:.2f}s"
         + (f"; {config.world_size} ranks {config.to_dict()}" if config.world_size > 1 else ""), flush=True)
     if loaded.report is not None:

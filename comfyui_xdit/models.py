@@ -37,10 +37,17 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def load_model(source: str, family: str | None = None, dtype: str = "fp32", device: str = "cpu",
-               layout: "ParallelConfig | None" = None, rank: int = 0, **tiny_overrides) -> LoadedModel:
+               layout: "ParallelConfig | None" = None, rank: int = 0, weight_dtype: str = "default",
+               **tiny_overrides) -> LoadedModel:
     """Load a transformer and wrap it in its family adapter. Files are loaded frugally (frugal.py): with a
     `layout` of PipeFusion degree > 1, rank `rank` of it reads only its stage's blocks (and the model serves only
-    jobs of that layout)."""
+    jobs of that layout). `weight_dtype` fp8_e4m3fn / fp8_e5m2 keeps the Linear weights in fp8, computing in
+    `dtype` (weight_storage.py)."""
+    from .weight_storage import WEIGHT_DTYPES, parse_weight_dtype, store_weights
+
+    if dtype in WEIGHT_DTYPES and dtype != "default":  # the pool's and the nodes' fp8 choices: computed in bf16
+        dtype, weight_dtype = "bf16", dtype
+    parse_weight_dtype(weight_dtype)
     torch_dtype = parse_dtype(dtype)
     staged = layout is not None and layout.pipefusion > 1
     if is_tiny(source):
@@ -60,4 +67,5 @@ def load_model(source: str, family: str | None = None, dtype: str = "fp32", devi
                                       device, prepare=prepare)
         loaded = LoadedModel(adapter, source, False, report)
     loaded.layout = layout if staged else None
+    store_weights(loaded.adapter.model, weight_dtype)  # after the adapter read the compute dtype
     return loaded

@@ -29,18 +29,23 @@ class ParallelSettings:
     dp: int = 1
     num_patches: int = 0    # 0: as many as pipefusion stages
     warmup_steps: int = 1
+    shard: int = 1          # FSDP2 weight sharding over the innermost ranks (adds no ranks unless alone)
+    shard_keep: bool = False
     attention: str = "auto"
     address: str = ""       # an already running pool (python -m comfyui_xdit serve); "" = start one here
 
     @property
     def world_size(self) -> int:
-        return self.ulysses * self.ring * self.pipefusion * self.cfg * self.dp
+        work = self.ulysses * self.ring * self.pipefusion * self.cfg * self.dp
+        return work if work > 1 else self.shard  # shard alone: that many ranks computing the same step
 
     def degrees(self) -> dict[str, int]:
         """The `parallel` object of a pool sample request."""
         return {"dp": self.dp, "cfg": self.cfg, "pipefusion": self.pipefusion, "ring": self.ring,
                 "ulysses": self.ulysses, "num_patches": self.num_patches or self.pipefusion,
-                "warmup_steps": self.warmup_steps}
+                "warmup_steps": self.warmup_steps,
+                # only when used: a pool of an earlier version refuses fields it does not know
+                **({"shard": self.shard, "shard_keep": int(self.shard_keep)} if self.shard > 1 else {})}
 
     def gpu_ids(self) -> list[int]:
         text = self.gpus.replace(" ", "")

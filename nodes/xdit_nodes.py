@@ -11,7 +11,7 @@ from .pool import ATTENTION, DEVICES, MANAGER, ModelHandle, settings_from_inputs
 log = logging.getLogger("comfyui_xdit.nodes")
 
 CATEGORY = "xDiT"
-DTYPES = ("bf16", "fp16", "fp32")
+DTYPES = ("bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 FAMILIES = ("auto", *dict.fromkeys(v.family for v in VARIANTS.values()), *VARIANTS)
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 HIDDEN = {queue_check.HIDDEN: "UNIQUE_ID"}  # the node id, for the queue-time check's verdict
@@ -53,27 +53,34 @@ class ConfigureHybridParallel:
                 "gpus": ("STRING", {"default": "", "tooltip": "CUDA GPU numbers, e.g. 0,1,2,3; empty = the first ones"}),
                 "pool_address": ("STRING", {"default": "", "tooltip": "tcp://HOST:PORT of a pool started with "
                                             "`python -m comfyui_xdit serve`; empty = start one here"}),
+                "shard_degree": _degree(tip="FSDP2: split every block's weights over this many of the ranks "
+                                        "(innermost degrees, e.g. the ulysses ones); alone, that many GPUs "
+                                        "pool their memory and compute the same step"),
+                "shard_keep": ("BOOLEAN", {"default": False, "tooltip": "keep each block's gathered weights for "
+                                           "the whole job (one gather per block per job, more memory)"}),
             },
             "hidden": dict(HIDDEN),
         }
 
     @staticmethod
     def settings(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree, num_patches,
-                 warmup_steps, attention, gpus="", pool_address=""):
+                 warmup_steps, attention, gpus="", pool_address="", shard_degree=1, shard_keep=False):
         """The XDIT_PARALLEL_CONFIG value for these widget values (not yet validated)."""
         return settings_from_inputs(device=device, ulysses=int(ulysses_degree), ring=int(ring_degree),
                                     pipefusion=int(pipefusion_degree), cfg=int(cfg_degree), dp=int(dp_degree),
                                     num_patches=int(num_patches), warmup_steps=int(warmup_steps),
-                                    attention=attention, gpus=gpus or "", address=pool_address or "")
+                                    attention=attention, gpus=gpus or "", address=pool_address or "",
+                                    shard=int(shard_degree), shard_keep=bool(shard_keep))
 
     @classmethod
     def VALIDATE_INPUTS(cls, xdit_check=None):
         return queue_check.problem_for(xdit_check)
 
     def configure(self, device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree, num_patches,
-                  warmup_steps, attention, gpus="", pool_address="", xdit_check=None):
+                  warmup_steps, attention, gpus="", pool_address="", shard_degree=1, shard_keep=False,
+                  xdit_check=None):
         s = self.settings(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree,
-                          num_patches, warmup_steps, attention, gpus, pool_address)
+                          num_patches, warmup_steps, attention, gpus, pool_address, shard_degree, shard_keep)
         err = validation_error(s)
         if err:
             raise XDiTNodeError(err)
@@ -97,7 +104,8 @@ class LoadParallelDiT:
                 "parallel_config": ("XDIT_PARALLEL_CONFIG",),
                 "checkpoint": (checkpoints.list_checkpoints(), {"tooltip": "from models/diffusion_models, unet or "
                                                                 "checkpoints"}),
-                "weight_dtype": (list(DTYPES), {"default": "bf16"}),
+                "weight_dtype": (list(DTYPES), {"default": "bf16", "tooltip": "fp8_*: weights stored in fp8, "
+                                                "computed in bf16"}),
                 "family": (list(FAMILIES), {"default": "auto", "tooltip": "auto: detected from the weights"}),
             },
             "hidden": dict(HIDDEN),

@@ -162,14 +162,23 @@ class Executor:
             raise UnknownModel(f"model {shown!r} is not loaded on the pool")
         return loaded
 
-    def _fit_layout(self, key: str, loaded: LoadedModel, pipefusion: ParallelConfig | None) -> LoadedModel:
+    def _fit_layout(self, key: str, loaded: LoadedModel, pipefusion: ParallelConfig | None,
+                    forward: bool = False) -> LoadedModel:
         """The model as this job needs it. A PipeFusion job drops every block but its stage's from the cached
         model; a later job with another layout (no PipeFusion, another stage) would run a model without those
-        blocks, so the model is loaded again from its file first (every rank sees the same op: all reload)."""
-        staged = getattr(loaded.adapter.model, "_xdit_stage", None)
-        if staged is None or loaded.layout is not None:  # whole, or loaded for its degrees (checked by the caller)
+        blocks, so the model is loaded again from its file first (every rank sees the same op: all reload). A model
+        an earlier job sharded (FSDP2) is loaded again whole for PipeFusion and for a forward, whose ranks do not
+        all call the model together as the shard gathers need."""
+        from comfyui_xdit.parallel.shard import sharded_layout
+
+        if loaded.layout is not None:  # loaded for its degrees (checked by the caller)
             return loaded
-        if pipefusion is not None and staged[0] == (pipefusion_stage(pipefusion, self.rank), pipefusion.pipefusion):
+        staged = getattr(loaded.adapter.model, "_xdit_stage", None)
+        if staged is not None:
+            if pipefusion is not None and staged[0] == (pipefusion_stage(pipefusion, self.rank),
+                                                        pipefusion.pipefusion):
+                return loaded
+        elif sharded_layout(loaded.adapter.model) is None or not (forward or pipefusion is not None):
             return loaded
         info = self.model_info[key]
         self.models.pop(key)
@@ -186,7 +195,7 @@ class Executor:
 
         start = time.perf_counter()
         rest = self.conds.take_uploads(tensors)  # uploads are kept even when the call fails below
-        loaded = self._fit_layout(op.key, self._loaded(op.key), None)  # a forward runs the whole model
+        loaded = self._fit_layout(op.key, self._loaded(op.key), None, forward=True)  # the whole model
         self._apply_loras(op, loaded)  # the base weights: a forward carries no LoRA set
         unknown = set(op.conds) - {"cond", "pooled", "cond_mask"}
         if unknown or "cond" not in op.conds:

@@ -45,7 +45,7 @@ class _Request(_Message, kw_only=True):
 class LoadModel(_Request, tag="load_model"):
     source: Annotated[str, Meta(min_length=1, max_length=4096)]
     family: Name | None = None
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Literal["fp32", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2"] = "fp32"  # fp8: stored so, computed in bf16
     parallel: ParallelFields | None = None  # load for these degrees: with PipeFusion each rank reads its stage only
 
 
@@ -83,6 +83,8 @@ class ParallelFields(Struct, forbid_unknown_fields=True):
     ulysses: Degree = 1
     num_patches: Degree = 1
     warmup_steps: Annotated[int, Meta(ge=0, le=10000)] = 1
+    shard: Degree = 1
+    shard_keep: Annotated[int, Meta(ge=0, le=1)] = 0
 
 
 class DebugFields(Struct, forbid_unknown_fields=True):

@@ -32,7 +32,8 @@ def main() -> None:
     for case in cases:
         print(f"rank {rank}: case {case['id']}", file=sys.stderr, flush=True)  # names the case if a rank dies
         # pipefusion shards the model; attention backends and processors stay set on it
-        fresh = case["parallel"].get("pipefusion", 1) > 1 or "attention_backend" in case or "processor" in case
+        fresh = case["parallel"].get("pipefusion", 1) > 1 or "attention_backend" in case or "processor" in case \
+            or case["parallel"].get("shard", 1) > 1  # fully_shard changes the model
         loaded = get_model(case, fresh=fresh)
         req = build_request(loaded, case)
         config = ParallelConfig.from_dict(case["parallel"])
@@ -58,6 +59,8 @@ def main() -> None:
                 reports = [None] * dist.get_world_size()
                 dist.all_gather_object(reports, parameter_report(loaded.adapter))
                 result["params"] = reports
+            if config.shard > 1:
+                result["shard"] = _shard_report(loaded, case)
         except XDiTError as e:
             job, latents, result = None, None, {"ok": False, "error": str(e)}
         except Cancelled as e:
@@ -89,6 +92,35 @@ def _loras(loaded, config, loras: list) -> None:
 
         shard_stage(loaded.adapter, get_mesh(config, "cpu").rank("pipefusion"), config.pipefusion)
     apply_loras(loaded.adapter.model, loaded.family, [LoraSpec(p, s) for p, s in loras])
+
+
+def _shard_report(loaded, case: dict) -> list[dict]:
+    """Every rank's parameter bytes and analytic gather volume, and whether its local shards hold the rows
+    kept_slice names, as sharded and after fill_local_shards refilled them from zeros."""
+    from comfyui_xdit.parallel.shard import fill_local_shards, gather_volume, local_parameter_bytes, sharded_layout
+
+    model = loaded.adapter.model
+    layout = sharded_layout(model)
+    full = dict(get_model(case, fresh=True).adapter.model.named_parameters())
+
+    def kept_ok() -> bool:
+        for name, p in model.named_parameters():
+            rows = layout.kept_slice(tuple(p.shape))
+            if rows is not None and not torch.equal(p.to_local()[: rows.stop - rows.start], full[name][rows]):
+                return False
+        return True
+
+    as_sharded = kept_ok()
+    for p in model.parameters():
+        p.to_local().view(torch.uint8).zero_()
+    fill_local_shards(model, lambda name, rows: full[name][rows], layout)
+    mine = {"params": local_parameter_bytes(model), "kept_slice_ok": as_sharded and kept_ok(),
+            "gather_volume": sum(gather_volume(layout).values()), "ranks": list(layout.ranks),
+            "prefetching": sum(len(m._get_fsdp_state()._states_to_forward_prefetch) > 0 for m in layout.groups),
+            "blocks": len(layout.groups) - 1}
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, mine)
+    return reports
 
 
 if __name__ == "__main__":

@@ -130,6 +130,10 @@ def test_configure_valid_and_degrees(ext, rec):
     assert s.world_size == 16
     assert s.degrees() == {"dp": 1, "cfg": 2, "pipefusion": 2, "ring": 2, "ulysses": 2, "num_patches": 4,
                            "warmup_steps": 1}
+    (sharded,) = node().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2, shard_degree=2, shard_keep=True))
+    assert sharded.world_size == 2 and sharded.degrees()["shard"] == 2 and sharded.degrees()["shard_keep"] == 1
+    (pooled,) = node().configure(**dict(CONFIG_DEFAULTS, shard_degree=2))
+    assert pooled.world_size == 2  # shard alone: two ranks computing the same step
     (s1,) = node().configure(**dict(CONFIG_DEFAULTS, pipefusion_degree=3))
     assert s1.degrees()["num_patches"] == 3  # 0 = one patch per stage
 
@@ -141,6 +145,8 @@ def test_configure_valid_and_degrees(ext, rec):
     (dict(gpus="0,1"), "gpus applies to device cuda only"),
     (dict(device="cuda", gpus="x"), None),
     (dict(pool_address="localhost:5555"), "pool address must look like tcp://HOST:PORT"),
+    (dict(ulysses_degree=2, shard_degree=4), "shard degree 4 must be 1 or a product of the innermost degrees"),
+    (dict(pipefusion_degree=2, shard_degree=2), "shard cannot combine with pipefusion"),
 ])
 def test_configure_rejects_at_queue_time_once(ext, rec, change, reason):
     """One line for the node, not one per input (ComfyUI repeats a message once per VALIDATE_INPUTS argument)."""

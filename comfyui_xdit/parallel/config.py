@@ -18,10 +18,22 @@ class ParallelConfig:
     ulysses: int = 1
     num_patches: int = 1
     warmup_steps: int = 1
+    shard: int = 1          # FSDP2 weight sharding over the innermost `shard` ranks (parallel/shard.py)
+    shard_keep: int = 0     # 1: keep each block's gathered weights after its forward (no re-gather per call)
+
+    @property
+    def work_size(self) -> int:
+        """Ranks that split the work: dp x cfg x pipefusion x ring x ulysses."""
+        return self.dp * self.cfg * self.pipefusion * self.ring * self.ulysses
+
+    @property
+    def replicas(self) -> int:
+        """Ranks that compute the same thing: the shard degree when it is the only degree (pure weight pooling)."""
+        return self.shard if self.work_size == 1 else 1
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.cfg * self.pipefusion * self.ring * self.ulysses
+        return self.work_size * self.replicas
 
     @property
     def sp(self) -> int:
@@ -44,17 +56,23 @@ class ParallelConfig:
 
     def validate(self, world_size: int | None = None) -> None:
         """Checks that need no model: degrees positive, cfg 1 or 2, product equal to the world size."""
-        for name in MESH_DIMS + ("num_patches",):
+        for name in MESH_DIMS + ("num_patches", "shard"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} degree must be >= 1, got {getattr(self, name)}")
         if self.cfg not in (1, 2):
             raise ConfigError(f"cfg parallel degree must be 1 or 2, got {self.cfg}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.shard > 1:
+            from .shard import check_shard_degree
+
+            check_shard_degree(self)
         if world_size is not None and world_size != self.world_size:
+            shard = f" (shard {self.shard} alone: {self.shard} ranks)" if self.replicas > 1 else ""
             raise ConfigError(
                 f"degrees multiply to {self.world_size} (dp {self.dp} x cfg {self.cfg} x pipefusion "
-                f"{self.pipefusion} x ring {self.ring} x ulysses {self.ulysses}) but the world size is {world_size}")
+                f"{self.pipefusion} x ring {self.ring} x ulysses {self.ulysses}){shard} but the world size is "
+                f"{world_size}")
 
 
 def ulysses_degrees(heads: int, limit: int = 16) -> list[int]:

@@ -23,6 +23,9 @@ def check_forward(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, conf
     if config.pipefusion > 1:
         raise ConfigError("PipeFusion needs the whole sampling loop: use Parallel Sampler for pipefusion_degree > 1 "
                           "(Parallel DiT Model runs Ulysses, Ring, CFG and DP per forward)")
+    if config.shard > 1:
+        raise ConfigError("weight sharding (shard degree > 1) runs in Parallel Sampler only: Parallel DiT Model "
+                          "runs Ulysses, Ring, CFG and DP per forward")
     want = 5 if adapter.latent.dims == 3 else 4
     if x.ndim != want:
         raise XDiTError(f"{adapter.family} forward takes latents of {want} dimensions, got {list(x.shape)}")

@@ -19,16 +19,23 @@ class ParallelMesh:
     sp_mesh: DeviceMesh  # ring x ulysses flattened: the ranks that share one image's tokens
     comm: Comm
     stage_mesh: DeviceMesh | None = None  # ranks at the same pipefusion stage (all but the pipefusion dim)
+    shard_mesh: DeviceMesh | None = None  # the innermost `shard` ranks, which split each block's weights (FSDP2)
 
     def group(self, dim: str) -> ProcessGroup:
         if dim == "sp":
             return self.sp_mesh.get_group()
         if dim == "stage":
             return self.stage_mesh.get_group()
+        if dim == "shard":
+            return self.shard_mesh.get_group()
         return self.mesh.get_group(dim)
 
     def rank(self, dim: str) -> int:
-        return self.sp_mesh.get_local_rank() if dim == "sp" else self.mesh.get_local_rank(dim)
+        if dim == "sp":
+            return self.sp_mesh.get_local_rank()
+        if dim == "shard":
+            return 0 if self.shard_mesh is None else self.shard_mesh.get_local_rank()
+        return self.mesh.get_local_rank(dim)
 
 
 _MESHES: dict[tuple, tuple] = {}
@@ -49,12 +56,20 @@ def release_process_groups() -> None:
 
 def get_mesh(config: ParallelConfig, device_type: str) -> ParallelMesh:
     """The mesh for `config` over the default process group (built once per shape; collective on first use)."""
-    key = (config.mesh_shape, device_type)
+    key = (config.replicas, config.mesh_shape, config.shard, device_type)
     if key not in _MESHES:
         config.validate(dist.get_world_size())
-        mesh = init_device_mesh(device_type, config.mesh_shape, mesh_dim_names=MESH_DIMS)
+        # "replica" (outermost) holds ranks that compute the same thing: more than 1 only for shard alone
+        dims = ("replica",) + MESH_DIMS
+        mesh = init_device_mesh(device_type, (config.replicas,) + config.mesh_shape, mesh_dim_names=dims)
         sp_mesh = mesh["ring", "ulysses"]._flatten("sp")
         stage_mesh = mesh["dp", "cfg", "ring", "ulysses"]._flatten("stage") if config.pipefusion > 1 else None
-        _MESHES[key] = (mesh, sp_mesh, stage_mesh)
-    mesh, sp_mesh, stage_mesh = _MESHES[key]
-    return ParallelMesh(config, mesh, sp_mesh, Comm(), stage_mesh)
+        shard_mesh = None
+        if config.shard > 1:
+            from .shard import shard_dims
+
+            inner = shard_dims(config, dims)
+            shard_mesh = mesh[inner[0]] if len(inner) == 1 else mesh[inner]._flatten("shard")
+        _MESHES[key] = (mesh, sp_mesh, stage_mesh, shard_mesh)
+    mesh, sp_mesh, stage_mesh, shard_mesh = _MESHES[key]
+    return ParallelMesh(config, mesh, sp_mesh, Comm(), stage_mesh, shard_mesh)

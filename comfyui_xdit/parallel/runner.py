@@ -15,6 +15,7 @@ from ..sampling import PreparedJob, SampleRequest, StepCallback, finish, prepare
 from .config import ParallelConfig, heads_advice
 from .mesh import ParallelMesh, get_mesh
 from .sequence import sequence_parallel, shard_range, shard_sizes
+from .shard import sharded_job
 
 def check_model_fit(config: ParallelConfig, adapter, req: SampleRequest) -> None:
     """Checks that depend on the model and the request; identical on every rank, before any collective."""
@@ -34,6 +35,8 @@ def check_model_fit(config: ParallelConfig, adapter, req: SampleRequest) -> None
         raise ConfigError("cfg parallel needs classifier-free guidance: a negative conditioning and cfg scale != 1")
     if config.dp > req.batch_size:
         raise ConfigError(f"data parallel degree {config.dp} is larger than the batch size {req.batch_size}")
+    if config.pipefusion > 1 and getattr(adapter.model, "_xdit_fsdp", None) is not None:
+        raise ConfigError("this model's weights are sharded (shard degree); load it again to run pipefusion")
     if config.pipefusion > 1:
         from .pipefusion import check_pipefusion
 
@@ -83,8 +86,8 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
 
     sp = sequence_parallel(adapter, pm) if config.sp > 1 else contextlib.nullcontext()
     # the cache's decision: the positive branch's measurement summed over every rank (cfg's negative half adds 0)
-    cache = job_cache(adapter, local.cache, agree=pm.comm.all_reduce_sum, contributes=pm.rank("cfg") == 0)
-    with sp, cache as block_cache:
+    cache = job_cache(adapter, local.cache, agree=pm.comm.all_reduce_sum, contributes=pm.rank("cfg") == 0 and pm.rank("replica") == 0)
+    with sharded_job(adapter, pm), sp, cache as block_cache:
         x = run_loop(local, predict, on_step, block_cache)
     if config.dp > 1:
         x = pm.comm.all_gather(x, batch_sizes, pm.group("dp"), dim=0, kind="dp_gather")

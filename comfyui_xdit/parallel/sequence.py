@@ -91,10 +91,12 @@ def _wrapped_class(cls: type) -> type:
 
 def _probe_inputs(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Two image tokens (and one text token where the module projects text or cross-attends) of zeros."""
-    p = next(module.parameters())
+    from ..weight_storage import compute_dtype_of
+
+    p, dtype = next(module.parameters()), compute_dtype_of(module)
 
     def zeros(n: int, dim: int) -> torch.Tensor:
-        return torch.zeros(1, n, dim, device=p.device, dtype=p.dtype)
+        return torch.zeros(1, n, dim, device=p.device, dtype=dtype)
 
     kwargs = {"hidden_states": zeros(2, getattr(module, "query_dim", None) or module.to_q.in_features)}
     if getattr(module, "added_kv_proj_dim", None) is not None:
@@ -108,8 +110,10 @@ def _probe_inputs(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _probe(module: torch.nn.Module, processor) -> str | None:
     """Run a wrapped processor once on dummy tokens with plain local SDPA (no collectives, no tap): why it fails
     the reroute check, or None."""
+    from .shard import full_size_stand_ins
+
     try:
-        with torch.no_grad():
+        with torch.no_grad(), full_size_stand_ins(module):  # a sharded module's weights at full size
             _rerouted_call(processor, module, (), _probe_inputs(module), F.scaled_dot_product_attention, None)
     except ConfigError as e:
         return str(e)
