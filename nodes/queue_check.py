@@ -24,8 +24,11 @@ HIDDEN = "xdit_check"  # the hidden input (UNIQUE_ID) each node's VALIDATE_INPUT
 CONFIGURE, LOAD, SAMPLER = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"
 SAMPLERS = (SAMPLER, "XDiTParallelSamplerAdvanced")  # the same checks: both take a model, cfg and a latent
 EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent")
-# ComfyUI's nodes whose CONDITIONING carries Wan image-to-video inputs (concat_latent_image, clip_vision_output)
+# ComfyUI's nodes whose CONDITIONING carries Wan image-to-video inputs (concat_latent_image, clip_vision_output);
+# the camera node adds camera_conditions, which the pool does not take
 IMAGE_CONDITIONING = ("WanImageToVideo", "WanFirstLastFrameToVideo", "WanFunInpaintToVideo", "WanCameraImageToVideo")
+UNSUPPORTED_IMAGE_CONDITIONING = ("WanCameraImageToVideo",)
+CLIP_VISION_INPUTS = ("clip_vision_output", "clip_vision_start_image", "clip_vision_end_image")
 VIDEO_LATENTS = {"EmptyHunyuanLatentVideo": 4, "Wan22ImageToVideoLatent": 4}  # pixel frames per latent frame
 _FOUND: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("xdit_queue_problems", default=None)
 
@@ -190,11 +193,7 @@ def _load_problems(prompt: dict, node: dict) -> list[str]:
     if g is None or s is None:
         return []
     name = (node.get("inputs") or {}).get("checkpoint")
-    out = model_fit_problems(s, g, name)
-    if g.image_input:
-        out.append(f"{name} is an image-to-video model (latent, mask and image-latent input channels), which "
-                   "Parallel Sampler does not sample yet: use the native UNETLoader and KSampler")
-    return out
+    return model_fit_problems(s, g, name)
 
 
 def model_fit_problems(s, g: Geometry, name: str) -> list[str]:
@@ -234,8 +233,7 @@ def _sampler_problems(prompt: dict, node: dict) -> list[str]:
     for side in ("positive", "negative"):
         src = _source(prompt, node, side, IMAGE_CONDITIONING)
         if src is not None:
-            out.append(f"{side} comes from {src[1]['class_type']}, image-to-video conditioning, which Parallel "
-                       "Sampler does not take yet: use the native KSampler for image-to-video")
+            out += _image_conditioning_problems(side, src[1], g)
     latent = _source(prompt, node, "latent_image", EMPTY_LATENTS)
     if latent and isinstance((latent[1].get("inputs") or {}).get("start_image"), list):
         out.append(f"latent_image comes from {latent[1]['class_type']} with a start_image (an inpainting "
@@ -244,6 +242,25 @@ def _sampler_problems(prompt: dict, node: dict) -> list[str]:
     if size is not None:
         out += image_problems(s, g, *size)
     return out
+
+
+def _image_conditioning_problems(side: str, src: dict, g: Geometry | None) -> list[str]:
+    """A side from one of ComfyUI's Wan image-to-video nodes: refused for a text-to-video checkpoint, for camera
+    conditioning, and without CLIP vision for a model with a CLIP embedding (Wan 2.1 I2V)."""
+    kind = src["class_type"]
+    if kind in UNSUPPORTED_IMAGE_CONDITIONING:
+        return [f"{side} comes from {kind} (camera conditioning), which Parallel Sampler does not take: use the "
+                "native KSampler"]
+    if g is None:
+        return []
+    if not g.image_input:
+        return [f"{side} comes from {kind}, image-to-video conditioning, but the checkpoint is a text-to-video "
+                "model (no image input channels): load a Wan image-to-video checkpoint"]
+    inputs = src.get("inputs") or {}
+    if g.image_dim and not any(isinstance(inputs.get(k), list) for k in CLIP_VISION_INPUTS):
+        return [f"{side} comes from {kind} without a CLIP vision output, which this Wan 2.1 image-to-video "
+                "checkpoint needs: connect CLIP Vision Encode to its clip_vision_output"]
+    return []
 
 
 def _latent_frames(node: dict) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import checkpoints, convert, queue_check
+from . import checkpoints, convert, queue_check, wan_image
 from .families import SAMPLERS, VARIANTS, scheduler_names, spec
 from .pool import ATTENTION, DEVICES, MANAGER, ModelHandle, settings_from_inputs, validation_error
 
@@ -251,8 +251,12 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
         return (convert.unchanged_latent(latent_image, model.variant),)  # nothing to run: ComfyUI returns the input
     try:
         lat = convert.latent_input(latent_image, model.variant)
+        image = _image_geometry(model)
         tensors, guidance = convert.conditioning_tensors(positive, negative, model.family, cfg != 1.0,
-                                                         model.variant)
+                                                         model.variant, image_input=image is not None)
+        if image is not None:  # Wan image-to-video: WanImageToVideo's latent, mask and CLIP vision
+            tensors.update(wan_image.image_inputs(positive, negative, cfg != 1.0, lat["samples"], image.in_channels,
+                                        image.image_dim, _comfy_objects(model.variant)[1]))
     except convert.ConversionError as e:
         raise XDiTNodeError(f"{name}: {e}") from None
     samples = lat["samples"]
@@ -279,6 +283,17 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
     except _PoolFailure as e:
         raise XDiTNodeError(f"{name}: {e}") from None
     return (convert.output_latent(latent_image, out, model.variant),)
+
+
+def _image_geometry(model: ModelHandle):
+    """The checkpoint's geometry when its input holds image conditioning (Wan I2V), else None."""
+    from .geometry import geometry
+
+    try:
+        g = geometry(model.source)
+    except Exception:  # noqa: BLE001 - loading read it already; no image input known
+        return None
+    return g if g.image_input and g.in_channels else None
 
 
 def _comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps: int | None = None):
