@@ -230,6 +230,9 @@ def _sampler_problems(prompt: dict, node: dict) -> list[str]:
     elif s.cfg == 2 and isinstance(cfg, (int, float)) and float(cfg) == 1.0:
         out.append("cfg_degree 2 runs the negative branch on half the ranks, but cfg is 1 (no negative branch): "
                    "set cfg != 1 or cfg_degree 1")
+    shift = values.get("shift")
+    if g is not None and isinstance(shift, (int, float)) and shift and not _flow_family(g.family):
+        out.append(f"shift applies to flow models (Wan, SD3; ComfyUI's ModelSamplingSD3), not {g.family}: set 0")
     for side in ("positive", "negative"):
         src = _source(prompt, node, side, IMAGE_CONDITIONING)
         if src is not None:
@@ -271,6 +274,13 @@ def _latent_frames(node: dict) -> int:
     if k is None or not isinstance(length, int) or isinstance(length, bool) or length < 1:
         return 1
     return (length - 1) // k + 1
+
+
+def _flow_family(family: str) -> bool:
+    from .families import VARIANTS
+
+    kinds = {v.model_type for v in VARIANTS.values() if v.family == family}
+    return kinds == {"FLOW"}  # (flux-schnell is a flow model of another timestep scale: sampling says so)
 
 
 def _takes_negative(family: str) -> bool:

@@ -158,6 +158,9 @@ class ParallelSampler:
                                          "tooltip": "first steps always computed"}),
                 "cache_max_consecutive": ("INT", {"default": 0, "min": 0, "max": 10000,
                                                   "tooltip": "most reused steps in a row (0: no limit)"}),
+                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": (
+                    "flow models (Wan, SD3): the sampling shift, as ModelSamplingSD3 sets it on a native model; "
+                    "0: the model's own (Wan 8.0)")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID", **HIDDEN},
         }
@@ -167,11 +170,11 @@ class ParallelSampler:
         return queue_check.problem_for(xdit_check)
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
-               cache="none", cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, unique_id=None,
+               cache="none", cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, shift=0.0, unique_id=None,
                xdit_check=None):
         return _sample("Parallel Sampler", model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                        scheduler, _cache_fields(cache, cache_threshold, cache_warmup, cache_max_consecutive),
-                       unique_id, denoise=denoise)
+                       unique_id, denoise=denoise, shift=shift)
 
 
 ENABLE = ["enable", "disable"]
@@ -217,7 +220,8 @@ class ParallelSamplerAdvanced:
 
     def sample(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
                latent_image, start_at_step, end_at_step, return_with_leftover_noise, cache="none",
-               cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, unique_id=None, xdit_check=None):
+               cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, shift=0.0, unique_id=None,
+               xdit_check=None):
         name = "Parallel Sampler (Advanced)"
         for what, value in (("add_noise", add_noise), ("return_with_leftover_noise", return_with_leftover_noise)):
             if value not in ENABLE:
@@ -228,7 +232,7 @@ class ParallelSamplerAdvanced:
         return _sample(name, model, positive, negative, latent_image, noise_seed, steps, cfg, sampler_name,
                        scheduler, _cache_fields(cache, cache_threshold, cache_warmup, cache_max_consecutive),
                        unique_id, add_noise=add_noise == "enable", start_step=start_at_step, last_step=end_at_step,
-                       force_full_denoise=return_with_leftover_noise == "disable")
+                       force_full_denoise=return_with_leftover_noise == "disable", shift=shift)
 
 
 def _cache_fields(cache, threshold, warmup, max_consecutive) -> dict | None:
@@ -239,7 +243,8 @@ def _cache_fields(cache, threshold, warmup, max_consecutive) -> dict | None:
 
 def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
             cache: dict | None, unique_id, denoise: float = 1.0, add_noise: bool = True,
-            start_step: int | None = None, last_step: int | None = None, force_full_denoise: bool = False):
+            start_step: int | None = None, last_step: int | None = None, force_full_denoise: bool = False,
+            shift: float = 0.0):
     """KSampler's and KSamplerAdvanced's sampling (ComfyUI's common_ksampler) on the pool: the noise levels of the
     `steps` schedule (denoise truncates it), cut to [start_step : last_step + 1] with the last set to 0 when
     force_full_denoise cuts it short; ComfyUI's noise for the seed, or zeros without add_noise."""
@@ -266,7 +271,10 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
     else:
         tensors["noise"] = samples.new_zeros(samples.shape)
     full_steps = steps if denoise > 0.9999 else int(steps / denoise)  # the schedule denoise truncates
-    model_sampling, latent_format = _comfy_objects(model.variant, tuple(samples.shape[-2:]), full_steps)
+    try:
+        model_sampling, latent_format = _comfy_objects(model.variant, tuple(samples.shape[-2:]), full_steps, shift)
+    except ValueError as e:
+        raise XDiTNodeError(f"{name}: {e}") from None
     try:
         sigmas = convert.sigmas_for(model.variant, sampler_name, scheduler, steps, denoise, model_sampling)
     except ValueError as e:
@@ -296,10 +304,11 @@ def _image_geometry(model: ModelHandle):
     return g if g.image_input and g.in_channels else None
 
 
-def _comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps: int | None = None):
+def _comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps: int | None = None,
+                   shift: float | None = None):
     from .families import comfy_objects
 
-    return comfy_objects(variant, latent_hw, steps)
+    return comfy_objects(variant, latent_hw, steps, shift)
 
 
 def _free_comfy_vram(model: ModelHandle) -> None:

@@ -11,7 +11,8 @@ Two tiny I2V checkpoints in the original layout (36 input channels, four heads o
 heads, two blocks): one like Wan 2.2 I2V A14B's experts (no CLIP embedding; ComfyUI takes it as WAN21_T2V with 36
 channels), one like Wan 2.1 I2V (an image embedding of width 1280, image K/V; WAN21_I2V). Native UNETLoader + KSampler against Load Parallel DiT +
 Parallel Sampler: Ulysses 2 x CFG 2 (four ranks) on 27 video tokens for the first, CFG 2 for the second, at 1e-5.
-A native run without the image (the plain text conditioning) must differ: the image channels are read."""
+A native run without the image (the plain text conditioning) must differ: the image channels are read. And the
+samplers' `shift` against ModelSamplingSD3 (shift 5 instead of Wan's 8) before the native KSampler."""
 from __future__ import annotations
 
 import os
@@ -163,6 +164,11 @@ def _i2v_graph(checkpoint: str, clip: bool, degrees: dict, prefix: str) -> dict:
         "9": {"class_type": "XDiTParallelSampler", "inputs": {"model": ["8", 0], **common}},
         **_save("10", "5", f"native{prefix}"), **_save("11", "9", f"xdit{prefix}"),
         **_save("12", "6", f"noimage{prefix}"),
+        # the sampling shift: native ModelSamplingSD3 against the samplers' shift input
+        "40": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["4", 0], "shift": 5.0}},
+        "41": {"class_type": "KSampler", "inputs": {"model": ["40", 0], **common}},
+        "42": {"class_type": "XDiTParallelSampler", "inputs": {"model": ["8", 0], **common, "shift": 5.0}},
+        **_save("43", "41", f"nativeshift{prefix}"), **_save("44", "42", f"xditshift{prefix}"),
     }
 
 
@@ -199,3 +205,14 @@ def test_parallel_sampler_matches_native_ksampler_on_image_to_video(ran, prefix,
           f"(native without the image: {gap:.2e})")
     assert err <= 1e-5, err
     assert gap > 1e-3  # the image channels (and CLIP vision) change the result: the comparison can fail
+
+
+@pytest.mark.parametrize("prefix", ["a14b", "i2v21"])
+def test_shift_matches_native_model_sampling_sd3(ran, prefix):
+    base = ran[0]
+    native, ours = _latent(base, f"nativeshift{prefix}"), _latent(base, f"xditshift{prefix}")
+    err = rel_l2(ours, native)
+    gap = rel_l2(native, _latent(base, f"native{prefix}"))
+    print(f"{prefix}: shift 5 (ModelSamplingSD3 + KSampler native): rel L2 {err:.2e} (shift 8 against 5: {gap:.2e})")
+    assert err <= 1e-5, err
+    assert gap > 1e-3

@@ -88,6 +88,23 @@ def test_sigmas_from_comfyuis_wan_sampling(ext, rec):
     assert sig.shape == (7,)
 
 
+def test_shift_replaces_wans_as_model_sampling_sd3_does(ext, rec):
+    """The samplers' `shift` (ModelSamplingSD3's): ComfyUI's flow model sampling with that shift; 0 keeps Wan's 8.
+    Refused for a model that is not a flow model, at queue time and at sampling."""
+    fam = ext.nodes.families
+    ms, _ = fam.comfy_objects(T2V, (6, 6), 4, 5.0)
+    assert (ms.model_type.name, ms.settings) == ("FLOW", {"shift": 5.0})
+    assert fam.comfy_objects(T2V, (6, 6), 4, 0.0)[0].settings == {"shift": 8.0}
+    with pytest.raises(ValueError, match="shift applies to flow models"):
+        fam.comfy_objects("flux-dev", (64, 64), 4, 3.0)
+    g = _graph(checkpoint="tiny-flux", cfg=1.0)
+    g["8"]["inputs"]["shift"] = 3.0
+    assert "shift applies to flow models (Wan, SD3; ComfyUI's ModelSamplingSD3), not flux" in _queue(ext, rec, g)["8"][0]
+    g = _graph(length=5)
+    g["8"]["inputs"]["shift"] = 5.0
+    assert _queue(ext, rec, g) == {}
+
+
 def _graph(config=None, checkpoint="tiny-wan", cfg=5.0, width=32, height=16, length=1, batch=1,
            latent="EmptyHunyuanLatentVideo"):
     return {
