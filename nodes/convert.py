@@ -70,7 +70,9 @@ def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: boo
     conditioning declares them (comfyui_xdit.families: CondSpec).
 
     The negative is read only when classifier-free guidance is on (cfg != 1), as ComfyUI does. An attention_mask
-    is dropped where ComfyUI's model of the variant ignores it (so the pool samples what KSampler samples)."""
+    is dropped where ComfyUI's model of the variant ignores it (so the pool samples what KSampler samples).
+    image_input: the model reads image conditioning (Wan I2V), whose extras nodes/wan_image.py turns into tensors;
+    refused otherwise."""
     want = cond_spec(family)
     keep_mask = want.mask and (variant is None or spec(variant).text_mask)
     tensors: dict[str, torch.Tensor] = {}

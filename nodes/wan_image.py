@@ -56,7 +56,8 @@ def _side(extras: dict, samples: torch.Tensor, in_channels: int, image_dim: int 
             got = list(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
             raise ConversionError(f"{which} clip_vision_output's penultimate hidden states are {got}, expected "
                                   f"[batch, tokens, {image_dim}] (CLIP ViT-H)")
-        out["image_embeds"] = states.detach().to("cpu", torch.float32).contiguous()
+        states = _to_batch(states.detach().to("cpu", torch.float32), samples.shape[0], "clip_vision_output", which)
+        out["image_embeds"] = states.contiguous()
     return out
 
 

@@ -232,7 +232,8 @@ def test_image_channels_as_comfyuis_wan21_builds_them(ext):
     clip = _Clip(torch.randn(1, 257, 32))
     pos = _wan_i2v_cond(1, 512, image, mask, clip)
     out = wi.image_inputs(pos, _wan_i2v_cond(2, 512, image, mask, clip), True, samples, 36, 32, fmt)
-    assert set(out) == {"image_cond", "image_embeds"} and torch.equal(out["image_embeds"], clip.penultimate_hidden_states)
+    assert set(out) == {"image_cond", "image_embeds"}
+    assert torch.equal(out["image_embeds"], clip.penultimate_hidden_states.expand(2, -1, -1))  # per latent
     assert set(wi.image_inputs(pos, None, False, samples, 36, None, fmt)) == {"image_cond"}  # no CLIP embedding
     other, _ = _wan_i2v_inputs(seed=1)
     with pytest.raises(ext.nodes.convert.ConversionError, match="positive and negative carry different image"):
