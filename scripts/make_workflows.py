@@ -142,8 +142,8 @@ def wan_i2v_graph() -> dict:
 WAN_NOTE = (
     "Wan on xDiT. Text encoder and VAE are ComfyUI's own loaders; the Parallel Sampler takes their CONDITIONING "
     "(umT5-xxl) and the video LATENT [batch, channels, frames, h, w] and returns the same shape for VAE Decode. "
-    "Sampling shift: ComfyUI's default for Wan (8.0); a ModelSamplingSD3 node cannot be attached to a Parallel DiT, "
-    "so a shift override is not seen. Samplers: euler or dpmpp_2m. Frames: 4k+1 (81, 121).")
+    "Sampling shift: ComfyUI's default for Wan (8.0); a ModelSamplingSD3 node cannot be attached to a Parallel DiT: "
+    "set the samplers' shift input instead (what ModelSamplingSD3 sets). Samplers: euler or dpmpp_2m. Frames: 4k+1 (81, 121).")
 WAN_A14B_NOTE = (
     WAN_NOTE + "\n\nWan 2.2 A14B is ComfyUI's usual two-expert graph: the high-noise file samples steps 0 to "
     "end_at_step with leftover noise, the low-noise file the rest without adding noise; the split step is the "

@@ -9,8 +9,8 @@ WanImageToVideo then builds concat_latent_image, concat_mask and clip_vision_out
 
 Two tiny I2V checkpoints in the original layout (36 input channels, four heads of 128: ComfyUI takes width / 128
 heads, two blocks): one like Wan 2.2 I2V A14B's experts (no CLIP embedding; ComfyUI takes it as WAN21_T2V with 36
-channels), one like Wan 2.1 I2V (an image embedding of width 1280, image K/V; WAN21_I2V). Native UNETLoader + KSampler against Load Parallel DiT +
-Parallel Sampler: Ulysses 2 x CFG 2 (four ranks) on 27 video tokens for the first, CFG 2 for the second, at 1e-5.
+channels), one like Wan 2.1 I2V (an image embedding of width 1280, image K/V; WAN21_I2V). Native UNETLoader +
+KSampler against Load Parallel DiT + Parallel Sampler: Ulysses 2 x CFG 2 (four ranks) on 27 video tokens for the first, CFG 2 for the second, at 1e-5.
 A native run without the image (the plain text conditioning) must differ: the image channels are read. And the
 samplers' `shift` against ModelSamplingSD3 (shift 5 instead of Wan's 8) before the native KSampler."""
 from __future__ import annotations
@@ -35,7 +35,7 @@ IMAGE_NODES = textwrap.dedent('''
     import torch
 
     class _SeededLatentVAE:
-        """What WanImageToVideo asks of a VAE: encode(pixels [F, H, W, 3]) -> [1, 16, (F - 1) // 4 + 1, H / 8, W / 8]."""
+        """What WanImageToVideo asks of a VAE: encode(pixels [F, H, W, 3]) -> [1, 16, (F-1)//4 + 1, H/8, W/8]."""
         def __init__(self, seed):
             self.seed = seed
 

@@ -99,7 +99,8 @@ def test_shift_replaces_wans_as_model_sampling_sd3_does(ext, rec):
         fam.comfy_objects("flux-dev", (64, 64), 4, 3.0)
     g = _graph(checkpoint="tiny-flux", cfg=1.0)
     g["8"]["inputs"]["shift"] = 3.0
-    assert "shift applies to flow models (Wan, SD3; ComfyUI's ModelSamplingSD3), not flux" in _queue(ext, rec, g)["8"][0]
+    found = _queue(ext, rec, g)["8"][0]
+    assert "shift applies to flow models (Wan, SD3; ComfyUI's ModelSamplingSD3), not flux" in found
     g = _graph(length=5)
     g["8"]["inputs"]["shift"] = 5.0
     assert _queue(ext, rec, g) == {}
