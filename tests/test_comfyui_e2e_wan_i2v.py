@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from .comfy_server import COMFYUI_DIR, comfy_python, make_base, running_comfyui
+from .comfy_server import COMFYUI_DIR, ROOT, comfy_python, make_base, running_comfyui
 from .conftest import rel_l2
 from .test_comfyui_e2e_wan import COND_NODE, CONDS, _config, _latent, _save
 
@@ -138,6 +138,41 @@ def test_comfyui_detects_the_tiny_i2v_checkpoints(comfy):
     assert "unet missing" not in res.stdout and "unet unexpected" not in res.stdout, res.stdout[-2000:]
     lines = [line.split()[1:] for line in res.stdout.splitlines() if line.startswith("RESULT")]
     assert lines == [["WAN21_T2V", "36", "False"], ["WAN21_I2V", "36", "True"]]
+
+
+def test_image_channels_equal_comfyuis_wan21_concat_cond(comfy):
+    """nodes/wan_image.concat_channels against ComfyUI's own WAN21.concat_cond on the loaded tiny I2V model, exactly:
+    WanImageToVideo's mask, a 4-channel mask, a mask shorter than the latent, a batch of 2, no image latent."""
+    _, base = comfy
+    code = textwrap.dedent(f"""
+        import sys, types, importlib, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        import comfy.cli_args
+        comfy.cli_args.args.cpu = True
+        import comfy.sd
+        pkg = types.ModuleType("xdit_nodes_under_test")
+        pkg.__path__ = [{str(ROOT / "nodes")!r}]
+        sys.modules[pkg.__name__] = pkg
+        wan_image = importlib.import_module(pkg.__name__ + ".wan_image")
+        model = comfy.sd.load_diffusion_model({str(base / "models" / "diffusion_models" / A14B)!r}).model
+        g = torch.Generator().manual_seed(3)
+        image = torch.randn(1, 16, 3, 6, 6, generator=g)
+        given = torch.ones(1, 1, 3, 6, 6)
+        given[:, :, :1] = 0.0
+        cases = [(1, image, given), (2, image, given), (1, image, torch.rand(1, 4, 3, 6, 6, generator=g)),
+                 (1, image, given[:, :, :2]), (2, None, given), (1, image, None)]
+        for batch, img, mask in cases:
+            noise = torch.randn(batch, 16, 3, 6, 6, generator=g)
+            kw = {{k: v for k, v in (("concat_latent_image", img), ("concat_mask", mask)) if v is not None}}
+            ref = model.concat_cond(noise=noise, device="cpu", **kw)
+            ours = wan_image.concat_channels(img, mask, noise, 20, model.latent_format)
+            print("CASE", tuple(ref.shape) == tuple(ours.shape) and torch.equal(ref, ours))
+    """)
+    res = subprocess.run([comfy_python(), "-c", code], capture_output=True, text=True, cwd=COMFYUI_DIR, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    cases = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("CASE")]
+    assert cases == ["True"] * 6, res.stdout[-2000:]
 
 
 def _i2v_graph(checkpoint: str, clip: bool, degrees: dict, prefix: str) -> dict:
