@@ -1,6 +1,9 @@
 """CPU scaling of the exact parallel methods: 2 ranks x 1 thread against 1 rank x 1 thread, same run.
 
-usage: python benchmarks/cpu_scaling.py [--model bench-flux] [--size 384] [--steps 8] [--rounds 2]
+usage: python benchmarks/cpu_scaling.py [--model bench-flux] [--size 384] [--frames 1] [--steps 8] [--rounds 2]
+       [--configs serial,cfg 2,ulysses 2]
+A video model takes --frames (Wan: 4k+1; `--model bench-wan --size 192 --frames 13` is 4 latent frames of 12 x 12
+tokens, 576 video tokens).
 Each config runs `rounds` times (order rotated between rounds, so machine noise hits all configs alike); a run's
 time is the median step time with the first step excluded, and a config's time is its best run. Speedup is
 serial's time over the config's.
@@ -26,7 +29,8 @@ def step_times(args: argparse.Namespace, extra: list[str], pin: bool | None = No
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "comfyui_xdit", "generate", "--model", args.model, "--height", str(args.size),
                "--width", str(args.size), "--steps", str(args.steps), "--cfg", "3.0", "--out",
-               os.path.join(tmp, "out.safetensors"), *extra]
+               os.path.join(tmp, "out.safetensors"), *(["--frames", str(args.frames)] if args.frames != 1 else []),
+               *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         if (not extra if pin is None else pin) and shutil.which("taskset"):  # one core, as each parallel rank
             cmd = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *cmd]
@@ -38,19 +42,25 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="bench-flux")
     p.add_argument("--size", type=int, default=384)
+    p.add_argument("--frames", type=int, default=1, help="pixel frames of a video model")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--configs", default=",".join(n for n, _ in CONFIGS), help="comma-separated, from: "
+                   + ", ".join(n for n, _ in CONFIGS) + " (serial is always run)")
     args = p.parse_args()
+    wanted = {"serial", *(n.strip() for n in args.configs.split(","))}
+    configs = [(n, e) for n, e in CONFIGS if n in wanted]
     best: dict[str, float] = {}
     for r in range(args.rounds):
-        for name, extra in CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]:
+        for name, extra in configs[r % len(configs):] + configs[:r % len(configs)]:
             t = statistics.median(step_times(args, extra)[1:])
             best[name] = min(best.get(name, t), t)
     base = best["serial"]
-    print(f"model {args.model}, {args.size}x{args.size}, cfg 3.0, {args.steps} steps, 1 thread per rank, "
+    frames = f", {args.frames} frames" if args.frames != 1 else ""
+    print(f"model {args.model}, {args.size}x{args.size}{frames}, cfg 3.0, {args.steps} steps, 1 thread per rank, "
           f"best of {args.rounds} rounds")
     print(f"{'config':<12}{'step s':>10}{'speedup':>10}")
-    for name, _ in CONFIGS:
+    for name, _ in configs:
         print(f"{name:<12}{best[name]:>10.3f}{base / best[name]:>10.2f}")
 
 

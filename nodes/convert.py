@@ -21,7 +21,9 @@ class ConversionError(ValueError):
     """An input the parallel sampler cannot take; the message says which and why."""
 
 
-def _one_entry(conditioning: Any, which: str) -> tuple[torch.Tensor, dict]:
+def _one_entry(conditioning: Any, which: str, image_input: bool = False) -> tuple[torch.Tensor, dict]:
+    """The one [cond, extras] entry of a CONDITIONING, its extras checked; image-to-video extras are taken only by
+    a model with image input channels (nodes/wan_image.py reads them)."""
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
         raise ConversionError(f"{which} conditioning is empty or not a CONDITIONING list")
     if len(conditioning) > 1:
@@ -33,13 +35,13 @@ def _one_entry(conditioning: Any, which: str) -> tuple[torch.Tensor, dict]:
     cond, extras = entry
     extras = dict(extras or {})
     image = sorted(k for k in IMAGE_EXTRAS if extras.get(k) is not None)
-    if image:
+    if image and not image_input:
         raise ConversionError(f"{which} conditioning carries image conditioning ({', '.join(image)}, from "
-                              "WanImageToVideo or CLIP Vision Encode), which Parallel Sampler does not take yet; "
-                              "use the native KSampler for image-to-video")
+                              "WanImageToVideo or CLIP Vision Encode), but this is a text-to-video model (no image "
+                              "input channels): load a Wan image-to-video checkpoint, or leave the image out")
     bad = []
     for key, value in extras.items():
-        if key in SUPPORTED_EXTRAS or value is None:
+        if key in SUPPORTED_EXTRAS or value is None or (image_input and key in IMAGE_EXTRAS):
             continue
         if key in NEUTRAL_EXTRAS and _is_number(value) and float(value) == NEUTRAL_EXTRAS[key]:
             continue
@@ -53,24 +55,31 @@ def _one_entry(conditioning: Any, which: str) -> tuple[torch.Tensor, dict]:
     return cond, extras
 
 
+def entry_extras(conditioning: Any, which: str) -> dict:
+    """The extras dict of a CONDITIONING's one entry (checked by conditioning_tensors)."""
+    return _one_entry(conditioning, which, image_input=True)[1]
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: bool, variant: str | None = None
-                         ) -> tuple[dict[str, torch.Tensor], float | None]:
+def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: bool, variant: str | None = None,
+                         image_input: bool = False) -> tuple[dict[str, torch.Tensor], float | None]:
     """Pool input tensors (cond, pooled, cond_mask and their neg_ twins) and distilled guidance, as the family's
     conditioning declares them (comfyui_xdit.families: CondSpec).
 
     The negative is read only when classifier-free guidance is on (cfg != 1), as ComfyUI does. An attention_mask
-    is dropped where ComfyUI's model of the variant ignores it (so the pool samples what KSampler samples)."""
+    is dropped where ComfyUI's model of the variant ignores it (so the pool samples what KSampler samples).
+    image_input: the model reads image conditioning (Wan I2V), whose extras nodes/wan_image.py turns into tensors;
+    refused otherwise."""
     want = cond_spec(family)
     keep_mask = want.mask and (variant is None or spec(variant).text_mask)
     tensors: dict[str, torch.Tensor] = {}
     guidance = None
     sides = [("", positive, "positive")] + ([("neg_", negative, "negative")] if use_cfg else [])
     for prefix, conditioning, which in sides:
-        cond, extras = _one_entry(conditioning, which)
+        cond, extras = _one_entry(conditioning, which, image_input)
         tensors[prefix + "cond"] = cond.detach().to("cpu", torch.float32).contiguous()
         pooled = extras.get("pooled_output")
         if want.pooled is not None:

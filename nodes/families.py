@@ -85,9 +85,11 @@ def cond_spec(family: str):
     return registry.get(family).cond
 
 
-def comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps: int | None = None):
+def comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps: int | None = None,
+                  shift: float | None = None):
     """(model_sampling, latent_format) as ComfyUI would build them for a model of this variant; for a variant with
-    a per-job shift, the shift of a latent of `latent_hw` (LATENT height, width) sampled in `steps` steps."""
+    a per-job shift, the shift of a latent of `latent_hw` (LATENT height, width) sampled in `steps` steps; `shift`
+    replaces it for a flow model as ModelSamplingSD3 does (the same ModelSamplingDiscreteFlow, another shift)."""
     from types import SimpleNamespace
 
     import comfy.latent_formats
@@ -98,6 +100,10 @@ def comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps:
     settings = dict(getattr(comfy.supported_models, s.supported_model).sampling_settings)
     if s.shift is not None and latent_hw is not None and steps:
         settings["shift"] = float(s.shift((latent_hw[0] // s.patch) * (latent_hw[1] // s.patch), int(steps)))
+    if shift:
+        if s.model_type != "FLOW" or float(settings.get("multiplier", 1000.0)) != 1000.0:  # ModelSamplingSD3's
+            raise ValueError(f"shift applies to flow models (Wan, SD3; ComfyUI's ModelSamplingSD3), not {variant}")
+        settings["shift"] = float(shift)
     model_type = getattr(comfy.model_base.ModelType, s.model_type)
     model_sampling = comfy.model_base.model_sampling(SimpleNamespace(sampling_settings=settings), model_type)
     return model_sampling, getattr(comfy.latent_formats, s.latent_format)()

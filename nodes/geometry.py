@@ -26,6 +26,8 @@ class Geometry:
     max_side: int | None = None    # SD3: largest height or width its position table allows, in pixels
     patch: int = PATCH
     image_input: bool = False      # a video model whose input holds image conditioning (Wan I2V: 36 channels)
+    in_channels: int | None = None  # the model's input channels (Wan I2V: latent + mask + image latent)
+    image_dim: int | None = None    # width of the CLIP-vision embedding it takes (Wan 2.1 I2V), None: none
 
 
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
@@ -131,7 +133,7 @@ def _from_config(fam, cfg: dict) -> Geometry:
         pass
     image_input = latent.dims == 3 and cfg.get("in_channels", latent.channels) != latent.channels
     return Geometry(fam.name, read(fam.heads_of), read(fam.blocks_of), read(fam.max_side_of),
-                    fam.patch * latent.downscale // 8, image_input)
+                    fam.patch * latent.downscale // 8, image_input, cfg.get("in_channels"), cfg.get("image_dim"))
 
 
 def shapes_geometry(shapes: dict[str, tuple[int, ...]]) -> Geometry:

@@ -25,8 +25,11 @@ CONFIGURE, LOAD, SAMPLER = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT",
 LORA = "XDiTParallelLoRA"
 SAMPLERS = (SAMPLER, "XDiTParallelSamplerAdvanced")  # the same checks: both take a model, cfg and a latent
 EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent")
-# ComfyUI's nodes whose CONDITIONING carries Wan image-to-video inputs (concat_latent_image, clip_vision_output)
+# ComfyUI's nodes whose CONDITIONING carries Wan image-to-video inputs (concat_latent_image, clip_vision_output);
+# the camera node adds camera_conditions, which the pool does not take
 IMAGE_CONDITIONING = ("WanImageToVideo", "WanFirstLastFrameToVideo", "WanFunInpaintToVideo", "WanCameraImageToVideo")
+UNSUPPORTED_IMAGE_CONDITIONING = ("WanCameraImageToVideo",)
+CLIP_VISION_INPUTS = ("clip_vision_output", "clip_vision_start_image", "clip_vision_end_image")
 VIDEO_LATENTS = {"EmptyHunyuanLatentVideo": 4, "Wan22ImageToVideoLatent": 4}  # pixel frames per latent frame
 _FOUND: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("xdit_queue_problems", default=None)
 
@@ -192,11 +195,7 @@ def _load_problems(prompt: dict, node: dict) -> list[str]:
     if g is None or s is None:
         return []
     name = (node.get("inputs") or {}).get("checkpoint")
-    out = model_fit_problems(s, g, name)
-    if g.image_input:
-        out.append(f"{name} is an image-to-video model (latent, mask and image-latent input channels), which "
-                   "Parallel Sampler does not sample yet: use the native UNETLoader and KSampler")
-    return out
+    return model_fit_problems(s, g, name)
 
 
 def model_fit_problems(s, g: Geometry, name: str) -> list[str]:
@@ -269,11 +268,13 @@ def _sampler_problems(prompt: dict, node: dict) -> list[str]:
     elif s.cfg == 2 and isinstance(cfg, (int, float)) and float(cfg) == 1.0:
         out.append("cfg_degree 2 runs the negative branch on half the ranks, but cfg is 1 (no negative branch): "
                    "set cfg != 1 or cfg_degree 1")
+    shift = values.get("shift")
+    if g is not None and isinstance(shift, (int, float)) and shift and not _flow_family(g.family):
+        out.append(f"shift applies to flow models (Wan, SD3; ComfyUI's ModelSamplingSD3), not {g.family}: set 0")
     for side in ("positive", "negative"):
         src = _source(prompt, node, side, IMAGE_CONDITIONING)
         if src is not None:
-            out.append(f"{side} comes from {src[1]['class_type']}, image-to-video conditioning, which Parallel "
-                       "Sampler does not take yet: use the native KSampler for image-to-video")
+            out += _image_conditioning_problems(side, src[1], g)
     latent = _source(prompt, node, "latent_image", EMPTY_LATENTS)
     if latent and isinstance((latent[1].get("inputs") or {}).get("start_image"), list):
         out.append(f"latent_image comes from {latent[1]['class_type']} with a start_image (an inpainting "
@@ -284,6 +285,25 @@ def _sampler_problems(prompt: dict, node: dict) -> list[str]:
     return out
 
 
+def _image_conditioning_problems(side: str, src: dict, g: Geometry | None) -> list[str]:
+    """A side from one of ComfyUI's Wan image-to-video nodes: refused for a text-to-video checkpoint, for camera
+    conditioning, and without CLIP vision for a model with a CLIP embedding (Wan 2.1 I2V)."""
+    kind = src["class_type"]
+    if kind in UNSUPPORTED_IMAGE_CONDITIONING:
+        return [f"{side} comes from {kind} (camera conditioning), which Parallel Sampler does not take: use the "
+                "native KSampler"]
+    if g is None:
+        return []
+    if not g.image_input:
+        return [f"{side} comes from {kind}, image-to-video conditioning, but the checkpoint is a text-to-video "
+                "model (no image input channels): load a Wan image-to-video checkpoint"]
+    inputs = src.get("inputs") or {}
+    if g.image_dim and not any(isinstance(inputs.get(k), list) for k in CLIP_VISION_INPUTS):
+        return [f"{side} comes from {kind} without a CLIP vision output, which this Wan 2.1 image-to-video "
+                "checkpoint needs: connect CLIP Vision Encode to its clip_vision_output"]
+    return []
+
+
 def _latent_frames(node: dict) -> int:
     """Latent frames T of an empty-latent node: a video node's `length` pixel frames make (length - 1) // k + 1
     (ComfyUI floors a length that is not k n + 1); an image node makes one."""
@@ -292,6 +312,13 @@ def _latent_frames(node: dict) -> int:
     if k is None or not isinstance(length, int) or isinstance(length, bool) or length < 1:
         return 1
     return (length - 1) // k + 1
+
+
+def _flow_family(family: str) -> bool:
+    from .families import VARIANTS
+
+    kinds = {v.model_type for v in VARIANTS.values() if v.family == family}
+    return kinds == {"FLOW"}  # (flux-schnell is a flow model of another timestep scale: sampling says so)
 
 
 def _takes_negative(family: str) -> bool:

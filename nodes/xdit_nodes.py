@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import checkpoints, convert, queue_check
+from . import checkpoints, convert, queue_check, wan_image
 from .families import SAMPLERS, VARIANTS, scheduler_names, spec
 from .pool import ATTENTION, DEVICES, MANAGER, ModelHandle, settings_from_inputs, validation_error
 
@@ -167,6 +167,9 @@ class ParallelSampler:
                                          "tooltip": "first steps always computed"}),
                 "cache_max_consecutive": ("INT", {"default": 0, "min": 0, "max": 10000,
                                                   "tooltip": "most reused steps in a row (0: no limit)"}),
+                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": (
+                    "flow models (Wan, SD3): the sampling shift, as ModelSamplingSD3 sets it on a native model; "
+                    "0: the model's own (Wan 8.0)")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID", **HIDDEN},
         }
@@ -176,11 +179,11 @@ class ParallelSampler:
         return queue_check.problem_for(xdit_check)
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
-               cache="none", cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, unique_id=None,
+               cache="none", cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, shift=0.0, unique_id=None,
                xdit_check=None):
         return _sample("Parallel Sampler", model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                        scheduler, _cache_fields(cache, cache_threshold, cache_warmup, cache_max_consecutive),
-                       unique_id, denoise=denoise)
+                       unique_id, denoise=denoise, shift=shift)
 
 
 ENABLE = ["enable", "disable"]
@@ -226,7 +229,8 @@ class ParallelSamplerAdvanced:
 
     def sample(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
                latent_image, start_at_step, end_at_step, return_with_leftover_noise, cache="none",
-               cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, unique_id=None, xdit_check=None):
+               cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, shift=0.0, unique_id=None,
+               xdit_check=None):
         name = "Parallel Sampler (Advanced)"
         for what, value in (("add_noise", add_noise), ("return_with_leftover_noise", return_with_leftover_noise)):
             if value not in ENABLE:
@@ -237,7 +241,7 @@ class ParallelSamplerAdvanced:
         return _sample(name, model, positive, negative, latent_image, noise_seed, steps, cfg, sampler_name,
                        scheduler, _cache_fields(cache, cache_threshold, cache_warmup, cache_max_consecutive),
                        unique_id, add_noise=add_noise == "enable", start_step=start_at_step, last_step=end_at_step,
-                       force_full_denoise=return_with_leftover_noise == "disable")
+                       force_full_denoise=return_with_leftover_noise == "disable", shift=shift)
 
 
 def _cache_fields(cache, threshold, warmup, max_consecutive) -> dict | None:
@@ -248,7 +252,8 @@ def _cache_fields(cache, threshold, warmup, max_consecutive) -> dict | None:
 
 def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
             cache: dict | None, unique_id, denoise: float = 1.0, add_noise: bool = True,
-            start_step: int | None = None, last_step: int | None = None, force_full_denoise: bool = False):
+            start_step: int | None = None, last_step: int | None = None, force_full_denoise: bool = False,
+            shift: float = 0.0):
     """KSampler's and KSamplerAdvanced's sampling (ComfyUI's common_ksampler) on the pool: the noise levels of the
     `steps` schedule (denoise truncates it), cut to [start_step : last_step + 1] with the last set to 0 when
     force_full_denoise cuts it short; ComfyUI's noise for the seed, or zeros without add_noise."""
@@ -260,8 +265,12 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
         return (convert.unchanged_latent(latent_image, model.variant),)  # nothing to run: ComfyUI returns the input
     try:
         lat = convert.latent_input(latent_image, model.variant)
+        image = _image_geometry(model)
         tensors, guidance = convert.conditioning_tensors(positive, negative, model.family, cfg != 1.0,
-                                                         model.variant)
+                                                         model.variant, image_input=image is not None)
+        if image is not None:  # Wan image-to-video: WanImageToVideo's latent, mask and CLIP vision
+            tensors.update(wan_image.image_inputs(positive, negative, cfg != 1.0, lat["samples"], image.in_channels,
+                                        image.image_dim, _comfy_objects(model.variant)[1]))
     except convert.ConversionError as e:
         raise XDiTNodeError(f"{name}: {e}") from None
     samples = lat["samples"]
@@ -271,7 +280,10 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
     else:
         tensors["noise"] = samples.new_zeros(samples.shape)
     full_steps = steps if denoise > 0.9999 else int(steps / denoise)  # the schedule denoise truncates
-    model_sampling, latent_format = _comfy_objects(model.variant, tuple(samples.shape[-2:]), full_steps)
+    try:
+        model_sampling, latent_format = _comfy_objects(model.variant, tuple(samples.shape[-2:]), full_steps, shift)
+    except ValueError as e:
+        raise XDiTNodeError(f"{name}: {e}") from None
     try:
         sigmas = convert.sigmas_for(model.variant, sampler_name, scheduler, steps, denoise, model_sampling)
     except ValueError as e:
@@ -290,10 +302,22 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
     return (convert.output_latent(latent_image, out, model.variant),)
 
 
-def _comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps: int | None = None):
+def _image_geometry(model: ModelHandle):
+    """The checkpoint's geometry when its input holds image conditioning (Wan I2V), else None."""
+    from .geometry import geometry
+
+    try:
+        g = geometry(model.source)
+    except Exception:  # noqa: BLE001 - loading read it already; no image input known
+        return None
+    return g if g.image_input and g.in_channels else None
+
+
+def _comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps: int | None = None,
+                   shift: float | None = None):
     from .families import comfy_objects
 
-    return comfy_objects(variant, latent_hw, steps)
+    return comfy_objects(variant, latent_hw, steps, shift)
 
 
 def _free_comfy_vram(model: ModelHandle) -> None:

@@ -101,16 +101,60 @@ def wan_graph(kind: str) -> dict:
     return g
 
 
+def wan_i2v_graph() -> dict:
+    """Wan 2.2 I2V A14B as ComfyUI's own image-to-video graph: Load Image into WanImageToVideo (with the Wan 2.1 VAE;
+    Wan 2.2 I2V takes no CLIP vision), whose CONDITIONING pair and video LATENT feed the two-expert samplers (the
+    high- and low-noise I2V files, split at the user's step)."""
+    steps, split = 20, 10
+    sampling = {"positive": ["7", 0], "negative": ["7", 1], "cfg": 3.5, "sampler_name": "euler",
+                "scheduler": "simple", "noise_seed": 42, "steps": steps}
+    return {
+        "1": ("CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan",
+                             "device": "default"}),
+        "2": ("CLIPTextEncode", {"text": "the red panda in the picture starts pedalling, the camera follows it along "
+                                         "the canal, leaves falling", "clip": ["1", 0]}),
+        "3": ("CLIPTextEncode", {"text": "blurry, static, low quality, watermark, text", "clip": ["1", 0]}),
+        # 40 heads: Ulysses 1, 2, 4, 5 or 8
+        "5": ("XDiTConfigureHybridParallel", parallel(cfg_degree=2)),
+        "6": ("XDiTLoadParallelDiT", {"parallel_config": ["5", 0],
+                                      "checkpoint": "wan2.2_i2v_high_noise_14B_fp16.safetensors",
+                                      "weight_dtype": "bf16", "family": "auto"}),
+        "4": ("XDiTLoadParallelDiT", {"parallel_config": ["5", 0],
+                                      "checkpoint": "wan2.2_i2v_low_noise_14B_fp16.safetensors",
+                                      "weight_dtype": "bf16", "family": "auto"}),
+        "16": ("LoadImage", {"image": "example.png"}),
+        "7": ("WanImageToVideo", {"positive": ["2", 0], "negative": ["3", 0], "vae": ["12", 0], "width": 832,
+                                  "height": 480, "length": 81, "batch_size": 1, "start_image": ["16", 0]}),
+        "8": ("XDiTParallelSamplerAdvanced", {
+            "model": ["6", 0], "add_noise": "enable", **sampling, "latent_image": ["7", 2], "start_at_step": 0,
+            "end_at_step": split, "return_with_leftover_noise": "enable"}),
+        "9": ("XDiTParallelSamplerAdvanced", {
+            "model": ["4", 0], "add_noise": "disable", **sampling, "latent_image": ["8", 0], "start_at_step": split,
+            "end_at_step": 10000, "return_with_leftover_noise": "disable"}),
+        "12": ("VAELoader", {"vae_name": "wan_2.1_vae.safetensors"}),
+        "13": ("VAEDecode", {"samples": ["9", 0], "vae": ["12", 0]}),
+        "14": ("CreateVideo", {"images": ["13", 0], "fps": 16.0}),
+        "15": ("SaveVideo", {"video": ["14", 0], "filename_prefix": "video/xdit_wan2.2-i2v-a14b", "format": "auto",
+                             "codec": "auto"}),
+    }
+
+
 WAN_NOTE = (
     "Wan on xDiT. Text encoder and VAE are ComfyUI's own loaders; the Parallel Sampler takes their CONDITIONING "
     "(umT5-xxl) and the video LATENT [batch, channels, frames, h, w] and returns the same shape for VAE Decode. "
-    "Sampling shift: ComfyUI's default for Wan (8.0); a ModelSamplingSD3 node cannot be attached to a Parallel DiT, "
-    "so a shift override is not seen. Samplers: euler or dpmpp_2m. Frames: 4k+1 (81, 121).")
+    "Sampling shift: ComfyUI's default for Wan (8.0); a ModelSamplingSD3 node cannot be attached to a Parallel DiT: "
+    "set the samplers' shift input instead (what ModelSamplingSD3 sets). Samplers: euler or dpmpp_2m. Frames: 4k+1 (81, 121).")
 WAN_A14B_NOTE = (
     WAN_NOTE + "\n\nWan 2.2 A14B is ComfyUI's usual two-expert graph: the high-noise file samples steps 0 to "
     "end_at_step with leftover noise, the low-noise file the rest without adding noise; the split step is the "
     "boundary between the experts, as in ComfyUI. Both models stay loaded on the pool (two Load Parallel DiT, one "
     "parallel config). Needs both experts' memory on every rank (2 x 29 GB in bf16 with Ulysses/Ring/CFG).")
+WAN_I2V_NOTE = (
+    WAN_A14B_NOTE.replace("Wan 2.2 A14B is", "Wan 2.2 I2V A14B is") + "\n\nImage to video: WanImageToVideo's "
+    "CONDITIONING carries the start image's latent and mask, which the Parallel Sampler passes to the model as "
+    "ComfyUI does (its 36 input channels: latent, 4 mask channels, image latent). Feed positive and negative "
+    "through the same WanImageToVideo. Wan 2.2 I2V has no CLIP vision input; Wan 2.1 I2V 14B needs CLIP Vision "
+    "Encode into clip_vision_output.")
 WAN_TI2V_NOTE = (
     WAN_NOTE + "\n\nWan 2.2 TI2V 5B: 48-channel Wan 2.2 VAE latents at 16x (Wan22ImageToVideoLatent); text to video "
     "only: a start_image gives the latent a noise_mask, which Parallel Sampler refuses (use the native KSampler).")
@@ -167,6 +211,8 @@ def graph(kind: str) -> dict:
         g = stock_graph(kind)
     elif kind == "qwen-image":
         g = qwen_image_graph()
+    elif kind == "wan2.2-i2v-a14b":
+        g = wan_i2v_graph()
     elif kind.startswith("wan"):
         g = wan_graph(kind)
     elif kind in ("flux1-dev", "flux1-schnell"):
@@ -283,7 +329,7 @@ def flux2_graph() -> dict:
 
 
 EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "qwen-image", "flux2-dev", "z-image-turbo",
-            "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b", "sd3.5-large-stock-ksampler",
+            "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b", "wan2.2-i2v-a14b", "sd3.5-large-stock-ksampler",
             "flux1-dev-stock-custom-advanced")
 Z_IMAGE_NOTE = (
     "Parallel Sampler expects the conditioning ZImagePipeline's text encoder makes: Qwen3-4B hidden states "
@@ -294,7 +340,7 @@ Z_IMAGE_NOTE = (
     "the VAE is the Flux VAE (ae.safetensors).")
 # UI-only Note nodes (the editor's own; not queued, so not in the API twin)
 NOTES = {"flux2-dev": FLUX2_NOTE, "z-image-turbo": Z_IMAGE_NOTE, "wan2.2-t2v-a14b": WAN_A14B_NOTE,
-         "wan2.2-ti2v-5b": WAN_TI2V_NOTE, "wan2.1-t2v-1.3b": WAN_NOTE}
+         "wan2.2-ti2v-5b": WAN_TI2V_NOTE, "wan2.1-t2v-1.3b": WAN_NOTE, "wan2.2-i2v-a14b": WAN_I2V_NOTE}
 
 
 def is_link_type(t) -> bool:

@@ -1,8 +1,9 @@
 """Wan through the nodes without ComfyUI (stand-ins): ComfyUI's Wan CONDITIONING (umT5-xxl [B, L, 4096], no pooled
 vector), video LATENTs [B, C, T, H/8, W/8] in and out (EmptyHunyuanLatentVideo's 16 channels; Wan 2.2 TI2V's 48
 channels at 16x), the pixel frames sent to the pool, sigmas from ComfyUI's WAN21_T2V sampling (FLOW, shift 8),
-image-to-video conditioning refused in one line, the queue-time checks over video tokens, and a run on a real
-2-rank CPU pool (Ulysses 2, CFG, 45 video tokens) equal to the engine."""
+image-to-video conditioning mapped as ComfyUI's WAN21 model maps it (refused for text-to-video models, in one line),
+the queue-time checks over video tokens, and runs on a real 2-rank CPU pool (Ulysses 2, CFG) equal to the engine,
+text- and image-to-video."""
 from __future__ import annotations
 
 import pytest
@@ -87,6 +88,24 @@ def test_sigmas_from_comfyuis_wan_sampling(ext, rec):
     assert sig.shape == (7,)
 
 
+def test_shift_replaces_wans_as_model_sampling_sd3_does(ext, rec):
+    """The samplers' `shift` (ModelSamplingSD3's): ComfyUI's flow model sampling with that shift; 0 keeps Wan's 8.
+    Refused for a model that is not a flow model, at queue time and at sampling."""
+    fam = ext.nodes.families
+    ms, _ = fam.comfy_objects(T2V, (6, 6), 4, 5.0)
+    assert (ms.model_type.name, ms.settings) == ("FLOW", {"shift": 5.0})
+    assert fam.comfy_objects(T2V, (6, 6), 4, 0.0)[0].settings == {"shift": 8.0}
+    with pytest.raises(ValueError, match="shift applies to flow models"):
+        fam.comfy_objects("flux-dev", (64, 64), 4, 3.0)
+    g = _graph(checkpoint="tiny-flux", cfg=1.0)
+    g["8"]["inputs"]["shift"] = 3.0
+    found = _queue(ext, rec, g)["8"][0]
+    assert "shift applies to flow models (Wan, SD3; ComfyUI's ModelSamplingSD3), not flux" in found
+    g = _graph(length=5)
+    g["8"]["inputs"]["shift"] = 5.0
+    assert _queue(ext, rec, g) == {}
+
+
 def _graph(config=None, checkpoint="tiny-wan", cfg=5.0, width=32, height=16, length=1, batch=1,
            latent="EmptyHunyuanLatentVideo"):
     return {
@@ -119,39 +138,154 @@ def test_queue_checks_count_video_tokens(ext, rec):
                                    length=5, latent="Wan22ImageToVideoLatent")) == {}
 
 
-def test_queue_refuses_image_to_video_inputs(ext, rec):
-    g = _graph()
-    g["2"] = {"class_type": "WanImageToVideo", "inputs": {"positive": ["20", 0], "negative": ["21", 0],
-                                                         "vae": ["22", 0], "width": 32, "height": 16, "length": 5,
-                                                         "batch_size": 1}}
-    g["8"]["inputs"]["positive"] = ["2", 0]
-    g["8"]["inputs"]["negative"] = ["2", 1]
-    found = _queue(ext, rec, g)["8"][0]
-    assert "positive comes from WanImageToVideo" in found and "negative comes from WanImageToVideo" in found
+def _i2v_node(width=32, height=16, length=5, clip=False, kind="WanImageToVideo"):
+    inputs = {"positive": ["20", 0], "negative": ["21", 0], "vae": ["22", 0], "width": width, "height": height,
+              "length": length, "batch_size": 1, "start_image": ["23", 0]}
+    if clip:
+        inputs["clip_vision_output"] = ["24", 0]
+    return {"class_type": kind, "inputs": inputs}
+
+
+def _from_i2v(g: dict, node: dict) -> dict:
+    g["2"] = node
+    g["8"]["inputs"].update(positive=["2", 0], negative=["2", 1], latent_image=["2", 2])
+    return g
+
+
+def test_queue_refuses_image_conditioning_for_text_to_video_and_camera(ext, rec):
+    found = _queue(ext, rec, _from_i2v(_graph(), _i2v_node()))["8"][0]
+    assert "positive comes from WanImageToVideo, image-to-video conditioning, but the checkpoint is a " \
+           "text-to-video model" in found and "negative comes from WanImageToVideo" in found
+    found = _queue(ext, rec, _from_i2v(_graph(), _i2v_node(kind="WanCameraImageToVideo")))["8"][0]
+    assert "WanCameraImageToVideo (camera conditioning)" in found
     g = _graph(checkpoint="tiny-wan-ti2v", width=64, height=32, length=5, latent="Wan22ImageToVideoLatent")
     g["7"]["inputs"].update(vae=["22", 0], start_image=["23", 0])
     assert "with a start_image" in _queue(ext, rec, g)["8"][0]
 
 
-def test_queue_refuses_an_image_to_video_checkpoint(ext, rec, tmp_path):
-    """A Wan I2V file (36 input channels), read from its header only, is refused on Load Parallel DiT."""
+def _write_i2v(path, clip: bool, seed: int = 3) -> None:
     from diffusers import WanTransformer3DModel
     from safetensors.torch import save_file
 
+    from comfyui_xdit.tiny import fill_deterministic
+
     from .test_wan import wan_to_original
 
+    extra = dict(image_dim=32, added_kv_proj_dim=64) if clip else {}
     model = WanTransformer3DModel(num_attention_heads=4, attention_head_dim=16, in_channels=36, out_channels=16,
-                                  text_dim=4096, freq_dim=32, ffn_dim=64, num_layers=1)
-    save_file({k: v.contiguous() for k, v in wan_to_original(model).items()}, str(tmp_path / "wan_i2v.safetensors"))
-    rec.folders["diffusion_models"] = [str(tmp_path / "wan_i2v.safetensors")]
-    found = _queue(ext, rec, _graph(checkpoint="wan_i2v.safetensors", length=5))
-    assert "wan_i2v.safetensors is an image-to-video model" in found["6"][0]
-    rec.folders["diffusion_models"] = []
-    t2v = WanTransformer3DModel(num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
-                                text_dim=4096, freq_dim=32, ffn_dim=64, num_layers=1)
-    save_file({k: v.contiguous() for k, v in wan_to_original(t2v).items()}, str(tmp_path / "wan_t2v.safetensors"))
-    rec.folders["diffusion_models"] = [str(tmp_path / "wan_t2v.safetensors")]
-    assert _queue(ext, rec, _graph(checkpoint="wan_t2v.safetensors", length=5)) == {}
+                                  text_dim=4096, freq_dim=32, ffn_dim=64, num_layers=2, **extra)
+    fill_deterministic(model, seed)
+    save_file({k: v.contiguous() for k, v in wan_to_original(model).items()}, str(path))
+
+
+def test_queue_takes_image_to_video_checkpoints(ext, rec, tmp_path):
+    """Wan I2V files (36 input channels; read from their header only) load and take WanImageToVideo's
+    conditioning; the one with a CLIP embedding (Wan 2.1 I2V) is refused without CLIP vision, in one line."""
+    _write_i2v(tmp_path / "wan_i2v.safetensors", clip=False)
+    _write_i2v(tmp_path / "wan21_i2v.safetensors", clip=True)
+    rec.folders["diffusion_models"] = [str(tmp_path / "wan_i2v.safetensors"), str(tmp_path / "wan21_i2v.safetensors")]
+    assert _queue(ext, rec, _graph(checkpoint="wan_i2v.safetensors", length=5)) == {}
+    assert _queue(ext, rec, _from_i2v(_graph(checkpoint="wan_i2v.safetensors"), _i2v_node())) == {}
+    assert _queue(ext, rec, _from_i2v(_graph(checkpoint="wan21_i2v.safetensors"), _i2v_node(clip=True))) == {}
+    found = _queue(ext, rec, _from_i2v(_graph(checkpoint="wan21_i2v.safetensors"), _i2v_node()))["8"][0]
+    assert "without a CLIP vision output, which this Wan 2.1 image-to-video checkpoint needs" in found
+    assert "\n" not in found
+
+
+class _Clip:  # comfy.clip_vision.Output's one field Wan reads
+    def __init__(self, states):
+        self.penultimate_hidden_states = states
+
+
+def _wan_i2v_cond(seed: int, tokens: int, image: torch.Tensor, mask: torch.Tensor, clip=None):
+    extras = {"concat_latent_image": image, "concat_mask": mask}
+    if clip is not None:
+        extras["clip_vision_output"] = clip
+    return _cond(seed, tokens, **extras)
+
+
+def _wan_i2v_inputs(t=3, h=4, w=6, given=1, seed=0):
+    """concat_latent_image and concat_mask as WanImageToVideo makes them: the mask 0 on the given latent frames."""
+    image = torch.randn(1, 16, t, h, w, generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(1, 1, t, h, w)
+    mask[:, :, :given] = 0.0
+    return image, mask
+
+
+def test_image_channels_as_comfyuis_wan21_builds_them(ext):
+    """ComfyUI's WAN21.concat_cond: [4 x (1 - mask), process_in(image)], zeros without an image; a short mask
+    padded with 0; one image for a batch of latents. The CLIP output's penultimate states go as image_embeds."""
+    wi = ext.nodes.wan_image
+    fmt = type("Fmt", (), {"latent_channels": 16, "process_in": staticmethod(lambda x: 2.0 * x - 1.0)})()
+    samples = torch.zeros(2, 16, 3, 4, 6)
+    image, mask = _wan_i2v_inputs()
+    ch = wi.concat_channels(image, mask, samples, 20, fmt)
+    assert ch.shape == (2, 20, 3, 4, 6)
+    assert torch.equal(ch[:, :4, 0], torch.ones(2, 4, 4, 6)) and torch.equal(ch[:, :4, 1:], torch.zeros(2, 4, 2, 4, 6))
+    assert torch.equal(ch[:, 4:], (2.0 * image - 1.0).expand(2, -1, -1, -1, -1))
+    short = wi.concat_channels(image, mask[:, :, :1], samples, 20, fmt)  # a mask of one frame: 0 after it
+    assert torch.equal(short[:, :4], ch[:, :4])
+    four = wi.concat_channels(image, torch.full((1, 4, 3, 4, 6), 0.25), samples, 20, fmt)  # 4 channels kept
+    assert torch.equal(four[:, :4], torch.full((2, 4, 3, 4, 6), 0.75))
+    assert torch.equal(wi.concat_channels(None, mask, samples, 20, fmt), torch.zeros(2, 20, 3, 4, 6))
+    with pytest.raises(ext.nodes.convert.ConversionError, match="take the latent from the same WanImageToVideo"):
+        wi.concat_channels(image[:, :, :2], mask, samples, 20, fmt)
+    clip = _Clip(torch.randn(1, 257, 32))
+    pos = _wan_i2v_cond(1, 512, image, mask, clip)
+    out = wi.image_inputs(pos, _wan_i2v_cond(2, 512, image, mask, clip), True, samples, 36, 32, fmt)
+    assert set(out) == {"image_cond", "image_embeds"}
+    assert torch.equal(out["image_embeds"], clip.penultimate_hidden_states.expand(2, -1, -1))  # per latent
+    assert set(wi.image_inputs(pos, None, False, samples, 36, None, fmt)) == {"image_cond"}  # no CLIP embedding
+    other, _ = _wan_i2v_inputs(seed=1)
+    with pytest.raises(ext.nodes.convert.ConversionError, match="positive and negative carry different image"):
+        wi.image_inputs(pos, _wan_i2v_cond(2, 512, other, mask, clip), True, samples, 36, 32, fmt)
+    with pytest.raises(ext.nodes.convert.ConversionError, match="positive conditioning has no clip_vision_output"):
+        wi.image_inputs(_wan_i2v_cond(1, 512, image, mask), None, False, samples, 36, 32, fmt)
+    cv = ext.nodes.convert  # an image model takes the image extras; anything else is still refused
+    tensors, _ = cv.conditioning_tensors(pos, None, "wan", False, "wan2.2-i2v-a14b", image_input=True)
+    assert set(tensors) == {"cond"}
+    with pytest.raises(cv.ConversionError, match="concat_mask_index"):
+        cv.conditioning_tensors(_cond(1, 8, concat_latent_image=image, concat_mask_index=16), None, "wan", False,
+                                "wan2.2-i2v-a14b", image_input=True)
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["wan22_like", "wan21_clip"])
+def test_image_to_video_sampler_on_pool_matches_the_engine(ext, rec, tmp_path, clip):
+    """Parallel Sampler on a 2-rank pool (Ulysses 2 with CFG) with WanImageToVideo-style conditioning equals the
+    engine given image_cond in WanImageToVideoPipeline's convention (4 mask channels, 1 on the given frame, then the
+    image latent) on 3 x 3 x 3 = 27 video tokens; another image gives another video."""
+    name = "wan_i2v.safetensors"
+    _write_i2v(tmp_path / name, clip)
+    rec.folders["diffusion_models"] = [str(tmp_path / name)]
+    m = ext.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"]().load(config, name, "fp32", "auto")
+    assert model.variant == ("wan2.1-i2v-14b" if clip else "wan2.2-i2v-a14b")
+    image, mask = _wan_i2v_inputs(t=3, h=6, w=6)
+    states = _Clip(torch.randn(1, 257, 32, generator=torch.Generator().manual_seed(5))) if clip else None
+    pos, neg = _wan_i2v_cond(3, 512, image, mask, states), _wan_i2v_cond(4, 512, image, mask, states)
+    latent = {"samples": torch.zeros(1, 16, 3, 6, 6)}
+    (out,) = m["XDiTParallelSampler"]().sample(model, pos, neg, latent, 5, 3, 4.0, "euler", "simple", 1.0)
+    sigmas = ext.nodes.convert.sigmas_for(model.variant, "euler", "simple", 3, 1.0)
+    noise = torch.randn(1, 16, 3, 6, 6, generator=torch.Generator().manual_seed(5))
+    first = torch.zeros(1, 4, 3, 6, 6)
+    first[:, :, 0] = 1.0
+    inputs = {"cond": pos[0][0], "neg_cond": neg[0][0], "latent": torch.zeros(1, 16, 3, 6, 6), "sigmas": sigmas,
+              "noise": noise, "image_cond": torch.cat([first, image], 1)}
+    if clip:
+        inputs["image_embeds"] = states.penultimate_hidden_states
+    engine = load_model(str(tmp_path / name))
+
+    def run(inp):
+        return run_job(engine, SampleRequest(48, 48, 3, seed=5, cfg=4.0, frames=9, sampler="euler",
+                                             inputs=inp)).latents
+
+    ref = run(inputs)
+    err = rel_l2(out["samples"], ref)
+    print(f"Wan I2V nodes ({'CLIP' if clip else 'no CLIP'}), Ulysses 2 + CFG, 27 tokens: rel L2 to the engine "
+          f"{err:.2e}")
+    assert err <= 1e-5, err
+    assert rel_l2(run({**inputs, "image_cond": torch.cat([first, image.flip(2)], 1)}), ref) > 1e-3
 
 
 def test_sampler_on_pool_matches_the_engine(ext, rec):

@@ -13,11 +13,12 @@ from . import comfy_standins as cs
 ROOT = cs.ROOT
 WF = ROOT / "workflows"
 EXPECTED = {"flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "flux2-dev", "qwen-image", "z-image-turbo",
-            "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b",
+            "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b", "wan2.2-i2v-a14b",
             "sd3.5-large-stock-ksampler", "flux1-dev-stock-custom-advanced"}  # stock samplers on Parallel DiT Model
 EDITOR_ONLY = ("Note", "MarkdownNote")  # the editor's own nodes: never queued, so absent from the API twins
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 MODEL_FILE_INPUTS = {("XDiTLoadParallelDiT", "checkpoint")}
+IMAGE_FILE_INPUTS = {("LoadImage", "image")}  # a file of ComfyUI's input folder (example.png ships with it)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,9 @@ def check_value(class_type, name, conf, value):
     extra = conf[1] if len(conf) > 1 and isinstance(conf[1], dict) else {}
     where = f"{class_type}.{name}={value!r}"
     if opts is not None:
-        if not opts or (class_type, name) in MODEL_FILE_INPUTS:  # file lists depend on the installation
+        if (class_type, name) in IMAGE_FILE_INPUTS:
+            assert isinstance(value, str) and value.endswith((".png", ".jpg", ".jpeg", ".webp")), where
+        elif not opts or (class_type, name) in MODEL_FILE_INPUTS:  # file lists depend on the installation
             assert isinstance(value, str) and value.endswith((".safetensors", ".pth", ".sft", ".ckpt", "/")), where
         else:
             assert value in opts, where
@@ -211,6 +214,29 @@ def test_wan_examples_are_comfyuis_own_graphs():
     assert high["return_with_leftover_noise"] == "enable" and low["return_with_leftover_noise"] == "disable"
     assert high["end_at_step"] == low["start_at_step"] and high["steps"] == low["steps"]
     assert graph[low["latent_image"][0]]["class_type"] == "XDiTParallelSamplerAdvanced"
+
+
+def test_wan_i2v_example_is_comfyuis_image_to_video_graph():
+    """Wan 2.2 I2V A14B: Load Image into WanImageToVideo (the Wan 2.1 VAE, no CLIP vision), whose positive,
+    negative and latent feed the high-noise sampler; the low-noise one continues it on the same conditioning."""
+    graph = json.loads((WF / "api" / "wan2.2-i2v-a14b.json").read_text())
+    i2v = next(nid for nid, n in graph.items() if n["class_type"] == "WanImageToVideo")
+    inputs = graph[i2v]["inputs"]
+    assert graph[inputs["start_image"][0]]["class_type"] == "LoadImage" and "clip_vision_output" not in inputs
+    assert graph[inputs["vae"][0]]["inputs"]["vae_name"] == "wan_2.1_vae.safetensors"
+    assert (inputs["length"] - 1) % 4 == 0
+    loads = {nid: n["inputs"]["checkpoint"] for nid, n in graph.items() if n["class_type"] == "XDiTLoadParallelDiT"}
+    assert sorted(loads.values()) == ["wan2.2_i2v_high_noise_14B_fp16.safetensors",
+                                      "wan2.2_i2v_low_noise_14B_fp16.safetensors"]
+    adv = [n["inputs"] for n in graph.values() if n["class_type"] == "XDiTParallelSamplerAdvanced"]
+    high = next(a for a in adv if a["add_noise"] == "enable")
+    low = next(a for a in adv if a["add_noise"] == "disable")
+    assert "high_noise" in loads[high["model"][0]] and "low_noise" in loads[low["model"][0]]
+    for a in (high, low):
+        assert a["positive"] == [i2v, 0] and a["negative"] == [i2v, 1]
+    assert high["latent_image"] == [i2v, 2] and graph[low["latent_image"][0]]["class_type"] == \
+        "XDiTParallelSamplerAdvanced"
+    assert high["end_at_step"] == low["start_at_step"] and high["return_with_leftover_noise"] == "enable"
 
 
 def test_flux2_example_says_what_the_sampler_takes():

@@ -256,7 +256,10 @@ FAMILY = Family(
     adapter=f"{__name__}:WanAdapter",
     tiny={"tiny-wan": _TINY,
           "tiny-wan-a14b": {**_TINY, "boundary_ratio": BOUNDARY["wan2.2-t2v-a14b"]},
-          "tiny-wan-ti2v": {**_TINY, "in_channels": 48, "out_channels": 48}},
+          "tiny-wan-ti2v": {**_TINY, "in_channels": 48, "out_channels": 48},
+          # compute-bound on video tokens for the CPU scaling benchmark: 8 heads x 128, 4 blocks
+          "bench-wan": {**_TINY, "num_attention_heads": 8, "attention_head_dim": 128, "ffn_dim": 4096, "num_layers": 4,
+                        "freq_dim": 256, "rope_max_seq_len": 1024}},
     detect=_detect,
     is_original=_is_original,
     convert=_convert,
