@@ -53,5 +53,14 @@ def test_load_parallel_dit_reads_only_each_ranks_shards(ext_mod, tmp_path):
     print(f"loaded sharded vs loaded whole: rel L2 {err:.2e}")
     assert err <= 1e-4
     assert rel_l2(other["samples"], ref["samples"]) > 1e-2  # another seed differs: the comparison can fail
-    keys = {x["key"] for x in ext.nodes.pool.MANAGER.client_for(config).status()["models"]}
+    client = ext.nodes.pool.MANAGER.client_for(config)
+    keys = {x["key"] for x in client.status()["models"]}
     assert keys == {model.key, whole_model.key}
+
+    # the model loaded for shard 2 x ulysses 2 serves only those degrees: others get a one-line refusal
+    req = {"height": 48, "width": 80, "steps": 1, "seed": 1}
+    inputs = {"cond": pos[0][0], "pooled": pos[0][1]["pooled_output"]}
+    for degrees in ({"ulysses": 2}, {"shard": 2}):
+        with pytest.raises(Exception, match="loaded for shard 2 with degrees ulysses 2 x shard 2") as e:
+            client.sample(model.key, req, inputs, parallel=degrees)
+        assert "\n" not in str(e.value)
