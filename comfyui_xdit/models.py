@@ -81,7 +81,12 @@ def _load_sharded(source: str, family: str | None, dtype: torch.dtype, device: s
     from .sharded_load import load_sharded
     from .weight_storage import store_weights
 
+    import torch.distributed as dist
+
     check_shard_degree(layout)
+    if not dist.is_initialized() or dist.get_world_size() != layout.world_size:
+        raise XDiTError(f"a load for shard {layout.shard} is collective: it needs {layout.world_size} ranks in a "
+                        "process group (torchrun or the pool)")
     if is_tiny(source):  # built whole in memory (no file to read in part), then sharded
         fam, model = build_tiny(source, dtype, **tiny_overrides)
         if family not in (None, "", "auto", fam):
