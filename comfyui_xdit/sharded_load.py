@@ -16,7 +16,7 @@ import time
 import torch
 
 from .errors import WeightsError
-from .frugal import (LoadReport, NotDeferrable, _release_freed_heap, build_meta, open_checkpoint, peak_rss_bytes,
+from .frugal import (LoadReport, NotDeferrable, _release_freed_heap, build_meta, open_partial, peak_rss_bytes,
                      reset_peak_rss, rss_bytes)
 from .parallel.config import ParallelConfig
 
@@ -36,20 +36,13 @@ def load_sharded(source: str, family: str | None, dtype: torch.dtype, device: st
 
     pm = get_mesh(layout, torch.device(device).type)  # collective on first use: before any timing
     t0 = time.perf_counter()
-    try:
-        ckpt = open_checkpoint(source, family, dtype)  # headers only
-    except NotDeferrable as e:
-        ckpt, why = None, f"read whole: {e}"
-    except WeightsError as e:
-        if "cannot be read in part" not in str(e) and "to read in part" not in str(e):
-            raise
-        ckpt, why = None, f"read whole: {e}"
+    ckpt, notes = open_partial(source, family, dtype)  # headers only
     if ckpt is None:
         loaded = load_model(source, family, _dtype_name(dtype), device, weight_dtype=weight_dtype)
         shard_model(loaded.adapter, pm)
         report = loaded.report or LoadReport()
         report.frugal, report.layout = False, "whole"
-        report.notes.append(why)
+        report.notes += notes
         report.kept_bytes = local_parameter_bytes(loaded.adapter.model) + _buffer_bytes(loaded.adapter.model)
         return loaded.adapter, report
 

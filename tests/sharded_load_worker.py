@@ -1,5 +1,5 @@
 """Loads a checkpoint file sharded for each case's degrees (`load_model(..., layout=config, rank=r)`) on every rank
-of a torchrun group, then samples the case (unless "load_only"); rank 0 writes the latents and every rank's load
+of a torchrun group, then samples the case (unless "load_only"; "file": another file than FILE); rank 0 writes the latents and every rank's load
 report for tests/test_sharded_load.py.
 
 usage: python -m torch.distributed.run --nproc-per-node W tests/sharded_load_worker.py FILE CASES.json OUT_DIR
@@ -32,7 +32,7 @@ def main() -> None:
     rank = dist.get_rank()
     for case in cases:
         config = ParallelConfig.from_dict(case["parallel"])
-        loaded = load_model(path, dtype=case.get("dtype", "fp32"), layout=config, rank=rank,
+        loaded = load_model(case.get("file", path), dtype=case.get("dtype", "fp32"), layout=config, rank=rank,
                             weight_dtype=case.get("weight_dtype", "default"))
         mine = {**loaded.report.to_dict(), "params": local_parameter_bytes(loaded.adapter.model)}
         reports = [None] * dist.get_world_size()

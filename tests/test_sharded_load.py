@@ -52,7 +52,10 @@ def _torchrun(world: int, path: str, cases: list[dict], out: Path) -> dict[str, 
 @pytest.fixture(scope="module")
 def flux_file(tmp_path_factory) -> str:
     torch.manual_seed(3)
-    return _save(tmp_path_factory.mktemp("sharded") / "flux-bfl.safetensors", flux_to_bfl(make_flux()))
+    model = make_flux()
+    path = tmp_path_factory.mktemp("sharded") / "flux-bfl.safetensors"
+    torch.save(model.state_dict(), str(path.with_suffix(".pt")))  # a pickle: read whole, then sharded
+    return _save(path, flux_to_bfl(model))
 
 
 CASES = [{**BASE, "id": "shard2_ulysses2", "parallel": {"shard": 2, "ulysses": 2}},
@@ -60,9 +63,13 @@ CASES = [{**BASE, "id": "shard2_ulysses2", "parallel": {"shard": 2, "ulysses": 2
          {**BASE, "id": "shard2_ulysses2_fp8", "parallel": {"shard": 2, "ulysses": 2}, "weight_dtype": "fp8_e4m3fn"}]
 
 
+PICKLE = {**BASE, "id": "shard2_pickle", "parallel": {"shard": 2, "ulysses": 2}}
+
+
 @pytest.fixture(scope="module")
 def sharded(flux_file, tmp_path_factory):
-    return _torchrun(2, flux_file, CASES, tmp_path_factory.mktemp("sharded_out"))
+    pickle = {**PICKLE, "file": flux_file.replace(".safetensors", ".pt")}
+    return _torchrun(2, flux_file, CASES + [pickle], tmp_path_factory.mktemp("sharded_out"))
 
 
 def _serial(path: str, case: dict, perturb: float = 0.0) -> torch.Tensor:
@@ -85,6 +92,15 @@ def test_loaded_sharded_equals_serial(flux_file, sharded, case):
         assert report["read_bytes"] < 0.6 * whole, f"rank {rank} read {report['read_bytes']} of {whole} bytes"
         assert report["params"] < (0.35 if "weight_dtype" in case else 0.6) * whole  # fp8: a quarter of fp32
     assert sum(r["read_bytes"] for r in info["load"]) == pytest.approx(whole, rel=0.01)  # together: every row
+
+
+def test_a_pickle_loads_whole_then_shards(flux_file, sharded):
+    """A torch pickle cannot be read in part: each rank reads it whole (the report says so), then shards it."""
+    info = sharded[PICKLE["id"]]
+    assert rel_l2(info["latents"], _serial(flux_file, PICKLE)) <= 1e-4
+    for report in info["load"]:
+        assert not report["frugal"] and report["layout"] == "whole" and report["notes"]
+        assert report["read_bytes"] == report["checkpoint_bytes"] and report["params"] < 0.6 * report["read_bytes"]
 
 
 def test_the_comparison_can_fail(flux_file, sharded):
