@@ -1,5 +1,5 @@
 """Load Parallel DiT on a real 2-rank CPU pool with shard 2 x ulysses 2: the node loads for its degrees, so each
-rank reads only its FSDP2 shards of the file (the load result's per-rank reports), and Parallel Sampler on that
+rank reads only its FSDP2 shards of the file (the load result's per-rank reports; also PipeFusion 2, each rank its stage), and Parallel Sampler on that
 model gives the latent of the same file loaded whole by the node (rel. L2 <= 1e-4)."""
 from __future__ import annotations
 
@@ -53,9 +53,18 @@ def test_load_parallel_dit_reads_only_each_ranks_shards(ext_mod, tmp_path):
     print(f"loaded sharded vs loaded whole: rel L2 {err:.2e}")
     assert err <= 1e-4
     assert rel_l2(other["samples"], ref["samples"]) > 1e-2  # another seed differs: the comparison can fail
+
+    # PipeFusion 2 through the node: loaded for its degrees, each rank reads its stage's blocks only
+    (pf_config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, pipefusion_degree=2,
+                                                                       warmup_steps=3))  # synchronous: exact
+    (staged,) = m["XDiTLoadParallelDiT"]().load(pf_config, "flux-bfl.safetensors", "fp32", "auto")
+    assert "|stages " in staged.key and all(r["read_bytes"] < whole for r in staged.info["ranks"])
+    (pf_out,) = sampler.sample(staged, pos, pos, latent, 7, 3, 1.0, "euler", "simple", 1.0)
+    assert rel_l2(pf_out["samples"], ref["samples"]) <= 1e-4
+
     client = ext.nodes.pool.MANAGER.client_for(config)
     keys = {x["key"] for x in client.status()["models"]}
-    assert keys == {model.key, whole_model.key}
+    assert keys == {model.key, whole_model.key, staged.key}
 
     # the model loaded for shard 2 x ulysses 2 serves only those degrees: others get a one-line refusal
     req = {"height": 48, "width": 80, "steps": 1, "seed": 1}
