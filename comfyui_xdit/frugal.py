@@ -389,6 +389,19 @@ def materialize(model: torch.nn.Module, ckpt: Checkpoint, names: dict[int, str],
 PrepareFn = Callable[[object], None]
 
 
+def open_partial(source: str, family: str | None, dtype: torch.dtype) -> tuple[Checkpoint | None, list[str]]:
+    """(open_checkpoint's headers, []) or, for a source that cannot be read in part, (None, [why: it loads
+    whole])."""
+    try:
+        return open_checkpoint(source, family, dtype), []
+    except NotDeferrable as e:
+        return None, [f"read whole: {e}"]
+    except WeightsError as e:
+        if "cannot be read in part" not in str(e) and "to read in part" not in str(e):
+            raise
+        return None, [f"read whole: {e}"]
+
+
 def load_frugal(source: str, family: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
                 prepare: PrepareFn | None = None, keep: KeepFn | None = None, place: PlaceFn | None = None):
     """(FamilyAdapter, LoadReport): the transformer at `source` with only what this rank keeps read (see the
@@ -401,15 +414,7 @@ def load_frugal(source: str, family: str | None = None, dtype: torch.dtype = tor
     from .weights import _finalize_tensors, load_transformer
 
     t0 = time.perf_counter()
-    notes = []
-    try:
-        ckpt = open_checkpoint(source, family, dtype)  # headers only
-    except NotDeferrable as e:
-        ckpt, notes = None, [f"read whole: {e}"]
-    except WeightsError as e:
-        if "cannot be read in part" not in str(e) and "to read in part" not in str(e):
-            raise
-        ckpt, notes = None, [f"read whole: {e}"]
+    ckpt, notes = open_partial(source, family, dtype)
     if ckpt is not None:  # the model's code imported before the baseline: it is no part of the checkpoint's memory
         getattr(diffusers, ckpt.family.diffusers_class)
         importlib.import_module(ckpt.family.adapter.partition(":")[0])

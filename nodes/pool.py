@@ -47,6 +47,11 @@ class ParallelSettings:
                 # only when used: a pool of an earlier version refuses fields it does not know
                 **({"shard": self.shard, "shard_keep": int(self.shard_keep)} if self.shard > 1 else {})}
 
+    def load_degrees(self) -> dict[str, int] | None:
+        """The `parallel` object of a pool load: the degrees when each rank keeps only part of the weights (a
+        PipeFusion stage, FSDP2 shards) and so reads only that part; None (a whole model) otherwise."""
+        return self.degrees() if self.pipefusion > 1 or self.shard > 1 else None
+
     def gpu_ids(self) -> list[int]:
         text = self.gpus.replace(" ", "")
         if not text:

@@ -124,7 +124,7 @@ class LoadParallelDiT:
         engine_family = None if family == "auto" else family
         try:
             client = MANAGER.client_for(parallel_config)
-            info = client.load(path, engine_family, weight_dtype)
+            info = client.load(path, engine_family, weight_dtype, parallel=parallel_config.load_degrees())
         except Exception as e:  # noqa: BLE001 - pool errors are one line already
             raise XDiTNodeError(f"Load Parallel DiT: {_one_line(e)}") from None
         loaded_family = info.get("family") or spec(variant).family
@@ -357,7 +357,7 @@ def _run(model: ModelHandle, fields: dict, tensors: dict, unique_id: Any, total:
     try:
         client = MANAGER.client_for(model.settings)
         # as Load Parallel DiT loaded it (the same key: no second copy), again if the pool restarted since
-        key = client.load(model.source, model.load_family, model.dtype)["key"]
+        key = client.load(model.source, model.load_family, model.dtype, parallel=model.settings.load_degrees())["key"]
         latents, info = run_job(client, key, fields, tensors, model.settings.degrees(), on_step=on_step,
                                 check_interrupt=mm.throw_exception_if_processing_interrupted,
                                 preview=previewer is not None,

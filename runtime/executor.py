@@ -42,15 +42,19 @@ class PeerFailed(Exception):
 
 
 def model_key(source: str, family: str | None, dtype: str, parallel: ParallelFields | None = None) -> str:
-    """The cache key of a load; one loaded for a PipeFusion layout (each rank holding its stage) has its own."""
+    """The cache key of a load; one loaded for a PipeFusion layout (each rank holding its stage) or a shard degree
+    (each rank holding its FSDP2 shards) has its own."""
     key = f"{source}|{family or 'auto'}|{dtype}"
     layout = staged_layout(parallel)
-    return key if layout is None else f"{key}|stages {'x'.join(map(str, layout.mesh_shape))}"
+    if layout is None:
+        return key
+    key = f"{key}|stages {'x'.join(map(str, layout.mesh_shape))}"
+    return key if layout.shard <= 1 else f"{key}|shard {layout.shard}"
 
 
 def staged_layout(parallel: ParallelFields | None) -> ParallelConfig | None:
-    """The config a load is staged for: only PipeFusion degrees > 1 change what a rank reads."""
-    if parallel is None or parallel.pipefusion <= 1:
+    """The config a load is made for: only PipeFusion or shard degrees > 1 change what a rank reads."""
+    if parallel is None or (parallel.pipefusion <= 1 and parallel.shard <= 1):
         return None
     return ParallelConfig(**msgspec.structs.asdict(parallel))
 
@@ -196,6 +200,9 @@ class Executor:
         start = time.perf_counter()
         rest = self.conds.take_uploads(tensors)  # uploads are kept even when the call fails below
         loaded = self._fit_layout(op.key, self._loaded(op.key), None, forward=True)  # the whole model
+        if loaded.layout is not None:
+            raise XDiTError(f"this model was loaded for {_degrees(loaded.layout)} (each rank holds part of its "
+                            "weights): a forward needs it loaded without pipefusion or shard degrees")
         self._apply_loras(op, loaded)  # the base weights: a forward carries no LoRA set
         unknown = set(op.conds) - {"cond", "pooled", "cond_mask"}
         if unknown or "cond" not in op.conds:
@@ -223,10 +230,13 @@ class Executor:
         loaded = self._fit_layout(op.key, self._loaded(op.key), config if staged else None)
         lora_info = self._apply_loras(op, loaded)
         req = build_request(op.request, {k: v.to(self.device) for k, v in tensors.items()})
-        if loaded.layout is not None and loaded.layout.mesh_shape != config.mesh_shape:
-            raise XDiTError(f"this model was loaded for pipefusion {loaded.layout.pipefusion} with degrees "
-                            f"{_degrees(loaded.layout)} (each rank holds its stage's blocks); load it again for "
-                            f"degrees {_degrees(config)}")
+        if loaded.layout is not None and (loaded.layout.mesh_shape, loaded.layout.shard) != (config.mesh_shape,
+                                                                                           config.shard):
+            lay = loaded.layout
+            what, held = ((f"pipefusion {lay.pipefusion}", "its stage's blocks") if lay.pipefusion > 1
+                          else (f"shard {lay.shard}", "its shards of the weights"))
+            raise XDiTError(f"this model was loaded for {what} with degrees {_degrees(lay)} (each rank holds "
+                            f"{held}); load it again for degrees {_degrees(config)}")
         timing = {"progress_seconds": 0.0}
         is_rank0 = self.rank == 0
         start = time.perf_counter()
@@ -301,7 +311,8 @@ def pipefusion_stage(config: ParallelConfig, rank: int) -> int:
 
 
 def _degrees(config: ParallelConfig) -> str:
-    return " x ".join(f"{d} {getattr(config, d)}" for d in MESH_DIMS if getattr(config, d) > 1) or "all 1"
+    dims = [f"{d} {getattr(config, d)}" for d in MESH_DIMS if getattr(config, d) > 1]
+    return " x ".join(dims + ([f"shard {config.shard}"] if config.shard > 1 else [])) or "all 1"
 
 
 def _preview(loaded: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
