@@ -45,7 +45,8 @@ def _reference(specs: list[LoraSpec]) -> torch.Tensor:
     return sample(loaded.adapter, SampleRequest(**REQ), tiny=True)
 
 
-@pytest.mark.parametrize("parallel", [{"ulysses": 2}, PIPE], ids=["ulysses2", "pipefusion2"])
+@pytest.mark.parametrize("parallel", [{"ulysses": 2}, PIPE, {"ulysses": 2, "shard": 2}],
+                         ids=["ulysses2", "pipefusion2", "shard2xulysses2"])
 def test_sets_swap_between_jobs(client, loras, parallel):
     key = client.load("tiny-flux")["key"]
     base = client.sample(key, REQ, parallel=parallel)  # under PipeFusion: each rank now holds one stage
