@@ -317,8 +317,11 @@ def apply_loras(model: torch.nn.Module, family: str, specs: Sequence[LoraSpec]) 
     state.signature = ("incomplete",)  # until every parameter is done (the backups stay the base values)
     with torch.no_grad():
         for key in [k for k in state.backups if k not in keep]:  # changed by the old set only: the base again
+            base = state.backups.pop(key)
+            if key not in held:  # its block was dropped since (a PipeFusion stage after the set was applied)
+                continue
             local, _ = _local_part(held[key])
-            local.copy_(state.backups.pop(key).to(local.device))
+            local.copy_(base.to(local.device))
         for key in touched:
             local, index = _local_part(held[key])
             if key not in state.backups:
