@@ -18,6 +18,7 @@ class Fanout:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.alone = dist.get_world_size() == 1  # one rank: nothing to send, its own outcome is all there is
 
     def _bcast_bytes(self, data: torch.Tensor) -> None:
         if data.numel():
@@ -25,6 +26,8 @@ class Fanout:
 
     def send(self, op: Op, tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Rank 0: broadcast an operation."""
+        if self.alone:
+            return
         tensors = tensors or {}
         specs = [TensorSpec(k, DTYPE_NAMES[t.dtype], list(t.shape)) for k, t in tensors.items()]
         raw = messages.msgpack_encoder.encode((op, specs))
@@ -51,6 +54,8 @@ class Fanout:
     def gather(self, outcome: Outcome) -> list[Outcome]:
         """Every rank contributes its outcome; every rank gets all of them, in rank order."""
         raw = fit_outcome(outcome)
+        if self.alone:
+            return [_read_outcome(len(raw).to_bytes(4, "little") + raw, 0)]
         buf = torch.zeros(OUTCOME_BYTES + 4, dtype=torch.uint8)
         buf[:4] = torch.tensor(list(len(raw).to_bytes(4, "little")), dtype=torch.uint8)
         buf[4:4 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)

@@ -33,7 +33,8 @@ from .protocol import AuthError, ProtocolError
 from .security import ReplayGuard
 
 log = logging.getLogger("comfyui_xdit_runtime.server")
-PROGRESS_POLL_S = 0.005  # while a job runs, the I/O thread sends queued progress at least this often
+PROGRESS_POLL_S = 0.005  # while a sample runs, the I/O thread sends queued progress at least this often
+IDLE_POLL_S = 0.1  # otherwise it wakes this often (and at once for a message or a reply) to check clients
 
 
 @dataclass
@@ -203,7 +204,9 @@ class Rank0Server:
         poller.register(pair, zmq.POLLIN)
         try:
             while not self._io_stop.is_set():
-                events = poller.poll(PROGRESS_POLL_S * 1000 if self._current is not None else 100)
+                job = self._current  # only a sample sends progress: other jobs need no frequent wake-ups
+                events = poller.poll((PROGRESS_POLL_S if job is not None and job.kind == "sample" else IDLE_POLL_S)
+                                     * 1000)
                 self._flush_progress()
                 for sock, _ in events:
                     if sock is pair:
@@ -269,7 +272,9 @@ class Rank0Server:
                 self._reply_now(identity, protocol.error(rid, "protocol", "unload takes no tensors"))
                 return
             self._enqueue(Job(rid, identity, owner, kind, self._make_op(h), msg.tensors))
-            self._reply_now(identity, Accepted(id=rid, position=self.status()["queue_length"], boot=self.boot))
+            with self._cond:
+                position = len(self._queue)
+            self._reply_now(identity, Accepted(id=rid, position=position, boot=self.boot))
         elif isinstance(h, Status):
             if h.refresh:
                 self._enqueue(Job(rid, identity, owner, "status", PingOp()))

@@ -126,3 +126,38 @@ def test_failed_forward_is_one_error_and_the_pool_stays_up(client):
     with pytest.raises(PoolError, match="timestep must have one value per sample"):
         client.forward(key, x, t[:0], conds)
     assert rel_l2(client.forward(key, x, t, conds, parallel={"ulysses": 2}), ref) <= 1e-5
+
+
+def test_one_rank_pool_forward_failure_cancel_and_status(tmp_path):
+    """A 1-rank pool sends no op broadcast and gathers no outcomes: its forwards, failures, cancels and status
+    figures still behave as on a larger pool."""
+    from comfyui_xdit_runtime import JobCancelled
+
+    p = Pool(1, secret=SECRET, env={"XDIT_RUNTIME_TEST_HOOKS": "1"}, log_path=tmp_path / "p.log")
+    p.start()
+    c = p.client()
+    try:
+        key = c.load_model("tiny-sd3")
+        conds, x, t, ref = _inputs("tiny-sd3", 2)
+        assert rel_l2(c.forward(key, x, t, conds), ref) <= 1e-5
+        assert rel_l2(c.forward(key, x, t.flip(0) + 1.0, conds), ref) > 1e-4  # the check can fail
+        with pytest.raises(PoolError, match="injected failure"):
+            c.forward(key, x, t, conds, debug={"raise_on_rank": 0})
+        with pytest.raises(PoolError, match="the parallel degrees multiply to 2"):
+            c.forward(key, x, t, conds, parallel={"cfg": 2})
+        rid, seen = c.new_request_id(), []
+
+        def on_progress(msg):
+            seen.append(msg.step)
+            if msg.step == 2:
+                assert c.cancel(rid) == "running"
+
+        with pytest.raises(JobCancelled):
+            c.sample(key, {"height": 64, "width": 64, "steps": 40}, on_progress=on_progress, request_id=rid)
+        assert 2 <= max(seen) < 40
+        status = c.status(refresh=True)
+        assert status["world_size"] == 1 and status["ranks"][0]["rss_bytes"] > 0 and status["queue_length"] == 0
+        assert rel_l2(c.forward(key, x, t, conds), ref) <= 1e-5  # still serving
+    finally:
+        c.close()
+        p.stop()
