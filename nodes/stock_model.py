@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from comfy_api.latest import io
 
 from .families import spec
 from .pool import MANAGER, ModelHandle
@@ -183,21 +184,24 @@ def stock_model(handle: ModelHandle):
                                             offload_device=mm.unet_offload_device(), size=1)
 
 
-class ParallelDiTModel:
-    CATEGORY = "xDiT"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "build"
-    DESCRIPTION = ("The Parallel DiT as a ComfyUI MODEL for stock sampling nodes (KSampler, SamplerCustomAdvanced, "
-                   "guiders, ModelSampling shift nodes): ComfyUI runs the sampling loop, the worker pool runs each "
-                   "transformer forward with Ulysses / Ring inside it and the cond/uncond batch split over CFG and "
-                   "DP ranks. PipeFusion stays in Parallel Sampler.")
+XDiTModel = io.Custom("XDIT_MODEL")  # Load Parallel DiT's output type
+
+
+class ParallelDiTModel(io.ComfyNode):
+    """ComfyUI V3 node (comfy_api.latest): ComfyUI's loader takes it from NODE_CLASS_MAPPINGS beside the V1 nodes."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("XDIT_MODEL",)}}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="XDiTParallelDiTModel", display_name="Parallel DiT Model (xDiT)", category="xDiT",
+            description=("The Parallel DiT as a ComfyUI MODEL for stock sampling nodes (KSampler, "
+                         "SamplerCustomAdvanced, guiders, ModelSampling shift nodes): ComfyUI runs the sampling "
+                         "loop, the worker pool runs each transformer forward with Ulysses / Ring inside it and the "
+                         "cond/uncond batch split over CFG and DP ranks. PipeFusion stays in Parallel Sampler."),
+            inputs=[XDiTModel.Input("model")], outputs=[io.Model.Output(display_name="model")])
 
-    def build(self, model):
+    @classmethod
+    def execute(cls, model: ModelHandle) -> io.NodeOutput:
         if not isinstance(model, ModelHandle):
             raise StockModelError(f"{NAME}: model must come from Load Parallel DiT")
-        return (stock_model(model),)
+        return io.NodeOutput(stock_model(model))

@@ -14,6 +14,8 @@ from typing import Iterator
 
 import torch
 
+from . import comfy_io_standin
+
 ROOT = Path(__file__).resolve().parents[1]
 EXTENSION_NAME = "xdit_extension_under_test"
 
@@ -203,10 +205,13 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
         "latent_preview": _module("latent_preview", get_previewer=lambda device, fmt: Previewer()),
         "server": _module("server", PromptServer=PromptServer),
         "nodes": _module("nodes", COMFY_OWN_NODES_MODULE=True),  # ComfyUI's own top-level `nodes`
+        "comfy_api": _module("comfy_api"),
+        "comfy_api.latest": _module("comfy_api.latest", io=comfy_io_standin),
     }
     for name, m in mods.items():
-        if "." in name:
+        if name.startswith("comfy."):
             setattr(comfy, name.split(".", 1)[1], m)
+    mods["comfy_api"].latest = mods["comfy_api.latest"]
     return mods
 
 

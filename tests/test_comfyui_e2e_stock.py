@@ -152,6 +152,26 @@ def _run_family(comfy, family: str):
     return base, entry, progress, time.monotonic() - t0
 
 
+def test_v3_node_definition_is_the_stand_ins(comfy):
+    """ComfyUI takes the V3 node from NODE_CLASS_MAPPINGS; /object_info's entry equals the V1 view the stand-in
+    (tests/comfy_io_standin.py) gives, which the workflow checks and test_nodes.py use."""
+    import json
+    import urllib.request
+
+    from . import comfy_standins as cs
+
+    server, _ = comfy
+    name = "XDiTParallelDiTModel"
+    info = json.load(urllib.request.urlopen(server + "/object_info", timeout=30))[name]
+    with cs.extension() as ext:
+        node = ext.NODE_CLASS_MAPPINGS[name]
+        mine = {"input": json.loads(json.dumps(node.INPUT_TYPES())), "output": list(node.RETURN_TYPES),
+                "output_name": list(node.RETURN_NAMES), "category": node.CATEGORY,
+                "description": node.DESCRIPTION, "display_name": ext.NODE_DISPLAY_NAME_MAPPINGS[name]}
+    assert {k: info[k] for k in mine} == mine
+    assert info["input_order"] == {"required": ["model"]} and info["output_node"] is False
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_ksampler_on_parallel_model_matches_native(comfy, family):
     base, entry, progress, seconds = _run_family(comfy, family)

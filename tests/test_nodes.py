@@ -35,11 +35,16 @@ def test_mappings_and_node_definitions(ext):
     returns = {"XDiTConfigureHybridParallel": ("XDIT_PARALLEL_CONFIG",), "XDiTLoadParallelDiT": ("XDIT_MODEL",),
                "XDiTParallelSampler": ("LATENT",), "XDiTParallelSamplerAdvanced": ("LATENT",),
                "XDiTParallelDiTModel": ("MODEL",), "XDiTParallelLoRA": ("XDIT_MODEL",)}
+    v3 = {name for name, cls in ext.NODE_CLASS_MAPPINGS.items() if issubclass(cls, cs.comfy_io_standin.ComfyNode)}
+    assert v3 == {"XDiTParallelDiTModel"}  # ComfyUI's V3 schema (comfy_api.latest), beside the V1 nodes
     for name, cls in ext.NODE_CLASS_MAPPINGS.items():
         assert cls.CATEGORY == "xDiT"
-        assert cls.RETURN_TYPES == returns[name]
+        assert tuple(cls.RETURN_TYPES) == returns[name]
         spec = cls.INPUT_TYPES()
-        fn = getattr(cls, cls.FUNCTION)
+        fn = cls.execute if name in v3 else getattr(cls, cls.FUNCTION)  # V3: ComfyUI's wrapper calls execute
+        if name in v3:
+            schema = cls.define_schema()
+            assert schema.node_id == name and schema.display_name == ext.NODE_DISPLAY_NAME_MAPPINGS[name]
         params = inspect.signature(fn).parameters
         for section in ("required", "optional", "hidden"):
             for inp, conf in spec.get(section, {}).items():

@@ -148,4 +148,19 @@ def test_node_refuses_pipefusion_and_non_files(ext):
                                      (pool.ParallelSettings(), "tiny-flux", "single-file checkpoint")):
         handle = pool.ModelHandle(settings, source, "fp32", "flux", "flux-dev", "k")
         with pytest.raises(stock.StockModelError, match=reason):
-            stock.ParallelDiTModel().build(handle)
+            node = stock.ParallelDiTModel
+            getattr(node, node.FUNCTION)(model=handle)  # as ComfyUI's executor calls a V3 node
+
+
+def test_node_returns_comfyuis_v3_output(ext, monkeypatch):
+    """The V3 node's result as ComfyUI's executor reads it (NodeOutput.result: the outputs' tuple); anything but a
+    Load Parallel DiT handle is refused."""
+    stock, pool = ext.nodes.stock_model, ext.nodes.pool
+    handle = pool.ModelHandle(pool.ParallelSettings(), __file__, "fp32", "flux", "flux-dev", "k")
+    monkeypatch.setattr(stock, "stock_model", lambda h: ("patcher", h))
+    node = stock.ParallelDiTModel
+    assert getattr(node, node.FUNCTION)(model=handle).result == (("patcher", handle),)
+    assert node.INPUT_TYPES() == {"required": {"model": ("XDIT_MODEL", {})}}
+    assert list(node.RETURN_TYPES) == ["MODEL"] and list(node.RETURN_NAMES) == ["model"]
+    with pytest.raises(stock.StockModelError, match="Load Parallel DiT"):
+        getattr(node, node.FUNCTION)(model="not a handle")
