@@ -519,7 +519,7 @@ def test_parallel_sampler_takes_pipeline_conditioning_and_a_16_channel_latent(ex
         return run_job(loaded, req).latents
 
     class Client:
-        def load(self, path, family, dtype):
+        def load(self, path, family, dtype, parallel=None):
             return {"key": "k", "family": "z-image"}
 
     monkeypatch.setattr(xn, "_run", fake_run)
