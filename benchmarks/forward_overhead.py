@@ -18,19 +18,15 @@ import torch
 
 from comfyui_xdit.models import load_model
 from comfyui_xdit_runtime import Pool, messages, protocol
+from comfyui_xdit_runtime.bench import median_time
 from comfyui_xdit_runtime.cond_cache import content_hash
 
 SECRET = b"bench-secret"
 
 
 def median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds of `repeats` calls after one warm-up call."""
+    return median_time(fn, repeats, warmup=1)
 
 
 def case(client, model: str, side: int, repeats: int) -> list[str]:

@@ -23,6 +23,17 @@ def rel_l2(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def forward_inputs(adapter, seed: int):
+    """One forward's inputs for a tiny Flux-like adapter: latents of 6 x 10 (15 tokens), 7 text tokens, t 600; returns
+    (x, t, conditioning, the pool forward's conds)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, adapter.latent_channels, 6, 10, generator=g)
+    c = adapter.random_conditioning(1, 7, g)
+    return x, torch.tensor([600.0]), c, {"cond": c.cond, "pooled": c.pooled}
+
+
 @pytest.fixture
 def rec():
     from . import comfy_standins as cs

@@ -10,7 +10,7 @@ from comfyui_xdit.models import load_model
 from comfyui_xdit.sampling import SampleRequest, sample
 from comfyui_xdit_runtime import Pool, PoolError
 from tests import lora_files as lf
-from tests.conftest import rel_l2
+from tests.conftest import forward_inputs, rel_l2
 
 REQ = {"height": 128, "width": 112, "steps": 3, "seed": 3}  # 8 x 7 tokens
 PIPE = {"pipefusion": 2, "num_patches": 2, "warmup_steps": 3}  # every step synchronous: exact
@@ -88,11 +88,7 @@ def test_forward_after_a_lora_job_runs_on_the_base_weights(client, loras):
     key = client.load("tiny-flux")["key"]
     loaded = load_model("tiny-flux")
     a = loaded.adapter
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(1, a.latent_channels, 6, 10, generator=g)  # 15 tokens
-    c = a.random_conditioning(1, 7, g)
-    t = torch.tensor([600.0])
-    conds = {"cond": c.cond, "pooled": c.pooled}
+    x, t, c, conds = forward_inputs(a, 4)
     with torch.no_grad():
         base = a.predict(x, t, c).float()
         apply_loras(a.model, loaded.family, [LoraSpec(loras["a"], 0.8)])

@@ -6,7 +6,7 @@ import torch
 from comfyui_xdit.models import load_model
 from comfyui_xdit.sampling import SampleRequest, sample
 from comfyui_xdit_runtime import Pool, PoolError
-from tests.conftest import rel_l2
+from tests.conftest import forward_inputs, rel_l2
 
 REQ = {"height": 112, "width": 144, "steps": 2}  # 63 image tokens: not divisible by 2
 
@@ -59,11 +59,7 @@ def test_forward_refuses_shard_and_runs_a_sharded_model_whole(client):
     loaded again whole (a forward's ranks do not all call the model together, as the shard gathers need)."""
     key = client.load_model("tiny-flux")
     a = load_model("tiny-flux").adapter
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(1, a.latent_channels, 6, 10, generator=g)  # 15 tokens
-    c = a.random_conditioning(1, 7, g)
-    t = torch.tensor([600.0])
-    conds = {"cond": c.cond, "pooled": c.pooled}
+    x, t, c, conds = forward_inputs(a, 2)
     with torch.no_grad():
         ref = a.predict(x, t, c).float()
     client.sample(key, {**REQ, "seed": 3}, parallel={"shard": 2, "ulysses": 2})
