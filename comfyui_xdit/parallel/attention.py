@@ -6,6 +6,7 @@ differ between ranks (no padding reaches attention), so every step knows each me
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,25 +111,41 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: l
     return acc[0].to(q.dtype)
 
 
-def ulysses_scatter(x: torch.Tensor, lengths: list[int], group: ProcessGroup, comm: Comm) -> torch.Tensor:
-    """[..., H, S_me, D] sequence shard -> [..., H/U, sum(lengths), D] head shard of the group's whole sequence.
-
-    Leading dims (Q, K and V stacked, batch) travel in the same all-to-all: one exchange per layer for all three.
-    """
-    u = len(lengths)
-    *lead, h, _, d = x.shape
-    chunks = list(x.chunk(u, dim=-3))
-    unit = math.prod(lead) * (h // u) * d
-    got = comm.all_to_all(chunks, [unit * s for s in lengths], group, kind="ulysses")
-    return torch.cat([g.view(*lead, h // u, s, d) for g, s in zip(got, lengths)], dim=-2)
+def ulysses_scatter(parts: Sequence[torch.Tensor], lengths: list[int], group: ProcessGroup,
+                    comm: Comm) -> torch.Tensor:
+    """Sequence shards [..., H, S_me, D] (Q, K and V) -> their head shards of the group's whole sequence, stacked:
+    [len(parts), ..., H/U, sum(lengths), D]. All parts travel in one all-to-all: one exchange per layer for all
+    three. The send buffer is packed in one copy and the received shards joined in one more."""
+    u, n = len(lengths), len(parts)
+    *lead, h, s_me, d = parts[0].shape
+    hu = h // u
+    buf = parts[0].new_empty(u, n, *lead, hu, s_me, d)  # member i's heads of every part, in member order
+    for j, p in enumerate(parts):
+        buf[:, j].copy_(p.unflatten(-3, (u, hu)).movedim(-4, 0))
+    unit = n * math.prod(lead) * hu * d
+    got = comm.all_to_all_flat(buf.view(-1), [unit * s_me] * u, [unit * s for s in lengths], group, kind="ulysses")
+    if len(set(lengths)) == 1:  # member r's [n, ..., H/U, S, D], one after another
+        return got.view(u, n, *lead, hu, s_me, d).movedim(0, -3).reshape(n, *lead, hu, u * s_me, d)
+    return torch.cat([g.view(n, *lead, hu, s, d) for g, s in zip(got.split([unit * s for s in lengths]), lengths)],
+                     dim=-2)
 
 
 def ulysses_gather(x: torch.Tensor, lengths: list[int], me: int, group: ProcessGroup, comm: Comm) -> torch.Tensor:
-    """Inverse of ulysses_scatter: [B, H/U, sum(lengths), D] -> [B, H, S_me, D]."""
+    """Inverse of ulysses_scatter: [B, H/U, sum(lengths), D] -> [B, H, S_me, D] (a view of the received buffer where
+    the batch is 1: the caller's own reshape is then the only copy)."""
     b, hu, _, d = x.shape
-    chunks = list(x.split(lengths, dim=2))
-    got = comm.all_to_all(chunks, [b * hu * lengths[me] * d] * len(lengths), group, kind="ulysses")
-    return torch.cat([g.view(b, hu, lengths[me], d) for g in got], dim=1)
+    u = len(lengths)
+    if len(set(lengths)) == 1:
+        buf = x.unflatten(2, (u, lengths[0])).movedim(2, 0).contiguous().view(-1)
+    else:
+        buf = x.new_empty(x.numel())
+        start = 0
+        for chunk in x.split(lengths, dim=2):
+            buf[start:start + chunk.numel()].view(chunk.shape).copy_(chunk)
+            start += chunk.numel()
+    unit = b * hu * d
+    got = comm.all_to_all_flat(buf, [unit * s for s in lengths], [unit * lengths[me]] * u, group, kind="ulysses")
+    return got.view(u, b, hu, lengths[me], d).movedim(0, 1).reshape(b, u * hu, lengths[me], d)
 
 
 def key_padding(mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
@@ -186,7 +203,7 @@ class USPAttention:
         q, k, v = query, key, value
         if u > 1:
             g = pm.group("ulysses")
-            q, k, v = ulysses_scatter(torch.stack([q, k, v]), uly_lengths, g, pm.comm).unbind(0)
+            q, k, v = ulysses_scatter((q, k, v), uly_lengths, g, pm.comm).unbind(0)
         if cfg.ring > 1:
             ring_lengths = [sum(self.lengths[r * u:(r + 1) * u]) for r in range(cfg.ring)]
             masks = None if bias is None else [bias[..., offsets[r]:offsets[r + 1]] for r in range(cfg.ring)]

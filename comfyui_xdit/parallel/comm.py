@@ -30,11 +30,17 @@ class Comm:
     def all_to_all(self, chunks: list[torch.Tensor], recv_numels: list[int], group: ProcessGroup,
                    kind: str = "all_to_all") -> list[torch.Tensor]:
         """Send chunks[i] to member i of `group`; return the flat tensors received from each member."""
-        me = dist.get_rank(group)
         flat = torch.cat([c.reshape(-1) for c in chunks])
-        self.sent[kind] += sum(_nbytes(c) for i, c in enumerate(chunks) if i != me)
-        out = funcol.all_to_all_single(flat, recv_numels, [c.numel() for c in chunks], group)
-        return list(funcol.wait_tensor(out).split(recv_numels))
+        return list(self.all_to_all_flat(flat, [c.numel() for c in chunks], recv_numels, group, kind)
+                    .split(recv_numels))
+
+    def all_to_all_flat(self, flat: torch.Tensor, send_numels: list[int], recv_numels: list[int],
+                        group: ProcessGroup, kind: str = "all_to_all") -> torch.Tensor:
+        """`flat` holds member i's part (send_numels[i] elements) after member i-1's; returns, likewise, what each
+        member sent here, one after another."""
+        me = dist.get_rank(group)
+        self.sent[kind] += sum(n for i, n in enumerate(send_numels) if i != me) * flat.element_size()
+        return funcol.wait_tensor(funcol.all_to_all_single(flat, recv_numels, send_numels, group))
 
     def all_gather(self, t: torch.Tensor, sizes: list[int], group: ProcessGroup, dim: int = 0,
                    kind: str = "all_gather") -> torch.Tensor:

@@ -218,7 +218,7 @@ class _BufferedAttention:
         members = [pm.rank("sp")]  # sp ranks whose tokens k and v hold, in order
         if u > 1:
             group_totals = totals[ring_idx * u:(ring_idx + 1) * u]
-            q, k, v = ulysses_scatter(torch.stack([q, k, v]), group_totals, pm.group("ulysses"), pm.comm).unbind(0)
+            q, k, v = ulysses_scatter((q, k, v), group_totals, pm.group("ulysses"), pm.comm).unbind(0)
             members = list(range(ring_idx * u, (ring_idx + 1) * u))
         if cfg.ring > 1:  # every ring member needs the patch's full fresh K/V for the buffer
             ring_totals = [sum(totals[r * u:(r + 1) * u]) for r in range(cfg.ring)]
