@@ -26,6 +26,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="Flux distilled guidance (dev)")
     p.add_argument("--sampler", default="default")
     p.add_argument("--denoise", type=float, default=1.0)
+    p.add_argument("--no-context-cache", action="store_true", help="recompute the conditioning-only modules (text "
+                   "embedder, cross-attention K/V) every step instead of once per job (a local run; the results are "
+                   "the same)")
     p.add_argument("--inputs", default=None, help="safetensors with noise, cond, pooled, neg_*, latent, sigmas")
     p.add_argument("--out", required=True, help="output safetensors; tensor 'latents' in ComfyUI convention")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
@@ -226,6 +229,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     config = parallel_config(args)
     if args.pool:
+        if args.no_context_cache:
+            raise XDiTError("--no-context-cache applies to a local run: a pool always computes the conditioning-only "
+                            "modules once per job")
         return _generate_on_pool(args, config)
     if config.world_size > 1 and "RANK" not in os.environ:
         return relaunch_under_torchrun(config.world_size, args.argv)
@@ -305,7 +311,7 @@ def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) 
     req = SampleRequest(height=args.height, width=args.width, steps=args.steps, seed=args.seed,
                         batch_size=args.batch_size, cfg=args.cfg, guidance=args.guidance, sampler=args.sampler,
                         denoise=args.denoise, inputs={k: v.to(device) for k, v in inputs.items()},
-                        cache=cache_settings(args), frames=args.frames)
+                        cache=cache_settings(args), frames=args.frames, context_cache=not args.no_context_cache)
 
     if config.pipefusion > 1:
         _report_stage_memory(loaded, config, rank)

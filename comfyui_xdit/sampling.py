@@ -9,6 +9,7 @@ import torch
 
 from .adapters import Conditioning, FamilyAdapter
 from .cache import CacheSettings, job_cache
+from .context_cache import context_cache
 from .errors import XDiTError
 from .schedules import Schedule, initial_latents, make_schedule
 from .tiny import TINY_TEXT_TOKENS
@@ -33,6 +34,7 @@ class SampleRequest:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     cache: CacheSettings | None = None  # first-block residual cache (None: every step computes every block)
     frames: int = 1                      # pixel frames of a video model (an image model: 1)
+    context_cache: bool = True           # compute the family's conditioning-only modules once per job
 
 
 @dataclass
@@ -219,6 +221,7 @@ def sample(adapter: FamilyAdapter, req: SampleRequest, tiny: bool = False,
            callback: StepCallback | None = None) -> torch.Tensor:
     """Serial sampling; returns latents in ComfyUI's convention [B, C, H/8, W/8], float32."""
     job = prepare(adapter, req, tiny)
-    with job_cache(adapter, job.cache) as cache:
+    with context_cache(adapter.model, adapter.spec.context_modules, req.context_cache), \
+            job_cache(adapter, job.cache) as cache:
         x = run_loop(job, lambda x, t: guided(adapter, x, t, job), callback, cache)
     return finish(adapter, job.schedule, x)

@@ -179,5 +179,6 @@ FAMILY = Family(
     variant_of_keys=lambda keys: "pixart-alpha" if any(
         k.startswith(("csize_embedder.", "ar_embedder.")) or "resolution_embedder." in k for k in keys)
     else "pixart-sigma",
+    context_modules=("caption_projection", "transformer_blocks.*.attn2.to_k", "transformer_blocks.*.attn2.to_v"),
     order=30,
 )

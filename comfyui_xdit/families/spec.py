@@ -179,6 +179,8 @@ class Family:
     build: Callable[[dict, str], Any] | None = None  # (constructor kwargs or a shipped config, variant) -> the model
     #                                                  (tiny models: variant ""; default: the diffusers class)
     aliases: dict[str, str] = field(default_factory=dict)  # short names (bench --arch) -> variant names
+    context_modules: tuple[str, ...] = ()        # modules that only see the conditioning (globs over module names;
+    #                                              `*` crosses dots): computed once per job (context_cache.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def variant(self, name: str) -> Variant:

@@ -266,6 +266,11 @@ FAMILY = Family(
     infer_config=_infer_config,
     variant_of=_variant_of,
     build=build,
+    # the text (and CLIP-image) embedding and cross-attention's K/V (each expert's own; I2V's context is a new
+    # concatenation every call, so there only the embedders are reused)
+    context_modules=("*condition_embedder.text_embedder", "*condition_embedder.image_embedder",
+                     *(f"*blocks.*.attn2.{m}" for m in ("to_k", "to_v", "norm_k", "add_k_proj", "add_v_proj",
+                                                         "norm_added_k"))),
     aliases={"wan-1.3b": "wan2.1-t2v-1.3b", "wan-14b": "wan2.1-t2v-14b", "wan-a14b": "wan2.2-t2v-a14b",
              "wan-i2v": "wan2.1-i2v-14b", "wan-5b": "wan2.2-ti2v-5b"},
     order=60,

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..cache import job_cache
+from ..context_cache import context_cache
 from ..errors import Cancelled, ConfigError
 from ..sampling import PreparedJob, SampleRequest, StepCallback, finish, prepare, run_loop
 from .config import ParallelConfig, heads_advice
@@ -67,8 +68,10 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
 
     reports: list[dict[str, int]] = []
     pm.comm.reset()
+    contexts = context_cache(adapter.model, adapter.spec.context_modules, req.context_cache)
     if config.pipefusion > 1:
-        x = _pipefusion(adapter, local, pm, callback, should_cancel, reports, step_end)
+        with contexts:
+            x = _pipefusion(adapter, local, pm, callback, should_cancel, reports, step_end)
         if config.dp > 1:
             x = pm.comm.all_gather(x, batch_sizes, pm.group("dp"), dim=0, kind="dp_gather")
         return finish(adapter, job.schedule, x), reports
@@ -86,8 +89,9 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
 
     sp = sequence_parallel(adapter, pm) if config.sp > 1 else contextlib.nullcontext()
     # the cache's decision: the positive branch's measurement summed over every rank (cfg's negative half adds 0)
-    cache = job_cache(adapter, local.cache, agree=pm.comm.all_reduce_sum, contributes=pm.rank("cfg") == 0 and pm.rank("replica") == 0)
-    with sharded_job(adapter, pm), sp, cache as block_cache:
+    contributes = pm.rank("cfg") == 0 and pm.rank("replica") == 0
+    cache = job_cache(adapter, local.cache, agree=pm.comm.all_reduce_sum, contributes=contributes)
+    with contexts, sharded_job(adapter, pm), sp, cache as block_cache:
         x = run_loop(local, predict, on_step, block_cache)
     if config.dp > 1:
         x = pm.comm.all_gather(x, batch_sizes, pm.group("dp"), dim=0, kind="dp_gather")
