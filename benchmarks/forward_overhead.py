@@ -1,6 +1,8 @@
-"""Per-call overhead of Parallel DiT Model's forward op: `python benchmarks/forward_overhead.py [--repeats 30]`.
+"""Per-call overhead of Parallel DiT Model's forward op: `python benchmarks/forward_overhead.py [--repeats 30]
+[--secret on|off|both]`.
 
-A 1-rank CPU pool (HMAC on) and the same tiny model in this process, same inputs: CFG-batched latents [2, C, h, w]
+A 1-rank CPU pool (with a shared secret, so HMAC on every message; or without, as ComfyUI starts a loopback pool by
+default) and the same tiny model in this process, same inputs: CFG-batched latents [2, C, h, w]
 and conditioning as ComfyUI forms them (cached on the pool after the first call). Prints a Markdown table of
 medians: the client's per-call work (the proxy's strided-sample check of its per-run conditioning hashes, and the
 message encode with HMAC), pool decode (the server's protocol.decode, timed here on the same frames), the
@@ -29,7 +31,7 @@ def median(fn, repeats: int) -> float:
     return median_time(fn, repeats, warmup=1)
 
 
-def case(client, model: str, side: int, repeats: int) -> list[str]:
+def case(client, model: str, side: int, repeats: int, secret: bytes | None) -> list[str]:
     key = client.load_model(model)
     a = load_model(model).adapter
     g = torch.Generator().manual_seed(0)
@@ -50,14 +52,14 @@ def case(client, model: str, side: int, repeats: int) -> list[str]:
             idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 4099)).long()
             torch.equal(flat[idx], flat[idx])
 
-    encode = median(lambda: (guard(), protocol.encode(header, tensors, SECRET)), repeats)
+    encode = median(lambda: (guard(), protocol.encode(header, tensors, secret)), repeats)
     hash_once = median(lambda: [content_hash(v) for v in conds.values()], max(3, repeats // 5))
-    frames = [bytes(f) for f in protocol.encode(header, tensors, SECRET)]
-    decode = median(lambda: protocol.decode(frames, SECRET), repeats)
+    frames = [bytes(f) for f in protocol.encode(header, tensors, secret)]
+    decode = median(lambda: protocol.decode(frames, secret), repeats)
     out = a.predict(x, t, c).float()
     reply = protocol.result("b", seconds=0.1)
     reply_time = median(lambda: protocol.decode_reply(
-        [bytes(f) for f in protocol.encode(reply, {"out": out}, SECRET)], SECRET), repeats)
+        [bytes(f) for f in protocol.encode(reply, {"out": out}, secret)], secret), repeats)
     client._uploaded.clear()
     t0 = time.perf_counter()
     client.forward(key, x, t, conds, hashes=refs)  # uploads the conditioning (or finds it cached on the pool)
@@ -73,7 +75,8 @@ def case(client, model: str, side: int, repeats: int) -> list[str]:
     over = wall - fw
     ms = lambda v: f"{v * 1e3:.2f}"  # noqa: E731
     upload = sum(v.numel() * v.element_size() for v in conds.values())
-    return [f"| {model} {side}x{side}, batch 2 ({a.image_tokens(side, side)} tokens/image; cond {upload >> 10} KiB "
+    mac = "HMAC" if secret else "no secret"
+    return [f"| {mac} | {model} {side}x{side}, batch 2 ({a.image_tokens(side, side)} tokens/image; cond {upload >> 10} KiB "
             f"cached, x {x.numel() * 4 >> 10} KiB/call) | {ms(encode)} | {ms(decode)} | {ms(fw)} | {ms(reply_time)} "
             f"| {ms(rest)} | {ms(wall)} | {ms(local)} | {100 * over / local:.1f}% | {ms(hash_once)} + "
             f"{ms(max(0.0, first - wall))} |"]
@@ -82,20 +85,23 @@ def case(client, model: str, side: int, repeats: int) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--secret", choices=("on", "off", "both"), default="both",
+                   help="on: HMAC on every message; off: a loopback pool without a secret (ComfyUI's default)")
     args = p.parse_args()
-    pool = Pool(1, secret=SECRET)
-    pool.start()
-    client = pool.client()
-    rows = ["| model, latent | client per call: hash check + encode (ms) | pool decode | pool forward | reply "
+    rows = ["| messages | model, latent | client per call: hash check + encode (ms) | pool decode | pool forward | reply "
             "enc+dec | transfer, queue, collectives | round trip | in-process forward (baseline) | overhead (round "
             "trip - pool forward) / baseline | once per run: hash + upload |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    try:
-        for model, side in (("tiny-flux", 256), ("tiny-flux", 512), ("tiny-sd3", 512), ("tiny-pixart", 512)):
-            rows += case(client, model, side, args.repeats)
-    finally:
-        client.close()
-        pool.stop()
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for secret in {"on": [SECRET], "off": [None], "both": [None, SECRET]}[args.secret]:
+        pool = Pool(1, secret=secret)
+        pool.start()
+        client = pool.client()
+        try:
+            for model, side in (("tiny-flux", 256), ("tiny-flux", 512), ("tiny-sd3", 512), ("tiny-pixart", 512)):
+                rows += case(client, model, side, args.repeats, secret)
+        finally:
+            client.close()
+            pool.stop()
     print("\n".join(rows))
 
 
