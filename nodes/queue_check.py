@@ -23,6 +23,7 @@ log = logging.getLogger("comfyui_xdit.nodes")
 HIDDEN = "xdit_check"  # the hidden input (UNIQUE_ID) each node's VALIDATE_INPUTS takes; ComfyUI prefixes messages with it
 CONFIGURE, LOAD, SAMPLER = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"
 LORA = "XDiTParallelLoRA"
+STOCK_MODEL = "XDiTParallelDiTModel"  # runs one forward per call: no PipeFusion, no weight sharding
 SAMPLERS = (SAMPLER, "XDiTParallelSamplerAdvanced")  # the same checks: both take a model, cfg and a latent
 EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent")
 # ComfyUI's nodes whose CONDITIONING carries Wan image-to-video inputs (concat_latent_image, clip_vision_output);
@@ -75,7 +76,7 @@ def graph_problems(prompt: dict) -> dict[str, str]:
             continue
         kind = node.get("class_type")
         lines = (_configure_problems(node) if kind == CONFIGURE else
-                 _load_problems(prompt, node) if kind == LOAD else
+                 _load_problems(prompt, node) + _stock_model_problems(prompt, str(nid), node) if kind == LOAD else
                  _sampler_problems(prompt, node) if kind in SAMPLERS else
                  _lora_problems(node) if kind == LORA else [])
         if lines:
@@ -196,6 +197,40 @@ def _load_problems(prompt: dict, node: dict) -> list[str]:
         return []
     name = (node.get("inputs") or {}).get("checkpoint")
     return model_fit_problems(s, g, name)
+
+
+def _stock_model_problems(prompt: dict, nid: str, node: dict) -> list[str]:
+    """A loader whose model reaches a Parallel DiT Model (directly or through Parallel LoRA nodes) with degrees
+    that model cannot run: refused before the loader puts the model on the pool."""
+    s = _valid_settings(prompt, node)
+    if s is None or (s.pipefusion <= 1 and s.shard <= 1):
+        return []
+    user = _stock_model_user(prompt, nid)
+    if user is None:
+        return []
+    what = " and ".join(f"{name} {value}" for name, value in (("pipefusion_degree", s.pipefusion),
+                                                                ("shard_degree", s.shard)) if value > 1)
+    return [f"this model feeds Parallel DiT Model (node {user}), which runs Ulysses, Ring, CFG and DP per forward: "
+            f"{what} runs in Parallel Sampler only"]
+
+
+def _stock_model_user(prompt: dict, nid: str) -> str | None:
+    """The id of a Parallel DiT Model node that takes node nid's model, following Parallel LoRA nodes."""
+    frontier, seen = [nid], set()
+    while frontier:
+        current = frontier.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for oid, other in prompt.items():
+            link = (other.get("inputs") or {}).get("model") if isinstance(other, dict) else None
+            if not (isinstance(link, list) and len(link) == 2 and str(link[0]) == current):
+                continue
+            if other.get("class_type") == STOCK_MODEL:
+                return str(oid)
+            if other.get("class_type") == LORA:
+                frontier.append(str(oid))
+    return None
 
 
 def model_fit_problems(s, g: Geometry, name: str) -> list[str]:

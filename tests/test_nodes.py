@@ -203,6 +203,32 @@ def test_graph_combinations_refused_at_queue_time(ext, rec, config, graph, node,
     assert MANAGER_KEY(ext) is None
 
 
+@pytest.mark.parametrize("config, via_lora, reason", [
+    (dict(pipefusion_degree=2), False, "pipefusion_degree 2 runs in Parallel Sampler only"),
+    (dict(ulysses_degree=2, shard_degree=2), True, "shard_degree 2 runs in Parallel Sampler only"),
+])
+def test_stock_model_degrees_refused_at_queue_time(ext, rec, config, via_lora, reason):
+    """A loader whose model reaches Parallel DiT Model (through a Parallel LoRA or not) with degrees it cannot run is
+    refused on POST /prompt, on the loader, before anything loads; the same degrees feeding a sampler pass."""
+    g = _graph(config)
+    assert _queue(ext, rec, g) == {}
+    g["9"] = {"class_type": "XDiTParallelLoRA", "inputs": {"model": ["6", 0], "lora_name": "x.safetensors",
+                                                          "strength_model": 1.0}}
+    g["10"] = {"class_type": "XDiTParallelDiTModel", "inputs": {"model": ["9" if via_lora else "6", 0]}}
+
+    def problems():  # without the LoRA node's own line (its file is in no loras folder here)
+        return {k: v for k, v in _queue(ext, rec, g).items() if k != "9"}
+
+    errors = problems()
+    assert list(errors) == ["6"] and len(errors["6"]) == 1, errors
+    assert reason in errors["6"][0] and "Parallel DiT Model (node 10)" in errors["6"][0]
+    assert MANAGER_KEY(ext) is None
+    g["10"]["inputs"]["model"] = ["9" if not via_lora else "6", 0]  # the other path reaches it too
+    assert list(problems()) == ["6"]
+    del g["10"]
+    assert problems() == {}
+
+
 def MANAGER_KEY(ext):
     return ext.nodes.xdit_nodes.MANAGER.key
 
