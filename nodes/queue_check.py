@@ -24,6 +24,7 @@ HIDDEN = "xdit_check"  # the hidden input (UNIQUE_ID) each node's VALIDATE_INPUT
 CONFIGURE, LOAD, SAMPLER = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"
 LORA = "XDiTParallelLoRA"
 STOCK_MODEL = "XDiTParallelDiTModel"  # runs one forward per call: no PipeFusion, no weight sharding
+WEIGHT_PATCHERS = ("LoraLoader", "LoraLoaderModelOnly")  # ComfyUI's; so are its ModelMerge* nodes
 SAMPLERS = (SAMPLER, "XDiTParallelSamplerAdvanced")  # the same checks: both take a model, cfg and a latent
 EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent")
 # ComfyUI's nodes whose CONDITIONING carries Wan image-to-video inputs (concat_latent_image, clip_vision_output);
@@ -200,37 +201,53 @@ def _load_problems(prompt: dict, node: dict) -> list[str]:
 
 
 def _stock_model_problems(prompt: dict, nid: str, node: dict) -> list[str]:
-    """A loader whose model reaches a Parallel DiT Model (directly or through Parallel LoRA nodes) with degrees
-    that model cannot run: refused before the loader puts the model on the pool."""
+    """A loader whose model reaches a Parallel DiT Model (directly or through Parallel LoRA nodes) that cannot run
+    it: degrees it does not take, or ComfyUI's weight patchers (LoRA loaders, merges) after it, whose patches could
+    not reach the pool's weights. Refused before the loader puts the model on the pool."""
+    users = _downstream(prompt, nid, lambda kind, name: kind == LORA and name == "model", {STOCK_MODEL})
+    if not users:
+        return []
+    out = []
     s = _valid_settings(prompt, node)
-    if s is None or (s.pipefusion <= 1 and s.shard <= 1):
-        return []
-    user = _stock_model_user(prompt, nid)
-    if user is None:
-        return []
-    what = " and ".join(f"{name} {value}" for name, value in (("pipefusion_degree", s.pipefusion),
-                                                                ("shard_degree", s.shard)) if value > 1)
-    return [f"this model feeds Parallel DiT Model (node {user}), which runs Ulysses, Ring, CFG and DP per forward: "
-            f"{what} runs in Parallel Sampler only"]
+    if s is not None and (s.pipefusion > 1 or s.shard > 1):
+        what = " and ".join(f"{name} {value}" for name, value in (("pipefusion_degree", s.pipefusion),
+                                                                    ("shard_degree", s.shard)) if value > 1)
+        out.append(f"this model feeds Parallel DiT Model (node {users[0][0]}), which runs Ulysses, Ring, CFG and DP "
+                   f"per forward: {what} runs in Parallel Sampler only")
+    for user, _ in users:
+        patchers = _downstream(prompt, user, lambda kind, name: name == "model" and kind not in WEIGHT_PATCHERS
+                               and not kind.startswith("ModelMerge"), set(WEIGHT_PATCHERS), "ModelMerge")
+        if patchers:
+            oid, kind = patchers[0]
+            out.append(f"{kind} (node {oid}) patches the weights of Parallel DiT Model (node {user}), which live on "
+                       "the worker pool: add LoRAs with Parallel LoRA before Parallel DiT Model")
+            break
+    return out
 
 
-def _stock_model_user(prompt: dict, nid: str) -> str | None:
-    """The id of a Parallel DiT Model node that takes node nid's model, following Parallel LoRA nodes."""
-    frontier, seen = [nid], set()
+def _downstream(prompt: dict, start: str, follow, targets: set[str], target_prefix: str | None = None,
+                inputs: tuple[str, ...] = ("model", "model1", "model2")) -> list[tuple[str, str]]:
+    """(id, class) of the target nodes whose model inputs take node `start`'s output, passing through the nodes
+    for which follow(class, input name) holds."""
+    found, frontier, seen = [], [start], set()
     while frontier:
         current = frontier.pop()
         if current in seen:
             continue
         seen.add(current)
         for oid, other in prompt.items():
-            link = (other.get("inputs") or {}).get("model") if isinstance(other, dict) else None
-            if not (isinstance(link, list) and len(link) == 2 and str(link[0]) == current):
+            if not isinstance(other, dict):
                 continue
-            if other.get("class_type") == STOCK_MODEL:
-                return str(oid)
-            if other.get("class_type") == LORA:
-                frontier.append(str(oid))
-    return None
+            kind = str(other.get("class_type"))
+            for name in inputs:
+                link = (other.get("inputs") or {}).get(name)
+                if not (isinstance(link, list) and len(link) == 2 and str(link[0]) == current):
+                    continue
+                if kind in targets or (target_prefix and kind.startswith(target_prefix)):
+                    found.append((str(oid), kind))
+                elif follow(kind, name):
+                    frontier.append(str(oid))
+    return sorted(set(found), key=lambda f: (len(f[0]), f[0]))
 
 
 def model_fit_problems(s, g: Geometry, name: str) -> list[str]:

@@ -5,6 +5,7 @@ extra_conds; its `diffusion_model` is a proxy whose forward sends one transforme
 the output as ComfyUI's model would. ComfyUI's loop gives progress, previews and cancel."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -20,6 +21,24 @@ _IGNORED = {"c_size", "c_ar"}  # PixArt micro-conditioning: Sigma's model does n
 
 class StockModelError(Exception):
     """One clear line for ComfyUI's error dialog."""
+
+
+WEIGHT_PATCH_REFUSAL = (f"{NAME}'s weights live on the worker pool, so ComfyUI's weight patches (LoraLoader, "
+                        "LoraLoaderModelOnly, model merging, attention multipliers) cannot reach them: add LoRAs with "
+                        "Parallel LoRA on Load Parallel DiT's model, before Parallel DiT Model")
+
+
+@functools.cache
+def _patcher_class() -> type:
+    """ComfyUI's ModelPatcher, refusing weight patches instead of dropping them (its LoRA loaders would find none
+    of the model's keys in the weightless proxy and sample without the LoRA, with only a log warning)."""
+    import comfy.model_patcher
+
+    class PoolModelPatcher(comfy.model_patcher.ModelPatcher):
+        def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+            raise StockModelError(WEIGHT_PATCH_REFUSAL)
+
+    return PoolModelPatcher
 
 
 def _meta_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -175,7 +194,6 @@ def stock_model(handle: ModelHandle):
         raise StockModelError(f"{NAME}: weight sharding runs in Parallel Sampler only: use shard_degree 1 here "
                               "(the parallel model runs Ulysses, Ring, CFG and DP per forward)")
     import comfy.model_management as mm
-    import comfy.model_patcher
 
     config, sd = comfy_model_config(handle.source)
     config.set_inference_dtype(torch.float32, None)
@@ -183,8 +201,7 @@ def stock_model(handle: ModelHandle):
     meta = model.diffusion_model
     model.diffusion_model = PoolDiffusionModel(handle, meta)
     model.memory_usage_factor = 0.0  # activations live on the pool: ComfyUI frees nothing for them
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device(), size=1)
+    return _patcher_class()(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device(), size=1)
 
 
 XDiTModel = io.Custom("XDIT_MODEL")  # Load Parallel DiT's output type

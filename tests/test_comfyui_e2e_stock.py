@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from .comfy_server import COMFYUI_DIR, ROOT, make_base, running_comfyui
 from .conftest import rel_l2
@@ -44,7 +45,22 @@ COND_NODE = textwrap.dedent('''
             extras = {"pooled_output": torch.randn(1, pooled, generator=g) if pooled else None}
             return ([[cond, extras]],)
 
-    NODE_CLASS_MAPPINGS = {"XDiTE2EStockConditioning": XDiTE2EStockConditioning}
+    class XDiTE2EModelPassThrough:
+        """A MODEL passed on under another input name, as custom packs do: the queue-time graph check cannot
+        follow it, so what comes after it meets the run-time checks."""
+        CATEGORY = "testing"
+        RETURN_TYPES = ("MODEL",)
+        FUNCTION = "run"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"m": ("MODEL",)}}
+
+        def run(self, m):
+            return (m,)
+
+    NODE_CLASS_MAPPINGS = {"XDiTE2EStockConditioning": XDiTE2EStockConditioning,
+                           "XDiTE2EModelPassThrough": XDiTE2EModelPassThrough}
 ''')
 
 U, R, C = {"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}
@@ -89,6 +105,9 @@ def comfy(tmp_path_factory):
     e2e._write_tiny_pixart(models / FAMILIES["pixart"][0])
     _write_tiny_qwen(models / FAMILIES["qwen"][0])
     _write_tiny_wan(models / FAMILIES["wan"][0], 1357)
+    (base / "models" / "loras").mkdir()  # any LoRA file: ComfyUI's loader on the parallel model is refused
+    save_file({"lora_unet_x.lora_up.weight": torch.zeros(4, 1), "lora_unet_x.lora_down.weight": torch.zeros(1, 4)},
+              str(base / "models" / "loras" / "xdit_e2e_stock.safetensors"))
     with running_comfyui(base) as server:
         yield server, base
 
@@ -242,6 +261,32 @@ def _long_run(family: str, steps: int, prefix: str) -> dict:
         "steps": steps, "cfg": 3.0, "sampler_name": "uni_pc", "scheduler": "simple", "denoise": 1.0}}
     graph["111"] = {"class_type": "SaveLatent", "inputs": {"samples": ["110", 0], "filename_prefix": prefix}}
     return graph
+
+
+def test_comfyuis_lora_loader_and_pipefusion_refused_on_the_parallel_model(comfy):
+    """ComfyUI's LoraLoaderModelOnly after Parallel DiT Model would find none of the pool's weights and sample
+    without the LoRA: refused when queued (on the loader, with the node named), or, where the graph check cannot
+    see it, when it runs; pipefusion_degree 2 feeding Parallel DiT Model is refused when queued."""
+    from queue_workflow import Rejected, queue_and_wait
+
+    server, base = comfy
+    graph = _long_run("sd3", 2, "lorarefused")
+    graph["120"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": graph["110"]["inputs"]["model"], "lora_name": "xdit_e2e_stock.safetensors", "strength_model": 1.0}}
+    graph["110"]["inputs"]["model"] = ["120", 0]
+    with pytest.raises(Rejected, match=r"LoraLoaderModelOnly \(node 120\) patches the weights of Parallel DiT "
+                                       r"Model \(node 102\)"):
+        queue_and_wait(server, graph, timeout=600, log=lambda line: None)
+    graph["121"] = {"class_type": "XDiTE2EModelPassThrough", "inputs": {"m": graph["120"]["inputs"]["model"]}}
+    graph["120"]["inputs"]["model"] = ["121", 0]
+    with pytest.raises(RuntimeError, match=r"LoraLoaderModelOnly\) failed: Parallel DiT Model's weights live on the "
+                                           r"worker pool.*Parallel LoRA"):
+        queue_and_wait(server, graph, timeout=600, log=lambda line: None)
+    pipefusion = _long_run("sd3", 2, "pfrefused")
+    pipefusion["100"]["inputs"].update(pipefusion_degree=2, ulysses_degree=1)
+    with pytest.raises(Rejected, match="pipefusion_degree 2 runs in Parallel Sampler only"):
+        queue_and_wait(server, pipefusion, timeout=600, log=lambda line: None)
+    assert not sorted((base / "output").glob("lorarefused_*")) and not sorted((base / "output").glob("pfrefused_*"))
 
 
 def test_cancel_between_forwards_leaves_the_pool_clean(comfy):

@@ -229,6 +229,26 @@ def test_stock_model_degrees_refused_at_queue_time(ext, rec, config, via_lora, r
     assert problems() == {}
 
 
+@pytest.mark.parametrize("patcher, via", [("LoraLoaderModelOnly", "model"), ("LoraLoader", "model"),
+                                           ("ModelMergeSimple", "model2")])
+def test_weight_patches_after_stock_model_refused_at_queue_time(ext, rec, patcher, via):
+    """ComfyUI's LoRA loaders and merges after Parallel DiT Model (through a shift node or not) would find none of
+    the pool's weights and sample without them: refused on POST /prompt, on the loader; the same nodes on a native
+    model in the same graph pass."""
+    g = _graph()
+    g["10"] = {"class_type": "XDiTParallelDiTModel", "inputs": {"model": ["6", 0]}}
+    g["11"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["10", 0], "shift": 3.0}}
+    g["12"] = {"class_type": patcher, "inputs": {via: ["11", 0], "lora_name": "x.safetensors", "strength_model": 1.0}}
+    g["13"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "native.safetensors"}}
+    errors = _queue(ext, rec, g)
+    assert list(errors) == ["6"] and len(errors["6"]) == 1, errors
+    assert f"{patcher} (node 12) patches the weights of Parallel DiT Model (node 10)" in errors["6"][0]
+    g["12"]["inputs"][via] = ["13", 0]  # on the native model
+    assert _queue(ext, rec, g) == {}
+    g["12"]["inputs"][via] = ["10", 0]  # right after it
+    assert list(_queue(ext, rec, g)) == ["6"]
+
+
 def MANAGER_KEY(ext):
     return ext.nodes.xdit_nodes.MANAGER.key
 
