@@ -496,4 +496,6 @@ def test_recorded_pixart_timesteps_are_this_comfyuis(comfy):
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     for case, (sigmas, timesteps) in zip(json.loads(data)["cases"], got):
-        assert (sigmas, timesteps) == (case["sigmas"], case["timesteps"]), case["scheduler"]
+        # the sigmas to float32 rounding (exp/log kernels differ by an ulp between CPU models), the steps exactly
+        assert sigmas == pytest.approx(case["sigmas"], rel=1e-6, abs=1e-12), case["scheduler"]
+        assert timesteps == case["timesteps"], case["scheduler"]
