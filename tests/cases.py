@@ -21,6 +21,21 @@ def get_model(case: dict, fresh: bool = False):
     return _model(case["model"], tuple(sorted(case.get("overrides", {}).items())))
 
 
+def serial_of(case: dict) -> torch.Tensor:
+    """The case sampled in this process: the reference each parallel layout of it is compared with."""
+    from comfyui_xdit.sampling import sample
+
+    loaded = get_model(case)
+    return sample(loaded.adapter, build_request(loaded, case), tiny=True)
+
+
+def case_ok(results: dict, case_id: str) -> dict:
+    """A distributed run's result for one case, which must have succeeded."""
+    info = results[case_id]
+    assert info["ok"], info.get("error")
+    return info
+
+
 def build_request(loaded, case: dict) -> SampleRequest:
     """Request with conditioning drawn from the case seed (text length may be odd to test uneven shards).
     `masks` (optional): {"cond_mask": rows, "neg_cond_mask": rows} of 0/1 per text token and batch row; their

@@ -19,7 +19,7 @@ from comfyui_xdit.errors import ConfigError, WeightsError, XDiTError
 from comfyui_xdit.families import flux2
 from comfyui_xdit.parallel import ParallelConfig
 from comfyui_xdit.sampling import SampleRequest, latent_shape, prepare, sample, seed_noise
-from tests.cases import build_request, get_model
+from tests.cases import build_request, get_model, serial_of
 from tests.conftest import rel_l2
 from tests.distributed import run_cases
 
@@ -336,11 +336,6 @@ def world4(tmp_path_factory):
     return run_cases(4, _world4_cases(), tmp_path_factory.mktemp("flux2_w4"))
 
 
-def _serial(case):
-    loaded = get_model(case)
-    return sample(loaded.adapter, build_request(loaded, case), tiny=True)
-
-
 def _case(cases, name):
     return next(c for c in cases if c["id"] == name)
 
@@ -354,7 +349,7 @@ EXACT4 = ["ulysses2_ring2", "ulysses4", "ring4", "dp2_ulysses2", "pf4_m1", "pf2_
 def test_world2_exact_methods_match_serial(world2, name):
     info = world2[name]
     assert info["ok"], info.get("error")
-    serial = _serial(_case(_world2_cases(), name))
+    serial = serial_of(_case(_world2_cases(), name))
     assert info["latents"].shape == serial.shape and rel_l2(info["latents"], serial) <= 1e-4
     if name != "dp2":  # dp exchanges nothing during the steps
         assert sum(info["rank_comm"][0][0].values()) > 0
@@ -364,7 +359,7 @@ def test_world2_exact_methods_match_serial(world2, name):
 def test_world4_exact_methods_match_serial(world4, name):
     info = world4[name]
     assert info["ok"], info.get("error")
-    assert rel_l2(info["latents"], _serial(_case(_world4_cases(), name))) <= 1e-4
+    assert rel_l2(info["latents"], serial_of(_case(_world4_cases(), name))) <= 1e-4
 
 
 def test_pipefusion_stage_boundaries_where_declared(world2, world4):
@@ -384,7 +379,7 @@ def test_pipefusion_stale_error_within_bound(world2, world4, name):
     results, cases = (world4, _world4_cases()) if name.startswith("pf4") else (world2, _world2_cases())
     info = results[name]
     assert info["ok"], info.get("error")
-    err = rel_l2(info["latents"], _serial(_case(cases, name)))
+    err = rel_l2(info["latents"], serial_of(_case(cases, name)))
     assert 1e-6 < err <= STALE_BOUND[name]  # stale K/V really used, and the drift bounded
 
 
@@ -392,7 +387,7 @@ def test_pipefusion_hybrid_stale_equals_plain_pipefusion(world2, world4):
     info = world4["pf2_ulysses2_stale"]
     assert info["ok"], info.get("error")
     assert rel_l2(info["latents"], world2["pf2_twin"]["latents"]) <= 1e-4
-    assert rel_l2(info["latents"], _serial(_case(_world2_cases(), "pf2_twin"))) > 1e-6
+    assert rel_l2(info["latents"], serial_of(_case(_world2_cases(), "pf2_twin"))) > 1e-6
 
 
 def test_cfg_parallel_refused(world2):

@@ -8,7 +8,7 @@ import pytest
 from comfyui_xdit.errors import ConfigError
 from comfyui_xdit.parallel import ParallelConfig
 from comfyui_xdit.parallel.pipefusion import check_pipefusion, partition
-from tests.cases import build_request, get_model
+from tests.cases import get_model, serial_of
 from tests.conftest import rel_l2
 from tests.distributed import run_cases
 
@@ -79,13 +79,6 @@ def world2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def world4(tmp_path_factory):
     return run_cases(4, hybrid_cases(), tmp_path_factory.mktemp("pf4"))
-
-
-def serial_of(case):
-    from comfyui_xdit.sampling import sample
-
-    loaded = get_model(case)
-    return sample(loaded.adapter, build_request(loaded, case), tiny=True)
 
 
 @pytest.mark.parametrize("case", exact_cases(), ids=lambda c: c["id"])

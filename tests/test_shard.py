@@ -10,8 +10,7 @@ from comfyui_xdit.errors import ConfigError
 from comfyui_xdit.models import load_model
 from comfyui_xdit.parallel import ParallelConfig
 from comfyui_xdit.parallel.shard import kept_slice, shard_degrees
-from comfyui_xdit.sampling import sample
-from tests.cases import build_request, get_model
+from tests.cases import get_model, serial_of
 from tests.conftest import rel_l2
 from tests.distributed import run_cases
 
@@ -58,15 +57,10 @@ def world4(tmp_path_factory):
     return run_cases(4, _cases(4), tmp_path_factory.mktemp("shard4"))
 
 
-def _serial(case: dict) -> torch.Tensor:
-    loaded = get_model(case)
-    return sample(loaded.adapter, build_request(loaded, case), tiny=True)
-
-
 def _check(results: dict, case: dict) -> dict:
     info = results[case["id"]]
     assert info["ok"], info.get("error")
-    serial = _serial(case)
+    serial = serial_of(case)
     err = rel_l2(info["latents"], serial)
     print(f"{case['id']}: rel L2 against serial {err:.2e}")
     assert err <= (2e-2 if case.get("overrides", {}).get("dtype") == "bf16" else 1e-4)
@@ -91,7 +85,7 @@ def test_world4_matches_serial(world4, case):
 def test_sharded_result_can_differ(world2):
     """The comparison can fail: the same case against a perturbed serial run (another seed) is far off."""
     case = next(c for c in _cases(2) if c["id"] == "shard2_ulysses2")
-    assert rel_l2(world2[case["id"]]["latents"], _serial({**case, "seed": case["seed"] + 1})) > 1e-2
+    assert rel_l2(world2[case["id"]]["latents"], serial_of({**case, "seed": case["seed"] + 1})) > 1e-2
 
 
 def _forwards_per_step(case: dict) -> int:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from comfyui_xdit.errors import ConfigError, WeightsError, XDiTError
 from comfyui_xdit.models import load_model
 from comfyui_xdit.sampling import SampleRequest, latent_shape, prepare, sample, seed_noise
-from tests.cases import build_request, get_model
+from tests.cases import build_request, case_ok, get_model, serial_of
 from tests.conftest import rel_l2
 from tests.distributed import run_cases
 
@@ -262,33 +262,22 @@ def world4(tmp_path_factory):
     return run_cases(4, _exact_world4(), tmp_path_factory.mktemp("wan4"))
 
 
-def _serial(case: dict) -> torch.Tensor:
-    loaded = get_model(case)
-    return sample(loaded.adapter, build_request(loaded, case), tiny=True)
-
-
-def _ok(results, case_id: str) -> dict:
-    info = results[case_id]
-    assert info["ok"], info.get("error")
-    return info
-
-
 @pytest.mark.parametrize("case", _exact_world2(), ids=lambda c: c["id"])
 def test_world2_exact_methods_match_serial(world2, case):
-    info = _ok(world2, case["id"])
-    assert rel_l2(info["latents"], _serial(case)) <= 1e-4
+    info = case_ok(world2, case["id"])
+    assert rel_l2(info["latents"], serial_of(case)) <= 1e-4
     if case["parallel"] != {"dp": 2}:
         assert sum(info["rank_comm"][0][0].values()) > 0  # the ranks really exchanged data
 
 
 @pytest.mark.parametrize("case", _exact_world4(), ids=lambda c: c["id"])
 def test_world4_exact_methods_match_serial(world4, case):
-    assert rel_l2(_ok(world4, case["id"])["latents"], _serial(case)) <= 1e-4
+    assert rel_l2(case_ok(world4, case["id"])["latents"], serial_of(case)) <= 1e-4
 
 
 @pytest.mark.parametrize("case", stale_cases(), ids=lambda c: c["id"])
 def test_pipefusion_stale_error_within_stated_bound(world2, case):
-    err = rel_l2(_ok(world2, case["id"])["latents"], _serial(case))
+    err = rel_l2(case_ok(world2, case["id"])["latents"], serial_of(case))
     print(f"{case['id']}: rel. L2 vs serial {err:.3e}")
     assert 1e-3 < err <= STALE_BOUND[case["id"]]  # stale K/V really used, and the drift bounded
 
@@ -322,9 +311,9 @@ def test_cache_serial_ulysses_and_pipefusion(world2):
     ref, _ = _cached(None)
     serial, reused = _cached(CACHE_MASK)
     assert reused == [2, 4] and rel_l2(serial, ref) > 1e-4
-    info = _ok(world2, "cache_ulysses2")
+    info = case_ok(world2, "cache_ulysses2")
     assert info["rank_reused"] == [reused, reused] and rel_l2(info["latents"], serial) <= 1e-4
-    info = _ok(world2, "cache_pf2")
+    info = case_ok(world2, "cache_pf2")
     assert info["rank_reused"] == [reused, reused] and torch.isfinite(info["latents"]).all()
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from comfyui_xdit.errors import ConfigError, WeightsError, XDiTError
 from comfyui_xdit.models import load_model
 from comfyui_xdit.sampling import SampleRequest, latent_shape, prepare, sample, seed_noise
-from tests.cases import build_request, get_model
+from tests.cases import build_request, case_ok, get_model, serial_of
 from tests.conftest import rel_l2
 from tests.distributed import run_cases
 
@@ -190,42 +190,31 @@ def world4(tmp_path_factory):
     return run_cases(4, cases, tmp_path_factory.mktemp("zimage4"))
 
 
-def _serial(case: dict) -> torch.Tensor:
-    loaded = get_model(case)
-    return sample(loaded.adapter, build_request(loaded, case), tiny=True)
-
-
-def _ok(results, case_id: str) -> dict:
-    info = results[case_id]
-    assert info["ok"], info.get("error")
-    return info
-
-
 @pytest.mark.parametrize("case", _exact_world2(), ids=lambda c: c["id"])
 def test_world2_exact_methods_match_serial(world2, case):
-    info = _ok(world2, case["id"])
-    assert rel_l2(info["latents"], _serial(case)) <= 1e-4
+    info = case_ok(world2, case["id"])
+    assert rel_l2(info["latents"], serial_of(case)) <= 1e-4
     if case["parallel"] != {"dp": 2}:
         assert sum(info["rank_comm"][0][0].values()) > 0  # the ranks really exchanged data
 
 
 @pytest.mark.parametrize("case", _exact_world4(), ids=lambda c: c["id"])
 def test_world4_exact_methods_match_serial(world4, case):
-    assert rel_l2(_ok(world4, case["id"])["latents"], _serial(case)) <= 1e-4
+    assert rel_l2(case_ok(world4, case["id"])["latents"], serial_of(case)) <= 1e-4
 
 
 @pytest.mark.parametrize("case", [c for c in stale_cases("z-image") if c["id"] in STALE_BOUND], ids=lambda c: c["id"])
 def test_pipefusion_stale_error_within_stated_bound(world2, case):
-    err = rel_l2(_ok(world2, case["id"])["latents"], _serial(case))
+    err = rel_l2(case_ok(world2, case["id"])["latents"], serial_of(case))
     assert 1e-3 < err <= STALE_BOUND[case["id"]]  # stale K/V really used, and the drift bounded
 
 
 @pytest.mark.parametrize("name", list(STALE_HYBRIDS))
 def test_pipefusion_stale_hybrids_equal_plain_pipefusion(world2, world4, name):
     """With Ulysses, Ring or cfg parallel inside the stages, the same approximation as plain pipefusion 2."""
-    out = _ok(world4, name)["latents"]
-    assert rel_l2(out, _ok(world2, "stale_twin")["latents"]) <= 1e-4
-    assert rel_l2(out, _serial({**STALE, "parallel": {}})) > 1e-3
+    out = case_ok(world4, name)["latents"]
+    assert rel_l2(out, case_ok(world2, "stale_twin")["latents"]) <= 1e-4
+    assert rel_l2(out, serial_of({**STALE, "parallel": {}})) > 1e-3
 
 
 def test_ulysses_degree_not_dividing_30_heads_is_refused():
@@ -271,13 +260,13 @@ def test_cache_threshold_zero_is_uncached_and_reuse_follows_the_rule():
 
 
 def test_cache_under_ulysses_and_pipefusion(world2):
-    info = _ok(world2, "cache_ulysses2")
+    info = case_ok(world2, "cache_ulysses2")
     serial, reused = _cached({"mask": CACHE_MASK})
     assert reused == [2, 4] and info["rank_reused"] == [reused, reused]  # the serial decisions, on every rank
     assert rel_l2(info["latents"], serial) <= 1e-4
-    info = _ok(world2, "cache_pf2")  # threshold 0: nothing reused, the plain pipefusion result
+    info = case_ok(world2, "cache_pf2")  # threshold 0: nothing reused, the plain pipefusion result
     assert info["rank_reused"] == [[], []]
-    assert rel_l2(info["latents"], _ok(world2, "cache_pf2_twin")["latents"]) <= 1e-6
+    assert rel_l2(info["latents"], case_ok(world2, "cache_pf2_twin")["latents"]) <= 1e-6
 
 
 def test_analyser_serial_and_ulysses(world2):
