@@ -84,6 +84,22 @@ def test_hits_need_the_same_unchanged_tensor():
     assert cc.modules == 0 and cc.hits == 0
 
 
+def test_entries_stay_within_the_budget():
+    """Outputs that would take the entries past max_bytes are returned uncached (and computed again next time); the
+    first modules' outputs stay cached; results are the same either way."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*(torch.nn.Linear(8, 8) for _ in range(4)))
+    x = torch.randn(3, 8)
+    one = 3 * 8 * 4  # bytes of one output
+    with torch.no_grad():
+        plain = [net(x) for _ in range(2)]
+        with context_cache(net, ("*",), max_bytes=2 * one) as cc:
+            got = [net(x) for _ in range(2)]
+            assert cc.bytes <= 2 * one and {n for n, e in cc.entries.items() if e} == {"0", "1"}
+            assert (cc.hits, cc.misses, cc.over_budget) == (2, 6, 4)  # layers 0-1 hit on the second call
+    assert all(torch.equal(a, b) for a, b in zip(plain, got))
+
+
 def test_parallel_with_cache_equals_serial_without(tmp_path):
     """Ulysses 2, CFG 2 and synchronous PipeFusion 2 on Wan with the cache (the default) against serial without it,
     on 45 video tokens (odd)."""
