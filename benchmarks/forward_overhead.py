@@ -8,15 +8,19 @@ medians: the client's per-call work (the proxy's strided-sample check of its per
 message encode with HMAC), pool decode (the server's protocol.decode, timed here on the same frames), the
 pool's forward (rank 0's own time for the op), reply encode + decode, the rest of the round trip (transfer over
 loopback TCP, queueing, the accepted reply, broadcast and outcome gather), and the in-process forward as the
-baseline step; and, once per sampling run, hashing the conditioning and the first call's upload.
+baseline step; the floor of the transport (a bare pyzmq DEALER/ROUTER exchange between two processes with the same
+bytes each way, an accepted reply, and the server busy for the pool forward's time in between); and, once per
+sampling run, hashing the conditioning and the first call's upload.
 Device: CPU, one torch thread per process (as the pool's ranks run)."""
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import time
 
 import torch
+import zmq
 
 from comfyui_xdit.models import load_model
 from comfyui_xdit_runtime import Pool, messages, protocol
@@ -29,6 +33,50 @@ SECRET = b"bench-secret"
 def median(fn, repeats: int) -> float:
     """Median seconds of `repeats` calls after one warm-up call."""
     return median_time(fn, repeats, warmup=1)
+
+
+def _echo(port_out, nbytes: int, busy_s: float) -> None:
+    """The bare exchange's server: an accepted reply at once, then `nbytes` after `busy_s` of spinning."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port_out.put(router.bind_to_random_port("tcp://127.0.0.1"))
+    reply = bytes(nbytes)
+    while True:
+        identity, body = router.recv_multipart(copy=False)
+        if not len(body.buffer):
+            break
+        router.send_multipart([identity, b"accepted"])
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < busy_s:
+            pass
+        router.send_multipart([identity, reply], copy=False)
+    router.close(linger=0)
+    ctx.term()
+
+
+def bare_zmq(nbytes_in: int, nbytes_out: int, busy_s: float, repeats: int) -> float:
+    """Median seconds a bare pyzmq exchange takes beyond the server's busy time (see the module's text)."""
+    mp = multiprocessing.get_context("spawn")
+    ports = mp.Queue()
+    server = mp.Process(target=_echo, args=(ports, nbytes_out, busy_s), daemon=True)
+    server.start()
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{ports.get(timeout=60)}")
+    payload = bytes(nbytes_in)
+
+    def call():
+        dealer.send(payload, copy=False)
+        dealer.recv()
+        dealer.recv(copy=False)
+
+    try:
+        return median_time(call, repeats, warmup=1) - busy_s
+    finally:
+        dealer.send(b"")
+        server.join(timeout=10)
+        dealer.close(linger=0)
+        ctx.term()
 
 
 def case(client, model: str, side: int, repeats: int, secret: bytes | None) -> list[str]:
@@ -71,6 +119,7 @@ def case(client, model: str, side: int, repeats: int, secret: bytes | None) -> l
         walls.append(time.perf_counter() - t0)
         pool_fw.append(info["seconds"])
     wall, fw = statistics.median(walls), statistics.median(pool_fw)
+    floor = bare_zmq(x.numel() * 4 + t.numel() * 4, out.numel() * 4, fw, repeats)
     rest = max(0.0, wall - encode - decode - fw - reply_time)
     over = wall - fw
     ms = lambda v: f"{v * 1e3:.2f}"  # noqa: E731
@@ -78,8 +127,8 @@ def case(client, model: str, side: int, repeats: int, secret: bytes | None) -> l
     mac = "HMAC" if secret else "no secret"
     return [f"| {mac} | {model} {side}x{side}, batch 2 ({a.image_tokens(side, side)} tokens/image; cond {upload >> 10} KiB "
             f"cached, x {x.numel() * 4 >> 10} KiB/call) | {ms(encode)} | {ms(decode)} | {ms(fw)} | {ms(reply_time)} "
-            f"| {ms(rest)} | {ms(wall)} | {ms(local)} | {100 * over / local:.1f}% | {ms(hash_once)} + "
-            f"{ms(max(0.0, first - wall))} |"]
+            f"| {ms(rest)} | {ms(wall)} | {ms(local)} | {100 * over / local:.1f}% | {ms(floor)} "
+            f"({100 * floor / local:.1f}%) | {ms(hash_once)} + {ms(max(0.0, first - wall))} |"]
 
 
 def main() -> None:
@@ -90,8 +139,9 @@ def main() -> None:
     args = p.parse_args()
     rows = ["| messages | model, latent | client per call: hash check + encode (ms) | pool decode | pool forward | reply "
             "enc+dec | transfer, queue, collectives | round trip | in-process forward (baseline) | overhead (round "
-            "trip - pool forward) / baseline | once per run: hash + upload |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "trip - pool forward) / baseline | bare pyzmq exchange, same bytes and wait (floor) | once per run: hash + "
+            "upload |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for secret in {"on": [SECRET], "off": [None], "both": [None, SECRET]}[args.secret]:
         pool = Pool(1, secret=secret)
         pool.start()
