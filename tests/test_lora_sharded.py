@@ -11,31 +11,38 @@ from safetensors.torch import save_file
 from tests import lora_files as lf
 
 
-def _worker(rank: int, world: int, store: str, lora: str, results: str) -> None:
+def _patch_and_restore(rank: int, world: int, lora: str, results: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from comfyui_xdit.lora import LoraSpec, apply_loras
 
+    mesh = init_device_mesh("cpu", (world,))
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(6, 5)  # 5 rows: 3 on rank 0, 2 on rank 1
+    with torch.no_grad():
+        model.proj.weight.copy_(torch.arange(30.0).reshape(5, 6) / 7)
+    full = model.proj.weight.detach().clone()
+    model.proj.weight = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]), requires_grad=False)
+    info = apply_loras(model, "", [LoraSpec(lora, 0.7)])
+    patched = model.proj.weight.full_tensor()
+    local_rows = model.proj.weight.to_local().shape[0]
+    apply_loras(model, "", [])
+    restored = model.proj.weight.full_tensor()
+    if rank == 0:
+        torch.save({"patched": patched, "restored": restored, "base": full, "rows": local_rows,
+                    "patched_here": info["patched"]}, results)
+
+
+def _worker(rank: int, world: int, store: str, lora: str, results: str) -> None:
+    from comfyui_xdit.parallel.mesh import release_process_groups
+
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        mesh = init_device_mesh("cpu", (world,))
-        model = torch.nn.Module()
-        model.proj = torch.nn.Linear(6, 5)  # 5 rows: 3 on rank 0, 2 on rank 1
-        with torch.no_grad():
-            model.proj.weight.copy_(torch.arange(30.0).reshape(5, 6) / 7)
-        full = model.proj.weight.detach().clone()
-        model.proj.weight = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]), requires_grad=False)
-        info = apply_loras(model, "", [LoraSpec(lora, 0.7)])
-        patched = model.proj.weight.full_tensor()
-        local_rows = model.proj.weight.to_local().shape[0]
-        apply_loras(model, "", [])
-        restored = model.proj.weight.full_tensor()
-        if rank == 0:
-            torch.save({"patched": patched, "restored": restored, "base": full, "rows": local_rows,
-                        "patched_here": info["patched"]}, results)
+        _patch_and_restore(rank, world, lora, results)  # its mesh and DTensors are gone when it returns
+        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        release_process_groups()  # (a gloo group left to the interpreter's exit can abort the process there)
 
 
 def test_dtensor_shards_patch_their_rows(tmp_path):
