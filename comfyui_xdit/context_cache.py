@@ -6,8 +6,8 @@ context, each one's `forward` is replaced on the instance: called with the very 
 object, or a view of the same storage at the same place, with an unchanged version counter), it returns its last
 output; anything else is computed and becomes the newest entry (two per module: the positive and the negative
 branch; so memory stays one set of outputs per branch). The entry holds the input's base tensor, so its storage
-cannot be freed and reused for other values while the entry lives. Outputs chain: a cached text embedding is the same object the K/V projections see next,
-so they hit too. Exact by construction: a hit returns the values a miss computed in this job.
+cannot be freed and reused for other values while the entry lives. Outputs chain: a cached text embedding is the
+same object the K/V projections see next, so they hit too. Exact by construction: a hit returns the values a miss computed in this job.
 
 What it saves: per block, the K/V projections of Lc context tokens against the work on Lv image tokens, about
 2 Lc / (Lv (6 + 2 F/D)) of the block's linear FLOPs (F/D: FFN over model width): ~4% for PixArt at 512x512 with 300
@@ -36,11 +36,12 @@ class ContextCache:
     misses: int = 0
     modules: int = 0
     over_budget: int = 0
+    bytes: int = 0  # of the outputs the entries hold
     entries: dict[str, list[tuple]] = field(default_factory=dict, repr=False)
 
-    @property
-    def bytes(self) -> int:
-        return sum(e[2].numel() * e[2].element_size() for es in self.entries.values() for e in es)
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def context_modules(model: torch.nn.Module, patterns: tuple[str, ...]) -> dict[str, torch.nn.Module]:
@@ -60,7 +61,6 @@ def context_cache(model: torch.nn.Module, patterns: tuple[str, ...], enabled: bo
     """Cache the matching modules' outputs for the duration of the context (one job): the last `per_module`
     distinct inputs of each (2: the positive and the negative branch), `max_bytes` in all; the entries go at exit."""
     stats = ContextCache()
-    held = [0]  # bytes of the outputs the entries hold
     found = context_modules(model, patterns) if enabled and patterns else {}
     stats.modules = len(found)
     originals: dict[str, object] = {}
@@ -82,15 +82,14 @@ def context_cache(model: torch.nn.Module, patterns: tuple[str, ...], enabled: bo
             stats.misses += 1
             if not isinstance(out, torch.Tensor):
                 return out
-            size = out.numel() * out.element_size()
-            freed = sum(e[2].numel() * e[2].element_size() for e in entries[per_module - 1:])
-            if held[0] + size - freed > max_bytes:
+            grows = _nbytes(out) - sum(_nbytes(e[2]) for e in entries[per_module - 1:])  # less the entry it drops
+            if stats.bytes + grows > max_bytes:
                 stats.over_budget += 1
                 return out
             # (a caller that wrote into the output in place makes the next call a miss)
             entries.insert(0, (base, where, out, out._version))
             del entries[per_module:]
-            held[0] += size - freed
+            stats.bytes += grows
             return out
 
         return forward
@@ -109,3 +108,4 @@ def context_cache(model: torch.nn.Module, patterns: tuple[str, ...], enabled: bo
             else:
                 module.forward = originals[name]
         stats.entries.clear()
+        stats.bytes = 0

@@ -204,7 +204,8 @@ def _stock_model_problems(prompt: dict, nid: str, node: dict) -> list[str]:
     """A loader whose model reaches a Parallel DiT Model (directly or through Parallel LoRA nodes) that cannot run
     it: degrees it does not take, or ComfyUI's weight patchers (LoRA loaders, merges) after it, whose patches could
     not reach the pool's weights. Refused before the loader puts the model on the pool."""
-    users = _downstream(prompt, nid, lambda kind, name: kind == LORA and name == "model", {STOCK_MODEL})
+    users = _downstream(prompt, nid, lambda kind: kind == STOCK_MODEL,
+                        lambda kind, name: kind == LORA and name == "model")
     if not users:
         return []
     out = []
@@ -215,8 +216,8 @@ def _stock_model_problems(prompt: dict, nid: str, node: dict) -> list[str]:
         out.append(f"this model feeds Parallel DiT Model (node {users[0][0]}), which runs Ulysses, Ring, CFG and DP "
                    f"per forward: {what} runs in Parallel Sampler only")
     for user, _ in users:
-        patchers = _downstream(prompt, user, lambda kind, name: name == "model" and kind not in WEIGHT_PATCHERS
-                               and not kind.startswith("ModelMerge"), set(WEIGHT_PATCHERS), "ModelMerge")
+        patchers = _downstream(prompt, user, lambda kind: kind in WEIGHT_PATCHERS or kind.startswith("ModelMerge"),
+                               lambda kind, name: name == "model")
         if patchers:
             oid, kind = patchers[0]
             out.append(f"{kind} (node {oid}) patches the weights of Parallel DiT Model (node {user}), which live on "
@@ -225,10 +226,10 @@ def _stock_model_problems(prompt: dict, nid: str, node: dict) -> list[str]:
     return out
 
 
-def _downstream(prompt: dict, start: str, follow, targets: set[str], target_prefix: str | None = None,
+def _downstream(prompt: dict, start: str, is_target, follow,
                 inputs: tuple[str, ...] = ("model", "model1", "model2")) -> list[tuple[str, str]]:
-    """(id, class) of the target nodes whose model inputs take node `start`'s output, passing through the nodes
-    for which follow(class, input name) holds."""
+    """(id, class) of the nodes of an is_target(class) whose model inputs take node `start`'s output, passing
+    through the other nodes for which follow(class, input name) holds."""
     found, frontier, seen = [], [start], set()
     while frontier:
         current = frontier.pop()
@@ -243,7 +244,7 @@ def _downstream(prompt: dict, start: str, follow, targets: set[str], target_pref
                 link = (other.get("inputs") or {}).get(name)
                 if not (isinstance(link, list) and len(link) == 2 and str(link[0]) == current):
                     continue
-                if kind in targets or (target_prefix and kind.startswith(target_prefix)):
+                if is_target(kind):
                     found.append((str(oid), kind))
                 elif follow(kind, name):
                     frontier.append(str(oid))

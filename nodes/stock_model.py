@@ -24,7 +24,7 @@ class StockModelError(Exception):
 
 
 WEIGHT_PATCH_REFUSAL = (f"{NAME}'s weights live on the worker pool, so ComfyUI's weight patches (LoraLoader, "
-                        "LoraLoaderModelOnly, model merging, attention multipliers) cannot reach them: add LoRAs with "
+                        "LoraLoaderModelOnly, model merging) cannot reach them: add LoRAs with "
                         "Parallel LoRA on Load Parallel DiT's model, before Parallel DiT Model")
 
 
