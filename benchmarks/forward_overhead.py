@@ -1,16 +1,17 @@
-"""Per-call overhead of Parallel DiT Model's forward op: `python benchmarks/forward_overhead.py [--repeats 30]
-[--secret on|off|both]`.
+"""Per-call overhead of Parallel DiT Model's forward op:
+`python benchmarks/forward_overhead.py [--repeats 30] [--secret on|off|both]`.
 
-A 1-rank CPU pool (with a shared secret, so HMAC on every message; or without, as ComfyUI starts a loopback pool by
-default) and the same tiny model in this process, same inputs: CFG-batched latents [2, C, h, w]
-and conditioning as ComfyUI forms them (cached on the pool after the first call). Prints a Markdown table of
+A 1-rank CPU pool (with a shared secret, so HMAC on every message; or without, as ComfyUI
+starts a loopback pool by default) and the same tiny model in this process, same inputs: CFG-batched latents [2, C,
+h, w] and conditioning as ComfyUI forms them (cached on the pool after the first call). Prints a Markdown table of
 medians: the client's per-call work (the proxy's strided-sample check of its per-run conditioning hashes, and the
-message encode with HMAC), pool decode (the server's protocol.decode, timed here on the same frames), the
-pool's forward (rank 0's own time for the op), reply encode + decode, the rest of the round trip (transfer over
-loopback TCP, queueing, the accepted reply, broadcast and outcome gather), and the in-process forward as the
-baseline step; the floor of the transport (a bare pyzmq DEALER/ROUTER exchange between two processes with the same
-bytes each way, an accepted reply, and the server busy for the pool forward's time in between); and, once per
-sampling run, hashing the conditioning and the first call's upload.
+message encode with HMAC), pool decode (the server's protocol.decode, timed here on the same frames), the pool's
+forward (rank 0's own time for the op), reply encode + decode, the rest of the round trip (transfer over loopback
+TCP, queueing, the accepted reply where the forward goes to the pool's address rather than its direct socket,
+broadcast and outcome gather), and the in-process forward as the baseline step; the floor of the transport (a bare
+pyzmq DEALER/ROUTER exchange between two processes with the same bytes each way, an accepted reply, and the server
+busy for the pool forward's time in between); and, once per sampling run, hashing the conditioning and the first
+call's upload.
 Device: CPU, one torch thread per process (as the pool's ranks run)."""
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ Prints a Markdown table, each figure a median over repeats:
 from __future__ import annotations
 
 import argparse
+import secrets
 import statistics
 import threading
 import time
@@ -17,7 +18,7 @@ import time
 import torch
 import zmq
 
-from . import protocol
+from . import messages, protocol
 from .launcher import Pool
 
 MB = 1 << 20
@@ -87,16 +88,17 @@ def wire_round_trip(nbytes: int, repeats: int, secret: bytes | None, transport: 
             if router.poll(100):
                 ident, *frames = router.recv_multipart(copy=False)
                 msg = protocol.decode(frames, secret, 2 * nbytes)
-                router.send_multipart([ident, *protocol.encode({"type": "result", "id": msg.id}, msg.tensors,
-                                                               secret)], copy=False)
+                router.send_multipart([ident, *protocol.encode(protocol.result(msg.id), msg.tensors, secret)],
+                                      copy=False)
 
     thread = threading.Thread(target=echo, daemon=True)
     thread.start()
     x = torch.randn(nbytes // 4)
 
     def once() -> None:
-        dealer.send_multipart(protocol.encode({"type": "sample", "id": "b"}, {"x": x}, secret), copy=False)
-        protocol.decode(dealer.recv_multipart(copy=False), secret, 2 * nbytes, protocol.REPLY_TYPES)
+        request = messages.Ping(id="b", ts=time.time(), nonce=secrets.token_hex(16))
+        dealer.send_multipart(protocol.encode(request, {"x": x}, secret), copy=False)
+        protocol.decode_reply(dealer.recv_multipart(copy=False), secret, 2 * nbytes)
 
     try:
         return median_time(once, repeats)

@@ -4,7 +4,9 @@ Replies are matched to requests by id, so a thread may issue a request (e.g. `ca
 request's progress callback. A waiting client pings the pool every PING_INTERVAL_S: a pool silent for
 LIVENESS_TIMEOUT_S is gone (PoolDied), and the pings tell the pool the client is still there (it cancels the jobs
 of clients that stop). With a supervisor (a launcher.Pool), every request first makes sure the pool runs, and
-waits notice at once when the pool's processes die."""
+waits notice at once when the pool's processes die. A local client sends forwards to the pool's direct socket
+(named in its ping reply), where rank 0's main thread answers them itself; everything else, pings included, goes
+to the pool's address."""
 from __future__ import annotations
 
 import collections
@@ -26,7 +28,7 @@ from .messages import PING_INTERVAL_S
 from .cond_cache import UPLOAD_PREFIX, content_hash
 from .errors import JobCancelled, PoolDied, PoolError, PoolTimeout, raise_for_error
 from .protocol import AuthError, Message, ProtocolError
-from .security import as_secret
+from .security import as_secret, is_local_address
 
 log = logging.getLogger("comfyui_xdit_runtime.client")
 POLL_SLICE_MS = 100
@@ -58,14 +60,22 @@ class _ThreadState:
         self.boot: str | None = None  # the pool instance that answers the request waited for
         self.active: set[str] = set()
         self.mailbox: dict[str, collections.deque[Message]] = {}
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+        self.direct: zmq.Socket | None = None  # connected to the pool's direct socket (forwards only)
+        self.direct_boot: str | None = None    # the pool instance that named it
+        self.direct_asked = False              # the pool was asked for it (None: it has none)
 
 
 class PoolClient:
     def __init__(self, address: str, secret: str | bytes | None = None, *, timeout: float = 30.0,
                  max_bytes: int = protocol.DEFAULT_MAX_BYTES, supervisor: Supervisor | None = None,
-                 admin_secret: str | bytes | None = None, liveness_timeout: float = LIVENESS_TIMEOUT_S):
-        """`admin_secret`: the pool's admin secret, to cancel other clients' jobs and to shut the pool down."""
+                 admin_secret: str | bytes | None = None, liveness_timeout: float = LIVENESS_TIMEOUT_S,
+                 direct: bool = True):
+        """`admin_secret`: the pool's admin secret, to cancel other clients' jobs and to shut the pool down.
+        `direct`: send forwards to the pool's direct socket when the pool is local (False: through its address)."""
         self.address = address
+        self.direct = direct and is_local_address(address)
         self.timeout = timeout  # default for short requests (status, load, cancel...); sample waits unbounded
         self.liveness_timeout = liveness_timeout
         self.session = secrets.token_hex(16)  # this client's jobs are its own: only it may cancel them
@@ -80,6 +90,7 @@ class PoolClient:
         self._lock = threading.Lock()
         self._loads: dict[str, tuple] = {}  # key -> load arguments, to reload after restart
         self._uploaded: dict[str, None] = {}  # conditioning hashes the pool holds, as far as this client knows
+        self._forward_header: tuple[str, Any] = ("", None)  # the last forward's fields and their checked header
 
     # ---------------------------------------------------------------- public API
     @staticmethod
@@ -181,12 +192,17 @@ class PoolClient:
         fields = dict(key=key, conds=refs, guidance=guidance, parallel=parallel or {}, debug=debug or None)
         with self._lock:
             known = set(self._uploaded)
+        # the fields of a sampling run's calls repeat: their checked header is built once, then given a new id
+        memo = repr(sorted(fields.items()))
+        header = self._forward_header if self._forward_header[0] == memo else (memo, self._build(messages.Forward,
+                                                                                             **fields))
+        self._forward_header = header
         for attempt in range(3):
             tensors = {"x": x, "timestep": timestep}
             tensors.update({UPLOAD_PREFIX + d: conds[r] for r, d in refs.items() if d not in known})
             try:
-                msg = self._request(self._build(messages.Forward, **fields), tensors, timeout=timeout,
-                                    allow_unbounded=True)
+                msg = self._request(msgspec.structs.replace(header[1], id=self.new_request_id()), tensors,
+                                    timeout=timeout, allow_unbounded=True, direct=self.direct)
             except PoolError as e:
                 if e.kind == "cond_missing" and not attempt:
                     known = set()  # the pool lost them: send them all again
@@ -246,16 +262,42 @@ class PoolClient:
         if state is not None and (self._supervisor is None or not ensure or state.generation == generation):
             return state
         if state is not None:  # the pool restarted: replies to the old socket will never come
-            state.sock.close(linger=0)
+            self._drop_direct(state)
+            self._forget(state.sock)
+        self._local.state = _ThreadState(self._connect(self.address), generation)
+        return self._local.state
+
+    def _connect(self, address: str) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.address)
+        sock.connect(address)
         with self._lock:
-            if state is not None and state.sock in self._sockets:
-                self._sockets.remove(state.sock)
             self._sockets.append(sock)
-        self._local.state = _ThreadState(sock, generation)
-        return self._local.state
+        return sock
+
+    def _forget(self, sock: zmq.Socket) -> None:
+        with self._lock:
+            if sock in self._sockets:
+                self._sockets.remove(sock)
+        sock.close(linger=0)
+
+    def _direct_socket(self, state: _ThreadState) -> zmq.Socket | None:
+        """This thread's socket to the pool's direct socket, asked of the pool once (a ping names it)."""
+        if not state.direct_asked:
+            state.direct_asked = True
+            reply = self._request(self._build(messages.Ping, id="ping-" + self.new_request_id()), ensure=False)
+            endpoint, boot = reply.header.data.get("direct"), reply.header.data.get("boot")
+            if isinstance(endpoint, str) and is_local_address(endpoint) and boot:
+                state.direct, state.direct_boot = self._connect(endpoint), boot
+                state.poller.register(state.direct, zmq.POLLIN)
+        return state.direct
+
+    def _drop_direct(self, state: _ThreadState) -> None:
+        """Forget the direct socket (the pool that named it is gone): the next forward asks again."""
+        if state.direct is not None:
+            state.poller.unregister(state.direct)
+            self._forget(state.direct)
+        state.direct, state.direct_boot, state.direct_asked = None, None, False
 
     def _build(self, cls: type, **fields: Any) -> msgspec.Struct:
         """A request of this client, checked against the pool's schema before it is sent."""
@@ -268,25 +310,29 @@ class PoolClient:
         except msgspec.ValidationError as e:
             raise PoolError(f"bad {messages.message_type(cls)} request: {e}", "config") from None
 
-    def _send(self, state: _ThreadState, header: msgspec.Struct, tensors: dict[str, torch.Tensor] | None = None):
+    def _send(self, state: _ThreadState, header: msgspec.Struct, tensors: dict[str, torch.Tensor] | None = None,
+              sock: zmq.Socket | None = None):
         header = msgspec.structs.replace(header, ts=time.time(), nonce=secrets.token_hex(16))  # signed once only
-        state.sock.send_multipart(protocol.encode(header, tensors, self._secret), copy=False)
+        (sock or state.sock).send_multipart(protocol.encode(header, tensors, self._secret), copy=False)
         state.sent = time.monotonic()
 
     def _request(self, header: msgspec.Struct, tensors: dict[str, torch.Tensor] | None = None,
                  timeout: float | None = None, on_message: Callable[[Message], None] | None = None,
-                 ensure: bool = True, allow_unbounded: bool = False) -> Message:
+                 ensure: bool = True, allow_unbounded: bool = False, direct: bool = False) -> Message:
+        """`direct`: send it to the pool's direct socket when the pool has one (a forward: no accepted reply, so the
+        pool instance to watch for is the one that named the socket)."""
         if timeout is None and not allow_unbounded:
             timeout = self.timeout
         state = self._state(ensure)
+        sock = self._direct_socket(state) if direct else None
         rid, what = header.id, messages.message_type(type(header))
         state.active.add(rid)
         state.mailbox[rid] = collections.deque()
         done = False
         try:
-            self._send(state, header, tensors)
+            self._send(state, header, tensors, sock)
             if len(state.active) == 1:  # the pool's silence counts from the first request waited for
-                state.heard, state.boot = state.sent, None
+                state.heard, state.boot = state.sent, state.direct_boot if sock is not None else None
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
                 msg = self._next(state, rid, deadline, what)
@@ -300,6 +346,9 @@ class PoolClient:
                 elif msg.type == "result":
                     done = True
                     return msg
+        except PoolDied:
+            self._drop_direct(state)
+            raise
         finally:
             state.active.discard(rid)
             state.mailbox.pop(rid, None)
@@ -348,25 +397,31 @@ class PoolClient:
                                f"{now - state.heard:.0f} s): it died or is unreachable", "died")
             if now - state.sent >= PING_INTERVAL_S:
                 self._send(state, self._build(messages.Ping, id="ping-" + self.new_request_id()))
-            if not state.sock.poll(POLL_SLICE_MS):
+            ready = state.poller.poll(POLL_SLICE_MS)
+            if not ready:
                 if self._supervisor is not None and not self._supervisor.is_alive():
                     raise PoolDied(f"the pool stopped during {what}: {self._supervisor.failure_text()}", "died")
                 continue
-            frames = state.sock.recv_multipart(copy=False)
-            try:
-                msg = protocol.decode_reply(frames, self._secret)
-            except AuthError as e:
-                log.warning("dropped a reply that failed authentication: %s", e)
-                continue
-            except ProtocolError as e:
-                log.warning("dropped an unreadable reply: %s", e)
-                continue
-            state.heard = time.monotonic()
-            self._check_instance(state, msg, what)
-            if msg.id in state.active:
-                state.mailbox[msg.id].append(msg)
-            elif msg.id is None and msg.type == "error":
-                raise PoolError(f"the pool rejected {what}: {msg.header.message}", msg.header.kind)
+            for sock, _ in ready:
+                self._receive(state, sock, what)
+
+    def _receive(self, state: _ThreadState, sock: zmq.Socket, what: str) -> None:
+        """Read one reply into its request's mailbox (unreadable or unauthenticated replies are dropped)."""
+        frames = sock.recv_multipart(copy=False)
+        try:
+            msg = protocol.decode_reply(frames, self._secret)
+        except AuthError as e:
+            log.warning("dropped a reply that failed authentication: %s", e)
+            return
+        except ProtocolError as e:
+            log.warning("dropped an unreadable reply: %s", e)
+            return
+        state.heard = time.monotonic()
+        self._check_instance(state, msg, what)
+        if msg.id in state.active:
+            state.mailbox[msg.id].append(msg)
+        elif msg.id is None and msg.type == "error":
+            raise PoolError(f"the pool rejected {what}: {msg.header.message}", msg.header.kind)
 
 
 def _non_finite(value: Any, path: str = "") -> str | None:

@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import math
 import struct
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -29,6 +28,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ITEM_BYTES = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in DTYPES.items()}
 DEFAULT_MAX_BYTES = 1 << 30  # whole message; configurable per server and client
 MAX_HEADER_BYTES = 1 << 20
 MAC_BYTES = 32
@@ -83,8 +83,14 @@ def _mac(secret: bytes, frames: Sequence) -> bytes:
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    """The tensor's bytes, a view where it is a contiguous CPU tensor (one torch call: each costs a tenth of a
+    millisecond when the caches are cold, as after a forward)."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        t = t.to("cpu").contiguous()
+    if not t.numel():
+        return memoryview(b"")
+    t = t.detach()
+    return memoryview((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()).cast("B")
 
 
 def encode(header: msgspec.Struct, tensors: dict[str, torch.Tensor] | None = None,
@@ -128,6 +134,12 @@ def decode(frames: Sequence, secret: bytes | None = None, max_bytes: int = DEFAU
     if bufs[0].nbytes > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {bufs[0].nbytes} bytes exceeds {MAX_HEADER_BYTES}")
     raw = bytes(bufs[0])
+    try:  # a good header of a known type is decoded once; any other is read again for a precise refusal
+        header = decoder.decode(raw) if total_bytes(bufs) <= max_bytes else None
+    except (RecursionError, msgspec.ValidationError, msgspec.DecodeError):
+        header = None
+    if header is not None and header.v == VERSION and _valid_id(header.id) is not None:
+        return _with_tensors(header, bufs[1:], header.id)
     try:
         env = _envelope_decoder.decode(raw)
     except RecursionError:
@@ -137,7 +149,7 @@ def decode(frames: Sequence, secret: bytes | None = None, max_bytes: int = DEFAU
     except msgspec.DecodeError as e:
         raise ProtocolError(f"header is not valid JSON (NaN and Infinity are not JSON): {e}") from None
     rid = _valid_id(env.id)
-    total = sum(b.nbytes for b in bufs)
+    total = total_bytes(bufs)
     if total > max_bytes:
         raise ProtocolError(f"message of {total} bytes exceeds the limit of {max_bytes}", rid)
     if env.v != VERSION:
@@ -153,15 +165,24 @@ def decode(frames: Sequence, secret: bytes | None = None, max_bytes: int = DEFAU
         raise ProtocolError("header nests too deeply", rid) from None
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise ProtocolError(f"bad {env.type} message: {e}", rid) from None
+    return _with_tensors(header, bufs[1:], rid)
+
+
+def total_bytes(bufs: Sequence[memoryview]) -> int:
+    return sum(b.nbytes for b in bufs)
+
+
+def _with_tensors(header: msgspec.Struct, data: Sequence[memoryview], rid: str | None) -> Message:
+    """The message of a decoded header and its data frames, each checked against its declared spec."""
     specs = header.tensors
-    if len(bufs) != 1 + len(specs):
-        raise ProtocolError(f"header lists {len(specs)} tensors but {len(bufs) - 1} data frames came", rid)
+    if len(data) != len(specs):
+        raise ProtocolError(f"header lists {len(specs)} tensors but {len(data)} data frames came", rid)
     tensors = {}
-    for spec, buf in zip(specs, bufs[1:]):
+    for spec, buf in zip(specs, data):
         if spec.name in tensors:
             raise ProtocolError(f"tensor {spec.name!r} appears twice", rid)
         dtype = DTYPES[spec.dtype]
-        expected = math.prod(spec.shape) * torch.empty((), dtype=dtype).element_size()
+        expected = math.prod(spec.shape) * ITEM_BYTES[spec.dtype]
         if buf.nbytes != expected:
             raise ProtocolError(f"tensor {spec.name!r}: {buf.nbytes} bytes for shape {spec.shape} {spec.dtype} "
                                 f"(expected {expected})", rid)
@@ -174,14 +195,10 @@ def decode_reply(frames: Sequence, secret: bytes | None = None, max_bytes: int =
 
 
 def _rebuild(buf: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    """Copy the frame into a fresh, aligned, writable tensor."""
-    out = torch.empty(shape, dtype=dtype)
-    if buf.nbytes:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # read-only source buffer: we only read it
-            src = torch.frombuffer(buf, dtype=torch.uint8)
-        out.reshape(-1).view(torch.uint8).copy_(src)
-    return out
+    """Copy the frame into a fresh, writable tensor that owns its bytes (a bytearray: malloc-aligned)."""
+    if not buf.nbytes:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(buf), dtype=dtype).reshape(shape)
 
 
 MAX_ERROR_CHARS = 2000  # an error reply's message is cut to this many characters

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import threading
 import time
 
 from .errors import PoolError
@@ -62,12 +63,14 @@ def secret_from_env() -> bytes | None:
 
 class ReplayGuard:
     """Refuses signed requests that are stale or seen before: each carries its signing time and a one-time nonce,
-    accepted once within `window_s` seconds of the pool's clock (either way, for clock skew between hosts)."""
+    accepted once within `window_s` seconds of the pool's clock (either way, for clock skew between hosts).
+    Thread-safe: the pool's two sockets share one guard."""
 
     def __init__(self, window_s: float = 120.0):
         self.window_s = window_s
         self._seen: dict[str, float] = {}
         self._next_prune = 0.0
+        self._lock = threading.Lock()
 
     def check(self, ts: float | None, nonce: str | None, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -76,12 +79,13 @@ class ReplayGuard:
         if not math.isfinite(ts) or abs(now - ts) > self.window_s:
             raise AuthError(f"message signed {now - ts:.0f} s from the pool's clock (window {self.window_s:.0f} s): "
                             "stale, replayed, or the clocks differ")
-        if nonce in self._seen:
-            raise AuthError("replayed message (nonce seen before)")
-        if now >= self._next_prune:
-            self._seen = {n: t for n, t in self._seen.items() if now - t <= self.window_s}
-            self._next_prune = now + 1.0
-        self._seen[nonce] = ts
+        with self._lock:
+            if nonce in self._seen:
+                raise AuthError("replayed message (nonce seen before)")
+            if now >= self._next_prune:
+                self._seen = {n: t for n, t in self._seen.items() if now - t <= self.window_s}
+                self._next_prune = now + 1.0
+            self._seen[nonce] = ts
 
 
 def read_secret(value: str | None = None, path: str | None = None) -> bytes | None:

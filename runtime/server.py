@@ -1,12 +1,16 @@
-"""Rank 0: a ZeroMQ ROUTER front end and the job loop.
+"""Rank 0: ZeroMQ ROUTER front ends and the job loop.
 
-Two threads, one socket each:
-  I/O thread   owns the ROUTER socket: checks every message, queues jobs (FIFO across clients), answers
-               status, ping and cancel at once (also while a job runs), forwards replies the job thread hands it,
-               and cancels the running job of a client that stopped pinging (gone).
+Two threads, each with its own sockets:
+  I/O thread   owns the ROUTER socket at the pool's address: checks every message, queues jobs (FIFO across
+               clients), answers status, ping and cancel at once (also while a job runs), forwards replies the job
+               thread hands it, and cancels the running job of a client that stopped pinging (gone).
   main thread  takes jobs in order, broadcasts each to every rank, runs it through the Executor, replies
                through an inproc PAIR to the I/O thread. When idle it sends heartbeats, which keep the other
                ranks' waits under the process-group timeout and refresh their memory figures.
+               It also owns the direct socket, a second ROUTER on loopback (or beside an ipc path) that takes
+               forwards only: a local client sends a stock sampler's forwards there, and the main thread receives,
+               runs and answers each itself, with no accepted reply and no thread hand-off (the per-call
+               overhead of Parallel DiT Model). Ping replies name it; pings and cancels stay on the main socket.
 Jobs belong to the client that sent them (its session token): only that client, or a holder of the pool's admin
 secret, may cancel them.
 """
@@ -35,6 +39,9 @@ from .security import ReplayGuard
 log = logging.getLogger("comfyui_xdit_runtime.server")
 PROGRESS_POLL_S = 0.005  # while a sample runs, the I/O thread sends queued progress at least this often
 IDLE_POLL_S = 0.1  # otherwise it wakes this often (and at once for a message or a reply) to check clients
+# After answering a direct forward the main thread polls without sleeping this long: a stock sampler's next forward
+# follows the reply within about a millisecond, and catching it awake saves the wake-up of a sleeping thread.
+FORWARD_SPIN_S = 0.002
 
 
 @dataclass
@@ -46,6 +53,14 @@ class Job:
     op: Op                          # what every rank receives
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
+    direct: bool = False            # came on the direct socket: the main thread replies there itself
+
+
+def direct_address(address: str) -> str:
+    """Where the direct socket binds for a pool at `address`: a free loopback port for tcp (never a public
+    interface: only local clients use it), a sibling endpoint for ipc and inproc."""
+    scheme = address.partition("://")[0]
+    return "tcp://127.0.0.1:*" if scheme == "tcp" else address + "-direct"
 
 
 class Rank0Server:
@@ -56,9 +71,9 @@ class Rank0Server:
         self.address, self.secret, self.max_bytes, self.heartbeat_s = address, secret, max_bytes, heartbeat_s
         self.admin_secret, self.client_timeout_s = admin_secret, client_timeout_s
         self.info = info or {}
-        self._replay = ReplayGuard() if secret else None
+        self._replay = ReplayGuard() if secret else None  # shared by both threads (it locks)
         self.boot = secrets.token_hex(8)  # this pool instance, in accepted and ping replies
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: collections.deque[Job] = collections.deque()
         self._current: Job | None = None
         self._stopping = False
@@ -72,6 +87,8 @@ class Rank0Server:
         # so a step pays for a deque append rather than a thread hand-off.
         self._progress: collections.deque[tuple[bytes, Any, dict | None]] = collections.deque()
         self._ctx = zmq.Context.instance()
+        self.direct_endpoint: str | None = None  # the direct socket's address, once bound
+        self._spin_until = 0.0  # monotonic time until which the idle main thread polls without sleeping
 
     # ---------------------------------------------------------------- main thread
     def serve(self, startup_outcomes: list[Outcome]) -> None:
@@ -87,6 +104,18 @@ class Rank0Server:
         self._out = self._ctx.socket(zmq.PAIR)
         self._out.setsockopt(zmq.LINGER, 1000)
         self._out.connect(inproc)
+        # the I/O thread wakes the main thread through this PAIR when it queues a job (the main thread waits on
+        # its sockets, not on the condition)
+        self._wake_rx = self._ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(inproc + "-wake")
+        self._wake_tx = self._ctx.socket(zmq.PAIR)
+        self._wake_tx.setsockopt(zmq.LINGER, 0)
+        self._wake_tx.connect(inproc + "-wake")
+        self._direct = self._bind_direct()
+        self._idle_poller = zmq.Poller()
+        self._idle_poller.register(self._wake_rx, zmq.POLLIN)
+        if self._direct is not None:
+            self._idle_poller.register(self._direct, zmq.POLLIN)
         io = threading.Thread(target=self._io_loop, name="xdit-pool-io", daemon=True)
         io.start()
         log.info("rank 0 serving on %s", self.address)
@@ -103,20 +132,77 @@ class Rank0Server:
             self._io_stop.set()
             io.join(timeout=5)
             self._out.close()
+            self._wake_tx.close()
+            self._wake_rx.close(linger=0)
+            if self._direct is not None:
+                self._direct.close(linger=1000)
+
+    def _bind_direct(self) -> zmq.Socket | None:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_bytes + (1 << 16))
+        try:
+            sock.bind(direct_address(self.address))
+        except zmq.ZMQError as e:  # e.g. an ipc path too long: forwards then take the main socket
+            log.warning("no direct socket for forwards (%s): they go through the I/O thread", e)
+            sock.close(linger=0)
+            return None
+        self.direct_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return sock
 
     def _next_job(self) -> Job:
-        with self._cond:
-            while True:
-                if not self._queue:
-                    self._cond.wait(self.heartbeat_s)
-                if not self._queue:
-                    return Job("heartbeat", None, "", "ping", PingOp())
-                job = self._queue.popleft()
-                if job.identity is not None and job.kind != "shutdown" and self._gone(job.owner):
-                    log.warning("dropped %s job %s: its client stopped answering", job.kind, job.id)
-                    continue
-                self._current = job
+        """The oldest queued job, else a forward from the direct socket, else (idle for heartbeat_s) a heartbeat."""
+        deadline = time.monotonic() + self.heartbeat_s
+        while True:
+            with self._lock:
+                while self._queue:
+                    job = self._queue.popleft()
+                    if job.identity is not None and job.kind != "shutdown" and self._gone(job.owner):
+                        log.warning("dropped %s job %s: its client stopped answering", job.kind, job.id)
+                        continue
+                    self._current = job
+                    return job
+            job = self._direct_job()
+            if job is not None:
                 return job
+            now = time.monotonic()
+            if now >= deadline:
+                return Job("heartbeat", None, "", "ping", PingOp())
+            for sock, _ in self._idle_poller.poll(0 if now < self._spin_until else (deadline - now) * 1000):
+                if sock is self._wake_rx:
+                    while self._wake_rx.poll(0):
+                        self._wake_rx.recv()
+
+    def _direct_job(self) -> Job | None:
+        """A forward waiting on the direct socket, checked as the I/O thread checks messages; anything else there is
+        answered (or dropped) here. None when nothing runnable waits."""
+        while self._direct is not None and self._direct.poll(0):
+            frames = self._direct.recv_multipart(copy=False)
+            identity = frames[0].bytes
+            try:
+                msg = self._checked(identity, frames[1:], self._reply_direct)
+                if msg is None:
+                    continue
+                h = msg.header
+                if not isinstance(h, Forward):
+                    self._reply_direct(identity, protocol.error(h.id, "protocol", "the direct socket takes forward "
+                                                                "requests only: send the others to the pool's address"))
+                    continue
+                owner = h.client or identity.hex()
+                with self._lock:
+                    self._seen[owner] = time.monotonic()
+                    if not self._stopping:
+                        self._current = Job(h.id, identity, owner, "forward", self._make_op(h), msg.tensors,
+                                            direct=True)
+                        return self._current
+                self._reply_direct(identity, protocol.error(h.id, "shutdown", "the pool is shutting down"))
+            except Exception:  # noqa: BLE001 - never let a client take the main thread down
+                log.exception("error while handling a direct message")
+        return None
+
+    def _reply_direct(self, identity: bytes, header, tensors: dict | None = None) -> None:
+        self._direct.send_multipart([identity, *protocol.encode(header, tensors, self.secret)], copy=False)
 
     def _gone(self, owner: str) -> bool:
         seen = self._seen.get(owner)
@@ -134,7 +220,7 @@ class Rank0Server:
 
         self.fanout.send(job.op, job.tensors)
         outcomes, result, extra = self.executor.run(job.op, job.tensors, progress, job.cancel.is_set)
-        with self._cond:
+        with self._lock:
             self._current = None
             self._ranks = self._rank_rows(outcomes)
             self._models = [dict(v) for v in self.executor.model_info.values()]
@@ -150,6 +236,8 @@ class Rank0Server:
             self._send(job, protocol.result(job.id, **extra), {"latents": result})
         elif job.kind == "forward":
             self._send(job, protocol.result(job.id, **extra), {"out": result})
+            if job.direct:
+                self._spin_until = time.monotonic() + FORWARD_SPIN_S
         elif isinstance(job.op, LoadOp):  # each rank's load report and memory high-water marks
             ranks = [{"rank": o.rank, "peak_rss_bytes": o.peak_rss_bytes, "cuda_peak_bytes": o.cuda_peak_bytes,
                       **(o.load or {})} for o in outcomes]
@@ -168,10 +256,11 @@ class Rank0Server:
 
     def _send(self, job: Job, header, tensors: dict | None = None) -> None:
         if job.identity is not None:
-            self._out.send_multipart([job.identity, *protocol.encode(header, tensors, self.secret)], copy=False)
+            frames = protocol.encode(header, tensors, self.secret)
+            (self._direct if job.direct else self._out).send_multipart([job.identity, *frames], copy=False)
 
     def _fail_all(self, kind: str, message: str) -> None:
-        with self._cond:
+        with self._lock:
             jobs = ([self._current] if self._current else []) + list(self._queue)
             self._queue.clear()
             self._current = None
@@ -187,7 +276,7 @@ class Rank0Server:
                 for o in outcomes]
 
     def status(self) -> dict[str, Any]:
-        with self._cond:
+        with self._lock:
             now = time.time()
             return {"healthy": not self._stopping, "world_size": len(self._ranks), **self.info,
                     "ranks": [{**{k: v for k, v in r.items() if k != "updated"},
@@ -235,7 +324,7 @@ class Rank0Server:
         self._router.send_multipart([identity, *protocol.encode(header, tensors, self.secret)], copy=False)
 
     def _cancel_if_client_gone(self) -> None:
-        with self._cond:
+        with self._lock:
             job = self._current
             if job is None or job.identity is None or job.kind == "shutdown" or job.cancel.is_set():
                 return
@@ -244,26 +333,32 @@ class Rank0Server:
             job.cancel.set()
         log.warning("cancelling %s job %s: its client stopped answering", job.kind, job.id)
 
-    def _handle(self, identity: bytes, frames: list) -> None:
+    def _checked(self, identity: bytes, frames: list, reply) -> protocol.Message | None:
+        """The decoded, authenticated message; None when it was refused (`reply` answers a readable refusal)."""
         try:
             msg = protocol.decode(frames, self.secret, self.max_bytes)
-            h = msg.header
             if self._replay is not None:
-                self._replay.check(h.ts, h.nonce)
+                self._replay.check(msg.header.ts, msg.header.nonce)
+            return msg
         except AuthError as e:
             log.warning("dropped a message that failed authentication: %s", e)
-            return
         except ProtocolError as e:
             log.warning("rejected a message: %s", str(e)[:300])
-            self._reply_now(identity, protocol.error(e.request_id, "protocol", str(e)))
+            reply(identity, protocol.error(e.request_id, "protocol", str(e)))
+        return None
+
+    def _handle(self, identity: bytes, frames: list) -> None:
+        msg = self._checked(identity, frames, self._reply_now)
+        if msg is None:
             return
+        h = msg.header
         owner = h.client or identity.hex()
         rid = h.id
-        with self._cond:
+        with self._lock:
             self._seen[owner] = time.monotonic()
             stopping = self._stopping
         if isinstance(h, Ping):
-            self._reply_now(identity, protocol.result(rid, alive=True, boot=self.boot))
+            self._reply_now(identity, protocol.result(rid, alive=True, boot=self.boot, direct=self.direct_endpoint))
         elif stopping and not isinstance(h, Status):
             self._reply_now(identity, protocol.error(rid, "shutdown", "the pool is shutting down"))
         elif isinstance(h, (LoadModel, Unload, Sample, Forward)):
@@ -272,7 +367,7 @@ class Rank0Server:
                 self._reply_now(identity, protocol.error(rid, "protocol", "unload takes no tensors"))
                 return
             self._enqueue(Job(rid, identity, owner, kind, self._make_op(h), msg.tensors))
-            with self._cond:
+            with self._lock:
                 position = len(self._queue)
             self._reply_now(identity, Accepted(id=rid, position=position, boot=self.boot))
         elif isinstance(h, Status):
@@ -309,12 +404,12 @@ class Rank0Server:
         return SampleOp(h.key, h.request, h.parallel, h.preview, h.debug, h.loras)
 
     def _enqueue(self, job: Job) -> None:
-        with self._cond:
+        with self._lock:
             self._queue.append(job)
-            self._cond.notify()
+        self._wake_tx.send(b"")  # I/O thread only (its socket)
 
     def _cancel(self, target: str, owner: str, admin: bool) -> str:
-        with self._cond:
+        with self._lock:
             current = self._current
             if current is not None and current.id == target and current.identity is not None:
                 if current.owner != owner and not admin:
@@ -333,14 +428,14 @@ class Rank0Server:
         return "queued"
 
     def _shutdown(self, job: Job) -> None:
-        with self._cond:
+        with self._lock:
             self._stopping = True
             dropped = list(self._queue)
             self._queue.clear()
             if self._current is not None:
                 self._current.cancel.set()
             self._queue.append(job)
-            self._cond.notify()
+        self._wake_tx.send(b"")
         for j in dropped:
             if j.identity is not None:
                 self._reply_now(j.identity, protocol.error(j.id, "shutdown", "the pool is shutting down"))

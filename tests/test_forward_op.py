@@ -1,5 +1,7 @@
 """The forward wire op (Parallel DiT Model): message schema, the conditioning cache, and a real 2-rank CPU pool
 whose forward equals the in-process model call for every exact method (relative L2 <= 1e-5 across processes)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -88,19 +90,28 @@ def test_pool_forward_matches_in_process(client, model, degrees, batch):
     assert rel_l2(other, ref) > 1e-4
 
 
+@contextlib.contextmanager
+def forward_sends(client, record):
+    """Calls record(state, tensors, sock) for each forward the client sends."""
+    real = client._send
+
+    def spy(state, header, tensors=None, sock=None):
+        if isinstance(header, messages.Forward):
+            record(state, tensors, sock)
+        return real(state, header, tensors, sock)
+
+    client._send = spy
+    try:
+        yield
+    finally:
+        client._send = real
+
+
 def test_conditioning_uploaded_once_and_resent_when_missing(client, pool):
     key = client.load_model("tiny-flux")
     conds, x, t, ref = _inputs("tiny-flux", 1, seed=5)
     sent = []
-    real = client._send
-
-    def spy(state, header, tensors=None):
-        if isinstance(header, messages.Forward):
-            sent.append(sorted(tensors))
-        return real(state, header, tensors)
-
-    client._send = spy
-    try:
+    with forward_sends(client, lambda state, tensors, sock: sent.append(sorted(tensors))):
         for _ in range(3):
             assert rel_l2(client.forward(key, x, t, conds), ref) <= 1e-5
         assert [len(s) for s in sent] == [4, 2, 2]  # x, timestep and the two uploads; then x, timestep only
@@ -112,8 +123,26 @@ def test_conditioning_uploaded_once_and_resent_when_missing(client, pool):
         bumped = {**conds, "cond": conds["cond"] + 1}
         client.forward(key, x, t, bumped)
         assert len(sent) == 2 and len(sent[0]) == 3 and len(sent[1]) == 4
+
+
+def test_forwards_take_the_direct_socket_and_the_address_serves_them_too(client, pool):
+    """A local client sends forwards to rank 0's direct socket (no accepted reply); one told not to, or one whose
+    pool names none, sends them to the pool's address. Both give the in-process result; the checks can fail."""
+    key = client.load_model("tiny-sd3")
+    conds, x, t, ref = _inputs("tiny-sd3", 2, seed=3)
+    via = []
+    with forward_sends(client, lambda state, tensors, sock: via.append(sock is not None and sock is state.direct)):
+        assert rel_l2(client.forward(key, x, t, conds, parallel={"cfg": 2}), ref) <= 1e-5
+    assert via == [True]
+    plain = pool.client()
+    plain.direct = False
+    try:
+        assert rel_l2(plain.forward(key, x, t, conds, parallel={"cfg": 2}), ref) <= 1e-5
+        assert rel_l2(plain.forward(key, x, t.flip(0) + 1.0, conds), ref) > 1e-4
+        assert plain._local.state.direct is None
+        assert client.status()["running"] is None and client.status()["healthy"]
     finally:
-        client._send = real
+        plain.close()
 
 
 def test_failed_forward_is_one_error_and_the_pool_stays_up(client):

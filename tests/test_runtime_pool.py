@@ -21,7 +21,7 @@ import zmq
 from comfyui_xdit.models import load_model
 from comfyui_xdit.sampling import SampleRequest, sample
 from comfyui_xdit_runtime import JobCancelled, Pool, PoolClient, PoolError
-from comfyui_xdit_runtime import protocol
+from comfyui_xdit_runtime import messages, protocol
 from comfyui_xdit_runtime.launcher import _pid_alive
 from tests.conftest import rel_l2
 
@@ -308,6 +308,43 @@ def test_hostile_messages_never_end_the_pool(pool, client, flux_key):
     assert same(client.sample(flux_key, {**REQ, "seed": 6}), reference("tiny-flux", seed=6))
 
 
+def direct_endpoint(client) -> str:
+    """The pool's direct socket (forwards only), as its ping reply names it."""
+    reply = client._request(client._build(messages.Ping, id="ping-" + client.new_request_id()), ensure=False)
+    endpoint = reply.header.data["direct"]
+    assert endpoint.startswith("tcp://127.0.0.1:") and endpoint != client.address
+    return endpoint
+
+
+def test_hostile_messages_on_the_direct_socket(pool, client, flux_key):
+    """The direct socket (rank 0's main thread reads it) refuses what the pool's address refuses, and every valid
+    request that is not a forward; unsigned, badly signed and replayed messages are dropped; the pool serves on."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(direct_endpoint(client))
+    try:
+        for what, frames, replies in hostile_messages():
+            if what == "oversized message":
+                continue  # over the socket's own size cap: the peer is dropped (checked on the main socket)
+            reply = raw_request(sock, frames, wait_ms=3000 if replies is not False else 300)
+            if replies:
+                assert reply is not None and reply.type == "error", (what, reply)
+                assert reply.header.kind == "protocol" and "\n" not in reply.header.message, (what, reply.header)
+            elif replies is False:
+                assert reply is None, (what, reply)
+        for other in (signed_header(type="status"), signed_header(**{"key": "k", "request": REQ}),
+                      signed_header(type="cancel", target="m1"), signed_header(type="shutdown")):
+            reply = raw_request(sock, [other])
+            assert reply.type == "error" and "forward requests only" in reply.header.message, reply
+        status = signed_header(type="status")
+        assert raw_request(sock, [status], secret=b"wrong", wait_ms=500) is None
+        assert raw_request(sock, [status], secret=None, wait_ms=500) is None
+    finally:
+        sock.close()
+    assert client.status(refresh=True)["healthy"]
+    assert same(client.sample(flux_key, {**REQ, "seed": 6}), reference("tiny-flux", seed=6))
+
+
 def test_bad_hmac_and_replays_are_dropped(pool, client):
     sock = raw_socket(pool)
     try:
@@ -399,3 +436,12 @@ def test_killed_rank_is_detected_and_pool_restarts(pool, client, flux_key):
     assert pool.generation == old + 1
     new_pids = [r["pid"] for r in client.status()["ranks"]]
     assert set(new_pids).isdisjoint(pids) and not any(_pid_alive(p) for p in pids)
+    # a forward after the restart asks the new pool for its direct socket again, and is served there
+    adapter = load_model("tiny-flux").adapter
+    g = torch.Generator().manual_seed(2)
+    x, c, t = torch.randn(1, adapter.latent_channels, 6, 10, generator=g), adapter.random_conditioning(1, 7, g), \
+        torch.tensor([500.0])
+    with torch.no_grad():
+        ref = adapter.predict(x, t, c).float()
+    assert rel_l2(client.forward(flux_key, x, t, {"cond": c.cond, "pooled": c.pooled}), ref) <= CROSS_PROCESS_TOL
+    assert client._local.state.direct is not None
