@@ -101,11 +101,15 @@ class PoolDiffusionModel(torch.nn.Module):
         if not same_run:
             self._hashes.clear()
         self._run = run
+        stopped = StockModelError(f"{NAME}: the worker pool stopped during sampling (a rank exited); the next run "
+                                  "starts it again")
         if self._client is not None and same_run and not self._client.pool_alive():
             self._client = None
-            raise StockModelError(f"{NAME}: the worker pool stopped during sampling (a rank exited); the next run "
-                                  "starts it again")
+            raise stopped
         client = MANAGER.client_for(self.handle.settings)
+        if self._client is not None and same_run and client is not self._client:  # it died after the check above
+            self._client = None
+            raise stopped
         if client is not self._client:  # a new pool (first call, restart): make sure the model is on it
             info = client.load(self.handle.source, self.handle.load_family, self.handle.dtype)
             self.key = info["key"]
@@ -169,10 +173,13 @@ class PoolDiffusionModel(torch.nn.Module):
         t = self.engine_timestep(timesteps, transformer_options, b)
         xin = x.detach().to("cpu", torch.float32).contiguous()
         try:
-            client = self._pool(transformer_options.get("sample_sigmas"))
+            run = transformer_options.get("sample_sigmas")
+            later = run is not None and run is self._run  # a later call of this sampling run
+            client = self._pool(run)
             hashes = {role: self._hash(role, v, transformer_options) for role, v in conds.items()}
+            # within a run a pool that died is an error, never a silent restart (the check in _pool races the death)
             out = client.forward(self.key, xin, t, conds, guidance=g, parallel=self.handle.settings.degrees(),
-                                 hashes=hashes)
+                                 hashes=hashes, restart=not later)
         except PoolError as e:
             self._client = None  # a failed pool is checked (and the model loaded) again on the next call
             raise StockModelError(f"{NAME}: {str(e).strip() or type(e).__name__}") from None

@@ -174,20 +174,23 @@ class PoolClient:
     def forward(self, key: str, x: torch.Tensor, timestep: torch.Tensor, conds: dict[str, torch.Tensor],
                 guidance: float | None = None, parallel: dict[str, int] | None = None,
                 timeout: float | None = None, debug: dict | None = None,
-                hashes: dict[str, str] | None = None) -> torch.Tensor:
+                hashes: dict[str, str] | None = None, restart: bool = True) -> torch.Tensor:
         """`forward_with_info` without the reply's fields."""
-        return self.forward_with_info(key, x, timestep, conds, guidance, parallel, timeout, debug, hashes)[0]
+        return self.forward_with_info(key, x, timestep, conds, guidance, parallel, timeout, debug, hashes,
+                                      restart)[0]
 
     def forward_with_info(self, key: str, x: torch.Tensor, timestep: torch.Tensor, conds: dict[str, torch.Tensor],
                           guidance: float | None = None, parallel: dict[str, int] | None = None,
                           timeout: float | None = None, debug: dict | None = None,
-                          hashes: dict[str, str] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+                          hashes: dict[str, str] | None = None, restart: bool = True
+                          ) -> tuple[torch.Tensor, dict[str, Any]]:
         """One transformer forward on the pool and the reply's fields (seconds: the pool's time for it), in the
         engine's conventions (model-space x, engine timesteps [B]).
         `conds` (cond, pooled, cond_mask) go by content hash: uploaded with the first call that needs them and
         again only when the pool no longer holds them (evicted, restarted). `hashes`: their content_hash values
         when the caller knows them (the pool checks every upload against its hash). A model lost to a restart is
-        loaded again once."""
+        loaded again once. `restart=False` (the later calls of one sampling run): a pool that is not running is not
+        started again, and one that lost the model (restarted) is not given it again; both are PoolDied."""
         refs = {role: (hashes or {}).get(role) or content_hash(t) for role, t in conds.items()}
         fields = dict(key=key, conds=refs, guidance=guidance, parallel=parallel or {}, debug=debug or None)
         with self._lock:
@@ -202,13 +205,16 @@ class PoolClient:
             tensors.update({UPLOAD_PREFIX + d: conds[r] for r, d in refs.items() if d not in known})
             try:
                 msg = self._request(msgspec.structs.replace(header[1], id=self.new_request_id()), tensors,
-                                    timeout=timeout, allow_unbounded=True, direct=self.direct)
+                                    timeout=timeout, allow_unbounded=True, direct=self.direct, ensure=restart)
             except PoolError as e:
                 if e.kind == "cond_missing" and not attempt:
                     known = set()  # the pool lost them: send them all again
                     continue
                 with self._lock:
                     args = self._loads.get(key)
+                if e.kind == "unknown_model" and not restart:
+                    raise PoolDied(f"the pool at {self.address} restarted during this sampling run and no longer "
+                                   "holds the model", "died") from None
                 if e.kind == "unknown_model" and args is not None and attempt < 2:
                     self.load(*args)
                     known = set()

@@ -20,7 +20,7 @@ import zmq
 
 from comfyui_xdit.models import load_model
 from comfyui_xdit.sampling import SampleRequest, sample
-from comfyui_xdit_runtime import JobCancelled, Pool, PoolClient, PoolError
+from comfyui_xdit_runtime import JobCancelled, Pool, PoolClient, PoolDied, PoolError
 from comfyui_xdit_runtime import messages, protocol
 from comfyui_xdit_runtime.launcher import _pid_alive
 from tests.conftest import rel_l2
@@ -430,6 +430,14 @@ def test_killed_rank_is_detected_and_pool_restarts(pool, client, flux_key):
     while pool.is_alive() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not pool.is_alive()
+    adapter = load_model("tiny-flux").adapter
+    g = torch.Generator().manual_seed(2)
+    x, c, t = torch.randn(1, adapter.latent_channels, 6, 10, generator=g), adapter.random_conditioning(1, 7, g), \
+        torch.tensor([500.0])
+    conds = {"cond": c.cond, "pooled": c.pooled}
+    with pytest.raises(PoolDied):  # a later call of a sampling run: the dead pool is not started again
+        client.forward(flux_key, x, t, conds, restart=False)
+    assert not pool.is_alive() and pool.generation == old
 
     out = client.sample(flux_key, {**REQ, "seed": 9})  # restarts the pool, loads tiny-flux again
     assert same(out, reference("tiny-flux", seed=9))
@@ -437,11 +445,7 @@ def test_killed_rank_is_detected_and_pool_restarts(pool, client, flux_key):
     new_pids = [r["pid"] for r in client.status()["ranks"]]
     assert set(new_pids).isdisjoint(pids) and not any(_pid_alive(p) for p in pids)
     # a forward after the restart asks the new pool for its direct socket again, and is served there
-    adapter = load_model("tiny-flux").adapter
-    g = torch.Generator().manual_seed(2)
-    x, c, t = torch.randn(1, adapter.latent_channels, 6, 10, generator=g), adapter.random_conditioning(1, 7, g), \
-        torch.tensor([500.0])
     with torch.no_grad():
         ref = adapter.predict(x, t, c).float()
-    assert rel_l2(client.forward(flux_key, x, t, {"cond": c.cond, "pooled": c.pooled}), ref) <= CROSS_PROCESS_TOL
+    assert rel_l2(client.forward(flux_key, x, t, conds), ref) <= CROSS_PROCESS_TOL
     assert client._local.state.direct is not None

@@ -18,8 +18,9 @@ class FakeClient:
     def pool_alive(self):
         return self.alive
 
-    def forward(self, key, x, t, conds, guidance=None, parallel=None, hashes=None):
-        self.calls.append(dict(key=key, x=x, t=t, conds=conds, guidance=guidance, parallel=parallel, hashes=hashes))
+    def forward(self, key, x, t, conds, guidance=None, parallel=None, hashes=None, restart=True):
+        self.calls.append(dict(key=key, x=x, t=t, conds=conds, guidance=guidance, parallel=parallel, hashes=hashes,
+                               restart=restart))
         return -x
 
 
@@ -128,18 +129,25 @@ def test_pool_error_is_one_line_and_the_next_call_checks_the_pool_again(proxy, e
     assert len(client.loads) == 2  # loaded again on the (restarted) pool
 
 
-def test_a_pool_that_stops_during_a_run_is_an_error_and_the_next_run_goes_on(proxy):
+def test_a_pool_that_stops_during_a_run_is_an_error_and_the_next_run_goes_on(proxy, monkeypatch):
     make, stock = proxy
     model, client = make("sd3.5-large")
     run, later = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0])  # ComfyUI's sample_sigmas of two runs
     kw = dict(context=torch.randn(1, 5, 4096), y=torch.randn(1, 2048))
     args = (torch.randn(1, 16, 4, 4), torch.tensor([500.0]))
     model(*args, **kw, transformer_options={"sigmas": torch.tensor([0.5]), "sample_sigmas": run})
+    model(*args, **kw, transformer_options={"sigmas": torch.tensor([0.45]), "sample_sigmas": run})
     client.alive = False  # a rank died between two forwards of the run
     with pytest.raises(stock.StockModelError, match="worker pool stopped during sampling"):
         model(*args, **kw, transformer_options={"sigmas": torch.tensor([0.4]), "sample_sigmas": run})
     model(*args, **kw, transformer_options={"sigmas": torch.tensor([0.5]), "sample_sigmas": later})
-    assert len(client.calls) == 2 and len(client.loads) == 2
+    assert len(client.calls) == 3 and len(client.loads) == 2
+    # a run's first call may start the pool again; its later calls may not (a death is then an error)
+    assert [c["restart"] for c in client.calls] == [True, False, True]
+    # the pool died after the alive check and the manager started another: still this run's error
+    monkeypatch.setattr(stock.MANAGER, "client_for", lambda settings: FakeClient())
+    with pytest.raises(stock.StockModelError, match="worker pool stopped during sampling"):
+        model(*args, **kw, transformer_options={"sigmas": torch.tensor([0.4]), "sample_sigmas": later})
 
 
 def test_node_refuses_pipefusion_shards_and_non_files(ext):
