@@ -94,27 +94,27 @@ class PoolDiffusionModel(torch.nn.Module):
                 raise
             return getattr(meta, name)
 
-    def _pool(self, run: Any):
-        """The pool's client for this forward. A pool that stopped during this sampling run (a rank died) is an
-        error; the next run starts it again and loads the model there."""
+    def _pool(self, run: Any) -> tuple[Any, bool]:
+        """The pool's client for this forward, and whether the forward is a later call of the same sampling run. A
+        pool that stopped during this run (a rank died) is an error; the next run starts it again and loads the
+        model there."""
         same_run = run is not None and run is self._run
         if not same_run:
             self._hashes.clear()
         self._run = run
-        stopped = StockModelError(f"{NAME}: the worker pool stopped during sampling (a rank exited); the next run "
+        ours = self._client is not None and same_run
+        # a dead pool is not restarted just to refuse the call; one that died after this check, which the manager
+        # has already replaced, is this run's error too
+        client = None if ours and not self._client.pool_alive() else MANAGER.client_for(self.handle.settings)
+        if ours and client is not self._client:
+            self._client = None
+            raise StockModelError(f"{NAME}: the worker pool stopped during sampling (a rank exited); the next run "
                                   "starts it again")
-        if self._client is not None and same_run and not self._client.pool_alive():
-            self._client = None
-            raise stopped
-        client = MANAGER.client_for(self.handle.settings)
-        if self._client is not None and same_run and client is not self._client:  # it died after the check above
-            self._client = None
-            raise stopped
         if client is not self._client:  # a new pool (first call, restart): make sure the model is on it
             info = client.load(self.handle.source, self.handle.load_family, self.handle.dtype)
             self.key = info["key"]
             self._client = client
-        return client
+        return client, same_run
 
     def _hash(self, role: str, t: torch.Tensor, options: dict) -> str:
         """The content hash of a conditioning tensor, computed once per sampling run: ComfyUI rebuilds the batch's
@@ -173,9 +173,7 @@ class PoolDiffusionModel(torch.nn.Module):
         t = self.engine_timestep(timesteps, transformer_options, b)
         xin = x.detach().to("cpu", torch.float32).contiguous()
         try:
-            run = transformer_options.get("sample_sigmas")
-            later = run is not None and run is self._run  # a later call of this sampling run
-            client = self._pool(run)
+            client, later = self._pool(transformer_options.get("sample_sigmas"))
             hashes = {role: self._hash(role, v, transformer_options) for role, v in conds.items()}
             # within a run a pool that died is an error, never a silent restart (the check in _pool races the death)
             out = client.forward(self.key, xin, t, conds, guidance=g, parallel=self.handle.settings.degrees(),

@@ -64,7 +64,7 @@ class _ThreadState:
         self.poller.register(sock, zmq.POLLIN)
         self.direct: zmq.Socket | None = None  # connected to the pool's direct socket (forwards only)
         self.direct_boot: str | None = None    # the pool instance that named it
-        self.direct_asked = False              # the pool was asked for it (None: it has none)
+        self.direct_asked = False              # the pool was asked for it (direct stays None if it has none)
 
 
 class PoolClient:
