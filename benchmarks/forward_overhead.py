@@ -1,7 +1,7 @@
 """Per-call overhead of Parallel DiT Model's forward op:
-`python benchmarks/forward_overhead.py [--repeats 30] [--secret on|off|both]`.
+`python benchmarks/forward_overhead.py [--repeats 30] [--secret on|off|both] [--device cuda] [--flux-sides 256,512]`.
 
-A 1-rank CPU pool (with a shared secret, so HMAC on every message; or without, as ComfyUI
+A 1-rank pool (with a shared secret, so HMAC on every message; or without, as ComfyUI
 starts a loopback pool by default) and the same tiny model in this process, same inputs: CFG-batched latents [2, C,
 h, w] and conditioning as ComfyUI forms them (cached on the pool after the first call). Prints a Markdown table of
 medians: the client's per-call work (the proxy's strided-sample check of its per-run conditioning hashes, and the
@@ -12,10 +12,13 @@ broadcast and outcome gather), and the in-process forward as the baseline step; 
 pyzmq DEALER/ROUTER exchange between two processes with the same bytes each way, an accepted reply, and the server
 busy for the pool forward's time in between); and, once per sampling run, hashing the conditioning and the first
 call's upload.
-Device: CPU, one torch thread per process (as the pool's ranks run)."""
+Device: CPU, one torch thread per process (as the pool's ranks run); or, with --device cuda, the pool's rank and the
+baseline on the GPU, the client's latents copied from the GPU before each call and its result back after it (in the
+round trip, as Parallel DiT Model's proxy does; the pool's own copies are in its forward time)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import statistics
 import time
@@ -80,17 +83,28 @@ def bare_zmq(nbytes_in: int, nbytes_out: int, busy_s: float, repeats: int) -> fl
         ctx.term()
 
 
-def case(client, model: str, side: int, repeats: int, secret: bytes | None) -> list[str]:
+def case(client, model: str, side: int, repeats: int, secret: bytes | None, device: str = "cpu") -> list[str]:
     key = client.load_model(model)
-    a = load_model(model).adapter
+    a = load_model(model, device=device).adapter
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, a.latent_channels, side // 8, side // 8, generator=g)
     c = a.random_conditioning(2, a.spec.cond.tokens, g)
     conds = {"cond": c.cond, **({"pooled": c.pooled} if c.pooled is not None else {})}
     t = torch.tensor([500.0, 500.0])
     torch.set_num_threads(1)  # as the pool's rank runs
+    gpu = device != "cpu"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    move = lambda v: None if v is None else v.to(device)  # noqa: E731
+    x_dev = x.to(device)
+    c_dev = dataclasses.replace(c, cond=move(c.cond), pooled=move(c.pooled), mask=move(c.mask),
+                                extra={k: move(v) for k, v in c.extra.items()})
+
+    def in_process():
+        a.predict(x_dev, t.to(device), c_dev)
+        sync()
+
     with torch.no_grad():
-        local = median(lambda: a.predict(x, t, c), repeats)
+        local = median(in_process, repeats)
     refs = {r: content_hash(v) for r, v in conds.items()}
     header = messages.Forward(id="b", key=key, conds=refs, client="c" * 32, ts=time.time(), nonce="n" * 32)
     tensors = {"x": x, "timestep": t}
@@ -105,7 +119,8 @@ def case(client, model: str, side: int, repeats: int, secret: bytes | None) -> l
     hash_once = median(lambda: [content_hash(v) for v in conds.values()], max(3, repeats // 5))
     frames = [bytes(f) for f in protocol.encode(header, tensors, secret)]
     decode = median(lambda: protocol.decode(frames, secret), repeats)
-    out = a.predict(x, t, c).float()
+    with torch.no_grad():
+        out = a.predict(x_dev, t.to(device), c_dev).float().cpu()
     reply = protocol.result("b", seconds=0.1)
     reply_time = median(lambda: protocol.decode_reply(
         [bytes(f) for f in protocol.encode(reply, {"out": out}, secret)], secret), repeats)
@@ -116,7 +131,11 @@ def case(client, model: str, side: int, repeats: int, secret: bytes | None) -> l
     walls, pool_fw = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _, info = client.forward_with_info(key, x, t, conds, hashes=refs)
+        # on a GPU the latents come from and go back to the device, as Parallel DiT Model's proxy moves them
+        y, info = client.forward_with_info(key, x_dev.cpu() if gpu else x, t, conds, hashes=refs)
+        if gpu:
+            y.to(device)
+            sync()
         walls.append(time.perf_counter() - t0)
         pool_fw.append(info["seconds"])
     wall, fw = statistics.median(walls), statistics.median(pool_fw)
@@ -137,6 +156,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--secret", choices=("on", "off", "both"), default="both",
                    help="on: HMAC on every message; off: a loopback pool without a secret (ComfyUI's default)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: the pool's rank and the in-process baseline on "
+                   "the GPU, the client's latents copied from and back to it in each round trip")
+    p.add_argument("--flux-sides", default="256,512", help="comma-separated tiny-flux image sides (a GPU takes "
+                   "larger ones: 1024,2048 move 2 and 8 MiB each way)")
     args = p.parse_args()
     rows = ["| messages | model, latent | client per call: hash check + encode (ms) | pool decode | pool forward | reply "
             "enc+dec | transfer, queue, collectives | round trip | in-process forward (baseline) | overhead (round "
@@ -144,12 +167,13 @@ def main() -> None:
             "upload |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for secret in {"on": [SECRET], "off": [None], "both": [None, SECRET]}[args.secret]:
-        pool = Pool(1, secret=secret)
+        pool = Pool(1, secret=secret, device=args.device)
         pool.start()
         client = pool.client()
+        cases = [("tiny-flux", int(v)) for v in args.flux_sides.split(",")] + [("tiny-sd3", 512), ("tiny-pixart", 512)]
         try:
-            for model, side in (("tiny-flux", 256), ("tiny-flux", 512), ("tiny-sd3", 512), ("tiny-pixart", 512)):
-                rows += case(client, model, side, args.repeats, secret)
+            for model, side in cases:
+                rows += case(client, model, side, args.repeats, secret, args.device)
         finally:
             client.close()
             pool.stop()

@@ -25,6 +25,10 @@ CONFIGURE, LOAD, SAMPLER = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT",
 LORA = "XDiTParallelLoRA"
 STOCK_MODEL = "XDiTParallelDiTModel"  # runs one forward per call: no PipeFusion, no weight sharding
 WEIGHT_PATCHERS = ("LoraLoader", "LoraLoaderModelOnly")  # ComfyUI's; so are its ModelMerge* nodes
+# ComfyUI's weight hooks (comfy_extras/nodes_hooks.py): LoRAs a conditioning carries into sampling, whose patches
+# could not reach the pool's weights either; SetClipHooks passes its hooks on to the conditioning only with
+# apply_to_conds
+HOOK_MAKERS = ("CreateHookLora", "CreateHookLoraModelOnly", "CreateHookModelAsLora", "CreateHookModelAsLoraModelOnly")
 SAMPLERS = (SAMPLER, "XDiTParallelSamplerAdvanced")  # the same checks: both take a model, cfg and a latent
 EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent")
 # ComfyUI's nodes whose CONDITIONING carries Wan image-to-video inputs (concat_latent_image, clip_vision_output);
@@ -202,8 +206,9 @@ def _load_problems(prompt: dict, node: dict) -> list[str]:
 
 def _stock_model_problems(prompt: dict, nid: str, node: dict) -> list[str]:
     """A loader whose model reaches a Parallel DiT Model (directly or through Parallel LoRA nodes) that cannot run
-    it: degrees it does not take, or ComfyUI's weight patchers (LoRA loaders, merges) after it, whose patches could
-    not reach the pool's weights. Refused before the loader puts the model on the pool."""
+    it: degrees it does not take, or ComfyUI's weight patchers (LoRA loaders, merges) after it or LoRA hooks on the
+    conditioning it samples with, whose patches could not reach the pool's weights. Refused before the loader puts
+    the model on the pool."""
     users = _downstream(prompt, nid, lambda kind: kind == STOCK_MODEL,
                         lambda kind, name: kind == LORA and name == "model")
     if not users:
@@ -223,7 +228,51 @@ def _stock_model_problems(prompt: dict, nid: str, node: dict) -> list[str]:
             out.append(f"{kind} (node {oid}) patches the weights of Parallel DiT Model (node {user}), which live on "
                        "the worker pool: add LoRAs with Parallel LoRA before Parallel DiT Model")
             break
+        hooked = _hooked_consumer(prompt, user)
+        if hooked:
+            (hid, hkind), (cid, ckind) = hooked
+            out.append(f"the LoRA hook of {hkind} (node {hid}) reaches the conditioning of {ckind} (node {cid}), which "
+                       f"samples Parallel DiT Model (node {user}): hooks cannot patch the weights on the worker pool; "
+                       "add LoRAs with Parallel LoRA before Parallel DiT Model")
+            break
     return out
+
+
+def _links(node: dict) -> list[tuple[str, str]]:
+    """(input name, source node id) of a node's linked inputs."""
+    return [(name, str(v[0])) for name, v in (node.get("inputs") or {}).items() if isinstance(v, list) and len(v) == 2]
+
+
+def _hooked_consumer(prompt: dict, start: str) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """((id, class) of a weight-hook node, (id, class) of the node it reaches) where a node that takes node
+    `start`'s model (through any nodes' model inputs) has conditioning upstream of which a weight hook of non-zero
+    model strength is set on it. The walk upstream stops at nodes that take a model (another branch's sampler)."""
+    consumers, frontier = [], [start]
+    while frontier:
+        current = frontier.pop()
+        for oid, other in prompt.items():
+            if isinstance(other, dict) and str(oid) not in consumers and any(
+                    name.startswith("model") and src == current for name, src in _links(other)):
+                consumers.append(str(oid))
+                frontier.append(str(oid))
+    for cid in sorted(consumers, key=lambda c: (len(c), c)):
+        node = prompt[cid]
+        seen, frontier = set(), [src for name, src in _links(node) if not name.startswith("model")]
+        while frontier:
+            current = frontier.pop()
+            other = prompt.get(current)
+            if current in seen or not isinstance(other, dict):
+                continue
+            seen.add(current)
+            kind = str(other.get("class_type"))
+            inputs = other.get("inputs") or {}
+            if any(name.startswith("model") for name, _ in _links(other)):
+                continue  # a sampler or guider of its own (a latent or image from another branch)
+            if kind in HOOK_MAKERS and inputs.get("strength_model") != 0:
+                return (current, kind), (cid, str(node.get("class_type")))
+            frontier += [src for name, src in _links(other)
+                         if not (kind == "SetClipHooks" and name == "hooks" and inputs.get("apply_to_conds") is False)]
+    return None
 
 
 def _downstream(prompt: dict, start: str, is_target, follow,

@@ -26,17 +26,26 @@ class StockModelError(Exception):
 WEIGHT_PATCH_REFUSAL = (f"{NAME}'s weights live on the worker pool, so ComfyUI's weight patches (LoraLoader, "
                         "LoraLoaderModelOnly, model merging) cannot reach them: add LoRAs with "
                         "Parallel LoRA on Load Parallel DiT's model, before Parallel DiT Model")
+HOOK_PATCH_REFUSAL = (f"{NAME}'s weights live on the worker pool, so a LoRA hook on the conditioning (Create Hook "
+                      "LoRA, Create Hook Model as LoRA) cannot patch them: add LoRAs with Parallel LoRA on Load "
+                      "Parallel DiT's model")
 
 
 @functools.cache
 def _patcher_class() -> type:
     """ComfyUI's ModelPatcher, refusing weight patches instead of dropping them (its LoRA loaders would find none
-    of the model's keys in the weightless proxy and sample without the LoRA, with only a log warning)."""
+    of the model's keys in the weightless proxy and sample without the LoRA, with only a log warning; its weight
+    hooks on conditioning, registered when sampling starts, without even that)."""
     import comfy.model_patcher
 
     class PoolModelPatcher(comfy.model_patcher.ModelPatcher):
         def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
             raise StockModelError(WEIGHT_PATCH_REFUSAL)
+
+        def add_hook_patches(self, hook, patches, strength_patch=1.0, strength_model=1.0):
+            if strength_patch == 0 and strength_model == 1:
+                return []  # a hook of model strength 0 (one for the text encoder only) changes no weight
+            raise StockModelError(HOOK_PATCH_REFUSAL)
 
     return PoolModelPatcher
 
@@ -81,7 +90,7 @@ class PoolDiffusionModel(torch.nn.Module):
         object.__setattr__(self, "_meta", meta_model)
         self._client = None
         self._run = None   # the sampling run of the last forward (ComfyUI's sample_sigmas tensor)
-        self._hashes: dict[tuple, tuple[torch.Tensor, str]] = {}  # this run's conditioning hashes (see _hash)
+        self._hashes: dict[tuple, tuple[torch.Tensor, torch.Tensor, str]] = {}  # this run's conds (_wire_cond)
         self.key = handle.key
         self.calls = 0
 
@@ -116,21 +125,25 @@ class PoolDiffusionModel(torch.nn.Module):
             self._client = client
         return client, same_run
 
-    def _hash(self, role: str, t: torch.Tensor, options: dict) -> str:
-        """The content hash of a conditioning tensor, computed once per sampling run: ComfyUI rebuilds the batch's
-        tensors every step from the same conds (named by their uuids in transformer_options); a strided sample of
-        the values guards the reuse."""
+    def _wire_cond(self, role: str, t: torch.Tensor, options: dict, to_wire) -> tuple[torch.Tensor, str]:
+        """A conditioning tensor's wire form (CPU, `to_wire(t)`) and content hash, made once per sampling run:
+        ComfyUI rebuilds the batch's tensors every step from the same conds (named by their uuids in
+        transformer_options); a strided sample of the values, taken where the tensor is (a GPU's conditioning is not
+        copied to the host on every call), guards the reuse."""
         from ..runtime.cond_cache import content_hash
 
-        sample = t.reshape(-1)[torch.linspace(0, max(t.numel() - 1, 0), min(t.numel(), 4099)).long()]
+        t = t.detach()
+        n = t.numel()
+        sample = t.reshape(-1)[torch.linspace(0, max(n - 1, 0), min(n, 4099), device=t.device).long()]
         key = (role, tuple(map(str, options.get("uuids") or ())), tuple(options.get("cond_or_uncond") or ()),
-               tuple(t.shape), t.dtype)
+               tuple(t.shape), t.dtype, t.device)
         known = self._hashes.get(key) if options.get("uuids") else None
         if known is not None and torch.equal(known[0], sample):
-            return known[1]
-        digest = content_hash(t)
-        self._hashes[key] = (sample.clone(), digest)
-        return digest
+            return known[1], known[2]
+        wire = to_wire(t)
+        digest = content_hash(wire)
+        self._hashes[key] = (sample.clone(), wire, digest)
+        return wire, digest
 
     def engine_timestep(self, timestep: torch.Tensor, transformer_options: dict, batch: int) -> torch.Tensor:
         """ComfyUI's model timestep -> the engine's: flow models take sigma * 1000 (the sigmas ComfyUI's loop
@@ -157,13 +170,13 @@ class PoolDiffusionModel(torch.nn.Module):
         if context is None:
             raise StockModelError(f"{NAME}: the forward has no text conditioning")
         b = x.shape[0]
-        conds = {"cond": context.detach().to("cpu", torch.float32).contiguous()}
+        roles = {"cond": (context, lambda t: t.to("cpu", torch.float32).contiguous())}
         if y is not None:
-            conds["pooled"] = y.detach().to("cpu", torch.float32).reshape(y.shape[0], -1).contiguous()
+            roles["pooled"] = (y, lambda t: t.to("cpu", torch.float32).reshape(t.shape[0], -1).contiguous())
         if attention_mask is not None:
             if spec(self.handle.variant).family == "flux" or not self.text_mask:
                 raise StockModelError(f"{NAME}: an attention_mask on {self.handle.variant} is not supported")
-            conds["cond_mask"] = attention_mask.detach().to("cpu").reshape(b, -1).to(torch.int64)
+            roles["cond_mask"] = (attention_mask, lambda t: t.to("cpu").reshape(b, -1).to(torch.int64))
         g = None
         if guidance is not None:
             gv = guidance.detach().to("cpu", torch.float32).reshape(-1)
@@ -174,7 +187,8 @@ class PoolDiffusionModel(torch.nn.Module):
         xin = x.detach().to("cpu", torch.float32).contiguous()
         try:
             client, later = self._pool(transformer_options.get("sample_sigmas"))
-            hashes = {role: self._hash(role, v, transformer_options) for role, v in conds.items()}
+            wired = {role: self._wire_cond(role, v, transformer_options, f) for role, (v, f) in roles.items()}
+            conds, hashes = {r: w[0] for r, w in wired.items()}, {r: w[1] for r, w in wired.items()}
             # within a run a pool that died is an error, never a silent restart (the check in _pool races the death)
             out = client.forward(self.key, xin, t, conds, guidance=g, parallel=self.handle.settings.degrees(),
                                  hashes=hashes, restart=not later)

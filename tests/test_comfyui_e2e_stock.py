@@ -265,8 +265,9 @@ def _long_run(family: str, steps: int, prefix: str) -> dict:
 
 def test_comfyuis_lora_loader_and_pipefusion_refused_on_the_parallel_model(comfy):
     """ComfyUI's LoraLoaderModelOnly after Parallel DiT Model would find none of the pool's weights and sample
-    without the LoRA: refused when queued (on the loader, with the node named), or, where the graph check cannot
-    see it, when it runs; pipefusion_degree 2 feeding Parallel DiT Model is refused when queued."""
+    without the LoRA, and so would a LoRA hook on the conditioning: both refused when queued (on the loader, with the
+    node named), or, where the graph check cannot see it, when it runs; pipefusion_degree 2 feeding Parallel DiT
+    Model is refused when queued."""
     from queue_workflow import Rejected, queue_and_wait
 
     server, base = comfy
@@ -282,11 +283,26 @@ def test_comfyuis_lora_loader_and_pipefusion_refused_on_the_parallel_model(comfy
     with pytest.raises(RuntimeError, match=r"LoraLoaderModelOnly\) failed: Parallel DiT Model's weights live on the "
                                            r"worker pool.*Parallel LoRA"):
         queue_and_wait(server, graph, timeout=600, log=lambda line: None)
+    hooked = _long_run("sd3", 2, "hookrefused")  # a LoRA hook on the positive conditioning
+    hooked["130"] = {"class_type": "CreateHookLoraModelOnly", "inputs": {
+        "lora_name": "xdit_e2e_stock.safetensors", "strength_model": 1.0}}
+    hooked["131"] = {"class_type": "ConditioningSetProperties", "inputs": {
+        "cond_NEW": hooked["110"]["inputs"]["positive"], "hooks": ["130", 0], "strength": 1.0,
+        "set_cond_area": "default"}}
+    hooked["110"]["inputs"]["positive"] = ["131", 0]
+    with pytest.raises(Rejected, match=r"the LoRA hook of CreateHookLoraModelOnly \(node 130\) reaches the "
+                                       r"conditioning of KSampler \(node 110\)"):
+        queue_and_wait(server, hooked, timeout=600, log=lambda line: None)
+    hooked["121"] = {"class_type": "XDiTE2EModelPassThrough", "inputs": {"m": hooked["110"]["inputs"]["model"]}}
+    hooked["110"]["inputs"]["model"] = ["121", 0]
+    with pytest.raises(RuntimeError, match=r"KSampler\) failed: Parallel DiT Model's weights live on the worker "
+                                           r"pool, so a LoRA hook on the conditioning"):
+        queue_and_wait(server, hooked, timeout=600, log=lambda line: None)
     pipefusion = _long_run("sd3", 2, "pfrefused")
     pipefusion["100"]["inputs"].update(pipefusion_degree=2, ulysses_degree=1)
     with pytest.raises(Rejected, match="pipefusion_degree 2 runs in Parallel Sampler only"):
         queue_and_wait(server, pipefusion, timeout=600, log=lambda line: None)
-    assert not sorted((base / "output").glob("lorarefused_*")) and not sorted((base / "output").glob("pfrefused_*"))
+    assert not [p for k in ("lorarefused", "hookrefused", "pfrefused") for p in (base / "output").glob(k + "_*")]
 
 
 def test_cancel_between_forwards_leaves_the_pool_clean(comfy):

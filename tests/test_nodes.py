@@ -249,6 +249,48 @@ def test_weight_patches_after_stock_model_refused_at_queue_time(ext, rec, patche
     assert list(_queue(ext, rec, g)) == ["6"]
 
 
+@pytest.mark.parametrize("maker", ["CreateHookLoraModelOnly", "CreateHookLora", "CreateHookModelAsLora"])
+def test_lora_hooks_on_stock_model_conditioning_refused_at_queue_time(ext, rec, maker):
+    """A weight hook (ComfyUI's hook LoRAs) reaching the conditioning that a guider or sampler of Parallel DiT Model
+    samples with would patch none of the pool's weights: refused on POST /prompt, on the loader. The same hook on a
+    native sampler's conditioning, a hook of model strength 0, SetClipHooks without apply_to_conds, and a latent
+    from a hooked native branch pass."""
+    g = _graph()
+    g["10"] = {"class_type": "XDiTParallelDiTModel", "inputs": {"model": ["6", 0]}}
+    g["11"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["10", 0], "shift": 3.0}}
+    g["20"] = {"class_type": maker, "inputs": {"lora_name": "x.safetensors", "ckpt_name": "y.safetensors",
+                                               "strength_model": 1.0, "strength_clip": 1.0}}
+    g["21"] = {"class_type": "CLIPLoader", "inputs": {"clip_name": "t5.safetensors", "type": "sd3"}}
+    g["22"] = {"class_type": "SetClipHooks", "inputs": {"clip": ["21", 0], "apply_to_conds": True,
+                                                        "schedule_clip": False, "hooks": ["20", 0]}}
+    g["23"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["22", 0], "text": "a cat"}}
+    g["24"] = {"class_type": "CFGGuider", "inputs": {"model": ["11", 0], "positive": ["23", 0],
+                                                     "negative": ["23", 0], "cfg": 3.0}}
+    errors = _queue(ext, rec, g)
+    assert list(errors) == ["6"] and len(errors["6"]) == 1, errors
+    assert (f"the LoRA hook of {maker} (node 20) reaches the conditioning of CFGGuider (node 24), which samples "
+            "Parallel DiT Model (node 10)") in errors["6"][0]
+    g["22"]["inputs"]["apply_to_conds"] = False  # the LoRA on the text encoder only
+    assert _queue(ext, rec, g) == {}
+    g["22"]["inputs"]["apply_to_conds"] = True
+    g["20"]["inputs"]["strength_model"] = 0.0
+    assert _queue(ext, rec, g) == {}
+    g["20"]["inputs"]["strength_model"] = 0.5
+    g["25"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "native.safetensors"}}
+    g["24"]["inputs"]["model"] = ["25", 0]  # a native guider
+    assert _queue(ext, rec, g) == {}
+    g["26"] = {"class_type": "KSampler", "inputs": {  # the hooked native branch's latent refined in parallel
+        "model": ["25", 0], "positive": ["23", 0], "negative": ["23", 0], "latent_image": ["7", 0]}}
+    g["27"] = {"class_type": "KSampler", "inputs": {"model": ["11", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                    "latent_image": ["26", 0]}}
+    assert _queue(ext, rec, g) == {}
+    g["28"] = {"class_type": "ConditioningSetProperties", "inputs": {"cond_NEW": ["2", 0], "hooks": ["20", 0],
+                                                                     "strength": 1.0, "set_cond_area": "default"}}
+    g["27"]["inputs"]["negative"] = ["28", 0]
+    errors = _queue(ext, rec, g)
+    assert list(errors) == ["6"] and "reaches the conditioning of KSampler (node 27)" in errors["6"][0], errors
+
+
 def MANAGER_KEY(ext):
     return ext.nodes.xdit_nodes.MANAGER.key
 

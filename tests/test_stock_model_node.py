@@ -77,13 +77,18 @@ def test_conditioning_hashed_once_per_run_unless_its_values_change(proxy, ext, m
         step(ctx.clone())
     assert len(hashed) == 2  # cond and pooled, once
     assert all(c["hashes"] == {"cond": real(ctx), "pooled": real(y)} for c in client.calls)
+    # and made into their wire form (on a GPU: copied to the host) once: later calls pass the first call's
+    assert all(c["conds"][r] is client.calls[0]["conds"][r] for c in client.calls for r in ("cond", "pooled"))
     changed = ctx.clone()
     changed[1, 4, 4095] += 1  # the last value, which the guard samples
     step(changed)
     assert client.calls[-1]["hashes"]["cond"] == real(changed) != real(ctx) and len(hashed) == 3
+    assert torch.equal(client.calls[-1]["conds"]["cond"], changed)
+    step(changed.to(torch.bfloat16))  # another dtype is another tensor: converted (to fp32) and hashed
+    assert client.calls[-1]["conds"]["cond"].dtype == torch.float32 and len(hashed) == 4
     opts["sample_sigmas"] = torch.tensor([1.0, 0.0])  # a new run hashes anew
     step(ctx.clone())
-    assert len(hashed) == 5
+    assert len(hashed) == 6
 
 
 def test_epsilon_model_sends_comfyuis_discrete_timestep(proxy):
