@@ -33,6 +33,7 @@ class CondCache:
         self.max_bytes = max_bytes
         self._items: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self.bytes = 0
+        self._on_device: tuple[torch.device | None, dict[str, torch.Tensor]] = (None, {})  # see on_device
 
     def __len__(self) -> int:
         return len(self._items)
@@ -62,6 +63,16 @@ class CondCache:
             raise CondMissing(f"conditioning {digest} is not on the pool")
         self._items.move_to_end(digest)
         return t
+
+    def on_device(self, digests: dict[str, str], device: torch.device) -> dict[str, torch.Tensor]:
+        """{role: its tensor on `device`} for one forward's {role: digest}. The device copies of the last call's
+        digests are kept (a sampling run's calls name the same ones), so a GPU rank copies a run's conditioning to
+        the device once, not on every call; those of digests the call no longer names are dropped. The cache's
+        bytes count its host copies only: the device copies are one call's conditioning."""
+        held = self._on_device[1] if self._on_device[0] == device else {}
+        out = {role: held[d] if d in held else self.get(d).to(device) for role, d in digests.items()}
+        self._on_device = (device, {d: out[role] for role, d in digests.items()})
+        return out
 
     def take_uploads(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Store the c:<hash> frames of a message; returns its other tensors."""

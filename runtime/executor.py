@@ -220,7 +220,7 @@ class Executor:
                             f"{sorted(op.conds)}")
         if set(rest) != {"x", "timestep"}:
             raise XDiTError(f"forward takes the tensors x and timestep, got {sorted(rest)}")
-        got = {role: self.conds.get(digest).to(self.device) for role, digest in op.conds.items()}
+        got = self.conds.on_device(op.conds, self.device)
         cond = Conditioning(got["cond"], got.get("pooled"), got.get("cond_mask"), op.guidance)
         config = ParallelConfig(**msgspec.structs.asdict(op.parallel))
         if config.world_size not in (1, self.world):

@@ -41,6 +41,27 @@ def test_cond_cache_lru_and_hash_check():
     assert content_hash(a) != content_hash(a.double()) and content_hash(a) != content_hash(a.reshape(1, 8, 4))
 
 
+def test_cond_cache_copies_a_runs_conditioning_to_the_device_once():
+    """A forward's conditioning on the rank's device: the last call's device copies are kept (a GPU rank copies a
+    run's conditioning once, not on every call) and dropped once a call names other digests; on the CPU the held
+    tensor itself. The meta device stands in for a GPU (a copy there is a new tensor)."""
+    a, b = torch.zeros(1, 4, 8), torch.ones(1, 4, 8)
+    da, db = content_hash(a), content_hash(b)
+    cache = CondCache()
+    cache.put(da, a)
+    cache.put(db, b)
+    meta = torch.device("meta")
+    first = cache.on_device({"cond": da, "pooled": db}, meta)
+    assert first["cond"].device == meta and first["cond"] is not a
+    again = cache.on_device({"cond": da, "pooled": db}, meta)
+    assert again["cond"] is first["cond"] and again["pooled"] is first["pooled"]
+    other = cache.on_device({"cond": db}, meta)  # the next run: a's device copy is dropped, b's kept
+    assert other["cond"] is first["pooled"] and cache.on_device({"cond": da}, meta)["cond"] is not first["cond"]
+    assert cache.on_device({"cond": da}, torch.device("cpu"))["cond"] is a
+    with pytest.raises(CondMissing):
+        cache.on_device({"cond": content_hash(torch.ones(2))}, meta)
+
+
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     p = Pool(2, secret=SECRET, env={"XDIT_RUNTIME_TEST_HOOKS": "1"}, log_path=tmp_path_factory.mktemp("fwd") / "p.log")
