@@ -271,18 +271,22 @@ def test_comfyuis_lora_loader_and_pipefusion_refused_on_the_parallel_model(comfy
     from queue_workflow import Rejected, queue_and_wait
 
     server, base = comfy
+
+    def refused(graph: dict, user: str, queued: str, run: str) -> None:
+        """Refused when queued; then, with the model passed to node `user` under another name, when it runs."""
+        with pytest.raises(Rejected, match=queued):
+            queue_and_wait(server, graph, timeout=600, log=lambda line: None)
+        graph["121"] = {"class_type": "XDiTE2EModelPassThrough", "inputs": {"m": graph[user]["inputs"]["model"]}}
+        graph[user]["inputs"]["model"] = ["121", 0]
+        with pytest.raises(RuntimeError, match=run):
+            queue_and_wait(server, graph, timeout=600, log=lambda line: None)
+
     graph = _long_run("sd3", 2, "lorarefused")
     graph["120"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
         "model": graph["110"]["inputs"]["model"], "lora_name": "xdit_e2e_stock.safetensors", "strength_model": 1.0}}
     graph["110"]["inputs"]["model"] = ["120", 0]
-    with pytest.raises(Rejected, match=r"LoraLoaderModelOnly \(node 120\) patches the weights of Parallel DiT "
-                                       r"Model \(node 102\)"):
-        queue_and_wait(server, graph, timeout=600, log=lambda line: None)
-    graph["121"] = {"class_type": "XDiTE2EModelPassThrough", "inputs": {"m": graph["120"]["inputs"]["model"]}}
-    graph["120"]["inputs"]["model"] = ["121", 0]
-    with pytest.raises(RuntimeError, match=r"LoraLoaderModelOnly\) failed: Parallel DiT Model's weights live on the "
-                                           r"worker pool.*Parallel LoRA"):
-        queue_and_wait(server, graph, timeout=600, log=lambda line: None)
+    refused(graph, "120", r"LoraLoaderModelOnly \(node 120\) patches the weights of Parallel DiT Model \(node 102\)",
+            r"LoraLoaderModelOnly\) failed: Parallel DiT Model's weights live on the worker pool.*Parallel LoRA")
     hooked = _long_run("sd3", 2, "hookrefused")  # a LoRA hook on the positive conditioning
     hooked["130"] = {"class_type": "CreateHookLoraModelOnly", "inputs": {
         "lora_name": "xdit_e2e_stock.safetensors", "strength_model": 1.0}}
@@ -290,14 +294,9 @@ def test_comfyuis_lora_loader_and_pipefusion_refused_on_the_parallel_model(comfy
         "cond_NEW": hooked["110"]["inputs"]["positive"], "hooks": ["130", 0], "strength": 1.0,
         "set_cond_area": "default"}}
     hooked["110"]["inputs"]["positive"] = ["131", 0]
-    with pytest.raises(Rejected, match=r"the LoRA hook of CreateHookLoraModelOnly \(node 130\) reaches the "
-                                       r"conditioning of KSampler \(node 110\)"):
-        queue_and_wait(server, hooked, timeout=600, log=lambda line: None)
-    hooked["121"] = {"class_type": "XDiTE2EModelPassThrough", "inputs": {"m": hooked["110"]["inputs"]["model"]}}
-    hooked["110"]["inputs"]["model"] = ["121", 0]
-    with pytest.raises(RuntimeError, match=r"KSampler\) failed: Parallel DiT Model's weights live on the worker "
-                                           r"pool, so a LoRA hook on the conditioning"):
-        queue_and_wait(server, hooked, timeout=600, log=lambda line: None)
+    refused(hooked, "110", r"the LoRA hook of CreateHookLoraModelOnly \(node 130\) reaches the conditioning of "
+            r"KSampler \(node 110\)", r"KSampler\) failed: Parallel DiT Model's weights live on the worker pool, "
+            r"so a LoRA hook on the conditioning")
     pipefusion = _long_run("sd3", 2, "pfrefused")
     pipefusion["100"]["inputs"].update(pipefusion_degree=2, ulysses_degree=1)
     with pytest.raises(Rejected, match="pipefusion_degree 2 runs in Parallel Sampler only"):
