@@ -1,5 +1,6 @@
 """Per-call overhead of Parallel DiT Model's forward op:
-`python benchmarks/forward_overhead.py [--repeats 30] [--secret on|off|both] [--device cuda] [--flux-sides 256,512]`.
+`python benchmarks/forward_overhead.py [--repeats 30] [--secret on|off|both] [--shared on|off|both] [--device cuda]
+[--flux-sides 256,512]`.
 
 A 1-rank pool (with a shared secret, so HMAC on every message; or without, as ComfyUI
 starts a loopback pool by default) and the same tiny model in this process, same inputs: CFG-batched latents [2, C,
@@ -12,9 +13,11 @@ broadcast and outcome gather), and the in-process forward as the baseline step; 
 pyzmq DEALER/ROUTER exchange between two processes with the same bytes each way, an accepted reply, and the server
 busy for the pool forward's time in between); and, once per sampling run, hashing the conditioning and the first
 call's upload.
-Device: CPU, one torch thread per process (as the pool's ranks run); or, with --device cuda, the pool's rank and the
-baseline on the GPU, the client's latents copied from the GPU before each call and its result back after it (in the
-round trip, as Parallel DiT Model's proxy does; the pool's own copies are in its forward time)."""
+--shared: the round trip with the latents and result in the client's shared buffer (on), in frames (off), or both
+rows (the stage columns are the frames path's). Device: CPU, one torch thread per process (as the pool's ranks run);
+or, with --device cuda, the pool's rank and the baseline on the GPU, the client's latents on the GPU as ComfyUI holds
+them (their copy to the host is the client's encode, into the buffer or a frame) and its result copied back after it
+(in the round trip, as Parallel DiT Model's proxy does; the pool's own copies are in its forward time)."""
 from __future__ import annotations
 
 import argparse
@@ -84,6 +87,7 @@ def bare_zmq(nbytes_in: int, nbytes_out: int, busy_s: float, repeats: int) -> fl
 
 
 def case(client, model: str, side: int, repeats: int, secret: bytes | None, device: str = "cpu") -> list[str]:
+    """One row: the round trip through `client` (its shared_memory setting decides buffer or frames)."""
     key = client.load_model(model)
     a = load_model(model, device=device).adapter
     g = torch.Generator().manual_seed(0)
@@ -132,7 +136,7 @@ def case(client, model: str, side: int, repeats: int, secret: bytes | None, devi
     for _ in range(repeats):
         t0 = time.perf_counter()
         # on a GPU the latents come from and go back to the device, as Parallel DiT Model's proxy moves them
-        y, info = client.forward_with_info(key, x_dev.cpu() if gpu else x, t, conds, hashes=refs)
+        y, info = client.forward_with_info(key, x_dev if gpu else x, t, conds, hashes=refs)
         if gpu:
             y.to(device)
             sync()
@@ -144,7 +148,7 @@ def case(client, model: str, side: int, repeats: int, secret: bytes | None, devi
     over = wall - fw
     ms = lambda v: f"{v * 1e3:.2f}"  # noqa: E731
     upload = sum(v.numel() * v.element_size() for v in conds.values())
-    mac = "HMAC" if secret else "no secret"
+    mac = ("HMAC" if secret else "no secret") + (", shared buffer" if client._local.state.buffer else ", frames")
     return [f"| {mac} | {model} {side}x{side}, batch 2 ({a.image_tokens(side, side)} tokens/image; cond {upload >> 10} KiB "
             f"cached, x {x.numel() * 4 >> 10} KiB/call) | {ms(encode)} | {ms(decode)} | {ms(fw)} | {ms(reply_time)} "
             f"| {ms(rest)} | {ms(wall)} | {ms(local)} | {100 * over / local:.1f}% | {ms(floor)} "
@@ -156,6 +160,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--secret", choices=("on", "off", "both"), default="both",
                    help="on: HMAC on every message; off: a loopback pool without a secret (ComfyUI's default)")
+    p.add_argument("--shared", choices=("on", "off", "both"), default="both",
+                   help="latents and result in a shared buffer (on, the default client) or in frames (off)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda: the pool's rank and the in-process baseline on "
                    "the GPU, the client's latents copied from and back to it in each round trip")
     p.add_argument("--flux-sides", default="256,512", help="comma-separated tiny-flux image sides (a GPU takes "
@@ -169,13 +175,17 @@ def main() -> None:
     for secret in {"on": [SECRET], "off": [None], "both": [None, SECRET]}[args.secret]:
         pool = Pool(1, secret=secret, device=args.device)
         pool.start()
-        client = pool.client()
+        clients = [pool.client() for _ in {"on": [1], "off": [0], "both": [0, 1]}[args.shared]]
+        for c, shared in zip(clients, {"on": [True], "off": [False], "both": [False, True]}[args.shared]):
+            c.shared_memory = shared
         cases = [("tiny-flux", int(v)) for v in args.flux_sides.split(",")] + [("tiny-sd3", 512), ("tiny-pixart", 512)]
         try:
             for model, side in cases:
-                rows += case(client, model, side, args.repeats, secret, args.device)
+                for c in clients:
+                    rows += case(c, model, side, args.repeats, secret, args.device)
         finally:
-            client.close()
+            for c in clients:
+                c.close()
             pool.stop()
     print("\n".join(rows))
 

@@ -184,7 +184,7 @@ class PoolDiffusionModel(torch.nn.Module):
                 raise StockModelError(f"{NAME}: rows of one forward have different Flux guidance values")
             g = float(gv[0]) if gv.numel() else None
         t = self.engine_timestep(timesteps, transformer_options, b)
-        xin = x.detach().to("cpu", torch.float32).contiguous()
+        xin = x.detach().to(torch.float32)  # where ComfyUI holds it: the client's encode makes the one host copy
         try:
             client, later = self._pool(transformer_options.get("sample_sigmas"))
             wired = {role: self._wire_cond(role, v, transformer_options, f) for role, (v, f) in roles.items()}

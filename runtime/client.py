@@ -6,7 +6,8 @@ LIVENESS_TIMEOUT_S is gone (PoolDied), and the pings tell the pool the client is
 of clients that stop). With a supervisor (a launcher.Pool), every request first makes sure the pool runs, and
 waits notice at once when the pool's processes die. A local client sends forwards to the pool's direct socket
 (named in its ping reply), where rank 0's main thread answers them itself; everything else, pings included, goes
-to the pool's address."""
+to the pool's address. There each thread also opens a shared-memory buffer (shared_buffer.py) when it can: the
+forwards' latents and results then cross it (a copy in, a copy out), not loopback TCP."""
 from __future__ import annotations
 
 import collections
@@ -29,11 +30,13 @@ from .cond_cache import UPLOAD_PREFIX, content_hash
 from .errors import JobCancelled, PoolDied, PoolError, PoolTimeout, raise_for_error
 from .protocol import AuthError, Message, ProtocolError
 from .security import as_secret, is_local_address
+from .shared_buffer import SharedBuffer
 
 log = logging.getLogger("comfyui_xdit_runtime.client")
 POLL_SLICE_MS = 100
 MAX_REMEMBERED_UPLOADS = 256
 LIVENESS_TIMEOUT_S = 6.0  # a pool that sends nothing for this long (pings unanswered) is gone
+MIN_BUFFER_BYTES = 1 << 20  # a shared buffer's smallest size (it is made 1.25x the latents, in whole MiB)
 
 
 class Supervisor(Protocol):
@@ -65,17 +68,22 @@ class _ThreadState:
         self.direct: zmq.Socket | None = None  # connected to the pool's direct socket (forwards only)
         self.direct_boot: str | None = None    # the pool instance that named it
         self.direct_asked = False              # the pool was asked for it (direct stays None if it has none)
+        self.buffer: SharedBuffer | None = None  # mapped from rank 0, for the forwards on the direct socket
+        self.buffer_failed = False               # this pool instance gave none, or it could not be mapped
 
 
 class PoolClient:
     def __init__(self, address: str, secret: str | bytes | None = None, *, timeout: float = 30.0,
                  max_bytes: int = protocol.DEFAULT_MAX_BYTES, supervisor: Supervisor | None = None,
                  admin_secret: str | bytes | None = None, liveness_timeout: float = LIVENESS_TIMEOUT_S,
-                 direct: bool = True):
+                 direct: bool = True, shared_memory: bool = True):
         """`admin_secret`: the pool's admin secret, to cancel other clients' jobs and to shut the pool down.
-        `direct`: send forwards to the pool's direct socket when the pool is local (False: through its address)."""
+        `direct`: send forwards to the pool's direct socket when the pool is local (False: through its address).
+        `shared_memory`: there, pass their tensors in a shared buffer when the pool's one can be mapped (False:
+        frames)."""
         self.address = address
         self.direct = direct and is_local_address(address)
+        self.shared_memory = shared_memory
         self.timeout = timeout  # default for short requests (status, load, cancel...); sample waits unbounded
         self.liveness_timeout = liveness_timeout
         self.session = secrets.token_hex(16)  # this client's jobs are its own: only it may cancel them
@@ -205,10 +213,14 @@ class PoolClient:
             tensors.update({UPLOAD_PREFIX + d: conds[r] for r, d in refs.items() if d not in known})
             try:
                 msg = self._request(msgspec.structs.replace(header[1], id=self.new_request_id()), tensors,
-                                    timeout=timeout, allow_unbounded=True, direct=self.direct, ensure=restart)
+                                    timeout=timeout, allow_unbounded=True, direct=self.direct, ensure=restart,
+                                    shared_bytes=x.numel() * x.element_size() if self.shared_memory else 0)
             except PoolError as e:
                 if e.kind == "cond_missing" and not attempt:
                     known = set()  # the pool lost them: send them all again
+                    continue
+                if e.kind == "buffer_missing" and attempt < 2:
+                    self._drop_buffer(self._state(False))  # evicted by other clients' buffers: open another
                     continue
                 with self._lock:
                     args = self._loads.get(key)
@@ -304,6 +316,34 @@ class PoolClient:
             state.poller.unregister(state.direct)
             self._forget(state.direct)
         state.direct, state.direct_boot, state.direct_asked = None, None, False
+        self._drop_buffer(state)
+        state.buffer_failed = False
+
+    @staticmethod
+    def _drop_buffer(state: _ThreadState) -> None:
+        if state.buffer is not None:
+            state.buffer.close()
+            state.buffer = None
+
+    def _shared_buffer(self, state: _ThreadState, nbytes: int) -> SharedBuffer | None:
+        """This thread's shared buffer for forwards of `nbytes` of latents, opened (or made larger) on the direct
+        socket; None when the pool gives none or it cannot be mapped here (then frames carry the tensors)."""
+        if state.buffer is not None and state.buffer.nbytes >= nbytes:
+            return state.buffer
+        if state.buffer_failed or nbytes > self._max_bytes:
+            return None
+        self._drop_buffer(state)
+        size = max(MIN_BUFFER_BYTES, -(-(nbytes * 5 // 4) // MIN_BUFFER_BYTES) * MIN_BUFFER_BYTES)
+        try:
+            reply = self._request(self._build(messages.OpenBuffer, nbytes=min(size, self._max_bytes)), ensure=False,
+                                  direct=True)
+            state.buffer = SharedBuffer.attach(**reply.header.data)
+        except PoolDied:
+            raise
+        except (PoolError, OSError, ValueError, TypeError) as e:
+            log.info("no shared buffer from the pool at %s (%s): forwards send frames", self.address, e)
+            state.buffer_failed = True
+        return state.buffer
 
     def _build(self, cls: type, **fields: Any) -> msgspec.Struct:
         """A request of this client, checked against the pool's schema before it is sent."""
@@ -317,26 +357,33 @@ class PoolClient:
             raise PoolError(f"bad {messages.message_type(cls)} request: {e}", "config") from None
 
     def _send(self, state: _ThreadState, header: msgspec.Struct, tensors: dict[str, torch.Tensor] | None = None,
-              sock: zmq.Socket | None = None):
-        header = msgspec.structs.replace(header, ts=time.time(), nonce=secrets.token_hex(16))  # signed once only
-        (sock or state.sock).send_multipart(protocol.encode(header, tensors, self._secret), copy=False)
+              sock: zmq.Socket | None = None, buffer: SharedBuffer | None = None):
+        stamp = dict(ts=time.time(), nonce=secrets.token_hex(16))  # signed once only
+        if buffer is not None:
+            stamp["buffer"] = buffer.token
+        header = msgspec.structs.replace(header, **stamp)
+        frames = protocol.encode(header, tensors, self._secret, None if buffer is None else buffer.data)
+        (sock or state.sock).send_multipart(frames, copy=False)
         state.sent = time.monotonic()
 
     def _request(self, header: msgspec.Struct, tensors: dict[str, torch.Tensor] | None = None,
                  timeout: float | None = None, on_message: Callable[[Message], None] | None = None,
-                 ensure: bool = True, allow_unbounded: bool = False, direct: bool = False) -> Message:
+                 ensure: bool = True, allow_unbounded: bool = False, direct: bool = False,
+                 shared_bytes: int = 0) -> Message:
         """`direct`: send it to the pool's direct socket when the pool has one (a forward: no accepted reply, so the
-        pool instance to watch for is the one that named the socket)."""
+        pool instance to watch for is the one that named the socket). `shared_bytes`: there, carry the tensors in
+        this thread's shared buffer, sized for this many bytes of latents (0: in frames)."""
         if timeout is None and not allow_unbounded:
             timeout = self.timeout
         state = self._state(ensure)
         sock = self._direct_socket(state) if direct else None
+        buffer = self._shared_buffer(state, shared_bytes) if sock is not None and shared_bytes else None
         rid, what = header.id, messages.message_type(type(header))
         state.active.add(rid)
         state.mailbox[rid] = collections.deque()
         done = False
         try:
-            self._send(state, header, tensors, sock)
+            self._send(state, header, tensors, sock, buffer)
             if len(state.active) == 1:  # the pool's silence counts from the first request waited for
                 state.heard, state.boot = state.sent, state.direct_boot if sock is not None else None
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -358,6 +405,8 @@ class PoolClient:
         finally:
             state.active.discard(rid)
             state.mailbox.pop(rid, None)
+            if not done and buffer is not None:  # the pool may still write this forward's result into it
+                self._drop_buffer(state)
             if not done and isinstance(header, messages.QUEUED):
                 self._abandon(state, rid)
 
@@ -414,8 +463,9 @@ class PoolClient:
     def _receive(self, state: _ThreadState, sock: zmq.Socket, what: str) -> None:
         """Read one reply into its request's mailbox (unreadable or unauthenticated replies are dropped)."""
         frames = sock.recv_multipart(copy=False)
+        buffer = state.buffer if sock is state.direct else None
         try:
-            msg = protocol.decode_reply(frames, self._secret)
+            msg = protocol.decode_reply(frames, self._secret, shared=None if buffer is None else lambda h: buffer.data)
         except AuthError as e:
             log.warning("dropped a reply that failed authentication: %s", e)
             return

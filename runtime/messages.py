@@ -23,10 +23,11 @@ Degree = Annotated[int, Meta(ge=1, le=4096)]
 DtypeName = Literal["float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"]
 
 
-class TensorSpec(Struct, forbid_unknown_fields=True):
+class TensorSpec(Struct, forbid_unknown_fields=True, omit_defaults=True):
     name: Name
     dtype: DtypeName
     shape: Annotated[list[Annotated[int, Meta(ge=0, lt=1 << 40)]], Meta(max_length=8)]
+    at: Annotated[int, Meta(ge=0, lt=1 << 40)] | None = None  # byte offset in the message's shared buffer (no frame)
 
 
 class _Message(Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True):
@@ -123,6 +124,14 @@ class Forward(_Request, tag="forward"):
     guidance: Annotated[float, Meta(ge=-1e4, le=1e4)] | None = None
     parallel: ParallelFields = msgspec.field(default_factory=ParallelFields)
     debug: DebugFields | None = None
+    buffer: Token | None = None  # the token of this client's shared buffer, where tensors with `at` lie
+
+
+class OpenBuffer(_Request, tag="open_buffer"):
+    """A local client asks rank 0 (on the direct socket only) for a shared-memory buffer of `nbytes` for its
+    forwards' tensors: the reply names a memfd of rank 0 (pid, fd) and a random token, which the buffer's first
+    bytes hold too; the client opens it through /proc (the kernel lets only the pool's own user in)."""
+    nbytes: Annotated[int, Meta(ge=1, lt=1 << 40)]
 
 
 class Cancel(_Request, tag="cancel"):
@@ -142,7 +151,7 @@ class Shutdown(_Request, tag="shutdown"):
     admin: Token | None = None
 
 
-Request = Union[LoadModel, Unload, Sample, Forward, Cancel, Status, Ping, Shutdown]
+Request = Union[LoadModel, Unload, Sample, Forward, OpenBuffer, Cancel, Status, Ping, Shutdown]
 QUEUED = (LoadModel, Unload, Sample, Forward)
 
 

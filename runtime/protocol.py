@@ -4,6 +4,8 @@ A message is a list of ZeroMQ frames:
   frame 0      JSON header: one of the Structs of messages.py ({"v": 2, "type": ..., "id": ..., "tensors": [...]})
   frames 1..n  raw little-endian bytes of each tensor listed in the header, in order
   last frame   HMAC-SHA256 over all previous frames, only when a shared secret is configured
+A tensor whose spec has `at` has no frame: its bytes lie at that offset of the message's shared buffer (a local
+client's forwards and their replies, shared_buffer.py); the buffer is named by the header and checked by the pool.
 No pickle: tensors are rebuilt from their declared dtype and shape; the header is decoded into its Struct, which
 checks every field (unknown fields, wrong types, out-of-range numbers, NaN and over-long strings are refused).
 """
@@ -14,7 +16,7 @@ import hmac
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import msgspec
 import torch
@@ -46,6 +48,14 @@ class ProtocolError(Exception):
 
 class AuthError(ProtocolError):
     """Missing or wrong HMAC, or a replayed message: dropped without a reply."""
+
+
+class BufferMissing(ProtocolError):
+    """A tensor lies in a shared buffer the receiver does not hold for the sender (evicted, or never made)."""
+
+
+SHARED_MIN_BYTES = 4096  # smaller tensors go as frames even when a shared buffer is at hand
+SHARED_ALIGN = 64
 
 
 @dataclass
@@ -93,15 +103,29 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()).cast("B")
 
 
+def _align(n: int) -> int:
+    return -(-n // SHARED_ALIGN) * SHARED_ALIGN
+
+
 def encode(header: msgspec.Struct, tensors: dict[str, torch.Tensor] | None = None,
-           secret: bytes | None = None) -> list:
-    """Frames for one message; tensor frames are zero-copy views (keep them alive until sent)."""
+           secret: bytes | None = None, shared: memoryview | None = None) -> list:
+    """Frames for one message; tensor frames are zero-copy views (keep them alive until sent). With `shared` (the
+    data region of a shared buffer), tensors of SHARED_MIN_BYTES or more are copied into it while they fit (one copy,
+    straight from a GPU tensor too) and listed with their offset instead of a frame."""
     tensors = tensors or {}
     specs, frames = [], []
+    at = 0
     for name, t in tensors.items():
         if t.dtype not in DTYPE_NAMES:
             raise ProtocolError(f"tensor {name!r} has unsupported dtype {t.dtype}")
-        specs.append(TensorSpec(name, DTYPE_NAMES[t.dtype], list(t.shape)))
+        dtype = DTYPE_NAMES[t.dtype]
+        nbytes = t.numel() * ITEM_BYTES[dtype]
+        if shared is not None and nbytes >= SHARED_MIN_BYTES and at + nbytes <= shared.nbytes:
+            torch.frombuffer(shared, dtype=t.dtype, count=t.numel(), offset=at).view(t.shape).copy_(t.detach())
+            specs.append(TensorSpec(name, dtype, list(t.shape), at))
+            at = _align(at + nbytes)
+            continue
+        specs.append(TensorSpec(name, dtype, list(t.shape)))
         frames.append(_tensor_bytes(t))
     header = msgspec.structs.replace(header, tensors=specs)
     frames.insert(0, messages.json_encoder.encode(header))
@@ -118,10 +142,14 @@ def _valid_id(value: Any) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= 128 else None
 
 
+SharedLookup = Callable[[msgspec.Struct], "memoryview | None"]
+
+
 def decode(frames: Sequence, secret: bytes | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
            decoder: msgspec.json.Decoder = messages.request_decoder,
-           allowed_types: Sequence[str] = REQUEST_TYPES) -> Message:
-    """Check and rebuild one message (frames: bytes or zmq.Frame). Raises ProtocolError/AuthError."""
+           allowed_types: Sequence[str] = REQUEST_TYPES, shared: SharedLookup | None = None) -> Message:
+    """Check and rebuild one message (frames: bytes or zmq.Frame). Raises ProtocolError/AuthError. `shared`: the
+    shared buffer a decoded header names, if the receiver holds one for it (tensors with `at` are copied out of it)."""
     bufs = [_frame_buffer(f) for f in frames]
     if not bufs:
         raise ProtocolError("empty message")
@@ -140,7 +168,7 @@ def decode(frames: Sequence, secret: bytes | None = None, max_bytes: int = DEFAU
     except (RecursionError, msgspec.ValidationError, msgspec.DecodeError):
         header = None
     if header is not None and header.v == VERSION and _valid_id(header.id) is not None:
-        return _with_tensors(header, bufs[1:], header.id)
+        return _with_tensors(header, bufs[1:], header.id, shared)
     try:
         env = _envelope_decoder.decode(raw)
     except RecursionError:
@@ -165,29 +193,45 @@ def decode(frames: Sequence, secret: bytes | None = None, max_bytes: int = DEFAU
         raise ProtocolError("header nests too deeply", rid) from None
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise ProtocolError(f"bad {env.type} message: {e}", rid) from None
-    return _with_tensors(header, bufs[1:], rid)
+    return _with_tensors(header, bufs[1:], rid, shared)
 
 
-def _with_tensors(header: msgspec.Struct, data: Sequence[memoryview], rid: str | None) -> Message:
-    """The message of a decoded header and its data frames, each checked against its declared spec."""
+def _with_tensors(header: msgspec.Struct, data: Sequence[memoryview], rid: str | None,
+                  shared: SharedLookup | None) -> Message:
+    """The message of a decoded header and its data frames (and shared-buffer ranges), each checked against its
+    declared spec."""
     specs = header.tensors
-    if len(data) != len(specs):
-        raise ProtocolError(f"header lists {len(specs)} tensors but {len(data)} data frames came", rid)
-    tensors = {}
-    for spec, buf in zip(specs, data):
+    framed = sum(spec.at is None for spec in specs)
+    if len(data) != framed:
+        more = f" ({len(specs) - framed} more lie in a shared buffer)" if framed < len(specs) else ""
+        raise ProtocolError(f"header lists {framed} tensors but {len(data)} data frames came{more}", rid)
+    region = None
+    if framed < len(specs):
+        region = shared(header) if shared is not None else None
+        if region is None:
+            raise BufferMissing("the message's tensors lie in a shared buffer this side does not hold for it", rid)
+    tensors, frames = {}, iter(data)
+    for spec in specs:
         if spec.name in tensors:
             raise ProtocolError(f"tensor {spec.name!r} appears twice", rid)
-        dtype = DTYPES[spec.dtype]
         expected = math.prod(spec.shape) * ITEM_BYTES[spec.dtype]
+        if spec.at is None:
+            buf = next(frames)
+        elif spec.at + expected > region.nbytes:
+            raise ProtocolError(f"tensor {spec.name!r}: bytes {spec.at}..{spec.at + expected} lie outside the shared "
+                                f"buffer of {region.nbytes}", rid)
+        else:
+            buf = region[spec.at:spec.at + expected]
         if buf.nbytes != expected:
             raise ProtocolError(f"tensor {spec.name!r}: {buf.nbytes} bytes for shape {spec.shape} {spec.dtype} "
                                 f"(expected {expected})", rid)
-        tensors[spec.name] = _rebuild(buf, dtype, spec.shape)
+        tensors[spec.name] = _rebuild(buf, DTYPES[spec.dtype], spec.shape)
     return Message(header, tensors)
 
 
-def decode_reply(frames: Sequence, secret: bytes | None = None, max_bytes: int = 1 << 40) -> Message:
-    return decode(frames, secret, max_bytes, messages.reply_decoder, REPLY_TYPES)
+def decode_reply(frames: Sequence, secret: bytes | None = None, max_bytes: int = 1 << 40,
+                 shared: SharedLookup | None = None) -> Message:
+    return decode(frames, secret, max_bytes, messages.reply_decoder, REPLY_TYPES, shared)
 
 
 def _rebuild(buf: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:

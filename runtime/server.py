@@ -11,6 +11,8 @@ Two threads, each with its own sockets:
                forwards only: a local client sends a stock sampler's forwards there, and the main thread receives,
                runs and answers each itself, with no accepted reply and no thread hand-off (the per-call
                overhead of Parallel DiT Model). Ping replies name it; pings and cancels stay on the main socket.
+               There a client may also open a shared-memory buffer (shared_buffer.py, at most MAX_BUFFERS, one per
+               client): its forwards' tensors and their results then cross in it rather than in frames.
 Jobs belong to the client that sent them (its session token): only that client, or a holder of the pool's admin
 secret, may cancel them.
 """
@@ -31,10 +33,12 @@ import zmq
 from . import protocol
 from .executor import Executor, model_key
 from .fanout import Fanout
-from .messages import (CLIENT_TIMEOUT_S, Accepted, Cancel, Forward, ForwardOp, LoadModel, LoadOp, Op, Outcome,
-                       Ping, PingOp, Progress, Sample, SampleOp, Shutdown, ShutdownOp, Status, Unload, UnloadOp)
-from .protocol import AuthError, ProtocolError
+from .messages import (CLIENT_TIMEOUT_S, Accepted, Cancel, Forward, ForwardOp, LoadModel, LoadOp, OpenBuffer, Op,
+                       Outcome, Ping, PingOp, Progress, Sample, SampleOp, Shutdown, ShutdownOp, Status, Unload,
+                       UnloadOp)
+from .protocol import AuthError, BufferMissing, ProtocolError
 from .security import ReplayGuard
+from .shared_buffer import SharedBuffer
 
 log = logging.getLogger("comfyui_xdit_runtime.server")
 PROGRESS_POLL_S = 0.005  # while a sample runs, the I/O thread sends queued progress at least this often
@@ -42,6 +46,7 @@ IDLE_POLL_S = 0.1  # otherwise it wakes this often (and at once for a message or
 # After answering a direct forward the main thread polls without sleeping this long: a stock sampler's next forward
 # follows the reply within about a millisecond, and catching it awake saves the wake-up of a sleeping thread.
 FORWARD_SPIN_S = 0.002
+MAX_BUFFERS = 4  # shared buffers held for direct clients at once (the least recently used goes first)
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Job:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
     direct: bool = False            # came on the direct socket: the main thread replies there itself
+    shared: memoryview | None = None  # the client's shared buffer, for the result's tensors
 
 
 def direct_address(address: str) -> str:
@@ -89,6 +95,7 @@ class Rank0Server:
         self._ctx = zmq.Context.instance()
         self.direct_endpoint: str | None = None  # the direct socket's address, once bound
         self._spin_until = 0.0  # monotonic time until which the idle main thread polls without sleeping
+        self._buffers: collections.OrderedDict[str, SharedBuffer] = collections.OrderedDict()  # token -> buffer
 
     # ---------------------------------------------------------------- main thread
     def serve(self, startup_outcomes: list[Outcome]) -> None:
@@ -136,6 +143,8 @@ class Rank0Server:
             self._wake_rx.close(linger=0)
             if self._direct is not None:
                 self._direct.close(linger=1000)
+            for buf in self._buffers.values():
+                buf.close()
 
     def _bind_direct(self) -> zmq.Socket | None:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -181,10 +190,13 @@ class Rank0Server:
             frames = self._direct.recv_multipart(copy=False)
             identity = frames[0].bytes
             try:
-                msg = self._checked(identity, frames[1:], self._reply_direct)
+                msg = self._checked(identity, frames[1:], self._reply_direct, lambda h: self._buffer_of(h, identity))
                 if msg is None:
                     continue
                 h = msg.header
+                if isinstance(h, OpenBuffer):
+                    self._open_buffer(identity, h)
+                    continue
                 if not isinstance(h, Forward):
                     self._reply_direct(identity, protocol.error(h.id, "protocol", "the direct socket takes forward "
                                                                 "requests only: send the others to the pool's address"))
@@ -194,12 +206,48 @@ class Rank0Server:
                     self._seen[owner] = time.monotonic()
                     if not self._stopping:
                         self._current = Job(h.id, identity, owner, "forward", self._make_op(h), msg.tensors,
-                                            direct=True)
+                                            direct=True, shared=self._buffer_of(h, identity))
                         return self._current
                 self._reply_direct(identity, protocol.error(h.id, "shutdown", "the pool is shutting down"))
             except Exception:  # noqa: BLE001 - never let a client take the main thread down
                 log.exception("error while handling a direct message")
         return None
+
+    def _buffer_of(self, h, identity: bytes) -> memoryview | None:
+        """The data region of the shared buffer a forward names, if it is its sender's. The client uses it, so it has
+        mapped it: the descriptor named in the open reply is closed."""
+        token = getattr(h, "buffer", None)
+        buf = self._buffers.get(token) if token else None
+        if buf is None or buf.owner != self._buffer_owner(h, identity):
+            return None
+        self._buffers.move_to_end(token)
+        buf.close_fd()
+        return buf.data
+
+    @staticmethod
+    def _buffer_owner(h, identity: bytes) -> str:
+        """A buffer belongs to one client session and one of its sockets (each thread of a client has its own)."""
+        return f"{h.client or ''}/{identity.hex()}"
+
+    def _open_buffer(self, identity: bytes, h: OpenBuffer) -> None:
+        """A new shared buffer for this client's socket (its earlier one, and the least recently used beyond
+        MAX_BUFFERS, are closed)."""
+        if h.nbytes > self.max_bytes:
+            self._reply_direct(identity, protocol.error(h.id, "config", f"a shared buffer of {h.nbytes} bytes exceeds "
+                                                        f"the pool's message limit of {self.max_bytes}"))
+            return
+        owner = self._buffer_owner(h, identity)
+        for token in [t for t, b in self._buffers.items() if b.owner == owner]:
+            self._buffers.pop(token).close()
+        while len(self._buffers) >= MAX_BUFFERS:
+            self._buffers.popitem(last=False)[1].close()
+        try:
+            buf = SharedBuffer.create(h.nbytes, owner)
+        except OSError as e:  # no memfd here, or no memory: the client sends frames
+            self._reply_direct(identity, protocol.error(h.id, "unavailable", f"no shared buffer: {e}"))
+            return
+        self._buffers[buf.token] = buf
+        self._reply_direct(identity, protocol.result(h.id, **buf.describe()))
 
     def _reply_direct(self, identity: bytes, header, tensors: dict | None = None) -> None:
         self._direct.send_multipart([identity, *protocol.encode(header, tensors, self.secret)], copy=False)
@@ -256,7 +304,7 @@ class Rank0Server:
 
     def _send(self, job: Job, header, tensors: dict | None = None) -> None:
         if job.identity is not None:
-            frames = protocol.encode(header, tensors, self.secret)
+            frames = protocol.encode(header, tensors, self.secret, job.shared)
             (self._direct if job.direct else self._out).send_multipart([job.identity, *frames], copy=False)
 
     def _fail_all(self, kind: str, message: str) -> None:
@@ -333,10 +381,11 @@ class Rank0Server:
             job.cancel.set()
         log.warning("cancelling %s job %s: its client stopped answering", job.kind, job.id)
 
-    def _checked(self, identity: bytes, frames: list, reply) -> protocol.Message | None:
+    def _checked(self, identity: bytes, frames: list, reply,
+                 shared: protocol.SharedLookup | None = None) -> protocol.Message | None:
         """The decoded, authenticated message; None when it was refused (`reply` answers a readable refusal)."""
         try:
-            msg = protocol.decode(frames, self.secret, self.max_bytes)
+            msg = protocol.decode(frames, self.secret, self.max_bytes, shared=shared)
             if self._replay is not None:
                 self._replay.check(msg.header.ts, msg.header.nonce)
             return msg
@@ -344,7 +393,8 @@ class Rank0Server:
             log.warning("dropped a message that failed authentication: %s", e)
         except ProtocolError as e:
             log.warning("rejected a message: %s", str(e)[:300])
-            reply(identity, protocol.error(e.request_id, "protocol", str(e)))
+            reply(identity, protocol.error(e.request_id, "buffer_missing" if isinstance(e, BufferMissing)
+                                           else "protocol", str(e)))
         return None
 
     def _handle(self, identity: bytes, frames: list) -> None:
@@ -382,6 +432,9 @@ class Rank0Server:
                                                          f"job {h.target} belongs to another client"))
             else:
                 self._reply_now(identity, protocol.result(rid, state=state))
+        elif isinstance(h, OpenBuffer):
+            self._reply_now(identity, protocol.error(rid, "protocol", "open_buffer is taken on the direct socket "
+                                                     "only (named in a ping reply)"))
         elif isinstance(h, Shutdown):
             if self.admin_secret is not None and not self._is_admin(h.admin):
                 self._reply_now(identity, protocol.error(rid, "forbidden",

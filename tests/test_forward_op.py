@@ -1,6 +1,8 @@
 """The forward wire op (Parallel DiT Model): message schema, the conditioning cache, and a real 2-rank CPU pool
 whose forward equals the in-process model call for every exact method (relative L2 <= 1e-5 across processes)."""
 import contextlib
+import json
+import threading
 
 import pytest
 import torch
@@ -77,11 +79,11 @@ def client(pool):
     c.close()
 
 
-def _inputs(family_model: str, b: int, seed: int = 0):
+def _inputs(family_model: str, b: int, seed: int = 0, hw: tuple[int, int] = (6, 10)):
     loaded = load_model(family_model)
     a = loaded.adapter
     g = torch.Generator().manual_seed(seed)
-    shape = (b, a.latent_channels, *((3,) if a.latent.dims == 3 else ()), 6, 10)  # 15 tokens: not divisible by 2
+    shape = (b, a.latent_channels, *((3,) if a.latent.dims == 3 else ()), *hw)  # 6x10: 15 tokens, not divisible by 2
     x = torch.randn(shape, generator=g)
     c = a.random_conditioning(b, 7, g)
     t = torch.tensor([700.0, 300.0, 500.0, 100.0][:b])
@@ -116,10 +118,10 @@ def forward_sends(client, record):
     """Calls record(state, tensors, sock) for each forward the client sends."""
     real = client._send
 
-    def spy(state, header, tensors=None, sock=None):
+    def spy(state, header, tensors=None, sock=None, buffer=None):
         if isinstance(header, messages.Forward):
             record(state, tensors, sock)
-        return real(state, header, tensors, sock)
+        return real(state, header, tensors, sock, buffer)
 
     client._send = spy
     try:
@@ -164,6 +166,87 @@ def test_forwards_take_the_direct_socket_and_the_address_serves_them_too(client,
         assert client.status()["running"] is None and client.status()["healthy"]
     finally:
         plain.close()
+
+
+@contextlib.contextmanager
+def encoded(monkeypatch):
+    """The headers (JSON) and frame counts of the forwards this process encodes (the client's side)."""
+    real, seen = protocol.encode, []
+
+    def spy(header, tensors=None, secret=None, shared=None):
+        frames = real(header, tensors, secret, shared)
+        if isinstance(header, messages.Forward):
+            seen.append((json.loads(bytes(frames[0])), len(frames)))
+        return frames
+
+    monkeypatch.setattr(protocol, "encode", spy)
+    yield seen
+    monkeypatch.setattr(protocol, "encode", real)
+
+
+def test_forward_tensors_cross_in_a_shared_buffer(client, pool, monkeypatch):
+    """On the direct socket the latents and the result lie in the thread's shared buffer (the header lists them at an
+    offset, no frame comes); the result equals the in-process one."""
+    key = client.load_model("tiny-sd3")
+    conds, x, t, ref = _inputs("tiny-sd3", 2, seed=4, hw=(12, 20))
+    with encoded(monkeypatch) as seen:
+        first = client.forward(key, x, t, conds, parallel={"cfg": 2})
+        other = client.forward(key, x, t.flip(0) + 1.0, conds, parallel={"cfg": 2})
+    buffer = client._local.state.buffer
+    assert buffer is not None and [h["buffer"] for h, _ in seen] == [buffer.token] * 2
+    assert {s["name"]: s.get("at") for s in seen[1][0]["tensors"]} == {"x": 0, "timestep": None}
+    assert seen[1][1] == 3  # header, timestep, MAC: x came through no socket
+    assert rel_l2(first, ref) <= 1e-5 and rel_l2(other, ref) > 1e-4  # the check can fail
+    held = torch.frombuffer(bytearray(buffer.data[:other.numel() * 4]), dtype=torch.float32).view(other.shape)
+    assert torch.equal(held, other)  # the result came back in the buffer
+
+
+def test_shared_buffer_fallbacks_give_the_same_result(client, pool, monkeypatch):
+    """A client that cannot map the buffer (another user or pid namespace) sends frames; a buffer evicted by other
+    clients' buffers is opened again; larger latents get a larger buffer. Every result equals the in-process one."""
+    from comfyui_xdit_runtime import client as client_module
+
+    key = client.load_model("tiny-sd3")
+    conds, x, t, ref = _inputs("tiny-sd3", 2, seed=6, hw=(12, 20))
+
+    def refuse(**info):
+        raise PermissionError(13, "Permission denied", f"/proc/{info['pid']}/fd/{info['fd']}")
+
+    unmapped = pool.client()
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(client_module.SharedBuffer, "attach", refuse)
+            with encoded(m) as seen:
+                assert rel_l2(unmapped.forward(key, x, t, conds), ref) <= 1e-5
+                assert rel_l2(unmapped.forward(key, x, t, conds), ref) <= 1e-5
+        state = unmapped._local.state
+        assert state.buffer is None and state.buffer_failed and state.direct is not None
+        assert [h.get("buffer") for h, _ in seen] == [None, None] and seen[1][1] == 4  # header, x, timestep, MAC
+    finally:
+        unmapped.close()
+    assert rel_l2(client.forward(key, x, t, conds), ref) <= 1e-5
+    token = client._local.state.buffer.token
+    others = [pool.client() for _ in range(4)]  # four buffers more: the pool keeps MAX_BUFFERS, the oldest goes
+    try:
+        for other in others:
+            assert rel_l2(other.forward(key, x, t, conds), ref) <= 1e-5
+    finally:
+        for other in others:
+            other.close()
+    with encoded(monkeypatch) as seen:
+        assert rel_l2(client.forward(key, x, t, conds), ref) <= 1e-5
+    assert [h["buffer"] for h, _ in seen][0] == token and seen[-1][0]["buffer"] != token  # refused, then a new one
+    bconds, big, tb, bigref = _inputs("tiny-sd3", 2, seed=7, hw=(128, 80))  # 1.25 MiB of latents
+    small = client._local.state.buffer.nbytes
+    assert rel_l2(client.forward(key, big, tb, bconds), bigref) <= 1e-5
+    assert client._local.state.buffer.nbytes > small >= 1 << 20
+    token, results = client._local.state.buffer.token, []
+    worker = threading.Thread(target=lambda: results.append(client.forward(key, x, t, conds)))  # its own buffer
+    worker.start()
+    worker.join(120)
+    with encoded(monkeypatch) as seen:
+        assert rel_l2(client.forward(key, big, tb, bconds), bigref) <= 1e-5
+    assert rel_l2(results[0], ref) <= 1e-5 and [h["buffer"] for h, _ in seen] == [token]  # this thread's is kept
 
 
 def test_failed_forward_is_one_error_and_the_pool_stays_up(client):

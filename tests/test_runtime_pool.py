@@ -339,6 +339,29 @@ def test_hostile_messages_on_the_direct_socket(pool, client, flux_key):
         status = signed_header(type="status")
         assert raw_request(sock, [status], secret=b"wrong", wait_ms=500) is None
         assert raw_request(sock, [status], secret=None, wait_ms=500) is None
+        # shared buffers: opened here only, within the message limit, used only by their client, in range
+        me = secrets.token_hex(16)
+        opened = raw_request(sock, [signed_header(type="open_buffer", client=me, nbytes=8192)])
+        assert opened.type == "result" and set(opened.header.data) == {"pid", "fd", "token", "nbytes"}
+        token = opened.header.data["token"]
+        huge = raw_request(sock, [signed_header(type="open_buffer", client=me, nbytes=1 << 39)])
+        assert huge.type == "error" and huge.header.kind == "config" and "exceeds" in huge.header.message
+        main = raw_socket(pool)
+        try:
+            reply = raw_request(main, [signed_header(type="open_buffer", client=me, nbytes=8192)])
+            assert reply.type == "error" and "direct socket only" in reply.header.message
+        finally:
+            main.close()
+        spec = {"name": "x", "dtype": "float32", "shape": [1000]}
+        for what, fields, kind in (("outside", dict(client=me, buffer=token, tensors=[{**spec, "at": 5000}]),
+                                    "protocol"),
+                                   ("another client's", dict(client="x" * 32, buffer=token,
+                                                             tensors=[{**spec, "at": 0}]), "buffer_missing"),
+                                   ("no buffer named", dict(client=me, tensors=[{**spec, "at": 0}]), "buffer_missing"),
+                                   ("unknown token", dict(client=me, buffer="0" * 32, tensors=[{**spec, "at": 0}]),
+                                    "buffer_missing")):
+            reply = raw_request(sock, [signed_header(type="forward", key="k", **fields)])
+            assert reply.type == "error" and reply.header.kind == kind, (what, reply.header)
     finally:
         sock.close()
     assert client.status(refresh=True)["healthy"]

@@ -161,3 +161,66 @@ def test_outcome_shortened_before_encoding(text):
     assert back.kind == "invalid" and back.message.startswith("model path not found: ")
     whole = len(messages.msgpack_encoder.encode(outcome)) <= OUTCOME_BYTES
     assert back.message == outcome.message if whole else (back.message.endswith("...") and len(raw) > 3000)
+
+
+def test_tensors_in_a_shared_buffer_round_trip_and_refusals():
+    """Tensors of SHARED_MIN_BYTES or more lie in the shared buffer (no frame, the spec names the offset); small ones
+    and those that no longer fit go as frames; the receiver copies them out and checks every range."""
+    from comfyui_xdit_runtime.shared_buffer import SharedBuffer
+
+    buf = SharedBuffer.create(1 << 16, "me")
+    try:
+        tensors = {"x": torch.randn(2, 16, 10, 10), "t": torch.ones(2), "bf": torch.randn(50, 50).bfloat16(),
+                   "big": torch.randn(1 << 14)}  # x, bf fit; t is small; big (64 KiB) no longer fits
+        frames = encode(messages.Forward(id="f1", key="k", buffer=buf.token), tensors, b"s", buf.data)
+        specs = {s["name"]: s.get("at") for s in json.loads(bytes(frames[0]))["tensors"]}
+        assert specs == {"x": 0, "t": None, "bf": 12800, "big": None} and len(frames) == 4  # header, t, big, MAC
+        msg = decode(as_bytes(frames), b"s", shared=lambda h: buf.data if h.buffer == buf.token else None)
+        for name, t in tensors.items():
+            assert msg.tensors[name].dtype == t.dtype and torch.equal(msg.tensors[name], t), name
+        buf.data[:8] = bytes(8)  # the decoded tensors are copies: the next message may overwrite the buffer
+        assert torch.equal(msg.tensors["x"], tensors["x"])
+        with pytest.raises(protocol.BufferMissing, match="shared buffer"):
+            decode(as_bytes(frames), b"s")  # a receiver without the buffer (another client's token, the main socket)
+        with pytest.raises(protocol.BufferMissing):
+            decode(as_bytes(frames), b"s", shared=lambda h: None)
+        outside = header(tensors=[{"name": "x", "dtype": "float32", "shape": [100], "at": (1 << 16) - 100}])
+        with pytest.raises(ProtocolError, match="outside the shared buffer"):
+            decode([outside], shared=lambda h: buf.data)
+        with pytest.raises(ProtocolError, match="at"):
+            decode([header(tensors=[{"name": "x", "dtype": "float32", "shape": [1], "at": -64}])],
+                   shared=lambda h: buf.data)
+    finally:
+        buf.close()
+
+
+def test_shared_buffer_maps_only_the_buffer_described():
+    """A client maps rank 0's memfd through /proc: the link name, size and token must all match; once rank 0 has
+    closed the descriptor it named (at first use), that name opens nothing."""
+    import os
+
+    from comfyui_xdit_runtime.shared_buffer import SharedBuffer
+
+    buf = SharedBuffer.create(4096, "me")
+    try:
+        info = buf.describe()
+        mapped = SharedBuffer.attach(**info)
+        mapped.data[:5] = b"hello"
+        assert bytes(buf.data[:5]) == b"hello"  # one memory
+        mapped.close()
+        with pytest.raises(ValueError, match="another buffer"):
+            SharedBuffer.attach(**{**info, "token": "0" * 32})
+        with pytest.raises(ValueError, match="bytes"):
+            SharedBuffer.attach(**{**info, "nbytes": 8192})
+        r, w = os.pipe()
+        try:
+            with pytest.raises(ValueError, match="not a pool buffer"):
+                SharedBuffer.attach(**{**info, "fd": r})
+        finally:
+            os.close(r)
+            os.close(w)
+        buf.close_fd()
+        with pytest.raises(OSError):
+            SharedBuffer.attach(**info)
+    finally:
+        buf.close()
