@@ -41,12 +41,12 @@ from .lazy_tensors import DeferredTensor, NotDeferrable, deferred, realize
 KeepFn = Callable[[str, tuple[int, ...]], "bool | slice | tuple[slice, ...] | None"]
 PlaceFn = Callable[[torch.nn.Module, str, str, torch.Tensor], None]
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
-        _ST_DTYPES[_name] = getattr(torch, _attr)
+        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
 
 
 # ------------------------------------------------------------------------------------------------ memory figures
@@ -202,7 +202,7 @@ def _quant_markers() -> tuple[str, ...]:
 def _refuse_unsupported(header: dict) -> None:
     from .weights import _dequantize
 
-    meta = {k: torch.empty(shape, dtype=_ST_DTYPES.get(dt, torch.uint8), device="meta")
+    meta = {k: torch.empty(shape, dtype=SAFETENSORS_DTYPES.get(dt, torch.uint8), device="meta")
             for k, (shape, dt) in header.items()}
     _dequantize(meta, torch.float32)  # the same refusals (NVFP4, scaled integers) as loading whole
 
@@ -223,7 +223,7 @@ def _header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     for key, info in head.items():
         if key == "__metadata__":
             continue
-        if info["dtype"] not in _ST_DTYPES:
+        if info["dtype"] not in SAFETENSORS_DTYPES:
             raise WeightsError(f"{file.name}: tensor {key} has unsupported dtype {info['dtype']}")
         if 8 + n + info["data_offsets"][1] > size:
             raise WeightsError(f"{file} is truncated or corrupt, not a readable safetensors file "
@@ -234,7 +234,7 @@ def _header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def _deferred_read(file: Path, key: str, shape: tuple[int, ...], st_dtype: str, dtype: torch.dtype,
                    scales: tuple[str, ...]) -> DeferredTensor:
-    stored = _ST_DTYPES[st_dtype]
+    stored = SAFETENSORS_DTYPES[st_dtype]
     out_dtype = dtype if stored.is_floating_point else stored
     return deferred(shape, out_dtype, lambda: _read_file_tensor(file, key, dtype, None, scales))
 

@@ -67,6 +67,18 @@ class LoraFile:
 # ----------------------------------------------------------------------------------------------------- reading
 def read_lora(path: str, family: str) -> LoraFile:
     """Read and convert one LoRA file for a model of `family`; one-line WeightsError on anything it cannot use."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = _checked_file(path)
+    try:
+        raw = load_file(str(p), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"LoRA {p.name}: truncated or not a safetensors file ({_first_line(e)})") from None
+    return convert_lora(raw, family, str(p))
+
+
+def _checked_file(path: str) -> Path:
     p = Path(path)
     name = p.name
     if not name.lower().endswith((".safetensors", ".sft")):
@@ -78,14 +90,41 @@ def read_lora(path: str, family: str) -> LoraFile:
             raise WeightsError(f"LoRA {name}: file too large for a LoRA")
     except OSError as e:
         raise WeightsError(f"LoRA {name}: not readable ({e.strerror})") from None
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    return p
 
+
+def fit_problem(path: str, family: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """What `apply_loras` would refuse this file for, on a model of `family` whose full parameter shapes are
+    `shapes` (one line), or None. For queue-time checks: the file is converted on the meta device from its header
+    (its scalars, vectors and full-weight deltas read, the pairs not), and read whole only when diffusers' converter
+    needs the pairs' values; either way the same conversion and check as applying it."""
     try:
-        raw = load_file(str(p), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"LoRA {name}: truncated or not a safetensors file ({_first_line(e)})") from None
-    return convert_lora(raw, family, str(p))
+        try:
+            lora = convert_lora(_header_tensors(_checked_file(path)), family, path)
+        except Exception:  # noqa: BLE001 - a converter that reads values: the real conversion decides
+            lora = read_lora(path, family)
+        check_fits(lora, shapes, family)
+    except WeightsError as e:
+        return str(e)
+    return None
+
+
+def _header_tensors(p: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors, matrices as meta tensors of their shapes (full-weight `.diff` deltas read: the conversion
+    drops the all-zero ones), everything else read."""
+    from safetensors import safe_open
+
+    from .frugal import SAFETENSORS_DTYPES
+
+    out = {}
+    with safe_open(str(p), framework="pt", device="cpu") as f:
+        for k in f.keys():
+            part = f.get_slice(k)
+            shape = tuple(part.get_shape())
+            dtype = SAFETENSORS_DTYPES.get(part.get_dtype(), torch.float32)
+            out[k] = torch.empty(shape, dtype=dtype, device="meta") if len(shape) >= 2 and not k.endswith(".diff") \
+                else f.get_tensor(k)
+    return out
 
 
 def refusal(keys: Iterable[str]) -> str | None:
@@ -140,8 +179,9 @@ def _with_diffusers_loader(sd: dict, family: str, name: str) -> dict:
             detail = f"missing key {e.args[0]}"
         elif isinstance(e, AssertionError) and not str(e):  # e.g. kohya Flux: split sizes of Flux.1 (3072 wide)
             detail = f"diffusers' {family} LoRA converter's fixed sizes do not fit this model"
-        else:
-            detail = _first_line(e)
+        else:  # diffusers' messages may spread over lines ("Incompatible keys detected: \n\n <keys>")
+            detail = " ".join(str(e).split()) or type(e).__name__
+            detail = detail if len(detail) <= 160 else detail[:157] + "..."
         raise WeightsError(f"LoRA {name}: does not fit a {family} model ({detail})") from None
     finally:
         for lg, (level, propagate) in zip(logs, saved):

@@ -26,14 +26,19 @@ def build_tiny(name: str, dtype: torch.dtype = torch.float32, **overrides) -> tu
     if name not in tiny:
         raise XDiTError(f"unknown model {name!r}: expected one of {', '.join(tiny)} or a path")
     family, kwargs = tiny[name]
-    import diffusers
-
-    kwargs = {**kwargs, **overrides}
-    model = family.build(kwargs, "") if family.build is not None else getattr(diffusers, family.diffusers_class)(**kwargs)
+    model = construct(family, {**kwargs, **overrides})
     fill_deterministic(model, _WEIGHT_SEED)
     if dtype != torch.float32:
         model = model.to(dtype)
     return family.name, model.eval().requires_grad_(False)
+
+
+def construct(family: families.Family, kwargs: dict) -> torch.nn.Module:
+    """A tiny model of `family` with its constructor kwargs, weights as torch initialises them (on the meta device
+    when built under it)."""
+    import diffusers
+
+    return family.build(kwargs, "") if family.build is not None else getattr(diffusers, family.diffusers_class)(**kwargs)
 
 
 @torch.no_grad()

@@ -327,6 +327,18 @@ def _build(fam: Family, config: dict, sd: dict, path: Path) -> torch.nn.Module:
 # Helpers
 
 
+def parameter_shapes(fam: Family, config: dict, tiny: bool = False) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the parameters of the model loading builds from `config` (a single-file checkpoint's
+    `describe` config; `tiny`: a built-in tiny model's constructor kwargs), constructed on the meta device."""
+    import diffusers
+
+    from .tiny import construct
+
+    with torch.device("meta"):
+        model = construct(fam, config) if tiny else getattr(diffusers, fam.diffusers_class).from_config(config)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
 def _finalize_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """In place: bring stray floating tensors (e.g. recomputed position tables) to `dtype` (unlike `model.to(dtype)`,
     without touching the others or a diffusers warning), and copy tensors that safetensors left at unaligned

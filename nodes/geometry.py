@@ -107,6 +107,39 @@ def geometry(path: str) -> Geometry:
     return _CACHE[key]
 
 
+_SHAPES: dict[tuple, tuple[str, dict[str, tuple[int, ...]]]] = {}
+
+
+def parameter_shapes(path: str) -> tuple[str, dict[str, tuple[int, ...]]] | None:
+    """(family, the full parameter shapes of the model the pool builds) for a built-in tiny model name or a
+    single-file checkpoint, constructed on the meta device from its config or header; None for a diffusers folder
+    (its checks wait for sampling)."""
+    from comfyui_xdit import families
+    from comfyui_xdit.errors import WeightsError
+    from comfyui_xdit.weights import describe
+    from comfyui_xdit.weights import parameter_shapes as build_shapes
+
+    tiny = families.tiny_models()
+    if path in tiny:
+        key: tuple = (path,)
+        if key not in _SHAPES:
+            fam, kw = tiny[path]
+            _SHAPES[key] = fam.name, build_shapes(fam, kw, tiny=True)
+        return _SHAPES[key]
+    p = Path(path)
+    if p.is_dir():
+        return None
+    st = p.stat()
+    key = (str(p), st.st_mtime_ns, st.st_size)
+    if key not in _SHAPES:
+        try:
+            d = describe(tensor_shapes(p))
+        except WeightsError as e:
+            raise CheckpointError(str(e)) from None
+        _SHAPES[key] = d.family.name, build_shapes(d.family, d.config)
+    return _SHAPES[key]
+
+
 def _folder_geometry(p: Path) -> Geometry:
     from comfyui_xdit.errors import WeightsError
     from comfyui_xdit.weights import folder_config

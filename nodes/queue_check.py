@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import sys
 from typing import Any
 
@@ -83,7 +84,7 @@ def graph_problems(prompt: dict) -> dict[str, str]:
         lines = (_configure_problems(node) if kind == CONFIGURE else
                  _load_problems(prompt, node) + _stock_model_problems(prompt, str(nid), node) if kind == LOAD else
                  _sampler_problems(prompt, node) if kind in SAMPLERS else
-                 _lora_problems(node) if kind == LORA else [])
+                 _lora_problems(prompt, node) if kind == LORA else [])
         if lines:
             out[str(nid)] = "; ".join(lines)
     return out
@@ -323,8 +324,9 @@ def _model_source(prompt: dict, node: dict) -> tuple[str, dict] | None:
     return None
 
 
-def _lora_problems(node: dict) -> list[str]:
-    """A constant lora_name whose file is not a LoRA the pool applies (unreadable, LoKr/LoHa/DoRA, no pairs)."""
+def _lora_problems(prompt: dict, node: dict) -> list[str]:
+    """A constant lora_name whose file is not a LoRA the pool applies (unreadable, LoKr/LoHa/DoRA, no pairs), or
+    one that does not fit the model its Load Parallel DiT loads (another family or size)."""
     from comfyui_xdit.lora import refusal
 
     from .geometry import tensor_shapes
@@ -334,7 +336,8 @@ def _lora_problems(node: dict) -> list[str]:
     if not isinstance(name, str):
         return []
     try:
-        keys = tensor_shapes(resolve(name))
+        path = resolve(name)
+        keys = tensor_shapes(path)
     except LoraNodeError as e:
         return [str(e).removeprefix("Parallel LoRA: ")]
     except (CheckpointError, OSError) as e:
@@ -342,7 +345,46 @@ def _lora_problems(node: dict) -> list[str]:
     why = refusal(keys)
     if why is None and not any(k.endswith(_PAIR_SUFFIXES) for k in keys):
         why = f"no LoRA pairs in the file (first key: {next(iter(sorted(keys)), 'none')})"
-    return [f"LoRA {name}: {why}"] if why else []
+    if why:
+        return [f"LoRA {name}: {why}"]
+    misfit = _lora_fit(prompt, node, path)
+    return [misfit] if misfit else []
+
+
+def _lora_fit(prompt: dict, node: dict, path: str) -> str | None:
+    """The pool's refusal of this LoRA file for the checkpoint its model input loads (diffusers' conversion and
+    the shape check, on the meta device), or None (fits, or the checkpoint is not known yet)."""
+    from . import checkpoints
+    from .geometry import parameter_shapes
+
+    load = _model_source(prompt, node)
+    values = _constants(load[1], LOAD) if load else None
+    if values is None:
+        return None
+    try:
+        model = parameter_shapes(checkpoints.resolve(values["checkpoint"]))
+    except Exception as e:  # noqa: BLE001 - an unknown or damaged checkpoint: the loader's own line says so
+        log.debug("xDiT: no parameter shapes for %s: %s", values.get("checkpoint"), e)
+        return None
+    if model is None:
+        return None
+    st = os.stat(path)
+    return _fit_verdict(path, st.st_mtime_ns, st.st_size, *model)
+
+
+def _fit_verdict(path: str, mtime_ns: int, size: int, family: str, shapes: dict) -> str | None:
+    """fit_problem, remembered for the file's version and the model (a graph is queued again and again)."""
+    from comfyui_xdit.lora import fit_problem
+
+    key = (path, mtime_ns, size, family, id(shapes))  # geometry keeps each shapes dict: its id names the model
+    if key not in _FITS:
+        while len(_FITS) >= 64:
+            _FITS.pop(next(iter(_FITS)))
+        _FITS[key] = fit_problem(path, family, shapes)
+    return _FITS[key]
+
+
+_FITS: dict[tuple, str | None] = {}
 
 
 _PAIR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_up.weight", ".lora_down.weight", ".diff_b",

@@ -139,3 +139,21 @@ def test_parallel_lora_matches_native_lora_loader(comfy, family):
     print(f"{family}: Parallel LoRA x2 vs LoraLoaderModelOnly x2 rel L2 {err:.2e} (LoRAs vs none {effect:.2e})")
     assert effect > 1e-3
     assert err <= 1e-5, err
+
+
+def test_a_lora_of_another_family_is_refused_when_queued(comfy):
+    """A Wan LoRA on the Flux checkpoint: POST /prompt answers 400 with the line the pool would refuse it with, on
+    the Parallel LoRA node, and nothing runs (the native branch, which ComfyUI would run with a warning, is left
+    out)."""
+    from queue_workflow import Rejected, queue_and_wait
+
+    server, base, files = comfy
+    graph = _graph("flux", files["flux"])
+    for nid in ("4", "5", "6", "10", "11", "20", "21"):
+        del graph[nid]
+    graph["22"]["inputs"]["filename_prefix"] = "xditwrongfamily"
+    graph["13"]["inputs"]["lora_name"] = files["wan"][1]
+    refusal = rf"node 13 \(XDiTParallelLoRA\): .*LoRA {files['wan'][1]}: does not fit a flux model \(Incompatible keys"
+    with pytest.raises(Rejected, match=refusal):
+        queue_and_wait(server, graph, timeout=600, log=lambda line: None)
+    assert not list((base / "output").glob("xditwrongfamily_*"))

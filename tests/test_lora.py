@@ -3,6 +3,8 @@ with the loader's converter; strength 0, stacking, A -> B -> none restoring the 
 change nothing, the wire, the node, and Ulysses 2 / PipeFusion 2 equal to serial with a LoRA set."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgspec
 import pytest
 import torch
@@ -266,17 +268,62 @@ def test_kohya_flux_of_another_width_is_refused(tmp_path):
         apply_loras(model, "flux", [LoraSpec(str(path), 1.0)])
 
 
+def test_fit_problem_agrees_with_applying(tmp_path, monkeypatch):
+    """The queue-time check (the file's header converted on the meta device, the model built there from its config)
+    gives the line apply_loras refuses a file with, or None where it applies it; the pairs are read only when
+    diffusers' converter fails on shapes alone (then the real conversion decides)."""
+    import comfyui_xdit.lora as lora_mod
+    from comfyui_xdit.weights import parameter_shapes
+    from tests.test_weights import flux_to_bfl
+
+    full_reads = []
+    real_read = lora_mod.read_lora
+    monkeypatch.setattr(lora_mod, "read_lora", lambda *a: (full_reads.append(a[0]), real_read(*a))[1])
+    files = {}
+    for family, fmt in (("qwen-image", "kohya"), ("wan", "comfy"), ("wan", "diffusers"), ("flux", "diffusers")):
+        base = _state(load_model(FAMILIES[family][0]).adapter.model)
+        files[family, fmt] = _lora(tmp_path, family, fmt, 1, base)[0]
+    wider = _state(load_model("tiny-qwen-image", num_attention_heads=6).adapter.model)
+    files["qwen-image", "wider"] = _lora(tmp_path, "qwen-image", "diffusers", 4, wider)[0]
+    files["flux", "kohya"] = str(tmp_path / "k.safetensors")  # kohya Flux at a size diffusers' converter cannot split
+    orig = flux_to_bfl(load_model("tiny-flux").adapter.model)
+    save_file(lf.kohya(lf.draw_pairs(orig, lf.matrices(orig, ("linear1",)), 2, 1)), files["flux", "kohya"])
+    verdicts = set()
+    for family in ("qwen-image", "wan", "flux"):
+        fam, kw = families.tiny_models()[FAMILIES[family][0]]
+        shapes = parameter_shapes(fam, kw, tiny=True)
+        model = load_model(FAMILIES[family][0]).adapter.model
+        assert shapes == {n: tuple(p.shape) for n, p in model.named_parameters()}
+        for (of, fmt), path in files.items():
+            full_reads.clear()
+            got = lora_mod.fit_problem(path, family, shapes)
+            if (of == family and fmt not in ("wider", "kohya")) or (of != family and fmt == "diffusers"):
+                assert not full_reads, (family, of, fmt)  # a fit, or a wrong family's diffusers names: shapes only
+            try:
+                apply_loras(model, family, [LoraSpec(path, 1.0)])
+                want = None
+            except WeightsError as e:
+                want = str(e)
+            assert got == want, (family, of, fmt)
+            verdicts.add(want is None)
+    assert verdicts == {True, False}
+    assert "does not match the qwen-image model: transformer_blocks.0.attn.add_k_proj.weight is (64, 64)" in \
+        lora_mod.fit_problem(files["qwen-image", "wider"], "qwen-image",
+                             parameter_shapes(*families.tiny_models()["tiny-qwen-image"], tiny=True))
+
+
 def test_queue_time_checks_through_parallel_lora(ext, rec, tmp_path):
     """On POST /prompt: the sampler's checks still reach the Load node through a chain of Parallel LoRA nodes, and
     a LoRA file that is not one the pool applies (LoKr, no pairs) is refused on its node, once."""
     from tests.test_nodes import _graph, _queue
 
-    good, lokr, plain = (tmp_path / n for n in ("good.safetensors", "lokr.safetensors", "plain.safetensors"))
-    save_file({"transformer.x.lora_A.weight": torch.zeros(1, 2), "transformer.x.lora_B.weight": torch.zeros(2, 1)},
-              str(good))
+    lokr, plain = (tmp_path / n for n in ("lokr.safetensors", "plain.safetensors"))
+    good = Path(_lora(tmp_path, "flux", "diffusers", 1, _state(load_model("tiny-flux").adapter.model))[0])
+    good = good.rename(good.with_name("good.safetensors"))
+    wan = Path(_lora(tmp_path, "wan", "diffusers", 1, _state(load_model("tiny-wan").adapter.model))[0])
     save_file({"lora_unet_x.lokr_w1": torch.zeros(2, 2)}, str(lokr))
     save_file({"x.weight": torch.zeros(2, 2)}, str(plain))
-    rec.folders["loras"] = [str(good), str(lokr), str(plain)]
+    rec.folders["loras"] = [str(good), str(lokr), str(plain), str(wan)]
 
     def graph(names, **kw):
         g = _graph(**kw)
@@ -295,6 +342,10 @@ def test_queue_time_checks_through_parallel_lora(ext, rec, tmp_path):
     assert sorted(errors) == ["91", "92"] and all(len(v) == 1 for v in errors.values())
     assert "LoRA lokr.safetensors: LoKr adapters are not supported" in errors["91"][0]
     assert "LoRA plain.safetensors: no LoRA pairs in the file (first key: x.weight)" in errors["92"][0]
+    errors = _queue(ext, rec, graph(["good.safetensors", wan.name]))  # another family's LoRA: the pool's line
+    assert list(errors) == ["91"] and len(errors["91"]) == 1
+    assert f"LoRA {wan.name} does not match the flux model: no parameter blocks.0.attn1.to_k.weight" in errors["91"][0]
+    assert "90" not in _queue(ext, rec, graph([wan.name], checkpoint="tiny-wan"))  # on a Wan model it fits
 
 
 @pytest.mark.parametrize("tiny", ["tiny-sd3", "tiny-pixart", "tiny-z-image", "tiny-flux2"])
