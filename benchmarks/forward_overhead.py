@@ -175,9 +175,10 @@ def main() -> None:
     for secret in {"on": [SECRET], "off": [None], "both": [None, SECRET]}[args.secret]:
         pool = Pool(1, secret=secret, device=args.device)
         pool.start()
-        clients = [pool.client() for _ in {"on": [1], "off": [0], "both": [0, 1]}[args.shared]]
-        for c, shared in zip(clients, {"on": [True], "off": [False], "both": [False, True]}[args.shared]):
-            c.shared_memory = shared
+        clients = []
+        for shared in {"on": [True], "off": [False], "both": [False, True]}[args.shared]:
+            clients.append(pool.client())
+            clients[-1].shared_memory = shared
         cases = [("tiny-flux", int(v)) for v in args.flux_sides.split(",")] + [("tiny-sd3", 512), ("tiny-pixart", 512)]
         try:
             for model, side in cases:

@@ -8,6 +8,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from comfyui_xdit.weights import Description
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PATCH = 2  # latent pixels per token side of the families the engine runs (Flux packs 2x2)
@@ -88,7 +92,29 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+# keyed by a checkpoint's version (path, mtime, size); _SHAPES also by a tiny model's name
 _CACHE: dict[tuple, Geometry] = {}
+_DESCRIBED: dict[tuple, "Description"] = {}
+_SHAPES: dict[tuple, tuple[str, dict[str, tuple[int, ...]]]] = {}
+
+
+def _version(p: Path) -> tuple:
+    st = p.stat()
+    return (str(p), st.st_mtime_ns, st.st_size)
+
+
+def _described(p: Path, key: tuple) -> "Description":
+    """Family, config and variant of a single-file checkpoint: the engine's conversion and config inference
+    (comfyui_xdit.weights.describe) on its header's shapes, once per file version."""
+    from comfyui_xdit.errors import WeightsError
+    from comfyui_xdit.weights import describe
+
+    if key not in _DESCRIBED:
+        try:
+            _DESCRIBED[key] = describe(tensor_shapes(p))
+        except WeightsError as e:
+            raise CheckpointError(str(e)) from None
+    return _DESCRIBED[key]
 
 
 def geometry(path: str) -> Geometry:
@@ -100,14 +126,14 @@ def geometry(path: str) -> Geometry:
         fam, kw = tiny[path]
         return _from_config(fam, kw)
     p = Path(path)
-    st = p.stat()
-    key = (str(p), st.st_mtime_ns, st.st_size)
+    key = _version(p)
     if key not in _CACHE:
-        _CACHE[key] = _folder_geometry(p) if p.is_dir() else shapes_geometry(tensor_shapes(p))
+        if p.is_dir():
+            _CACHE[key] = _folder_geometry(p)
+        else:
+            d = _described(p, key)
+            _CACHE[key] = _from_config(d.family, d.config)
     return _CACHE[key]
-
-
-_SHAPES: dict[tuple, tuple[str, dict[str, tuple[int, ...]]]] = {}
 
 
 def parameter_shapes(path: str) -> tuple[str, dict[str, tuple[int, ...]]] | None:
@@ -115,8 +141,6 @@ def parameter_shapes(path: str) -> tuple[str, dict[str, tuple[int, ...]]] | None
     single-file checkpoint, constructed on the meta device from its config or header; None for a diffusers folder
     (its checks wait for sampling)."""
     from comfyui_xdit import families
-    from comfyui_xdit.errors import WeightsError
-    from comfyui_xdit.weights import describe
     from comfyui_xdit.weights import parameter_shapes as build_shapes
 
     tiny = families.tiny_models()
@@ -129,13 +153,9 @@ def parameter_shapes(path: str) -> tuple[str, dict[str, tuple[int, ...]]] | None
     p = Path(path)
     if p.is_dir():
         return None
-    st = p.stat()
-    key = (str(p), st.st_mtime_ns, st.st_size)
+    key = _version(p)
     if key not in _SHAPES:
-        try:
-            d = describe(tensor_shapes(p))
-        except WeightsError as e:
-            raise CheckpointError(str(e)) from None
+        d = _described(p, key)
         _SHAPES[key] = d.family.name, build_shapes(d.family, d.config)
     return _SHAPES[key]
 
@@ -167,16 +187,3 @@ def _from_config(fam, cfg: dict) -> Geometry:
     image_input = latent.dims == 3 and cfg.get("in_channels", latent.channels) != latent.channels
     return Geometry(fam.name, read(fam.heads_of), read(fam.blocks_of), read(fam.max_side_of),
                     fam.patch * latent.downscale // 8, image_input, cfg.get("in_channels"), cfg.get("image_dim"))
-
-
-def shapes_geometry(shapes: dict[str, tuple[int, ...]]) -> Geometry:
-    """Geometry from the tensor shapes of a single-file checkpoint, original or diffusers layout: the engine's
-    conversion and config inference (comfyui_xdit.weights.describe) on shapes alone."""
-    from comfyui_xdit.errors import WeightsError
-    from comfyui_xdit.weights import describe
-
-    try:
-        d = describe(shapes)
-    except WeightsError as e:
-        raise CheckpointError(str(e)) from None
-    return _from_config(d.family, d.config)
