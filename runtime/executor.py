@@ -228,8 +228,11 @@ class Executor:
                             f"{self.world} ranks")
         if self.test_hooks and op.debug is not None and op.debug.raise_on_rank == self.rank:
             raise RuntimeError("injected failure in a forward")
-        out = forward_call(loaded.adapter, rest["x"].to(self.device), rest["timestep"], cond, config)
+        sent: dict[str, int] = {}
+        out = forward_call(loaded.adapter, rest["x"].to(self.device), rest["timestep"], cond, config, sent)
         extra = {"seconds": round(time.perf_counter() - start, 6)}
+        if sent:
+            extra["comm"] = sent  # the bytes rank 0 sent to other ranks, per kind
         return (out.cpu() if self.rank == 0 else out), extra
 
     def _sample(self, op: SampleOp, tensors: dict, progress: ProgressHook | None,

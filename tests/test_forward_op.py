@@ -97,6 +97,27 @@ def _inputs(family_model: str, b: int, seed: int = 0, hw: tuple[int, int] = (6, 
     return conds, x, t, ref
 
 
+def _expected_bytes(model: str, degrees: dict, x: torch.Tensor) -> dict[str, int]:
+    """What rank 0 of 2 sends in one forward, worked out by hand from the model's shape (4 heads x 16 dims, fp32):
+    cfg/dp send rank 0's rows of the output; Ulysses sends 3/4 of Q, K, V of its tokens' other half of the heads and
+    the output of the other rank's tokens for its half (each rank holds half the tokens); Ring sends its K and V once
+    round (one hop at degree 2); both gather rank 0's image tokens of the output."""
+    if not degrees:
+        return {}
+    (kind, degree), = degrees.items()
+    assert degree == 2
+    b, row = x.shape[0], x[0].numel() * 4
+    if kind in ("cfg", "dp"):
+        return {"cfg" if kind == "cfg" else "dp_gather": (b + 1) // 2 * row}
+    assert model == "tiny-flux"  # 2 joint + 2 single blocks, 15 image tokens (8 | 7 on the ranks) + 7 text (4 | 3)
+    layers, heads, dim, mine, theirs = 4, 4, 16, 8 + 4, 7 + 3
+    per_token = b * heads * dim * 4
+    sent = {"ulysses": layers * (3 * mine + theirs) * per_token // 2} if kind == "ulysses" else \
+        {"ring": layers * 2 * mine * per_token}
+    sent["gather"] = b * 8 * row // 15  # rank 0's 8 of the 15 image tokens of each row
+    return sent
+
+
 @pytest.mark.parametrize("model, degrees, batch", [
     ("tiny-flux", {"ulysses": 2}, 1), ("tiny-flux", {"ring": 2}, 2), ("tiny-sd3", {"cfg": 2}, 2),
     ("tiny-sd3", {"cfg": 2}, 3), ("tiny-pixart", {"dp": 2}, 3), ("tiny-pixart", {"cfg": 2}, 1),
@@ -104,11 +125,12 @@ def _inputs(family_model: str, b: int, seed: int = 0, hw: tuple[int, int] = (6, 
 def test_pool_forward_matches_in_process(client, model, degrees, batch):
     key = client.load_model(model)
     conds, x, t, ref = _inputs(model, batch)
-    out = client.forward(key, x, t, conds, parallel=degrees)
+    out, info = client.forward_with_info(key, x, t, conds, parallel=degrees)
     assert out.shape == ref.shape
     err = rel_l2(out, ref)
-    print(f"{model} {degrees} batch {batch}: rel L2 {err:.2e}")
+    print(f"{model} {degrees} batch {batch}: rel L2 {err:.2e}; rank 0 sent {info.get('comm')}")
     assert err <= 1e-5, err
+    assert info.get("comm", {}) == _expected_bytes(model, degrees, x)  # the call really ran in parallel
     other = client.forward(key, x, t.flip(0) + 1.0, conds, parallel=degrees)  # the check can fail
     assert rel_l2(other, ref) > 1e-4
 

@@ -65,5 +65,6 @@ def test_forward_refuses_shard_and_runs_a_sharded_model_whole(client):
     client.sample(key, {**REQ, "seed": 3}, parallel={"shard": 2, "ulysses": 2})
     with pytest.raises(PoolError, match="weight sharding .* runs in Parallel Sampler only"):
         client.forward(key, x, t, conds, parallel={"shard": 2, "ulysses": 2})
-    out = client.forward(key, x, t, conds, parallel={"dp": 2})  # one row: rank 1 never calls the model
+    out, info = client.forward_with_info(key, x, t, conds, parallel={"dp": 2})  # one row: rank 1 never calls it
     assert rel_l2(out, ref) <= 1e-5
+    assert info["comm"] == {"dp_gather": x.numel() * 4}  # rank 0 computed the row and sent it

@@ -45,10 +45,11 @@ def check_forward(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, conf
 
 @torch.no_grad()
 def forward_call(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, c: Conditioning,
-                 config: ParallelConfig | None = None) -> torch.Tensor:
+                 config: ParallelConfig | None = None, sent: dict[str, int] | None = None) -> torch.Tensor:
     """The model's output for model-space latents x (ComfyUI's layout of the family: a frame axis of 1 where its
     latent format has one) at engine timesteps t [B], float32, same layout as x. With a config of world size > 1,
-    call it on every rank of the default process group with the same arguments."""
+    call it on every rank of the default process group with the same arguments; `sent`, when given, receives the
+    bytes this rank sent to other ranks, per kind of exchange."""
     config = config or ParallelConfig()
     one_frame = adapter.latent.frame_axis and x.ndim == 5 and x.shape[2] == 1
     xm = (x[:, :, 0] if one_frame else x).to(adapter.device, torch.float32)
@@ -78,4 +79,6 @@ def forward_call(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, c: Co
             out = pm.comm.all_gather(out, cfg_sizes, pm.group("cfg"), dim=0, kind="cfg")
         if config.dp > 1:
             out = pm.comm.all_gather(out, dp_sizes, pm.group("dp"), dim=0, kind="dp_gather")
+        if sent is not None:
+            sent.update(pm.comm.reset())
     return out.unsqueeze(2) if one_frame else out
