@@ -3,10 +3,11 @@ ComfyUI, and a loader that imports this repository as a ComfyUI extension packag
 from __future__ import annotations
 
 import enum
-import inspect
 import importlib.util
+import inspect
 import math
 import sys
+import time
 import types
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ class Recorder:
         self.sigma_calls: list[tuple] = []
         self.progress: list[tuple] = []
         self.interrupt_after: int | None = None  # raise on the poll after this many progress updates
+        self.interrupted_at: float | None = None  # time.monotonic() of the first raise
         self.unloaded = 0
         self.folders: dict[str, list[str]] = {}
         self.server = None  # the stand-in PromptServer.instance
@@ -140,6 +142,8 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
 
     def throw_exception_if_processing_interrupted():
         if rec.interrupt_after is not None and len(rec.progress) >= rec.interrupt_after:
+            if rec.interrupted_at is None:
+                rec.interrupted_at = time.monotonic()
             raise InterruptProcessingException()
 
     def unload_all_models():

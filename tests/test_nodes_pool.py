@@ -3,6 +3,7 @@ same result as the engine's serial sampling, progress per step with previews, ca
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 import torch
@@ -42,8 +43,13 @@ def test_sampler_on_pool_matches_serial_with_progress_and_cancel(ext_mod):
     with pytest.raises(cs.InterruptProcessingException):
         sampler.sample(model, pos, neg, {"samples": torch.zeros(1, 4, 64, 64)}, 3, 200, 4.0, "euler", "simple", 1.0,
                        unique_id="9")
+    stopped = time.monotonic() - rec.interrupted_at
+    print(f"the node returned {stopped:.3f} s after the interrupt")
     assert 1 <= len(rec.progress) < 200
-    rec.interrupt_after, rec.progress[:] = None, []
+    # the node waits for the pool's end of the job: the pool stopped it, not after the 200 steps (about 10 s here)
+    assert stopped < 1.0, stopped
+    assert ext.nodes.pool.MANAGER.client_for(config).status()["queue_length"] == 0
+    rec.interrupt_after, rec.interrupted_at, rec.progress[:] = None, None, []
 
     # A normal run on the same pool.
     latent = {"samples": torch.zeros(1, 4, 16, 16)}  # EmptyLatentImage: widened to 16 channels
