@@ -52,3 +52,21 @@ def run_cases(world: int, cases: list[dict], out_dir: Path, timeout: float = 900
                                    for r in range(world)]
         results[case["id"]] = info
     return results
+
+
+EXCHANGE_KINDS = {"ulysses": "ulysses", "ring": "ring", "cfg": "cfg"}  # degree -> the Comm kind its exchange counts
+
+
+def assert_exchanged(info: dict, parallel: dict[str, int]) -> None:
+    """Every rank of a run really exchanged data: bytes of each sequence or cfg degree above 1 over its steps, and
+    something whenever a degree other than dp exceeds 1 (dp exchanges nothing during the steps)."""
+    for rank, steps in enumerate(info["rank_comm"]):
+        total: dict[str, int] = {}
+        for step in steps:
+            for kind, n in step.items():
+                total[kind] = total.get(kind, 0) + n
+        for degree, kind in EXCHANGE_KINDS.items():
+            if parallel.get(degree, 1) > 1:
+                assert total.get(kind, 0) > 0, f"rank {rank} sent no {kind} bytes: {total}"
+        if any(v > 1 for k, v in parallel.items() if k not in ("dp", "num_patches", "warmup_steps")):
+            assert sum(total.values()) > 0, f"rank {rank} sent nothing"

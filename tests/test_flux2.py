@@ -21,7 +21,7 @@ from comfyui_xdit.parallel import ParallelConfig
 from comfyui_xdit.sampling import SampleRequest, latent_shape, prepare, sample, seed_noise
 from tests.cases import build_request, get_model, serial_of
 from tests.conftest import rel_l2
-from tests.distributed import run_cases
+from tests.distributed import assert_exchanged, run_cases
 
 MODEL = "tiny-flux2"
 ODD = dict(height=112, width=144, text_tokens=15)  # 7 x 9 = 63 image tokens, 15 text tokens
@@ -359,7 +359,9 @@ def test_world2_exact_methods_match_serial(world2, name):
 def test_world4_exact_methods_match_serial(world4, name):
     info = world4[name]
     assert info["ok"], info.get("error")
-    assert rel_l2(info["latents"], serial_of(_case(_world4_cases(), name))) <= 1e-4
+    case = _case(_world4_cases(), name)
+    assert rel_l2(info["latents"], serial_of(case)) <= 1e-4
+    assert_exchanged(info, case["parallel"])
 
 
 def test_pipefusion_stage_boundaries_where_declared(world2, world4):

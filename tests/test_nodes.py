@@ -653,11 +653,21 @@ def test_advanced_sampler_checked_at_queue_time(ext, rec):
     assert MANAGER_KEY(ext) is None
 
 
-def test_sampler_rejects_foreign_model_and_skips_zero_denoise(ext):
+def test_sampler_rejects_foreign_model_and_skips_zero_denoise(ext, monkeypatch):
     node = _node(ext, "XDiTParallelSampler")()
     lat = {"samples": torch.zeros(1, 4, 8, 8)}
     with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError, match="must come from Load Parallel DiT"):
         node.sample(object(), _cond(), _cond(), lat, 0, 4, 1.0, "euler", "simple", 1.0)
+    # denoise 0: native KSampler samples over no noise levels and returns the latent as it came; no pool job
+    jobs = []
+    monkeypatch.setattr(ext.nodes.xdit_nodes, "_run", lambda *a, **k: jobs.append(a) or pytest.fail("sampled"))
+    given = {"samples": torch.randn(1, 16, 8, 8), "batch_index": [3]}
+    (out,) = node.sample(_handle(ext), _cond(pooled_output=torch.zeros(1, 2048)),
+                         _cond(pooled_output=torch.zeros(1, 2048)), given, 0, 4, 4.0, "euler", "simple", 0.0)
+    assert out is not given and out["samples"] is given["samples"] and out["batch_index"] == [3] and not jobs
+    with pytest.raises(pytest.fail.Exception, match="sampled"):  # the same call at denoise 0.5 does sample
+        node.sample(_handle(ext), _cond(pooled_output=torch.zeros(1, 2048)),
+                    _cond(pooled_output=torch.zeros(1, 2048)), given, 0, 4, 4.0, "euler", "simple", 0.5)
 
 
 def test_damaged_checkpoint_named_at_queue_time_and_load(ext, rec, tmp_path):

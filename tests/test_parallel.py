@@ -7,7 +7,7 @@ from comfyui_xdit.parallel.runner import check_model_fit
 from comfyui_xdit.sampling import SampleRequest, sample
 from tests.cases import build_request, get_model
 from tests.conftest import rel_l2
-from tests.distributed import run_cases
+from tests.distributed import assert_exchanged, run_cases
 
 FAMILY_MODELS = {"flux": "tiny-flux", "sd3": "tiny-sd3", "pixart": "tiny-pixart"}
 # 112x144 -> 7x9 = 63 image tokens and 15 text tokens: neither divides by 2 or 4.
@@ -66,7 +66,7 @@ def test_world2_matches_serial(world2, case):
 
 @pytest.mark.parametrize("case", _cases(4), ids=lambda c: c["id"])
 def test_world4_matches_serial(world4, case):
-    _check(world4, case)
+    assert_exchanged(_check(world4, case), case["parallel"])
 
 
 def _tiny_flux_layers():

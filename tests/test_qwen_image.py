@@ -22,7 +22,7 @@ from comfyui_xdit.sampling import SampleRequest, latent_shape, prepare, sample, 
 from comfyui_xdit.schedules import make_schedule
 from tests.cases import build_request, get_model
 from tests.conftest import rel_l2
-from tests.distributed import run_cases
+from tests.distributed import assert_exchanged, run_cases
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from pipefusion_error import stale_cases  # noqa: E402
@@ -235,6 +235,7 @@ def test_world2_exact_methods_match_serial(world2, c):
 @pytest.mark.parametrize("c", EXACT4, ids=lambda c: c["id"])
 def test_world4_exact_methods_match_serial(world4, c):
     assert rel_l2(_ok(world4, c), serial(c)) <= 1e-4
+    assert_exchanged(world4[c["id"]], c["parallel"])
 
 
 @pytest.mark.parametrize("c", STALE4, ids=lambda c: c["id"])

@@ -56,13 +56,16 @@ def test_flow_first_stage_is_inverse_noise_scaled(tiny_models):
     job = prepare(m.adapter, req, tiny=True)
     s = final_sigma(job.schedule)
     assert s == pytest.approx(float(sigmas[-1])) and s > 0.1
-    out = sample(m.adapter, req, tiny=True)
+    steps = []
+    out = sample(m.adapter, req, tiny=True, callback=steps.append)
+    x_end = steps[-1].latents  # the model-space x the loop ended with, as the sampler itself held it
+    # the returned latent is that x scaled by 1 / (1 - sigma): a flow model's noisy x is (1 - s) x0 + s noise
+    assert rel_l2(m.adapter.to_model_space(out), x_end / (1 - s)) <= 1e-6
+    assert rel_l2(m.adapter.to_model_space(out), x_end) > 0.1  # the scaling is there to see
     restart = prepare(m.adapter, SampleRequest(height=128, width=128, steps=1, seed=5, cfg=3.0, sampler="euler",
                                                inputs={"sigmas": torch.tensor([s, 0.0]), "noise": torch.zeros(shape),
                                                        "latent": out}), tiny=True)
-    # the model-space x the first stage ended with, recomputed from its own output
-    x_end = m.adapter.to_model_space(out) * (1 - s)
-    assert rel_l2(restart.x, x_end) <= 1e-6
+    assert rel_l2(restart.x, x_end) <= 1e-6  # started again at s with zero noise: the same x
 
 
 def test_empty_latent_is_not_shifted(tiny_models):

@@ -22,7 +22,7 @@ from comfyui_xdit.models import load_model
 from comfyui_xdit.sampling import SampleRequest, latent_shape, prepare, sample, seed_noise
 from tests.cases import build_request, case_ok, get_model, serial_of
 from tests.conftest import rel_l2
-from tests.distributed import run_cases
+from tests.distributed import assert_exchanged, run_cases
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from pipefusion_error import stale_cases  # noqa: E402
@@ -200,7 +200,9 @@ def test_world2_exact_methods_match_serial(world2, case):
 
 @pytest.mark.parametrize("case", _exact_world4(), ids=lambda c: c["id"])
 def test_world4_exact_methods_match_serial(world4, case):
-    assert rel_l2(case_ok(world4, case["id"])["latents"], serial_of(case)) <= 1e-4
+    info = case_ok(world4, case["id"])
+    assert rel_l2(info["latents"], serial_of(case)) <= 1e-4
+    assert_exchanged(info, case["parallel"])
 
 
 @pytest.mark.parametrize("case", [c for c in stale_cases("z-image") if c["id"] in STALE_BOUND], ids=lambda c: c["id"])
