@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from . import comfy_io_standin
+from . import comfy_io_standin, recorded_sigmas
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTENSION_NAME = "xdit_extension_under_test"
@@ -56,10 +56,12 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
         FLUX = 8
 
     class FakeModelSampling:
+        """ComfyUI's model_sampling object as far as the nodes read it: its sigma range and, through
+        calculate_sigmas, its schedules, all from the tables recorded in the real ComfyUI (tests/data)."""
+
         def __init__(self, settings, model_type):
             self.settings, self.model_type = settings, model_type
-            self.sigma_max = 14.6 if model_type is ModelType.EPS else 1.0
-            self.sigma_min = 0.03 if model_type is ModelType.EPS else 0.0
+            self.sigma_min, self.sigma_max = recorded_sigmas.sigma_range(model_type.name, settings)
 
     def model_sampling(model_config, model_type):
         return FakeModelSampling(dict(model_config.sampling_settings), model_type)
@@ -118,7 +120,7 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
         rec.sigma_calls.append((ms, scheduler, steps))
         if scheduler not in SCHEDULER_NAMES:
             raise ValueError(f"error invalid scheduler {scheduler}")
-        return torch.cat([torch.linspace(ms.sigma_max, max(ms.sigma_min, 1e-3), steps), torch.zeros(1)])
+        return recorded_sigmas.sigmas(ms.model_type.name, ms.settings, scheduler, steps)
 
     def prepare_noise(latent, seed, noise_inds=None):
         g = torch.manual_seed(seed)

@@ -473,6 +473,42 @@ def test_pool_log_path_in_comfyui_log(comfy, ran):
     assert paths and Path(paths[0]).is_file(), text[-2000:]
 
 
+def test_recorded_sigma_tables_and_sampling_settings_are_this_comfyuis():
+    """tests/data/comfyui_sigmas.json (the stand-ins' calculate_sigmas and sigma ranges in CI) and the stand-ins'
+    supported_models sampling settings and model types against this ComfyUI's own code."""
+    from . import comfy_standins as cs
+
+    standin = cs.install(cs.Recorder())
+    models, types = standin["comfy.supported_models"], standin["comfy.model_base"].ModelType
+    names = [n for n, v in vars(models).items() if isinstance(v, type)]
+    code = textwrap.dedent("""
+        import importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location("recorded_sigmas", sys.argv[1])
+        rs = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(rs)
+        table = rs.compute(rs.table_entries(json.loads(rs.TABLE.read_text())))
+        import comfy.model_base, comfy.supported_models
+        settings = {n: dict(getattr(comfy.supported_models, n).sampling_settings) for n in sys.argv[2].split(",")}
+        types = {t.name: t.value for t in comfy.model_base.ModelType}
+        print(json.dumps([table, settings, types]))
+    """)
+    res = subprocess.run([comfy_python(), "-c", code, str(ROOT / "tests" / "recorded_sigmas.py"), ",".join(names)],
+                         capture_output=True, text=True, cwd=COMFYUI_DIR, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    table, settings, real_types = json.loads(res.stdout.strip().splitlines()[-1])
+    recorded = json.loads((ROOT / "tests" / "data" / "comfyui_sigmas.json").read_text())
+    assert table["model_sampling"].keys() == recorded["model_sampling"].keys()
+    for key, got in table["model_sampling"].items():
+        assert got == pytest.approx(recorded["model_sampling"][key], rel=1e-6), key
+    assert table["sigmas"].keys() == recorded["sigmas"].keys() and len(table["sigmas"]) > 300
+    for key, got in table["sigmas"].items():  # to float32 rounding: exp/log kernels differ by an ulp between CPUs
+        assert got == pytest.approx(recorded["sigmas"][key], rel=1e-6, abs=1e-12), key
+    for name in names:
+        assert settings[name] == dict(getattr(models, name).sampling_settings), name
+    assert {t.name: real_types[t.name] for t in types} == {t.name: t.value for t in types}
+
+
 def test_recorded_pixart_timesteps_are_this_comfyuis(comfy):
     """tests/data/comfyui_pixart_timesteps.json (used in CI) against this ComfyUI's own code."""
     code = textwrap.dedent("""
