@@ -169,6 +169,11 @@ class PoolDiffusionModel(torch.nn.Module):
                                   "image conditioning), which the parallel model does not take yet")
         if context is None:
             raise StockModelError(f"{NAME}: the forward has no text conditioning")
+        patched = model_patches(transformer_options)
+        if patched:
+            raise StockModelError(f"{NAME}: ComfyUI model patches reach this forward ({patched}; e.g. from "
+                                  "SkipLayerGuidanceDiT or attention-patching nodes); the worker pool runs the "
+                                  "unpatched model, so remove that node from the graph")
         b = x.shape[0]
         roles = {"cond": (context, lambda t: t.to("cpu", torch.float32).contiguous())}
         if y is not None:
@@ -197,6 +202,18 @@ class PoolDiffusionModel(torch.nn.Module):
             raise StockModelError(f"{NAME}: {str(e).strip() or type(e).__name__}") from None
         self.calls += 1
         return out.to(device=x.device, dtype=x.dtype)
+
+
+def model_patches(transformer_options: dict) -> str:
+    """The model patches ComfyUI passes a forward (transformer_options' "patches" and "patches_replace": block
+    replacements, attention and input/output patches), which the pool cannot run; '' when there are none."""
+    found = []
+    for group in ("patches_replace", "patches"):
+        for kind, entries in sorted((transformer_options.get(group) or {}).items()):
+            if entries:
+                names = sorted(map(str, entries))
+                found.append(f"{group} {kind}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
+    return "; ".join(found)
 
 
 def stock_model(handle: ModelHandle):

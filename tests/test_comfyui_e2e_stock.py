@@ -304,6 +304,23 @@ def test_comfyuis_lora_loader_and_pipefusion_refused_on_the_parallel_model(comfy
     assert not [p for k in ("lorarefused", "hookrefused", "pfrefused") for p in (base / "output").glob(k + "_*")]
 
 
+def test_skip_layer_guidance_on_the_parallel_model_is_refused_not_dropped(comfy):
+    """SkipLayerGuidanceDiT's skip-layer forward carries a block replacement the pool cannot run: refused when it
+    runs, in one line naming the patch, instead of sampling as if the node were not there."""
+    from queue_workflow import queue_and_wait
+
+    server, base = comfy
+    graph = _long_run("sd3", 2, "slgrefused")
+    graph["120"] = {"class_type": "SkipLayerGuidanceDiT", "inputs": {
+        "model": graph["110"]["inputs"]["model"], "double_layers": "1", "single_layers": "", "scale": 3.0,
+        "start_percent": 0.0, "end_percent": 1.0, "rescaling_scale": 0.0}}
+    graph["110"]["inputs"]["model"] = ["120", 0]
+    with pytest.raises(RuntimeError, match=r"KSampler\) failed: Parallel DiT Model: ComfyUI model patches reach this "
+                                           r"forward \(patches_replace dit: \('double_block', 1\);"):
+        queue_and_wait(server, graph, timeout=600, log=lambda line: None)
+    assert not list((base / "output").glob("slgrefused_*"))
+
+
 def test_cancel_between_forwards_leaves_the_pool_clean(comfy):
     """ComfyUI's Cancel (POST /interrupt) stops its own loop between forwards; the next prompt runs at once."""
     from queue_workflow import http, queue_and_wait

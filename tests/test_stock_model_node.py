@@ -114,6 +114,23 @@ def test_refusals_are_one_line(proxy, extra, reason):
     assert "\n" not in str(e.value) and str(e.value).startswith("Parallel DiT Model: ") and not client.calls
 
 
+@pytest.mark.parametrize("options, reason", [
+    ({"patches_replace": {"dit": {("double_block", 3): lambda args, extra: args}}},
+     r"patches_replace dit: \('double_block', 3\)"),  # SkipLayerGuidanceDiT's skip-layer call
+    ({"patches": {"attn1_patch": [lambda q, k, v, extra: (q, k, v)]}}, "patches attn1_patch"),
+])
+def test_model_patches_are_refused_not_dropped(proxy, options, reason):
+    make, stock = proxy
+    model, client = make("sd3.5-large")
+    args = (torch.randn(2, 16, 4, 4), torch.tensor([0.5, 0.5]))
+    kw = dict(context=torch.randn(2, 5, 4096), y=torch.randn(2, 2048))
+    sigmas = {"sigmas": torch.tensor([0.5])}
+    model(*args, **kw, transformer_options={**sigmas, "patches": {}, "patches_replace": {"dit": {}}})  # empty: fine
+    with pytest.raises(stock.StockModelError, match=reason) as e:
+        model(*args, **kw, transformer_options={**sigmas, **options})
+    assert "\n" not in str(e.value) and "remove that node" in str(e.value) and len(client.calls) == 1
+
+
 def test_pool_error_is_one_line_and_the_next_call_checks_the_pool_again(proxy, ext):
     make, stock = proxy
     model, client = make("sd3.5-large")
