@@ -169,11 +169,11 @@ class PoolDiffusionModel(torch.nn.Module):
                                   "image conditioning), which the parallel model does not take yet")
         if context is None:
             raise StockModelError(f"{NAME}: the forward has no text conditioning")
-        patched = model_patches(transformer_options)
+        skip, patched = model_patches(transformer_options)
         if patched:
             raise StockModelError(f"{NAME}: ComfyUI model patches reach this forward ({patched}; e.g. from "
-                                  "SkipLayerGuidanceDiT or attention-patching nodes); the worker pool runs the "
-                                  "unpatched model, so remove that node from the graph")
+                                  "attention- or block-patching nodes); the worker pool runs the unpatched model "
+                                  "(and skips blocks for SkipLayerGuidance), so remove that node from the graph")
         b = x.shape[0]
         roles = {"cond": (context, lambda t: t.to("cpu", torch.float32).contiguous())}
         if y is not None:
@@ -196,7 +196,7 @@ class PoolDiffusionModel(torch.nn.Module):
             conds, hashes = {r: w[0] for r, w in wired.items()}, {r: w[1] for r, w in wired.items()}
             # within a run a pool that died is an error, never a silent restart (the check in _pool races the death)
             out = client.forward(self.key, xin, t, conds, guidance=g, parallel=self.handle.settings.degrees(),
-                                 hashes=hashes, restart=not later)
+                                 hashes=hashes, restart=not later, **({"skip_blocks": skip} if skip else {}))
         except PoolError as e:
             self._client = None  # a failed pool is checked (and the model loaded) again on the next call
             raise StockModelError(f"{NAME}: {str(e).strip() or type(e).__name__}") from None
@@ -204,16 +204,38 @@ class PoolDiffusionModel(torch.nn.Module):
         return out.to(device=x.device, dtype=x.dtype)
 
 
-def model_patches(transformer_options: dict) -> str:
+def model_patches(transformer_options: dict) -> tuple[dict[str, list[int]], str]:
     """The model patches ComfyUI passes a forward (transformer_options' "patches" and "patches_replace": block
-    replacements, attention and input/output patches), which the pool cannot run; '' when there are none."""
+    replacements, attention and input/output patches): (the blocks to skip: block replacements that return their
+    arguments, as SkipLayerGuidance's do, by kind; the patches the pool cannot run, '' when none)."""
+    skip: dict[str, list[int]] = {}
     found = []
     for group in ("patches_replace", "patches"):
         for kind, entries in sorted((transformer_options.get(group) or {}).items()):
+            if group == "patches_replace" and kind == "dit" and entries:
+                for key in [k for k, fn in entries.items() if _skips_block(k, fn)]:
+                    skip.setdefault(key[0], []).append(key[1])
+                entries = {k: fn for k, fn in entries.items() if not _skips_block(k, fn)}
             if entries:
                 names = sorted(map(str, entries))
                 found.append(f"{group} {kind}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}")
-    return "; ".join(found)
+    return {k: sorted(v) for k, v in skip.items()}, "; ".join(found)
+
+
+def _skips_block(key, fn) -> bool:
+    """A "dit" block replacement that hands its arguments back untouched (the block skipped), by what it does."""
+    if not (isinstance(key, tuple) and len(key) == 2 and key[0] in ("double_block", "single_block")
+            and isinstance(key[1], int)):
+        return False
+    probe = {}
+
+    def original_block(args):
+        raise LookupError  # it runs the block: not a skip
+
+    try:
+        return fn(probe, {"original_block": original_block}) is probe
+    except Exception:  # noqa: BLE001 - anything else it does is a patch the pool cannot run
+        return False
 
 
 def stock_model(handle: ModelHandle):

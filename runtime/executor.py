@@ -229,7 +229,8 @@ class Executor:
         if self.test_hooks and op.debug is not None and op.debug.raise_on_rank == self.rank:
             raise RuntimeError("injected failure in a forward")
         sent: dict[str, int] = {}
-        out = forward_call(loaded.adapter, rest["x"].to(self.device), rest["timestep"], cond, config, sent)
+        out = forward_call(loaded.adapter, rest["x"].to(self.device), rest["timestep"], cond, config, sent,
+                           op.skip_blocks)
         extra = {"seconds": round(time.perf_counter() - start, 6)}
         if sent:
             extra["comm"] = sent  # the bytes rank 0 sent to other ranks, per kind

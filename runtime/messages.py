@@ -113,6 +113,10 @@ class Sample(_Request, tag="sample"):
 
 
 CondRefs = Annotated[dict[Name, Annotated[str, Meta(pattern="^[0-9a-f]{32}$")]], Meta(max_length=16)]
+# ComfyUI block kind -> indices of the blocks a skip-layer call passes through (SkipLayerGuidance)
+SkipBlocks = Annotated[dict[Literal["double_block", "single_block"],
+                            Annotated[list[Annotated[int, Meta(ge=0, le=4096)]], Meta(max_length=4096)]],
+                       Meta(max_length=2)]
 
 
 class Forward(_Request, tag="forward"):
@@ -125,6 +129,7 @@ class Forward(_Request, tag="forward"):
     parallel: ParallelFields = msgspec.field(default_factory=ParallelFields)
     debug: DebugFields | None = None
     buffer: Token | None = None  # the token of this client's shared buffer, where tensors with `at` lie
+    skip_blocks: SkipBlocks = {}
 
 
 class OpenBuffer(_Request, tag="open_buffer"):
@@ -210,6 +215,7 @@ class ForwardOp(Struct, tag="forward", forbid_unknown_fields=True):
     guidance: float | None
     parallel: ParallelFields
     debug: DebugFields | None = None
+    skip_blocks: dict[str, list[int]] = {}
 
 
 class PingOp(Struct, tag="ping", forbid_unknown_fields=True):

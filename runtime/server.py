@@ -453,7 +453,7 @@ class Rank0Server:
         if isinstance(h, Unload):
             return UnloadOp(h.key)
         if isinstance(h, Forward):
-            return ForwardOp(h.key, dict(h.conds), h.guidance, h.parallel, h.debug)
+            return ForwardOp(h.key, dict(h.conds), h.guidance, h.parallel, h.debug, dict(h.skip_blocks))
         return SampleOp(h.key, h.request, h.parallel, h.preview, h.debug, h.loras)
 
     def _enqueue(self, job: Job) -> None:

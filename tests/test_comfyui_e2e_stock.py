@@ -59,8 +59,24 @@ COND_NODE = textwrap.dedent('''
         def run(self, m):
             return (m,)
 
+    class XDiTE2EBlockWrapper:
+        """A block replacement that runs the block (as custom packs' patches do): nothing the pool can run."""
+        CATEGORY = "testing"
+        RETURN_TYPES = ("MODEL",)
+        FUNCTION = "run"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"m": ("MODEL",)}}
+
+        def run(self, m):
+            m = m.clone()
+            m.set_model_patch_replace(lambda args, extra: extra["original_block"](args), "dit", "double_block", 0)
+            return (m,)
+
     NODE_CLASS_MAPPINGS = {"XDiTE2EStockConditioning": XDiTE2EStockConditioning,
-                           "XDiTE2EModelPassThrough": XDiTE2EModelPassThrough}
+                           "XDiTE2EModelPassThrough": XDiTE2EModelPassThrough,
+                           "XDiTE2EBlockWrapper": XDiTE2EBlockWrapper}
 ''')
 
 U, R, C = {"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}
@@ -304,21 +320,37 @@ def test_comfyuis_lora_loader_and_pipefusion_refused_on_the_parallel_model(comfy
     assert not [p for k in ("lorarefused", "hookrefused", "pfrefused") for p in (base / "output").glob(k + "_*")]
 
 
-def test_skip_layer_guidance_on_the_parallel_model_is_refused_not_dropped(comfy):
-    """SkipLayerGuidanceDiT's skip-layer forward carries a block replacement the pool cannot run: refused when it
-    runs, in one line naming the patch, instead of sampling as if the node were not there."""
+def test_skip_layer_guidance_matches_native_and_other_block_patches_are_refused(comfy):
+    """SkipLayerGuidanceDiT on the parallel model (its skip-layer calls skip the blocks on the pool: Ulysses 2 on SD3,
+    CFG 2 on Flux with a double and a single block) against the same node on the native model; a block patch the
+    pool cannot run is refused when it runs, in one line naming it, instead of sampling as if it were not there."""
     from queue_workflow import queue_and_wait
 
     server, base = comfy
-    graph = _long_run("sd3", 2, "slgrefused")
-    graph["120"] = {"class_type": "SkipLayerGuidanceDiT", "inputs": {
-        "model": graph["110"]["inputs"]["model"], "double_layers": "1", "single_layers": "", "scale": 3.0,
-        "start_percent": 0.0, "end_percent": 1.0, "rescaling_scale": 0.0}}
+    for family, degrees, double, single in (("sd3", U, "0", ""), ("flux", C, "0", "0")):
+        graph = _base_graph(family)
+        ours = _parallel_model(graph, 100, family, degrees)
+        for m, nid in ((["4", 0], "200"), (ours, "300")):
+            graph[nid] = {"class_type": "SkipLayerGuidanceDiT", "inputs": {
+                "model": m, "double_layers": double, "single_layers": single, "scale": 3.0, "start_percent": 0.0,
+                "end_percent": 1.0, "rescaling_scale": 0.0}}
+        _ksampler_pair(graph, 400, ["300", 0], "euler", "simple", FAMILIES[family][3], f"slg{family}",
+                       native=["200", 0])
+        _ksampler_pair(graph, 410, ["4", 0], "euler", "simple", FAMILIES[family][3], f"noslg{family}")
+        _, entry = queue_and_wait(server, graph, timeout=1800, log=lambda line: None)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        native, mine = _saved(base, f"slg{family}native"), _saved(base, f"slg{family}xdit")
+        err = rel_l2(mine, native)
+        print(f"{family} SkipLayerGuidanceDiT {degrees}: rel L2 to native {err:.2e}")
+        assert native.abs().mean() > 0.01 and err <= 1e-5, (family, err)
+        assert rel_l2(native, _saved(base, f"noslg{family}native")) > 1e-3  # the guidance changes the result
+    graph = _long_run("sd3", 2, "wrapperrefused")
+    graph["120"] = {"class_type": "XDiTE2EBlockWrapper", "inputs": {"m": graph["110"]["inputs"]["model"]}}
     graph["110"]["inputs"]["model"] = ["120", 0]
     with pytest.raises(RuntimeError, match=r"KSampler\) failed: Parallel DiT Model: ComfyUI model patches reach this "
-                                           r"forward \(patches_replace dit: \('double_block', 1\);"):
+                                           r"forward \(patches_replace dit: \('double_block', 0\);"):
         queue_and_wait(server, graph, timeout=600, log=lambda line: None)
-    assert not list((base / "output").glob("slgrefused_*"))
+    assert not list((base / "output").glob("wrapperrefused_*"))
 
 
 def test_cancel_between_forwards_leaves_the_pool_clean(comfy):

@@ -135,6 +135,27 @@ def test_pool_forward_matches_in_process(client, model, degrees, batch):
     assert rel_l2(other, ref) > 1e-4
 
 
+def test_skip_layer_forward_over_the_pool(client):
+    """SkipLayerGuidance's call: the named blocks pass their streams through on every rank (Ulysses 2, CFG 2), as
+    in one process; a kind the model cannot skip is one line and the pool stays up."""
+    from comfyui_xdit.parallel.forward import forward_call
+
+    key = client.load_model("tiny-flux")
+    conds, x, t, ref = _inputs("tiny-flux", 2)
+    skip = {"double_block": [1], "single_block": [0]}
+    from comfyui_xdit.adapters import Conditioning
+
+    c = Conditioning(conds["cond"], conds["pooled"])
+    expected = forward_call(load_model("tiny-flux").adapter, x, t, c, skip=skip)
+    assert rel_l2(expected, ref) > 1e-3
+    for degrees in ({"ulysses": 2}, {"cfg": 2}):
+        out = client.forward(key, x, t, conds, parallel=degrees, skip_blocks=skip)
+        assert rel_l2(out, expected) <= 1e-5, degrees
+    with pytest.raises(PoolError, match=r"cannot skip double_block 5: the model has 2 \(transformer_blocks\)"):
+        client.forward(key, x, t, conds, parallel={"ulysses": 2}, skip_blocks={"double_block": [5]})
+    assert rel_l2(client.forward(key, x, t, conds, parallel={"ulysses": 2}), ref) <= 1e-5  # next call: no skip
+
+
 @contextlib.contextmanager
 def forward_sends(client, record):
     """Calls record(state, tensors, sock) for each forward the client sends."""

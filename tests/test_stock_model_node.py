@@ -18,9 +18,9 @@ class FakeClient:
     def pool_alive(self):
         return self.alive
 
-    def forward(self, key, x, t, conds, guidance=None, parallel=None, hashes=None, restart=True):
+    def forward(self, key, x, t, conds, guidance=None, parallel=None, hashes=None, restart=True, **more):
         self.calls.append(dict(key=key, x=x, t=t, conds=conds, guidance=guidance, parallel=parallel, hashes=hashes,
-                               restart=restart))
+                               restart=restart, **more))
         return -x
 
 
@@ -114,9 +114,29 @@ def test_refusals_are_one_line(proxy, extra, reason):
     assert "\n" not in str(e.value) and str(e.value).startswith("Parallel DiT Model: ") and not client.calls
 
 
+def test_skip_layer_guidance_blocks_go_to_the_pool(proxy):
+    """SkipLayerGuidance's block replacements hand their arguments back: the forward names those blocks."""
+    make, stock = proxy
+    model, client = make("flux-dev", ulysses=2)
+
+    def skip(args, extra_args):  # ComfyUI's SkipLayerGuidanceDiT replacement
+        return args
+
+    dit = {("double_block", 3): skip, ("single_block", 7): skip, ("double_block", 1): skip}
+    x = torch.randn(2, 16, 4, 4)
+    model(x, torch.tensor([0.5, 0.5]), context=torch.randn(2, 5, 4096), y=torch.randn(2, 768),
+          transformer_options={"sigmas": torch.tensor([0.5]), "patches_replace": {"dit": dit}})
+    model(x, torch.tensor([0.5, 0.5]), context=torch.randn(2, 5, 4096), y=torch.randn(2, 768),
+          transformer_options={"sigmas": torch.tensor([0.5])})
+    assert client.calls[0]["skip_blocks"] == {"double_block": [1, 3], "single_block": [7]}
+    assert "skip_blocks" not in client.calls[1]
+
+
 @pytest.mark.parametrize("options, reason", [
-    ({"patches_replace": {"dit": {("double_block", 3): lambda args, extra: args}}},
-     r"patches_replace dit: \('double_block', 3\)"),  # SkipLayerGuidanceDiT's skip-layer call
+    ({"patches_replace": {"dit": {("double_block", 3): lambda args, extra: extra["original_block"](args)}}},
+     r"patches_replace dit: \('double_block', 3\)"),  # a block wrapper: the pool cannot run it
+    ({"patches_replace": {"dit": {("double_block", 3): lambda args, extra: dict(args)}}},
+     r"patches_replace dit: \('double_block', 3\)"),  # hands back other arguments
     ({"patches": {"attn1_patch": [lambda q, k, v, extra: (q, k, v)]}}, "patches attn1_patch"),
 ])
 def test_model_patches_are_refused_not_dropped(proxy, options, reason):

@@ -167,11 +167,14 @@ def _infer_config(sd: dict, hints: dict) -> dict:
 
 
 LATENT = LatentFormat(16, scale=0.3611, shift=0.1159)
+# ComfyUI's Flux model (comfy/ldm/flux/model.py) replaces its double_blocks[i] and single_blocks[i] by index
+SKIP = (("double_block", "transformer_blocks"), ("single_block", "single_transformer_blocks"))
 FAMILY = Family(
     name="flux",
     diffusers_class="FluxTransformer2DModel",
-    variants=(Variant("flux-dev", "flux-dev.json", FLOW_DEV, ComfySpec("Flux", "FLUX", "Flux")),
-              Variant("flux-schnell", "flux-schnell.json", FLOW_SCHNELL, ComfySpec("FluxSchnell", "FLOW", "Flux"))),
+    variants=(Variant("flux-dev", "flux-dev.json", FLOW_DEV, ComfySpec("Flux", "FLUX", "Flux", skip_blocks=SKIP)),
+              Variant("flux-schnell", "flux-schnell.json", FLOW_SCHNELL,
+                      ComfySpec("FluxSchnell", "FLOW", "Flux", skip_blocks=SKIP))),
     latent=LATENT,
     cond=CondSpec(width=4096, pooled=768, guidance=3.5, tokens=512),
     flow=True,

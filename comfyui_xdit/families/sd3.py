@@ -12,7 +12,8 @@ from .spec import (IMAGE, TEXT, BlockList, ComfySpec, CondSpec, Family, LatentFo
                    Variant)
 
 FLOW_SD3 = dict(num_train_timesteps=1000, shift=3.0)
-SD3 = ComfySpec("SD3", "FLOW", "SD3")
+# ComfyUI's MMDiT (comfy/ldm/modules/diffusionmodules/mmdit.py) replaces its joint_blocks[i] by index
+SD3 = ComfySpec("SD3", "FLOW", "SD3", skip_blocks=(("double_block", "transformer_blocks"),))
 
 
 class SD3Adapter(FamilyAdapter):

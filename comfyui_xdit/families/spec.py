@@ -132,6 +132,9 @@ class ComfySpec:
     text_mask: bool = True    # ComfyUI's model applies the CONDITIONING's attention_mask (False: it ignores it, and
     #                           so do the nodes, to sample what KSampler samples)
     shift: Callable[[int, int], float] | None = None
+    # the block kinds of ComfyUI's patches_replace "dit" that its model honours (SkipLayerGuidance's skipped
+    # blocks), each -> the BlockList of ours with the same blocks in the same order
+    skip_blocks: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

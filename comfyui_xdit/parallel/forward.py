@@ -3,10 +3,13 @@ rows together, or larger batches) split over DP and the CFG halves, Ulysses x Ri
 ends with the whole output. PipeFusion needs the whole loop (its stale K/V span steps) and is refused here."""
 from __future__ import annotations
 
+from typing import Mapping, Sequence
+
 import torch
 
 from ..adapters import Conditioning, FamilyAdapter
 from ..errors import ConfigError, XDiTError
+from ..skip_layers import skipped_blocks
 from .config import ParallelConfig, heads_advice
 from .mesh import get_mesh
 from .sequence import sequence_parallel, shard_range, shard_sizes
@@ -45,11 +48,13 @@ def check_forward(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, conf
 
 @torch.no_grad()
 def forward_call(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, c: Conditioning,
-                 config: ParallelConfig | None = None, sent: dict[str, int] | None = None) -> torch.Tensor:
+                 config: ParallelConfig | None = None, sent: dict[str, int] | None = None,
+                 skip: Mapping[str, Sequence[int]] | None = None) -> torch.Tensor:
     """The model's output for model-space latents x (ComfyUI's layout of the family: a frame axis of 1 where its
     latent format has one) at engine timesteps t [B], float32, same layout as x. With a config of world size > 1,
     call it on every rank of the default process group with the same arguments; `sent`, when given, receives the
-    bytes this rank sent to other ranks, per kind of exchange."""
+    bytes this rank sent to other ranks, per kind of exchange. `skip`: ComfyUI block kind -> indices of blocks that
+    pass their streams through in this call (SkipLayerGuidance; comfyui_xdit.skip_layers)."""
     config = config or ParallelConfig()
     one_frame = adapter.latent.frame_axis and x.ndim == 5 and x.shape[2] == 1
     xm = (x[:, :, 0] if one_frame else x).to(adapter.device, torch.float32)
@@ -58,6 +63,13 @@ def forward_call(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, c: Co
     b = xm.shape[0]
     adapter.check_conditioning(c, b)
     c = adapter.expand(c, b)
+    with skipped_blocks(adapter, skip):  # refused here, on every rank alike, before any collective
+        return _call(adapter, xm, t, c, config, sent, one_frame)
+
+
+def _call(adapter: FamilyAdapter, xm: torch.Tensor, t: torch.Tensor, c: Conditioning, config: ParallelConfig,
+          sent: dict[str, int] | None, one_frame: bool) -> torch.Tensor:
+    b = xm.shape[0]
     if config.world_size == 1:
         out = adapter.predict(xm, t, c).float()
     else:
