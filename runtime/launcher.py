@@ -21,6 +21,8 @@ from .security import ADMIN_ENV, SECRET_ENV, as_secret, check_bind_address, chec
 log = logging.getLogger("comfyui_xdit_runtime.launcher")
 
 SCRUBBED_ENV = ("PYTORCH_CUDA_ALLOC_CONF",)  # ComfyUI's allocator settings must not leak into the workers
+# a one-node pool's collectives listen on loopback only (gloo's pairs, NCCL's bootstrap and proxy sockets)
+LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
 PR_SET_PDEATHSIG = 1
 
 
@@ -147,12 +149,15 @@ class Pool:
             env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
             env.update(self.extra_env)
             env.setdefault("OMP_NUM_THREADS", "1")
+            if self.nnodes == 1:
+                env.update(LOOPBACK_ENV)
             env.setdefault("HF_HUB_OFFLINE", "1")
             env.pop(SECRET_ENV, None)
             if self.secret:
                 env[SECRET_ENV] = self.secret.decode("utf-8", "surrogateescape")
             env[ADMIN_ENV] = self.admin_secret.decode("utf-8", "surrogateescape")
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
+            # torchrun, its rendezvous store bound to the rendezvous host only (torch's binds every interface)
+            cmd = [sys.executable, "-m", "comfyui_xdit_runtime.torchrun", f"--nproc-per-node={self.nproc}",
                    f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}",  # static rendezvous: node-major ranks
                    "--master-addr", rdzv_host, "--master-port", str(rdzv_port), "--monitor-interval", "0.2",
                    *self.torchrun_args, "-m", "comfyui_xdit_runtime.worker", "--address", self.address,
