@@ -27,7 +27,7 @@ import zmq
 from . import messages, protocol
 from .messages import PING_INTERVAL_S
 from .cond_cache import UPLOAD_PREFIX, content_hash
-from .errors import JobCancelled, PoolDied, PoolError, PoolTimeout, raise_for_error
+from .errors import JobCancelled, PoolDied, PoolError, PoolRestarted, PoolTimeout, raise_for_error
 from .protocol import AuthError, Message, ProtocolError
 from .security import as_secret, is_local_address
 from .shared_buffer import SharedBuffer
@@ -36,6 +36,7 @@ log = logging.getLogger("comfyui_xdit_runtime.client")
 POLL_SLICE_MS = 100
 MAX_REMEMBERED_UPLOADS = 256
 LIVENESS_TIMEOUT_S = 6.0  # a pool that sends nothing for this long (pings unanswered) is gone
+DEATH_REPLY_GRACE_S = 1.0  # a supervised pool seen dead: how long its own error reply (naming the rank) may take
 MIN_BUFFER_BYTES = 1 << 20  # a shared buffer's smallest size (it is made 1.25x the latents, in whole MiB)
 
 
@@ -208,19 +209,28 @@ class PoolClient:
         header = self._forward_header if self._forward_header[0] == memo else (memo, self._build(messages.Forward,
                                                                                              **fields))
         self._forward_header = header
+        shared = self.shared_memory
         for attempt in range(3):
             tensors = {"x": x, "timestep": timestep}
             tensors.update({UPLOAD_PREFIX + d: conds[r] for r, d in refs.items() if d not in known})
             try:
                 msg = self._request(msgspec.structs.replace(header[1], id=self.new_request_id()), tensors,
                                     timeout=timeout, allow_unbounded=True, direct=self.direct, ensure=restart,
-                                    shared_bytes=x.numel() * x.element_size() if self.shared_memory else 0)
+                                    shared_bytes=x.numel() * x.element_size() if shared else 0)
+            except PoolTimeout as e:
+                raise PoolTimeout(self._forward_timeout_text(timeout), e.kind) from None
             except PoolError as e:
                 if e.kind == "cond_missing" and not attempt:
                     known = set()  # the pool lost them: send them all again
                     continue
+                if isinstance(e, PoolRestarted) and restart and attempt < 2:
+                    known = set()  # went to a pool that had died (while idle): a forward can go again, to the new one
+                    continue
                 if e.kind == "buffer_missing" and attempt < 2:
-                    self._drop_buffer(self._state(False))  # evicted by other clients' buffers: open another
+                    # evicted by other clients' buffers before it came: this call goes in frames, which cannot miss;
+                    # the next one opens another buffer
+                    self._drop_buffer(self._state(False))
+                    shared = False
                     continue
                 with self._lock:
                     args = self._loads.get(key)
@@ -243,6 +253,21 @@ class PoolClient:
                     self._uploaded.pop(next(iter(self._uploaded)))
             return msg.tensors["out"], dict(msg.header.data)
         raise AssertionError("unreachable")
+
+    def _forward_timeout_text(self, timeout: float | None) -> str:
+        """Why a forward got no reply in time: the pool's status names a rank of rank 0's host that is stopped or
+        gone; otherwise a rank may be hung in a collective (the pool gives up on it after its --pg-timeout)."""
+        head = f"no reply to a forward from the pool at {self.address} within {timeout:g} s"
+        try:
+            ranks = self.status(timeout=2.0).get("ranks", [])
+        except PoolError:
+            return f"{head}, and no answer to a status request either: the pool is unreachable or frozen"
+        odd = [f"rank {r['rank']} (pid {r.get('pid')}) is {r['state']}" for r in ranks
+               if r.get("state") not in (None, "running")]
+        if odd:
+            return f"{head}: {'; '.join(odd)} (a frozen peer; the pool fails the forward after its --pg-timeout)"
+        return (f"{head}: every rank runs, so the forward is slow or a rank is hung in a collective (the pool fails "
+                "it after its --pg-timeout)")
 
     def pool_alive(self) -> bool:
         """False when this client's supervised pool has stopped (a rank died); True without a supervisor."""
@@ -393,14 +418,15 @@ class PoolClient:
                     on_message(msg)
                 elif msg.type == "error":
                     done = True
-                    if msg.header.kind == "pool":
-                        self._await_exit()
                     raise_for_error(msg.header)
                 elif msg.type == "result":
                     done = True
                     return msg
-        except PoolDied:
-            self._drop_direct(state)
+        except PoolError as e:
+            if isinstance(e, PoolDied) or e.kind == "pool":  # the pool failed: its direct socket is dead with it
+                self._drop_direct(state)
+                if e.kind == "pool":
+                    self._await_exit()
             raise
         finally:
             state.active.discard(rid)
@@ -429,12 +455,14 @@ class PoolClient:
         h = msg.header
         boot = h.boot if msg.type == "accepted" else (
             h.data.get("boot") if msg.type == "result" and str(msg.id).startswith("ping-") else None)
+        if msg.type == "result" and str(msg.id).startswith("ping-") and h.data.get("failed"):
+            raise PoolDied(str(h.data["failed"]), "died")  # the pool is going down: what was asked will not come
         if not boot:
             return
         if state.boot is None:
             state.boot = boot
         elif boot != state.boot:
-            raise PoolDied(f"the pool at {self.address} restarted during {what}: the request was lost", "died")
+            raise PoolRestarted(f"the pool at {self.address} restarted during {what}: the request was lost", "died")
 
     def _next(self, state: _ThreadState, rid: str, deadline: float | None, what: str) -> Message:
         """The next reply for `rid`, stashing replies that belong to other requests of this thread; pings the pool
@@ -455,6 +483,8 @@ class PoolClient:
             ready = state.poller.poll(POLL_SLICE_MS)
             if not ready:
                 if self._supervisor is not None and not self._supervisor.is_alive():
+                    if state.poller.poll(DEATH_REPLY_GRACE_S * 1000):  # rank 0's word on it first (which rank)
+                        continue
                     raise PoolDied(f"the pool stopped during {what}: {self._supervisor.failure_text()}", "died")
                 continue
             for sock, _ in ready:

@@ -314,7 +314,9 @@ class Pool:
     def failure_text(self) -> str:
         proc = self._proc
         code = None if proc is None else proc.poll()
-        return f"pool process exited (code {code}); log tail:\n{self.log_tail(15)}"
+        gone = [f"rank {rank} (pid {pid})" for rank, pid in enumerate(self._rank_pids) if not _pid_alive(pid)]
+        what = f"{', '.join(gone)} ended" if gone else f"pool process exited (code {code})"
+        return f"{what}; log tail:\n{self.log_tail(15)}"
 
     def log_tail(self, lines: int = 40) -> str:
         try:

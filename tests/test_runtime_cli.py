@@ -23,6 +23,22 @@ def test_serve_refuses_public_address_without_secret(capsys, monkeypatch):
     assert "without a shared secret" in capsys.readouterr().err
 
 
+def test_serve_pg_timeout_reaches_the_pool(monkeypatch):
+    import comfyui_xdit_runtime
+    from comfyui_xdit_runtime.errors import PoolError
+
+    seen = {}
+
+    def fake_pool(*args, **kwargs):
+        seen.update(kwargs)
+        raise PoolError("stopped here", "config")
+
+    monkeypatch.setattr(comfyui_xdit_runtime, "Pool", fake_pool)
+    assert main(["serve", "--nproc", "2", "--pg-timeout", "30"]) == 2
+    assert seen["pg_timeout"] == 30.0
+    assert main(["serve", "--nproc", "2"]) == 2 and seen["pg_timeout"] == 120.0
+
+
 def _serve(tmp_path, *extra, env=None):
     address = f"ipc://{tmp_path}/pool.sock"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDIT_POOL_ADMIN_SECRET": "cli-admin", **(env or {})}
