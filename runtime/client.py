@@ -23,6 +23,7 @@ from typing import Any, Callable, Protocol
 import msgspec
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import messages, protocol
 from .messages import PING_INTERVAL_S
@@ -36,6 +37,7 @@ log = logging.getLogger("comfyui_xdit_runtime.client")
 POLL_SLICE_MS = 100
 MAX_REMEMBERED_UPLOADS = 256
 LIVENESS_TIMEOUT_S = 6.0  # a pool that sends nothing for this long (pings unanswered) is gone
+RECONNECT_GRACE_S = 0.5  # a pool that closed the connection and does not take it again within this has lost rank 0
 DEATH_REPLY_GRACE_S = 1.0  # a supervised pool seen dead: how long its own error reply (naming the rank) may take
 MIN_BUFFER_BYTES = 1 << 20  # a shared buffer's smallest size (it is made 1.25x the latents, in whole MiB)
 
@@ -57,8 +59,9 @@ class Progress:
 
 
 class _ThreadState:
-    def __init__(self, sock: zmq.Socket, generation: int):
+    def __init__(self, sock: zmq.Socket, generation: int, monitor: zmq.Socket | None = None):
         self.sock = sock
+        self.monitor = monitor  # the main socket's connection events: rank 0's process closing it is a death
         self.generation = generation
         self.sent = self.heard = time.monotonic()  # last message sent to / received from the pool
         self.boot: str | None = None  # the pool instance that answers the request waited for
@@ -66,6 +69,8 @@ class _ThreadState:
         self.mailbox: dict[str, collections.deque[Message]] = {}
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
+        if monitor is not None:
+            self.poller.register(monitor, zmq.POLLIN)
         self.direct: zmq.Socket | None = None  # connected to the pool's direct socket (forwards only)
         self.direct_boot: str | None = None    # the pool instance that named it
         self.direct_asked = False              # the pool was asked for it (direct stays None if it has none)
@@ -307,8 +312,26 @@ class PoolClient:
         if state is not None:  # the pool restarted: replies to the old socket will never come
             self._drop_direct(state)
             self._forget(state.sock)
-        self._local.state = _ThreadState(self._connect(self.address), generation)
+            if state.monitor is not None:
+                self._forget(state.monitor)
+        sock = self._connect(self.address)
+        monitor = None
+        if not self.address.startswith("inproc://"):
+            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            with self._lock:
+                self._sockets.append(monitor)
+        self._local.state = _ThreadState(sock, generation, monitor)
         return self._local.state
+
+    @staticmethod
+    def _connection_lost(state: _ThreadState) -> bool:
+        """Read the main socket's connection events: True when the last one says the pool closed the connection (its
+        rank 0 process ended), False once connected (again)."""
+        lost = False
+        while state.monitor is not None and state.monitor.poll(0):
+            event = recv_monitor_message(state.monitor)["event"]
+            lost = event == zmq.EVENT_DISCONNECTED if event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECTED) else lost
+        return lost
 
     def _connect(self, address: str) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
@@ -408,6 +431,8 @@ class PoolClient:
         state.mailbox[rid] = collections.deque()
         done = False
         try:
+            if len(state.active) == 1:
+                self._connection_lost(state)  # what happened before this request is not its news
             self._send(state, header, tensors, sock, buffer)
             if len(state.active) == 1:  # the pool's silence counts from the first request waited for
                 state.heard, state.boot = state.sent, state.direct_boot if sock is not None else None
@@ -488,7 +513,27 @@ class PoolClient:
                     raise PoolDied(f"the pool stopped during {what}: {self._supervisor.failure_text()}", "died")
                 continue
             for sock, _ in ready:
+                if sock is state.monitor:
+                    if self._connection_lost(state):
+                        self._lost(state, rid, what)
+                else:
+                    self._receive(state, sock, what)
+
+    def _lost(self, state: _ThreadState, rid: str, what: str) -> None:
+        """The pool closed the main connection. What it sent before is still read; a pool that takes the connection
+        again at once is there (it dropped this one: a message over its limit); one that does not has lost rank 0."""
+        for sock in (state.sock, state.direct):
+            while sock is not None and sock.poll(0):
                 self._receive(state, sock, what)
+        if state.mailbox.get(rid):
+            return
+        deadline = time.monotonic() + RECONNECT_GRACE_S
+        while (left := deadline - time.monotonic()) > 0:
+            if state.monitor.poll(max(1, int(left * 1000))) and \
+                    recv_monitor_message(state.monitor)["event"] == zmq.EVENT_CONNECTED:
+                return
+        raise PoolDied(f"the pool at {self.address} closed its connection during {what} and does not take it "
+                       "again: its rank 0 ended (killed, crashed or stopped)", "died")
 
     def _receive(self, state: _ThreadState, sock: zmq.Socket, what: str) -> None:
         """Read one reply into its request's mailbox (unreadable or unauthenticated replies are dropped)."""
