@@ -381,7 +381,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pool = Pool(args.nproc, args.address, _pool_secret(args), device=args.device, backend=args.backend,
                     log_path=args.log, max_message_bytes=args.max_message_bytes, die_with_parent=True,
                     admin_secret=os.environ.get(ADMIN_ENV), nnodes=args.nnodes, node_rank=args.node_rank,
-                    rdzv_endpoint=args.rdzv_endpoint)
+                    rdzv_endpoint=args.rdzv_endpoint, pg_timeout=args.pg_timeout)
     except PoolError as e:
         raise XDiTError(str(e)) from None
 
@@ -423,6 +423,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, choices=["gloo", "nccl"], help="default: nccl on cuda, else gloo")
     p.add_argument("--log", default=None, help="pool log file (default: a temporary file)")
     p.add_argument("--max-message-bytes", type=int, default=1 << 30)
+    p.add_argument("--pg-timeout", type=float, default=120.0,
+                   help="seconds a collective waits for a frozen rank before the job fails (a dead rank is found at "
+                        "once)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ the output as ComfyUI's model would. ComfyUI's loop gives progress, previews and
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -17,6 +18,20 @@ from .pool import MANAGER, ModelHandle
 NAME = "Parallel DiT Model"
 # ComfyUI diffusion-model arguments a text-to-image forward may carry without changing anything here
 _IGNORED = {"c_size", "c_ar"}  # PixArt micro-conditioning: Sigma's model does not use it (the engine passes none)
+# The most seconds one forward may take before it is given up on (a frozen rank: the error names it when it is on rank
+# 0's host); XDIT_FORWARD_TIMEOUT sets another. A dead rank is reported at once, whatever this is.
+FORWARD_TIMEOUT_ENV, FORWARD_TIMEOUT_S = "XDIT_FORWARD_TIMEOUT", 300.0
+
+
+def forward_timeout() -> float:
+    value = os.environ.get(FORWARD_TIMEOUT_ENV, "")
+    try:
+        seconds = float(value) if value else FORWARD_TIMEOUT_S
+    except ValueError:
+        raise StockModelError(f"{NAME}: {FORWARD_TIMEOUT_ENV}={value!r} is not a number of seconds") from None
+    if not 0 < seconds < float("inf"):
+        raise StockModelError(f"{NAME}: {FORWARD_TIMEOUT_ENV}={value!r} must be a positive number of seconds")
+    return seconds
 
 
 class StockModelError(Exception):
@@ -196,7 +211,8 @@ class PoolDiffusionModel(torch.nn.Module):
             conds, hashes = {r: w[0] for r, w in wired.items()}, {r: w[1] for r, w in wired.items()}
             # within a run a pool that died is an error, never a silent restart (the check in _pool races the death)
             out = client.forward(self.key, xin, t, conds, guidance=g, parallel=self.handle.settings.degrees(),
-                                 hashes=hashes, restart=not later, **({"skip_blocks": skip} if skip else {}))
+                                 hashes=hashes, restart=not later, timeout=forward_timeout(),
+                                 **({"skip_blocks": skip} if skip else {}))
         except PoolError as e:
             self._client = None  # a failed pool is checked (and the model loaded) again on the next call
             raise StockModelError(f"{NAME}: {str(e).strip() or type(e).__name__}") from None

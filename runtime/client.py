@@ -23,11 +23,12 @@ from typing import Any, Callable, Protocol
 import msgspec
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import messages, protocol
 from .messages import PING_INTERVAL_S
 from .cond_cache import UPLOAD_PREFIX, content_hash
-from .errors import JobCancelled, PoolDied, PoolError, PoolTimeout, raise_for_error
+from .errors import JobCancelled, PoolDied, PoolError, PoolRestarted, PoolTimeout, raise_for_error
 from .protocol import AuthError, Message, ProtocolError
 from .security import as_secret, is_local_address
 from .shared_buffer import SharedBuffer
@@ -36,6 +37,8 @@ log = logging.getLogger("comfyui_xdit_runtime.client")
 POLL_SLICE_MS = 100
 MAX_REMEMBERED_UPLOADS = 256
 LIVENESS_TIMEOUT_S = 6.0  # a pool that sends nothing for this long (pings unanswered) is gone
+RECONNECT_GRACE_S = 0.5  # a pool that closed the connection and does not take it again within this has lost rank 0
+DEATH_REPLY_GRACE_S = 1.0  # a supervised pool seen dead: how long its own error reply (naming the rank) may take
 MIN_BUFFER_BYTES = 1 << 20  # a shared buffer's smallest size (it is made 1.25x the latents, in whole MiB)
 
 
@@ -56,8 +59,9 @@ class Progress:
 
 
 class _ThreadState:
-    def __init__(self, sock: zmq.Socket, generation: int):
+    def __init__(self, sock: zmq.Socket, generation: int, monitor: zmq.Socket | None = None):
         self.sock = sock
+        self.monitor = monitor  # the main socket's connection events: rank 0's process closing it is a death
         self.generation = generation
         self.sent = self.heard = time.monotonic()  # last message sent to / received from the pool
         self.boot: str | None = None  # the pool instance that answers the request waited for
@@ -65,6 +69,8 @@ class _ThreadState:
         self.mailbox: dict[str, collections.deque[Message]] = {}
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
+        if monitor is not None:
+            self.poller.register(monitor, zmq.POLLIN)
         self.direct: zmq.Socket | None = None  # connected to the pool's direct socket (forwards only)
         self.direct_boot: str | None = None    # the pool instance that named it
         self.direct_asked = False              # the pool was asked for it (direct stays None if it has none)
@@ -211,19 +217,28 @@ class PoolClient:
         header = self._forward_header if self._forward_header[0] == memo else (memo, self._build(messages.Forward,
                                                                                              **fields))
         self._forward_header = header
+        shared = self.shared_memory
         for attempt in range(3):
             tensors = {"x": x, "timestep": timestep}
             tensors.update({UPLOAD_PREFIX + d: conds[r] for r, d in refs.items() if d not in known})
             try:
                 msg = self._request(msgspec.structs.replace(header[1], id=self.new_request_id()), tensors,
                                     timeout=timeout, allow_unbounded=True, direct=self.direct, ensure=restart,
-                                    shared_bytes=x.numel() * x.element_size() if self.shared_memory else 0)
+                                    shared_bytes=x.numel() * x.element_size() if shared else 0)
+            except PoolTimeout as e:
+                raise PoolTimeout(self._forward_timeout_text(timeout), e.kind) from None
             except PoolError as e:
                 if e.kind == "cond_missing" and not attempt:
                     known = set()  # the pool lost them: send them all again
                     continue
+                if isinstance(e, PoolRestarted) and restart and attempt < 2:
+                    known = set()  # went to a pool that had died (while idle): a forward can go again, to the new one
+                    continue
                 if e.kind == "buffer_missing" and attempt < 2:
-                    self._drop_buffer(self._state(False))  # evicted by other clients' buffers: open another
+                    # evicted by other clients' buffers before it came: this call goes in frames, which cannot miss;
+                    # the next one opens another buffer
+                    self._drop_buffer(self._state(False))
+                    shared = False
                     continue
                 with self._lock:
                     args = self._loads.get(key)
@@ -246,6 +261,21 @@ class PoolClient:
                     self._uploaded.pop(next(iter(self._uploaded)))
             return msg.tensors["out"], dict(msg.header.data)
         raise AssertionError("unreachable")
+
+    def _forward_timeout_text(self, timeout: float | None) -> str:
+        """Why a forward got no reply in time: the pool's status names a rank of rank 0's host that is stopped or
+        gone; otherwise a rank may be hung in a collective (the pool gives up on it after its --pg-timeout)."""
+        head = f"no reply to a forward from the pool at {self.address} within {timeout:g} s"
+        try:
+            ranks = self.status(timeout=2.0).get("ranks", [])
+        except PoolError:
+            return f"{head}, and no answer to a status request either: the pool is unreachable or frozen"
+        odd = [f"rank {r['rank']} (pid {r.get('pid')}) is {r['state']}" for r in ranks
+               if r.get("state") not in (None, "running")]
+        if odd:
+            return f"{head}: {'; '.join(odd)} (a frozen peer; the pool fails the forward after its --pg-timeout)"
+        return (f"{head}: every rank runs, so the forward is slow or a rank is hung in a collective (the pool fails "
+                "it after its --pg-timeout)")
 
     def pool_alive(self) -> bool:
         """False when this client's supervised pool has stopped (a rank died); True without a supervisor."""
@@ -285,8 +315,26 @@ class PoolClient:
         if state is not None:  # the pool restarted: replies to the old socket will never come
             self._drop_direct(state)
             self._forget(state.sock)
-        self._local.state = _ThreadState(self._connect(self.address), generation)
+            if state.monitor is not None:
+                self._forget(state.monitor)
+        sock = self._connect(self.address)
+        monitor = None
+        if not self.address.startswith("inproc://"):
+            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            with self._lock:
+                self._sockets.append(monitor)
+        self._local.state = _ThreadState(sock, generation, monitor)
         return self._local.state
+
+    @staticmethod
+    def _connection_lost(state: _ThreadState) -> bool:
+        """Read the main socket's connection events: True when the last one says the pool closed the connection (its
+        rank 0 process ended), False once connected (again)."""
+        lost = False
+        while state.monitor is not None and state.monitor.poll(0):
+            event = recv_monitor_message(state.monitor)["event"]
+            lost = event == zmq.EVENT_DISCONNECTED if event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECTED) else lost
+        return lost
 
     def _connect(self, address: str) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
@@ -386,6 +434,8 @@ class PoolClient:
         state.mailbox[rid] = collections.deque()
         done = False
         try:
+            if len(state.active) == 1:
+                self._connection_lost(state)  # what happened before this request is not its news
             self._send(state, header, tensors, sock, buffer)
             if len(state.active) == 1:  # the pool's silence counts from the first request waited for
                 state.heard, state.boot = state.sent, state.direct_boot if sock is not None else None
@@ -396,14 +446,15 @@ class PoolClient:
                     on_message(msg)
                 elif msg.type == "error":
                     done = True
-                    if msg.header.kind == "pool":
-                        self._await_exit()
                     raise_for_error(msg.header)
                 elif msg.type == "result":
                     done = True
                     return msg
-        except PoolDied:
-            self._drop_direct(state)
+        except PoolError as e:
+            if isinstance(e, PoolDied) or e.kind == "pool":  # the pool failed: its direct socket is dead with it
+                self._drop_direct(state)
+                if e.kind == "pool":
+                    self._await_exit()
             raise
         finally:
             state.active.discard(rid)
@@ -432,12 +483,14 @@ class PoolClient:
         h = msg.header
         boot = h.boot if msg.type == "accepted" else (
             h.data.get("boot") if msg.type == "result" and str(msg.id).startswith("ping-") else None)
+        if msg.type == "result" and str(msg.id).startswith("ping-") and h.data.get("failed"):
+            raise PoolDied(str(h.data["failed"]), "died")  # the pool is going down: what was asked will not come
         if not boot:
             return
         if state.boot is None:
             state.boot = boot
         elif boot != state.boot:
-            raise PoolDied(f"the pool at {self.address} restarted during {what}: the request was lost", "died")
+            raise PoolRestarted(f"the pool at {self.address} restarted during {what}: the request was lost", "died")
 
     def _next(self, state: _ThreadState, rid: str, deadline: float | None, what: str) -> Message:
         """The next reply for `rid`, stashing replies that belong to other requests of this thread; pings the pool
@@ -458,10 +511,32 @@ class PoolClient:
             ready = state.poller.poll(POLL_SLICE_MS)
             if not ready:
                 if self._supervisor is not None and not self._supervisor.is_alive():
+                    if state.poller.poll(DEATH_REPLY_GRACE_S * 1000):  # rank 0's word on it first (which rank)
+                        continue
                     raise PoolDied(f"the pool stopped during {what}: {self._supervisor.failure_text()}", "died")
                 continue
             for sock, _ in ready:
+                if sock is state.monitor:
+                    if self._connection_lost(state):
+                        self._lost(state, rid, what)
+                else:
+                    self._receive(state, sock, what)
+
+    def _lost(self, state: _ThreadState, rid: str, what: str) -> None:
+        """The pool closed the main connection. What it sent before is still read; a pool that takes the connection
+        again at once is there (it dropped this one: a message over its limit); one that does not has lost rank 0."""
+        for sock in (state.sock, state.direct):
+            while sock is not None and sock.poll(0):
                 self._receive(state, sock, what)
+        if state.mailbox.get(rid):
+            return
+        deadline = time.monotonic() + RECONNECT_GRACE_S
+        while (left := deadline - time.monotonic()) > 0:
+            if state.monitor.poll(max(1, int(left * 1000))) and \
+                    recv_monitor_message(state.monitor)["event"] == zmq.EVENT_CONNECTED:
+                return
+        raise PoolDied(f"the pool at {self.address} closed its connection during {what} and does not take it "
+                       "again: its rank 0 ended (killed, crashed or stopped)", "died")
 
     def _receive(self, state: _ThreadState, sock: zmq.Socket, what: str) -> None:
         """Read one reply into its request's mailbox (unreadable or unauthenticated replies are dropped)."""

@@ -21,6 +21,10 @@ class PoolDied(PoolError):
     """The pool's processes exited while a request was outstanding."""
 
 
+class PoolRestarted(PoolDied):
+    """The pool at the address is another instance than the one the request went to: the request was lost."""
+
+
 class PoolTimeout(PoolError):
     """No reply within the timeout."""
 

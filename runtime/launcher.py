@@ -21,6 +21,8 @@ from .security import ADMIN_ENV, SECRET_ENV, as_secret, check_bind_address, chec
 log = logging.getLogger("comfyui_xdit_runtime.launcher")
 
 SCRUBBED_ENV = ("PYTORCH_CUDA_ALLOC_CONF",)  # ComfyUI's allocator settings must not leak into the workers
+# a one-node pool's collectives listen on loopback only (gloo's pairs, NCCL's bootstrap and proxy sockets)
+LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
 PR_SET_PDEATHSIG = 1
 
 
@@ -147,12 +149,15 @@ class Pool:
             env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
             env.update(self.extra_env)
             env.setdefault("OMP_NUM_THREADS", "1")
+            if self.nnodes == 1:
+                env.update(LOOPBACK_ENV)
             env.setdefault("HF_HUB_OFFLINE", "1")
             env.pop(SECRET_ENV, None)
             if self.secret:
                 env[SECRET_ENV] = self.secret.decode("utf-8", "surrogateescape")
             env[ADMIN_ENV] = self.admin_secret.decode("utf-8", "surrogateescape")
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
+            # torchrun, its rendezvous store bound to the rendezvous host only (torch's binds every interface)
+            cmd = [sys.executable, "-m", "comfyui_xdit_runtime.torchrun", f"--nproc-per-node={self.nproc}",
                    f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}",  # static rendezvous: node-major ranks
                    "--master-addr", rdzv_host, "--master-port", str(rdzv_port), "--monitor-interval", "0.2",
                    *self.torchrun_args, "-m", "comfyui_xdit_runtime.worker", "--address", self.address,
@@ -309,7 +314,9 @@ class Pool:
     def failure_text(self) -> str:
         proc = self._proc
         code = None if proc is None else proc.poll()
-        return f"pool process exited (code {code}); log tail:\n{self.log_tail(15)}"
+        gone = [f"rank {rank} (pid {pid})" for rank, pid in enumerate(self._rank_pids) if not _pid_alive(pid)]
+        what = f"{', '.join(gone)} ended" if gone else f"pool process exited (code {code})"
+        return f"{what}; log tail:\n{self.log_tail(15)}"
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -253,3 +253,20 @@ def error(request_id: str | None, kind: str, message: str, rank: int | None = No
 
 def result(request_id: str, **data: Any) -> messages.Result:
     return messages.Result(id=request_id, data=data)
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_forward_tensors(tensors: dict[str, torch.Tensor], request_id: str | None) -> None:
+    """A forward's per-call tensors refused before they reach the ranks: `x` a float tensor of 4 dimensions (5 for
+    video) none of them empty, `timestep` a float tensor of one finite value per sample. ProtocolError otherwise."""
+    x, t = tensors.get("x"), tensors.get("timestep")
+    if x is None or t is None:
+        raise ProtocolError("a forward takes the tensors x and timestep", request_id)
+    if x.dtype not in FLOAT_DTYPES or x.ndim not in (4, 5) or 0 in x.shape:
+        raise ProtocolError(f"a forward's x must be a float tensor [B, C, (F,) H, W] with no empty dimension, got "
+                            f"{DTYPE_NAMES[x.dtype]} {list(x.shape)}", request_id)
+    if t.dtype not in FLOAT_DTYPES or list(t.shape) != [x.shape[0]] or not bool(torch.isfinite(t).all()):
+        raise ProtocolError(f"a forward's timestep must have one value per sample (finite, float, shape "
+                            f"[{x.shape[0]}]), got {DTYPE_NAMES[t.dtype]} {list(t.shape)}", request_id)

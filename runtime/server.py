@@ -14,14 +14,18 @@ Two threads, each with its own sockets:
                There a client may also open a shared-memory buffer (shared_buffer.py, at most MAX_BUFFERS, one per
                client): its forwards' tensors and their results then cross in it rather than in frames.
 Jobs belong to the client that sent them (its session token): only that client, or a holder of the pool's admin
-secret, may cancel them.
+secret, may cancel them. The main thread also watches the other ranks of its host (rank_watch.py): one that ends
+fails the pool at once, and every waiting client is told which rank it was and how it ended.
 """
 from __future__ import annotations
 
 import collections
 import hmac
 import logging
+import os
 import secrets
+import select
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +41,7 @@ from .messages import (CLIENT_TIMEOUT_S, Accepted, Cancel, Forward, ForwardOp, L
                        Outcome, Ping, PingOp, Progress, Sample, SampleOp, Shutdown, ShutdownOp, Status, Unload,
                        UnloadOp)
 from .protocol import AuthError, BufferMissing, ProtocolError
+from .rank_watch import RankDied, RankWatch, Terminated
 from .security import ReplayGuard
 from .shared_buffer import SharedBuffer
 
@@ -46,7 +51,11 @@ IDLE_POLL_S = 0.1  # otherwise it wakes this often (and at once for a message or
 # After answering a direct forward the main thread polls without sleeping this long: a stock sampler's next forward
 # follows the reply within about a millisecond, and catching it awake saves the wake-up of a sleeping thread.
 FORWARD_SPIN_S = 0.002
-MAX_BUFFERS = 4  # shared buffers held for direct clients at once (the least recently used goes first)
+# shared buffers held for direct clients at once (the least recently used goes first; XDIT_POOL_MAX_BUFFERS)...
+MAX_BUFFERS = max(1, int(os.environ.get("XDIT_POOL_MAX_BUFFERS") or 16))
+MAX_BUFFER_BYTES = 2 << 30  # ...and their bytes in all (a forward whose buffer went is sent again in frames)
+DEATH_GRACE_S = 0.5  # after a collective failed, how long to wait for a dead rank's pidfd to name it
+FAILED_LINGER_S = 1.0  # a failed pool answers every request with its failure this long before rank 0 exits
 
 
 @dataclass
@@ -96,10 +105,15 @@ class Rank0Server:
         self.direct_endpoint: str | None = None  # the direct socket's address, once bound
         self._spin_until = 0.0  # monotonic time until which the idle main thread polls without sleeping
         self._buffers: collections.OrderedDict[str, SharedBuffer] = collections.OrderedDict()  # token -> buffer
+        self._watch = RankWatch([])  # the other ranks of this host (serve fills it)
+        self._failure: str | None = None  # once the pool is failing: the I/O thread answers every request with it
 
     # ---------------------------------------------------------------- main thread
     def serve(self, startup_outcomes: list[Outcome]) -> None:
         self._ranks = self._rank_rows(startup_outcomes)
+        self._watch = RankWatch(self._ranks)
+        if threading.current_thread() is threading.main_thread():  # torchrun stops the group: answer waiters first
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 1000)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -123,6 +137,8 @@ class Rank0Server:
         self._idle_poller.register(self._wake_rx, zmq.POLLIN)
         if self._direct is not None:
             self._idle_poller.register(self._direct, zmq.POLLIN)
+        for fd in self._watch.fds():  # a rank of this host ended: readable at once
+            self._idle_poller.register(fd, zmq.POLLIN)
         io = threading.Thread(target=self._io_loop, name="xdit-pool-io", daemon=True)
         io.start()
         log.info("rank 0 serving on %s", self.address)
@@ -132,7 +148,11 @@ class Rank0Server:
                 if not self._execute(job):
                     break
         except BaseException as e:
-            self._fail_all("pool", f"the pool failed: {type(e).__name__}: {e}")
+            self._failure = self._failure or "the pool failed"  # from here on a SIGTERM is not raised again
+            self._failure = self._failure_text(e)
+            log.error("%s", self._failure)
+            self._fail_all("pool", self._failure)
+            self._linger(self._failure)
             raise
         finally:
             time.sleep(0.2)  # let the I/O thread forward the last replies
@@ -145,6 +165,43 @@ class Rank0Server:
                 self._direct.close(linger=1000)
             for buf in self._buffers.values():
                 buf.close()
+            self._watch.close()
+
+    def _linger(self, failure: str) -> None:
+        """Answer what comes in the next FAILED_LINGER_S with the failure (the I/O thread does so on the pool's
+        address): a client sending forwards back to back learns which rank died, not only that the pool went silent."""
+        deadline = time.monotonic() + FAILED_LINGER_S
+        while self._direct is not None and time.monotonic() < deadline:
+            if not self._direct.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                continue
+            frames = self._direct.recv_multipart(copy=False)
+            try:
+                msg = self._checked(frames[0].bytes, frames[1:], self._reply_direct,
+                                    lambda h: self._buffer_of(h, frames[0].bytes))
+                if msg is not None:
+                    self._reply_direct(frames[0].bytes, protocol.error(msg.header.id, "pool", failure))
+            except Exception:  # noqa: BLE001 - the pool is going down anyway
+                log.exception("error while refusing a message")
+        self._fail_all("pool", failure)  # anything queued meanwhile
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self._failure is None:  # not while the failure is being answered
+            raise Terminated("the pool was stopped (SIGTERM)")
+
+    def _failure_text(self, e: BaseException) -> str:
+        """One line for the clients of a failed pool: which rank of this host died (and how) or is stopped, when
+        one did or is, then the error itself."""
+        if isinstance(e, RankDied):
+            return f"the pool failed: {e}"
+        fds = self._watch.fds()
+        if fds and not isinstance(e, Terminated):  # a broken connection can come a moment before the pidfd
+            poller = select.poll()
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            poller.poll(DEATH_GRACE_S * 1000)
+        ranks = self._watch.dead() or self._watch.stopped()
+        error = str(e) if isinstance(e, Terminated) else f"{type(e).__name__}: {e}"
+        return f"the pool failed: {ranks} ({error})" if ranks else f"the pool failed: {error}"
 
     def _bind_direct(self) -> zmq.Socket | None:
         sock = self._ctx.socket(zmq.ROUTER)
@@ -182,6 +239,8 @@ class Rank0Server:
                 if sock is self._wake_rx:
                     while self._wake_rx.poll(0):
                         self._wake_rx.recv()
+                elif isinstance(sock, int):
+                    raise RankDied(self._watch.dead() or "a rank ended")
 
     def _direct_job(self) -> Job | None:
         """A forward waiting on the direct socket, checked as the I/O thread checks messages; anything else there is
@@ -200,6 +259,11 @@ class Rank0Server:
                 if not isinstance(h, Forward):
                     self._reply_direct(identity, protocol.error(h.id, "protocol", "the direct socket takes forward "
                                                                 "requests only: send the others to the pool's address"))
+                    continue
+                try:
+                    protocol.check_forward_tensors(msg.tensors, h.id)
+                except ProtocolError as e:
+                    self._reply_direct(identity, protocol.error(h.id, "protocol", str(e)))
                     continue
                 owner = h.client or identity.hex()
                 with self._lock:
@@ -239,7 +303,8 @@ class Rank0Server:
         owner = self._buffer_owner(h, identity)
         for token in [t for t, b in self._buffers.items() if b.owner == owner]:
             self._buffers.pop(token).close()
-        while len(self._buffers) >= MAX_BUFFERS:
+        while self._buffers and (len(self._buffers) >= MAX_BUFFERS or
+                                 sum(b.nbytes for b in self._buffers.values()) + h.nbytes > MAX_BUFFER_BYTES):
             self._buffers.popitem(last=False)[1].close()
         try:
             buf = SharedBuffer.create(h.nbytes, owner)
@@ -324,11 +389,14 @@ class Rank0Server:
                 for o in outcomes]
 
     def status(self) -> dict[str, Any]:
+        """The pool's state; a rank of this host other than rank 0 also has `state`: running, stopped or gone."""
+        states = self._watch.states()
         with self._lock:
             now = time.time()
-            return {"healthy": not self._stopping, "world_size": len(self._ranks), **self.info,
-                    "ranks": [{**{k: v for k, v in r.items() if k != "updated"},
-                               "age_s": round(now - r["updated"], 3)} for r in self._ranks],
+            return {"healthy": not self._stopping and self._failure is None, "world_size": len(self._ranks), **self.info,
+                    "ranks": [{**{k: v for k, v in r.items() if k != "updated"}, "age_s": round(now - r["updated"], 3),
+                               **({"state": states[r["rank"]]} if r.get("rank") in states else {})}
+                              for r in self._ranks],
                     "models": list(self._models), "queue_length": len(self._queue),
                     "running": self._current.id if self._current else None, "jobs_done": self._jobs_done,
                     "uptime_s": round(now - self._started, 3)}
@@ -407,8 +475,13 @@ class Rank0Server:
         with self._lock:
             self._seen[owner] = time.monotonic()
             stopping = self._stopping
+        failure = self._failure
         if isinstance(h, Ping):
-            self._reply_now(identity, protocol.result(rid, alive=True, boot=self.boot, direct=self.direct_endpoint))
+            self._reply_now(identity, protocol.result(rid, alive=failure is None, boot=self.boot,
+                                                      direct=self.direct_endpoint, **({"failed": failure} if failure
+                                                                                      else {})))
+        elif failure is not None and not isinstance(h, (Status, Cancel)):
+            self._reply_now(identity, protocol.error(rid, "pool", failure))
         elif stopping and not isinstance(h, Status):
             self._reply_now(identity, protocol.error(rid, "shutdown", "the pool is shutting down"))
         elif isinstance(h, (LoadModel, Unload, Sample, Forward)):
@@ -416,6 +489,12 @@ class Rank0Server:
             if isinstance(h, Unload) and msg.tensors:
                 self._reply_now(identity, protocol.error(rid, "protocol", "unload takes no tensors"))
                 return
+            if isinstance(h, Forward):
+                try:
+                    protocol.check_forward_tensors(msg.tensors, rid)
+                except ProtocolError as e:
+                    self._reply_now(identity, protocol.error(rid, "protocol", str(e)))
+                    return
             self._enqueue(Job(rid, identity, owner, kind, self._make_op(h), msg.tensors))
             with self._lock:
                 position = len(self._queue)

@@ -20,6 +20,7 @@ from .executor import Executor, memory_stats
 from .fanout import Fanout
 from .messages import CLIENT_TIMEOUT_S, Outcome, ShutdownOp
 from .protocol import DEFAULT_MAX_BYTES
+from .rank_watch import Terminated
 from .security import ADMIN_ENV, as_secret, check_bind_address, secret_from_env
 
 log = logging.getLogger("comfyui_xdit_runtime.worker")
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                 executor.run(op, tensors)
                 if isinstance(op, ShutdownOp):
                     break
+    except Terminated as e:  # rank 0 told its clients first
+        log.warning("rank %d stops: %s", rank, e)
+        return 1
     except Exception as e:  # noqa: BLE001 - the rank's own error text ends up in the pool log
         log.exception("rank %d stops: %s", rank, e)
         return 1

@@ -66,7 +66,8 @@ def test_cond_cache_copies_a_runs_conditioning_to_the_device_once():
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    p = Pool(2, secret=SECRET, env={"XDIT_RUNTIME_TEST_HOOKS": "1"}, log_path=tmp_path_factory.mktemp("fwd") / "p.log")
+    p = Pool(2, secret=SECRET, env={"XDIT_RUNTIME_TEST_HOOKS": "1", "XDIT_POOL_MAX_BUFFERS": "4"},
+             log_path=tmp_path_factory.mktemp("fwd") / "p.log")
     p.start()
     yield p
     p.stop()
@@ -246,7 +247,8 @@ def test_forward_tensors_cross_in_a_shared_buffer(client, pool, monkeypatch):
 
 def test_shared_buffer_fallbacks_give_the_same_result(client, pool, monkeypatch):
     """A client that cannot map the buffer (another user or pid namespace) sends frames; a buffer evicted by other
-    clients' buffers is opened again; larger latents get a larger buffer. Every result equals the in-process one."""
+    clients' buffers is refused, that forward sent in frames and the next one given a new buffer; larger latents get a
+    larger buffer. Every result equals the in-process one."""
     from comfyui_xdit_runtime import client as client_module
 
     key = client.load_model("tiny-sd3")
@@ -269,7 +271,7 @@ def test_shared_buffer_fallbacks_give_the_same_result(client, pool, monkeypatch)
         unmapped.close()
     assert rel_l2(client.forward(key, x, t, conds), ref) <= 1e-5
     token = client._local.state.buffer.token
-    others = [pool.client() for _ in range(4)]  # four buffers more: the pool keeps MAX_BUFFERS, the oldest goes
+    others = [pool.client() for _ in range(4)]  # four buffers more: the pool keeps 4 (its MAX_BUFFERS), the oldest goes
     try:
         for other in others:
             assert rel_l2(other.forward(key, x, t, conds), ref) <= 1e-5
@@ -277,8 +279,9 @@ def test_shared_buffer_fallbacks_give_the_same_result(client, pool, monkeypatch)
         for other in others:
             other.close()
     with encoded(monkeypatch) as seen:
-        assert rel_l2(client.forward(key, x, t, conds), ref) <= 1e-5
-    assert [h["buffer"] for h, _ in seen][0] == token and seen[-1][0]["buffer"] != token  # refused, then a new one
+        assert rel_l2(client.forward(key, x, t, conds), ref) <= 1e-5  # refused, then sent in frames
+        assert rel_l2(client.forward(key, x, t, conds), ref) <= 1e-5  # in a new buffer
+    assert [h.get("buffer") for h, _ in seen] == [token, None, client._local.state.buffer.token] != [token] * 3
     bconds, big, tb, bigref = _inputs("tiny-sd3", 2, seed=7, hw=(128, 80))  # 1.25 MiB of latents
     small = client._local.state.buffer.nbytes
     assert rel_l2(client.forward(key, big, tb, bconds), bigref) <= 1e-5

@@ -23,6 +23,22 @@ def test_serve_refuses_public_address_without_secret(capsys, monkeypatch):
     assert "without a shared secret" in capsys.readouterr().err
 
 
+def test_serve_pg_timeout_reaches_the_pool(monkeypatch):
+    import comfyui_xdit_runtime
+    from comfyui_xdit_runtime.errors import PoolError
+
+    seen = {}
+
+    def fake_pool(*args, **kwargs):
+        seen.update(kwargs)
+        raise PoolError("stopped here", "config")
+
+    monkeypatch.setattr(comfyui_xdit_runtime, "Pool", fake_pool)
+    assert main(["serve", "--nproc", "2", "--pg-timeout", "30"]) == 2
+    assert seen["pg_timeout"] == 30.0
+    assert main(["serve", "--nproc", "2"]) == 2 and seen["pg_timeout"] == 120.0
+
+
 def _serve(tmp_path, *extra, env=None):
     address = f"ipc://{tmp_path}/pool.sock"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDIT_POOL_ADMIN_SECRET": "cli-admin", **(env or {})}
@@ -87,19 +103,19 @@ def test_serve_restarts_a_killed_rank_and_attached_clients_learn_it(tmp_path):
         key = client.load_model("tiny-flux")
         first = client.sample(key, {**REQ, "seed": 4})
         ranks = [r["pid"] for r in client.status()["ranks"]]
-        seen = []
+        seen, killed = [], []
 
         def kill_rank0(p):
             seen.append(p.step)
             if p.step == 1:
-                os.kill(ranks[0], signal.SIGKILL)  # rank 0 serves the socket: the client hears nothing more
+                os.kill(ranks[0], signal.SIGKILL)  # rank 0 serves the socket: its connection closes
+                killed.append(time.monotonic())
 
-        start = time.monotonic()
-        with pytest.raises(PoolDied, match="stopped answering|restarted during sample") as info:
+        with pytest.raises(PoolDied, match="closed its connection during sample .*: its rank 0 ended") as info:
             client.sample(key, {**REQ, "steps": 10000}, on_progress=kill_rank0)
-        took = time.monotonic() - start
-        print(f"the attached client learned in {took:.1f} s: {info.value}")
-        assert took < 20, "an attached client must learn within seconds that the pool is gone"
+        took = time.monotonic() - killed[0]
+        print(f"the attached client learned in {took:.2f} s: {info.value}")
+        assert took < 2, "an attached client must learn within seconds that the pool is gone"
         deadline = time.monotonic() + 120
         status = None
         while time.monotonic() < deadline:  # serve starts a new pool at the same address

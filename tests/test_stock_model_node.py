@@ -18,9 +18,10 @@ class FakeClient:
     def pool_alive(self):
         return self.alive
 
-    def forward(self, key, x, t, conds, guidance=None, parallel=None, hashes=None, restart=True, **more):
+    def forward(self, key, x, t, conds, guidance=None, parallel=None, hashes=None, restart=True, timeout=None,
+                **more):
         self.calls.append(dict(key=key, x=x, t=t, conds=conds, guidance=guidance, parallel=parallel, hashes=hashes,
-                               restart=restart, **more))
+                               restart=restart, timeout=timeout, **more))
         return -x
 
 
@@ -215,3 +216,23 @@ def test_node_returns_comfyuis_v3_output(ext, monkeypatch):
     assert list(node.RETURN_TYPES) == ["MODEL"] and list(node.RETURN_NAMES) == ["model"]
     with pytest.raises(stock.StockModelError, match="Load Parallel DiT"):
         getattr(node, node.FUNCTION)(model="not a handle")
+
+
+def test_forwards_have_a_deadline(proxy, monkeypatch):
+    """Every forward carries a deadline (a frozen rank is then reported, not waited on): 300 s unless
+    XDIT_FORWARD_TIMEOUT says otherwise; a value that is not a positive number is one line."""
+    make, stock = proxy
+    model, client = make("sd3.5-large")
+    args = (torch.randn(1, 16, 4, 4), torch.tensor([500.0]))
+    kw = dict(context=torch.randn(1, 5, 4096), y=torch.randn(1, 2048),
+              transformer_options={"sigmas": torch.tensor([0.5])})
+    monkeypatch.delenv(stock.FORWARD_TIMEOUT_ENV, raising=False)
+    model(*args, **kw)
+    monkeypatch.setenv(stock.FORWARD_TIMEOUT_ENV, "2.5")
+    model(*args, **kw)
+    assert [c["timeout"] for c in client.calls] == [300.0, 2.5]
+    for bad in ("soon", "0", "inf"):
+        monkeypatch.setenv(stock.FORWARD_TIMEOUT_ENV, bad)
+        with pytest.raises(stock.StockModelError, match="XDIT_FORWARD_TIMEOUT=.* (is not|must be)"):
+            model(*args, **kw)
+    assert len(client.calls) == 2
