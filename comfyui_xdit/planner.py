@@ -15,7 +15,8 @@ blocks, activations per token of this rank's sequence, PipeFusion's K/V buffers)
 Seconds per step: matmul and attention FLOPs from the built model's block parameters at the job's token count
 (`step_flops`), at the kind's rates (a matmul's rate falling with its rows:
 rate x rows / (rows + half_rows)), plus the bytes each method moves per step over the link
-(Ulysses: q, k, v and the output per attention layer; Ring: K and V around the ring, hidden behind attention;
+(Ulysses: q, k, v and the output per attention layer; Ring: K and V around the ring, hidden behind attention,
+and per ring step a latency and the merge of partial outputs;
 FSDP: every block's weights per forward, hidden behind compute; PipeFusion: one activation hand-off per stage,
 its stages' work as shard_stage splits it), with a latency per collective.
 Ranking: the fastest exact layout; PipeFusion (stale K/V: approximate) only when it is 20% faster than every exact
@@ -434,8 +435,11 @@ def step_seconds(facts: ModelFacts, config: ParallelConfig, job: Job, gpus: GPUs
     if config.ring > 1:
         r = config.ring
         sent = (r - 1) * 2 * (tokens / sp) * (hidden / config.ulysses) * e
-        ring = work * layers * ((r - 1) * lat + local_batch * sent / bw)
-        parts["ring p2p"] = max(0.0, ring - attn_time)  # overlapped with the attention it feeds
+        transfer = work * layers * local_batch * sent / bw
+        # per ring step and layer: a launch/latency and the log-sum-exp merge of the partial outputs (fp32 read
+        # twice and written once), neither hidden behind the attention
+        merge = work * layers * (r - 1) * (lat + 3 * 4 * local_batch * tokens / sp * hidden / k.hbm_bytes_s)
+        parts["ring p2p"] = merge + max(0.0, transfer - attn_time)  # the transfer overlaps the attention it feeds
     if config.cfg > 1 or config.dp > 1:
         out = local_batch * image * a.latent_channels * 4
         parts["cfg/dp gather"] = lat + out / bw
@@ -486,7 +490,7 @@ class Plan:
         if c.storage == "fp8":
             why.append("no bf16 layout fits")
         if c.config.shard > 1:
-            why.append(f"weights {self.weights_gib('bf16'):.0f} GB do not fit {self.gpus.memory_gib:g} GB whole"
+            why.append(f"weights {self.facts.weights['bf16'] / 1e9:.0f} GB do not fit {self.gpus.memory_gib:g} GB whole"
                        if self.weights_gib("bf16") + OVERHEAD_GIB > self.gpus.memory_gib else "sharded weights")
         runner_up = next((o for o in fitting if o is not c and o.exact), None)
         if runner_up is not None:
@@ -507,7 +511,7 @@ class Plan:
 
     def refusal(self) -> str:
         f = self.facts
-        need = f.weights["bf16"] / 2**30
+        need = f.weights["bf16"] / 1e9
         n, mem = self.gpus.count, self.gpus.memory_gib
         what = _what_would_fit(f, self.job, self.gpus)
         if not self.options:
@@ -620,3 +624,31 @@ def format_plan(p: Plan, top: int = 12) -> str:
     lines += [f"warning: {w}" for w in p.warnings]
     lines.append(p.reason())
     return "\n".join(lines)
+
+
+def add_plan_args(p) -> None:
+    p.add_argument("--model", required=True, help="a family or variant (flux-dev, qwen-image, flux2-dev, "
+                   "z-image-turbo, wan2.2-t2v-a14b, ...), a diffusers folder or a single-file checkpoint (its header "
+                   "only is read)")
+    p.add_argument("--gpus", required=True, help="COUNTxMEMORY[,pcie|nvlink] (4x24GB,pcie), COUNTxKIND "
+                   f"({', '.join(KINDS)}; e.g. 8xH100) or COUNTxcpu")
+    p.add_argument("--size", required=True, help="WIDTHxHEIGHT in pixels, or one side (1024)")
+    p.add_argument("--frames", type=int, default=1, help="pixel frames of a video model (4k+1 for Wan)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--cfg", type=float, default=1.0, help="true CFG scale (1 = off: no cfg parallel)")
+    p.add_argument("--steps", type=int, default=28, help="sampling steps (PipeFusion's warm-up is amortised)")
+    p.add_argument("--approximate", action="store_true", help="let auto pick PipeFusion (stale K/V: results differ "
+                   "from the exact methods')")
+    p.add_argument("--top", type=int, default=12, help="options listed")
+
+
+def cmd_plan(args) -> int:
+    from .bench import parse_size
+
+    height, width = parse_size(args.size)
+    job = Job(height, width, args.frames, args.batch, args.cfg, args.steps)
+    gpus = parse_gpus(args.gpus)
+    facts = model_facts(args.model)
+    p = plan(facts, gpus, job, approximate=args.approximate)
+    print(format_plan(p, args.top))
+    return 0 if p.choice is not None else 1

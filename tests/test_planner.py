@@ -84,10 +84,10 @@ def test_flux2_on_four_24gb_cards_shards_or_fp8(facts):
 def test_refusal_names_what_would_fit(facts):
     line = P.plan(facts["flux2-dev"], "1x24GB", JOBS["flux2-dev"]).reason()
     assert "\n" not in line
-    assert "needs 60 GB of weights" in line and "nothing fits 1 x 24 GB" in line
+    assert "needs 64 GB of weights" in line and "nothing fits 1 x 24 GB" in line
     assert "2 x 24 GB fit with" in line and "4 x 24 GB fit with" in line
     line = P.plan(facts["qwen-image"], "1x16GB", JOBS["qwen-image"]).reason()
-    assert "needs 38 GB of weights" in line and "x 16 GB fit with" in line
+    assert "needs 41 GB of weights" in line and "x 16 GB fit with" in line
 
 
 def test_cfg_parallel_only_with_true_cfg(facts):
@@ -148,3 +148,20 @@ def test_format_plan(facts):
     text = P.format_plan(P.plan(facts["flux-dev"], "4xH100", JOBS["flux-dev"]), top=5)
     lines = text.splitlines()
     assert "s/step" in lines[1] and lines[-1].startswith("auto: ") and len(lines) == 2 + 5 + 2
+
+
+def test_plan_cli(capsys):
+    from comfyui_xdit.cli import main
+
+    assert main(["plan", "--model", "qwen-image", "--gpus", "4x24GB,pcie", "--size", "1328x1328", "--cfg", "4",
+                 "--top", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("qwen-image: 1328x1328, batch 1, cfg 4 on 4 x 24 GB 4090 over pcie")
+    assert out[-1].startswith("auto: ") and "GiB per rank" in out[-1]
+    rows = out[2:6]
+    assert all(r.split()[0].isdigit() and r.rstrip().split()[-2] in ("yes", "no") for r in rows[:1])
+    assert main(["plan", "--model", "flux2-dev", "--gpus", "1x24GB", "--size", "1024"]) == 1  # nothing fits
+    assert "needs 64 GB of weights" in capsys.readouterr().out
+    assert main(["plan", "--model", "flux-dev", "--gpus", "4xTPU", "--size", "1024"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --gpus '4xTPU': unknown kind")
