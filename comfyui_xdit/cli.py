@@ -1,4 +1,4 @@
-"""Command line: `python -m comfyui_xdit generate|demo|serve|bench|analyze ...`."""
+"""Command line: `python -m comfyui_xdit generate|demo|serve|bench|analyze|plan ...`."""
 from __future__ import annotations
 
 import argparse
