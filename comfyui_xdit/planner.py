@@ -89,6 +89,7 @@ class GPUs:
     kind: DeviceKind
     memory_gib: float
     link: str  # "nvlink" or "pcie" ("gloo" on CPU)
+    cores: int = 0  # CPU: the cores the ranks share (0: one each)
 
     @property
     def bandwidth(self) -> float:
@@ -127,7 +128,8 @@ def parse_gpus(spec: str) -> GPUs:
                               "size such as 24GB")
         gib = float(mem) if mem else kind.memory_gib
     if kind.name == "CPU":
-        return GPUs(count, kind, float(mem) if mem else _host_gib(), "gloo")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or count)
+        return GPUs(count, kind, float(mem) if mem else _host_gib(), "gloo", cores)
     link = "nvlink" if link == "p2p" and kind.fast_link else link  # P2P without NVLink still crosses PCIe
     return GPUs(count, kind, gib, link or ("nvlink" if kind.fast_link else "pcie"))
 
@@ -147,6 +149,11 @@ class Job:
     batch: int = 1
     cfg: float = 1.0
     steps: int = 28
+    text_tokens: int | None = None  # the prompt's tokens (default: the family's typical count)
+
+
+def _text(adapter, job: "Job") -> int:
+    return job.text_tokens if job.text_tokens is not None else adapter.spec.cond.tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,7 +254,8 @@ MODULATION = ("norm", "modulation", "adaLN", "scale_shift_table", "time", "_mod.
 CROSS_KV = ("attn2.to_k", "attn2.to_v", "attn2.add_")  # cross-attention K/V: applied to the text tokens only
 
 
-def step_flops(facts: ModelFacts, height: int, width: int, frames: int = 1) -> tuple[float, float]:
+def step_flops(facts: ModelFacts, height: int, width: int, frames: int = 1, text: int | None = None
+               ) -> tuple[float, float]:
     """(matmul FLOPs, attention FLOPs) of one forward of one sample (one expert of a two-expert model), analytic:
     2 x tokens x the parameters each block applies to them (image tokens: memory_estimate's per-token bytes;
     text tokens: a joint block's text stream, or the whole block where text and image share it), and
@@ -255,7 +263,7 @@ def step_flops(facts: ModelFacts, height: int, width: int, frames: int = 1) -> t
     and image x text cross-attention). Flux.1 1024px: 74.4 TFLOP, what torch's FLOP counter counts (74.38)."""
     a = facts.adapter
     image = a.image_tokens(height, width, frames)
-    text = a.spec.cond.tokens
+    text = a.spec.cond.tokens if text is None else text
     joint = a.latent.dims != 3
     hidden = a.hidden_size
     img, txt = facts.flop_params
@@ -366,7 +374,7 @@ def memory(facts: ModelFacts, config: ParallelConfig, job: Job, storage: str) ->
     """(weights, activations) bytes per rank: memory_estimate's arithmetic for this combination."""
     a = facts.adapter
     image = a.image_tokens(job.height, job.width, job.frames)
-    text = a.spec.cond.tokens
+    text = _text(a, job)
     local_batch = -(-job.batch // config.dp)
     sp = config.sp
     total = facts.weights[storage]
@@ -399,8 +407,8 @@ def step_seconds(facts: ModelFacts, config: ParallelConfig, job: Job, gpus: GPUs
     k = gpus.kind
     a = facts.adapter
     image = a.image_tokens(job.height, job.width, job.frames)
-    text = a.spec.cond.tokens
-    mm, attn = flops if flops is not None else step_flops(facts, job.height, job.width, job.frames)
+    text = _text(a, job)
+    mm, attn = flops if flops is not None else step_flops(facts, job.height, job.width, job.frames, text)
     branches = 2 if job.cfg != 1.0 and a.spec.cond.negative else 1
     local_batch = -(-job.batch // config.dp)
     forwards = branches // config.cfg  # forwards per step on this rank (the batch runs in one)
@@ -460,6 +468,8 @@ def step_seconds(facts: ModelFacts, config: ParallelConfig, job: Job, gpus: GPUs
                        _rate(_rate(k.attention_flops, keys, k.half_rows), keys, k.half_rows))
         warm = config.warmup_steps * max(0.0, full - compute) / job.steps
         parts["pipefusion warm-up"] = warm
+    if k.name == "CPU" and 0 < gpus.cores < gpus.count:  # more CPU ranks than cores: they take turns
+        compute *= gpus.count / gpus.cores
     total = compute + sum(parts.values())
     return total, (("compute", compute), *parts.items())
 
@@ -569,7 +579,7 @@ def plan(model: str | ModelFacts, gpus: GPUs | str, job: Job, cores: int | None 
         if g.count > have:
             warnings.append(f"{g.count} CPU ranks on {have} cores: ranks share cores, the predicted times assume one "
                             "core each")
-    flops = step_flops(facts, job.height, job.width, job.frames)
+    flops = step_flops(facts, job.height, job.width, job.frames, _text(facts.adapter, job))
     options, refused = [], []
     for config in candidates(g.count, facts.heads):
         why = valid(facts, config, job)

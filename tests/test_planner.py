@@ -165,3 +165,13 @@ def test_plan_cli(capsys):
     assert main(["plan", "--model", "flux-dev", "--gpus", "4xTPU", "--size", "1024"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --gpus '4xTPU': unknown kind")
+
+
+def test_cpu_ranks_beyond_cores_take_turns():
+    f = P.model_facts("bench-flux")
+    job = P.Job(256, 256, cfg=3.0, text_tokens=16)
+    c = ParallelConfig(ulysses=2, cfg=2)
+    on4 = P.step_seconds(f, c, job, P.GPUs(4, P.KINDS["CPU"], 64, "gloo", cores=4))[0]
+    on2 = P.step_seconds(f, c, job, P.GPUs(4, P.KINDS["CPU"], 64, "gloo", cores=2))[0]
+    assert on2 > 1.5 * on4
+    assert P.step_flops(f, 256, 256, text=16)[0] < P.step_flops(f, 256, 256, text=512)[0]
