@@ -1,4 +1,4 @@
-"""Command line: `python -m comfyui_xdit generate|demo|serve|bench|analyze ...`."""
+"""Command line: `python -m comfyui_xdit generate|demo|serve|bench|analyze|plan ...`."""
 from __future__ import annotations
 
 import argparse
@@ -450,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
                                              "residuals (random conditionings: no text encoders)")
     add_analyze_args(analyze)
     analyze.set_defaults(func=cmd_analyze)
+    from .planner import add_plan_args, cmd_plan
+
+    plan = sub.add_parser("plan", help="rank the parallel layouts for GPUs, a model and a job (predicted seconds per "
+                                       "step, memory per rank) and say which one auto picks")
+    add_plan_args(plan)
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -92,7 +92,7 @@ def memory_table(adapter, size, frames: int = 1, degrees: tuple[int, ...] = (1, 
             layers = starts[stage + 1] - starts[stage]
             kv = 2 * branches * image * hidden * 2 * layers
             weights = total - sum(sizes) + sum(sizes[starts[stage]:starts[stage + 1]])
-            rows.append(MemoryRow("pipefusion", d, weights, -(-image // d + text) * per_token + kv + upcast,
+            rows.append(MemoryRow("pipefusion", d, weights, (-(-image // d) + text) * per_token + kv + upcast,
                                   f"K/V {kv / 2**30:.1f} GiB"))
     return rows
 

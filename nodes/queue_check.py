@@ -49,6 +49,9 @@ def problem_for(node_id: Any) -> str | bool:
 
 def on_prompt(json_data: dict) -> dict:
     """The on-prompt handler: records the problems of json_data["prompt"]; never changes or blocks the prompt."""
+    from . import auto_layout
+
+    json_data = auto_layout.on_prompt(json_data)  # layout = auto: the degrees first, then their checks
     try:
         prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
         _FOUND.set(graph_problems(prompt) if isinstance(prompt, dict) else {})

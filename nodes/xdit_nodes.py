@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import checkpoints, convert, queue_check, wan_image
+from . import auto_layout, checkpoints, convert, queue_check, wan_image
 from .families import SAMPLERS, VARIANTS, scheduler_names, spec
 from .pool import ATTENTION, DEVICES, MANAGER, ModelHandle, settings_from_inputs, validation_error
 
@@ -58,14 +58,19 @@ class ConfigureHybridParallel:
                                         "pool their memory and compute the same step"),
                 "shard_keep": ("BOOLEAN", {"default": False, "tooltip": "keep each block's gathered weights for "
                                            "the whole job (one gather per block per job, more memory)"}),
+                "layout": (["auto", "manual"], {"default": "auto", "tooltip": (
+                    "auto: when queued, pick the degrees (ulysses, ring, cfg, dp, shard; fp8 storage when nothing "
+                    "else fits) for the GPUs, the checkpoint and the sampler's job from a cost model, and show why; "
+                    "manual: the degree widgets; last, so saved workflows keep their widget order")}),
             },
             "hidden": dict(HIDDEN),
         }
 
     @staticmethod
     def settings(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree, num_patches,
-                 warmup_steps, attention, gpus="", pool_address="", shard_degree=1, shard_keep=False):
-        """The XDIT_PARALLEL_CONFIG value for these widget values (not yet validated)."""
+                 warmup_steps, attention, gpus="", pool_address="", shard_degree=1, shard_keep=False, layout="manual"):
+        """The XDIT_PARALLEL_CONFIG value for these widget values (not yet validated; `layout` auto has written its
+        degrees into them when the prompt was queued)."""
         return settings_from_inputs(device=device, ulysses=int(ulysses_degree), ring=int(ring_degree),
                                     pipefusion=int(pipefusion_degree), cfg=int(cfg_degree), dp=int(dp_degree),
                                     num_patches=int(num_patches), warmup_steps=int(warmup_steps),
@@ -74,17 +79,22 @@ class ConfigureHybridParallel:
 
     @classmethod
     def VALIDATE_INPUTS(cls, xdit_check=None):
-        return queue_check.problem_for(xdit_check)
+        auto = auto_layout.problem_for(xdit_check)
+        return auto if auto is not True else queue_check.problem_for(xdit_check)
 
     def configure(self, device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree, num_patches,
                   warmup_steps, attention, gpus="", pool_address="", shard_degree=1, shard_keep=False,
-                  xdit_check=None):
+                  xdit_check=None, layout="manual"):  # "manual": prompts saved before the widget keep their degrees
         s = self.settings(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree,
                           num_patches, warmup_steps, attention, gpus, pool_address, shard_degree, shard_keep)
         err = validation_error(s)
         if err:
             raise XDiTNodeError(err)
-        return (s,)
+        if layout != "auto":
+            return (s,)
+        line = auto_layout.reason_for(xdit_check) or "auto: not resolved when queued; the degrees as set"
+        log.info("xDiT Configure Hybrid Parallel: %s", line)
+        return {"ui": {"text": [line]}, "result": (s,)}
 
 
 class LoadParallelDiT:
