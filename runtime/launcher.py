@@ -22,6 +22,8 @@ log = logging.getLogger("comfyui_xdit_runtime.launcher")
 
 SCRUBBED_ENV = ("PYTORCH_CUDA_ALLOC_CONF",)  # ComfyUI's allocator settings must not leak into the workers
 PR_SET_PDEATHSIG = 1
+# A rank's script: registers the engine beside this runtime and runs the worker (no install needed)
+RANK_SCRIPT = str(Path(__file__).resolve().with_name("bootstrap.py"))
 
 
 def _die_with_parent() -> None:
@@ -155,7 +157,7 @@ class Pool:
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc}",
                    f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}",  # static rendezvous: node-major ranks
                    "--master-addr", rdzv_host, "--master-port", str(rdzv_port), "--monitor-interval", "0.2",
-                   *self.torchrun_args, "-m", "comfyui_xdit_runtime.worker", "--address", self.address,
+                   *self.torchrun_args, RANK_SCRIPT, "--address", self.address,
                    "--device", self.device, "--pg-timeout", str(self.pg_timeout), "--heartbeat", str(self.heartbeat),
                    "--max-message-bytes", str(self.max_message_bytes)]
             if self.backend:
