@@ -62,7 +62,8 @@ def fresh_python() -> Path:
         done.write_text(f"built in {time.monotonic() - t0:.0f} s\n")
     out = subprocess.run([str(python), "-c", "import importlib.util as u; print([n for n in "
                           "('comfyui_xdit', 'comfyui_xdit_runtime') if u.find_spec(n)])"],
-                         capture_output=True, text=True, check=True, timeout=120)
+                         capture_output=True, text=True, check=True, timeout=120, cwd=tempfile.gettempdir(),
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert out.stdout.strip() == "[]"  # not installed: ComfyUI must find them in the pack's folder
     return python
 
