@@ -191,7 +191,8 @@ class PoolManager:
             self._pool, self._key, self._client = pool, key, pool.client()
             return self._client
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the pool started here (`timeout`: the pool's shutdown wait, default its own)."""
         with self._lock:
             pool, client, key = self._pool, self._client, self._key
             self._pool = self._client = self._key = None
@@ -202,7 +203,7 @@ class PoolManager:
                     pass
             if pool is not None and key is not None and key[0] == "local":  # never stop a pool we did not start
                 try:
-                    pool.stop()
+                    pool.stop(**({} if timeout is None else {"timeout": timeout}))
                 except Exception as e:  # noqa: BLE001
                     log.warning("xDiT: stopping the pool failed: %s", e)
 
@@ -218,7 +219,52 @@ def _log_note(pool: Any) -> str:
 
 
 MANAGER = PoolManager()
-atexit.register(MANAGER.stop)
+EXIT_JOB_WAIT = 4.0  # seconds an interrupted job gets to end on the pool when ComfyUI exits
+EXIT_STOP_TIMEOUT = 3.0  # then the pool's shutdown wait before its processes are killed
+
+
+def _at_exit() -> None:
+    """ComfyUI is exiting (Ctrl-C ends its server loop; Python then runs this while its worker thread, a daemon, still
+    runs): a job still sampling is interrupted as ComfyUI's Cancel does (the node cancels it on the pool and ends
+    "interrupted", no traceback), then the pool is stopped. A further Ctrl-C is ignored meanwhile (bounded: seconds)
+    instead of breaking the stop halfway. SIGTERM's default action ends ComfyUI without this; the pool then goes by
+    its parent-death signal (die_with_parent)."""
+    if MANAGER.key is None:
+        return
+    restore = _ignore_sigint()
+    try:
+        from . import progress
+
+        if progress.running_jobs():
+            log.info("xDiT: ComfyUI is exiting: cancelling the running job and stopping the worker pool")
+            _interrupt_comfy()
+            if not progress.wait_idle(EXIT_JOB_WAIT):
+                log.warning("xDiT: the job did not end within %.0f s; stopping the pool", EXIT_JOB_WAIT)
+        MANAGER.stop(timeout=EXIT_STOP_TIMEOUT)
+    finally:
+        restore()
+
+
+def _interrupt_comfy() -> None:
+    try:
+        import comfy.model_management as mm
+
+        mm.interrupt_current_processing(True)
+    except Exception:  # noqa: BLE001 - no ComfyUI (stand-ins, the CLI): the pool stop ends the job
+        pass
+
+
+def _ignore_sigint() -> Callable[[], None]:
+    import signal
+
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        return lambda: None
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
+atexit.register(_at_exit)
 
 
 def settings_from_inputs(**kw: Any) -> ParallelSettings:

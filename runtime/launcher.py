@@ -24,6 +24,8 @@ SCRUBBED_ENV = ("PYTORCH_CUDA_ALLOC_CONF",)  # ComfyUI's allocator settings must
 # a one-node pool's collectives listen on loopback only (gloo's pairs, NCCL's bootstrap and proxy sockets)
 LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
 PR_SET_PDEATHSIG = 1
+# A rank's script: registers the engine beside this runtime and runs the worker (no install needed)
+RANK_SCRIPT = str(Path(__file__).resolve().with_name("bootstrap.py"))
 
 
 def _die_with_parent() -> None:
@@ -160,7 +162,7 @@ class Pool:
             cmd = [sys.executable, "-m", "comfyui_xdit_runtime.torchrun", f"--nproc-per-node={self.nproc}",
                    f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}",  # static rendezvous: node-major ranks
                    "--master-addr", rdzv_host, "--master-port", str(rdzv_port), "--monitor-interval", "0.2",
-                   *self.torchrun_args, "-m", "comfyui_xdit_runtime.worker", "--address", self.address,
+                   *self.torchrun_args, RANK_SCRIPT, "--address", self.address,
                    "--device", self.device, "--pg-timeout", str(self.pg_timeout), "--heartbeat", str(self.heartbeat),
                    "--max-message-bytes", str(self.max_message_bytes)]
             if self.backend:

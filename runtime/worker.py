@@ -1,4 +1,4 @@
-"""One pool rank, started by torchrun: `python -m comfyui_xdit_runtime.worker --address ...`.
+"""One pool rank, started by torchrun through runtime/bootstrap.py (or `-m comfyui_xdit_runtime.worker --address ...`).
 
 Rank 0 serves clients (server.Rank0Server); the other ranks wait for operations broadcast by rank 0 and run
 them. Any failure of the process group ends the rank with a non-zero exit, so torchrun stops the rest."""

@@ -54,28 +54,37 @@ def make_base(base: Path, custom_nodes: dict[str, str]) -> Path:
     return models
 
 
-@contextmanager
-def running_comfyui(base: Path) -> Iterator[str]:
-    """ComfyUI on the CPU with `base` as its base directory; yields its URL once it answers /system_stats."""
+def start_comfyui(base: Path, python: str | None = None, env: dict[str, str] | None = None
+                  ) -> tuple[subprocess.Popen, str]:
+    """ComfyUI on the CPU with `base` as its base directory (its output in base/comfyui.log), in a session of its own;
+    returns the process and its URL once it answers /system_stats. `python`: default comfy_python(); `env`: default
+    checkout_env(base)."""
     port = free_port()
-    log = open(base / "comfyui.log", "wb")
-    proc = subprocess.Popen([comfy_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--base-directory", str(base), "--preview-method", "latent2rgb"],
-                            cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=checkout_env(base),
-                            start_new_session=True)
+    with open(base / "comfyui.log", "ab") as log:
+        proc = subprocess.Popen([python or comfy_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port",
+                                 str(port), "--base-directory", str(base), "--preview-method", "latent2rgb"],
+                                cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT,
+                                env=checkout_env(base) if env is None else env, start_new_session=True)
     server = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"ComfyUI exited: {(base / 'comfyui.log').read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(server + "/system_stats", timeout=2).read()
+            return proc, server
+        except OSError:
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, 9)
+                pytest.fail("ComfyUI did not answer within 120 s")
+            time.sleep(0.5)
+
+
+@contextmanager
+def running_comfyui(base: Path, python: str | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
+    """start_comfyui; yields its URL, and stops it (its models freed first) afterwards."""
+    proc, server = start_comfyui(base, python, env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited: {(base / 'comfyui.log').read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(server + "/system_stats", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("ComfyUI did not answer within 120 s")
-                time.sleep(0.5)
         yield server
     finally:
         try:
@@ -83,9 +92,10 @@ def running_comfyui(base: Path) -> Iterator[str]:
                                                           headers={"Content-Type": "application/json"}), timeout=5)
         except OSError:
             pass
-        os.killpg(proc.pid, 15)
         try:
+            os.killpg(proc.pid, 15)
             proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
-        log.close()

@@ -383,7 +383,7 @@ def _pool_ranks(base: Path) -> list[int]:
             continue
         try:
             cmd = (d / "cmdline").read_bytes()
-            if b"comfyui_xdit_runtime.worker" not in cmd or b"torch.distributed.run" in cmd:
+            if b"bootstrap.py" not in cmd or b"torch.distributed.run" in cmd:
                 continue  # a rank, not its torchrun launcher
             pid = int(d.name)
             while pid > 1:

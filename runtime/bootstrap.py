@@ -1,0 +1,57 @@
+"""The pack's two top-level packages from its own folders, no install needed: `comfyui_xdit` (the engine, the folder
+beside this one) and `comfyui_xdit_runtime` (this folder). Standard library only, no relative imports: the pack's
+__init__ calls `register()` in ComfyUI's process, and a pool rank runs this file as its script
+(`torchrun ... bootstrap.py WORKER-ARGS`), which registers both and runs comfyui_xdit_runtime.worker.
+
+Only these two names are registered: ComfyUI has a top-level `nodes` of its own, so the pack's folder (which holds
+our `nodes/`) must never be on sys.path. The same layout holds installed (site-packages/comfyui_xdit beside
+site-packages/comfyui_xdit_runtime) and editable, so the ranks always run the engine beside the runtime that
+started them."""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PACKAGES = {"comfyui_xdit": HERE.parent / "comfyui_xdit", "comfyui_xdit_runtime": HERE}
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Finds exactly the two package names in their folders here; their submodules come from the packages' own
+    paths as usual. Imports nothing until a package is first imported."""
+
+    XDIT_PACK_FINDER = True
+
+    def find_spec(self, name, path=None, target=None):
+        folder = PACKAGES.get(name)
+        if folder is None or path is not None:
+            return None
+        return importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+
+
+def register() -> None:
+    """Make `comfyui_xdit` and `comfyui_xdit_runtime` import from the folders here, ahead of an installed copy (the
+    ranks run these folders too, so ComfyUI's process must as well); a package imported already stays as it is."""
+    for folder in PACKAGES.values():
+        if not (folder / "__init__.py").is_file():
+            raise ImportError(f"comfyui-xdit: {folder / '__init__.py'} is missing (an incomplete copy of the pack?)")
+    if not any(getattr(f, "XDIT_PACK_FINDER", False) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
+
+
+def main() -> None:
+    """A pool rank: this file's folder (the first path entry of a script) must not make the runtime's modules
+    top-level names; register both packages, then run the worker with the remaining arguments."""
+    if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
+        del sys.path[0]
+    register()
+    import runpy
+
+    runpy.run_module("comfyui_xdit_runtime.worker", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
