@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import zmq
@@ -24,7 +25,7 @@ FROZEN_PG_TIMEOUT = 30.0  # a frozen rank is found by the process group's timeou
 
 
 def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:110]}"
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
 
 
 def _until(fn, limit: float = 180.0) -> float:
@@ -60,31 +61,62 @@ def killed_rank(pool: Pool, rank: int, sig: int = signal.SIGKILL) -> tuple[str, 
     return seen, detect, time.monotonic() - t[0]
 
 
-def serve_rank0_killed(tmp: str) -> tuple[str, float, float]:
-    address = f"ipc://{tmp}/serve.sock"
+def _forward_case():
+    import torch
+
+    from comfyui_xdit.models import load_model
+
+    adapter = load_model("tiny-flux").adapter
+    g = torch.Generator().manual_seed(0)
+    c = adapter.random_conditioning(1, 7, g)
+    return torch.randn(1, adapter.latent_channels, 16, 16, generator=g), torch.tensor([500.0]), \
+        {"cond": c.cond, "pooled": c.pooled}
+
+
+def serve_rank_killed(tmp: str, rank: int, forwards: bool = False) -> tuple[str, float, float]:
+    """`serve` and an attached client (ComfyUI's way): rank `rank` SIGKILLed during a long sample, or (`forwards`)
+    while the client sends forwards back to back (as a stock sampler does); then the restarted pool must serve the
+    client's next forward at once."""
+    address = f"ipc://{tmp}/serve{rank}{int(forwards)}.sock"
     proc = subprocess.Popen([sys.executable, "-m", "comfyui_xdit", "serve", "--nproc", "2", "--address", address,
                              "--log", f"{tmp}/serve.log"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         proc.stdout.readline()
         client = PoolClient(address)
         key = client.load_model("tiny-flux")
-        pid0 = client.status()["ranks"][0]["pid"]
+        pids = {r["pid"] for r in client.status()["ranks"]}
+        pid = client.status()["ranks"][rank]["pid"]
+        x, ts, conds = _forward_case()
         t = [0.0]
 
-        def kill(p):
-            if p.step == 2:
+        def kill(p=None):
+            if p is None or p.step == 2:
                 t[0] = time.monotonic()
-                os.kill(pid0, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
 
         try:
-            client.sample(key, LONG, on_progress=kill)
+            if forwards:
+                client.forward(key, x, ts, conds)
+                threading.Timer(0.5, kill).start()
+                while True:
+                    client.forward(key, x, ts, conds)
+            else:
+                client.sample(key, LONG, on_progress=kill)
             seen = "no error"
         except PoolError as e:
             seen = _first_line(e)
         detect = time.monotonic() - t[0]
-        _until(lambda: client.status(timeout=1.0)["world_size"] == 2)
+
+        def restarted() -> bool:  # (a failed pool still answers status for a moment: healthy false)
+            status = client.status(timeout=1.0)
+            return status["healthy"] and pids.isdisjoint(r["pid"] for r in status["ranks"])
+
+        _until(restarted)
         back = time.monotonic() - t[0]  # from the kill until the restarted pool answers
-        client.sample(key, REQ)
+        try:
+            client.forward(key, x, ts, conds)
+        except PoolError as e:
+            seen += f"; then the next forward failed: {_first_line(e)}"
         client.close()
         return seen, detect, back
     finally:
@@ -106,6 +138,25 @@ def serve_sigterm(tmp: str) -> tuple[str, float, float]:
     gone = _until(lambda: not any(_pid_alive(p) for p in pids))
     return f"serve exits {proc.returncode}, every rank gone after {gone + (time.monotonic() - start):.1f} s", \
         time.monotonic() - start, None
+
+
+def frozen_forward(pool: Pool, deadline: float = 5.0) -> tuple[str, float, float]:
+    """rank 1 stopped (SIGSTOP) before a forward with a deadline (Parallel DiT Model's XDIT_FORWARD_TIMEOUT)."""
+    client = pool.client()
+    key = client.load_model("tiny-flux")
+    x, ts, conds = _forward_case()
+    pid = pool.rank_pids[1]
+    start = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        client.forward(key, x, ts, conds, timeout=deadline)
+        seen = "no error"
+    except PoolError as e:
+        seen = _first_line(e)
+    detect = time.monotonic() - start
+    os.kill(pid, signal.SIGCONT)
+    client.forward(key, x, ts, conds)
+    return seen, detect, time.monotonic() - start
 
 
 def vanished_client(pool: Pool) -> tuple[str, float, float]:
@@ -149,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(("rank 1 killed mid-job (in-process pool)", *killed_rank(pool, 1)))
             rows.append(("rank 0 killed mid-job (in-process pool)", *killed_rank(pool, 0)))
             rows.append(("client vanishes mid-job (default timeout)", *vanished_client(pool)))
+            rows.append(("rank 1 frozen (SIGSTOP) before a forward with a 5 s deadline", *frozen_forward(pool)))
         finally:
             pool.stop()
         frozen = Pool(args.nproc, log_path=f"{tmp}/frozen.log", pg_timeout=FROZEN_PG_TIMEOUT)
@@ -158,7 +210,10 @@ def main(argv: list[str] | None = None) -> None:
                          *killed_rank(frozen, 1, signal.SIGSTOP)))
         finally:
             frozen.stop()
-        rows.append(("rank 0 killed mid-job (`serve`, attached client)", *serve_rank0_killed(tmp)))
+        rows.append(("rank 0 killed mid-job (`serve`, attached client)", *serve_rank_killed(tmp, 0)))
+        rows.append(("rank 1 killed mid-job (`serve`, attached client)", *serve_rank_killed(tmp, 1)))
+        rows.append(("rank 1 killed during back-to-back forwards (`serve`, attached client)",
+                     *serve_rank_killed(tmp, 1, forwards=True)))
         rows.append(("SIGTERM to `serve`", *serve_sigterm(tmp)))
     print("| fault | what the client sees | time to detect (s) | back to serving (s) |")
     print("|---|---|---|---|")

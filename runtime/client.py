@@ -318,13 +318,26 @@ class PoolClient:
             if state.monitor is not None:
                 self._forget(state.monitor)
         sock = self._connect(self.address)
-        monitor = None
-        if not self.address.startswith("inproc://"):
-            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-            with self._lock:
-                self._sockets.append(monitor)
-        self._local.state = _ThreadState(sock, generation, monitor)
+        self._local.state = _ThreadState(sock, generation, self._monitor(sock))
         return self._local.state
+
+    def _monitor(self, sock: zmq.Socket) -> zmq.Socket | None:
+        """A socket receiving `sock`'s connect and disconnect events (at a name of its own: pyzmq's default, from the
+        socket's descriptor, can still be bound for a socket just closed). None for inproc, or where it fails."""
+        if self.address.startswith("inproc://"):
+            return None
+        name = f"inproc://xdit-monitor-{secrets.token_hex(8)}"
+        try:
+            sock.monitor(name, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            monitor = self._ctx.socket(zmq.PAIR)
+            monitor.setsockopt(zmq.LINGER, 0)
+            monitor.connect(name)
+        except zmq.ZMQError as e:  # the 6 s silence still finds a dead pool
+            log.warning("no connection monitor for the pool at %s: %s", self.address, e)
+            return None
+        with self._lock:
+            self._sockets.append(monitor)
+        return monitor
 
     @staticmethod
     def _connection_lost(state: _ThreadState) -> bool:
@@ -453,8 +466,8 @@ class PoolClient:
         except PoolError as e:
             if isinstance(e, PoolDied) or e.kind == "pool":  # the pool failed: its direct socket is dead with it
                 self._drop_direct(state)
-                if e.kind == "pool":
-                    self._await_exit()
+                if not isinstance(e, PoolRestarted):  # a supervised pool going down: the next request starts a new
+                    self._await_exit()                # one rather than reach this one
             raise
         finally:
             state.active.discard(rid)

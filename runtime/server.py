@@ -107,6 +107,7 @@ class Rank0Server:
         self._buffers: collections.OrderedDict[str, SharedBuffer] = collections.OrderedDict()  # token -> buffer
         self._watch = RankWatch([])  # the other ranks of this host (serve fills it)
         self._failure: str | None = None  # once the pool is failing: the I/O thread answers every request with it
+        self._failing = False
 
     # ---------------------------------------------------------------- main thread
     def serve(self, startup_outcomes: list[Outcome]) -> None:
@@ -148,7 +149,7 @@ class Rank0Server:
                 if not self._execute(job):
                     break
         except BaseException as e:
-            self._failure = self._failure or "the pool failed"  # from here on a SIGTERM is not raised again
+            self._failing = True  # from here on a SIGTERM is not raised again
             self._failure = self._failure_text(e)
             log.error("%s", self._failure)
             self._fail_all("pool", self._failure)
@@ -185,7 +186,7 @@ class Rank0Server:
         self._fail_all("pool", failure)  # anything queued meanwhile
 
     def _on_sigterm(self, signum, frame) -> None:
-        if self._failure is None:  # not while the failure is being answered
+        if not self._failing:  # not while the failure is being answered
             raise Terminated("the pool was stopped (SIGTERM)")
 
     def _failure_text(self, e: BaseException) -> str:
