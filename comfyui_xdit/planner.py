@@ -63,7 +63,8 @@ EFFICIENCY = H100_FORWARD / 989e12  # that rate over the H100 SXM's datasheet de
 KINDS: dict[str, DeviceKind] = {k.name: k for k in (
     DeviceKind("H100", 80, H100_FORWARD, H100_ATTENTION, 512, 3.35e12, 0.8 * 450e9, 0.8 * 64e9, 20e-6,
                source="Flux.1 1024px forward 74 TFLOP in 0.183 s eager (404 TFLOP/s) and cuDNN SDPA 623 TFLOP/s at "
-                      "4608 tokens, measured on the lent H100 SXM (the project's GPU notes); NVLink4 450 GB/s a direction, PCIe 5 x16 64 GB/s (datasheets) at 80%"),
+                      "4608 tokens, measured on the lent H100 SXM (the project's GPU notes); NVLink4 450 GB/s a "
+                      "direction, PCIe 5 x16 64 GB/s (datasheets) at 80%"),
     DeviceKind("H200", 141, H100_FORWARD, H100_ATTENTION, 512, 4.8e12, 0.8 * 450e9, 0.8 * 64e9, 20e-6,
                source="the H100's chip (same rates), 141 GB HBM3e at 4.8 TB/s (datasheet)"),
     DeviceKind("A100", 80, EFFICIENCY * 312e12, 0.6 * 312e12, 512, 2.0e12, 0.8 * 300e9, 0.8 * 32e9, 20e-6,
