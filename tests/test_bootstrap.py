@@ -60,6 +60,7 @@ def test_cloned_pack_imports_its_own_engine_and_runtime(tmp_path):
     assert info["engine"] == str(pack / "comfyui_xdit" / "__init__.py")  # the copy's, not the editable install's
     assert info["runtime"] == str(pack / "runtime" / "__init__.py")
     assert info["rank_script"] == str(pack / "runtime" / "bootstrap.py") and info["on_path"] == []
+    assert "imported from" not in out.stderr
 
 
 def test_rank_script_runs_the_worker_beside_it(tmp_path):
@@ -72,3 +73,14 @@ def test_rank_script_runs_the_worker_beside_it(tmp_path):
     help_ = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=300,
                            cwd=tmp_path)
     assert help_.returncode == 0 and "--address" in help_.stdout, help_.stderr[-2000:]
+
+
+def test_an_engine_imported_before_the_pack_is_named_in_a_warning(tmp_path):
+    pack = _copy_pack(tmp_path)
+    code = ("import logging, runpy; logging.basicConfig(); import comfyui_xdit; "
+            f"runpy.run_path({str(pack / 'runtime' / 'bootstrap.py')!r}, run_name='x')['register'](); "
+            "print(comfyui_xdit.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(ROOT / "comfyui_xdit" / "__init__.py")  # imported already: kept
+    assert "comfyui_xdit was imported from" in out.stderr and str(pack / "comfyui_xdit") in out.stderr
