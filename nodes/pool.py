@@ -220,7 +220,8 @@ def _log_note(pool: Any) -> str:
 
 MANAGER = PoolManager()
 EXIT_JOB_WAIT = 4.0  # seconds an interrupted job gets to end on the pool when ComfyUI exits
-EXIT_STOP_TIMEOUT = 3.0  # then the pool's shutdown wait before its processes are killed
+EXIT_STOP_TIMEOUT = 0.2  # the pool's shutdown wait, then SIGTERM (a graceful exit takes seconds; the job ended already)
+EXIT_STOP_JOIN = 1.0  # how long the exit waits for the stop: past the SIGTERM, not for torchrun's own exit (~2 s)
 
 
 def _at_exit() -> None:
@@ -228,7 +229,7 @@ def _at_exit() -> None:
     runs): a job still sampling is interrupted as ComfyUI's Cancel does (the node cancels it on the pool and ends
     "interrupted", no traceback), then the pool is stopped. A further Ctrl-C is ignored meanwhile (bounded: seconds)
     instead of breaking the stop halfway. SIGTERM's default action ends ComfyUI without this; the pool then goes by
-    its parent-death signal (die_with_parent)."""
+    its parent-death signal (die_with_parent), as it does here if ComfyUI's process ends before the stop did."""
     if MANAGER.key is None:
         return
     restore = _ignore_sigint()
@@ -240,7 +241,12 @@ def _at_exit() -> None:
             _interrupt_comfy()
             if not progress.wait_idle(EXIT_JOB_WAIT):
                 log.warning("xDiT: the job did not end within %.0f s; stopping the pool", EXIT_JOB_WAIT)
-        MANAGER.stop(timeout=EXIT_STOP_TIMEOUT)
+        # the stop on a thread of its own, waited for only until it has signalled the pool: the pool's processes then
+        # exit while Python finalizes ComfyUI (seconds); should Python end first, the parent-death signal ends them
+        stopper = threading.Thread(target=MANAGER.stop, kwargs={"timeout": EXIT_STOP_TIMEOUT}, name="xdit-exit",
+                                   daemon=True)
+        stopper.start()
+        stopper.join(EXIT_STOP_JOIN)
     finally:
         restore()
 

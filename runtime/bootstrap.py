@@ -34,10 +34,20 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 def register() -> None:
     """Make `comfyui_xdit` and `comfyui_xdit_runtime` import from the folders here, ahead of an installed copy (the
-    ranks run these folders too, so ComfyUI's process must as well); a package imported already stays as it is."""
+    ranks run these folders too, so ComfyUI's process must as well). A package imported already, or a second copy of
+    the pack registered first, stays as it is, with a warning: this process and its ranks would then differ."""
     for folder in PACKAGES.values():
         if not (folder / "__init__.py").is_file():
             raise ImportError(f"comfyui-xdit: {folder / '__init__.py'} is missing (an incomplete copy of the pack?)")
+    for name, folder in PACKAGES.items():
+        module = sys.modules.get(name)
+        where = Path(getattr(module, "__file__", None) or folder / "__init__.py").resolve().parent
+        if where != folder:
+            import logging
+
+            logging.getLogger("comfyui_xdit").warning(
+                "comfyui-xdit: %s was imported from %s before the pack in %s loaded; its pool ranks run %s",
+                name, where, HERE.parent, folder)
     if not any(getattr(f, "XDIT_PACK_FINDER", False) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
 

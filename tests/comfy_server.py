@@ -66,7 +66,7 @@ def start_comfyui(base: Path, python: str | None = None, env: dict[str, str] | N
                                 cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT,
                                 env=checkout_env(base) if env is None else env, start_new_session=True)
     server = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while True:
         if proc.poll() is not None:
             pytest.fail(f"ComfyUI exited: {(base / 'comfyui.log').read_text()[-3000:]}")
@@ -76,7 +76,7 @@ def start_comfyui(base: Path, python: str | None = None, env: dict[str, str] | N
         except OSError:
             if time.monotonic() > deadline:
                 os.killpg(proc.pid, 9)
-                pytest.fail("ComfyUI did not answer within 120 s")
+                pytest.fail("ComfyUI did not answer within 300 s")
             time.sleep(0.5)
 
 

@@ -125,6 +125,9 @@ def test_exit_interrupts_the_running_job_then_stops_the_pool(ext, monkeypatch):
     t0 = time.monotonic()
     pool_mod._at_exit()
     took = time.monotonic() - t0
+    deadline = time.monotonic() + 5
+    while manager.key is not None and time.monotonic() < deadline:  # the stop runs on a thread of its own
+        time.sleep(0.01)
     worker.join(5)
     assert outcome and isinstance(outcome[0], Interrupt), outcome
     assert client.cancelled == ["job-1"]  # cancelled on the pool by the node, before the pool was stopped
@@ -142,3 +145,22 @@ def test_exit_without_a_pool_does_nothing(ext, monkeypatch):
     handler = signal.getsignal(signal.SIGINT)
     pool_mod._at_exit()
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_exit_does_not_wait_for_the_pool_processes_to_end(ext, monkeypatch):
+    """The stop's wait for torchrun's exit (seconds) overlaps Python's finalization of ComfyUI."""
+    pool_mod = ext.nodes.pool
+    released = threading.Event()
+
+    class SlowPool(FakePool):
+        def stop(self, timeout=None):
+            released.wait(10)
+
+    manager = pool_mod.PoolManager(SlowPool, SlowPool.attach)
+    monkeypatch.setattr(pool_mod, "MANAGER", manager)
+    manager.client_for(pool_mod.ParallelSettings(device="cpu", ulysses=2))
+    t0 = time.monotonic()
+    pool_mod._at_exit()
+    took = time.monotonic() - t0
+    released.set()
+    assert pool_mod.EXIT_STOP_JOIN <= took < pool_mod.EXIT_STOP_JOIN + 1.0, took
