@@ -26,6 +26,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="Flux distilled guidance (dev)")
     p.add_argument("--sampler", default="default")
     p.add_argument("--denoise", type=float, default=1.0)
+    p.add_argument("--shift", type=float, default=None, help="the scheduler's flow shift (default: what the "
+                   "model's published pipeline folder ships, e.g. Wan 2.1 / 2.2 A14B T2V 3.0, TI2V 5B 5.0)")
     p.add_argument("--no-context-cache", action="store_true", help="recompute the conditioning-only modules (text "
                    "embedder, cross-attention K/V) every step instead of once per job (a local run; the results are "
                    "the same)")
@@ -253,6 +255,8 @@ def _generate_on_pool(args: argparse.Namespace, config) -> int:
               "denoise": args.denoise, "cache": None if settings is None else settings.to_dict()}
     if args.frames != 1:  # a video model's frames (image jobs send the fields they always did)
         fields["frames"] = args.frames
+    if args.shift is not None:
+        fields["shift"] = args.shift
     client = PoolClient(args.pool, _pool_secret(args))
     try:
         try:  # a short request first: a wrong secret gets no reply at all (the pool drops unsigned messages)
@@ -311,7 +315,8 @@ def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) 
     req = SampleRequest(height=args.height, width=args.width, steps=args.steps, seed=args.seed,
                         batch_size=args.batch_size, cfg=args.cfg, guidance=args.guidance, sampler=args.sampler,
                         denoise=args.denoise, inputs={k: v.to(device) for k, v in inputs.items()},
-                        cache=cache_settings(args), frames=args.frames, context_cache=not args.no_context_cache)
+                        cache=cache_settings(args), frames=args.frames, context_cache=not args.no_context_cache,
+                        shift=args.shift)
 
     if config.pipefusion > 1:
         _report_stage_memory(loaded, config, rank)

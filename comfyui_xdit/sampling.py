@@ -35,6 +35,7 @@ class SampleRequest:
     cache: CacheSettings | None = None  # first-block residual cache (None: every step computes every block)
     frames: int = 1                      # pixel frames of a video model (an image model: 1)
     context_cache: bool = True           # compute the family's conditioning-only modules once per job
+    shift: float | None = None           # the scheduler's static flow shift (None: what the published folder ships)
 
 
 @dataclass
@@ -149,7 +150,7 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
     sigmas = inp.get("sigmas")
     schedule = make_schedule(adapter.family, adapter.variant, req.sampler, req.steps,
                              adapter.image_tokens(req.height, req.width, req.frames),
-                             None if sigmas is None else sigmas.flatten().tolist(), req.denoise)
+                             None if sigmas is None else sigmas.flatten().tolist(), req.denoise, req.shift)
     device = adapter.device  # the seed's noise is drawn on the CPU (as ComfyUI draws it), then moved there
     x0 = None if latent is None else start_latent(adapter, latent.float().to(device))
     x = initial_latents(schedule, noise.float().to(device), x0 if (req.denoise < 1.0 or sigmas is not None) else None)

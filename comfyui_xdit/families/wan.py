@@ -56,8 +56,12 @@ def unipc_flow(flow_shift: float) -> dict:
                 use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
 
 
-# diffusers' WanPipeline default flow_shift 5.0 (720p); 3.0 is the recommendation for 480p (a scheduler config)
-UNIPC = unipc_flow(5.0)
+# What each published diffusers folder ships in scheduler/scheduler_config.json (UniPC, flow sigmas):
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan2.1-T2V-14B-Diffusers and Wan2.2-T2V-A14B-Diffusers flow_shift 3.0 (diffusers'
+# Wan docs: "the default value is 3.0"; 5.0 is their 720p recommendation, a user's choice: --shift 5);
+# Wan2.2-TI2V-5B-Diffusers 5.0. The I2V releases keep 5.0 (the Wan 2.2 release's wan_i2v_A14B config:
+# sample_shift 5.0). `--shift` (SampleRequest.shift) replaces any of them.
+UNIPC_T2V, UNIPC_5B, UNIPC_I2V = unipc_flow(3.0), unipc_flow(5.0), unipc_flow(5.0)
 BOUNDARY = {"wan2.2-t2v-a14b": 0.875, "wan2.2-i2v-a14b": 0.9}   # boundary_ratio of the two-expert releases
 EXPAND_TIMESTEPS = {"wan2.2-ti2v-5b"}                             # one timestep per token (WanPipeline's flag)
 IMAGE_TO_VIDEO = {"wan2.1-i2v-14b", "wan2.2-i2v-a14b"}            # in_channels 36: latent + mask + image latent
@@ -242,12 +246,12 @@ FAMILY = Family(
     diffusers_class="WanTransformer3DModel",
     # ComfyUI 0.3.64: WAN21_T2V (also the A14B experts, the same architecture), WAN22_T2V (TI2V 5B, Wan22 latents),
     # WAN21_I2V; flow, shift 8.0
-    variants=(Variant("wan2.1-t2v-1.3b", "wan2.1-t2v-1.3b.json", UNIPC, T2V),
-              Variant("wan2.1-t2v-14b", "wan2.1-t2v-14b.json", UNIPC, T2V),
-              Variant("wan2.2-t2v-a14b", "wan2.2-t2v-a14b.json", UNIPC, T2V),
-              Variant("wan2.1-i2v-14b", "wan2.1-i2v-14b.json", UNIPC, I2V),
-              Variant("wan2.2-i2v-a14b", "wan2.2-i2v-a14b.json", UNIPC, I2V),
-              Variant("wan2.2-ti2v-5b", "wan2.2-ti2v-5b.json", UNIPC, ComfySpec("WAN22_T2V", "FLOW", "Wan22"),
+    variants=(Variant("wan2.1-t2v-1.3b", "wan2.1-t2v-1.3b.json", UNIPC_T2V, T2V),
+              Variant("wan2.1-t2v-14b", "wan2.1-t2v-14b.json", UNIPC_T2V, T2V),
+              Variant("wan2.2-t2v-a14b", "wan2.2-t2v-a14b.json", UNIPC_T2V, T2V),
+              Variant("wan2.1-i2v-14b", "wan2.1-i2v-14b.json", UNIPC_I2V, I2V),
+              Variant("wan2.2-i2v-a14b", "wan2.2-i2v-a14b.json", UNIPC_I2V, I2V),
+              Variant("wan2.2-ti2v-5b", "wan2.2-ti2v-5b.json", UNIPC_5B, ComfySpec("WAN22_T2V", "FLOW", "Wan22"),
                       latent=WAN22_LATENT)),
     latent=WAN21_LATENT,
     cond=CondSpec(width=4096, negative_length_may_differ=True, tokens=512, extra_inputs=("image_cond", "image_embeds")),
