@@ -46,6 +46,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
     tiny = " | ".join(n for n in families.tiny_models() if n.startswith("tiny-"))
     p.add_argument("--model", required=True, help=f"{tiny} | a diffusers folder or single-file checkpoint")
+    p.add_argument("--model-2", default=None, help="the second expert's single file, with --model the first: "
+                   "Wan 2.2 A14B's low-noise file (--model: the high-noise one)")
     p.add_argument("--family", default=None, choices=[*families.names(), *families.variants()],
                    help="the model's family or variant (default: detected from the weights)")
 
@@ -459,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if getattr(args, "model_2", None):  # two expert files: one source (weights.pair_source)
+        from .weights import pair_source
+
+        args.model = pair_source(args.model, args.model_2)
     try:
         return args.func(args)
     except XDiTError as e:

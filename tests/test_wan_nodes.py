@@ -337,3 +337,43 @@ def test_two_stage_advanced_on_pool_matches_one_run(ext, rec):
     print(f"Wan nodes, two Advanced stages (cfg parallel 2) against one run: rel L2 {err:.2e}")
     assert err <= 1e-5, err
     assert rel_l2(mid["samples"], one["samples"]) > 1e-2  # the first stage alone is not done
+
+
+def test_load_parallel_dit_takes_the_two_expert_files(ext, rec, tmp_path):
+    """Load Parallel DiT with the high-noise file as checkpoint and the low-noise one as checkpoint_2 loads Wan 2.2
+    A14B as one two-expert model on the pool (Ulysses 2 with CFG): Parallel Sampler equals the engine's pair over
+    the same sigmas; a family the pair cannot be is refused in one line."""
+    from safetensors.torch import save_file
+
+    from comfyui_xdit.weights import pair_source
+
+    from .test_wan import EXPERTS, wan_to_original
+
+    experts = load_model(EXPERTS).adapter.model
+    names = ("wan2.2_t2v_high_noise_14B.safetensors", "wan2.2_t2v_low_noise_14B.safetensors")
+    for model, name in zip((experts.transformer, experts.transformer_2), names):
+        save_file({k: v.contiguous() for k, v in wan_to_original(model).items()}, str(tmp_path / name))
+    rec.folders["diffusion_models"] = [str(tmp_path / n) for n in names]
+    m = ext.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"]().load(config, names[0], "fp32", "auto", checkpoint_2=names[1])
+    assert (model.family, model.variant) == ("wan", "wan2.2-t2v-a14b")
+    pos, neg = _cond(3, 24), _cond(4, 9)
+    latent = {"samples": torch.zeros(1, 16, 3, 6, 10)}
+    (out,) = m["XDiTParallelSampler"]().sample(model, pos, neg, latent, 5, 6, 4.0, "euler", "simple", 1.0)
+    sigmas = ext.nodes.convert.sigmas_for("wan2.2-t2v-a14b", "euler", "simple", 6, 1.0)
+    noise = torch.randn(1, 16, 3, 6, 10, generator=torch.Generator().manual_seed(5))
+    inputs = {"cond": pos[0][0], "neg_cond": neg[0][0], "latent": torch.zeros(1, 16, 3, 6, 10), "sigmas": sigmas,
+              "noise": noise}
+    pair = load_model(pair_source(*(str(tmp_path / n) for n in names)))
+    assert pair.adapter.experts
+    ref = run_job(pair, SampleRequest(48, 80, 6, seed=5, cfg=4.0, frames=9, sampler="euler", inputs=inputs)).latents
+    err = rel_l2(out["samples"], ref)
+    print(f"Wan 2.2 A14B pair in Load Parallel DiT, Ulysses 2 + CFG: rel L2 to the engine {err:.2e}")
+    assert err <= 1e-5, err
+    high = run_job(load_model(str(tmp_path / names[0])), SampleRequest(48, 80, 6, seed=5, cfg=4.0, frames=9,
+                                                                       sampler="euler", inputs=inputs)).latents
+    assert rel_l2(high, ref) > 1e-2  # the low-noise expert ran
+    with pytest.raises(Exception) as e:
+        m["XDiTLoadParallelDiT"]().load(config, names[0], "fp32", "wan2.1-t2v-14b", checkpoint_2=names[1])
+    assert "two experts (wan2.2-t2v-a14b), not wan2.1-t2v-14b" in str(e.value) and "\n" not in str(e.value)

@@ -95,11 +95,14 @@ class WanExperts(torch.nn.Module):
 
 def build(kwargs: dict, variant: str = "") -> torch.nn.Module:
     """A WanTransformer3DModel, or two of them in WanExperts for a two-expert variant or kwargs naming a
-    `boundary_ratio` (tiny models)."""
+    `boundary_ratio` (tiny models; a pipeline folder's or a pair of files': None there is the variant's)."""
     from diffusers import WanTransformer3DModel
 
     kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
-    boundary = kwargs.pop("boundary_ratio", BOUNDARY.get(variant))
+    pair = "boundary_ratio" in kwargs
+    boundary = kwargs.pop("boundary_ratio", None)
+    if boundary is None:
+        boundary = BOUNDARY.get(variant, BOUNDARY["wan2.2-t2v-a14b"] if pair else None)
     if boundary is None:
         return WanTransformer3DModel(**kwargs)
     return WanExperts(WanTransformer3DModel(**kwargs), WanTransformer3DModel(**kwargs), boundary)
@@ -107,12 +110,17 @@ def build(kwargs: dict, variant: str = "") -> torch.nn.Module:
 
 class WanAdapter(FamilyAdapter):
     def __init__(self, spec: Family, model: torch.nn.Module, variant: str = ""):
-        # a built-in tiny model comes with the family's default variant: take the one its shape says
+        # a built-in tiny model comes with the family's default variant (make_adapter's for none): take the one
+        # its shape says; another named variant the model cannot be is refused (the loaders refuse it first, with
+        # the file's name)
         experts = isinstance(model, WanExperts)
         image = model.config.in_channels != model.config.out_channels
         if ((variant in BOUNDARY) != experts or spec.latent_of(variant).channels != model.config.out_channels
                 or (variant in IMAGE_TO_VIDEO) != image):
-            variant = _variant_of(dict(model.config), "", experts)
+            detected = _variant_of(dict(model.config), "", experts)
+            if variant != spec.default_variant.name and not (variant == detected == "wan2.2-i2v-a14b"):
+                raise XDiTError(f"the model is {'two experts of ' if experts else ''}{detected}, not {variant}")
+            variant = detected
         super().__init__(spec, model, variant)
 
     @property
@@ -228,7 +236,10 @@ def _infer_config(sd: dict, hints: dict) -> dict:
 
 
 def _variant_of(cfg: dict, pipeline: str, experts: bool = False) -> str:
-    """The variant a config (and the pipeline's class name, or two experts) says."""
+    """The variant a config (and the pipeline's class name, or two experts: `experts` or a `boundary_ratio` key)
+    says. One expert alone is the Wan 2.1 model of its architecture (14B T2V or, with no CLIP image input, a
+    one-expert I2V, which only Wan 2.2 A14B has)."""
+    experts = experts or "boundary_ratio" in cfg
     if cfg.get("in_channels") == 48 or cfg.get("out_channels") == 48:
         return "wan2.2-ti2v-5b"
     if cfg.get("in_channels") == 36 or "ImageToVideo" in pipeline:
@@ -237,6 +248,24 @@ def _variant_of(cfg: dict, pipeline: str, experts: bool = False) -> str:
         return "wan2.2-t2v-a14b"
     return "wan2.1-t2v-1.3b" if cfg.get("num_attention_heads", 40) * cfg.get("attention_head_dim", 128) <= 1536 \
         else "wan2.1-t2v-14b"
+
+
+def _refuse_variant(cfg: dict, detected: str, requested: str) -> str | None:
+    """Why weights of config `cfg` (variant `detected`) cannot be loaded as `requested` (None: they are it). Every
+    Wan variant is told apart by its weights (sizes, channels, CLIP input, one or two experts), so any other one is
+    refused; one expert alone (Wan 2.2 I2V's is `detected` as wan2.2-i2v-a14b: ComfyUI runs each expert as its own
+    model) is never the two-expert variant."""
+    experts = "boundary_ratio" in cfg
+    if requested in BOUNDARY and not experts:
+        return (f"one transformer ({'one expert of ' if detected == requested else ''}{detected}), not {requested}, "
+                "which is two experts: load a pipeline folder with transformer/ and transformer_2/, or the high- "
+                "and low-noise files together (--model HIGH --model-2 LOW, or Load Parallel DiT's second "
+                "checkpoint)")
+    if experts and requested not in BOUNDARY:
+        return f"two experts ({detected}), not {requested}"
+    if requested != detected:
+        return f"these weights are {detected}, not {requested}"
+    return None
 
 
 _TINY = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
@@ -270,6 +299,8 @@ FAMILY = Family(
     infer_config=_infer_config,
     variant_of=_variant_of,
     build=build,
+    experts=True,
+    refuse_variant=_refuse_variant,
     # the text (and CLIP-image) embedding and cross-attention's K/V (each expert's own; I2V's context is a new
     # concatenation every call, so there only the embedders are reused)
     context_modules=("*condition_embedder.text_embedder", "*condition_embedder.image_embedder",
