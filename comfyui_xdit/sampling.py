@@ -175,11 +175,14 @@ def final_sigma(schedule: Schedule) -> float:
     return 0.0 if sigmas is None or len(sigmas) == 0 else float(sigmas[-1])
 
 
-def finish(adapter: FamilyAdapter, schedule: Schedule, x: torch.Tensor) -> torch.Tensor:
+def finish(adapter: FamilyAdapter, schedule: Schedule, x: torch.Tensor, c: Conditioning | None = None
+           ) -> torch.Tensor:
     """Model-space latents after the last step, in ComfyUI's LATENT convention. A flow schedule that ends at a
     sigma s > 0 gives x / (1 - s), as ComfyUI's inverse noise scaling for flow models does, so that the next stage
     started there with zero noise, (1 - s) * latent + s * 0, continues from x exactly. Epsilon models' x is already
     latent + s * noise: unchanged."""
+    if c is not None:
+        x = adapter.finish_latents(x, c)
     s = final_sigma(schedule)
     if schedule.flow and s > 0.0:
         x = x / (1.0 - s)
@@ -225,4 +228,4 @@ def sample(adapter: FamilyAdapter, req: SampleRequest, tiny: bool = False,
     with context_cache(adapter.model, adapter.spec.context_modules, req.context_cache), \
             job_cache(adapter, job.cache) as cache:
         x = run_loop(job, lambda x, t: guided(adapter, x, t, job), callback, cache)
-    return finish(adapter, job.schedule, x)
+    return finish(adapter, job.schedule, x, job.positive)

@@ -101,7 +101,8 @@ def latent_input(latent: Any, variant: str) -> dict:
     channel count (EmptyLatentImage's 4 channels) widened to the model's, as ComfyUI does."""
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         raise ConversionError("latent_image is not a LATENT (a dict with 'samples')")
-    if latent.get("noise_mask") is not None:
+    mask = latent.get("noise_mask")
+    if mask is not None and variant not in GIVEN_FRAMES:
         raise ConversionError("latent_image has a noise_mask (inpainting), which Parallel Sampler does not support")
     samples = latent["samples"]
     s = spec(variant)
@@ -123,7 +124,29 @@ def latent_input(latent: Any, variant: str) -> dict:
                                   "encode the image with this model's VAE")
         samples = widen_empty_latent(samples, s.channels, s.dims)
     return {"samples": samples.detach().to("cpu", torch.float32).contiguous(),
-            "batch_index": latent.get("batch_index")}
+            "batch_index": latent.get("batch_index"),
+            "given_frames": 0 if mask is None else given_frames(mask, samples.shape)}
+
+
+GIVEN_FRAMES = ("wan2.2-ti2v-5b",)  # variants that take given first frames (Wan22ImageToVideoLatent's start image)
+
+
+def given_frames(mask: torch.Tensor, shape: torch.Size) -> int:
+    """The number n of leading latent frames a noise_mask keeps (0 on them, 1 on every later one), as
+    Wan22ImageToVideoLatent makes it for a start image; any other mask is refused in one line."""
+    m = mask.detach().to("cpu", torch.float32)
+    if m.ndim == 4:
+        m = m.unsqueeze(1)
+    frames = shape[2]
+    if m.ndim != 5 or m.shape[2] != frames:
+        raise ConversionError(f"latent_image's noise_mask has shape {list(mask.shape)}: expected one value per "
+                              f"latent frame ({frames}), as Wan22ImageToVideoLatent makes it")
+    per = m.transpose(0, 2).reshape(frames, -1)
+    n = int((per == 0).all(dim=1).long().cumprod(0).sum())
+    if n == 0 or not bool((per[n:] == 1).all()):
+        raise ConversionError("latent_image's noise_mask is not a start image's (0 on the first latent frames, 1 on "
+                              "the rest): Parallel Sampler takes only Wan22ImageToVideoLatent's start_image")
+    return n
 
 
 def widen_empty_latent(samples: torch.Tensor, channels: int, dims: int = 2) -> torch.Tensor:

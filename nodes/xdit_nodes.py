@@ -284,6 +284,8 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
         raise XDiTNodeError(f"{name}: {e}") from None
     samples = lat["samples"]
     tensors["latent"] = samples
+    if lat["given_frames"]:  # Wan 2.2 TI2V: the start image's latent frames (ComfyUI's noise_mask 0 on them)
+        tensors["image_latent"] = samples[:, :, :lat["given_frames"]].contiguous()
     if add_noise:
         tensors["noise"] = convert.noise_for(samples, seed, lat["batch_index"])
     else:

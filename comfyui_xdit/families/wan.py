@@ -11,6 +11,12 @@ Wan 2.2 A14B runs two transformers of one architecture: `transformer` (high nois
 t >= boundary_ratio x 1000 and `transformer_2` (low noise) below; the engine holds them in one `WanExperts` module
 (the token plan covers both). One cfg scale serves both experts (WanPipeline's guidance_scale_2 = guidance_scale).
 
+Wan 2.2 TI2V 5B image-to-video (WanImageToVideoPipeline with expand_timesteps; ComfyUI's Wan22ImageToVideoLatent
+with a start image): `image_latent` [B, 48, n, h, w], the given first n latent frames in ComfyUI's convention. Every
+model call reads them in place of those frames of the noisy latent, at timestep 0 on their tokens (t elsewhere),
+and the result ends with them (the pipeline's first_frame_mask; ComfyUI's noise_mask with WAN22's per-frame
+timesteps, which sample the same).
+
 I2V variants (in_channels 36) take two more inputs, the same for both CFG branches: `image_cond` [B, 20, T, h, w],
 the channels the model reads after the noisy latent (4 mask channels, then the 16-channel image latent, in
 WanImageToVideoPipeline's convention: the mask is 1 on the given frames), and for Wan 2.1 I2V `image_embeds`
@@ -155,6 +161,16 @@ class WanAdapter(FamilyAdapter):
                 raise XDiTError(f"image_cond has shape {list(given.shape)}, expected [B, {', '.join(map(str, want))}]")
         elif given is not None:
             raise XDiTError(f"{self.variant} takes no image_cond (a text-to-video model)")
+        first = req.inputs.get("image_latent")
+        if first is not None:
+            if self.variant not in EXPAND_TIMESTEPS:
+                raise XDiTError(f"{self.variant} takes no image_latent (given first frames: Wan 2.2 TI2V 5B's "
+                                "image-to-video)")
+            want = [self.latent_channels, *shape[3:]]
+            if (first.ndim != 5 or [first.shape[1], *first.shape[3:]] != want or not 1 <= first.shape[2] <= shape[2]
+                    or first.shape[0] not in (1, req.batch_size)):
+                raise XDiTError(f"image_latent has shape {list(first.shape)}, expected [B, {want[0]}, n, "
+                                f"{want[1]}, {want[2]}] with 1 <= n <= {shape[2]} latent frames")
         if cfg.image_dim and embeds is None:
             raise XDiTError(f"{self.variant} needs image_embeds [B, 257, {cfg.image_dim}] (CLIP vision)")
         if embeds is not None:
@@ -174,14 +190,37 @@ class WanAdapter(FamilyAdapter):
             raise ConfigError(f"pipefusion is not available for {self.variant} (two experts): use ulysses, ring, "
                               "cfg or dp")
 
+    def _given_frames(self, x: torch.Tensor, c: Conditioning) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the given frames in model space at their place in x, the mask: 0 on them, 1 elsewhere [1, 1, T, 1, 1])
+        for TI2V's image-to-video, else None."""
+        first = c.extra.get("image_latent")
+        if first is None:
+            return None
+        n = first.shape[2]
+        given = torch.zeros_like(x)
+        given[:, :, :n] = self.to_model_space(first.float()).to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1, -1)
+        mask = torch.ones(1, 1, x.shape[2], 1, 1, device=x.device, dtype=x.dtype)
+        mask[:, :, :n] = 0.0
+        return given, mask
+
+    def finish_latents(self, x: torch.Tensor, c: Conditioning) -> torch.Tensor:
+        """TI2V image-to-video ends with the given frames (the pipeline's last step)."""
+        g = self._given_frames(x, c)
+        return x if g is None else (1 - g[1]) * g[0] + g[1] * x
+
     def predict(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
         if x.ndim != 5:
             raise XDiTError(f"{self.family} samples video latents [B, C, T, h, w], got {list(x.shape)}")
         b, _, frames, h, w = x.shape
         timestep = t.expand(b).to(x.device)
-        if self.variant in EXPAND_TIMESTEPS:  # every token at t (no conditioning frame)
-            tokens = frames * (h // self.patch) * (w // self.patch)
-            timestep = timestep.float()[:, None].expand(b, tokens)
+        if self.variant in EXPAND_TIMESTEPS:  # every token at t, the given frames' at 0
+            per_frame = torch.ones(frames, device=x.device)
+            g = self._given_frames(x, c)
+            if g is not None:
+                x = (1 - g[1]) * g[0] + g[1] * x
+                per_frame = g[1].flatten().float()
+            per_token = per_frame[:, None].expand(frames, (h // self.patch) * (w // self.patch)).flatten()
+            timestep = (per_token[None, :] * timestep.float()[:, None])
         kwargs = {"expert": self.model.expert(t)} if self.experts else {}
         if "image_cond" in c.extra:  # I2V: mask and image latent after the noisy latent
             x = torch.cat([x, c.extra["image_cond"].to(x.dtype)], dim=1)
@@ -283,7 +322,8 @@ FAMILY = Family(
               Variant("wan2.2-ti2v-5b", "wan2.2-ti2v-5b.json", UNIPC_5B, ComfySpec("WAN22_T2V", "FLOW", "Wan22"),
                       latent=WAN22_LATENT)),
     latent=WAN21_LATENT,
-    cond=CondSpec(width=4096, negative_length_may_differ=True, tokens=512, extra_inputs=("image_cond", "image_embeds")),
+    cond=CondSpec(width=4096, negative_length_may_differ=True, tokens=512,
+                  extra_inputs=("image_cond", "image_embeds", "image_latent")),
     flow=True,
     samplers=("unipc", "euler", "dpmpp_2m"),
     adapter=f"{__name__}:WanAdapter",
