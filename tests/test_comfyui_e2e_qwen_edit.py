@@ -5,7 +5,8 @@ here), from a seeded LATENT shaped like the Wan 2.1 VAE's [1, 16, 1, h, w]. Nati
 Load Parallel DiT + Parallel Sampler at Ulysses 2 (two CPU ranks; four ranks of this 1.5 GB checkpoint do not fit
 beside the other jobs on the 23 GB test machine) with true CFG at scale 2, at 1e-5; even token rows and columns
 (ComfyUI 0.3.64 centres odd ones differently from diffusers, see test_comfyui_e2e_qwen.py). The native run without
-the reference must differ."""
+the reference must differ. ComfyUI's own KSampler on Parallel DiT Model (its forwards carry ref_latents to the
+pool) must match native too."""
 from __future__ import annotations
 
 import textwrap
@@ -69,6 +70,10 @@ def ran(tmp_path_factory):
         "40": {"class_type": "SaveLatent", "inputs": {"samples": ["20", 0], "filename_prefix": "native"}},
         "41": {"class_type": "SaveLatent", "inputs": {"samples": ["30", 0], "filename_prefix": "xdit"}},
         "42": {"class_type": "SaveLatent", "inputs": {"samples": ["21", 0], "filename_prefix": "noref"}},
+        # ComfyUI's own KSampler on Parallel DiT Model: the forwards carry ref_latents to the pool
+        "31": {"class_type": "XDiTParallelDiTModel", "inputs": {"model": ["8", 0]}},
+        "32": {"class_type": "KSampler", "inputs": {"model": ["31", 0], **common}},
+        "43": {"class_type": "SaveLatent", "inputs": {"samples": ["32", 0], "filename_prefix": "stock"}},
     }
     with running_comfyui(base) as server:
         progress: list[str] = []
@@ -87,3 +92,6 @@ def test_qwen_image_edit_reference_matches_native_ksampler(ran):
           f"native KSampler {err:.2e} (native without the reference: {gap:.2e})")
     assert err <= 1e-5, err
     assert gap > 1e-3
+    stock = rel_l2(_latent(base, "stock"), native)
+    print(f"Qwen-Image-Edit, KSampler on Parallel DiT Model (ulysses 2): rel L2 to native KSampler {stock:.2e}")
+    assert stock <= 1e-5, stock
