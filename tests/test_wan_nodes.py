@@ -422,3 +422,20 @@ def test_ti2v_start_image_on_pool_matches_the_engine(ext, rec):
     with pytest.raises(Exception, match="noise_mask is not a start image's"):
         m["XDiTParallelSampler"]().sample(model, pos, neg, {"samples": samples, "noise_mask": bad}, 5, 4, 4.0,
                                           "euler", "simple", 1.0)
+
+
+def test_a_pair_of_i2v_expert_files_has_the_first_files_geometry(ext, tmp_path):
+    """Load Parallel DiT's two-file pair (I2V A14B experts) reads its geometry (image input channels, the heads) from
+    the first file, so Parallel Sampler maps WanImageToVideo's conditioning for it as for one expert; the engine
+    loads the pair as two experts of wan2.2-i2v-a14b."""
+    from comfyui_xdit.weights import pair_source
+
+    _write_i2v(tmp_path / "wan2.2_i2v_high_noise_14B.safetensors", clip=False, seed=3)
+    _write_i2v(tmp_path / "wan2.2_i2v_low_noise_14B.safetensors", clip=False, seed=4)
+    high, low = (str(tmp_path / f"wan2.2_i2v_{n}_noise_14B.safetensors") for n in ("high", "low"))
+    geometry = ext.nodes.geometry.geometry
+    assert geometry(pair_source(high, low)) == geometry(high)
+    assert geometry(high).image_input and geometry(high).in_channels == 36
+    assert ext.nodes.checkpoints.detect_variant(pair_source(high, low)) == "wan2.2-i2v-a14b"
+    ad = load_model(pair_source(high, low)).adapter
+    assert ad.experts and ad.variant == "wan2.2-i2v-a14b" and ad.model.boundary_ratio == 0.9
