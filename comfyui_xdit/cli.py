@@ -26,6 +26,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="Flux distilled guidance (dev)")
     p.add_argument("--sampler", default="default")
     p.add_argument("--denoise", type=float, default=1.0)
+    p.add_argument("--shift", type=float, default=None, help="the scheduler's flow shift (default: what the "
+                   "model's published pipeline folder ships, e.g. Wan 2.1 / 2.2 A14B T2V 3.0, TI2V 5B 5.0)")
     p.add_argument("--no-context-cache", action="store_true", help="recompute the conditioning-only modules (text "
                    "embedder, cross-attention K/V) every step instead of once per job (a local run; the results are "
                    "the same)")
@@ -44,6 +46,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
     tiny = " | ".join(n for n in families.tiny_models() if n.startswith("tiny-"))
     p.add_argument("--model", required=True, help=f"{tiny} | a diffusers folder or single-file checkpoint")
+    p.add_argument("--model-2", default=None, help="the second expert's single file, with --model the first: "
+                   "Wan 2.2 A14B's low-noise file (--model: the high-noise one)")
     p.add_argument("--family", default=None, choices=[*families.names(), *families.variants()],
                    help="the model's family or variant (default: detected from the weights)")
 
@@ -253,6 +257,8 @@ def _generate_on_pool(args: argparse.Namespace, config) -> int:
               "denoise": args.denoise, "cache": None if settings is None else settings.to_dict()}
     if args.frames != 1:  # a video model's frames (image jobs send the fields they always did)
         fields["frames"] = args.frames
+    if args.shift is not None:
+        fields["shift"] = args.shift
     client = PoolClient(args.pool, _pool_secret(args))
     try:
         try:  # a short request first: a wrong secret gets no reply at all (the pool drops unsigned messages)
@@ -311,7 +317,8 @@ def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) 
     req = SampleRequest(height=args.height, width=args.width, steps=args.steps, seed=args.seed,
                         batch_size=args.batch_size, cfg=args.cfg, guidance=args.guidance, sampler=args.sampler,
                         denoise=args.denoise, inputs={k: v.to(device) for k, v in inputs.items()},
-                        cache=cache_settings(args), frames=args.frames, context_cache=not args.no_context_cache)
+                        cache=cache_settings(args), frames=args.frames, context_cache=not args.no_context_cache,
+                        shift=args.shift)
 
     if config.pipefusion > 1:
         _report_stage_memory(loaded, config, rank)
@@ -463,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if getattr(args, "model_2", None):  # two expert files: one source (weights.pair_source)
+        from .weights import pair_source
+
+        args.model = pair_source(args.model, args.model_2)
     try:
         return args.func(args)
     except XDiTError as e:

@@ -130,26 +130,33 @@ def open_checkpoint(source: str | os.PathLike, family: str | None = None, dtype:
                     config_overrides: dict | None = None) -> Checkpoint:
     """Read a checkpoint's headers only: what it holds, its family and config. Raises WeightsError for sources that
     cannot be read in part (torch pickles), and for everything load_transformer refuses."""
-    from .weights import _base_config, _parse_family, _strip_prefix, detect_family, existing_path, folder_config
+    from .weights import (_base_config, _parse_family, _strip_prefix, detect_family, existing_path, expert_folders,
+                          folder_config, resolve_variant, split_pair)
 
     want_family, want_variant = _parse_family(family)
+    pair = split_pair(str(source))
+    if pair is not None:
+        return _open_pair(pair, want_family, want_variant, dtype, config_overrides)
     path, is_dir = existing_path(str(source))
     if is_dir:
         fam, config, pipeline_class = folder_config(path)
         folder = path if (path / "config.json").is_file() else path / "transformer"
         if want_family and fam.name != want_family:
             raise WeightsError(f"family mismatch: {folder} looks like {fam.name}, not {want_family}")
-        files = sorted(p for p in folder.iterdir() if p.name.startswith("diffusion_pytorch_model")
-                       and p.name.endswith(".safetensors"))
-        if not files:
-            raise WeightsError(f"{folder}: no diffusion_pytorch_model*.safetensors to read in part")
+        # two experts (transformer/, transformer_2/): their tensors under the names the joint model gives them
+        parts = [(f"{d.name}.", d) for d in expert_folders(path)] if "boundary_ratio" in config else [("", folder)]
         tensors, direct = {}, {}
-        for file in files:
-            for key, (shape, st_dtype) in _header(file).items():
-                tensors[key] = _deferred_read(file, key, shape, st_dtype, dtype, ())
-                direct[key] = (file, key)
+        for prefix, part in parts:
+            files = sorted(p for p in part.iterdir() if p.name.startswith("diffusion_pytorch_model")
+                           and p.name.endswith(".safetensors"))
+            if not files:
+                raise WeightsError(f"{part}: no diffusion_pytorch_model*.safetensors to read in part")
+            for file in files:
+                for key, (shape, st_dtype) in _header(file).items():
+                    tensors[prefix + key] = _deferred_read(file, key, shape, st_dtype, dtype, ())
+                    direct[prefix + key] = (file, key)
         config = {k: v for k, v in config.items() if not k.startswith("_")}
-        variant = want_variant or fam.variant_of(config, pipeline_class)
+        variant = resolve_variant(fam, config, pipeline_class, want_variant, path.name)
         return Checkpoint(path, fam, config, variant, tensors, direct, "diffusers", dtype)
     if not path.name.lower().endswith((".safetensors", ".sft")):
         raise WeightsError(f"{path.name} is not a safetensors file: it cannot be read in part")
@@ -177,9 +184,35 @@ def open_checkpoint(source: str | os.PathLike, family: str | None = None, dtype:
             raise NotDeferrable(f"the converter made {', '.join(made_up[:3])} from no source tensor")
         direct, layout = {}, "converted"
     config = fam.infer_config(sd, hints)
-    variant = want_variant or fam.variant_of(config, hints.get("pipeline", ""))
+    variant = resolve_variant(fam, config, hints.get("pipeline", ""), want_variant, path.name)
     config = {**_base_config(fam, variant), **config, **(config_overrides or {})}
     return Checkpoint(path, fam, config, variant, sd, direct, layout, dtype)
+
+
+def _open_pair(pair: tuple[str, str], want_family: str | None, want_variant: str | None, dtype: torch.dtype,
+               config_overrides: dict | None) -> Checkpoint:
+    """Two single files, the high- and the low-noise expert of one architecture, as one checkpoint: their tensors
+    under `transformer.` and `transformer_2.`, the config with `boundary_ratio` (the variant's)."""
+    from .weights import resolve_variant
+
+    high, low = (open_checkpoint(p, want_family, dtype, config_overrides) for p in pair)
+    names = f"{high.path.name} + {low.path.name}"
+    if high.family is not low.family or high.config != low.config:
+        raise WeightsError(f"{names}: not two experts of one architecture ({high.family.name} {high.variant}, "
+                           f"{low.family.name} {low.variant})")
+    if not high.family.experts:
+        raise WeightsError(f"{names}: two files make one model only for two-expert families (wan), not "
+                           f"{high.family.name}")
+    if "low_noise" in high.path.name.lower() and "high_noise" in low.path.name.lower():
+        raise WeightsError(f"{names}: the high-noise expert comes first (these names say low, then high)")
+    tensors = {f"{prefix}.{k}": v for prefix, ck in (("transformer", high), ("transformer_2", low))
+               for k, v in ck.tensors.items()}
+    direct = {f"{prefix}.{k}": v for prefix, ck in (("transformer", high), ("transformer_2", low))
+              for k, v in ck._direct.items()}
+    config = {**high.config, "boundary_ratio": None}
+    variant = resolve_variant(high.family, config, "", want_variant, names)
+    layout = high.layout if high.layout == low.layout else f"{high.layout}+{low.layout}"
+    return Checkpoint(high.path.parent / names, high.family, config, variant, tensors, direct, layout, dtype)
 
 
 def header_scales(header: dict, key: str) -> bool:
@@ -271,7 +304,10 @@ def build_meta(ckpt: Checkpoint) -> torch.nn.Module:
     cls = getattr(diffusers, ckpt.family.diffusers_class)
     try:
         with _parameters_on_meta(ckpt.dtype):
-            model = cls.from_config(ckpt.config)
+            if "boundary_ratio" in ckpt.config:  # two experts in one model (the family's build)
+                model = ckpt.family.build(ckpt.config, ckpt.variant)
+            else:
+                model = cls.from_config(ckpt.config)
     except (TypeError, ValueError, AssertionError) as e:
         raise WeightsError(f"{ckpt.path.name}: inferred {ckpt.family.name} config is invalid: {first_line(e)}"
                            ) from None

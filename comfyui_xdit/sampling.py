@@ -35,6 +35,7 @@ class SampleRequest:
     cache: CacheSettings | None = None  # first-block residual cache (None: every step computes every block)
     frames: int = 1                      # pixel frames of a video model (an image model: 1)
     context_cache: bool = True           # compute the family's conditioning-only modules once per job
+    shift: float | None = None           # the scheduler's static flow shift (None: what the published folder ships)
 
 
 @dataclass
@@ -149,7 +150,7 @@ def prepare(adapter: FamilyAdapter, req: SampleRequest, tiny: bool) -> PreparedJ
     sigmas = inp.get("sigmas")
     schedule = make_schedule(adapter.family, adapter.variant, req.sampler, req.steps,
                              adapter.image_tokens(req.height, req.width, req.frames),
-                             None if sigmas is None else sigmas.flatten().tolist(), req.denoise)
+                             None if sigmas is None else sigmas.flatten().tolist(), req.denoise, req.shift)
     device = adapter.device  # the seed's noise is drawn on the CPU (as ComfyUI draws it), then moved there
     x0 = None if latent is None else start_latent(adapter, latent.float().to(device))
     x = initial_latents(schedule, noise.float().to(device), x0 if (req.denoise < 1.0 or sigmas is not None) else None)
@@ -174,11 +175,14 @@ def final_sigma(schedule: Schedule) -> float:
     return 0.0 if sigmas is None or len(sigmas) == 0 else float(sigmas[-1])
 
 
-def finish(adapter: FamilyAdapter, schedule: Schedule, x: torch.Tensor) -> torch.Tensor:
+def finish(adapter: FamilyAdapter, schedule: Schedule, x: torch.Tensor, c: Conditioning | None = None
+           ) -> torch.Tensor:
     """Model-space latents after the last step, in ComfyUI's LATENT convention. A flow schedule that ends at a
     sigma s > 0 gives x / (1 - s), as ComfyUI's inverse noise scaling for flow models does, so that the next stage
     started there with zero noise, (1 - s) * latent + s * 0, continues from x exactly. Epsilon models' x is already
     latent + s * noise: unchanged."""
+    if c is not None:
+        x = adapter.finish_latents(x, c)
     s = final_sigma(schedule)
     if schedule.flow and s > 0.0:
         x = x / (1.0 - s)
@@ -224,4 +228,4 @@ def sample(adapter: FamilyAdapter, req: SampleRequest, tiny: bool = False,
     with context_cache(adapter.model, adapter.spec.context_modules, req.context_cache), \
             job_cache(adapter, job.cache) as cache:
         x = run_loop(job, lambda x, t: guided(adapter, x, t, job), callback, cache)
-    return finish(adapter, job.schedule, x)
+    return finish(adapter, job.schedule, x, job.positive)

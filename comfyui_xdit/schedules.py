@@ -54,10 +54,26 @@ def scheduler_config(family: str, variant: str) -> dict:
         return fam.default_variant.scheduler
 
 
+def with_shift(cfg: dict, family: str, shift: float | None) -> dict:
+    """The scheduler config with its static flow shift replaced by `shift` (UniPC's `flow_shift`, flow-matching
+    Euler's `shift`); a one-line error where the pipeline's shift is not one static number."""
+    if shift is None:
+        return cfg
+    if not shift > 0:
+        raise XDiTError(f"shift must be > 0, got {shift}")
+    if cfg.get("use_dynamic_shifting"):
+        raise XDiTError(f"shift cannot be set for {family}: its pipeline shifts by the image size (dynamic shifting)")
+    key = "flow_shift" if "flow_shift" in cfg else "shift" if "shift" in cfg else None
+    if key is None:
+        raise XDiTError(f"shift cannot be set for {family}: its scheduler has no flow shift")
+    return {**cfg, key: float(shift)}
+
+
 def make_schedule(family: str, variant: str, sampler: str, steps: int, image_tokens: int,
-                  sigmas: list[float] | None = None, denoise: float = 1.0) -> Schedule:
+                  sigmas: list[float] | None = None, denoise: float = 1.0, shift: float | None = None) -> Schedule:
     """Scheduler and timesteps for `steps` steps; with `sigmas` the given noise levels are used as they are
-    (already shifted, ending at 0 or at the last level to reach); denoise < 1 keeps the last steps (img2img)."""
+    (already shifted, ending at 0 or at the last level to reach); denoise < 1 keeps the last steps (img2img).
+    `shift` replaces the scheduler config's static flow shift (the published folder's by default)."""
     from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                            FlowMatchEulerDiscreteScheduler)
 
@@ -71,6 +87,9 @@ def make_schedule(family: str, variant: str, sampler: str, steps: int, image_tok
         raise XDiTError(f"steps must be >= 1, got {steps}")
     cfg = scheduler_config(family, variant)
     flow = fam.flow
+    if shift is not None and sigmas is not None:
+        raise XDiTError("shift applies to the pipeline's schedule, not to explicit sigmas (already shifted)")
+    cfg = with_shift(cfg, family, shift)
 
     if sigmas is not None:
         s = [float(v) for v in sigmas]

@@ -65,14 +65,17 @@ def load_transformer(source: str, family: str | None = None, dtype: torch.dtype 
     fields the weights cannot determine, e.g. the head count of a non-standard PixArt).
     """
     want_family, want_variant = _parse_family(family)
+    if split_pair(source) is not None:
+        raise WeightsError("two expert files load from safetensors only (each read in part): "
+                           f"{source[:200]}")
     path, is_dir = existing_path(source)
     if is_dir:
-        fam, variant, model = _load_folder(path, want_family, dtype)
+        fam, variant, model = _load_folder(path, want_family, want_variant, dtype)
     else:
         fam, variant, model = _load_single_file(path, want_family, want_variant, dtype, config_overrides)
     _finalize_tensors(model, dtype)
     model = model.to(device).eval().requires_grad_(False)
-    return LoadedTransformer(fam, want_variant or variant, model)
+    return LoadedTransformer(fam, variant, model)
 
 
 def existing_path(source: str) -> tuple[Path, bool]:
@@ -114,15 +117,54 @@ def describe(shapes: dict) -> Description:
     return Description(fam, {**_base_config(fam, variant), **inferred}, variant)
 
 
+PAIR = " + "  # a model source naming two expert files: "HIGH + LOW" (high-noise first)
+
+
+def pair_source(high: str, low: str) -> str:
+    """The source naming two single files that are the two experts of one model (Wan 2.2 A14B)."""
+    return f"{high}{PAIR}{low}"
+
+
+def split_pair(source: str) -> tuple[str, str] | None:
+    """(high, low) of a two-expert source, or None (a path that exists as given is never split)."""
+    if PAIR not in str(source) or Path(str(source)).expanduser().exists():
+        return None
+    high, _, low = str(source).partition(PAIR)
+    return high, low
+
+
+def resolve_variant(fam: Family, config: dict, pipeline: str, requested: str | None, name: str) -> str:
+    """The variant to load as: the requested one when the files (`config`) can be it (a family with
+    `refuse_variant` checks; a one-line WeightsError when they cannot), else the one they are."""
+    detected = fam.variant_of(config, pipeline)
+    if requested and fam.refuse_variant is not None:
+        why = fam.refuse_variant(config, detected, requested)
+        if why:
+            raise WeightsError(f"{name}: {why}")
+    return requested or detected
+
+
+def expert_folders(path: Path) -> tuple[Path, Path] | None:
+    """(transformer/, transformer_2/) of a pipeline folder holding two experts (Wan 2.2 A14B), else None."""
+    first, second = path / "transformer", path / "transformer_2"
+    if not (path / "config.json").is_file() and (first / "config.json").is_file() \
+            and (second / "config.json").is_file():
+        return first, second
+    return None
+
+
 def folder_config(path: Path) -> tuple[Family, dict, str]:
-    """(family, config, pipeline class) of a diffusers model or pipeline folder, from its config files."""
+    """(family, config, pipeline class) of a diffusers model or pipeline folder, from its config files. A pipeline
+    folder with two experts (transformer/ and transformer_2/, one architecture) gives the first's config with
+    `boundary_ratio` (model_index.json's; None when it names none)."""
     pipeline_class = ""
     folder = path
+    index: dict = {}
     if not (folder / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
         folder = path / "transformer"
-        index = path / "model_index.json"
-        if index.is_file():
-            pipeline_class = str(_read_json(index).get("_class_name", ""))
+        if (path / "model_index.json").is_file():
+            index = _read_json(path / "model_index.json")
+            pipeline_class = str(index.get("_class_name", ""))
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise WeightsError(f"{path} is not a diffusers model folder: no config.json (nor transformer/config.json)")
@@ -133,6 +175,16 @@ def folder_config(path: Path) -> tuple[Family, dict, str]:
         classes = ", ".join(f.diffusers_class for f in families.families().values())
         raise WeightsError(f"{config_file}: model class {class_name or '(none)'!r} is not a supported transformer "
                            f"(expected one of {classes})")
+    pair = expert_folders(path)
+    if pair is not None:
+        second = _read_json(pair[1] / "config.json")
+        strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+        if second.get("_class_name") != class_name or strip(second) != strip(config):
+            raise WeightsError(f"{path}: transformer/ and transformer_2/ are not two experts of one architecture "
+                               "(their config.json differ)")
+        if not fam.experts:
+            raise WeightsError(f"{path}: a pipeline folder with transformer_2/ is not supported for {fam.name}")
+        config = {**config, "boundary_ratio": index.get("boundary_ratio")}
     return fam, config, pipeline_class
 
 
@@ -140,11 +192,14 @@ def folder_config(path: Path) -> tuple[Family, dict, str]:
 # Diffusers folders
 
 
-def _load_folder(path: Path, want_family: str | None, dtype: torch.dtype):
-    fam, _, pipeline_class = folder_config(path)
+def _load_folder(path: Path, want_family: str | None, want_variant: str | None, dtype: torch.dtype):
+    fam, folder_cfg, pipeline_class = folder_config(path)
     folder = path if (path / "config.json").is_file() else path / "transformer"
     if want_family and fam.name != want_family:
         raise WeightsError(f"family mismatch: {folder} looks like {fam.name}, not {want_family}")
+    if "boundary_ratio" in folder_cfg:
+        raise WeightsError(f"{path}: a pipeline folder of two experts loads from safetensors weights only "
+                           "(diffusion_pytorch_model*.safetensors in transformer/ and transformer_2/)")
     weights = [p for p in folder.iterdir() if p.name.startswith("diffusion_pytorch_model")
                and p.name.endswith((".safetensors", ".bin"))]
     if not weights:
@@ -160,7 +215,8 @@ def _load_folder(path: Path, want_family: str | None, dtype: torch.dtype):
         sd: dict = {}
         for file in sorted(weights):
             sd.update(_read_state_dict(file, dtype))
-        return fam.name, fam.variant_of(config, pipeline_class), _build(fam, config, sd, folder)
+        return (fam.name, resolve_variant(fam, config, pipeline_class, want_variant, path.name),
+                _build(fam, config, sd, folder))
     try:
         # low_cpu_mem_usage needs accelerate; asking for it without accelerate only earns a warning
         model = cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
@@ -176,7 +232,7 @@ def _load_folder(path: Path, want_family: str | None, dtype: torch.dtype):
             names = ", ".join(sorted(p.name for p in weights)[:3]) + (", ..." if len(weights) > 3 else "")
             raise WeightsError(f"weights in {folder} ({names}) are truncated or corrupt ({detail})") from None
         raise WeightsError(f"cannot load diffusers folder {folder}: {_first_line(e)}") from None
-    return fam.name, fam.variant_of(dict(model.config), pipeline_class), model
+    return fam.name, resolve_variant(fam, dict(model.config), pipeline_class, want_variant, path.name), model
 
 
 
@@ -195,7 +251,7 @@ def _load_single_file(path: Path, want_family: str | None, want_variant: str | N
     if fam.convert is not None and fam.is_original(set(sd)):
         sd, hints = fam.convert(sd, path.name)
     config = fam.infer_config(sd, hints)
-    variant = want_variant or fam.variant_of(config, hints.get("pipeline", ""))
+    variant = resolve_variant(fam, config, hints.get("pipeline", ""), want_variant, path.name)
     config = {**_base_config(fam, variant), **config, **(config_overrides or {})}
     return fam.name, variant, _build(fam, config, sd, path)
 

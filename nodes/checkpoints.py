@@ -88,6 +88,15 @@ def detect_variant(path: str, family: str | None = None) -> str:
     """Model variant (flux-dev, flux-schnell, sd3.5-large, pixart-sigma, ...) of a checkpoint, from its config or
     its key names (the family's quick rule; no weights loaded). `family` may be a family or a variant chosen by
     the user; a family narrows the detection, a variant is returned as is."""
+    from comfyui_xdit.weights import split_pair
+
+    if split_pair(path) is not None:  # two expert files: the engine reads their headers (refusing what they are not)
+        from comfyui_xdit.frugal import open_checkpoint
+
+        variant = open_checkpoint(path, None if family in (None, "", "auto") else family).variant
+        if variant not in VARIANTS:
+            raise ValueError(f"two experts of {variant}, which this ComfyUI has no model class for")
+        return variant
     if family in VARIANTS:
         return family
     if path in TINY_VARIANT:

@@ -11,6 +11,9 @@ import torch
 from .families import cond_spec, spec
 
 SUPPORTED_EXTRAS = ("pooled_output", "guidance", "attention_mask")
+# What TextEncodeQwenImageEdit(Plus) attach (Qwen-Image-Edit's reference images' latents); taken by qwen-image
+REFERENCE_EXTRAS = ("reference_latents", "reference_latents_method")
+REFERENCE_NAMES = ("reference_latent", "reference_latent_2", "reference_latent_3")  # the engine's inputs
 # What WanImageToVideo / WanFirstLastFrameToVideo / CLIPVisionEncode attach for Wan's image-to-video models
 IMAGE_EXTRAS = ("concat_latent_image", "concat_mask", "clip_vision_output")
 # Extras ComfyUI attaches with a value that changes nothing; any other value is rejected.
@@ -21,7 +24,8 @@ class ConversionError(ValueError):
     """An input the parallel sampler cannot take; the message says which and why."""
 
 
-def _one_entry(conditioning: Any, which: str, image_input: bool = False) -> tuple[torch.Tensor, dict]:
+def _one_entry(conditioning: Any, which: str, image_input: bool = False, references: bool = False
+               ) -> tuple[torch.Tensor, dict]:
     """The one [cond, extras] entry of a CONDITIONING, its extras checked; image-to-video extras are taken only by
     a model with image input channels (nodes/wan_image.py reads them)."""
     if not isinstance(conditioning, (list, tuple)) or not conditioning:
@@ -42,6 +46,8 @@ def _one_entry(conditioning: Any, which: str, image_input: bool = False) -> tupl
     bad = []
     for key, value in extras.items():
         if key in SUPPORTED_EXTRAS or value is None or (image_input and key in IMAGE_EXTRAS):
+            continue
+        if key in REFERENCE_EXTRAS and references:
             continue
         if key in NEUTRAL_EXTRAS and _is_number(value) and float(value) == NEUTRAL_EXTRAS[key]:
             continue
@@ -78,8 +84,12 @@ def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: boo
     tensors: dict[str, torch.Tensor] = {}
     guidance = None
     sides = [("", positive, "positive")] + ([("neg_", negative, "negative")] if use_cfg else [])
+    references = family == "qwen-image"
+    refs: dict[str, list[torch.Tensor]] = {}
     for prefix, conditioning, which in sides:
-        cond, extras = _one_entry(conditioning, which, image_input)
+        cond, extras = _one_entry(conditioning, which, image_input, references)
+        if references:
+            refs[which] = reference_latents(extras, which)
         tensors[prefix + "cond"] = cond.detach().to("cpu", torch.float32).contiguous()
         pooled = extras.get("pooled_output")
         if want.pooled is not None:
@@ -93,7 +103,44 @@ def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: boo
         if prefix == "" and want.guidance is not None:
             g = extras.get("guidance")
             guidance = want.guidance if g is None else float(g)
+    if references and refs.get("positive"):
+        pos, neg = refs["positive"], refs.get("negative")
+        if neg is not None and (len(neg) != len(pos) or any(a.shape != b.shape or not torch.equal(a, b)
+                                                            for a, b in zip(pos, neg))):
+            raise ConversionError("the negative conditioning's reference_latents differ from the positive's: "
+                                  "Parallel Sampler takes the same reference images for both (encode the negative "
+                                  "with TextEncodeQwenImageEdit(Plus) and the same images)")
+        for name, lat in zip(REFERENCE_NAMES, pos):
+            tensors[name] = lat
+    elif references and refs.get("negative"):
+        raise ConversionError("the negative conditioning has reference_latents and the positive none")
     return tensors, guidance
+
+
+def reference_latents(extras: dict, which: str) -> list[torch.Tensor]:
+    """A conditioning's reference_latents (TextEncodeQwenImageEdit(Plus): [1, 16, 1, h, w] each), each padded to
+    even h and w as ComfyUI's Qwen-Image model pads them (circular), checked."""
+    method = extras.get("reference_latents_method")
+    if method not in (None, "index"):
+        raise ConversionError(f"{which} conditioning sets reference_latents_method {method!r}: Parallel Sampler "
+                              "takes the default 'index' (each reference at its own frame index)")
+    refs = list(extras.get("reference_latents") or [])
+    if len(refs) > len(REFERENCE_NAMES):
+        raise ConversionError(f"{which} conditioning has {len(refs)} reference_latents: at most "
+                              f"{len(REFERENCE_NAMES)} are taken")
+    out = []
+    for r in refs:
+        if (not isinstance(r, torch.Tensor) or r.ndim not in (4, 5) or r.shape[1] != 16
+                or (r.ndim == 5 and r.shape[2] != 1)):
+            raise ConversionError(f"{which} conditioning has a reference latent of shape "
+                                  f"{list(getattr(r, 'shape', []))}, expected [1, 16, 1, h, w]")
+        r = r.detach().to("cpu", torch.float32)
+        r = r[:, :, 0] if r.ndim == 5 else r
+        pad = (0, r.shape[-1] % 2, 0, r.shape[-2] % 2)
+        if any(pad):
+            r = torch.nn.functional.pad(r, pad, mode="circular")
+        out.append(r.contiguous())
+    return out
 
 
 def latent_input(latent: Any, variant: str) -> dict:
@@ -101,7 +148,8 @@ def latent_input(latent: Any, variant: str) -> dict:
     channel count (EmptyLatentImage's 4 channels) widened to the model's, as ComfyUI does."""
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         raise ConversionError("latent_image is not a LATENT (a dict with 'samples')")
-    if latent.get("noise_mask") is not None:
+    mask = latent.get("noise_mask")
+    if mask is not None and variant not in GIVEN_FRAMES:
         raise ConversionError("latent_image has a noise_mask (inpainting), which Parallel Sampler does not support")
     samples = latent["samples"]
     s = spec(variant)
@@ -123,7 +171,29 @@ def latent_input(latent: Any, variant: str) -> dict:
                                   "encode the image with this model's VAE")
         samples = widen_empty_latent(samples, s.channels, s.dims)
     return {"samples": samples.detach().to("cpu", torch.float32).contiguous(),
-            "batch_index": latent.get("batch_index")}
+            "batch_index": latent.get("batch_index"),
+            "given_frames": 0 if mask is None else given_frames(mask, samples.shape)}
+
+
+GIVEN_FRAMES = ("wan2.2-ti2v-5b",)  # variants that take given first frames (Wan22ImageToVideoLatent's start image)
+
+
+def given_frames(mask: torch.Tensor, shape: torch.Size) -> int:
+    """The number n of leading latent frames a noise_mask keeps (0 on them, 1 on every later one), as
+    Wan22ImageToVideoLatent makes it for a start image; any other mask is refused in one line."""
+    m = mask.detach().to("cpu", torch.float32)
+    if m.ndim == 4:
+        m = m.unsqueeze(1)
+    frames = shape[2]
+    if m.ndim != 5 or m.shape[2] != frames:
+        raise ConversionError(f"latent_image's noise_mask has shape {list(mask.shape)}: expected one value per "
+                              f"latent frame ({frames}), as Wan22ImageToVideoLatent makes it")
+    per = m.transpose(0, 2).reshape(frames, -1)
+    n = int((per == 0).all(dim=1).long().cumprod(0).sum())
+    if n == 0 or not bool((per[n:] == 1).all()):
+        raise ConversionError("latent_image's noise_mask is not a start image's (0 on the first latent frames, 1 on "
+                              "the rest): Parallel Sampler takes only Wan22ImageToVideoLatent's start_image")
+    return n
 
 
 def widen_empty_latent(samples: torch.Tensor, channels: int, dims: int = 2) -> torch.Tensor:

@@ -125,7 +125,10 @@ def geometry(path: str) -> Geometry:
     if path in tiny:
         fam, kw = tiny[path]
         return _from_config(fam, kw)
-    p = Path(path)
+    from comfyui_xdit.weights import split_pair
+
+    pair = split_pair(path)
+    p = Path(pair[0] if pair is not None else path)  # two expert files: one architecture, the first's
     key = _version(p)
     if key not in _CACHE:
         if p.is_dir():

@@ -423,9 +423,10 @@ def _sampler_problems(prompt: dict, node: dict) -> list[str]:
         if src is not None:
             out += _image_conditioning_problems(side, src[1], g)
     latent = _source(prompt, node, "latent_image", EMPTY_LATENTS)
-    if latent and isinstance((latent[1].get("inputs") or {}).get("start_image"), list):
+    if (latent and isinstance((latent[1].get("inputs") or {}).get("start_image"), list)
+            and not (g is not None and g.family == "wan" and g.in_channels == 48)):  # TI2V 5B takes it
         out.append(f"latent_image comes from {latent[1]['class_type']} with a start_image (an inpainting "
-                   "noise_mask), which Parallel Sampler does not take yet: leave start_image unconnected")
+                   "noise_mask), which only Wan 2.2 TI2V 5B takes: leave start_image unconnected")
     size = _latent_size(latent[1]) if latent else None
     if size is not None:
         out += image_problems(s, g, *size)

@@ -160,6 +160,35 @@ class PoolDiffusionModel(torch.nn.Module):
         self._hashes[key] = (sample.clone(), wire, digest)
         return wire, digest
 
+    def _reference_roles(self, kwargs: dict) -> dict:
+        """Qwen-Image-Edit: the forward's ref_latents (model space, [B, 16, 1, h, w] each, as ComfyUI's QwenImage
+        model gets them) as the engine's reference_latent inputs, popped from kwargs: back in ComfyUI's latent
+        convention (the engine takes that), padded to even sizes as ComfyUI's model pads them (circular)."""
+        if spec(self.handle.variant).family != "qwen-image" or kwargs.get("ref_latents") is None:
+            return {}
+        refs = list(kwargs.pop("ref_latents"))
+        method = kwargs.pop("ref_latents_method", None)
+        if method not in (None, "index"):
+            raise StockModelError(f"{NAME}: reference_latents_method {method!r} is not supported (the default "
+                                  "'index' only)")
+        names = ("reference_latent", "reference_latent_2", "reference_latent_3")
+        if len(refs) > len(names):
+            raise StockModelError(f"{NAME}: {len(refs)} reference latents; at most {len(names)} are taken")
+        from comfyui_xdit import families
+
+        fmt = families.get("qwen-image").latent
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (fmt.mean, fmt.std))
+
+        def to_wire(t: torch.Tensor) -> torch.Tensor:
+            t = t.to("cpu", torch.float32)
+            t = t[:, :, 0] if t.ndim == 5 else t
+            pad = (0, t.shape[-1] % 2, 0, t.shape[-2] % 2)
+            if any(pad):
+                t = torch.nn.functional.pad(t, pad, mode="circular")
+            return (t * std + mean).contiguous()
+
+        return {name: (r, to_wire) for name, r in zip(names, refs)}
+
     def engine_timestep(self, timestep: torch.Tensor, transformer_options: dict, batch: int) -> torch.Tensor:
         """ComfyUI's model timestep -> the engine's: flow models take sigma * 1000 (the sigmas ComfyUI's loop
         passes in transformer_options, one per row), epsilon models the discrete timestep ComfyUI computed."""
@@ -176,6 +205,7 @@ class PoolDiffusionModel(torch.nn.Module):
                 transformer_options={}, **kwargs):  # noqa: B006 - ComfyUI's signature
         from ..runtime.errors import PoolError
 
+        refs = self._reference_roles(kwargs)
         used = sorted(k for k, v in kwargs.items() if v is not None and k not in _IGNORED)
         if control is not None:
             used.append("control")
@@ -197,6 +227,7 @@ class PoolDiffusionModel(torch.nn.Module):
             if spec(self.handle.variant).family == "flux" or not self.text_mask:
                 raise StockModelError(f"{NAME}: an attention_mask on {self.handle.variant} is not supported")
             roles["cond_mask"] = (attention_mask, lambda t: t.to("cpu").reshape(b, -1).to(torch.int64))
+        roles.update(refs)
         g = None
         if guidance is not None:
             gv = guidance.detach().to("cpu", torch.float32).reshape(-1)

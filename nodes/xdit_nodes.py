@@ -118,6 +118,11 @@ class LoadParallelDiT:
                                                 "computed in bf16"}),
                 "family": (list(FAMILIES), {"default": "auto", "tooltip": "auto: detected from the weights"}),
             },
+            "optional": {
+                "checkpoint_2": (["none", *checkpoints.list_checkpoints()], {
+                    "default": "none", "tooltip": "Wan 2.2 A14B as one model: the low-noise expert file, with the "
+                    "high-noise one as checkpoint (the experts switch at the published boundary_ratio)"}),
+            },
             "hidden": dict(HIDDEN),
         }
 
@@ -125,9 +130,13 @@ class LoadParallelDiT:
     def VALIDATE_INPUTS(cls, xdit_check=None):
         return queue_check.problem_for(xdit_check)
 
-    def load(self, parallel_config, checkpoint, weight_dtype, family, xdit_check=None):
+    def load(self, parallel_config, checkpoint, weight_dtype, family, checkpoint_2="none", xdit_check=None):
         try:
             path = checkpoints.resolve(checkpoint)
+            if checkpoint_2 not in (None, "", "none"):  # two experts: one source (the engine's pair)
+                from comfyui_xdit.weights import pair_source
+
+                path = pair_source(path, checkpoints.resolve(checkpoint_2))
             variant = checkpoints.detect_variant(path, None if family == "auto" else family)
         except Exception as e:  # noqa: BLE001
             raise XDiTNodeError(f"Load Parallel DiT: {e}") from None
@@ -285,6 +294,8 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
         raise XDiTNodeError(f"{name}: {e}") from None
     samples = lat["samples"]
     tensors["latent"] = samples
+    if lat["given_frames"]:  # Wan 2.2 TI2V: the start image's latent frames (ComfyUI's noise_mask 0 on them)
+        tensors["image_latent"] = samples[:, :, :lat["given_frames"]].contiguous()
     if add_noise:
         tensors["noise"] = convert.noise_for(samples, seed, lat["batch_index"])
     else:

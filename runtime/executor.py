@@ -214,14 +214,16 @@ class Executor:
             raise XDiTError(f"this model was loaded for {_degrees(loaded.layout)} (each rank holds part of its "
                             "weights): a forward needs it loaded without pipefusion or shard degrees")
         self._apply_loras(op, loaded)  # the base weights: a forward carries no LoRA set
-        unknown = set(op.conds) - {"cond", "pooled", "cond_mask"}
+        extras = tuple(loaded.adapter.spec.cond.extra_inputs)  # e.g. Qwen-Image-Edit's reference latents
+        unknown = set(op.conds) - {"cond", "pooled", "cond_mask", *extras}
         if unknown or "cond" not in op.conds:
-            raise XDiTError(f"forward conditioning must name cond (and optionally pooled, cond_mask), got "
-                            f"{sorted(op.conds)}")
+            raise XDiTError(f"forward conditioning must name cond (and optionally pooled, cond_mask"
+                            f"{''.join(', ' + e for e in extras)}), got {sorted(op.conds)}")
         if set(rest) != {"x", "timestep"}:
             raise XDiTError(f"forward takes the tensors x and timestep, got {sorted(rest)}")
         got = self.conds.on_device(op.conds, self.device)
-        cond = Conditioning(got["cond"], got.get("pooled"), got.get("cond_mask"), op.guidance)
+        cond = Conditioning(got["cond"], got.get("pooled"), got.get("cond_mask"), op.guidance,
+                            {k: got[k] for k in extras if k in got})
         config = ParallelConfig(**msgspec.structs.asdict(op.parallel))
         if config.world_size not in (1, self.world):
             raise XDiTError(f"the parallel degrees multiply to {config.world_size} but the pool has "

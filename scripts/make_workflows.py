@@ -45,6 +45,33 @@ def qwen_image_graph() -> dict:
     }
 
 
+def qwen_image_edit_graph() -> dict:
+    """Qwen-Image-Edit 2509 with ComfyUI's own nodes (the files of Comfy-Org/Qwen-Image-Edit_ComfyUI): the input
+    image scaled to about 1 megapixel, encoded by VAEEncode as the latent to edit and by TextEncodeQwenImageEditPlus
+    (Qwen2.5-VL sees it; its latent goes on as reference_latents) for the positive and the negative alike; true CFG
+    4 on cfg parallel x Ulysses 2."""
+    return {
+        "1": ("CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image",
+                             "device": "default"}),
+        "9": ("VAELoader", {"vae_name": "qwen_image_vae.safetensors"}),
+        "12": ("LoadImage", {"image": "example.png"}),
+        "13": ("ImageScaleToTotalPixels", {"image": ["12", 0], "upscale_method": "lanczos", "megapixels": 1.0}),
+        "2": ("TextEncodeQwenImageEditPlus", {"clip": ["1", 0], "prompt": "turn the scene into a watercolor "
+                                             "painting, keep the composition", "vae": ["9", 0], "image1": ["13", 0]}),
+        "3": ("TextEncodeQwenImageEditPlus", {"clip": ["1", 0], "prompt": " ", "vae": ["9", 0], "image1": ["13", 0]}),
+        "5": ("XDiTConfigureHybridParallel", parallel(cfg_degree=2)),
+        "6": ("XDiTLoadParallelDiT", {"parallel_config": ["5", 0],
+                                      "checkpoint": "qwen_image_edit_2509_bf16.safetensors", "weight_dtype": "bf16",
+                                      "family": "auto"}),
+        "7": ("VAEEncode", {"pixels": ["13", 0], "vae": ["9", 0]}),
+        "8": ("XDiTParallelSampler", {"model": ["6", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                      "latent_image": ["7", 0], "seed": 42, "steps": 40, "cfg": 4.0,
+                                      "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}),
+        "10": ("VAEDecode", {"samples": ["8", 0], "vae": ["9", 0]}),
+        "11": ("SaveImage", {"images": ["10", 0], "filename_prefix": "xdit_qwen_image_edit"}),
+    }
+
+
 def wan_graph(kind: str) -> dict:
     """Wan with ComfyUI's own loaders (the file names of Comfy-Org's repackaged Wan 2.1 / 2.2 releases): umT5-xxl
     through CLIPLoader type wan, the Wan 2.1 VAE (the Wan 2.2 VAE for TI2V 5B), VAE Decode, Create Video and
@@ -211,6 +238,8 @@ def graph(kind: str) -> dict:
         g = stock_graph(kind)
     elif kind == "qwen-image":
         g = qwen_image_graph()
+    elif kind == "qwen-image-edit-2509":
+        g = qwen_image_edit_graph()
     elif kind == "wan2.2-i2v-a14b":
         g = wan_i2v_graph()
     elif kind.startswith("wan"):
@@ -328,7 +357,8 @@ def flux2_graph() -> dict:
     }
 
 
-EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "qwen-image", "flux2-dev", "z-image-turbo",
+EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "qwen-image", "qwen-image-edit-2509",
+            "flux2-dev", "z-image-turbo",
             "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b", "wan2.2-i2v-a14b", "sd3.5-large-stock-ksampler",
             "flux1-dev-stock-custom-advanced")
 Z_IMAGE_NOTE = (

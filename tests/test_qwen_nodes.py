@@ -49,9 +49,9 @@ def test_conditioning_drops_the_mask_comfyui_ignores(ext):
     assert tensors["cond"].shape == (1, 6, 3584) and tensors["neg_cond"].shape == (1, 4, 3584)
     kept, _ = cv.conditioning_tensors(_cond(1, 6, attention_mask=mask), None, "qwen-image", False)
     assert torch.equal(kept["cond_mask"], mask)  # without a variant (the engine's own rule): kept
-    with pytest.raises(cv.ConversionError, match="uses reference_latents"):  # Qwen-Image-Edit's conditioning
-        cv.conditioning_tensors(_cond(1, 6, reference_latents=[torch.zeros(1, 16, 1, 8, 8)]), None, "qwen-image",
-                                False, VARIANT)
+    edit, _ = cv.conditioning_tensors(_cond(1, 6, reference_latents=[torch.zeros(1, 16, 1, 8, 8)]), None,
+                                      "qwen-image", False, VARIANT)  # Qwen-Image-Edit's conditioning: taken
+    assert edit["reference_latent"].shape == (1, 16, 8, 8)
 
 
 def test_latent_in_and_out(ext):
@@ -104,3 +104,29 @@ def test_sampler_on_pool_matches_the_engine(ext):
     masked = run_job(load_model("tiny-qwen-image"), SampleRequest(
         112, 144, 4, seed=5, cfg=3.5, inputs={**inputs, "cond_mask": pos[0][1]["attention_mask"]})).latents
     assert rel_l2(masked, ref) > 1e-3  # the dropped mask would have mattered
+
+
+def test_reference_latents_become_the_engine_inputs(ext):
+    """TextEncodeQwenImageEdit(Plus)' reference_latents ([1, 16, 1, h, w] each; odd sizes padded circularly as
+    ComfyUI's model pads them) become reference_latent, _2 in order; a negative with other references, another
+    reference method, or references for another family are refused in one line."""
+    cv = ext.nodes.convert
+    g = torch.Generator().manual_seed(4)
+    refs = [torch.randn(1, 16, 1, 6, 8, generator=g), torch.randn(1, 16, 1, 5, 7, generator=g)]
+    pos, neg = _cond(1, 9, reference_latents=refs), _cond(2, 5, reference_latents=list(refs))
+    tensors, _ = cv.conditioning_tensors(pos, neg, "qwen-image", True, VARIANT)
+    assert torch.equal(tensors["reference_latent"], refs[0][:, :, 0])
+    padded = torch.nn.functional.pad(refs[1][:, :, 0], (0, 1, 0, 1), mode="circular")
+    assert tensors["reference_latent_2"].shape == (1, 16, 6, 8) and torch.equal(tensors["reference_latent_2"], padded)
+    refusals = [((pos, _cond(2, 5)), "the negative conditioning's reference_latents differ from the positive's"),
+                ((pos, _cond(2, 5, reference_latents=refs[:1])), "differ from the positive's"),
+                ((_cond(1, 9, reference_latents=refs, reference_latents_method="offset"), neg),
+                 "reference_latents_method 'offset'")]
+    for (p, n), message in refusals:
+        with pytest.raises(cv.ConversionError) as e:
+            cv.conditioning_tensors(p, n, "qwen-image", True, VARIANT)
+        assert message in str(e.value) and "\n" not in str(e.value)
+    tensors, _ = cv.conditioning_tensors(pos, _cond(2, 5), "qwen-image", False, VARIANT)  # cfg 1: no negative read
+    assert "reference_latent_2" in tensors
+    with pytest.raises(cv.ConversionError, match="reference_latents, which Parallel Sampler does not support"):
+        cv.conditioning_tensors(_cond(1, 9, reference_latents=refs), None, "flux", False)

@@ -140,7 +140,10 @@ def test_request_from_schema():
     fields = msgspec.convert({**REQUEST, "cfg": 3, "guidance": None, "cache": {"threshold": 0.1}}, SampleFields)
     req = build_request(fields, {})
     assert req.cfg == 3.0 and isinstance(req.cfg, float) and req.guidance is None
-    assert req.cache.threshold == 0.1 and req.cache.warmup == 1
+    assert req.cache.threshold == 0.1 and req.cache.warmup == 1 and req.shift is None
+    assert build_request(msgspec.convert({**REQUEST, "shift": 5}, SampleFields), {}).shift == 5.0  # --shift
+    with pytest.raises(msgspec.ValidationError, match="shift"):
+        msgspec.convert({**REQUEST, "shift": 0}, SampleFields)
 
 
 def test_error_reply_round_trip_and_length_cap():

@@ -25,15 +25,27 @@ ODD = dict(height=48, width=80, frames=9, text_tokens=15)      # 3 x 3 x 5 = 45 
 NEG = dict(cfg=4.0, neg_text_tokens=7)
 
 
+# flow_shift in scheduler/scheduler_config.json of the published diffusers folders (Wan-AI/*-Diffusers); the
+# reference pipelines are built from these numbers, not from the engine's own scheduler
+PUBLISHED_SHIFT = {"wan2.1-t2v-1.3b": 3.0, "wan2.1-t2v-14b": 3.0, "wan2.2-t2v-a14b": 3.0, "wan2.2-ti2v-5b": 5.0,
+                   "wan2.1-i2v-14b": 5.0, "wan2.2-i2v-a14b": 5.0}
+
+
+def published_scheduler(variant: str, shift: float | None = None):
+    """The scheduler a published Wan folder ships: UniPC over flow sigmas (its other fields diffusers' defaults)."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+                                   flow_shift=PUBLISHED_SHIFT[variant] if shift is None else shift)
+
+
 def pipeline_latents(adapter, req: SampleRequest, cond, neg, guidance_scale_2: float | None = None,
-                     boundary_ratio: float | None = None) -> torch.Tensor:
-    """WanPipeline with the same transformer(s), embeddings and the seed noise as latents; no VAE
-    (output_type="latent"); ComfyUI-convention latents."""
+                     boundary_ratio: float | None = None, shift: float | None = None) -> torch.Tensor:
+    """WanPipeline with the same transformer(s), embeddings and the seed noise as latents, the published folder's
+    scheduler (or flow_shift `shift`); no VAE (output_type="latent"); ComfyUI-convention latents."""
     import diffusers
 
-    from comfyui_xdit.schedules import make_schedule
-
-    sched = make_schedule("wan", adapter.variant, "default", req.steps, 0).scheduler
+    sched = published_scheduler(adapter.variant, shift)
     model = adapter.model
     if adapter.experts:
         kw = dict(transformer=model.transformer, transformer_2=model.transformer_2,
@@ -73,6 +85,21 @@ def test_serial_matches_wan_pipeline(model, height, width, frames, batch):
     assert rel_l2(ours, pipeline_latents(ad, req, cond, neg)) <= 1e-4
 
 
+@pytest.mark.parametrize("model", [MODEL, EXPERTS])
+def test_shift_override_matches_the_pipeline_at_that_shift(model):
+    """The default is the published folder's shift (3.0 for T2V); `shift` replaces it and equals WanPipeline with
+    that flow_shift; the two differ (so the default comparison can fail)."""
+    ad = get_model({"model": model}).adapter
+    cond, neg = _embeddings(4)
+    req = SampleRequest(height=48, width=80, frames=5, steps=4, seed=1, cfg=3.0, shift=5.0,
+                        inputs={"cond": cond, "neg_cond": neg})
+    ours = sample(ad, req)
+    assert rel_l2(ours, pipeline_latents(ad, req, cond, neg, shift=5.0)) <= 1e-4
+    default = sample(ad, SampleRequest(**{**req.__dict__, "shift": None}))
+    assert rel_l2(default, pipeline_latents(ad, req, cond, neg)) <= 1e-4
+    assert rel_l2(default, ours) > 1e-2
+
+
 def test_experts_switch_at_the_boundary():
     """The high-noise expert runs the steps with t >= 875, the low-noise one the rest; the pipeline with another
     boundary (or the low expert's own guidance scale) gives another result, so the comparison above can fail."""
@@ -102,8 +129,6 @@ def test_i2v_serial_matches_wan_i2v_pipeline():
     are the pipeline's own."""
     import diffusers
 
-    from comfyui_xdit.schedules import make_schedule
-
     ad = get_model({"model": MODEL, "overrides": I2V}).adapter
     assert ad.variant == "wan2.1-i2v-14b"
     gen = torch.Generator().manual_seed(5)
@@ -115,7 +140,7 @@ def test_i2v_serial_matches_wan_i2v_pipeline():
     vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
     pipe = diffusers.WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, image_encoder=None,
                                              image_processor=None, transformer=ad.model,
-                                             scheduler=make_schedule("wan", ad.variant, "default", 4, 0).scheduler)
+                                             scheduler=published_scheduler(ad.variant))
     pipe.set_progress_bar_config(disable=True)
     noise = seed_noise(3, latent_shape(ad, req))
     pipe.prepare_latents = lambda *args, **kwargs: (noise, image_cond)
@@ -147,7 +172,7 @@ def test_frames_and_shapes_are_checked():
 
 
 def test_schedule_latents_and_refusals(tmp_path):
-    """WanPipeline's UniPC (flow sigmas, shift 5.0); ComfyUI's euler over its levels; explicit sigmas; the Wan
+    """The published folders' UniPC (flow sigmas, shift 3.0 for T2V, 5.0 for TI2V 5B); ComfyUI's euler over its levels; explicit sigmas; the Wan
     2.1 / 2.2 latent conventions; I2V (image conditioning) and expert-incompatible settings refused."""
     from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
 
@@ -158,9 +183,15 @@ def test_schedule_latents_and_refusals(tmp_path):
     from comfyui_xdit.parallel.runner import check_model_fit
     from comfyui_xdit.schedules import make_schedule
 
-    sched = make_schedule("wan", "wan2.1-t2v-14b", "default", 10, 0).scheduler
-    assert isinstance(sched, UniPCMultistepScheduler) and sched.config.flow_shift == 5.0
+    for variant, shift in PUBLISHED_SHIFT.items():
+        sched = make_schedule("wan", variant, "default", 10, 0).scheduler
+        assert isinstance(sched, UniPCMultistepScheduler) and sched.config.flow_shift == shift, variant
+    sched = make_schedule("wan", "wan2.1-t2v-14b", "default", 10, 0, shift=5.0).scheduler
     assert sched.timesteps[0] == 999 and sched.sigmas[-1] == 0 and round(float(sched.sigmas[5]), 4) == 0.8336
+    with pytest.raises(XDiTError, match="shift cannot be set for flux: its pipeline shifts by the image size"):
+        make_schedule("flux", "flux-dev", "default", 4, 256, shift=3.0)
+    with pytest.raises(XDiTError, match="shift applies to the pipeline's schedule, not to explicit sigmas"):
+        make_schedule("wan", "wan2.1-t2v-14b", "euler", 4, 0, sigmas=[1.0, 0.5, 0.0], shift=3.0)
     ad = get_model({"model": MODEL}).adapter
     base = dict(height=48, width=48, frames=5, steps=4, seed=2)
     unipc, euler = (sample(ad, SampleRequest(**base, sampler=x), tiny=True) for x in ("unipc", "euler"))
@@ -486,3 +517,9 @@ def test_generate_with_frames(tmp_path, capsys):
     assert out.shape == (1, 16, 3, 6, 10) and torch.equal(out, ref)
     assert main([*args, "--frames", "8"]) == 2
     assert "frames must be 4k+1" in capsys.readouterr().err
+    shifted = sample(get_model({"model": MODEL}).adapter,
+                     SampleRequest(height=48, width=80, frames=9, steps=2, seed=2, inputs={"cond": cond}, shift=5.0))
+    assert main([*args, "--frames", "9", "--shift", "5"]) == 0, capsys.readouterr().err
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["latents"], shifted) and not torch.equal(shifted, ref)
+    assert main([*args, "--frames", "9", "--shift", "0"]) == 2
+    assert "shift must be > 0, got 0.0" in capsys.readouterr().err

@@ -160,7 +160,11 @@ def test_queue_refuses_image_conditioning_for_text_to_video_and_camera(ext, rec)
     assert "WanCameraImageToVideo (camera conditioning)" in found
     g = _graph(checkpoint="tiny-wan-ti2v", width=64, height=32, length=5, latent="Wan22ImageToVideoLatent")
     g["7"]["inputs"].update(vae=["22", 0], start_image=["23", 0])
-    assert "with a start_image" in _queue(ext, rec, g)["8"][0]
+    assert _queue(ext, rec, g) == {}  # Wan 2.2 TI2V 5B's image-to-video
+    g = _graph(width=64, height=32, length=5, latent="Wan22ImageToVideoLatent")
+    g["7"]["inputs"].update(vae=["22", 0], start_image=["23", 0])
+    assert "with a start_image (an inpainting noise_mask), which only Wan 2.2 TI2V 5B takes" in _queue(ext, rec,
+                                                                                                        g)["8"][0]
 
 
 def _write_i2v(path, clip: bool, seed: int = 3) -> None:
@@ -337,3 +341,101 @@ def test_two_stage_advanced_on_pool_matches_one_run(ext, rec):
     print(f"Wan nodes, two Advanced stages (cfg parallel 2) against one run: rel L2 {err:.2e}")
     assert err <= 1e-5, err
     assert rel_l2(mid["samples"], one["samples"]) > 1e-2  # the first stage alone is not done
+
+
+def test_load_parallel_dit_takes_the_two_expert_files(ext, rec, tmp_path):
+    """Load Parallel DiT with the high-noise file as checkpoint and the low-noise one as checkpoint_2 loads Wan 2.2
+    A14B as one two-expert model on the pool (Ulysses 2 with CFG): Parallel Sampler equals the engine's pair over
+    the same sigmas; a family the pair cannot be is refused in one line."""
+    from safetensors.torch import save_file
+
+    from comfyui_xdit.weights import pair_source
+
+    from .test_wan import EXPERTS, wan_to_original
+
+    experts = load_model(EXPERTS).adapter.model
+    names = ("wan2.2_t2v_high_noise_14B.safetensors", "wan2.2_t2v_low_noise_14B.safetensors")
+    for model, name in zip((experts.transformer, experts.transformer_2), names):
+        save_file({k: v.contiguous() for k, v in wan_to_original(model).items()}, str(tmp_path / name))
+    rec.folders["diffusion_models"] = [str(tmp_path / n) for n in names]
+    m = ext.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"]().load(config, names[0], "fp32", "auto", checkpoint_2=names[1])
+    assert (model.family, model.variant) == ("wan", "wan2.2-t2v-a14b")
+    pos, neg = _cond(3, 24), _cond(4, 9)
+    latent = {"samples": torch.zeros(1, 16, 3, 6, 10)}
+    (out,) = m["XDiTParallelSampler"]().sample(model, pos, neg, latent, 5, 6, 4.0, "euler", "simple", 1.0)
+    sigmas = ext.nodes.convert.sigmas_for("wan2.2-t2v-a14b", "euler", "simple", 6, 1.0)
+    noise = torch.randn(1, 16, 3, 6, 10, generator=torch.Generator().manual_seed(5))
+    inputs = {"cond": pos[0][0], "neg_cond": neg[0][0], "latent": torch.zeros(1, 16, 3, 6, 10), "sigmas": sigmas,
+              "noise": noise}
+    pair = load_model(pair_source(*(str(tmp_path / n) for n in names)))
+    assert pair.adapter.experts
+    ref = run_job(pair, SampleRequest(48, 80, 6, seed=5, cfg=4.0, frames=9, sampler="euler", inputs=inputs)).latents
+    err = rel_l2(out["samples"], ref)
+    print(f"Wan 2.2 A14B pair in Load Parallel DiT, Ulysses 2 + CFG: rel L2 to the engine {err:.2e}")
+    assert err <= 1e-5, err
+    high = run_job(load_model(str(tmp_path / names[0])), SampleRequest(48, 80, 6, seed=5, cfg=4.0, frames=9,
+                                                                       sampler="euler", inputs=inputs)).latents
+    assert rel_l2(high, ref) > 1e-2  # the low-noise expert ran
+    with pytest.raises(Exception) as e:
+        m["XDiTLoadParallelDiT"]().load(config, names[0], "fp32", "wan2.1-t2v-14b", checkpoint_2=names[1])
+    assert "two experts (wan2.2-t2v-a14b), not wan2.1-t2v-14b" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_ti2v_start_image_on_pool_matches_the_engine(ext, rec):
+    """Wan22ImageToVideoLatent with a start image (its samples: the image's latent on the first frame, the Wan 2.2
+    mean elsewhere; noise_mask 0 on that frame): Parallel Sampler on a 2-rank pool (Ulysses 2 with CFG) equals the
+    engine given image_latent over the same sigmas; the result keeps the given frame; a mask that is not a start
+    image's is refused in one line."""
+    from comfyui_xdit.families.wan import WAN22_MEAN
+
+    m = ext.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"]().load(config, "tiny-wan-ti2v", "fp32", "auto")
+    assert model.variant == TI2V
+    shape = (1, 48, 3, 6, 10)  # 9 frames at 160x96
+    image = torch.randn(1, 48, 1, 6, 10, generator=torch.Generator().manual_seed(2))
+    samples = torch.tensor(WAN22_MEAN).view(1, 48, 1, 1, 1).expand(shape).clone()
+    samples[:, :, :1] = image
+    mask = torch.ones(1, 1, 3, 6, 10)
+    mask[:, :, :1] = 0.0
+    pos, neg = _cond(3, 24), _cond(4, 9)
+    latent = {"samples": samples, "noise_mask": mask}
+    (out,) = m["XDiTParallelSampler"]().sample(model, pos, neg, latent, 5, 4, 4.0, "euler", "simple", 1.0)
+    sigmas = ext.nodes.convert.sigmas_for(TI2V, "euler", "simple", 4, 1.0)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    inputs = {"cond": pos[0][0], "neg_cond": neg[0][0], "latent": samples, "sigmas": sigmas, "noise": noise,
+              "image_latent": image}
+    ref = run_job(load_model("tiny-wan-ti2v"), SampleRequest(96, 160, 4, seed=5, cfg=4.0, frames=9, sampler="euler",
+                                                             inputs=inputs)).latents
+    err = rel_l2(out["samples"], ref)
+    print(f"Wan 2.2 TI2V start image, nodes Ulysses 2 + CFG: rel L2 to the engine {err:.2e}")
+    assert err <= 1e-5, err
+    assert torch.allclose(out["samples"][:, :, :1], image, atol=1e-5)
+    other = {**inputs, "image_latent": 0 * image}
+    plain = run_job(load_model("tiny-wan-ti2v"), SampleRequest(96, 160, 4, seed=5, cfg=4.0, frames=9,
+                                                               sampler="euler", inputs=other)).latents
+    assert rel_l2(plain[:, :, 1:], ref[:, :, 1:]) > 1e-2
+    bad = mask.clone()
+    bad[:, :, 2] = 0.0
+    with pytest.raises(Exception, match="noise_mask is not a start image's"):
+        m["XDiTParallelSampler"]().sample(model, pos, neg, {"samples": samples, "noise_mask": bad}, 5, 4, 4.0,
+                                          "euler", "simple", 1.0)
+
+
+def test_a_pair_of_i2v_expert_files_has_the_first_files_geometry(ext, tmp_path):
+    """Load Parallel DiT's two-file pair (I2V A14B experts) reads its geometry (image input channels, the heads) from
+    the first file, so Parallel Sampler maps WanImageToVideo's conditioning for it as for one expert; the engine
+    loads the pair as two experts of wan2.2-i2v-a14b."""
+    from comfyui_xdit.weights import pair_source
+
+    _write_i2v(tmp_path / "wan2.2_i2v_high_noise_14B.safetensors", clip=False, seed=3)
+    _write_i2v(tmp_path / "wan2.2_i2v_low_noise_14B.safetensors", clip=False, seed=4)
+    high, low = (str(tmp_path / f"wan2.2_i2v_{n}_noise_14B.safetensors") for n in ("high", "low"))
+    geometry = ext.nodes.geometry.geometry
+    assert geometry(pair_source(high, low)) == geometry(high)
+    assert geometry(high).image_input and geometry(high).in_channels == 36
+    assert ext.nodes.checkpoints.detect_variant(pair_source(high, low)) == "wan2.2-i2v-a14b"
+    ad = load_model(pair_source(high, low)).adapter
+    assert ad.experts and ad.variant == "wan2.2-i2v-a14b" and ad.model.boundary_ratio == 0.9

@@ -13,6 +13,7 @@ from . import comfy_standins as cs
 ROOT = cs.ROOT
 WF = ROOT / "workflows"
 EXPECTED = {"flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "flux2-dev", "qwen-image", "z-image-turbo",
+            "qwen-image-edit-2509",
             "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b", "wan2.2-i2v-a14b",
             "sd3.5-large-stock-ksampler", "flux1-dev-stock-custom-advanced"}  # stock samplers on Parallel DiT Model
 EDITOR_ONLY = ("Note", "MarkdownNote")  # the editor's own nodes: never queued, so absent from the API twins

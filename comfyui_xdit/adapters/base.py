@@ -176,6 +176,11 @@ class FamilyAdapter:
         return Conditioning(fit(c.cond, self.dtype), fit(c.pooled, self.dtype), fit(c.mask, None), c.guidance,
                             {k: fit(v, self.dtype) for k, v in c.extra.items()})
 
+    def finish_latents(self, x: torch.Tensor, c: Conditioning) -> torch.Tensor:
+        """Model-space latents after the last step, given the job's (positive) conditioning: what the family's
+        pipeline does after its loop (default: nothing)."""
+        return x
+
     def random_conditioning(self, batch: int, tokens: int, generator: torch.Generator) -> Conditioning:
         """Conditioning drawn from a generator (tiny models: stands in for text encoders)."""
         cond = torch.randn(batch, tokens, self.cond_width, generator=generator)

@@ -2,6 +2,12 @@
 attention. Text: Qwen2.5-VL 7B hidden states (3584 wide) with a padding mask; latents: the Wan 2.1 VAE's 16
 channels (per-channel mean/std), one frame, packed 2x2 into 64-wide tokens as Flux packs them.
 
+Qwen-Image-Edit (2509, QwenImageEditPlusPipeline; 2511, whose config sets zero_cond_t) runs the same model with
+reference images: `reference_latent` (and `reference_latent_2`, `reference_latent_3`; ComfyUI-convention latents
+[B, 16, h, w] or [B, 16, 1, h, w], each of its own size, the same for both CFG branches) are packed and appended to
+the image tokens, one img_shapes entry each, and the prediction is the target's tokens only. The scheduler's
+resolution shift counts the target's tokens (as the pipeline).
+
 Single files (the release's transformer, ComfyUI's diffusion_models files, with or without the
 `model.diffusion_model.` prefix) already use diffusers' key names: diffusers' own single-file mapping for this
 class is the identity, so there is no converter.
@@ -58,6 +64,9 @@ def norm_preserving_cfg(pos: torch.Tensor, neg: torch.Tensor, scale: float) -> t
     return (comb.reshape(b, c, h // 2, 2, w // 2, 2) * ratio).reshape(b, c, h, w)
 
 
+REFERENCES = ("reference_latent", "reference_latent_2", "reference_latent_3")  # Edit: reference images, in order
+
+
 class QwenImageAdapter(FamilyAdapter):
     def token_plan(self) -> TokenPlan:
         from diffusers import QwenImageTransformer2DModel
@@ -79,18 +88,49 @@ class QwenImageAdapter(FamilyAdapter):
             out.mask = None
         return out
 
+    def check_request(self, req, config=None) -> None:
+        from ..errors import ConfigError, XDiTError
+
+        refs = [k for k in REFERENCES if k in req.inputs]
+        if refs != list(REFERENCES[:len(refs)]):
+            raise XDiTError(f"reference latents must be given in order ({', '.join(REFERENCES)}), got "
+                            f"{', '.join(refs)}")
+        for name in refs:
+            r = req.inputs[name]
+            if r.ndim == 5 and r.shape[2] == 1:
+                r = r[:, :, 0]
+            if (r.ndim != 4 or r.shape[1] != self.latent_channels or r.shape[2] % 2 or r.shape[3] % 2
+                    or r.shape[0] not in (1, req.batch_size)):
+                raise XDiTError(f"{name} has shape {list(req.inputs[name].shape)}, expected [B, "
+                                f"{self.latent_channels}, h, w] (or [B, {self.latent_channels}, 1, h, w]) with even "
+                                "h and w")
+        if refs and config is not None and config.pipefusion > 1:
+            raise ConfigError("pipefusion is not available with reference latents (Qwen-Image-Edit): use ulysses, "
+                              "ring, cfg or dp")
+        if refs and req.cache is not None:
+            raise ConfigError("the step cache is not available with reference latents (Qwen-Image-Edit)")
+
     def predict(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
         b, _, h, w = x.shape
         timestep = t.expand(b).to(device=x.device, dtype=self.dtype)
+        tokens, shapes = [pack(x).to(self.dtype)], [(1, h // 2, w // 2)]
+        for name in REFERENCES:  # Edit: the reference images' tokens after the target's
+            r = c.extra.get(name)
+            if r is None:
+                break
+            r = r[:, :, 0] if r.ndim == 5 else r
+            r = self.to_model_space(r.float()).expand(b, -1, -1, -1).to(x.device)
+            tokens.append(pack(r).to(self.dtype))
+            shapes.append((1, r.shape[2] // 2, r.shape[3] // 2))
         out = self.model(
-            hidden_states=pack(x).to(self.dtype),
+            hidden_states=torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0],
             timestep=timestep / 1000,
             encoder_hidden_states=c.cond,
             encoder_hidden_states_mask=c.mask,
-            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            img_shapes=[shapes] * b,
             return_dict=False,
         )[0]
-        return unpack(out, h, w)
+        return unpack(out[:, :tokens[0].shape[1]], h, w)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -132,10 +172,16 @@ FAMILY = Family(
     diffusers_class="QwenImageTransformer2DModel",
     # ComfyUI 0.3.64: supported_models.QwenImage (ModelType FLUX, shift 1.15, Wan21 latents); its model ignores
     # the text encoder's attention_mask (model_base.QwenImage passes none on)
+    # Qwen-Image-Edit 2509 is the same model (ComfyUI runs it as QwenImage with reference_latents); 2511 sets
+    # zero_cond_t (the references' tokens at timestep 0), which ComfyUI 0.3.64 does not know (no ComfySpec). The
+    # Edit releases' scheduler config is taken to be Qwen-Image's.
     variants=(Variant("qwen-image-t2i", "qwen-image.json", QWEN_FLOW,
-                      ComfySpec("QwenImage", "FLUX", "Wan21", text_mask=False)),),
+                      ComfySpec("QwenImage", "FLUX", "Wan21", text_mask=False)),
+              Variant("qwen-image-edit-2509", "qwen-image.json", QWEN_FLOW,
+                      ComfySpec("QwenImage", "FLUX", "Wan21", text_mask=False)),
+              Variant("qwen-image-edit-2511", "qwen-image-edit-2511.json", QWEN_FLOW)),
     latent=LATENT,
-    cond=CondSpec(width=3584, mask=True, negative_length_may_differ=True, tokens=128),
+    cond=CondSpec(width=3584, mask=True, negative_length_may_differ=True, tokens=128, extra_inputs=REFERENCES),
     flow=True,
     samplers=("euler", "dpmpp_2m"),
     adapter=f"{__name__}:QwenImageAdapter",
@@ -143,7 +189,8 @@ FAMILY = Family(
                                   num_attention_heads=4, joint_attention_dim=3584, axes_dims_rope=(4, 6, 6))},
     detect=_detect,
     infer_config=_infer_config,
-    variant_of=lambda cfg, pipeline: "qwen-image-t2i",
+    variant_of=lambda cfg, pipeline: ("qwen-image-edit-2511" if cfg.get("zero_cond_t") else
+                                      "qwen-image-edit-2509" if "Edit" in pipeline else "qwen-image-t2i"),
     variant_of_keys=lambda keys: "qwen-image-t2i",
     set_timesteps=pipeline_timesteps,
     cfg_combine=norm_preserving_cfg,

@@ -182,6 +182,11 @@ class Family:
     build: Callable[[dict, str], Any] | None = None  # (constructor kwargs or a shipped config, variant) -> the model
     #                                                  (tiny models: variant ""; default: the diffusers class)
     aliases: dict[str, str] = field(default_factory=dict)  # short names (bench --arch) -> variant names
+    experts: bool = False                        # two transformers of one architecture load as one model: `build`
+    #                                              with `boundary_ratio` in its config (Wan 2.2 A14B's experts)
+    refuse_variant: Callable[[dict, str, str], str | None] | None = None  # (config, variant the files are,
+    #                                              variant requested) -> why they cannot be it (None: they can);
+    #                                              None: any requested variant is taken
     context_modules: tuple[str, ...] = ()        # modules that only see the conditioning (globs over module names;
     #                                              `*` crosses dots): computed once per job (context_cache.py)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -11,6 +11,12 @@ Wan 2.2 A14B runs two transformers of one architecture: `transformer` (high nois
 t >= boundary_ratio x 1000 and `transformer_2` (low noise) below; the engine holds them in one `WanExperts` module
 (the token plan covers both). One cfg scale serves both experts (WanPipeline's guidance_scale_2 = guidance_scale).
 
+Wan 2.2 TI2V 5B image-to-video (WanImageToVideoPipeline with expand_timesteps; ComfyUI's Wan22ImageToVideoLatent
+with a start image): `image_latent` [B, 48, n, h, w], the given first n latent frames in ComfyUI's convention. Every
+model call reads them in place of those frames of the noisy latent, at timestep 0 on their tokens (t elsewhere),
+and the result ends with them (the pipeline's first_frame_mask; ComfyUI's noise_mask with WAN22's per-frame
+timesteps, which sample the same).
+
 I2V variants (in_channels 36) take two more inputs, the same for both CFG branches: `image_cond` [B, 20, T, h, w],
 the channels the model reads after the noisy latent (4 mask channels, then the 16-channel image latent, in
 WanImageToVideoPipeline's convention: the mask is 1 on the given frames), and for Wan 2.1 I2V `image_embeds`
@@ -56,8 +62,12 @@ def unipc_flow(flow_shift: float) -> dict:
                 use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
 
 
-# diffusers' WanPipeline default flow_shift 5.0 (720p); 3.0 is the recommendation for 480p (a scheduler config)
-UNIPC = unipc_flow(5.0)
+# What each published diffusers folder ships in scheduler/scheduler_config.json (UniPC, flow sigmas):
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan2.1-T2V-14B-Diffusers and Wan2.2-T2V-A14B-Diffusers flow_shift 3.0 (diffusers'
+# Wan docs: "the default value is 3.0"; 5.0 is their 720p recommendation, a user's choice: --shift 5);
+# Wan2.2-TI2V-5B-Diffusers 5.0. The I2V releases keep 5.0 (the Wan 2.2 release's wan_i2v_A14B config:
+# sample_shift 5.0). `--shift` (SampleRequest.shift) replaces any of them.
+UNIPC_T2V, UNIPC_5B, UNIPC_I2V = unipc_flow(3.0), unipc_flow(5.0), unipc_flow(5.0)
 BOUNDARY = {"wan2.2-t2v-a14b": 0.875, "wan2.2-i2v-a14b": 0.9}   # boundary_ratio of the two-expert releases
 EXPAND_TIMESTEPS = {"wan2.2-ti2v-5b"}                             # one timestep per token (WanPipeline's flag)
 IMAGE_TO_VIDEO = {"wan2.1-i2v-14b", "wan2.2-i2v-a14b"}            # in_channels 36: latent + mask + image latent
@@ -91,11 +101,14 @@ class WanExperts(torch.nn.Module):
 
 def build(kwargs: dict, variant: str = "") -> torch.nn.Module:
     """A WanTransformer3DModel, or two of them in WanExperts for a two-expert variant or kwargs naming a
-    `boundary_ratio` (tiny models)."""
+    `boundary_ratio` (tiny models; a pipeline folder's or a pair of files': None there is the variant's)."""
     from diffusers import WanTransformer3DModel
 
     kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
-    boundary = kwargs.pop("boundary_ratio", BOUNDARY.get(variant))
+    pair = "boundary_ratio" in kwargs
+    boundary = kwargs.pop("boundary_ratio", None)
+    if boundary is None:
+        boundary = BOUNDARY.get(variant, BOUNDARY["wan2.2-t2v-a14b"] if pair else None)
     if boundary is None:
         return WanTransformer3DModel(**kwargs)
     return WanExperts(WanTransformer3DModel(**kwargs), WanTransformer3DModel(**kwargs), boundary)
@@ -103,12 +116,17 @@ def build(kwargs: dict, variant: str = "") -> torch.nn.Module:
 
 class WanAdapter(FamilyAdapter):
     def __init__(self, spec: Family, model: torch.nn.Module, variant: str = ""):
-        # a built-in tiny model comes with the family's default variant: take the one its shape says
+        # a built-in tiny model comes with the family's default variant (make_adapter's for none): take the one
+        # its shape says; another named variant the model cannot be is refused (the loaders refuse it first, with
+        # the file's name)
         experts = isinstance(model, WanExperts)
         image = model.config.in_channels != model.config.out_channels
         if ((variant in BOUNDARY) != experts or spec.latent_of(variant).channels != model.config.out_channels
                 or (variant in IMAGE_TO_VIDEO) != image):
-            variant = _variant_of(dict(model.config), "", experts)
+            detected = _variant_of(dict(model.config), "", experts)
+            if variant != spec.default_variant.name and not (variant == detected == "wan2.2-i2v-a14b"):
+                raise XDiTError(f"the model is {'two experts of ' if experts else ''}{detected}, not {variant}")
+            variant = detected
         super().__init__(spec, model, variant)
 
     @property
@@ -143,6 +161,16 @@ class WanAdapter(FamilyAdapter):
                 raise XDiTError(f"image_cond has shape {list(given.shape)}, expected [B, {', '.join(map(str, want))}]")
         elif given is not None:
             raise XDiTError(f"{self.variant} takes no image_cond (a text-to-video model)")
+        first = req.inputs.get("image_latent")
+        if first is not None:
+            if self.variant not in EXPAND_TIMESTEPS:
+                raise XDiTError(f"{self.variant} takes no image_latent (given first frames: Wan 2.2 TI2V 5B's "
+                                "image-to-video)")
+            want = [self.latent_channels, *shape[3:]]
+            if (first.ndim != 5 or [first.shape[1], *first.shape[3:]] != want or not 1 <= first.shape[2] <= shape[2]
+                    or first.shape[0] not in (1, req.batch_size)):
+                raise XDiTError(f"image_latent has shape {list(first.shape)}, expected [B, {want[0]}, n, "
+                                f"{want[1]}, {want[2]}] with 1 <= n <= {shape[2]} latent frames")
         if cfg.image_dim and embeds is None:
             raise XDiTError(f"{self.variant} needs image_embeds [B, 257, {cfg.image_dim}] (CLIP vision)")
         if embeds is not None:
@@ -162,14 +190,37 @@ class WanAdapter(FamilyAdapter):
             raise ConfigError(f"pipefusion is not available for {self.variant} (two experts): use ulysses, ring, "
                               "cfg or dp")
 
+    def _given_frames(self, x: torch.Tensor, c: Conditioning) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the given frames in model space at their place in x, the mask: 0 on them, 1 elsewhere [1, 1, T, 1, 1])
+        for TI2V's image-to-video, else None."""
+        first = c.extra.get("image_latent")
+        if first is None:
+            return None
+        n = first.shape[2]
+        given = torch.zeros_like(x)
+        given[:, :, :n] = self.to_model_space(first.float()).to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1, -1)
+        mask = torch.ones(1, 1, x.shape[2], 1, 1, device=x.device, dtype=x.dtype)
+        mask[:, :, :n] = 0.0
+        return given, mask
+
+    def finish_latents(self, x: torch.Tensor, c: Conditioning) -> torch.Tensor:
+        """TI2V image-to-video ends with the given frames (the pipeline's last step)."""
+        g = self._given_frames(x, c)
+        return x if g is None else (1 - g[1]) * g[0] + g[1] * x
+
     def predict(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
         if x.ndim != 5:
             raise XDiTError(f"{self.family} samples video latents [B, C, T, h, w], got {list(x.shape)}")
         b, _, frames, h, w = x.shape
         timestep = t.expand(b).to(x.device)
-        if self.variant in EXPAND_TIMESTEPS:  # every token at t (no conditioning frame)
-            tokens = frames * (h // self.patch) * (w // self.patch)
-            timestep = timestep.float()[:, None].expand(b, tokens)
+        if self.variant in EXPAND_TIMESTEPS:  # every token at t, the given frames' at 0
+            per_frame = torch.ones(frames, device=x.device)
+            g = self._given_frames(x, c)
+            if g is not None:
+                x = (1 - g[1]) * g[0] + g[1] * x
+                per_frame = g[1].flatten().float()
+            per_token = per_frame[:, None].expand(frames, (h // self.patch) * (w // self.patch)).flatten()
+            timestep = (per_token[None, :] * timestep.float()[:, None])
         kwargs = {"expert": self.model.expert(t)} if self.experts else {}
         if "image_cond" in c.extra:  # I2V: mask and image latent after the noisy latent
             x = torch.cat([x, c.extra["image_cond"].to(x.dtype)], dim=1)
@@ -224,7 +275,10 @@ def _infer_config(sd: dict, hints: dict) -> dict:
 
 
 def _variant_of(cfg: dict, pipeline: str, experts: bool = False) -> str:
-    """The variant a config (and the pipeline's class name, or two experts) says."""
+    """The variant a config (and the pipeline's class name, or two experts: `experts` or a `boundary_ratio` key)
+    says. One expert alone is the Wan 2.1 model of its architecture (14B T2V or, with no CLIP image input, a
+    one-expert I2V, which only Wan 2.2 A14B has)."""
+    experts = experts or "boundary_ratio" in cfg
     if cfg.get("in_channels") == 48 or cfg.get("out_channels") == 48:
         return "wan2.2-ti2v-5b"
     if cfg.get("in_channels") == 36 or "ImageToVideo" in pipeline:
@@ -235,6 +289,24 @@ def _variant_of(cfg: dict, pipeline: str, experts: bool = False) -> str:
         else "wan2.1-t2v-14b"
 
 
+def _refuse_variant(cfg: dict, detected: str, requested: str) -> str | None:
+    """Why weights of config `cfg` (variant `detected`) cannot be loaded as `requested` (None: they are it). Every
+    Wan variant is told apart by its weights (sizes, channels, CLIP input, one or two experts), so any other one is
+    refused; one expert alone (Wan 2.2 I2V's is `detected` as wan2.2-i2v-a14b: ComfyUI runs each expert as its own
+    model) is never the two-expert variant."""
+    experts = "boundary_ratio" in cfg
+    if requested in BOUNDARY and not experts:
+        return (f"one transformer ({'one expert of ' if detected == requested else ''}{detected}), not {requested}, "
+                "which is two experts: load a pipeline folder with transformer/ and transformer_2/, or the high- "
+                "and low-noise files together (--model HIGH --model-2 LOW, or Load Parallel DiT's second "
+                "checkpoint)")
+    if experts and requested not in BOUNDARY:
+        return f"two experts ({detected}), not {requested}"
+    if requested != detected:
+        return f"these weights are {detected}, not {requested}"
+    return None
+
+
 _TINY = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16, out_channels=16,
              text_dim=4096, freq_dim=32, ffn_dim=96, num_layers=3, rope_max_seq_len=64)
 FAMILY = Family(
@@ -242,15 +314,16 @@ FAMILY = Family(
     diffusers_class="WanTransformer3DModel",
     # ComfyUI 0.3.64: WAN21_T2V (also the A14B experts, the same architecture), WAN22_T2V (TI2V 5B, Wan22 latents),
     # WAN21_I2V; flow, shift 8.0
-    variants=(Variant("wan2.1-t2v-1.3b", "wan2.1-t2v-1.3b.json", UNIPC, T2V),
-              Variant("wan2.1-t2v-14b", "wan2.1-t2v-14b.json", UNIPC, T2V),
-              Variant("wan2.2-t2v-a14b", "wan2.2-t2v-a14b.json", UNIPC, T2V),
-              Variant("wan2.1-i2v-14b", "wan2.1-i2v-14b.json", UNIPC, I2V),
-              Variant("wan2.2-i2v-a14b", "wan2.2-i2v-a14b.json", UNIPC, I2V),
-              Variant("wan2.2-ti2v-5b", "wan2.2-ti2v-5b.json", UNIPC, ComfySpec("WAN22_T2V", "FLOW", "Wan22"),
+    variants=(Variant("wan2.1-t2v-1.3b", "wan2.1-t2v-1.3b.json", UNIPC_T2V, T2V),
+              Variant("wan2.1-t2v-14b", "wan2.1-t2v-14b.json", UNIPC_T2V, T2V),
+              Variant("wan2.2-t2v-a14b", "wan2.2-t2v-a14b.json", UNIPC_T2V, T2V),
+              Variant("wan2.1-i2v-14b", "wan2.1-i2v-14b.json", UNIPC_I2V, I2V),
+              Variant("wan2.2-i2v-a14b", "wan2.2-i2v-a14b.json", UNIPC_I2V, I2V),
+              Variant("wan2.2-ti2v-5b", "wan2.2-ti2v-5b.json", UNIPC_5B, ComfySpec("WAN22_T2V", "FLOW", "Wan22"),
                       latent=WAN22_LATENT)),
     latent=WAN21_LATENT,
-    cond=CondSpec(width=4096, negative_length_may_differ=True, tokens=512, extra_inputs=("image_cond", "image_embeds")),
+    cond=CondSpec(width=4096, negative_length_may_differ=True, tokens=512,
+                  extra_inputs=("image_cond", "image_embeds", "image_latent")),
     flow=True,
     samplers=("unipc", "euler", "dpmpp_2m"),
     adapter=f"{__name__}:WanAdapter",
@@ -266,6 +339,8 @@ FAMILY = Family(
     infer_config=_infer_config,
     variant_of=_variant_of,
     build=build,
+    experts=True,
+    refuse_variant=_refuse_variant,
     # the text (and CLIP-image) embedding and cross-attention's K/V (each expert's own; I2V's context is a new
     # concatenation every call, so there only the embedders are reused)
     context_modules=("*condition_embedder.text_embedder", "*condition_embedder.image_embedder",

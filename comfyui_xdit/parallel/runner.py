@@ -74,7 +74,7 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
             x = _pipefusion(adapter, local, pm, callback, should_cancel, reports, step_end)
         if config.dp > 1:
             x = pm.comm.all_gather(x, batch_sizes, pm.group("dp"), dim=0, kind="dp_gather")
-        return finish(adapter, job.schedule, x), reports
+        return finish(adapter, job.schedule, x, job.positive), reports
 
     def on_step(info) -> None:
         reports.append(pm.comm.reset())
@@ -95,7 +95,7 @@ def parallel_sample(loaded, req: SampleRequest, config: ParallelConfig, callback
         x = run_loop(local, predict, on_step, block_cache)
     if config.dp > 1:
         x = pm.comm.all_gather(x, batch_sizes, pm.group("dp"), dim=0, kind="dp_gather")
-    return finish(adapter, job.schedule, x), reports
+    return finish(adapter, job.schedule, x, job.positive), reports
 
 
 def _pipefusion(adapter, job: PreparedJob, pm: ParallelMesh, callback, should_cancel, reports, step_end
