@@ -23,6 +23,7 @@ class _Finder(importlib.abc.MetaPathFinder):
     paths as usual. Imports nothing until a package is first imported."""
 
     XDIT_PACK_FINDER = True
+    folders = PACKAGES
 
     def find_spec(self, name, path=None, target=None):
         folder = PACKAGES.get(name)
@@ -39,16 +40,18 @@ def register() -> None:
     for folder in PACKAGES.values():
         if not (folder / "__init__.py").is_file():
             raise ImportError(f"comfyui-xdit: {folder / '__init__.py'} is missing (an incomplete copy of the pack?)")
+    finder = next((f for f in sys.meta_path if getattr(f, "XDIT_PACK_FINDER", False)), None)
     for name, folder in PACKAGES.items():
         module = sys.modules.get(name)
-        where = Path(getattr(module, "__file__", None) or folder / "__init__.py").resolve().parent
+        first = getattr(finder, "folders", {}).get(name, folder)
+        where = Path(getattr(module, "__file__", None) or first / "__init__.py").resolve().parent
         if where != folder:
             import logging
 
             logging.getLogger("comfyui_xdit").warning(
-                "comfyui-xdit: %s was imported from %s before the pack in %s loaded; its pool ranks run %s",
-                name, where, HERE.parent, folder)
-    if not any(getattr(f, "XDIT_PACK_FINDER", False) for f in sys.meta_path):
+                "comfyui-xdit: %s comes from %s (imported or registered first), not from the pack in %s; its pool "
+                "ranks run %s", name, where, HERE.parent, folder)
+    if finder is None:
         sys.meta_path.insert(0, _Finder())
 
 

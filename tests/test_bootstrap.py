@@ -60,7 +60,7 @@ def test_cloned_pack_imports_its_own_engine_and_runtime(tmp_path):
     assert info["engine"] == str(pack / "comfyui_xdit" / "__init__.py")  # the copy's, not the editable install's
     assert info["runtime"] == str(pack / "runtime" / "__init__.py")
     assert info["rank_script"] == str(pack / "runtime" / "bootstrap.py") and info["on_path"] == []
-    assert "imported from" not in out.stderr
+    assert "comes from" not in out.stderr
 
 
 def test_rank_script_runs_the_worker_beside_it(tmp_path):
@@ -83,4 +83,18 @@ def test_an_engine_imported_before_the_pack_is_named_in_a_warning(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == str(ROOT / "comfyui_xdit" / "__init__.py")  # imported already: kept
-    assert "comfyui_xdit was imported from" in out.stderr and str(pack / "comfyui_xdit") in out.stderr
+    assert "comfyui_xdit comes from" in out.stderr and str(pack / "comfyui_xdit") in out.stderr
+
+
+def test_a_second_copy_of_the_pack_is_named_in_a_warning(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = _copy_pack(tmp_path / "a"), _copy_pack(tmp_path / "b")
+    code = ("import logging, runpy; logging.basicConfig(); "
+            f"runpy.run_path({str(first / 'runtime' / 'bootstrap.py')!r}, run_name='x')['register'](); "
+            f"runpy.run_path({str(second / 'runtime' / 'bootstrap.py')!r}, run_name='x')['register'](); "
+            "import comfyui_xdit; print(comfyui_xdit.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(first / "comfyui_xdit" / "__init__.py")
+    assert "comfyui_xdit comes from" in out.stderr and str(second / "comfyui_xdit") in out.stderr
