@@ -1,7 +1,8 @@
 """The pack's two top-level packages from its own folders, no install needed: `comfyui_xdit` (the engine, the folder
 beside this one) and `comfyui_xdit_runtime` (this folder). Standard library only, no relative imports: the pack's
 __init__ calls `register()` in ComfyUI's process, and a pool rank runs this file as its script
-(`torchrun ... bootstrap.py WORKER-ARGS`), which registers both and runs comfyui_xdit_runtime.worker.
+(`torchrun ... bootstrap.py WORKER-ARGS`), which registers both and runs comfyui_xdit_runtime.worker; the pool's
+torchrun starts as `bootstrap.py --torchrun TORCHRUN-ARGS` the same way.
 
 Only these two names are registered: ComfyUI has a top-level `nodes` of its own, so the pack's folder (which holds
 our `nodes/`) must never be on sys.path. The same layout holds installed (site-packages/comfyui_xdit beside
@@ -56,14 +57,19 @@ def register() -> None:
 
 
 def main() -> None:
-    """A pool rank: this file's folder (the first path entry of a script) must not make the runtime's modules
-    top-level names; register both packages, then run the worker with the remaining arguments."""
+    """A pool rank, or with `--torchrun` first the pool's torchrun (comfyui_xdit_runtime.torchrun): this file's folder
+    (the first path entry of a script) must not make the runtime's modules top-level names; register both packages,
+    then run the worker (or torchrun) with the remaining arguments."""
     if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
         del sys.path[0]
     register()
     import runpy
 
-    runpy.run_module("comfyui_xdit_runtime.worker", run_name="__main__", alter_sys=True)
+    module = "comfyui_xdit_runtime.worker"
+    if sys.argv[1:2] == ["--torchrun"]:
+        del sys.argv[1]
+        module = "comfyui_xdit_runtime.torchrun"
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,8 @@ class Pool:
                 env[SECRET_ENV] = self.secret.decode("utf-8", "surrogateescape")
             env[ADMIN_ENV] = self.admin_secret.decode("utf-8", "surrogateescape")
             # torchrun, its rendezvous store bound to the rendezvous host only (torch's binds every interface)
-            cmd = [sys.executable, "-m", "comfyui_xdit_runtime.torchrun", f"--nproc-per-node={self.nproc}",
+            # (through the bootstrap: the runtime need not be installed)
+            cmd = [sys.executable, RANK_SCRIPT, "--torchrun", f"--nproc-per-node={self.nproc}",
                    f"--nnodes={self.nnodes}", f"--node-rank={self.node_rank}",  # static rendezvous: node-major ranks
                    "--master-addr", rdzv_host, "--master-port", str(rdzv_port), "--monitor-interval", "0.2",
                    *self.torchrun_args, RANK_SCRIPT, "--address", self.address,

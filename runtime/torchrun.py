@@ -1,5 +1,5 @@
 """torchrun whose rendezvous store listens on its rendezvous host only: `python -m comfyui_xdit_runtime.torchrun ...`
-takes torchrun's arguments.
+(or `python runtime/bootstrap.py --torchrun ...`, as the launcher starts it) takes torchrun's arguments.
 
 torch's TCPStore binds every interface (`[::]:PORT`) whatever host it is given, and it is not authenticated; given a
 socket already bound (`master_listen_fd`), it listens there instead. The static rendezvous the launcher uses makes its

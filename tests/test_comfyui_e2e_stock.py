@@ -383,8 +383,8 @@ def _pool_ranks(base: Path) -> list[int]:
             continue
         try:
             cmd = (d / "cmdline").read_bytes()
-            if b"bootstrap.py" not in cmd or b"torch.distributed.run" in cmd:
-                continue  # a rank, not its torchrun launcher
+            if b"bootstrap.py" not in cmd or b"--torchrun" in cmd.split(b"\0"):
+                continue  # a rank (bootstrap.py its script), not its torchrun launcher (bootstrap.py --torchrun)
             pid = int(d.name)
             while pid > 1:
                 if str(base).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
