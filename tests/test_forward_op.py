@@ -340,3 +340,25 @@ def test_one_rank_pool_forward_failure_cancel_and_status(tmp_path):
     finally:
         c.close()
         p.stop()
+
+
+def test_four_rank_forward_with_fewer_rows_than_the_cfg_and_dp_groups(tmp_path):
+    """ComfyUI sends cond and uncond as separate one-row forwards whenever it cannot batch them (texts of other
+    lengths, reference latents, cfg 1). At Ulysses 2 x CFG 2 (or x DP 2) one sequence-parallel group then has no row:
+    it must still take part in the group-wide agreement on the attention processors (it used to wait in it until
+    the gloo timeout). Batches of 1 and 3 on 4 ranks equal the in-process call, and data crossed the ranks."""
+    p = Pool(4, secret=SECRET, log_path=tmp_path / "p4.log", pg_timeout=60)
+    p.start()
+    try:
+        c = p.client()
+        key = c.load_model("tiny-flux")
+        for degrees in ({"ulysses": 2, "cfg": 2}, {"ring": 2, "dp": 2}):
+            for batch in (1, 3):
+                conds, x, t, ref = _inputs("tiny-flux", batch)
+                out, info = c.forward_with_info(key, x, t, conds, parallel=degrees)
+                assert rel_l2(out, ref) <= 1e-5, (degrees, batch)
+                sp_kind = "ulysses" if "ulysses" in degrees else "ring"
+                assert info["comm"].get(sp_kind, 0) > 0, (degrees, batch, info["comm"])
+        c.close()
+    finally:
+        p.stop()

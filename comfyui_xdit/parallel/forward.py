@@ -3,6 +3,8 @@ rows together, or larger batches) split over DP and the CFG halves, Ulysses x Ri
 ends with the whole output. PipeFusion needs the whole loop (its stale K/V span steps) and is refused here."""
 from __future__ import annotations
 
+import contextlib
+
 from typing import Mapping, Sequence
 
 import torch
@@ -79,14 +81,13 @@ def _call(adapter: FamilyAdapter, xm: torch.Tensor, t: torch.Tensor, c: Conditio
         cfg_sizes = shard_sizes(dp_sizes[pm.rank("dp")], config.cfg)
         cfg_part = shard_range(cfg_sizes, pm.rank("cfg"))
         mine = slice(dp_part.start + cfg_part.start, dp_part.start + cfg_part.stop)
-        if mine.stop > mine.start:  # a whole SP group has rows or none: its collectives stay within it
-            if config.sp > 1:
-                with sequence_parallel(adapter, pm):
-                    out = adapter.predict(xm[mine], t[mine], c.select(mine)).float()
-            else:
+        # Every rank enters sequence_parallel, rows or none: its processor check agrees over the whole group.
+        # A whole SP group has rows or none, so the forward's own collectives stay within the groups that run it.
+        with sequence_parallel(adapter, pm) if config.sp > 1 else contextlib.nullcontext():
+            if mine.stop > mine.start:
                 out = adapter.predict(xm[mine], t[mine], c.select(mine)).float()
-        else:
-            out = xm.new_zeros((0, *xm.shape[1:]))
+            else:
+                out = xm.new_zeros((0, *xm.shape[1:]))
         if config.cfg > 1:
             out = pm.comm.all_gather(out, cfg_sizes, pm.group("cfg"), dim=0, kind="cfg")
         if config.dp > 1:
