@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .families import cond_spec, spec
+from .families import cond_spec, reference_method_error, spec
 
 SUPPORTED_EXTRAS = ("pooled_output", "guidance", "attention_mask")
 # What TextEncodeQwenImageEdit(Plus) attach (Qwen-Image-Edit's reference images' latents); taken by qwen-image
@@ -89,7 +89,7 @@ def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: boo
     for prefix, conditioning, which in sides:
         cond, extras = _one_entry(conditioning, which, image_input, references)
         if references:
-            refs[which] = reference_latents(extras, which)
+            refs[which] = reference_latents(extras, which, variant)
         tensors[prefix + "cond"] = cond.detach().to("cpu", torch.float32).contiguous()
         pooled = extras.get("pooled_output")
         if want.pooled is not None:
@@ -117,13 +117,13 @@ def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: boo
     return tensors, guidance
 
 
-def reference_latents(extras: dict, which: str) -> list[torch.Tensor]:
+def reference_latents(extras: dict, which: str, variant: str | None = None) -> list[torch.Tensor]:
     """A conditioning's reference_latents (TextEncodeQwenImageEdit(Plus): [1, 16, 1, h, w] each), each padded to
-    even h and w as ComfyUI's Qwen-Image model pads them (circular), checked."""
-    method = extras.get("reference_latents_method")
-    if method not in (None, "index"):
-        raise ConversionError(f"{which} conditioning sets reference_latents_method {method!r}: Parallel Sampler "
-                              "takes the default 'index' (each reference at its own frame index)")
+    even h and w as ComfyUI's Qwen-Image model pads them (circular), checked; its reference_latents_method must be
+    the one the loaded variant runs (nodes.families.reference_method_error)."""
+    why = reference_method_error(extras.get("reference_latents_method"), variant or "qwen-image-edit-2509")
+    if why:
+        raise ConversionError(f"{which} conditioning: {why}")
     refs = list(extras.get("reference_latents") or [])
     if len(refs) > len(REFERENCE_NAMES):
         raise ConversionError(f"{which} conditioning has {len(refs)} reference_latents: at most "

@@ -107,3 +107,21 @@ def comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps:
     model_type = getattr(comfy.model_base.ModelType, s.model_type)
     model_sampling = comfy.model_base.model_sampling(SimpleNamespace(sampling_settings=settings), model_type)
     return model_sampling, getattr(comfy.latent_formats, s.latent_format)()
+
+
+# ComfyUI's reference_latents_method (FluxKontextMultiReferenceLatentMethod) per Qwen-Image-Edit variant: "index"
+# (each reference at its own frame index) is 2509's; the newer ComfyUI's "index_timestep_zero" (the references'
+# tokens at timestep 0) is 2511's zero_cond_t, and its 2511 files default to it. None: the loaded variant's own.
+def reference_method_error(method: object, variant: str) -> str | None:
+    """Why a conditioning's reference_latents_method cannot run on a model loaded as `variant`, or None."""
+    own = "index_timestep_zero" if variant == "qwen-image-edit-2511" else "index"
+    if method in (None, own):
+        return None
+    if method == "index_timestep_zero":
+        return ("reference_latents_method 'index_timestep_zero' (the references at timestep 0) is Qwen-Image-Edit "
+                "2511's: load the checkpoint with family qwen-image-edit-2511")
+    if method == "index":
+        return ("reference_latents_method 'index' on a model loaded as qwen-image-edit-2511 (references at timestep "
+                "0): drop the method node, or load the checkpoint as qwen-image-edit-2509")
+    return (f"reference_latents_method {method!r} is not supported: 'index' (Edit 2509) or 'index_timestep_zero' "
+            "(Edit 2511)")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from .families import spec
+from .families import reference_method_error, spec
 from .pool import MANAGER, ModelHandle
 
 NAME = "Parallel DiT Model"
@@ -167,10 +167,9 @@ class PoolDiffusionModel(torch.nn.Module):
         if spec(self.handle.variant).family != "qwen-image" or kwargs.get("ref_latents") is None:
             return {}
         refs = list(kwargs.pop("ref_latents"))
-        method = kwargs.pop("ref_latents_method", None)
-        if method not in (None, "index"):
-            raise StockModelError(f"{NAME}: reference_latents_method {method!r} is not supported (the default "
-                                  "'index' only)")
+        why = reference_method_error(kwargs.pop("ref_latents_method", None), self.handle.variant)
+        if why:
+            raise StockModelError(f"{NAME}: {why}")
         names = ("reference_latent", "reference_latent_2", "reference_latent_3")
         if len(refs) > len(names):
             raise StockModelError(f"{NAME}: {len(refs)} reference latents; at most {len(names)} are taken")

@@ -130,3 +130,50 @@ def test_reference_latents_become_the_engine_inputs(ext):
     assert "reference_latent_2" in tensors
     with pytest.raises(cv.ConversionError, match="reference_latents, which Parallel Sampler does not support"):
         cv.conditioning_tensors(_cond(1, 9, reference_latents=refs), None, "flux", False)
+
+
+def test_reference_method_follows_the_loaded_edit_variant(ext):
+    """The newer ComfyUI's FluxKontextMultiReferenceLatentMethod option 'index_timestep_zero' (the references'
+    tokens at timestep 0) is Edit-2511's zero_cond_t: taken on a model loaded as qwen-image-edit-2511, refused in one
+    line on 2509 / Qwen-Image (and 'index' the other way round); no method is the loaded variant's own. Both paths:
+    Parallel Sampler's conversion and Parallel DiT Model's forwards read the same rule."""
+    cv, fams = ext.nodes.convert, ext.nodes.families
+    refs = [torch.randn(1, 16, 1, 6, 8, generator=torch.Generator().manual_seed(4))]
+    zero = _cond(1, 9, reference_latents=refs, reference_latents_method="index_timestep_zero")
+    index = _cond(1, 9, reference_latents=refs, reference_latents_method="index")
+    plain = _cond(1, 9, reference_latents=refs)
+    for variant, ok, refused in (("qwen-image-edit-2511", (zero, plain), index),
+                                 ("qwen-image-edit-2509", (index, plain), zero), (VARIANT, (index, plain), zero)):
+        for p in ok:
+            tensors, _ = cv.conditioning_tensors(p, None, "qwen-image", False, variant)
+            assert torch.equal(tensors["reference_latent"], refs[0][:, :, 0])
+        with pytest.raises(cv.ConversionError) as e:
+            cv.conditioning_tensors(refused, None, "qwen-image", False, variant)
+        assert "reference_latents_method" in str(e.value) and "\n" not in str(e.value)
+    assert "qwen-image-edit-2511" in fams.reference_method_error("index_timestep_zero", "qwen-image-edit-2509")
+    assert fams.reference_method_error("index_timestep_zero", "qwen-image-edit-2511") is None
+    s = fams.spec("qwen-image-edit-2511")  # ComfyUI runs 2511 as its QwenImage model (sampling, latent format)
+    assert (s.supported_model, s.model_type, s.latent_format, s.text_mask) == ("QwenImage", "FLUX", "Wan21", False)
+
+
+def test_comfyui_2511_file_loads_as_edit_2511(ext, tmp_path):
+    """ComfyUI's Edit-2511 files carry an empty `__index_timestep_zero__` tensor (its default reference method):
+    the file is detected as qwen-image-edit-2511 by the nodes and loads with zero_cond_t, the marker dropped; the
+    same weights without the marker load as Qwen-Image."""
+    from safetensors.torch import save_file
+
+    from comfyui_xdit.weights import load_transformer
+
+    sd = {k: v.contiguous() for k, v in load_model("tiny-qwen-image").adapter.model.state_dict().items()}
+    marked, plain = tmp_path / "edit2511.safetensors", tmp_path / "plain.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()} |
+              {"model.diffusion_model.__index_timestep_zero__": torch.tensor([])}, str(marked))
+    save_file(sd, str(plain))
+    ck = ext.nodes.checkpoints
+    assert ck.detect_variant(str(marked)) == "qwen-image-edit-2511"
+    assert ck.detect_variant(str(plain)) == VARIANT
+    loaded = load_transformer(str(marked))
+    assert loaded.variant == "qwen-image-edit-2511" and loaded.model.config.zero_cond_t
+    assert all(b.zero_cond_t for b in loaded.model.transformer_blocks)
+    other = load_transformer(str(plain))
+    assert other.variant == VARIANT and not other.model.config.zero_cond_t

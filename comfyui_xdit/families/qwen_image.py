@@ -10,7 +10,9 @@ resolution shift counts the target's tokens (as the pipeline).
 
 Single files (the release's transformer, ComfyUI's diffusion_models files, with or without the
 `model.diffusion_model.` prefix) already use diffusers' key names: diffusers' own single-file mapping for this
-class is the identity, so there is no converter.
+class is the identity, so there is no converter. ComfyUI's files of Edit-2511 carry one extra, empty tensor,
+`__index_timestep_zero__`: the marker of its default reference method (the references at timestep 0, diffusers'
+zero_cond_t); it is dropped and the file loads as qwen-image-edit-2511.
 """
 from __future__ import annotations
 
@@ -163,7 +165,16 @@ def _infer_config(sd: dict, hints: dict) -> dict:
                 // patch ** 2, num_layers=count(sd, "transformer_blocks."), attention_head_dim=head,
                 num_attention_heads=int(hidden) // head, joint_attention_dim=int(sd["txt_in.weight"].shape[1]),
                 axes_dims_rope=_axes(head),
-                use_additional_t_cond="time_text_embed.addition_t_embedding.weight" in sd)
+                use_additional_t_cond="time_text_embed.addition_t_embedding.weight" in sd,
+                **({"zero_cond_t": True} if hints.get("zero_cond_t") else {}))
+
+
+# ComfyUI's Edit-2511 files: an empty tensor naming the model's default reference method (index_timestep_zero)
+EDIT_2511_MARKER = "__index_timestep_zero__"
+
+
+def _drop_marker(sd: dict, name: str) -> tuple[dict, dict]:
+    return {k: v for k, v in sd.items() if k != EDIT_2511_MARKER}, {"zero_cond_t": True}
 
 
 LATENT = LatentFormat(16, mean=WAN21_MEAN, std=WAN21_STD, frame_axis=True)
@@ -173,13 +184,16 @@ FAMILY = Family(
     # ComfyUI 0.3.64: supported_models.QwenImage (ModelType FLUX, shift 1.15, Wan21 latents); its model ignores
     # the text encoder's attention_mask (model_base.QwenImage passes none on)
     # Qwen-Image-Edit 2509 is the same model (ComfyUI runs it as QwenImage with reference_latents); 2511 sets
-    # zero_cond_t (the references' tokens at timestep 0), which ComfyUI 0.3.64 does not know (no ComfySpec). The
-    # Edit releases' scheduler config is taken to be Qwen-Image's.
+    # zero_cond_t (the references' tokens at timestep 0): the newer ComfyUI runs it as QwenImage too, with the
+    # reference method index_timestep_zero (FluxKontextMultiReferenceLatentMethod, or the file's marker); ComfyUI
+    # 0.3.64's QwenImage samples it with the same settings (the pool runs the forward). The Edit releases'
+    # scheduler config is taken to be Qwen-Image's.
     variants=(Variant("qwen-image-t2i", "qwen-image.json", QWEN_FLOW,
                       ComfySpec("QwenImage", "FLUX", "Wan21", text_mask=False)),
               Variant("qwen-image-edit-2509", "qwen-image.json", QWEN_FLOW,
                       ComfySpec("QwenImage", "FLUX", "Wan21", text_mask=False)),
-              Variant("qwen-image-edit-2511", "qwen-image-edit-2511.json", QWEN_FLOW)),
+              Variant("qwen-image-edit-2511", "qwen-image-edit-2511.json", QWEN_FLOW,
+                      ComfySpec("QwenImage", "FLUX", "Wan21", text_mask=False))),
     latent=LATENT,
     cond=CondSpec(width=3584, mask=True, negative_length_may_differ=True, tokens=128, extra_inputs=REFERENCES),
     flow=True,
@@ -191,7 +205,10 @@ FAMILY = Family(
     infer_config=_infer_config,
     variant_of=lambda cfg, pipeline: ("qwen-image-edit-2511" if cfg.get("zero_cond_t") else
                                       "qwen-image-edit-2509" if "Edit" in pipeline else "qwen-image-t2i"),
-    variant_of_keys=lambda keys: "qwen-image-t2i",
+    variant_of_keys=lambda keys: ("qwen-image-edit-2511" if any(k.endswith(EDIT_2511_MARKER) for k in keys)
+                                  else "qwen-image-t2i"),
+    convert=_drop_marker,
+    is_original=lambda keys: EDIT_2511_MARKER in keys,
     set_timesteps=pipeline_timesteps,
     cfg_combine=norm_preserving_cfg,
     order=40,
