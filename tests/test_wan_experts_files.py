@@ -14,7 +14,7 @@ from comfyui_xdit.models import load_model
 from comfyui_xdit.sampling import SampleRequest, latent_shape, sample, seed_noise
 from tests.cases import case_ok, get_model, serial_of
 from tests.conftest import rel_l2
-from tests.distributed import run_cases
+from tests.distributed import assert_exchanged, run_cases
 from tests.test_wan import EXPERTS, NEG, ODD, published_scheduler
 
 
@@ -223,6 +223,9 @@ def _cases(folder, pair: str) -> list[dict]:
             {**base, "id": "folder_dp2", "parallel": {"dp": 2}, "batch": 3},
             {**base, "id": "folder_shard2", "parallel": {"shard": 2}},
             {**base, "id": "files_ulysses2", "model": pair, "parallel": {"ulysses": 2}},
+            {**base, "id": "files_ring2", "model": pair, "parallel": {"ring": 2}},
+            {**base, "id": "files_cfg2", "model": pair, "parallel": {"cfg": 2}},
+            {**base, "id": "files_dp2", "model": pair, "parallel": {"dp": 2}, "batch": 3},
             {**base, "id": "files_shard2", "model": pair, "parallel": {"shard": 2}}]
 
 
@@ -233,6 +236,7 @@ def test_world2_methods_on_the_folder_and_files_match_serial_and_the_built_in(t2
     results = run_cases(2, cases, tmp_path / "runs")
     for case in cases:
         info = case_ok(results, case["id"])
+        assert_exchanged(info, case["parallel"])  # the degrees really split the work
         serial = serial_of(case)
         assert rel_l2(info["latents"], serial) <= 1e-4, case["id"]
         assert rel_l2(serial, serial_of({**case, "model": EXPERTS})) <= 1e-5, case["id"]
