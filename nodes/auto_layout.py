@@ -5,7 +5,8 @@ Run by the queue-time check's on-prompt handler (nodes/queue_check.py) before it
 chosen degrees: for each Configure node set to auto whose config feeds a Load Parallel DiT, it reads the checkpoint
 (built on the meta device from its header), the sampler's steps and cfg and the empty latent's size, batch and
 frames, and the GPUs the pool will use (the `gpus` list or every visible GPU: count, memory, and P2P between the
-first two as the link; on CPU, one rank per core up to 4), writes the chosen degrees into the node's inputs (and fp8
+first two as the link, with the constants the last pool measured on them at its start when there is one; on CPU,
+one rank per core up to 4), writes the chosen degrees into the node's inputs (and fp8
 storage into the loader's weight_dtype when only fp8 fits), and keeps the one-line reason, which the node logs and
 shows when it runs. What cannot fit anywhere is refused on the Configure node in one line naming what would fit.
 What is only known when the graph runs (linked widgets, a latent from a VAE), or a pool at an address, leaves the
@@ -154,6 +155,21 @@ def _job(prompt: dict, load_id: str):
     return None
 
 
+def _probed(device: str):
+    """The DeviceKind the last pool started here measured at its start (nodes/pool.py), or None."""
+    from comfyui_xdit import planner
+
+    from .pool import MANAGER
+
+    fields = MANAGER.probed(device)
+    if not fields:
+        return None
+    try:
+        return planner.DeviceKind(**fields)
+    except TypeError:  # a pool of another version
+        return None
+
+
 def _gpus(inputs: dict):
     """The GPUs the pool will use: the `gpus` list or every visible one; CPU ranks when there is none."""
     from comfyui_xdit import planner
@@ -170,6 +186,9 @@ def _gpus(inputs: dict):
     gib = props.total_memory / 2**30
     name = props.name.upper()
     kind = next((k for n, k in planner.KINDS.items() if n != "CPU" and n in name), planner.kind_for_memory(gib))
+    measured = _probed("cuda")
+    if measured is not None:  # what the last pool measured on these GPUs at its start replaces the table's figures
+        kind = measured
     p2p = len(ids) > 1 and torch.cuda.can_device_access_peer(ids[0], ids[1])
     link = "nvlink" if p2p and kind.fast_link else "pcie"
     return planner.GPUs(len(ids), kind, gib, link)

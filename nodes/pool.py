@@ -161,6 +161,7 @@ class PoolManager:
         self._key: tuple | None = None
         self._pool: Any = None
         self._client: Any = None
+        self._probes: dict[str, dict] = {}  # device -> the planner constants the last pool on it measured
 
     def _factories(self):
         if self._pool_factory is None or self._attach_factory is None:
@@ -189,7 +190,23 @@ class PoolManager:
             log.info("xDiT: starting worker pool %s%s", key, "" if s.address else _log_note(pool))
             pool.start()
             self._pool, self._key, self._client = pool, key, pool.client()
+            if not s.address:
+                self._keep_probe(s.resolved_device())
             return self._client
+
+    def _keep_probe(self, device: str) -> None:
+        try:
+            measured = self._client.status().get("probe")
+        except Exception as e:  # noqa: BLE001 - the table's constants stay in use
+            log.warning("xDiT: no probe from the pool: %s", e)
+            return
+        if isinstance(measured, dict):
+            self._probes[device] = measured
+
+    def probed(self, device: str) -> dict | None:
+        """The planner constants (comfyui_xdit.planner.DeviceKind fields) measured by the last pool started here on
+        `device` ("cuda" or "cpu"), or None."""
+        return self._probes.get(device)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the pool started here (`timeout`: the pool's shutdown wait, default its own)."""

@@ -5,6 +5,7 @@ them. Any failure of the process group ends the rank with a non-zero exit, so to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import os
@@ -39,6 +40,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def probe_constants(device: torch.device) -> dict | None:
+    """The planner's constants measured on this pool's ranks at start (comfyui_xdit.probe: a few matmuls and
+    collectives, well under a second), for the status reply (`probe`), which the auto layout reads. Every rank
+    calls it (it runs collectives); XDIT_POOL_PROBE=0 skips it everywhere."""
+    if os.environ.get("XDIT_POOL_PROBE", "1") == "0":
+        return None
+    from comfyui_xdit.probe import probe
+
+    kind = probe(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if dist.get_rank() == 0:
+        log.info("probed: %s", kind.source)
+    return dataclasses.asdict(kind)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[xdit-pool %(name)s] %(message)s", stream=sys.stderr)
@@ -57,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     executor = Executor(fanout, device, test_hooks=os.environ.get("XDIT_RUNTIME_TEST_HOOKS") == "1")
     hello = fanout.gather(Outcome(ok=True, rank=rank, pid=os.getpid(), host=socket.gethostname()[:200],
                                   **memory_stats(device)))
+    measured = probe_constants(device)
     try:
         if rank == 0:
             from .server import Rank0Server  # zmq: rank 0 only
 
-            info = {"backend": backend, "device": args.device, "address": args.address}
+            info = {"backend": backend, "device": args.device, "address": args.address,
+                    **({"probe": measured} if measured else {})}
             Rank0Server(executor, fanout, args.address, secret, args.max_message_bytes, args.heartbeat,
                         info, admin_secret=as_secret(os.environ.get(ADMIN_ENV)),
                         client_timeout_s=args.client_timeout).serve(hello)

@@ -62,3 +62,30 @@ def test_manual_and_unknowns_keep_the_degrees(ext, rec):
     assert g["5"]["inputs"]["ulysses_degree"] == 2 and "not constants" in ext.nodes.auto_layout.reason_for("5")
     (s,) = _node(ext, "XDiTConfigureHybridParallel")().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
     assert s.world_size == 2
+
+
+def test_auto_uses_what_the_last_pool_probed(ext, rec, monkeypatch):
+    """After a pool has started on the GPUs, its probe's constants (the status reply's `probe`, kept by the pool
+    manager) replace the table's for the next plan; without one the table's kind is used."""
+    import dataclasses
+    import types
+
+    import torch
+
+    from comfyui_xdit import planner
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: True)
+    manager = ext.nodes.pool.MANAGER
+    monkeypatch.setattr(manager, "_probes", {})
+    gpus = ext.nodes.auto_layout._gpus({"device": "cuda"})
+    assert gpus.kind.name == "H100" and gpus.count == 2 and gpus.link == "nvlink"
+    slow = dataclasses.replace(planner.KINDS["H100"], name="H100 (probed)", matmul_flops=1e12, fast_link=5e9,
+                               pcie_link=5e9, source="probe on 2 rank(s)")
+    manager._probes["cuda"] = dataclasses.asdict(slow)
+    gpus = ext.nodes.auto_layout._gpus({"device": "cuda"})
+    assert gpus.kind == slow and gpus.bandwidth == 5e9
+    manager._probes["cuda"] = {"name": "from another version"}  # unreadable: the table again
+    assert ext.nodes.auto_layout._gpus({"device": "cuda"}).kind.name == "H100"

@@ -362,3 +362,13 @@ def test_four_rank_forward_with_fewer_rows_than_the_cfg_and_dp_groups(tmp_path):
         c.close()
     finally:
         p.stop()
+
+
+def test_pool_probes_the_planner_constants_at_start(client):
+    """Every pool measures the planner's constants on its ranks when it starts (comfyui_xdit.probe): the status
+    reply carries them for the auto layout (nodes/auto_layout.py)."""
+    from comfyui_xdit.planner import DeviceKind
+
+    kind = DeviceKind(**client.status()["probe"])
+    assert kind.name == "CPU (probed)" and kind.source.startswith("probe on 2 rank(s)")
+    assert kind.matmul_flops > 1e8 and kind.pcie_link > 1e6 and kind.latency_s > 0
