@@ -24,7 +24,7 @@ log = logging.getLogger("comfyui_xdit.nodes")
 HIDDEN = "xdit_check"  # the hidden input (UNIQUE_ID) each node's VALIDATE_INPUTS takes; ComfyUI prefixes messages with it
 CONFIGURE, LOAD, SAMPLER = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"
 LORA = "XDiTParallelLoRA"
-STOCK_MODEL = "XDiTParallelDiTModel"  # runs one forward per call: no PipeFusion, no weight sharding
+STOCK_MODEL = "XDiTParallelDiTModel"  # runs one forward per call: no PipeFusion
 WEIGHT_PATCHERS = ("LoraLoader", "LoraLoaderModelOnly")  # ComfyUI's; so are its ModelMerge* nodes
 # ComfyUI's weight hooks (comfy_extras/nodes_hooks.py): LoRAs a conditioning carries into sampling, whose patches
 # could not reach the pool's weights either; SetClipHooks passes its hooks on to the conditioning only with
@@ -219,11 +219,9 @@ def _stock_model_problems(prompt: dict, nid: str, node: dict) -> list[str]:
         return []
     out = []
     s = _valid_settings(prompt, node)
-    if s is not None and (s.pipefusion > 1 or s.shard > 1):
-        what = " and ".join(f"{name} {value}" for name, value in (("pipefusion_degree", s.pipefusion),
-                                                                    ("shard_degree", s.shard)) if value > 1)
-        out.append(f"this model feeds Parallel DiT Model (node {users[0][0]}), which runs Ulysses, Ring, CFG and DP "
-                   f"per forward: {what} runs in Parallel Sampler only")
+    if s is not None and s.pipefusion > 1:
+        out.append(f"this model feeds Parallel DiT Model (node {users[0][0]}), which runs Ulysses, Ring, CFG, DP and "
+                   f"shard per forward: pipefusion_degree {s.pipefusion} runs in Parallel Sampler only")
     for user, _ in users:
         patchers = _downstream(prompt, user, lambda kind: kind in WEIGHT_PATCHERS or kind.startswith("ModelMerge"),
                                lambda kind, name: name == "model")

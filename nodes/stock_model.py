@@ -293,10 +293,8 @@ def stock_model(handle: ModelHandle):
                               "one (built-in tiny models and diffusers folders run in Parallel Sampler)")
     if handle.settings.pipefusion > 1:
         raise StockModelError(f"{NAME}: PipeFusion needs the whole sampling loop: use Parallel Sampler for "
-                              "pipefusion_degree > 1 (the parallel model runs Ulysses, Ring, CFG and DP per forward)")
-    if handle.settings.shard > 1:
-        raise StockModelError(f"{NAME}: weight sharding runs in Parallel Sampler only: use shard_degree 1 here "
-                              "(the parallel model runs Ulysses, Ring, CFG and DP per forward)")
+                              "pipefusion_degree > 1 (the parallel model runs Ulysses, Ring, CFG, DP and shard per "
+                              "forward)")
     import comfy.model_management as mm
 
     config, sd = comfy_model_config(handle.source)

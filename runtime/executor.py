@@ -209,10 +209,14 @@ class Executor:
 
         start = time.perf_counter()
         rest = self.conds.take_uploads(tensors)  # uploads are kept even when the call fails below
-        loaded = self._fit_layout(op.key, self._loaded(op.key), None, forward=True)  # the whole model
-        if loaded.layout is not None:
-            raise XDiTError(f"this model was loaded for {_degrees(loaded.layout)} (each rank holds part of its "
-                            "weights): a forward needs it loaded without pipefusion or shard degrees")
+        config = ParallelConfig(**msgspec.structs.asdict(op.parallel))
+        # the whole model, or the model sharded as this forward's shard degree says
+        loaded = self._fit_layout(op.key, self._loaded(op.key), None, forward=config.shard == 1)
+        lay = loaded.layout
+        if lay is not None and (lay.pipefusion > 1 or (lay.mesh_shape, lay.shard) != (config.mesh_shape,
+                                                                                       config.shard)):
+            raise XDiTError(f"this model was loaded for {_degrees(lay)} (each rank holds part of its weights): "
+                            f"a forward with degrees {_degrees(config)} needs it loaded for those degrees")
         self._apply_loras(op, loaded)  # the base weights: a forward carries no LoRA set
         extras = tuple(loaded.adapter.spec.cond.extra_inputs)  # e.g. Qwen-Image-Edit's reference latents
         unknown = set(op.conds) - {"cond", "pooled", "cond_mask", *extras}
@@ -224,7 +228,6 @@ class Executor:
         got = self.conds.on_device(op.conds, self.device)
         cond = Conditioning(got["cond"], got.get("pooled"), got.get("cond_mask"), op.guidance,
                             {k: got[k] for k in extras if k in got})
-        config = ParallelConfig(**msgspec.structs.asdict(op.parallel))
         if config.world_size not in (1, self.world):
             raise XDiTError(f"the parallel degrees multiply to {config.world_size} but the pool has "
                             f"{self.world} ranks")

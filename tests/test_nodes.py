@@ -205,11 +205,15 @@ def test_graph_combinations_refused_at_queue_time(ext, rec, config, graph, node,
 
 @pytest.mark.parametrize("config, via_lora, reason", [
     (dict(pipefusion_degree=2), False, "pipefusion_degree 2 runs in Parallel Sampler only"),
-    (dict(ulysses_degree=2, shard_degree=2), True, "shard_degree 2 runs in Parallel Sampler only"),
+    (dict(pipefusion_degree=2), True, "pipefusion_degree 2 runs in Parallel Sampler only"),
 ])
 def test_stock_model_degrees_refused_at_queue_time(ext, rec, config, via_lora, reason):
     """A loader whose model reaches Parallel DiT Model (through a Parallel LoRA or not) with degrees it cannot run is
-    refused on POST /prompt, on the loader, before anything loads; the same degrees feeding a sampler pass."""
+    refused on POST /prompt, on the loader, before anything loads; the same degrees feeding a sampler pass, and so
+    do weight sharding degrees feeding Parallel DiT Model."""
+    g = _graph(dict(ulysses_degree=2, shard_degree=2))
+    g["10"] = {"class_type": "XDiTParallelDiTModel", "inputs": {"model": ["6", 0]}}
+    assert _queue(ext, rec, g) == {}
     g = _graph(config)
     assert _queue(ext, rec, g) == {}
     g["9"] = {"class_type": "XDiTParallelLoRA", "inputs": {"model": ["6", 0], "lora_name": "x.safetensors",

@@ -54,17 +54,30 @@ def test_fp8_weights_over_the_pool(client):
     assert rel_l2(out, _reference(seed=6, cfg=2.0)) > rel_l2(out, ref)  # nearer to fp8 than to fp32 weights
 
 
-def test_forward_refuses_shard_and_runs_a_sharded_model_whole(client):
-    """Parallel DiT Model's forward op: a shard degree is refused in one line; a model an earlier job sharded is
-    loaded again whole (a forward's ranks do not all call the model together, as the shard gathers need)."""
+def test_forward_with_shard_degrees(client):
+    """Parallel DiT Model's forward op with a shard degree: every rank of the shard group calls the model on every
+    forward (a rank group without rows runs one and drops it, so the weight gathers pair up), giving the whole
+    model's output while the weights move by all-gather; a forward without a shard degree loads a sharded model
+    again whole."""
+    from comfyui_xdit.parallel.shard import GATHER_KIND
+
     key = client.load_model("tiny-flux")
     a = load_model("tiny-flux").adapter
-    x, t, c, conds = forward_inputs(a, 2)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, a.latent_channels, 6, 10, generator=g)
+    c = a.random_conditioning(2, 7, g)
+    t = torch.tensor([600.0, 300.0])
     with torch.no_grad():
         ref = a.predict(x, t, c).float()
-    client.sample(key, {**REQ, "seed": 3}, parallel={"shard": 2, "ulysses": 2})
-    with pytest.raises(PoolError, match="weight sharding .* runs in Parallel Sampler only"):
-        client.forward(key, x, t, conds, parallel={"shard": 2, "ulysses": 2})
-    out, info = client.forward_with_info(key, x, t, conds, parallel={"dp": 2})  # one row: rank 1 never calls it
-    assert rel_l2(out, ref) <= 1e-5
-    assert info["comm"] == {"dp_gather": x.numel() * 4}  # rank 0 computed the row and sent it
+    conds = {"cond": c.cond, "pooled": c.pooled}
+    client.sample(key, {**REQ, "seed": 3}, parallel={"shard": 2, "ulysses": 2})  # shards the cached model
+    for parallel, rows in (({"shard": 2, "ulysses": 2}, 2), ({"shard": 2, "cfg": 2}, 2), ({"shard": 2, "dp": 2}, 1),
+                           ({"shard": 2, "cfg": 2}, 1), ({"shard": 2}, 2)):
+        one = {"cond": conds["cond"][:rows], "pooled": conds["pooled"][:rows]}
+        out, info = client.forward_with_info(key, x[:rows], t[:rows], one, parallel=parallel, timeout=120)
+        assert rel_l2(out, ref[:rows]) <= 1e-5, (parallel, rows)
+        assert info["comm"].get(GATHER_KIND, 0) > 0, (parallel, rows, info["comm"])  # the weights were gathered
+    out, info = client.forward_with_info(key, x[:1], t[:1], {k: v[:1] for k, v in conds.items()},
+                                         parallel={"dp": 2})  # no shard degree: the model whole again
+    assert rel_l2(out, ref[:1]) <= 1e-5
+    assert info["comm"] == {"dp_gather": x[:1].numel() * 4}  # rank 0 computed the row and sent it

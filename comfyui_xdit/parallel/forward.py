@@ -1,6 +1,7 @@
 """One transformer forward per call (ComfyUI's samplers drive the loop): the batch ComfyUI forms (cond and uncond
-rows together, or larger batches) split over DP and the CFG halves, Ulysses x Ring inside the forward. Every rank
-ends with the whole output. PipeFusion needs the whole loop (its stale K/V span steps) and is refused here."""
+rows together, or larger batches) split over DP and the CFG halves, Ulysses x Ring inside the forward, the weights
+FSDP2-sharded over the shard group (every rank of it calls the model on every forward). Every rank ends with the
+whole output. PipeFusion needs the whole loop (its stale K/V span steps) and is refused here."""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +16,7 @@ from ..skip_layers import skipped_blocks
 from .config import ParallelConfig, heads_advice
 from .mesh import get_mesh
 from .sequence import sequence_parallel, shard_range, shard_sizes
+from .shard import sharded_job
 
 
 def _tokens(adapter: FamilyAdapter, x: torch.Tensor) -> int:
@@ -28,9 +30,6 @@ def check_forward(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, conf
     if config.pipefusion > 1:
         raise ConfigError("PipeFusion needs the whole sampling loop: use Parallel Sampler for pipefusion_degree > 1 "
                           "(Parallel DiT Model runs Ulysses, Ring, CFG and DP per forward)")
-    if config.shard > 1:
-        raise ConfigError("weight sharding (shard degree > 1) runs in Parallel Sampler only: Parallel DiT Model "
-                          "runs Ulysses, Ring, CFG and DP per forward")
     want = 5 if adapter.latent.dims == 3 else 4
     if x.ndim != want:
         raise XDiTError(f"{adapter.family} forward takes latents of {want} dimensions, got {list(x.shape)}")
@@ -82,11 +81,16 @@ def _call(adapter: FamilyAdapter, xm: torch.Tensor, t: torch.Tensor, c: Conditio
         cfg_part = shard_range(cfg_sizes, pm.rank("cfg"))
         mine = slice(dp_part.start + cfg_part.start, dp_part.start + cfg_part.stop)
         # Every rank enters sequence_parallel, rows or none: its processor check agrees over the whole group.
-        # A whole SP group has rows or none, so the forward's own collectives stay within the groups that run it.
-        with sequence_parallel(adapter, pm) if config.sp > 1 else contextlib.nullcontext():
+        # A whole SP group has rows or none, so the forward's own collectives stay within the groups that run it;
+        # a shard group wider than the SP group also spans groups with rows, whose weight gathers need every
+        # member: a group without rows runs its first row and drops the result.
+        shards = sharded_job(adapter, pm) if config.shard > 1 else contextlib.nullcontext()
+        with shards, sequence_parallel(adapter, pm) if config.sp > 1 else contextlib.nullcontext():
             if mine.stop > mine.start:
                 out = adapter.predict(xm[mine], t[mine], c.select(mine)).float()
             else:
+                if config.shard > config.sp:
+                    adapter.predict(xm[:1], t[:1], c.select(slice(0, 1)))
                 out = xm.new_zeros((0, *xm.shape[1:]))
         if config.cfg > 1:
             out = pm.comm.all_gather(out, cfg_sizes, pm.group("cfg"), dim=0, kind="cfg")
