@@ -5,7 +5,9 @@ usage: python benchmarks/planner_vs_published.py
 Published figures are whole jobs (text encoder and VAE included, which the planner does not count) with each
 project's own kernels; the planner's are steps x its predicted seconds per step with the stated constants
 (comfyui_xdit/planner.py, KINDS: eager rates measured on an H100). Sources: xDiT docs/performance/flux.md (Flux.1
-tables), ../shared/models.md (the anchors gathered for this project).
+tables), diffusers docs/source/en/training/distributed_inference.md (FLUX.1-dev context parallelism on 4 x L20:
+time per denoising step and peak memory per GPU, whole pipeline resident), ../shared/models.md (the anchors gathered
+for this project).
 """
 from __future__ import annotations
 
@@ -28,6 +30,13 @@ ROWS = [  # (source, model, job, gpus, layout, published seconds, note)
      "8xH800; 112.5 s on one"),
     ("models.md anchor", "wan2.2-i2v-a14b", P.Job(720, 1280, frames=81, cfg=5.0, steps=40), "8xH100",
      C(ulysses=8, shard=8), 250.7, "Ulysses 8 + FSDP; 109 s with FA3 + cache + compile"),
+    # diffusers' figures are seconds per denoising step (the transformer alone), so these jobs have one step
+    ("diffusers CP, 4 x L20", "flux-dev", P.Job(1024, 1024, steps=1), "4xL20,pcie", C(ulysses=4), 0.28107,
+     "per step; peak 37.11 GB per GPU"),
+    ("diffusers CP, 4 x L20", "flux-dev", P.Job(1024, 1024, steps=1), "4xL20,pcie", C(ring=4), 0.35134,
+     "per step; peak 37.01 GB per GPU"),
+    ("diffusers CP, 4 x L20", "flux-dev", P.Job(1024, 1024, steps=1), "4xL20,pcie", C(ulysses=2, ring=2), 0.32437,
+     "unified_balanced; per step; peak 37.16 GB per GPU"),
 ]
 
 

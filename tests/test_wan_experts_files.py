@@ -158,6 +158,20 @@ def test_i2v_pipeline_folder_matches_wan_i2v_pipeline(tmp_path):
     assert rel_l2(ours, ad.from_model_space(out.float())) <= 1e-4
     one = load_model(str(tmp_path / "i2v" / "transformer")).adapter  # one expert alone, as ComfyUI runs each
     assert not one.experts and rel_l2(ours, sample(one, req)) > 0.1
+    # the same pair as ComfyUI keeps it: two single files in the original layout, high noise first
+    from safetensors.torch import save_file
+
+    from comfyui_xdit.weights import pair_source
+    from tests.test_wan import wan_to_original
+
+    files = []
+    for model, name in ((ad.model.transformer, "high"), (ad.model.transformer_2, "low")):
+        files.append(str(tmp_path / f"wan2.2_i2v_{name}_noise_14B_fp16.safetensors"))
+        save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in wan_to_original(model).items()}, files[-1])
+    for family in (None, "wan2.2-i2v-a14b"):
+        pair = load_model(pair_source(*files), family).adapter
+        assert pair.experts and pair.variant == "wan2.2-i2v-a14b" and pair.model.boundary_ratio == 0.9
+    assert rel_l2(sample(pair, req), ours) <= 1e-5
     with pytest.raises(WeightsError, match=r"one transformer \(one expert of wan2.2-i2v-a14b\), not wan2.2-i2v-a14b"):
         load_model(str(tmp_path / "i2v" / "transformer"), "wan2.2-i2v-a14b")
 
