@@ -1,6 +1,6 @@
 """The recipes table: the layout auto picks for each model's typical job on 2, 4 and 8 GPUs of 24, 48 and 80 GB.
 
-usage: python scripts/recipes.py [--compact]
+usage: python scripts/recipes.py [--compact | --readme]
 
 Cards: 24 GB = RTX 4090 constants over PCIe (no P2P), 48 GB = L40 over PCIe, 80 GB = H100 over NVLink
 (comfyui_xdit/planner.py, KINDS). Every model is built on the meta device (no weights); it prints markdown.
@@ -44,11 +44,26 @@ def table(counts=COUNTS, compact: bool = False) -> str:
     return "\n".join(lines)
 
 
+def readme_table(counts=COUNTS) -> str:
+    """The README's table: a row per model and GPU count, a column per card size, layout and GiB per rank
+    (tests/test_docs.py checks the README holds exactly this)."""
+    lines = ["| model, job | GPUs | " + " | ".join(f"{label} each" for label, _ in CARDS) + " |",
+             "|" + "---|" * (len(CARDS) + 2)]
+    for label, model, job in RECIPES:
+        facts = P.model_facts(model)
+        for i, n in enumerate(counts):
+            cells = [cell(P.plan(facts, spec.format(n=n), job), True) for _, spec in CARDS]
+            lines.append(f"| {label if i == 0 else ''} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--compact", action="store_true", help="layout and memory only, 4 GPUs (the README's table)")
+    ap.add_argument("--compact", action="store_true", help="layout and memory only, 4 GPUs")
+    ap.add_argument("--readme", action="store_true", help="the README's table: layout and memory, a row per model "
+                    "and GPU count")
     args = ap.parse_args()
-    print(table((4,), True) if args.compact else table())
+    print(readme_table() if args.readme else table((4,), True) if args.compact else table())
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ def test_parallel_sampler_matches_native_ksampler(ran, name):
 def test_odd_token_rows_follow_diffusers_not_comfyui(ran):
     """With an odd number of token rows or columns ComfyUI 0.3.64 centres the image's rotary positions at
     -(n // 2) .. n - 1 - n // 2, diffusers (and the release) at -(n - n // 2) .. n // 2 - 1: the engine runs
-    diffusers' model, so there the two differ (measured here, documented in the README)."""
+    diffusers' model, so there the two differ (measured here, documented in docs/models.md)."""
     base = ran[0]
     native, ours = _latent(base, "nativeodd"), _latent(base, "xditodd")
     assert ours.shape == native.shape == (1, 16, 1, 14, 18)
