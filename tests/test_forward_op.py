@@ -157,6 +157,25 @@ def test_skip_layer_forward_over_the_pool(client):
     assert rel_l2(client.forward(key, x, t, conds, parallel={"ulysses": 2}), ref) <= 1e-5  # next call: no skip
 
 
+@pytest.mark.parametrize("model", ["tiny-wan", "tiny-qwen-image"])
+def test_skip_layer_forward_where_the_first_block_splits_the_tokens(client, model):
+    """Wan and Qwen-Image (ComfyUI's "double_block" i is their block i): skipping block 0, where Wan's plan splits
+    the video tokens over the Ulysses ranks (its input hook needs the block's calling convention while the block is
+    a pass-through), equals the call in one process."""
+    from comfyui_xdit.adapters import Conditioning
+    from comfyui_xdit.parallel.forward import forward_call
+
+    key = client.load_model(model)
+    conds, x, t, ref = _inputs(model, 2, hw=(6, 10))
+    c = Conditioning(conds["cond"], conds.get("pooled"), conds.get("cond_mask"))
+    skip = {"double_block": [0]}
+    expected = forward_call(load_model(model).adapter, x, t, c, skip=skip)
+    assert rel_l2(expected, ref) > 1e-3  # the skip changes the output
+    for degrees in ({"ulysses": 2}, {"ring": 2}, {"cfg": 2}):
+        out = client.forward(key, x, t, conds, parallel=degrees, skip_blocks=skip)
+        assert rel_l2(out, expected) <= 1e-5, degrees
+
+
 @contextlib.contextmanager
 def forward_sends(client, record):
     """Calls record(state, tensors, sock) for each forward the client sends."""

@@ -40,6 +40,32 @@ def test_skipped_blocks_pass_their_streams_through(model, skip, lists):
     assert "forward" not in vars(getattr(a.model, next(iter(lists)))[0])  # the blocks are themselves again
 
 
+def test_wan_and_qwen_image_blocks_pass_their_streams_through():
+    """Wan's blocks take the video tokens first (positionally) and return them; Qwen-Image's take both streams by
+    keyword and return (text, image): a plain forward hook handing the inputs back is the reference."""
+    def wan_passthrough(module, args, kwargs, out):
+        return kwargs.get("hidden_states", args[0] if args else None)
+
+    def qwen_passthrough(module, args, kwargs, out):
+        return kwargs["encoder_hidden_states"], kwargs["hidden_states"]
+
+    for model, hook in (("tiny-wan", wan_passthrough), ("tiny-qwen-image", qwen_passthrough)):
+        a = load_model(model).adapter
+        g = torch.Generator().manual_seed(3)
+        shape = (1, a.latent_channels, *((3,) if a.latent.dims == 3 else ()), 6, 10)
+        x, c, t = torch.randn(shape, generator=g), a.random_conditioning(1, 7, g), torch.tensor([600.0])
+        blocks = a.model.blocks if model == "tiny-wan" else a.model.transformer_blocks
+        h = blocks[0].register_forward_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                ref = a.predict(x, t, c).float()
+        finally:
+            h.remove()
+        out = forward_call(a, x, t, c, skip={"double_block": [0]})
+        assert rel_l2(out, ref) <= 1e-6, model
+        assert rel_l2(out, forward_call(a, x, t, c)) > 1e-3, model
+
+
 @pytest.mark.parametrize("model, skip, message", [
     ("tiny-pixart", {"double_block": [0]}, "skipping double_block layers is not supported for pixart"),
     ("tiny-sd3", {"single_block": [0]}, r"block kinds it can skip: double_block\)"),

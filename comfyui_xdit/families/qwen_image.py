@@ -178,6 +178,8 @@ def _drop_marker(sd: dict, name: str) -> tuple[dict, dict]:
 
 
 LATENT = LatentFormat(16, mean=WAN21_MEAN, std=WAN21_STD, frame_axis=True)
+# ComfyUI's QwenImage model (comfy/ldm/qwen_image/model.py) replaces transformer_blocks[i] as ("double_block", i)
+COMFY = ComfySpec("QwenImage", "FLUX", "Wan21", text_mask=False, skip_blocks=(("double_block", "transformer_blocks"),))
 FAMILY = Family(
     name="qwen-image",
     diffusers_class="QwenImageTransformer2DModel",
@@ -188,12 +190,9 @@ FAMILY = Family(
     # reference method index_timestep_zero (FluxKontextMultiReferenceLatentMethod, or the file's marker); ComfyUI
     # 0.3.64's QwenImage samples it with the same settings (the pool runs the forward). The Edit releases'
     # scheduler config is taken to be Qwen-Image's.
-    variants=(Variant("qwen-image-t2i", "qwen-image.json", QWEN_FLOW,
-                      ComfySpec("QwenImage", "FLUX", "Wan21", text_mask=False)),
-              Variant("qwen-image-edit-2509", "qwen-image.json", QWEN_FLOW,
-                      ComfySpec("QwenImage", "FLUX", "Wan21", text_mask=False)),
-              Variant("qwen-image-edit-2511", "qwen-image-edit-2511.json", QWEN_FLOW,
-                      ComfySpec("QwenImage", "FLUX", "Wan21", text_mask=False))),
+    variants=(Variant("qwen-image-t2i", "qwen-image.json", QWEN_FLOW, COMFY),
+              Variant("qwen-image-edit-2509", "qwen-image.json", QWEN_FLOW, COMFY),
+              Variant("qwen-image-edit-2511", "qwen-image-edit-2511.json", QWEN_FLOW, COMFY)),
     latent=LATENT,
     cond=CondSpec(width=3584, mask=True, negative_length_may_differ=True, tokens=128, extra_inputs=REFERENCES),
     flow=True,

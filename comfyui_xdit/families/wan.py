@@ -72,8 +72,10 @@ BOUNDARY = {"wan2.2-t2v-a14b": 0.875, "wan2.2-i2v-a14b": 0.9}   # boundary_ratio
 EXPAND_TIMESTEPS = {"wan2.2-ti2v-5b"}                             # one timestep per token (WanPipeline's flag)
 IMAGE_TO_VIDEO = {"wan2.1-i2v-14b", "wan2.2-i2v-a14b"}            # in_channels 36: latent + mask + image latent
 TEXT_TOKENS = 512  # the text length the model assumes when it also takes image embeddings
-T2V = ComfySpec("WAN21_T2V", "FLOW", "Wan21")
-I2V = ComfySpec("WAN21_I2V", "FLOW", "Wan21")
+# ComfyUI's Wan models (comfy/ldm/wan/model.py) replace blocks[i] as ("double_block", i)
+SKIP = (("double_block", "blocks"),)
+T2V = ComfySpec("WAN21_T2V", "FLOW", "Wan21", skip_blocks=SKIP)
+I2V = ComfySpec("WAN21_I2V", "FLOW", "Wan21", skip_blocks=SKIP)
 
 
 class WanExperts(torch.nn.Module):
@@ -319,7 +321,7 @@ FAMILY = Family(
               Variant("wan2.2-t2v-a14b", "wan2.2-t2v-a14b.json", UNIPC_T2V, T2V),
               Variant("wan2.1-i2v-14b", "wan2.1-i2v-14b.json", UNIPC_I2V, I2V),
               Variant("wan2.2-i2v-a14b", "wan2.2-i2v-a14b.json", UNIPC_I2V, I2V),
-              Variant("wan2.2-ti2v-5b", "wan2.2-ti2v-5b.json", UNIPC_5B, ComfySpec("WAN22_T2V", "FLOW", "Wan22"),
+              Variant("wan2.2-ti2v-5b", "wan2.2-ti2v-5b.json", UNIPC_5B, ComfySpec("WAN22_T2V", "FLOW", "Wan22", skip_blocks=SKIP),
                       latent=WAN22_LATENT)),
     latent=WAN21_LATENT,
     cond=CondSpec(width=4096, negative_length_may_differ=True, tokens=512,

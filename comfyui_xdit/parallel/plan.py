@@ -103,8 +103,9 @@ def _matches(split: Split, t) -> bool:
 
 
 def positions(module: torch.nn.Module) -> dict[str, int]:
-    """Position of each forward parameter (for inputs passed positionally)."""
-    params = list(inspect.signature(module.forward).parameters)
+    """Position of each forward parameter (for inputs passed positionally), from the class's forward: an instance's
+    replacement (a skipped block's pass-through, taking *args) keeps the block's calling convention."""
+    params = list(inspect.signature(type(module).forward).parameters)[1:]  # without self
     return {name: i for i, name in enumerate(params)}
 
 
