@@ -63,6 +63,17 @@ SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", 
               "kl_optimal")
 
 
+def sampler_names() -> list[str]:
+    """Every sampler the running ComfyUI offers its KSampler (SAMPLERS without ComfyUI): SAMPLERS run in the pool's
+    own loop, the others as ComfyUI's sampler over the pool's forwards."""
+    try:
+        import comfy.samplers
+
+        return list(comfy.samplers.KSampler.SAMPLERS)
+    except (ImportError, AttributeError):
+        return list(SAMPLERS)
+
+
 def scheduler_names() -> list[str]:
     """Every scheduler the running ComfyUI offers its KSampler (SCHEDULERS without ComfyUI)."""
     try:

@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any
 
+from .families import SAMPLERS as ENGINE_SAMPLERS
 from .geometry import CheckpointError, Geometry
 
 log = logging.getLogger("comfyui_xdit.nodes")
@@ -413,6 +414,12 @@ def _sampler_problems(prompt: dict, node: dict) -> list[str]:
     elif s.cfg == 2 and isinstance(cfg, (int, float)) and float(cfg) == 1.0:
         out.append("cfg_degree 2 runs the negative branch on half the ranks, but cfg is 1 (no negative branch): "
                    "set cfg != 1 or cfg_degree 1")
+    sampler = values.get("sampler_name")
+    if isinstance(sampler, str) and sampler not in ENGINE_SAMPLERS:  # ComfyUI's sampler over the pool's forwards
+        what = "PipeFusion" if s.pipefusion > 1 else "the step cache" if values.get("cache") == "fbcache" else None
+        if what:
+            out.append(f"{sampler} runs as ComfyUI's own sampler over the pool's forwards, without {what}: use "
+                       f"{' or '.join(ENGINE_SAMPLERS)} for {what}")
     shift = values.get("shift")
     if g is not None and isinstance(shift, (int, float)) and shift and not _flow_family(g.family):
         out.append(f"shift applies to flow models (Wan, SD3; ComfyUI's ModelSamplingSD3), not {g.family}: set 0")

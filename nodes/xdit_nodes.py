@@ -5,7 +5,7 @@ import logging
 from typing import Any
 
 from . import auto_layout, checkpoints, convert, queue_check, wan_image
-from .families import SAMPLERS, VARIANTS, scheduler_names, spec
+from .families import SAMPLERS, VARIANTS, sampler_names, scheduler_names, spec
 from .pool import ATTENTION, DEVICES, MANAGER, ModelHandle, settings_from_inputs, validation_error
 
 log = logging.getLogger("comfyui_xdit.nodes")
@@ -172,7 +172,10 @@ class ParallelSampler:
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
                 "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
                 "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-                "sampler_name": (list(SAMPLERS),),
+                "sampler_name": (sampler_names(), {"tooltip": (
+                    "euler and dpmpp_2m run in the pool's own loop (every method, the step cache); the others run "
+                    "as ComfyUI's own sampler over the pool's forwards, as with Parallel DiT Model (Ulysses, Ring, "
+                    "CFG, DP, shard; a single-file checkpoint ComfyUI detects)")}),
                 "scheduler": (scheduler_names(),),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
             },
@@ -282,6 +285,10 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
         return (dict(latent_image),)
     if start_step is not None and start_step >= min(steps if last_step is None else last_step, steps):
         return (convert.unchanged_latent(latent_image, model.variant),)  # nothing to run: ComfyUI returns the input
+    if sampler_name not in SAMPLERS:
+        return _sample_in_comfyui(name, model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
+                                  scheduler, cache, denoise, add_noise, start_step, last_step, force_full_denoise,
+                                  shift)
     try:
         lat = convert.latent_input(latent_image, model.variant)
         image = _image_geometry(model)
@@ -321,6 +328,48 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
     except _PoolFailure as e:
         raise XDiTNodeError(f"{name}: {e}") from None
     return (convert.output_latent(latent_image, out, model.variant),)
+
+
+def _sample_in_comfyui(name: str, model: ModelHandle, positive, negative, latent_image, seed, steps, cfg,
+                       sampler_name, scheduler, cache: dict | None, denoise: float, add_noise: bool,
+                       start_step: int | None, last_step: int | None, force_full_denoise: bool, shift: float):
+    """A sampler the pool's loop does not have: ComfyUI's own (its common_ksampler's steps), driving Parallel DiT
+    Model's MODEL, whose forwards run on the pool with the handle's degrees. PipeFusion and the step cache need the
+    pool's loop: refused in one line."""
+    if model.settings.pipefusion > 1 or cache is not None:
+        what = "PipeFusion" if model.settings.pipefusion > 1 else "the step cache"
+        raise XDiTNodeError(f"{name}: {sampler_name} runs as ComfyUI's own sampler over the pool's forwards, "
+                            f"without {what}: use {' or '.join(SAMPLERS)} for {what}")
+    import comfy.sample
+    import comfy.utils
+    import latent_preview
+
+    from .stock_model import StockModelError, stock_model
+
+    try:
+        patcher = stock_model(model)
+    except StockModelError as e:
+        raise XDiTNodeError(f"{name}: sampler {sampler_name} runs through {e}") from None
+    samples = comfy.sample.fix_empty_latent_channels(patcher, latent_image["samples"])
+    if shift:
+        try:
+            model_sampling, _ = _comfy_objects(model.variant, tuple(samples.shape[-2:]), steps, shift)
+        except ValueError as e:
+            raise XDiTNodeError(f"{name}: {e}") from None
+        patcher.add_object_patch("model_sampling", model_sampling)
+    if add_noise:
+        noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+    else:
+        noise = samples.new_zeros(samples.shape).cpu()
+    out = comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, samples,
+                              denoise=denoise, disable_noise=not add_noise, start_step=start_step,
+                              last_step=last_step, force_full_denoise=force_full_denoise,
+                              noise_mask=latent_image.get("noise_mask"),
+                              callback=latent_preview.prepare_callback(patcher, steps),
+                              disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    result = dict(latent_image)
+    result["samples"] = out
+    return (result,)
 
 
 def _image_geometry(model: ModelHandle):

@@ -80,16 +80,17 @@ COND_NODE = textwrap.dedent('''
 ''')
 
 U, R, C = {"ulysses_degree": 2}, {"ring_degree": 2}, {"cfg_degree": 2}
+US, CS = {**U, "shard_degree": 2}, {**C, "shard_degree": 2}  # FSDP2 shards over the Ulysses / CFG pair
 # family: checkpoint, latent node and inputs, conditioning inputs, cfg, cases (sampler, scheduler, degrees)
 FAMILIES = {
     "sd3": ("tiny_sd3_e2e.safetensors", ("EmptySD3LatentImage", {"width": 80, "height": 112}),
             {"tokens": 9, "pooled": 2048}, 3.0,
             [("euler_ancestral", "simple", U), ("dpmpp_2m_sde", "karras", R), ("uni_pc", "beta", C),
-             ("res_multistep", "karras", C)]),
+             ("res_multistep", "karras", C), ("euler", "normal", CS)]),
     "flux": ("tiny_flux_e2e.safetensors", ("EmptySD3LatentImage", {"width": 80, "height": 112}),
              {"tokens": 12, "pooled": 768}, 2.0,
              [("euler_ancestral", "beta", R), ("dpmpp_2m_sde", "simple", C), ("uni_pc", "karras", U),
-              ("res_multistep", "simple", R)]),
+              ("res_multistep", "simple", R), ("euler", "normal", US)]),
     "pixart": ("tiny_pixart_e2e.safetensors", ("EmptyLatentImage", {"width": 512, "height": 512}),
                {"tokens": 11}, 4.0,
                [("euler_ancestral", "karras", C), ("dpmpp_2m_sde", "beta", U), ("uni_pc", "simple", R),
@@ -268,6 +269,34 @@ def test_sampler_custom_advanced_cfg_guider_shift_and_dp(comfy):
     assert rel_l2(_saved(base, "shiftnative"), _saved(base, "noshiftnative")) > 1e-3  # the shift changes the result
 
 
+def test_parallel_sampler_runs_comfyuis_other_samplers(comfy):
+    """Samplers the pool's loop lacks run as ComfyUI's own over the pool's forwards: Parallel Sampler with heun
+    (Flux, Ulysses 2), dpmpp_2m_sde (SD3, CFG 2 x shard 2) and uni_pc (Wan, Ring 2) equals native KSampler."""
+    from queue_workflow import queue_and_wait
+
+    server, base = comfy
+    for family, sampler, scheduler, degrees in (("flux", "heun", "simple", U), ("sd3", "dpmpp_2m_sde", "karras", CS),
+                                                ("wan", "uni_pc", "normal", R)):
+        graph = _base_graph(family)
+        graph.update(_config("100", **degrees))
+        graph["101"] = {"class_type": "XDiTLoadParallelDiT", "inputs": {
+            "parallel_config": ["100", 0], "checkpoint": FAMILIES[family][0], "weight_dtype": "fp32",
+            "family": "auto"}}
+        common = {"positive": ["1", 0], "negative": ["2", 0], "latent_image": ["3", 0], "seed": 42, "steps": STEPS,
+                  "cfg": FAMILIES[family][3], "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0}
+        graph["102"] = {"class_type": "XDiTParallelSampler", "inputs": {"model": ["101", 0], **common}}
+        graph["103"] = {"class_type": "KSampler", "inputs": {"model": ["4", 0], **common}}
+        for nid, tag in (("102", "xdit"), ("103", "native")):
+            graph[str(int(nid) + 10)] = {"class_type": "SaveLatent", "inputs": {
+                "samples": [nid, 0], "filename_prefix": f"ps{family}{tag}"}}
+        _, entry = queue_and_wait(server, graph, timeout=1800, log=lambda line: None)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        native, ours = _saved(base, f"ps{family}native"), _saved(base, f"ps{family}xdit")
+        err = rel_l2(ours, native)
+        print(f"{family} Parallel Sampler {sampler}/{scheduler} {degrees}: rel L2 to native KSampler {err:.2e}")
+        assert ours.shape == native.shape and native.abs().mean() > 0.01 and err <= 1e-5, (family, err)
+
+
 def _long_run(family: str, steps: int, prefix: str) -> dict:
     graph = _base_graph(family)
     model = _parallel_model(graph, 100, family, U)
@@ -321,13 +350,14 @@ def test_comfyuis_lora_loader_and_pipefusion_refused_on_the_parallel_model(comfy
 
 
 def test_skip_layer_guidance_matches_native_and_other_block_patches_are_refused(comfy):
-    """SkipLayerGuidanceDiT on the parallel model (its skip-layer calls skip the blocks on the pool: Ulysses 2 on SD3,
-    CFG 2 on Flux with a double and a single block) against the same node on the native model; a block patch the
+    """SkipLayerGuidanceDiT on the parallel model (its skip-layer calls skip the blocks on the pool: Ulysses 2 on SD3
+    and Wan, CFG 2 on Flux with a double and a single block and on Qwen-Image) against the same node on the native model; a block patch the
     pool cannot run is refused when it runs, in one line naming it, instead of sampling as if it were not there."""
     from queue_workflow import queue_and_wait
 
     server, base = comfy
-    for family, degrees, double, single in (("sd3", U, "0", ""), ("flux", C, "0", "0")):
+    for family, degrees, double, single in (("sd3", U, "0", ""), ("flux", C, "0", "0"), ("wan", U, "0", ""),
+                                            ("qwen", C, "0", "")):
         graph = _base_graph(family)
         ours = _parallel_model(graph, 100, family, degrees)
         for m, nid in ((["4", 0], "200"), (ours, "300")):

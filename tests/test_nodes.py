@@ -674,6 +674,42 @@ def test_sampler_rejects_foreign_model_and_skips_zero_denoise(ext, monkeypatch):
                     _cond(pooled_output=torch.zeros(1, 2048)), given, 0, 4, 4.0, "euler", "simple", 0.5)
 
 
+def test_other_samplers_run_through_comfyuis_sampler_and_refuse_the_loop_only_features(ext, rec, monkeypatch):
+    """A sampler the pool's loop lacks (heun) goes to ComfyUI's own sampler over Parallel DiT Model's MODEL, never to
+    a pool job; with the step cache or PipeFusion, which only the pool's loop has, it is one line naming the
+    samplers that have them. (The sampling itself: tests/test_comfyui_e2e_stock.py, against native KSampler.)"""
+    xn = ext.nodes.xdit_nodes
+    node = _node(ext, "XDiTParallelSampler")()
+    monkeypatch.setattr(xn, "_run", lambda *a, **k: pytest.fail("the pool's loop ran heun"))
+    cond = _cond(pooled_output=torch.zeros(1, 2048))
+    lat = {"samples": torch.randn(1, 16, 8, 8)}
+    with pytest.raises(xn.XDiTNodeError, match=r"^Parallel Sampler: heun runs as ComfyUI's own sampler over the "
+                                              r"pool's forwards, without the step cache: use euler or dpmpp_2m for "
+                                              r"the step cache$"):
+        node.sample(_handle(ext), cond, cond, lat, 0, 4, 4.0, "heun", "simple", 1.0, cache="fbcache")
+    import dataclasses
+
+    pf = _handle(ext)
+    pf = dataclasses.replace(pf, settings=dataclasses.replace(pf.settings, pipefusion=2, num_patches=2))
+    with pytest.raises(xn.XDiTNodeError, match=r"without PipeFusion: use euler or dpmpp_2m for PipeFusion$"):
+        node.sample(pf, cond, cond, lat, 0, 4, 4.0, "heun", "simple", 1.0)
+    for config, inputs, what in ((dict(pipefusion_degree=2), {}, "PipeFusion"),
+                                 ({}, {"cache": "fbcache"}, "the step cache")):  # refused when queued too
+        g = _graph(config)
+        g["8"]["inputs"].update(sampler_name="heun", **inputs)
+        errors = _queue(ext, rec, g)
+        assert list(errors) == ["8"] and f"heun runs as ComfyUI's own sampler over the pool's forwards, without " \
+            f"{what}" in errors["8"][0], errors
+        g["8"]["inputs"]["sampler_name"] = "euler"
+        assert _queue(ext, rec, g) == {}
+    routed = []
+    monkeypatch.setattr(xn, "_sample_in_comfyui", lambda *a: routed.append(a[8]) or ("done",))
+    assert node.sample(_handle(ext), cond, cond, lat, 0, 4, 4.0, "heun", "simple", 1.0) == ("done",)
+    assert routed == ["heun"]
+    with pytest.raises(pytest.fail.Exception, match="the pool's loop ran"):  # euler: the pool's own loop
+        node.sample(_handle(ext), cond, cond, lat, 0, 4, 4.0, "euler", "simple", 1.0)
+
+
 def test_damaged_checkpoint_named_at_queue_time_and_load(ext, rec, tmp_path):
     path = tmp_path / "diffusion_models" / "flux-broken.safetensors"
     path.parent.mkdir()
