@@ -51,6 +51,21 @@ def _convert(sd: dict, name: str) -> tuple[dict, dict]:
     return {k: v.contiguous() for k, v in run_converter(convert, sd, name).items()}, {}
 
 
+def _lora_layout(shapes: dict) -> tuple:
+    """diffusers' MMDiT converter and the original keys it sizes the model by: the blocks (joint_blocks.<i>), the
+    dual-attention blocks (attn2), q/k norms (ln_q) and the caption width (context_embedder.weight rows)."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers as convert
+
+    layers = count(shapes, "transformer_blocks.")
+    sizing = {f"joint_blocks.{i}.x_block.attn.qkv.weight": 0 for i in range(layers)}
+    sizing.update({f"joint_blocks.{i}.x_block.attn2.qkv.weight": 0 for i in range(layers)
+                   if f"transformer_blocks.{i}.attn2.to_q.weight" in shapes})
+    if "transformer_blocks.0.attn.norm_q.weight" in shapes:
+        sizing["joint_blocks.0.x_block.attn.ln_q.weight"] = 0
+    sizing["context_embedder.weight"] = shapes["context_embedder.weight"][0]
+    return convert, sizing
+
+
 def _infer_config(sd: dict, hints: dict) -> dict:
     require(sd, "pos_embed.proj.weight", "context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight",
             "proj_out.weight")
@@ -97,6 +112,7 @@ FAMILY = Family(
     detect=_detect,
     is_original=lambda keys: any(k.startswith("joint_blocks.") for k in keys),
     convert=_convert,
+    lora_layout=_lora_layout,
     infer_config=_infer_config,
     variant_of=_variant_of,
     max_side_of=lambda cfg: cfg["pos_embed_max_size"] * cfg.get("patch_size", 2) * 8,
