@@ -101,7 +101,9 @@ FAMILY = Family(
               Variant("sd3.5-medium", "sd3.5-medium.json", FLOW_SD3, SD3),
               Variant("sd3.5-large", "sd3.5-large.json", FLOW_SD3, SD3)),
     latent=LatentFormat(16, scale=1.5305, shift=0.0609),
-    cond=CondSpec(width=4096, pooled=2048, tokens=154),
+    # a negative of another token count (a prompt past 77 CLIP/T5 tokens): ComfyUI's SD3 takes the text as a
+    # CONDRegular, so such a pair runs as two forwards, never batched or padded; each branch runs alone here too
+    cond=CondSpec(width=4096, pooled=2048, tokens=154, negative_length_may_differ=True),
     flow=True,
     samplers=("euler", "dpmpp_2m"),
     adapter=f"{__name__}:SD3Adapter",
