@@ -65,8 +65,9 @@ class LoraFile:
 
 
 # ----------------------------------------------------------------------------------------------------- reading
-def read_lora(path: str, family: str) -> LoraFile:
-    """Read and convert one LoRA file for a model of `family`; one-line WeightsError on anything it cannot use."""
+def read_lora(path: str, family: str, shapes: dict[str, tuple[int, ...]] | None = None) -> LoraFile:
+    """Read and convert one LoRA file for a model of `family` (full parameter shapes `shapes`: a family whose
+    original-layout files are converted needs them); one-line WeightsError on anything it cannot use."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -75,7 +76,7 @@ def read_lora(path: str, family: str) -> LoraFile:
         raw = load_file(str(p), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"LoRA {p.name}: truncated or not a safetensors file ({_first_line(e)})") from None
-    return convert_lora(raw, family, str(p))
+    return convert_lora(raw, family, str(p), shapes)
 
 
 def _checked_file(path: str) -> Path:
@@ -100,9 +101,9 @@ def fit_problem(path: str, family: str, shapes: dict[str, tuple[int, ...]]) -> s
     needs the pairs' values; either way the same conversion and check as applying it."""
     try:
         try:
-            lora = convert_lora(_header_tensors(_checked_file(path)), family, path)
+            lora = convert_lora(_header_tensors(_checked_file(path)), family, path, shapes)
         except Exception:  # noqa: BLE001 - a converter that reads values: the real conversion decides
-            lora = read_lora(path, family)
+            lora = read_lora(path, family, shapes)
         check_fits(lora, shapes, family)
     except WeightsError as e:
         return str(e)
@@ -136,8 +137,10 @@ def refusal(keys: Iterable[str]) -> str | None:
     return None
 
 
-def convert_lora(raw: dict[str, torch.Tensor], family: str, path: str = "lora") -> LoraFile:
-    """A LoRA state dict (any supported format) in the model's diffusers names."""
+def convert_lora(raw: dict[str, torch.Tensor], family: str, path: str = "lora",
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> LoraFile:
+    """A LoRA state dict (any supported format) in the model's diffusers names (`shapes`: the full model's parameter
+    shapes, for a family whose original-layout files are converted here, see `_from_original_layout`)."""
     name = Path(path).name
     refused = refusal(raw)
     if refused:
@@ -149,8 +152,125 @@ def convert_lora(raw: dict[str, torch.Tensor], family: str, path: str = "lora") 
     if not sd:
         raise WeightsError(f"LoRA {name}: no diffusion-model keys in the file (first key: "
                            f"{next(iter(sorted(raw)), 'none')})")
+    sd = _from_original_layout(sd, family, name, shapes)
     sd = _with_diffusers_loader(sd, family, name)
     return _collect(sd, name, path)
+
+
+# rows of one tagged stand-in: module number * _TAG + row number (exact in float64)
+_TAG = float(1 << 24)
+# a pair's parts in an original-layout file, as ComfyUI reads them (kohya and ComfyUI names, PEFT pair names)
+_ORIGINAL_PARTS = ((".lora_up.weight", "up"), (".lora_down.weight", "down"), (".lora_B.weight", "up"),
+                   (".lora_A.weight", "down"), (".alpha", "alpha"), (".diff_b", "bias"))
+
+
+class _Checkpoint(dict):
+    """An original-layout state dict for one of diffusers' single-file converters: a key the converter pops that it
+    lacks comes back as a marker (all -1), so the converter walks the whole model whatever the LoRA covers; every
+    popped key is recorded."""
+
+    def __init__(self, items: dict, marker: torch.Tensor):
+        super().__init__(items)
+        self.marker, self.popped = marker, []
+
+    def pop(self, key, *default):
+        self.popped.append(key)
+        return super().pop(key) if key in self else self.marker.clone()
+
+
+def _run_layout(convert, sizing: dict[str, int], tagged: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    marker = torch.full((6, 1), -1.0, dtype=torch.float64)  # 6 rows: the converters cut rows in 2 and 3 parts
+    items = {k: torch.full((n or 6, 1), -1.0, dtype=torch.float64) for k, n in sizing.items()}
+    ckpt = _Checkpoint({**items, **tagged}, marker)
+    return convert(ckpt), ckpt.popped
+
+
+def _from_original_layout(sd: dict, family: str, name: str, shapes: dict | None) -> dict:
+    """A family whose original-layout LoRA files diffusers' LoRA loader leaves as they are (SD3's kohya
+    `lora_unet_joint_blocks_*` and ComfyUI `diffusion_model.joint_blocks.*`): the keys naming an original module
+    (kohya's name is the module's with dots as underscores, as ComfyUI matches it) become diffusers/PEFT keys.
+
+    The delta of a pair is up @ down, and diffusers' single-file converter only renames, cuts and reorders rows
+    (fused qkv cut in three, scale/shift halves swapped), so the converter itself moves each pair's up rows: it is
+    given a checkpoint whose tensors are row tags (module number and row), every module the file does not cover a
+    marker, and each diffusers weight it returns names its module and rows; the down matrix and alpha stay the
+    module's. Works on meta tensors (the queue-time check). Other keys are left as they are."""
+    from . import families
+
+    try:
+        layout = families.get(family).lora_layout
+    except KeyError:
+        return sd
+    if layout is None or not any(k.startswith(("lora_unet_", "diffusion_model.", "model.diffusion_model."))
+                                 for k in sd):
+        return sd
+    if shapes is None:
+        raise WeightsError(f"LoRA {name}: converting its {family} original-layout keys needs the model's shapes")
+    convert, sizing = layout(shapes)
+    try:
+        _, popped = _run_layout(convert, sizing, {})
+    except (KeyError, RuntimeError, IndexError, ValueError) as e:
+        raise WeightsError(f"LoRA {name}: does not fit the {family} model's layout ({_first_line(e)})") from None
+    modules = {k.rsplit(".", 1)[0] for k in popped if k.endswith((".weight", ".bias"))}
+    kohya = {"lora_unet_" + m.replace(".", "_"): m for m in modules}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    out = {}
+    for k, v in sd.items():
+        suffix = next(((sfx, part) for sfx, part in _ORIGINAL_PARTS if k.endswith(sfx)), None)
+        stem = k[: -len(suffix[0])] if suffix else k
+        for prefix in ("model.diffusion_model.", "diffusion_model."):
+            if stem.startswith(prefix):
+                stem = stem[len(prefix):]
+                break
+        module = kohya.get(stem, stem if stem in modules else None)
+        if module is None:
+            out[k] = v  # not an original module: diffusers' loader and the checks below decide
+            continue
+        if suffix is None:
+            raise WeightsError(f"LoRA {name}: unsupported key {k} (only lora_up/lora_down, lora_A/lora_B, alpha and "
+                               "diff_b are applied)")
+        parts.setdefault(module, {})[suffix[1]] = v
+    if not parts:
+        return sd
+    tagged, order = {}, sorted(parts)
+    for j, module in enumerate(order):
+        for part, key in (("up", ".weight"), ("bias", ".bias")):
+            if part in parts[module]:
+                rows = parts[module][part].shape[0]
+                tagged[module + key] = (torch.arange(rows, dtype=torch.float64) + j * _TAG)[:, None]
+    converted, popped = _run_layout(convert, sizing, tagged)
+    left = sorted(k for k in tagged if k not in set(popped))
+    if left:
+        raise WeightsError(f"LoRA {name}: diffusers' {family} converter does not read {left[0]}")
+    for key, tags in converted.items():
+        tags = tags.reshape(-1)
+        if not bool((tags >= 0).any()):
+            continue
+        ids = torch.unique(torch.div(tags, _TAG, rounding_mode="floor"))
+        if bool((tags < 0).any()) or len(ids) != 1:  # a diffusers weight made of several: not a row move
+            raise WeightsError(f"LoRA {name}: diffusers' {family} converter combines rows into {key}")
+        g, rows = parts[order[int(ids[0])]], torch.remainder(tags, _TAG).long()
+        target = key.rsplit(".", 1)[0]
+        if key.endswith(".bias"):
+            out[f"{target}.diff_b"] = _rows(g["bias"], rows)
+            continue
+        if "down" not in g:
+            raise WeightsError(f"LoRA {name}: {order[int(ids[0])]} has a lora up matrix without its pair")
+        out[f"{target}.lora_B.weight"], out[f"{target}.lora_A.weight"] = _rows(g["up"], rows), g["down"]
+        if "alpha" in g:
+            out[f"{target}.alpha"] = g["alpha"]
+    for module in order:
+        if "up" not in parts[module] and ("down" in parts[module] or "alpha" in parts[module]):
+            what = "lora down matrix" if "down" in parts[module] else "alpha"
+            raise WeightsError(f"LoRA {name}: {module} has a {what} without its pair")
+    return out
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of `t` (a meta tensor: one of that shape)."""
+    if t.is_meta:
+        return torch.empty((len(rows), *t.shape[1:]), dtype=t.dtype, device="meta")
+    return t.index_select(0, rows)
 
 
 def _with_diffusers_loader(sd: dict, family: str, name: str) -> dict:
@@ -347,8 +467,8 @@ def apply_loras(model: torch.nn.Module, family: str, specs: Sequence[LoraSpec]) 
     sig = signature(specs)
     if sig == state.signature:
         return {"loras": len(sig), "patched": 0, "changed": False, "key": set_key(sig)}
-    files = [(read_lora(s.path, family), float(s.strength)) for s in specs if s.strength != 0.0]
     shapes = full_shapes(model)
+    files = [(read_lora(s.path, family, shapes), float(s.strength)) for s in specs if s.strength != 0.0]
     for lora, _ in files:
         check_fits(lora, shapes, family)
     held = dict(held_parameters(model))

@@ -25,11 +25,18 @@ FAMILIES = {
     "qwen-image": ("tiny-qwen-image", None, ("attn.", "mlp", "mod"), ("attn.", "mlp", "mod")),
     "wan": ("tiny-wan", "wan", ("self_attn", "cross_attn", "ffn"), ("attn1", "attn2", "ffn")),
     "flux": ("tiny-flux", "flux", None, ("attn.", "ff", "proj_mlp", "norm1")),  # kohya Flux: Flux.1 sizes only
+    # SD3's MMDiT layout: fused qkv (x, context, dual attn2), the last block's context adaLN and the final layer's
+    # (scale/shift halves swapped), the embedders
+    "sd3": ("tiny-sd3", "sd3", ("attn", "mlp", "adaLN", "embedder", "final_layer"), ("attn", "ff", "norm1")),
 }
 FORMATS = ("kohya", "comfy", "comfy_peft", "diffusers")
 
 
 def _to_original(kind):
+    if kind == "sd3":
+        from tests.test_weights import sd3_to_mmdit
+
+        return sd3_to_mmdit
     if kind == "wan":
         from tests.test_wan import wan_to_original
 
@@ -346,6 +353,37 @@ def test_queue_time_checks_through_parallel_lora(ext, rec, tmp_path):
     assert list(errors) == ["91"] and len(errors["91"]) == 1
     assert f"LoRA {wan.name} does not match the flux model: no parameter blocks.0.attn1.to_k.weight" in errors["91"][0]
     assert "90" not in _queue(ext, rec, graph([wan.name], checkpoint="tiny-wan"))  # on a Wan model it fits
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "comfy"])
+def test_sd3_original_layout_checked_at_queue_time_as_applied(tmp_path, monkeypatch, fmt):
+    """SD3's kohya and ComfyUI files on the queue-time check (header only, meta shapes): they fit without the pairs
+    being read, and one drawn on a 3-block model (whose block 1 context MLP the 2-block model's last block lacks)
+    is refused with the line apply_loras refuses it with, changing nothing."""
+    import comfyui_xdit.lora as lora_mod
+    from comfyui_xdit.weights import parameter_shapes
+    from tests.test_weights import sd3_to_mmdit
+
+    full_reads = []
+    real_read = lora_mod.read_lora
+    monkeypatch.setattr(lora_mod, "read_lora", lambda *a: (full_reads.append(a[0]), real_read(*a))[1])
+    model = load_model("tiny-sd3").adapter.model
+    base = _state(model)
+    shapes = parameter_shapes(*families.tiny_models()["tiny-sd3"], tiny=True)
+    path, _, _ = _lora(tmp_path, "sd3", fmt, 1, base)
+    assert lora_mod.fit_problem(path, "sd3", shapes) is None and not full_reads
+    deeper = sd3_to_mmdit(load_model("tiny-sd3", num_layers=3).adapter.model)
+    other = tmp_path / f"deeper_{fmt}.safetensors"
+    writer = lf.kohya if fmt == "kohya" else lf.comfy
+    save_file(writer(lf.draw_pairs(deeper, lf.matrices(deeper, ("joint_blocks.1.context_block.mlp",)), 2, 1)),
+              str(other))
+    got = lora_mod.fit_problem(str(other), "sd3", shapes)
+    with pytest.raises(WeightsError) as e:
+        apply_loras(model, "sd3", [LoraSpec(str(other), 1.0)])
+    name = "joint_blocks.1.context_block.mlp.fc1"
+    name = "lora_unet_" + name.replace(".", "_") if fmt == "kohya" else name
+    assert got == str(e.value) and "\n" not in got and f"no parameter {name}.weight" in got, got
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("tiny", ["tiny-sd3", "tiny-pixart", "tiny-z-image", "tiny-flux2"])

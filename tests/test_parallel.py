@@ -69,6 +69,33 @@ def test_world4_matches_serial(world4, case):
     assert_exchanged(_check(world4, case), case["parallel"])
 
 
+# SD3 with a negative of another token count (15 and 7 text tokens, 63 image tokens): each branch runs on its own
+# (ComfyUI's SD3 never batches or pads such a pair), sequence-parallel, cfg-parallel and on a PipeFusion stage
+SD3_NEG = [{"id": f"sd3_neg_{name}", "model": "tiny-sd3", "seed": 7, "steps": 3, "parallel": par, **ODD,
+            "cfg": 3.0, "neg_text_tokens": 7}
+           for name, par in (("ulysses2", {"ulysses": 2}), ("ring2", {"ring": 2}), ("cfg2", {"cfg": 2}),
+                             ("pf2", {"pipefusion": 2, "num_patches": 2, "warmup_steps": 3}))]
+
+
+@pytest.fixture(scope="module")
+def sd3_negative(tmp_path_factory):
+    return run_cases(2, SD3_NEG, tmp_path_factory.mktemp("sd3_negative"))
+
+
+@pytest.mark.parametrize("case", SD3_NEG, ids=lambda c: c["id"])
+def test_sd3_negative_of_another_length_matches_serial(sd3_negative, case):
+    info = sd3_negative[case["id"]]
+    assert info["ok"], info.get("error")
+    loaded = get_model(case)
+    serial = sample(loaded.adapter, build_request(loaded, case), tiny=True)
+    same = {**case, "neg_text_tokens": 15}  # the negative's own length counts: a 15-token one samples otherwise
+    effect = rel_l2(sample(loaded.adapter, build_request(loaded, same), tiny=True), serial)
+    err = rel_l2(info["latents"], serial)
+    print(f"{case['id']}: rel L2 to serial {err:.2e} (15-token negative vs 7: {effect:.2e})")
+    assert info["latents"].shape == serial.shape and err <= 1e-4 and effect > 1e-3
+    assert sum(info["rank_comm"][0][0].values()) > 0  # the ranks really exchanged data
+
+
 def _tiny_flux_layers():
     m = get_model({"model": "tiny-flux"}).adapter.model
     return len(m.transformer_blocks) + len(m.single_transformer_blocks)

@@ -51,6 +51,21 @@ def _convert(sd: dict, name: str) -> tuple[dict, dict]:
     return {k: v.contiguous() for k, v in run_converter(convert, sd, name).items()}, {}
 
 
+def _lora_layout(shapes: dict) -> tuple:
+    """diffusers' MMDiT converter and the original keys it sizes the model by: the blocks (joint_blocks.<i>), the
+    dual-attention blocks (attn2), q/k norms (ln_q) and the caption width (context_embedder.weight rows)."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers as convert
+
+    layers = count(shapes, "transformer_blocks.")
+    sizing = {f"joint_blocks.{i}.x_block.attn.qkv.weight": 0 for i in range(layers)}
+    sizing.update({f"joint_blocks.{i}.x_block.attn2.qkv.weight": 0 for i in range(layers)
+                   if f"transformer_blocks.{i}.attn2.to_q.weight" in shapes})
+    if "transformer_blocks.0.attn.norm_q.weight" in shapes:
+        sizing["joint_blocks.0.x_block.attn.ln_q.weight"] = 0
+    sizing["context_embedder.weight"] = shapes["context_embedder.weight"][0]
+    return convert, sizing
+
+
 def _infer_config(sd: dict, hints: dict) -> dict:
     require(sd, "pos_embed.proj.weight", "context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight",
             "proj_out.weight")
@@ -86,7 +101,9 @@ FAMILY = Family(
               Variant("sd3.5-medium", "sd3.5-medium.json", FLOW_SD3, SD3),
               Variant("sd3.5-large", "sd3.5-large.json", FLOW_SD3, SD3)),
     latent=LatentFormat(16, scale=1.5305, shift=0.0609),
-    cond=CondSpec(width=4096, pooled=2048, tokens=154),
+    # a negative of another token count (a prompt past 77 CLIP/T5 tokens): ComfyUI's SD3 takes the text as a
+    # CONDRegular, so such a pair runs as two forwards, never batched or padded; each branch runs alone here too
+    cond=CondSpec(width=4096, pooled=2048, tokens=154, negative_length_may_differ=True),
     flow=True,
     samplers=("euler", "dpmpp_2m"),
     adapter=f"{__name__}:SD3Adapter",
@@ -97,6 +114,7 @@ FAMILY = Family(
     detect=_detect,
     is_original=lambda keys: any(k.startswith("joint_blocks.") for k in keys),
     convert=_convert,
+    lora_layout=_lora_layout,
     infer_config=_infer_config,
     variant_of=_variant_of,
     max_side_of=lambda cfg: cfg["pos_embed_max_size"] * cfg.get("patch_size", 2) * 8,

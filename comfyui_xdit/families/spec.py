@@ -167,6 +167,11 @@ class Family:
     variant_of_keys: Callable[[set[str]], str] | None = None  # a quick guess from key names alone (the nodes)
     convert: Callable[[dict, str], tuple[dict, dict]] | None = None  # original layout -> (diffusers sd, hints)
     is_original: Callable[[set[str]], bool] = lambda keys: False     # keys in the original (non-diffusers) layout
+    # LoRA files in the original layout's names (kohya `lora_unet_<module>`, ComfyUI `diffusion_model.<module>`)
+    # that diffusers' LoRA loader leaves as they are: (the full model's diffusers parameter shapes) -> (diffusers'
+    # single-file converter, {original key: rows} that size the model for it); lora.py moves each pair's up rows as
+    # that converter moves the checkpoint's rows (None: such files are not converted)
+    lora_layout: Callable[[dict], tuple[Callable[[dict], dict], dict[str, int]]] | None = None
     blocks_of: Callable[[dict], int] = lambda cfg: cfg["num_layers"]  # transformer blocks of a config
     heads_of: Callable[[dict], int] = lambda cfg: cfg["num_attention_heads"]
     max_side_of: Callable[[dict], int | None] = lambda cfg: None      # largest image side in pixels, if limited
