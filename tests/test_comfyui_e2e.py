@@ -509,6 +509,49 @@ def test_recorded_sigma_tables_and_sampling_settings_are_this_comfyuis():
     assert {t.name: real_types[t.name] for t in types} == {t.name: t.value for t in types}
 
 
+def test_latents_and_masks_through_this_comfyuis_own_objects():
+    """The nodes' empty-latent fixing (ComfyUI's fix_empty_latent_channels with its latent format object of each
+    variant) and attention-mask detection run on this ComfyUI's code, imported without a server: every variant's
+    EmptyLatentImage latent gets the model's channels (and a video format's frame axis), and the probe reads this
+    ComfyUI's model_base classes: QwenImage drops a padded prompt's mask (0.3.64), HunyuanImage21 passes it on."""
+    code = textwrap.dedent("""
+        import importlib, json, sys, types
+        import comfy.cli_args
+        comfy.cli_args.args.cpu = True
+        import torch
+        import comfy.model_base
+        root = sys.argv[1]
+        sys.path.append(root)  # comfyui_xdit; ComfyUI's own `nodes` stays first
+        for name, path in (("xdit_ext", root), ("xdit_ext.nodes", root + "/nodes")):
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [path]
+            sys.modules[name] = pkg
+        cv = importlib.import_module("xdit_ext.nodes.convert")
+        fam = importlib.import_module("xdit_ext.nodes.families")
+        out = {}
+        for variant, s in fam.VARIANTS.items():
+            lat = cv.latent_input({"samples": torch.zeros(2, 4, 12, 16)}, variant)["samples"]
+            kept = cv.unchanged_latent({"samples": torch.zeros(2, 4, 12, 16)}, variant)["samples"]
+            out[variant] = dict(spec=[s.channels, s.dims, s.frame_axis], latent=list(lat.shape),
+                                unchanged=list(kept.shape), zero=not bool(lat.any()),
+                                mask=fam.applies_text_mask(variant))
+        probe = {n: fam._passes_attention_mask(getattr(comfy.model_base, n)) for n in ("QwenImage", "HunyuanImage21")}
+        print(json.dumps([out, probe]))
+    """)
+    res = subprocess.run([comfy_python(), "-c", code, str(ROOT)], capture_output=True, text=True, cwd=COMFYUI_DIR,
+                         timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    out, probe = json.loads(res.stdout.strip().splitlines()[-1])
+    assert probe == {"QwenImage": False, "HunyuanImage21": True}
+    assert len(out) > 10
+    for variant, got in out.items():
+        channels, dims, frame_axis = got["spec"]
+        image = [2, channels, 12, 16]
+        assert got["latent"] == (image[:2] + [1] + image[2:] if dims == 3 else image), variant
+        assert got["unchanged"] == (image[:2] + [1] + image[2:] if dims == 3 or frame_axis else image), variant
+        assert got["zero"] and got["mask"] == (not variant.startswith("qwen-image")), variant
+
+
 def test_recorded_pixart_timesteps_are_this_comfyuis(comfy):
     """tests/data/comfyui_pixart_timesteps.json (used in CI) against this ComfyUI's own code."""
     code = textwrap.dedent("""
