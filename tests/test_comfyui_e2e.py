@@ -155,6 +155,15 @@ def ran(comfy):
                                                                "negative": ["2", 0], "latent_image": ["3", 0],
                                                                **dpm}},
         "14": {"class_type": "SaveLatent", "inputs": {"samples": ["13", 0], "filename_prefix": "xddpm"}},
+        # EmptyLatentImage's 4 channels: both samplers widen it to SD3's 16 with this ComfyUI's own function
+        "15": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "16": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["1", 0], "negative": ["2", 0],
+                                                    "latent_image": ["15", 0], **sampling}},
+        "17": {"class_type": "SaveLatent", "inputs": {"samples": ["16", 0], "filename_prefix": "native4ch"}},
+        "18": {"class_type": "XDiTParallelSampler", "inputs": {"model": ["8", 0], "positive": ["1", 0],
+                                                               "negative": ["2", 0], "latent_image": ["15", 0],
+                                                               **sampling}},
+        "19": {"class_type": "SaveLatent", "inputs": {"samples": ["18", 0], "filename_prefix": "xdit4ch"}},
     }
     progress = []
     pid, entry = queue_and_wait(server, graph, timeout=600, log=progress.append)
@@ -176,7 +185,7 @@ def test_parallel_sampler_matches_native_ksampler(ran):
         assert files, f"no {prefix} latent saved"
         return load_file(str(files[-1]))["latent_tensor"].float()
 
-    for native_prefix, our_prefix in (("native", "xdit"), ("ksdpm", "xddpm")):
+    for native_prefix, our_prefix in (("native", "xdit"), ("ksdpm", "xddpm"), ("native4ch", "xdit4ch")):
         native, ours = latent(native_prefix), latent(our_prefix)
         assert ours.shape == native.shape == (1, 16, 16, 16)
         assert rel_l2(ours, native) <= 1e-4, (our_prefix, rel_l2(ours, native))
