@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .families import cond_spec, reference_method_error, spec
+from .families import applies_text_mask, comfy_latent_format, cond_spec, reference_method_error, spec
 
 SUPPORTED_EXTRAS = ("pooled_output", "guidance", "attention_mask")
 # What TextEncodeQwenImageEdit(Plus) attach (Qwen-Image-Edit's reference images' latents); taken by qwen-image
@@ -16,6 +16,9 @@ REFERENCE_EXTRAS = ("reference_latents", "reference_latents_method")
 REFERENCE_NAMES = ("reference_latent", "reference_latent_2", "reference_latent_3")  # the engine's inputs
 # What WanImageToVideo / WanFirstLastFrameToVideo / CLIPVisionEncode attach for Wan's image-to-video models
 IMAGE_EXTRAS = ("concat_latent_image", "concat_mask", "clip_vision_output")
+# What the newer ComfyUI's empty latent nodes put in a LATENT beside "samples" (the pixel/latent ratios its
+# fix_empty_latent_channels reads); KSampler drops them from the latent it returns.
+EMPTY_LATENT_KEYS = ("downscale_ratio_spacial", "downscale_ratio_temporal")
 # Extras ComfyUI attaches with a value that changes nothing; any other value is rejected.
 NEUTRAL_EXTRAS = {"start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}
 
@@ -76,11 +79,12 @@ def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: boo
     conditioning declares them (comfyui_xdit.families: CondSpec).
 
     The negative is read only when classifier-free guidance is on (cfg != 1), as ComfyUI does. An attention_mask
-    is dropped where ComfyUI's model of the variant ignores it (so the pool samples what KSampler samples).
+    is dropped where the running ComfyUI's model of the variant ignores it (so the pool samples what KSampler
+    samples: nodes.families.applies_text_mask).
     image_input: the model reads image conditioning (Wan I2V), whose extras nodes/wan_image.py turns into tensors;
     refused otherwise."""
     want = cond_spec(family)
-    keep_mask = want.mask and (variant is None or spec(variant).text_mask)
+    keep_mask = want.mask and (variant is None or applies_text_mask(variant))
     tensors: dict[str, torch.Tensor] = {}
     guidance = None
     sides = [("", positive, "positive")] + ([("neg_", negative, "negative")] if use_cfg else [])
@@ -153,6 +157,8 @@ def latent_input(latent: Any, variant: str) -> dict:
         raise ConversionError("latent_image has a noise_mask (inpainting), which Parallel Sampler does not support")
     samples = latent["samples"]
     s = spec(variant)
+    if samples.ndim in (4, 5):  # an empty latent made the model's as KSampler makes it, before any shape check
+        samples = fix_empty_latent(samples, variant, latent)
     if s.dims == 3:  # video: [B, C, T, h, w]; an image latent is one frame, as ComfyUI takes it
         if samples.ndim == 4:
             samples = samples.unsqueeze(2)
@@ -166,10 +172,8 @@ def latent_input(latent: Any, variant: str) -> dict:
             "[batch, channels, h, w]"
         raise ConversionError(f"latent_image has shape {list(samples.shape)}, expected {expected}")
     if samples.shape[1] != s.channels:
-        if torch.count_nonzero(samples) != 0:
-            raise ConversionError(f"latent_image has {samples.shape[1]} channels but {variant} uses {s.channels}; "
-                                  "encode the image with this model's VAE")
-        samples = widen_empty_latent(samples, s.channels, s.dims)
+        raise ConversionError(f"latent_image has {samples.shape[1]} channels but {variant} uses {s.channels}; "
+                              "encode the image with this model's VAE")
     return {"samples": samples.detach().to("cpu", torch.float32).contiguous(),
             "batch_index": latent.get("batch_index"),
             "given_frames": 0 if mask is None else given_frames(mask, samples.shape)}
@@ -196,21 +200,54 @@ def given_frames(mask: torch.Tensor, shape: torch.Size) -> int:
     return n
 
 
-def widen_empty_latent(samples: torch.Tensor, channels: int, dims: int = 2) -> torch.Tensor:
-    """ComfyUI's comfy.sample.fix_empty_latent_channels when ComfyUI is present (same rule otherwise)."""
+def fix_empty_latent(samples: torch.Tensor, variant: str, latent: dict | None = None) -> torch.Tensor:
+    """What KSampler makes of a LATENT's samples for a model of this variant (ComfyUI's
+    comfy.sample.fix_empty_latent_channels): an all-zero latent (an empty latent node's) gets the model's channels,
+    and whatever else the running ComfyUI does to one; a video format's frame axis is added to a 4-D latent. It is
+    run with ComfyUI's own latent format object of the variant (nodes.families.comfy_latent_format), and given the
+    LATENT's pixel/latent ratios where that ComfyUI's function takes them (the newer one's downscale_ratio_spacial /
+    _temporal, from its empty latent nodes: an empty latent of another VAE's size is resized to the model's).
+    Without ComfyUI: the channels and the frame axis, by the same rule."""
     try:
         import comfy.sample
     except ImportError:
-        out = samples.new_zeros((samples.shape[0], channels, *samples.shape[2:]))
-        return out.unsqueeze(2) if dims == 3 and out.ndim == 4 else out
+        s = spec(variant)
+        if samples.shape[1] != s.channels and torch.count_nonzero(samples) == 0:
+            samples = samples.new_zeros((samples.shape[0], s.channels, *samples.shape[2:]))
+        return samples.unsqueeze(2) if (s.dims == 3 or s.frame_axis) and samples.ndim == 4 else samples
+    fmt = comfy_latent_format(variant)
 
     class _Model:  # the one method fix_empty_latent_channels asks of a model
         @staticmethod
         def get_model_object(name):
-            assert name == "latent_format"
-            return type("LatentFormat", (), {"latent_channels": channels, "latent_dimensions": dims})()
+            if name != "latent_format":
+                raise AttributeError(f"the latent stand-in model has no {name!r}")
+            return fmt
 
-    return comfy.sample.fix_empty_latent_channels(_Model(), samples)
+    fix = comfy.sample.fix_empty_latent_channels
+    ratios = [(latent or {}).get(k) for k in EMPTY_LATENT_KEYS[:_ratio_parameters(fix)]]
+    while ratios and ratios[-1] is None:
+        ratios.pop()
+    return fix(_Model(), samples, *ratios)
+
+
+def _ratio_parameters(fn) -> int:
+    """How many of the LATENT's ratios (EMPTY_LATENT_KEYS, in order) the running ComfyUI's
+    fix_empty_latent_channels takes after (model, latent_image): 0 on ComfyUI 0.3.64."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())[2:]
+    except (TypeError, ValueError):
+        return 0
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return len(EMPTY_LATENT_KEYS)
+    n = 0
+    for p in params:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) or n == len(EMPTY_LATENT_KEYS):
+            break
+        n += 1
+    return n
 
 
 def noise_for(samples: torch.Tensor, seed: int, batch_index: Any = None) -> torch.Tensor:
@@ -274,17 +311,15 @@ def step_range(sigmas: torch.Tensor, start_step: int | None, last_step: int | No
 
 
 def unchanged_latent(latent: Any, variant: str) -> Any:
-    """What KSamplerAdvanced returns when it has no step to run: the input LATENT, an empty latent of the wrong
-    channel count widened to the model's (ComfyUI widens before it looks at the steps)."""
+    """What KSamplerAdvanced returns when it has no step to run: the input LATENT as ComfyUI's
+    fix_empty_latent_channels leaves it (ComfyUI fixes the latent before it looks at the steps: an empty latent
+    widened, a video format's frame axis added), without the empty latent's ratio entries."""
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         return latent
-    s = spec(variant)
-    samples, channels = latent["samples"], s.channels
-    out = dict(latent)
-    if samples.ndim >= 2 and samples.shape[1] != channels and torch.count_nonzero(samples) == 0:
-        out["samples"] = widen_empty_latent(samples, channels, s.dims)
-    elif s.dims == 3 and samples.ndim == 4:
-        out["samples"] = samples.unsqueeze(2)
+    samples = latent["samples"]
+    out = {k: v for k, v in latent.items() if k not in EMPTY_LATENT_KEYS}
+    if samples.ndim in (4, 5):
+        out["samples"] = fix_empty_latent(samples, variant, latent)
     return out
 
 
@@ -313,6 +348,6 @@ def comfy_layout(samples: torch.Tensor, variant: str) -> torch.Tensor:
 def output_latent(latent: dict, samples: torch.Tensor, variant: str | None = None) -> dict:
     """The LATENT to return: the input's entries (batch_index...) with the sampled latents (in the variant's
     layout when given)."""
-    out = {k: v for k, v in latent.items() if k != "noise_mask"}
+    out = {k: v for k, v in latent.items() if k != "noise_mask" and k not in EMPTY_LATENT_KEYS}
     out["samples"] = (samples if variant is None else comfy_layout(samples, variant)).to(torch.float32)
     return out

@@ -3,10 +3,13 @@
 objects are built lazily by `comfy_objects`, so this module imports without ComfyUI (and without diffusers)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
 from comfyui_xdit import families as registry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,55 @@ def comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps:
     model_type = getattr(comfy.model_base.ModelType, s.model_type)
     model_sampling = comfy.model_base.model_sampling(SimpleNamespace(sampling_settings=settings), model_type)
     return model_sampling, getattr(comfy.latent_formats, s.latent_format)()
+
+
+def comfy_latent_format(variant: str):
+    """ComfyUI's own latent format object for the variant (comfy.latent_formats.<ComfySpec.latent_format>), as the
+    running ComfyUI defines it: whatever it asks of a format (fix_empty_latent, the downscale ratios of the newer
+    ComfyUI, latent_dimensions) is its own. One attribute may be ours: where the pack's LATENT has other channels
+    than that class (FLUX.2's own 32-channel latent at 1/8, on ComfyUI's base LatentFormat of 4), the instance's
+    latent_channels is the pack's, so ComfyUI widens an empty latent to what the pool samples."""
+    import comfy.latent_formats
+
+    s = spec(variant)
+    fmt = getattr(comfy.latent_formats, s.latent_format)()
+    if getattr(fmt, "latent_channels", None) != s.channels:
+        fmt.latent_channels = s.channels  # on the instance: ComfyUI's class stays as it is
+    return fmt
+
+
+def applies_text_mask(variant: str) -> bool:
+    """Whether the running ComfyUI's model of the variant applies a CONDITIONING's attention_mask (so the pool must
+    too, to sample what KSampler samples). A variant whose ComfySpec says so always does; for the others (Qwen-Image:
+    ComfyUI 0.3.64's QwenImage drops the mask, the newer one passes it to its model) it is read from the running
+    ComfyUI itself: its model_base class of the supported model's name is asked to turn an attention_mask into a
+    model input (extra_conds on a bare instance). Without ComfyUI, or when that cannot be asked, the ComfySpec's."""
+    s = spec(variant)
+    if s.text_mask:
+        return True
+    try:
+        import comfy.model_base
+    except ImportError:
+        return False
+    cls = getattr(comfy.model_base, s.supported_model, None)
+    return cls is not None and bool(_passes_attention_mask(cls))
+
+
+def _passes_attention_mask(cls) -> bool | None:
+    """Whether ComfyUI's model_base class `cls` turns a padded prompt's attention_mask into a model input; None when
+    it cannot be asked (its extra_conds needs more of an instance than the bare one)."""
+    import torch
+
+    probe = cls.__new__(cls)  # no __init__: no weights, no config; only the methods extra_conds calls of itself
+    object.__setattr__(probe, "concat_cond", lambda **kwargs: None)
+    object.__setattr__(probe, "encode_adm", lambda **kwargs: None)
+    try:
+        out = cls.extra_conds(probe, attention_mask=torch.tensor([[1.0, 0.0]]))  # one token and one pad
+    except Exception as e:  # noqa: BLE001 - a ComfyUI whose extra_conds needs more: keep the ComfySpec's answer
+        log.debug("xDiT: cannot ask %s.extra_conds about attention_mask (%s); assuming it is dropped",
+                  cls.__name__, e)
+        return None
+    return isinstance(out, dict) and out.get("attention_mask") is not None
 
 
 # ComfyUI's reference_latents_method (FluxKontextMultiReferenceLatentMethod) per Qwen-Image-Edit variant: "index"

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from .families import reference_method_error, spec
+from .families import applies_text_mask, reference_method_error, spec
 from .pool import MANAGER, ModelHandle
 
 NAME = "Parallel DiT Model"
@@ -100,7 +100,7 @@ class PoolDiffusionModel(torch.nn.Module):
         super().__init__()
         self.handle = handle
         self.flow = spec(handle.variant).model_type != "EPS"
-        self.text_mask = spec(handle.variant).text_mask
+        self.text_mask = applies_text_mask(handle.variant)  # the running ComfyUI's model applies attention_mask
         self.dtype = torch.float32
         object.__setattr__(self, "_meta", meta_model)
         self._client = None

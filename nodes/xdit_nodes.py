@@ -281,8 +281,8 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
     force_full_denoise cuts it short; ComfyUI's noise for the seed, or zeros without add_noise."""
     if not isinstance(model, ModelHandle):
         raise XDiTNodeError(f"{name}: model must come from Load Parallel DiT")
-    if denoise <= 0.0:
-        return (dict(latent_image),)
+    if denoise <= 0.0:  # ComfyUI samples over no noise levels: the input as its fix_empty_latent_channels left it
+        return (convert.unchanged_latent(latent_image, model.variant),)
     if start_step is not None and start_step >= min(steps if last_step is None else last_step, steps):
         return (convert.unchanged_latent(latent_image, model.variant),)  # nothing to run: ComfyUI returns the input
     if sampler_name not in SAMPLERS:

@@ -21,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 EXTENSION_NAME = "xdit_extension_under_test"
 
 
+class InterruptProcessingException(Exception):  # ComfyUI 0.3.64's
+    pass
+
+
 class Recorder:
     def __init__(self):
         self.sigma_calls: list[tuple] = []
@@ -30,15 +34,13 @@ class Recorder:
         self.unloaded = 0
         self.folders: dict[str, list[str]] = {}
         self.server = None  # the stand-in PromptServer.instance
+        self.fixed_empty: list[tuple] = []  # newer ComfyUI stand-in: (latent format, shape) per fix_empty_latent
+        self.interrupt_class: type = InterruptProcessingException  # what a cancel raises
 
 
 # comfy.samplers.SCHEDULER_NAMES of ComfyUI 0.3.64, in its order (a fact checked by test_comfyui_e2e.py)
 SCHEDULER_NAMES = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
                    "linear_quadratic", "kl_optimal"]
-
-
-class InterruptProcessingException(Exception):
-    pass
 
 
 def _module(name: str, **attrs) -> types.ModuleType:
@@ -47,8 +49,9 @@ def _module(name: str, **attrs) -> types.ModuleType:
     return m
 
 
-def install(rec: Recorder) -> dict[str, types.ModuleType]:
-    """Stand-in modules, to put into sys.modules (monkeypatch.setitem)."""
+def install(rec: Recorder, newer: bool = False) -> dict[str, types.ModuleType]:
+    """Stand-in modules, to put into sys.modules (monkeypatch.setitem): ComfyUI 0.3.64's API, or with `newer` the
+    newer ComfyUI's where it differs (tests/comfy_newer_standins.py)."""
 
     class ModelType(enum.Enum):
         EPS = 1
@@ -94,8 +97,8 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
     class WAN21_I2V(WAN21_T2V):
         pass
 
-    class _Format:
-        scale_factor, shift_factor, latent_channels = 1.0, 0.0, 4
+    class _Format:  # comfy.latent_formats.LatentFormat of 0.3.64, as far as the nodes read it
+        scale_factor, shift_factor, latent_channels, latent_dimensions = 1.0, 0.0, 4, 2
 
         def process_in(self, x):
             return (x - self.shift_factor) * self.scale_factor
@@ -115,6 +118,31 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
 
     formats["Wan21"] = Wan21
     formats["Wan22"] = type("Wan22", (Wan21,), {"latent_channels": 48})
+
+    class BaseModel:  # comfy.model_base.BaseModel.extra_conds as far as the nodes ask it (0.3.64 and newer alike)
+        def extra_conds(self, **kwargs):
+            out = {}
+            for key, value in (("c_concat", self.concat_cond(**kwargs)), ("y", self.encode_adm(**kwargs))):
+                if value is not None:
+                    out[key] = value
+            if kwargs.get("cross_attn") is not None:
+                out["c_crossattn"] = kwargs["cross_attn"]
+            return out
+
+        def concat_cond(self, **kwargs):  # reads what __init__ sets, as ComfyUI's does
+            return None if not self.concat_keys else kwargs.get("concat_latent_image")
+
+        def encode_adm(self, **kwargs):
+            return kwargs.get("pooled_output") if self.adm_channels else None
+
+    class QwenImageModel(BaseModel):  # model_base.QwenImage of 0.3.64: the text and reference latents, no mask
+        def extra_conds(self, **kwargs):
+            out = super().extra_conds(**kwargs)
+            if kwargs.get("cross_attn") is not None:
+                out["c_crossattn"] = kwargs["cross_attn"]
+            if kwargs.get("reference_latents") is not None:
+                out["ref_latents"] = list(kwargs["reference_latents"])
+            return out
 
     def calculate_sigmas(ms, scheduler, steps):
         rec.sigma_calls.append((ms, scheduler, steps))
@@ -146,7 +174,7 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
         if rec.interrupt_after is not None and len(rec.progress) >= rec.interrupt_after:
             if rec.interrupted_at is None:
                 rec.interrupted_at = time.monotonic()
-            raise InterruptProcessingException()
+            raise rec.interrupt_class()
 
     def unload_all_models():
         rec.unloaded += 1
@@ -190,7 +218,8 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
     comfy = _module("comfy")
     mods = {
         "comfy": comfy,
-        "comfy.model_base": _module("comfy.model_base", ModelType=ModelType, model_sampling=model_sampling),
+        "comfy.model_base": _module("comfy.model_base", ModelType=ModelType, model_sampling=model_sampling,
+                                    BaseModel=BaseModel, QwenImage=QwenImageModel),
         "comfy.supported_models": _module("comfy.supported_models", Flux=Flux, FluxSchnell=FluxSchnell, SD3=SD3,
                                           PixArtAlpha=PixArtAlpha, PixArtSigma=PixArtSigma, QwenImage=QwenImage,
                                           WAN21_T2V=WAN21_T2V, WAN22_T2V=WAN22_T2V, WAN21_I2V=WAN21_I2V),
@@ -218,6 +247,10 @@ def install(rec: Recorder) -> dict[str, types.ModuleType]:
         if name.startswith("comfy."):
             setattr(comfy, name.split(".", 1)[1], m)
     mods["comfy_api"].latest = mods["comfy_api.latest"]
+    if newer:
+        from . import comfy_newer_standins
+
+        comfy_newer_standins.overlay(mods, rec)
     return mods
 
 
@@ -234,11 +267,11 @@ def load_extension(name: str = EXTENSION_NAME) -> types.ModuleType:
 
 
 @contextmanager
-def extension() -> Iterator[types.ModuleType]:
-    """The extension loaded over the stand-ins (its `rec` attribute: their Recorder); sys.modules restored and the
-    nodes' pools stopped afterwards."""
+def extension(newer: bool = False) -> Iterator[types.ModuleType]:
+    """The extension loaded over the stand-ins (its `rec` attribute: their Recorder; `newer`: the newer ComfyUI's
+    API); sys.modules restored and the nodes' pools stopped afterwards."""
     rec = Recorder()
-    modules = install(rec)
+    modules = install(rec, newer)
     saved = {k: sys.modules.get(k) for k in modules}
     sys.modules.update(modules)
     ext = None

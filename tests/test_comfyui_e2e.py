@@ -155,6 +155,15 @@ def ran(comfy):
                                                                "negative": ["2", 0], "latent_image": ["3", 0],
                                                                **dpm}},
         "14": {"class_type": "SaveLatent", "inputs": {"samples": ["13", 0], "filename_prefix": "xddpm"}},
+        # EmptyLatentImage's 4 channels: both samplers widen it to SD3's 16 with this ComfyUI's own function
+        "15": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "16": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["1", 0], "negative": ["2", 0],
+                                                    "latent_image": ["15", 0], **sampling}},
+        "17": {"class_type": "SaveLatent", "inputs": {"samples": ["16", 0], "filename_prefix": "native4ch"}},
+        "18": {"class_type": "XDiTParallelSampler", "inputs": {"model": ["8", 0], "positive": ["1", 0],
+                                                               "negative": ["2", 0], "latent_image": ["15", 0],
+                                                               **sampling}},
+        "19": {"class_type": "SaveLatent", "inputs": {"samples": ["18", 0], "filename_prefix": "xdit4ch"}},
     }
     progress = []
     pid, entry = queue_and_wait(server, graph, timeout=600, log=progress.append)
@@ -176,7 +185,7 @@ def test_parallel_sampler_matches_native_ksampler(ran):
         assert files, f"no {prefix} latent saved"
         return load_file(str(files[-1]))["latent_tensor"].float()
 
-    for native_prefix, our_prefix in (("native", "xdit"), ("ksdpm", "xddpm")):
+    for native_prefix, our_prefix in (("native", "xdit"), ("ksdpm", "xddpm"), ("native4ch", "xdit4ch")):
         native, ours = latent(native_prefix), latent(our_prefix)
         assert ours.shape == native.shape == (1, 16, 16, 16)
         assert rel_l2(ours, native) <= 1e-4, (our_prefix, rel_l2(ours, native))
@@ -507,6 +516,49 @@ def test_recorded_sigma_tables_and_sampling_settings_are_this_comfyuis():
     for name in names:
         assert settings[name] == dict(getattr(models, name).sampling_settings), name
     assert {t.name: real_types[t.name] for t in types} == {t.name: t.value for t in types}
+
+
+def test_latents_and_masks_through_this_comfyuis_own_objects():
+    """The nodes' empty-latent fixing (ComfyUI's fix_empty_latent_channels with its latent format object of each
+    variant) and attention-mask detection run on this ComfyUI's code, imported without a server: every variant's
+    EmptyLatentImage latent gets the model's channels (and a video format's frame axis), and the probe reads this
+    ComfyUI's model_base classes: QwenImage drops a padded prompt's mask (0.3.64), HunyuanImage21 passes it on."""
+    code = textwrap.dedent("""
+        import importlib, json, sys, types
+        import comfy.cli_args
+        comfy.cli_args.args.cpu = True
+        import torch
+        import comfy.model_base
+        root = sys.argv[1]
+        sys.path.append(root)  # comfyui_xdit; ComfyUI's own `nodes` stays first
+        for name, path in (("xdit_ext", root), ("xdit_ext.nodes", root + "/nodes")):
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [path]
+            sys.modules[name] = pkg
+        cv = importlib.import_module("xdit_ext.nodes.convert")
+        fam = importlib.import_module("xdit_ext.nodes.families")
+        out = {}
+        for variant, s in fam.VARIANTS.items():
+            lat = cv.latent_input({"samples": torch.zeros(2, 4, 12, 16)}, variant)["samples"]
+            kept = cv.unchanged_latent({"samples": torch.zeros(2, 4, 12, 16)}, variant)["samples"]
+            out[variant] = dict(spec=[s.channels, s.dims, s.frame_axis], latent=list(lat.shape),
+                                unchanged=list(kept.shape), zero=not bool(lat.any()),
+                                mask=fam.applies_text_mask(variant))
+        probe = {n: fam._passes_attention_mask(getattr(comfy.model_base, n)) for n in ("QwenImage", "HunyuanImage21")}
+        print(json.dumps([out, probe]))
+    """)
+    res = subprocess.run([comfy_python(), "-c", code, str(ROOT)], capture_output=True, text=True, cwd=COMFYUI_DIR,
+                         timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    out, probe = json.loads(res.stdout.strip().splitlines()[-1])
+    assert probe == {"QwenImage": False, "HunyuanImage21": True}
+    assert len(out) > 10
+    for variant, got in out.items():
+        channels, dims, frame_axis = got["spec"]
+        image = [2, channels, 12, 16]
+        assert got["latent"] == (image[:2] + [1] + image[2:] if dims == 3 else image), variant
+        assert got["unchanged"] == (image[:2] + [1] + image[2:] if dims == 3 or frame_axis else image), variant
+        assert got["zero"] and got["mask"] == (not variant.startswith("qwen-image")), variant
 
 
 def test_recorded_pixart_timesteps_are_this_comfyuis(comfy):

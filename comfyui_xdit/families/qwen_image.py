@@ -184,7 +184,8 @@ FAMILY = Family(
     name="qwen-image",
     diffusers_class="QwenImageTransformer2DModel",
     # ComfyUI 0.3.64: supported_models.QwenImage (ModelType FLUX, shift 1.15, Wan21 latents); its model ignores
-    # the text encoder's attention_mask (model_base.QwenImage passes none on)
+    # the text encoder's attention_mask (model_base.QwenImage passes none on: text_mask=False); the newer ComfyUI's
+    # passes it to the model, which applies it (the nodes ask the running ComfyUI: nodes.families.applies_text_mask)
     # Qwen-Image-Edit 2509 is the same model (ComfyUI runs it as QwenImage with reference_latents); 2511 sets
     # zero_cond_t (the references' tokens at timestep 0): the newer ComfyUI runs it as QwenImage too, with the
     # reference method index_timestep_zero (FluxKontextMultiReferenceLatentMethod, or the file's marker); ComfyUI

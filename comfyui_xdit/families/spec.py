@@ -129,8 +129,9 @@ class ComfySpec:
     supported_model: str
     model_type: str
     latent_format: str
-    text_mask: bool = True    # ComfyUI's model applies the CONDITIONING's attention_mask (False: it ignores it, and
-    #                           so do the nodes, to sample what KSampler samples)
+    text_mask: bool = True    # ComfyUI's model applies the CONDITIONING's attention_mask (False: 0.3.64's ignores
+    #                           it, and so do the nodes, to sample what KSampler samples, unless the running ComfyUI's
+    #                           model_base class of that name turns it into a model input)
     shift: Callable[[int, int], float] | None = None
     # the block kinds of ComfyUI's patches_replace "dit" that its model honours (SkipLayerGuidance's skipped
     # blocks), each -> the BlockList of ours with the same blocks in the same order
