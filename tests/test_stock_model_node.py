@@ -193,10 +193,9 @@ def test_a_pool_that_stops_during_a_run_is_an_error_and_the_next_run_goes_on(pro
         model(*args, **kw, transformer_options={"sigmas": torch.tensor([0.4]), "sample_sigmas": later})
 
 
-def test_node_refuses_pipefusion_shards_and_non_files(ext):
+def test_node_refuses_pipefusion_and_non_files(ext):
     stock, pool = ext.nodes.stock_model, ext.nodes.pool
     for settings, source, reason in ((pool.ParallelSettings(pipefusion=2), __file__, "PipeFusion"),
-                                     (pool.ParallelSettings(ulysses=2, shard=2), __file__, "weight sharding"),
                                      (pool.ParallelSettings(), "tiny-flux", "single-file checkpoint")):
         handle = pool.ModelHandle(settings, source, "fp32", "flux", "flux-dev", "k")
         with pytest.raises(stock.StockModelError, match=reason):
