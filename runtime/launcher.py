@@ -60,6 +60,25 @@ def _pid_alive(pid: int) -> bool:
         return True  # no /proc: trust kill(0)
 
 
+
+LOG_DIR_NAME = "comfyui-xdit-logs"  # in the temp folder: every pool's log, the newest KEEP_LOGS kept
+KEEP_LOGS = 20
+
+
+def default_log_path(folder: Path | None = None, keep: int = KEEP_LOGS) -> Path:
+    """A new pool's log file in the one logs folder (XDIT_LOG_DIR, else the temp folder's comfyui-xdit-logs),
+    named by start time and process; the oldest logs beyond `keep` are deleted first."""
+    folder = Path(folder or os.environ.get("XDIT_LOG_DIR") or Path(tempfile.gettempdir()) / LOG_DIR_NAME)
+    folder.mkdir(parents=True, exist_ok=True)
+    logs = sorted(folder.glob("pool-*.log"), key=lambda p: p.stat().st_mtime)
+    for old in logs[:max(0, len(logs) - (keep - 1))]:
+        try:
+            old.unlink()
+        except OSError:
+            pass  # another process's, still open or gone
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return folder / f"pool-{stamp}-{os.getpid()}-{secrets.token_hex(2)}.log"
+
 class Pool:
     """A pool of `nproc` ranks serving at `address` (default tcp://127.0.0.1:<free port>, kept across restarts).
 
@@ -97,7 +116,7 @@ class Pool:
         self.max_message_bytes = max_message_bytes
         self.extra_env = dict(env or {})
         self.torchrun_args = list(torchrun_args or [])
-        self.log_path = Path(log_path) if log_path else Path(tempfile.gettempdir()) / f"xdit-pool-{os.getpid()}-{id(self)}.log"
+        self.log_path = Path(log_path) if log_path else default_log_path()
         self._proc: subprocess.Popen | None = None
         self._rank_pids: list[int] = []
         self._generation = 0
