@@ -77,6 +77,23 @@ class ParallelSettings:
         return ("local", self.resolved_device(), self.gpus.replace(" ", ""), self.world_size, self.attention)
 
 
+def _lower_advice(s: ParallelSettings, available: int) -> str:
+    """Which degrees to lower so the product fits `available` GPUs (the largest first), or layout auto."""
+    degrees = sorted(((getattr(s, n), n) for n in ("ulysses", "ring", "pipefusion", "cfg", "dp")
+                      if getattr(s, n) > 1), reverse=True)
+    if not degrees:  # shard alone: that many ranks
+        return f"lower shard_degree to {available} (or set layout auto)"
+    product, changes = s.world_size, []
+    for value, name in degrees:
+        if product <= available:
+            break
+        rest = product // value
+        new = next((d for d in range(value - 1, 0, -1) if rest * d <= available and (name != "cfg" or d == 1)), 1)
+        changes.append(f"{name}_degree to {new}")
+        product = rest * new
+    return f"lower {' and '.join(changes)} (or set layout auto)"
+
+
 def _cuda_count(cuda_count: Callable[[], int] | None) -> int:
     if cuda_count is not None:
         return cuda_count()
@@ -122,7 +139,8 @@ def validation_error(s: ParallelSettings, cuda_count: Callable[[], int] | None =
         available = len(ids) if ids else count
         if s.world_size > available:
             return (f"the degrees need {s.world_size} GPUs (ulysses {s.ulysses} x ring {s.ring} x pipefusion "
-                    f"{s.pipefusion} x cfg {s.cfg} x dp {s.dp}) but only {available} are available")
+                    f"{s.pipefusion} x cfg {s.cfg} x dp {s.dp}) but only {available} are available: "
+                    f"{_lower_advice(s, available)}")
     elif ids:
         return "gpus applies to device cuda only; leave it empty for cpu"
     return None

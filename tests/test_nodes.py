@@ -330,8 +330,14 @@ def test_gpu_count_checks(ext):
     s = pool.ParallelSettings(device="cuda", ulysses=4)
     assert "need 4 GPUs" in pool.validation_error(s, cuda_count=lambda: 2)
     assert pool.validation_error(s, cuda_count=lambda: 4) is None
+    assert pool.validation_error(s, cuda_count=lambda: 2).endswith(
+        "only 2 are available: lower ulysses_degree to 2 (or set layout auto)")
     assert "only 2 are available" in pool.validation_error(
         pool.ParallelSettings(device="cuda", ulysses=4, gpus="0,1"), cuda_count=lambda: 8)
+    for settings, advice in ((dict(ulysses=2, cfg=2), "lower ulysses_degree to 1"),
+                             (dict(ring=2, cfg=2, dp=2), "lower ring_degree to 1 and dp_degree to 1 (or"),
+                             (dict(cfg=2, dp=4), "lower dp_degree to 1"), (dict(shard=4), "lower shard_degree to 2")):
+        assert advice in pool.validation_error(pool.ParallelSettings(device="cuda", **settings), cuda_count=lambda: 2)
     assert "does not exist" in pool.validation_error(pool.ParallelSettings(device="cuda", gpus="0,9"),
                                                      cuda_count=lambda: 8)
     assert "no CUDA GPU" in pool.validation_error(pool.ParallelSettings(device="cuda"), cuda_count=lambda: 0)
