@@ -80,7 +80,7 @@ def register() -> bool:
 # ------------------------------------------------------------------------------------------------ the graph
 def graph_problems(prompt: dict) -> dict[str, str]:
     """{node id: one line} for every node of ours whose combination with the rest of the graph cannot run."""
-    out: dict[str, str] = {}
+    found: dict[str, list[str]] = {}
     for nid, node in prompt.items():
         if not isinstance(node, dict):
             continue
@@ -89,9 +89,15 @@ def graph_problems(prompt: dict) -> dict[str, str]:
                  _load_problems(prompt, node) + _stock_model_problems(prompt, str(nid), node) if kind == LOAD else
                  _sampler_problems(prompt, node) if kind in SAMPLERS else
                  _lora_problems(prompt, node) if kind == LORA else [])
+        if kind == LOAD:  # a degree the model cannot take: shown on the Configure node, where it is changed
+            config = _source(prompt, node, "parallel_config", CONFIGURE)
+            degrees = [line for line in lines if line.startswith(DEGREE_NAMES)]
+            if config is not None and degrees:
+                found.setdefault(config[0], []).extend(f"{line} (Load Parallel DiT node {nid})" for line in degrees)
+                lines = [line for line in lines if line not in degrees]
         if lines:
-            out[str(nid)] = "; ".join(lines)
-    return out
+            found.setdefault(str(nid), []).extend(lines)
+    return {nid: "; ".join(dict.fromkeys(lines)) for nid, lines in found.items()}
 
 
 def _node_class(kind: str):
@@ -301,6 +307,9 @@ def _downstream(prompt: dict, start: str, is_target, follow,
                 elif follow(kind, name):
                     frontier.append(str(oid))
     return sorted(set(found), key=lambda f: (len(f[0]), f[0]))
+
+
+DEGREE_NAMES = ("ulysses_degree ", "pipefusion_degree ")  # model_fit_problems' lines, each about one degree
 
 
 def model_fit_problems(s, g: Geometry, name: str) -> list[str]:

@@ -446,8 +446,8 @@ def _refusal_graph(config: dict, checkpoint="tiny_flux_e2e.safetensors", cfg=1.0
 
 @pytest.mark.parametrize("config, graph, node, reason", [
     (dict(pipefusion_degree=4, num_patches=2), {}, "7", "num_patches (2) must be at least the pipefusion degree"),
-    (dict(ulysses_degree=5), {}, "8", "ulysses_degree 5 does not divide the 24 attention heads of tiny_flux_e2e"),
-    (dict(pipefusion_degree=3), {}, "8", "pipefusion_degree 3 is larger than the 2 transformer blocks"),
+    (dict(ulysses_degree=5), {}, "7", "ulysses_degree 5 does not divide the 24 attention heads of tiny_flux_e2e"),
+    (dict(pipefusion_degree=3), {}, "7", "pipefusion_degree 3 is larger than the 2 transformer blocks"),
     (dict(cfg_degree=2), dict(cfg=1.0), "9", "cfg_degree 2 runs the negative branch"),
     (dict(dp_degree=2), dict(batch=1), "9", "dp_degree 2 is larger than the batch size 1"),
 ])

@@ -55,8 +55,8 @@ def test_variant_conversions_and_model_sampling(ext_mod):
 @pytest.mark.parametrize("config, graph, node, reason", [
     ({}, dict(cfg=3.0), "8", "flux2 takes no negative prompt (no true classifier-free guidance): set cfg 1"),
     (dict(cfg_degree=2), dict(cfg=3.0), "8", "cfg_degree 2 runs a negative branch, but flux2 takes no negative"),
-    (dict(ulysses_degree=3), {}, "6", "ulysses_degree 3 does not divide the 4 attention heads of tiny-flux2"),
-    (dict(pipefusion_degree=5), {}, "6", "pipefusion_degree 5 is larger than the 4 transformer blocks of tiny-flux2"),
+    (dict(ulysses_degree=3), {}, "5", "ulysses_degree 3 does not divide the 4 attention heads of tiny-flux2"),
+    (dict(pipefusion_degree=5), {}, "5", "pipefusion_degree 5 is larger than the 4 transformer blocks of tiny-flux2"),
     ({}, dict(width=264), "8", "264x256 is not a multiple of 16"),
 ])
 def test_flux2_graph_refused_at_queue_time(ext_mod, config, graph, node, reason):

@@ -182,9 +182,9 @@ def test_out_of_range_widgets_left_to_comfyui(ext, rec, change, reason):
 
 
 @pytest.mark.parametrize("config, graph, node, reason", [
-    (dict(ulysses_degree=3), {}, "6", "ulysses_degree 3 does not divide the 4 attention heads of tiny-flux"),
-    (dict(pipefusion_degree=3), dict(checkpoint="tiny-sd3"), "6",
-     "pipefusion_degree 3 is larger than the 2 transformer blocks of tiny-sd3"),
+    (dict(ulysses_degree=3), {}, "5", "ulysses_degree 3 does not divide the 4 attention heads of tiny-flux"),
+    (dict(pipefusion_degree=3), dict(checkpoint="tiny-sd3"), "5",
+     "pipefusion_degree 3 is larger than the 2 transformer blocks of tiny-sd3 (Load Parallel DiT node 6)"),
     (dict(cfg_degree=2), dict(cfg=1.0), "8", "cfg_degree 2 runs the negative branch"),
     (dict(dp_degree=2), dict(batch=1), "8", "dp_degree 2 is larger than the batch size 1"),
     (dict(ulysses_degree=2, ring_degree=4), dict(width=32, height=32), "8",
@@ -747,7 +747,7 @@ def test_checkpoint_geometry_from_header_at_queue_time(ext, rec, tmp_path):
     save_file({k: v.contiguous() for k, v in flux_to_bfl(model).items()}, str(path))  # the original BFL layout
     rec.folders = {"diffusion_models": [str(path)]}
     errors = _queue(ext, rec, _graph(dict(ulysses_degree=5), checkpoint="flux-24-heads.safetensors"))
-    assert errors == {"6": ["xdit_check - ulysses_degree 5 does not divide the 24 attention heads of "
+    assert errors == {"5": ["xdit_check - ulysses_degree 5 does not divide the 24 attention heads of "
                             "flux-24-heads.safetensors (Ulysses degrees that work: 1, 2, 3, 4, 6, 8 or 12; the ring "
-                            "degree takes any other split)"]}
+                            "degree takes any other split) (Load Parallel DiT node 6)"]}
     assert _queue(ext, rec, _graph(dict(ulysses_degree=8), checkpoint="flux-24-heads.safetensors")) == {}

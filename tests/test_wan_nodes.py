@@ -129,7 +129,7 @@ def test_queue_checks_count_video_tokens(ext, rec):
     found = _queue(ext, rec, _graph(sp4, length=3, width=16))  # 1 frame of 1 token
     assert "fewer than ring x ulysses (4)" in found["8"][0]
     found = _queue(ext, rec, _graph(dict(ulysses_degree=3), length=9))  # tiny-wan: 4 heads
-    assert "ulysses_degree 3 does not divide the 4 attention heads of tiny-wan" in found["6"][0]
+    assert "ulysses_degree 3 does not divide the 4 attention heads of tiny-wan" in found["5"][0]
     # Wan 2.2 TI2V 5B: 32 px per token side
     found = _queue(ext, rec, _graph(checkpoint="tiny-wan-ti2v", width=48, height=32, length=5,
                                     latent="Wan22ImageToVideoLatent"))

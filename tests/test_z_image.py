@@ -484,12 +484,12 @@ def test_nodes_take_a_z_image_checkpoint_and_refuse_ulysses_4_at_queue_time(ext,
     assert "z_image_turbo_mini.safetensors" in ck.list_checkpoints() and "tiny-z-image" in ck.list_checkpoints()
     assert ck.detect_variant(str(path)) == ck.detect_variant("tiny-z-image") == "z-image-turbo"
     errors = _queue(ext, _zimage_graph("z_image_turbo_mini.safetensors", ulysses_degree=4))
-    assert errors == {"6": ["xdit_check - ulysses_degree 4 does not divide the 30 attention heads of "
+    assert errors == {"5": ["xdit_check - ulysses_degree 4 does not divide the 30 attention heads of "
                             "z_image_turbo_mini.safetensors (Ulysses degrees that work: 1, 2, 3, 5, 6, 10 or 15; "
-                            "the ring degree takes any other split)"]}
+                            "the ring degree takes any other split) (Load Parallel DiT node 6)"]}
     assert _queue(ext, _zimage_graph("z_image_turbo_mini.safetensors", ulysses_degree=5)) == {}
     errors = _queue(ext, _zimage_graph("z_image_turbo_mini.safetensors", pipefusion_degree=3))
-    assert "pipefusion_degree 3 is larger than the 2 transformer blocks" in errors["6"][0]
+    assert "pipefusion_degree 3 is larger than the 2 transformer blocks" in errors["5"][0]
 
 
 def test_parallel_sampler_takes_pipeline_conditioning_and_a_16_channel_latent(ext, monkeypatch):
