@@ -16,8 +16,11 @@ LINK_FREE = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
 
 def parallel(**deg):
+    """Configure Hybrid Parallel with these degrees, saved as layout manual: the editor would otherwise show the
+    widget's default (auto) for a file that does not set it, and run other degrees than the file's."""
     d = dict(device="auto", ulysses_degree=2, ring_degree=1, pipefusion_degree=1, cfg_degree=1, dp_degree=1,
-             num_patches=0, warmup_steps=1, attention="auto", gpus="", pool_address="")
+             num_patches=0, warmup_steps=1, attention="auto", gpus="", pool_address="", shard_degree=1,
+             shard_keep=False, layout="manual")
     d.update(deg)
     return d
 
@@ -394,12 +397,13 @@ NODE_WIDTH, COLUMN_GAP, ROW_GAP, TITLE = 320, 60, 40, 30
 SLOT_ROW, WIDGET_ROW, MULTILINE_ROWS = 24, 26, 4
 
 
-def node_height(info: dict, values: dict, n_inputs: int, n_outputs: int) -> int:
+def node_height(info: dict, n_inputs: int, n_outputs: int) -> int:
     """Body height (the title bar is above `pos`), generous against what the editor computes: a row per slot, a row
-    per widget (four for a multiline text box), a seed's control widget, margins."""
+    per widget (four for a multiline text box), a seed's control widget, margins. Every widget input counts, the
+    optional ones too (the editor draws a widget for each, set in the graph or not)."""
     rows = 0
     for name, conf in ordered_inputs(info):
-        if is_link_type(conf[0]) or name not in values:
+        if is_link_type(conf[0]):
             continue
         extra = conf[1] if len(conf) > 1 and isinstance(conf[1], dict) else {}
         rows += MULTILINE_ROWS if extra.get("multiline") else 1
@@ -437,6 +441,44 @@ def layout(api: dict, nodes: list[dict]) -> None:
         y = bottom.get(c, 60)
         node["pos"] = [40 + (NODE_WIDTH + COLUMN_GAP) * c, y]
         bottom[c] = y + node["size"][1] + TITLE + ROW_GAP
+
+
+DEGREES = ("ulysses_degree", "ring_degree", "pipefusion_degree", "cfg_degree", "dp_degree")
+# where ComfyUI looks for each loader's file (folder under ComfyUI/), by node and input
+FILE_FOLDERS = {("XDiTLoadParallelDiT", "checkpoint"): "models/diffusion_models",
+                ("CLIPLoader", "clip_name"): "models/text_encoders",
+                ("DualCLIPLoader", "clip_name1"): "models/text_encoders",
+                ("DualCLIPLoader", "clip_name2"): "models/text_encoders",
+                ("TripleCLIPLoader", "clip_name1"): "models/text_encoders",
+                ("TripleCLIPLoader", "clip_name2"): "models/text_encoders",
+                ("TripleCLIPLoader", "clip_name3"): "models/text_encoders",
+                ("VAELoader", "vae_name"): "models/vae",
+                ("LoadImage", "image"): "input"}
+
+
+def setup_note(api: dict) -> str:
+    """What every workflow's Note starts with: the GPU count it is saved for and how to change it, and which file goes
+    in which ComfyUI folder (read off the graph, so it cannot disagree with it)."""
+    conf = next(n["inputs"] for n in api.values() if n["class_type"] == "XDiTConfigureHybridParallel")
+    if conf.get("layout") == "auto":
+        gpus = "Set for every GPU found (Configure Hybrid Parallel: layout auto)."
+    else:
+        used = [f"{d} {conf[d]}" for d in DEGREES if conf.get(d, 1) != 1] or ["all degrees 1"]
+        n = 1
+        for d in DEGREES:
+            n *= conf.get(d, 1)
+        gpus = f"Set for {n} GPU{'s' if n != 1 else ''} (Configure Hybrid Parallel: {' x '.join(used)})."
+    files: dict[str, list[str]] = {}
+    for node in api.values():
+        for name, value in node["inputs"].items():
+            folder = FILE_FOLDERS.get((node["class_type"], name))
+            if folder and isinstance(value, str) and value not in files.get(folder, []):
+                files.setdefault(folder, []).append(value)
+    lines = [gpus + " Other GPU counts: set its layout to auto (the planner picks degrees for the GPUs it finds), "
+             "or set the degrees so that their product is the GPU count (ulysses_degree must divide the model's "
+             "attention heads; cfg_degree 2 needs cfg > 1).", "", "Files (under ComfyUI/):"]
+    lines += [f"- {folder}/: {', '.join(names)}" for folder, names in files.items()]
+    return "\n".join(lines)
 
 
 def add_note(ui: dict, text: str) -> None:
@@ -477,7 +519,7 @@ def to_ui(api: dict, object_info: dict) -> dict:
         outputs = [{"name": n, "type": t, "links": out_links.get((nid, i), []), "slot_index": i}
                    for i, (t, n) in enumerate(zip(info["output"], info.get("output_name", info["output"])))]
         nodes.append({"id": int(nid), "type": node["class_type"], "pos": [0, 0],
-                      "size": [NODE_WIDTH, node_height(info, node["inputs"], len(inputs), len(outputs))],
+                      "size": [NODE_WIDTH, node_height(info, len(inputs), len(outputs))],
                       "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                       "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets})
     layout(api, nodes)
@@ -500,8 +542,8 @@ def main() -> None:
         api = graph(kind)
         (OUT / "api" / f"{kind}.json").write_text(json.dumps(api, indent=2) + "\n")
         ui = to_ui(api, object_info)
-        if kind in NOTES:
-            add_note(ui, NOTES[kind])
+        note = setup_note(api)
+        add_note(ui, note + ("\n\n" + NOTES[kind] if kind in NOTES else ""))
         (OUT / f"{kind}.json").write_text(json.dumps(ui, indent=2) + "\n")
         print("wrote", kind)
 
