@@ -99,3 +99,19 @@ def running_comfyui(base: Path, python: str | None = None, env: dict[str, str] |
             pass
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
+
+
+def saved_latent(base: Path, prefix: str):
+    """The last LATENT a SaveLatent node with `prefix` wrote in this ComfyUI's output folder, as float32."""
+    from safetensors.torch import load_file
+
+    files = sorted((base / "output").glob(f"{prefix}_*.latent"))
+    assert files, f"no {prefix} latent saved"
+    return load_file(str(files[-1]))["latent_tensor"].float()
+
+
+def config_node(nid: str, **degrees) -> dict:
+    """A Configure Hybrid Parallel node on the CPU with these degrees (the rest 1)."""
+    conf = {"device": "cpu", "ulysses_degree": 1, "ring_degree": 1, "pipefusion_degree": 1, "cfg_degree": 1,
+            "dp_degree": 1, "num_patches": 0, "warmup_steps": 1, "attention": "auto", **degrees}
+    return {nid: {"class_type": "XDiTConfigureHybridParallel", "inputs": conf}}

@@ -4,7 +4,6 @@ reason when it runs; what fits nowhere is refused on the node in one line; promp
 degrees."""
 from __future__ import annotations
 
-import pytest
 
 from .test_nodes import CONFIG_DEFAULTS, _graph, _node, _queue
 

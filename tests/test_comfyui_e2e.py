@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from .comfy_server import COMFYUI_DIR, ROOT, comfy_python, make_base, running_comfyui
+from .comfy_server import COMFYUI_DIR, ROOT, comfy_python, make_base, running_comfyui, saved_latent as _saved
 from .conftest import rel_l2
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
@@ -318,12 +318,6 @@ def test_pixart_parallel_sampler_matches_native_ksampler(comfy, ran):
         assert native.abs().mean() > 0.01
         print(f"PixArt {sampler}/{scheduler}: rel L2 to native KSampler {rel_l2(ours, native):.2e}")
         assert rel_l2(ours, native) <= 1e-4, (sampler, scheduler, rel_l2(ours, native))
-
-
-def _saved(base: Path, prefix: str):
-    files = sorted((base / "output").glob(f"{prefix}_*.latent"))
-    assert files, f"no {prefix} latent saved"
-    return load_file(str(files[-1]))["latent_tensor"].float()
 
 
 def test_advanced_node_has_ksampler_advanceds_inputs(comfy):

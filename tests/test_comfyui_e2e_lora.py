@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import lora_files as lf
-from .comfy_server import COMFYUI_DIR, ROOT, make_base, running_comfyui
+from .comfy_server import COMFYUI_DIR, ROOT, make_base, running_comfyui, saved_latent as _latent
 from .conftest import rel_l2
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
@@ -73,12 +73,6 @@ def comfy(tmp_path_factory):
     del qwen, wan, diff, bfl, specs
     with running_comfyui(base) as server:
         yield server, base, files
-
-
-def _latent(base: Path, prefix: str) -> torch.Tensor:
-    files = sorted((base / "output").glob(f"{prefix}_*.latent"))
-    assert files, f"no {prefix} latent saved"
-    return load_file(str(files[-1]))["latent_tensor"].float()
 
 
 def _graph(family: str, files: tuple[str, str]) -> dict:

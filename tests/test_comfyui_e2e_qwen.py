@@ -17,10 +17,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .comfy_server import COMFYUI_DIR, ROOT, comfy_python, make_base, running_comfyui
+from .comfy_server import COMFYUI_DIR, ROOT, comfy_python, make_base, running_comfyui, saved_latent as _latent
 from .conftest import rel_l2
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
@@ -97,12 +96,6 @@ def test_comfyui_detects_the_tiny_checkpoint_as_qwen_image(comfy):
     result = next(line for line in res.stdout.splitlines() if line.startswith("RESULT")).split()[1:]
     assert result[:3] == ["QwenImage", "comfy.ldm.qwen_image.model", "1"]
     assert result[3:] == ["torch.float32", "True", "1.15", "Wan21"]
-
-
-def _latent(base: Path, prefix: str) -> torch.Tensor:
-    files = sorted((base / "output").glob(f"{prefix}_*.latent"))
-    assert files, f"no {prefix} latent saved"
-    return load_file(str(files[-1]))["latent_tensor"].float()
 
 
 def _pair_graph(n: int, size: tuple[int, int], sampling: dict, prefix: str) -> dict:

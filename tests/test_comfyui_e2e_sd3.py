@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import lora_files as lf
-from .comfy_server import COMFYUI_DIR, ROOT, make_base, running_comfyui
+from .comfy_server import COMFYUI_DIR, ROOT, make_base, running_comfyui, saved_latent as _latent, config_node as _config
 from .conftest import rel_l2
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
@@ -61,18 +61,6 @@ def comfy(tmp_path_factory):
               str(loras / LORAS["comfy"]))
     with running_comfyui(base) as server:
         yield server, base
-
-
-def _latent(base: Path, prefix: str) -> torch.Tensor:
-    files = sorted((base / "output").glob(f"{prefix}_*.latent"))
-    assert files, f"no {prefix} latent saved"
-    return load_file(str(files[-1]))["latent_tensor"].float()
-
-
-def _config(nid: str, **degrees) -> dict:
-    conf = {"device": "cpu", "ulysses_degree": 1, "ring_degree": 1, "pipefusion_degree": 1, "cfg_degree": 1,
-            "dp_degree": 1, "num_patches": 0, "warmup_steps": 1, "attention": "auto", **degrees}
-    return {nid: {"class_type": "XDiTConfigureHybridParallel", "inputs": conf}}
 
 
 def _common(neg_tokens: int) -> tuple[dict, dict]:

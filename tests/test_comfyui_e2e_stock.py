@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .comfy_server import COMFYUI_DIR, ROOT, make_base, running_comfyui
+from .comfy_server import COMFYUI_DIR, ROOT, make_base, running_comfyui, saved_latent as _saved, config_node as _config
 from .conftest import rel_l2
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
@@ -127,18 +127,6 @@ def comfy(tmp_path_factory):
               str(base / "models" / "loras" / "xdit_e2e_stock.safetensors"))
     with running_comfyui(base) as server:
         yield server, base
-
-
-def _saved(base: Path, prefix: str):
-    files = sorted((base / "output").glob(f"{prefix}_*.latent"))
-    assert files, f"no {prefix} latent saved"
-    return load_file(str(files[-1]))["latent_tensor"].float()
-
-
-def _config(nid: str, **degrees) -> dict:
-    conf = {"device": "cpu", "ulysses_degree": 1, "ring_degree": 1, "pipefusion_degree": 1, "cfg_degree": 1,
-            "dp_degree": 1, "num_patches": 0, "warmup_steps": 1, "attention": "auto", **degrees}
-    return {nid: {"class_type": "XDiTConfigureHybridParallel", "inputs": conf}}
 
 
 def _base_graph(family: str) -> dict:

@@ -23,10 +23,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .comfy_server import COMFYUI_DIR, ROOT, comfy_python, make_base, running_comfyui
+from .comfy_server import (
+    COMFYUI_DIR, ROOT, comfy_python, make_base, running_comfyui, saved_latent as _latent, config_node as _config)
 from .conftest import rel_l2
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
@@ -106,18 +106,6 @@ def test_comfyui_detects_the_tiny_checkpoint_as_wan21_t2v(comfy):
     result = next(line for line in res.stdout.splitlines() if line.startswith("RESULT")).split()[1:]
     assert result[:4] == ["WAN21_T2V", "comfy.ldm.wan.model", "2", "4"]
     assert result[4:] == ["torch.float32", "True", "8.0", "Wan21"]
-
-
-def _latent(base: Path, prefix: str) -> torch.Tensor:
-    files = sorted((base / "output").glob(f"{prefix}_*.latent"))
-    assert files, f"no {prefix} latent saved"
-    return load_file(str(files[-1]))["latent_tensor"].float()
-
-
-def _config(nid: str, **degrees) -> dict:
-    d = {**dict(ulysses_degree=1, ring_degree=1, pipefusion_degree=1, cfg_degree=1, dp_degree=1), **degrees}
-    return {nid: {"class_type": "XDiTConfigureHybridParallel", "inputs": {
-        "device": "cpu", **d, "num_patches": 0, "warmup_steps": 1, "attention": "auto"}}}
 
 
 def _save(nid: str, src: str, prefix: str) -> dict:

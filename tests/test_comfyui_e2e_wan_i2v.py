@@ -21,7 +21,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from .comfy_server import COMFYUI_DIR, ROOT, comfy_python, make_base, running_comfyui

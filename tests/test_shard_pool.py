@@ -6,7 +6,7 @@ import torch
 from comfyui_xdit.models import load_model
 from comfyui_xdit.sampling import SampleRequest, sample
 from comfyui_xdit_runtime import Pool, PoolError
-from tests.conftest import forward_inputs, rel_l2
+from tests.conftest import rel_l2
 
 REQ = {"height": 112, "width": 144, "steps": 2}  # 63 image tokens: not divisible by 2
 
