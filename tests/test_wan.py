@@ -347,6 +347,10 @@ def test_cache_serial_ulysses_and_pipefusion(world2):
     assert info["rank_reused"] == [reused, reused] and rel_l2(info["latents"], serial) <= 1e-4
     info = case_ok(world2, "cache_pf2")
     assert info["rank_reused"] == [reused, reused] and torch.isfinite(info["latents"]).all()
+    # the stale rule with the reuse rule on those steps (tests/pipefusion_reference.py)
+    case = {**CACHE, "parallel": {"pipefusion": 2, "num_patches": 2, "warmup_steps": 1}}
+    assert rel_l2(info["latents"], stale_reference(case, reused)) <= 1e-4
+    assert rel_l2(info["latents"], stale_reference(case)) > 1e-4  # the reuse changed the result
 
 
 def test_analyser_serial_and_ulysses(world2):
