@@ -3,9 +3,10 @@
     python -m comfyui_xdit bench --arch flux --size 1024 --device cuda --dtype bf16 [--compile]
 
 One transformer forward is one sampling step (per guidance branch). The table compares, in one run:
-diffusers eager (the model as diffusers calls it, default attention selection), ours eager (the same forward
-under the engine's attention-backend choice), ours compiled (regional torch.compile of the repeated blocks),
-with achieved TFLOP/s from torch's FLOP counter and the share of a matmul ceiling measured in the same run.
+diffusers eager (the model's forward called with the inputs its diffusers pipeline builds, default attention
+selection; `pipeline_step`), ours eager (the engine's adapter call under its attention-backend choice), ours
+compiled (regional torch.compile of the repeated blocks), with achieved TFLOP/s from torch's FLOP counter and the
+share of a matmul ceiling measured in the same run.
 Random weights change nothing about the time of a step.
 """
 from __future__ import annotations
@@ -177,6 +178,83 @@ def compile_blocks(adapter: FamilyAdapter) -> None:
             block.compile(fullgraph=True)
 
 
+def pipeline_step(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
+    """One transformer forward as the family's diffusers pipeline makes it: the model's forward called with the
+    inputs the pipeline's denoising loop builds (its own packing, position ids, timestep scaling and guidance, from
+    the pipeline classes' helpers), the output turned back into the model-space layout of x with the pipeline's own
+    unpacking. Independent of the adapter's `predict`: a wrong input mapping there makes the two differ."""
+    fam, model, b = adapter.family, adapter.model, x.shape[0]
+    dtype = adapter.dtype
+    timestep = t.reshape(-1)[:1].expand(b).to(x.device)
+    if fam == "flux":  # FluxPipeline.__call__
+        from diffusers.pipelines.flux.pipeline_flux import FluxPipeline as Pipe
+
+        _, ch, h, w = x.shape
+        latents = Pipe._pack_latents(x.to(dtype), b, ch, h, w)
+        guidance = None
+        if model.config.guidance_embeds:
+            scale = adapter.spec.cond.guidance if c.guidance is None else c.guidance
+            guidance = torch.full([1], scale, device=x.device, dtype=torch.float32).expand(b)
+        out = model(hidden_states=latents, timestep=timestep.to(latents.dtype) / 1000, guidance=guidance,
+                    pooled_projections=c.pooled, encoder_hidden_states=c.cond,
+                    txt_ids=torch.zeros(c.cond.shape[1], 3, device=x.device, dtype=dtype),
+                    img_ids=Pipe._prepare_latent_image_ids(b, h // 2, w // 2, x.device, dtype),
+                    return_dict=False)[0]
+        return Pipe._unpack_latents(out, h * 8, w * 8, 8)
+    if fam == "flux2":  # Flux2Pipeline.__call__: patchified, packed latents with 4-D position ids
+        from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline as Pipe
+
+        patches = Pipe._patchify_latents(x)
+        latent_ids = Pipe._prepare_latent_ids(patches).to(x.device)
+        latents = Pipe._pack_latents(patches)
+        scale = adapter.spec.cond.guidance if c.guidance is None else c.guidance
+        guidance = torch.full([1], scale, device=x.device, dtype=torch.float32).expand(b)
+        out = model(hidden_states=latents.to(dtype), timestep=timestep.to(latents.dtype) / 1000, guidance=guidance,
+                    encoder_hidden_states=c.cond, txt_ids=Pipe._prepare_text_ids(c.cond).to(x.device),
+                    img_ids=latent_ids, return_dict=False)[0]
+        out = out[:, :latents.size(1)]
+        return Pipe._unpatchify_latents(Pipe._unpack_latents_with_ids(out, latent_ids))
+    if fam == "qwen-image":  # QwenImagePipeline.__call__ (text to image: no reference latents)
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline as Pipe
+
+        _, ch, h, w = x.shape
+        latents = Pipe._pack_latents(x, b, ch, h, w)
+        out = model(hidden_states=latents.to(dtype), timestep=timestep.to(latents.dtype) / 1000, guidance=None,
+                    encoder_hidden_states_mask=c.mask, encoder_hidden_states=c.cond,
+                    img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+        return Pipe._unpack_latents(out, h * 8, w * 8, 8)[:, :, 0]
+    if fam == "z-image":  # ZImagePipeline.__call__: lists of one-frame latents, t reversed, the output negated
+        latents = list(x.to(dtype).unsqueeze(2).unbind(dim=0))
+        out = model(latents, (1000 - timestep.float()) / 1000, list(c.cond), return_dict=False)[0]
+        return -torch.stack([o.float() for o in out], dim=0).squeeze(2)
+    if fam == "wan":  # WanPipeline / WanImageToVideoPipeline.__call__
+        current = model
+        if getattr(model, "transformer_2", None) is not None:  # the experts: the boundary picks one
+            boundary = model.boundary_ratio * model.num_train_timesteps
+            current = model.transformer if float(t.reshape(-1)[0]) >= boundary else model.transformer_2
+        kwargs = {}
+        latents = x.to(dtype)
+        if adapter.variant == "wan2.2-ti2v-5b":  # expand_timesteps: one timestep per token
+            mask = torch.ones(x.shape, dtype=torch.float32, device=x.device)
+            timestep = (mask[0][0][:, ::2, ::2] * t.reshape(-1)[0]).flatten().unsqueeze(0).expand(b, -1)
+        if "image_cond" in c.extra:
+            latents = torch.cat([latents, c.extra["image_cond"].to(dtype)], dim=1)
+        if "image_embeds" in c.extra:
+            kwargs["encoder_hidden_states_image"] = c.extra["image_embeds"]
+        return current(hidden_states=latents, timestep=timestep, encoder_hidden_states=c.cond, return_dict=False,
+                       **kwargs)[0]
+    if fam == "sd3":  # StableDiffusion3Pipeline.__call__
+        return model(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=c.cond,
+                     pooled_projections=c.pooled, return_dict=False)[0]
+    if fam == "pixart":  # PixArtSigmaPipeline.__call__, learned sigma split off
+        out = model(x.to(dtype), encoder_hidden_states=c.cond, encoder_attention_mask=c.mask, timestep=timestep,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+        if model.config.out_channels // 2 == adapter.latent_channels:
+            out = out.chunk(2, dim=1)[0]
+        return out
+    raise SystemExit(f"error: bench knows no diffusers pipeline call for {fam}")
+
+
 @torch.no_grad()
 def run(arch: str, size, device: str, dtype: torch.dtype, compile: bool, repeats: int,
         batch: int = 1, frames: int = 1) -> tuple[list[tuple[str, float, float, str]], dict]:
@@ -185,7 +263,7 @@ def run(arch: str, size, device: str, dtype: torch.dtype, compile: bool, repeats
     x, t, c = step_inputs(adapter, size, batch, device, frames)
 
     def diffusers_step() -> torch.Tensor:
-        return adapter.predict(x, t, c)
+        return pipeline_step(adapter, x, t, c)
 
     def ours_step() -> torch.Tensor:
         with preferred_attention(x.device):

@@ -1,7 +1,7 @@
 """Wan (video): serial sampling equals diffusers' WanPipeline (Wan 2.1 T2V, the two-expert Wan 2.2 A14B, Wan 2.2
 TI2V with per-token timesteps); frame counts; every exact parallel method equals serial at world sizes 2 and 4 on
 an odd token count; PipeFusion over the flattened T x H x W tokens (patches cross frame boundaries) exact when
-synchronous and within a measured bound when stale; the step cache and the analyser; weights; bench.
+synchronous and equal to a plain-hook stale reference when stale; the step cache and the analyser; weights; bench.
 
 The tiny models: 4 heads x 16, 3 blocks, 4096-wide text; ODD is 9 frames (3 latent frames) of 48x80 pixels:
 3 x 3 x 5 = 45 video tokens, 15 text tokens, divisible by neither 2 nor 4.
@@ -18,6 +18,7 @@ from comfyui_xdit.sampling import SampleRequest, latent_shape, prepare, sample, 
 from tests.cases import build_request, case_ok, get_model, serial_of
 from tests.conftest import rel_l2
 from tests.distributed import run_cases
+from tests.pipefusion_reference import stale_reference
 
 MODEL, EXPERTS, TI2V = "tiny-wan", "tiny-wan-a14b", "tiny-wan-ti2v"
 I2V = {"in_channels": 36, "image_dim": 32, "added_kv_proj_dim": 64}  # tiny-wan as Wan 2.1 I2V (CLIP width 32)
@@ -271,8 +272,6 @@ def stale_cases() -> list[dict]:
             for steps in (6,) for m in (2, 3)]
 
 
-# 1.5x the error measured on the CPU reference run (docs/benchmarks.md), rounded up
-STALE_BOUND = {"wan_s6_m2_w1": 0.027, "wan_s6_m3_w1": 0.035}
 CACHE_MASK = [True, True, False, True, False, True]
 CACHE = {"model": MODEL, "seed": 5, "steps": 6, **ODD, **NEG}
 ANALYZE = {"model": MODEL, "seed": 21, "steps": 3, **ODD, "prompts": 2, "analyze": True}
@@ -307,10 +306,12 @@ def test_world4_exact_methods_match_serial(world4, case):
 
 
 @pytest.mark.parametrize("case", stale_cases(), ids=lambda c: c["id"])
-def test_pipefusion_stale_error_within_stated_bound(world2, case):
-    err = rel_l2(case_ok(world2, case["id"])["latents"], serial_of(case))
-    print(f"{case['id']}: rel. L2 vs serial {err:.3e}")
-    assert 1e-3 < err <= STALE_BOUND[case["id"]]  # stale K/V really used, and the drift bounded
+def test_pipefusion_stale_phase_is_the_stale_rule(world2, case):
+    """Against the plain-hook stale reference (tests/pipefusion_reference.py): patches are ranges of token rows
+    with the frames folded in (9 rows in 2 or 3 patches cross frame boundaries)."""
+    out = case_ok(world2, case["id"])["latents"]
+    assert rel_l2(out, stale_reference(case)) <= 1e-4
+    assert rel_l2(out, serial_of(case)) > 1e-3  # stale K/V really used
 
 
 def test_ulysses_degree_not_dividing_40_heads_is_refused_and_81_frames_fit():
@@ -346,6 +347,10 @@ def test_cache_serial_ulysses_and_pipefusion(world2):
     assert info["rank_reused"] == [reused, reused] and rel_l2(info["latents"], serial) <= 1e-4
     info = case_ok(world2, "cache_pf2")
     assert info["rank_reused"] == [reused, reused] and torch.isfinite(info["latents"]).all()
+    # the stale rule with the reuse rule on those steps (tests/pipefusion_reference.py)
+    case = {**CACHE, "parallel": {"pipefusion": 2, "num_patches": 2, "warmup_steps": 1}}
+    assert rel_l2(info["latents"], stale_reference(case, reused)) <= 1e-4
+    assert rel_l2(info["latents"], stale_reference(case)) > 1e-4  # the reuse changed the result
 
 
 def test_analyser_serial_and_ulysses(world2):
@@ -500,7 +505,8 @@ def test_bench_memory_per_degree_and_a_tiny_run(capsys):
     assert sum(p.numel() for p in experts.model.parameters()) == 2 * total and experts.experts
     assert {m for m, *_ in memory_rows(experts, "832x480", 81)} == {"ulysses", "ring"}  # pipefusion refused
     rows, facts = run(MODEL, (48, 80), "cpu", torch.float32, compile=False, repeats=1, frames=9)
-    assert [r[0] for r in rows] == ["diffusers eager", "ours eager"] and facts["rel_l2_ours_vs_diffusers"] == 0.0
+    # ours against the model called as WanPipeline calls it (bench.pipeline_step)
+    assert [r[0] for r in rows] == ["diffusers eager", "ours eager"] and facts["rel_l2_ours_vs_diffusers"] <= 1e-6
 
 
 def test_generate_with_frames(tmp_path, capsys):
