@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import urllib.request
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "workflows"
+TINY_MODELS = ("tiny-flux", "tiny-flux2", "tiny-sd3", "tiny-pixart", "tiny-qwen-image", "tiny-z-image", "tiny-wan",
+               "tiny-wan-a14b", "tiny-wan-ti2v")  # built-in (nodes/checkpoints.py TINY_MODELS): no file to place
 LINK_FREE = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
 
@@ -169,6 +172,36 @@ def wan_i2v_graph() -> dict:
     }
 
 
+def setup_check_graph() -> dict:
+    """The set-up check without downloads: the built-in tiny-flux (random weights, real Flux widths) sampled on
+    Ulysses 2 and on one GPU from the same Tiny Conditioning, latent and seed; Setup Check compares the two. fp32 so
+    that the tolerance can be tight (the ranks' sums in another order are the only difference)."""
+    sampling = {"positive": ["3", 0], "negative": ["3", 1], "latent_image": ["4", 0], "seed": 42, "steps": 4,
+                "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+    return {
+        "1": ("XDiTConfigureHybridParallel", parallel(ulysses_degree=2)),
+        "2": ("XDiTLoadParallelDiT", {"parallel_config": ["1", 0], "checkpoint": "tiny-flux", "weight_dtype": "fp32",
+                                      "family": "auto"}),
+        "3": ("XDiTTinyConditioning", {"model": ["2", 0], "seed": 0, "tokens": 8}),
+        "4": ("EmptySD3LatentImage", {"width": 256, "height": 256, "batch_size": 1}),
+        "5": ("XDiTParallelSampler", {"model": ["2", 0], **sampling}),
+        "6": ("XDiTConfigureHybridParallel", parallel(ulysses_degree=1)),
+        "7": ("XDiTLoadParallelDiT", {"parallel_config": ["6", 0], "checkpoint": "tiny-flux", "weight_dtype": "fp32",
+                                      "family": "auto"}),
+        "8": ("XDiTParallelSampler", {"model": ["7", 0], **sampling}),
+        "9": ("XDiTSetupCheck", {"parallel": ["5", 0], "reference": ["8", 0], "tolerance": 1e-4}),
+    }
+
+
+SETUP_CHECK_NOTE = (
+    "Setup check, no downloads: tiny-flux is a built-in Flux transformer with random weights (2 + 2 blocks) that "
+    "takes conditioning at Flux's real widths, which Tiny Conditioning makes from a seed. The top row samples it on "
+    "the parallel config, the second row on one GPU (all degrees 1: leave that Configure node as it is); Setup "
+    "Check shows PASS when the two latents agree (relative L2 within the tolerance) and stops with the numbers when "
+    "they do not. About a minute, on CPUs too (device auto). The output is noise-like: there is no image to look "
+    "at.")
+
+
 WAN_NOTE = (
     "Wan on xDiT. Text encoder and VAE are ComfyUI's own loaders; the Parallel Sampler takes their CONDITIONING "
     "(umT5-xxl) and the video LATENT [batch, channels, frames, h, w] and returns the same shape for VAE Decode. "
@@ -306,6 +339,8 @@ def graph(kind: str) -> dict:
         }
     elif kind == "flux2-dev":
         g = flux2_graph()
+    elif kind == "setup-check":
+        g = setup_check_graph()
     elif kind == "z-image-turbo":
         g = {
             # how ComfyUI versions with Z-Image load its Qwen3-4B text encoder (see the note: 0.3.64 has none)
@@ -360,7 +395,8 @@ def flux2_graph() -> dict:
     }
 
 
-EXAMPLES = ("flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "qwen-image", "qwen-image-edit-2509",
+EXAMPLES = ("setup-check",
+            "flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "qwen-image", "qwen-image-edit-2509",
             "flux2-dev", "z-image-turbo",
             "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b", "wan2.2-i2v-a14b", "sd3.5-large-stock-ksampler",
             "flux1-dev-stock-custom-advanced")
@@ -372,7 +408,8 @@ Z_IMAGE_NOTE = (
     "such a CONDITIONING from another node. Turbo is distilled: cfg 1 (the negative is unused), 8-9 steps; "
     "the VAE is the Flux VAE (ae.safetensors).")
 # UI-only Note nodes (the editor's own; not queued, so not in the API twin)
-NOTES = {"flux2-dev": FLUX2_NOTE, "z-image-turbo": Z_IMAGE_NOTE, "wan2.2-t2v-a14b": WAN_A14B_NOTE,
+NOTES = {"setup-check": SETUP_CHECK_NOTE,
+         "flux2-dev": FLUX2_NOTE, "z-image-turbo": Z_IMAGE_NOTE, "wan2.2-t2v-a14b": WAN_A14B_NOTE,
          "wan2.2-ti2v-5b": WAN_TI2V_NOTE, "wan2.1-t2v-1.3b": WAN_NOTE, "wan2.2-i2v-a14b": WAN_I2V_NOTE}
 
 
@@ -459,7 +496,9 @@ FILE_FOLDERS = {("XDiTLoadParallelDiT", "checkpoint"): "models/diffusion_models"
 def setup_note(api: dict) -> str:
     """What every workflow's Note starts with: the GPU count it is saved for and how to change it, and which file goes
     in which ComfyUI folder (read off the graph, so it cannot disagree with it)."""
-    conf = next(n["inputs"] for n in api.values() if n["class_type"] == "XDiTConfigureHybridParallel")
+    # the parallel one where a workflow has several (the setup check's one-GPU reference has all degrees 1)
+    conf = max((n["inputs"] for n in api.values() if n["class_type"] == "XDiTConfigureHybridParallel"),
+               key=lambda c: (c.get("layout") == "auto", math.prod(c.get(d, 1) for d in DEGREES)))
     if conf.get("layout") == "auto":
         gpus = "Set for every GPU found (Configure Hybrid Parallel: layout auto)."
     else:
@@ -469,15 +508,21 @@ def setup_note(api: dict) -> str:
             n *= conf.get(d, 1)
         gpus = f"Set for {n} GPU{'s' if n != 1 else ''} (Configure Hybrid Parallel: {' x '.join(used)})."
     files: dict[str, list[str]] = {}
+    tiny: list[str] = []
     for node in api.values():
         for name, value in node["inputs"].items():
             folder = FILE_FOLDERS.get((node["class_type"], name))
-            if folder and isinstance(value, str) and value not in files.get(folder, []):
+            if value in TINY_MODELS:
+                tiny.append(value)
+            elif folder and isinstance(value, str) and value not in files.get(folder, []):
                 files.setdefault(folder, []).append(value)
     lines = [gpus + " Other GPU counts: set its layout to auto (the planner picks degrees for the GPUs it finds), "
              "or set the degrees so that their product is the GPU count (ulysses_degree must divide the model's "
              "attention heads; cfg_degree 2 needs cfg > 1).", "", "Files (under ComfyUI/):"]
     lines += [f"- {folder}/: {', '.join(names)}" for folder, names in files.items()]
+    if tiny and not files:
+        lines[-1] = (f"Files: none ({', '.join(dict.fromkeys(tiny))} is built in). Your own checkpoints go in "
+                     "ComfyUI/models/diffusion_models/.")
     return "\n".join(lines)
 
 

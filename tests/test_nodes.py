@@ -30,15 +30,17 @@ CONFIG_DEFAULTS = dict(device="cpu", ulysses_degree=1, ring_degree=1, pipefusion
 def test_mappings_and_node_definitions(ext):
     assert set(ext.NODE_CLASS_MAPPINGS) == {"XDiTConfigureHybridParallel", "XDiTLoadParallelDiT",
                                             "XDiTParallelSampler", "XDiTParallelSamplerAdvanced",
-                                            "XDiTParallelDiTModel", "XDiTParallelLoRA"}
+                                            "XDiTParallelDiTModel", "XDiTParallelLoRA", "XDiTTinyConditioning",
+                                            "XDiTSetupCheck"}
     assert set(ext.NODE_DISPLAY_NAME_MAPPINGS) == set(ext.NODE_CLASS_MAPPINGS)
     returns = {"XDiTConfigureHybridParallel": ("XDIT_PARALLEL_CONFIG",), "XDiTLoadParallelDiT": ("XDIT_MODEL",),
                "XDiTParallelSampler": ("LATENT",), "XDiTParallelSamplerAdvanced": ("LATENT",),
-               "XDiTParallelDiTModel": ("MODEL",), "XDiTParallelLoRA": ("XDIT_MODEL",)}
+               "XDiTParallelDiTModel": ("MODEL",), "XDiTParallelLoRA": ("XDIT_MODEL",),
+               "XDiTTinyConditioning": ("CONDITIONING", "CONDITIONING"), "XDiTSetupCheck": ()}
     v3 = {name for name, cls in ext.NODE_CLASS_MAPPINGS.items() if issubclass(cls, cs.comfy_io_standin.ComfyNode)}
     assert v3 == {"XDiTParallelDiTModel"}  # ComfyUI's V3 schema (comfy_api.latest), beside the V1 nodes
     for name, cls in ext.NODE_CLASS_MAPPINGS.items():
-        assert cls.CATEGORY == "xDiT"
+        assert cls.CATEGORY == ("xDiT/testing" if name in ("XDiTTinyConditioning", "XDiTSetupCheck") else "xDiT")
         assert tuple(cls.RETURN_TYPES) == returns[name]
         spec = cls.INPUT_TYPES()
         fn = cls.execute if name in v3 else getattr(cls, cls.FUNCTION)  # V3: ComfyUI's wrapper calls execute
@@ -92,7 +94,7 @@ def test_import_is_light_and_works_without_gpu():
         "print(len(m.NODE_CLASS_MAPPINGS), heavy)" % str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "6 []"
+    assert out.stdout.strip() == "8 []"
 
 
 # ------------------------------------------------------------------------------------------------ configure

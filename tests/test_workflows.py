@@ -15,10 +15,13 @@ WF = ROOT / "workflows"
 EXPECTED = {"flux1-dev", "flux1-schnell", "sd3.5-large", "pixart-sigma", "flux2-dev", "qwen-image", "z-image-turbo",
             "qwen-image-edit-2509",
             "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-t2v-1.3b", "wan2.2-i2v-a14b",
-            "sd3.5-large-stock-ksampler", "flux1-dev-stock-custom-advanced"}  # stock samplers on Parallel DiT Model
+            "sd3.5-large-stock-ksampler", "flux1-dev-stock-custom-advanced",  # stock samplers on Parallel DiT Model
+            "setup-check"}  # the built-in tiny-flux, parallel against one GPU: no downloads
 EDITOR_ONLY = ("Note", "MarkdownNote")  # the editor's own nodes: never queued, so absent from the API twins
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 MODEL_FILE_INPUTS = {("XDiTLoadParallelDiT", "checkpoint")}
+TINY_MODELS = ("tiny-flux", "tiny-flux2", "tiny-sd3", "tiny-pixart", "tiny-qwen-image", "tiny-z-image", "tiny-wan",
+               "tiny-wan-a14b", "tiny-wan-ti2v")
 IMAGE_FILE_INPUTS = {("LoadImage", "image")}  # a file of ComfyUI's input folder (example.png ships with it)
 
 
@@ -30,6 +33,7 @@ def defs():
         for name, cls in ext.NODE_CLASS_MAPPINGS.items():
             spec = json.loads(json.dumps(cls.INPUT_TYPES()))
             out[name] = {"input": spec, "output": list(cls.RETURN_TYPES), "cls": cls,
+                         "output_node": bool(getattr(cls, "OUTPUT_NODE", False)),
                          "input_order": {s: list(spec.get(s, {})) for s in ("required", "optional")}}
         yield out
 
@@ -59,6 +63,8 @@ def check_value(class_type, name, conf, value):
     if opts is not None:
         if (class_type, name) in IMAGE_FILE_INPUTS:
             assert isinstance(value, str) and value.endswith((".png", ".jpg", ".jpeg", ".webp")), where
+        elif (class_type, name) in MODEL_FILE_INPUTS and value in TINY_MODELS:  # built in: every installation has it
+            assert value in opts, where
         elif not opts or (class_type, name) in MODEL_FILE_INPUTS:  # file lists depend on the installation
             assert isinstance(value, str) and value.endswith((".safetensors", ".pth", ".sft", ".ckpt", "/")), where
         else:
@@ -171,7 +177,8 @@ def test_api_workflow_valid(path, defs):
     types = {n["class_type"] for n in graph.values()}
     assert {"XDiTConfigureHybridParallel", "XDiTLoadParallelDiT"} <= types
     assert types & {"XDiTParallelSampler", "XDiTParallelSamplerAdvanced", "XDiTParallelDiTModel"}
-    assert types & {"VAEDecode", "SaveLatent"}  # decoded, or saved where ComfyUI has no VAE for the model (FLUX.2)
+    # decoded, or saved where ComfyUI has no VAE for the model (FLUX.2), or compared (the setup check)
+    assert types & {"VAEDecode", "SaveLatent", "XDiTSetupCheck"}
 
 
 def test_stock_sampler_examples_drive_the_parallel_model():
