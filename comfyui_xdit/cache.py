@@ -167,6 +167,8 @@ class BlockCache:
         self.ref: dict = {}      # slot -> first blocks' residual at the last computed step
         self.res: dict = {}      # slot -> the span's residual at the last computed step
         self.acc: torch.Tensor | None = None  # pipelined: (sum|r - ref|, sum|ref|) of this step's patches
+        self.rows: torch.Tensor | None = None  # the measured rows of this call's batch (None: all of them)
+        self.fresh = False       # this call computes whatever was decided (its slot has nothing to reuse)
         self._block0_in = self._span_in = None
         self.device = next(blocks[0].parameters()).device
 
@@ -239,7 +241,7 @@ class BlockCache:
                 return out
             if j == self.first:
                 self._span_in = by_streams(inputs(args, kwargs))
-            if self.reuse:
+            if self.reuse and not self.fresh:
                 streams = inputs(args, kwargs)
                 if j == last:
                     streams[0] = streams[0] + self.res[key]
@@ -255,23 +257,39 @@ class BlockCache:
 
     def _after_first(self, r: torch.Tensor, key) -> None:
         ref = self.ref.get(key)
-        measured = self.contributes and ref is not None and ref.shape == r.shape
+        measured = self.contributes and ref is not None and ref.shape == r.shape and not self.fresh
+        if measured and self.rows is not None:
+            r_m, ref_m = r[self.rows], ref[self.rows]
+            measured = r_m.shape[0] > 0
+        else:
+            r_m, ref_m = r, ref
         if self.pipelined:
             if measured and key[0] == 0:
-                part = torch.stack([(r - ref).abs().sum(), ref.abs().sum()]).double()
+                part = torch.stack([(r_m - ref_m).abs().sum(), ref_m.abs().sum()]).double()
                 self.acc = part if self.acc is None else self.acc + part
         elif self.call == 0:  # the step's first call decides for all its calls
-            rel = None
-            if self.policy.measures(self.step):
-                vals = torch.stack([(r - ref).abs().sum(), ref.abs().sum()]).double() if measured \
-                    else torch.zeros(2, dtype=torch.float64, device=r.device)
-                if self.agree is not None:
-                    vals = self.agree(vals)
-                num, den = vals.tolist()  # the one host sync of the step
-                rel = num / den if den > 0 else None
-            self.reuse = self.policy.decide(self.step, rel)
-        if not self.reuse:
+            self._decide(torch.stack([(r_m - ref_m).abs().sum(), ref_m.abs().sum()]).double() if measured else None)
+        if not self.reuse or self.fresh:
             self.ref[key] = r
+
+    def _decide(self, vals: torch.Tensor | None) -> None:
+        """The step's decision from this process's (sum|r - ref|, sum|ref|), None: nothing measured here."""
+        rel = None
+        if self.policy.measures(self.step):
+            if vals is None:
+                vals = torch.zeros(2, dtype=torch.float64, device=self.device)
+            if self.agree is not None:
+                vals = self.agree(vals)
+            num, den = vals.tolist()  # the one host sync of the step
+            rel = num / den if den > 0 else None
+        self.reuse = self.policy.decide(self.step, rel)
+
+    def abstain(self) -> None:
+        """A process that runs no rows in this call: it joins the step's decision (measuring nothing), so that
+        every process keeps the same policy and the same collectives."""
+        if not self.pipelined and self.call == 0:
+            self._decide(None)
+        self.call += 1
 
 
 def _joined(by_streams: dict[tuple[str, ...], torch.Tensor], streams: tuple[str, ...]) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 from typing import Any
 
 import torch
@@ -96,15 +97,17 @@ class PoolDiffusionModel(torch.nn.Module):
     own model, built on the meta device, is kept beside it (unregistered) for the attributes ComfyUI's BaseModel
     reads of its diffusion model (patch size, input channels...)."""
 
-    def __init__(self, handle: ModelHandle, meta_model: torch.nn.Module | None):
+    def __init__(self, handle: ModelHandle, meta_model: torch.nn.Module | None, cache: dict | None = None):
         super().__init__()
         self.handle = handle
+        self.cache = cache  # the step cache's settings (CacheFields), kept across the calls of each run
         self.flow = spec(handle.variant).model_type != "EPS"
         self.text_mask = applies_text_mask(handle.variant)  # the running ComfyUI's model applies attention_mask
         self.dtype = torch.float32
         object.__setattr__(self, "_meta", meta_model)
         self._client = None
         self._run = None   # the sampling run of the last forward (ComfyUI's sample_sigmas tensor)
+        self._run_id, self._run_step = "", -1  # the step cache's name for that run, and its last step
         self._hashes: dict[tuple, tuple[torch.Tensor, torch.Tensor, str]] = {}  # this run's conds (_wire_cond)
         self.key = handle.key
         self.calls = 0
@@ -125,6 +128,7 @@ class PoolDiffusionModel(torch.nn.Module):
         same_run = run is not None and run is self._run
         if not same_run:
             self._hashes.clear()
+            self._run_id, self._run_step = secrets.token_hex(8), -1
         self._run = run
         ours = self._client is not None and same_run
         # a dead pool is not restarted just to refuse the call; one that died after this check, which the manager
@@ -188,6 +192,32 @@ class PoolDiffusionModel(torch.nn.Module):
 
         return {name: (r, to_wire) for name, r in zip(names, refs)}
 
+    def run_position(self, transformer_options: dict, batch: int) -> dict:
+        """Where this forward sits in its sampling run, for the step cache (RunFields): the step is the index of the
+        call's sigma in ComfyUI's schedule (sample_sigmas), the measured rows the positive ones (cond_or_uncond 0,
+        one chunk of the batch each), as the Parallel Sampler measures its positive branch."""
+        schedule, sigma = transformer_options.get("sample_sigmas"), transformer_options.get("sigmas")
+        if not (isinstance(schedule, torch.Tensor) and isinstance(sigma, torch.Tensor) and sigma.numel()):
+            raise StockModelError(f"{NAME}: the step cache needs the sampler's schedule (ComfyUI passed none)")
+        s = schedule.detach().to("cpu", torch.float64).reshape(-1)
+        cur = float(sigma.detach().reshape(-1)[0])
+        found = [i for i in range(len(s) - 1) if abs(float(s[i]) - cur) <= 1e-6 * max(abs(cur), 1e-12)]
+        if not found:
+            raise StockModelError(f"{NAME}: the step cache needs a sampler that calls the model at the schedule's "
+                                  f"noise levels; this one called it at sigma {cur:.4g}, between two steps (as dpm_2, "
+                                  "dpmpp_2s_ancestral and dpmpp_sde do): use euler, dpmpp_2m, heun, uni_pc, ... or "
+                                  "set cache to none")
+        step = next((i for i in found if i >= self._run_step), found[-1])
+        if step < self._run_step:
+            raise StockModelError(f"{NAME}: the step cache needs a sampler that goes through the schedule once; this "
+                                  f"one went back from step {self._run_step} to {step}: set cache to none")
+        self._run_step = step
+        chunks = list(transformer_options.get("cond_or_uncond") or [0])
+        if batch % len(chunks):
+            raise StockModelError(f"{NAME}: a batch of {batch} rows in {len(chunks)} cond/uncond chunks")
+        measured = [c == 0 for c in chunks for _ in range(batch // len(chunks))]
+        return {"id": self._run_id, "step": step, "steps": len(s) - 1, "measured": measured}
+
     def engine_timestep(self, timestep: torch.Tensor, transformer_options: dict, batch: int) -> torch.Tensor:
         """ComfyUI's model timestep -> the engine's: flow models take sigma * 1000 (the sigmas ComfyUI's loop
         passes in transformer_options, one per row), epsilon models the discrete timestep ComfyUI computed."""
@@ -239,10 +269,14 @@ class PoolDiffusionModel(torch.nn.Module):
             client, later = self._pool(transformer_options.get("sample_sigmas"))
             wired = {role: self._wire_cond(role, v, transformer_options, f) for role, (v, f) in roles.items()}
             conds, hashes = {r: w[0] for r, w in wired.items()}, {r: w[1] for r, w in wired.items()}
+            cached = {"cache": self.cache, "run": self.run_position(transformer_options, b)} if self.cache else {}
+            if cached and skip:
+                raise StockModelError(f"{NAME}: the step cache and SkipLayerGuidance do not compose (a skipped block "
+                                      "would change the reused residual): set cache to none or remove the node")
             # within a run a pool that died is an error, never a silent restart (the check in _pool races the death)
             out = client.forward(self.key, xin, t, conds, guidance=g, parallel=self.handle.settings.degrees(),
                                  hashes=hashes, restart=not later, timeout=forward_timeout(),
-                                 **({"skip_blocks": skip} if skip else {}))
+                                 **({"skip_blocks": skip} if skip else {}), **cached)
         except PoolError as e:
             self._client = None  # a failed pool is checked (and the model loaded) again on the next call
             raise StockModelError(f"{NAME}: {str(e).strip() or type(e).__name__}") from None
@@ -284,8 +318,9 @@ def _skips_block(key, fn) -> bool:
         return False
 
 
-def stock_model(handle: ModelHandle):
-    """The ComfyUI MODEL (a ModelPatcher) for a loaded XDIT_MODEL."""
+def stock_model(handle: ModelHandle, cache: dict | None = None):
+    """The ComfyUI MODEL (a ModelPatcher) for a loaded XDIT_MODEL; `cache`: the step cache's settings (CacheFields),
+    applied across the forwards of each sampling run."""
     import os
 
     if not os.path.isfile(handle.source):
@@ -301,7 +336,7 @@ def stock_model(handle: ModelHandle):
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model(sd, "", device=torch.device("meta"))
     meta = model.diffusion_model
-    model.diffusion_model = PoolDiffusionModel(handle, meta)
+    model.diffusion_model = PoolDiffusionModel(handle, meta, cache)
     model.memory_usage_factor = 0.0  # activations live on the pool: ComfyUI frees nothing for them
     return _patcher_class()(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device(), size=1)
 

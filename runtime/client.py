@@ -189,16 +189,18 @@ class PoolClient:
                 guidance: float | None = None, parallel: dict[str, int] | None = None,
                 timeout: float | None = None, debug: dict | None = None,
                 hashes: dict[str, str] | None = None, restart: bool = True,
-                skip_blocks: dict[str, list[int]] | None = None) -> torch.Tensor:
+                skip_blocks: dict[str, list[int]] | None = None, cache: dict | None = None,
+                run: dict | None = None) -> torch.Tensor:
         """`forward_with_info` without the reply's fields."""
         return self.forward_with_info(key, x, timestep, conds, guidance, parallel, timeout, debug, hashes,
-                                      restart, skip_blocks)[0]
+                                      restart, skip_blocks, cache, run)[0]
 
     def forward_with_info(self, key: str, x: torch.Tensor, timestep: torch.Tensor, conds: dict[str, torch.Tensor],
                           guidance: float | None = None, parallel: dict[str, int] | None = None,
                           timeout: float | None = None, debug: dict | None = None,
                           hashes: dict[str, str] | None = None, restart: bool = True,
-                          skip_blocks: dict[str, list[int]] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+                          skip_blocks: dict[str, list[int]] | None = None, cache: dict | None = None,
+                          run: dict | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """One transformer forward on the pool and the reply's fields (seconds: the pool's time for it), in the
         engine's conventions (model-space x, engine timesteps [B]).
         `conds` (cond, pooled, cond_mask) go by content hash: uploaded with the first call that needs them and
@@ -206,10 +208,12 @@ class PoolClient:
         when the caller knows them (the pool checks every upload against its hash). A model lost to a restart is
         loaded again once. `restart=False` (the later calls of one sampling run): a pool that is not running is not
         started again, and one that lost the model (restarted) is not given it again; both are PoolDied.
-        `skip_blocks`: ComfyUI block kind -> indices of blocks passed through in this call (SkipLayerGuidance)."""
+        `skip_blocks`: ComfyUI block kind -> indices of blocks passed through in this call (SkipLayerGuidance).
+        `cache` (CacheFields) and `run` (RunFields: id, step, steps, measured): the step cache across the forwards
+        of one sampling run; the reply's `reused` says whether this call's step reused the cached residual."""
         refs = {role: (hashes or {}).get(role) or content_hash(t) for role, t in conds.items()}
         fields = dict(key=key, conds=refs, guidance=guidance, parallel=parallel or {}, debug=debug or None,
-                      skip_blocks=skip_blocks or {})
+                      skip_blocks=skip_blocks or {}, cache=cache, run=run)
         with self._lock:
             known = set(self._uploaded)
         # the fields of a sampling run's calls repeat: their checked header is built once, then given a new id

@@ -2,6 +2,7 @@
 cache, kept identical because every rank sees every operation in the same order."""
 from __future__ import annotations
 
+import collections
 import gc
 import os
 import time
@@ -31,6 +32,7 @@ from .messages import (ForwardOp, LoadOp, Op, Outcome, ParallelFields, PingOp, S
 ProgressHook = Callable[[int, int, float, "torch.Tensor | None"], None]
 
 PREVIEW_SIDE = 32  # longest side of a preview latent
+MAX_RUNS = 4  # sampling runs whose step cache (residuals per call slot) a rank keeps
 # A forward (one call of a stock sampler's step) measures memory only when the last measurement is older than this:
 # reading /proc costs a few tenths of a millisecond per call after a forward, a tenth of a tiny model's step overhead.
 FORWARD_STATS_S = 1.0
@@ -100,6 +102,8 @@ class Executor:
         self.model_info: dict[str, dict] = {}
         self.test_hooks = test_hooks
         self.conds = CondCache()  # Parallel DiT Model's conditioning, by content hash
+        # Parallel DiT Model's step cache, one per sampling run (the newest few): (owner, run id, key) -> RunCache
+        self.runs: collections.OrderedDict[tuple, object] = collections.OrderedDict()
         self._stats: dict[str, int] = {}  # the last memory figures, and when they were read (monotonic)
         self._stats_at = float("-inf")
 
@@ -163,6 +167,8 @@ class Executor:
     def _unload(self, key: str) -> bool:
         found = self.models.pop(key, None) is not None
         self.model_info.pop(key, None)
+        for run in [r for r in self.runs if r[2] == key]:
+            del self.runs[run]
         if found:
             gc.collect()
             if self.device.type == "cuda":
@@ -234,12 +240,39 @@ class Executor:
         if self.test_hooks and op.debug is not None and op.debug.raise_on_rank == self.rank:
             raise RuntimeError("injected failure in a forward")
         sent: dict[str, int] = {}
-        out = forward_call(loaded.adapter, rest["x"].to(self.device), rest["timestep"], cond, config, sent,
-                           op.skip_blocks)
+        run, run_key = self._run_cache(op, loaded, config)
+        try:
+            out = forward_call(loaded.adapter, rest["x"].to(self.device), rest["timestep"], cond, config, sent,
+                               op.skip_blocks, run)
+        except BaseException:
+            self.runs.pop(run_key, None)  # a failed call may have left the ranks' caches apart: the run starts over
+            raise
         extra = {"seconds": round(time.perf_counter() - start, 6)}
+        if run is not None:
+            extra["reused"] = run[0].step in run[0].reused  # this call's step reused the cached residual
         if sent:
             extra["comm"] = sent  # the bytes rank 0 sent to other ranks, per kind
         return (out.cpu() if self.rank == 0 else out), extra
+
+    def _run_cache(self, op: ForwardOp, loaded: LoadedModel, config: ParallelConfig) -> tuple[tuple | None, tuple]:
+        """The step cache of the forward's sampling run and where the call sits in it (None: no cache)."""
+        from comfyui_xdit.forward_cache import RunStep
+        from comfyui_xdit.parallel.forward import run_cache
+
+        if (op.cache is None) != (op.run is None):
+            raise XDiTError("a forward's step cache needs both its settings (cache) and its place in the run (run)")
+        key = (op.owner, op.run.id, op.key, config) if op.run is not None else ()
+        if op.run is None:
+            return None, key
+        cache = self.runs.get(key)
+        if cache is None:
+            settings = CacheSettings(**msgspec.structs.asdict(op.cache))
+            cache = run_cache(loaded.adapter, settings, op.run.steps, config)
+            self.runs[key] = cache
+            while len(self.runs) > MAX_RUNS:
+                self.runs.popitem(last=False)
+        self.runs.move_to_end(key)
+        return (cache, RunStep(op.run.step, op.run.steps, tuple(op.run.measured))), key
 
     def _sample(self, op: SampleOp, tensors: dict, progress: ProgressHook | None,
                 should_cancel: Callable[[], bool] | None) -> tuple[torch.Tensor, dict]:

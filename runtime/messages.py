@@ -120,6 +120,16 @@ SkipBlocks = Annotated[dict[Literal["double_block", "single_block"],
                        Meta(max_length=2)]
 
 
+class RunFields(Struct, forbid_unknown_fields=True):
+    """Where a forward sits in its sampling run, for the step cache across a run's forwards: the run (an id the
+    client makes up, kept apart per client by the server), the step of `steps` (0-based) and, per row of the call's
+    batch, whether the cache measures it (the positive rows)."""
+    id: Id
+    step: Annotated[int, Meta(ge=0, le=100000)]
+    steps: Annotated[int, Meta(ge=1, le=100000)]
+    measured: Annotated[list[bool], Meta(min_length=1, max_length=4096)]
+
+
 class Forward(_Request, tag="forward"):
     """One transformer forward (Parallel DiT Model): per-call tensors `x` and `timestep` (the engine's convention,
     [B]) as frames; the conditioning by content hash (role -> hash: cond, pooled, cond_mask), each uploaded once
@@ -131,6 +141,8 @@ class Forward(_Request, tag="forward"):
     debug: DebugFields | None = None
     buffer: Token | None = None  # the token of this client's shared buffer, where tensors with `at` lie
     skip_blocks: SkipBlocks = {}
+    cache: CacheFields | None = None  # the step cache across the forwards of `run` (both or neither)
+    run: RunFields | None = None
 
 
 class OpenBuffer(_Request, tag="open_buffer"):
@@ -217,6 +229,9 @@ class ForwardOp(Struct, tag="forward", forbid_unknown_fields=True):
     parallel: ParallelFields
     debug: DebugFields | None = None
     skip_blocks: dict[str, list[int]] = {}
+    cache: CacheFields | None = None
+    run: RunFields | None = None
+    owner: str = ""  # the client whose run it is (runs are kept apart per client)
 
 
 class PingOp(Struct, tag="ping", forbid_unknown_fields=True):

@@ -270,7 +270,7 @@ class Rank0Server:
                 with self._lock:
                     self._seen[owner] = time.monotonic()
                     if not self._stopping:
-                        self._current = Job(h.id, identity, owner, "forward", self._make_op(h), msg.tensors,
+                        self._current = Job(h.id, identity, owner, "forward", self._make_op(h, owner), msg.tensors,
                                             direct=True, shared=self._buffer_of(h, identity))
                         return self._current
                 self._reply_direct(identity, protocol.error(h.id, "shutdown", "the pool is shutting down"))
@@ -496,7 +496,7 @@ class Rank0Server:
                 except ProtocolError as e:
                     self._reply_now(identity, protocol.error(rid, "protocol", str(e)))
                     return
-            self._enqueue(Job(rid, identity, owner, kind, self._make_op(h), msg.tensors))
+            self._enqueue(Job(rid, identity, owner, kind, self._make_op(h, owner), msg.tensors))
             with self._lock:
                 position = len(self._queue)
             self._reply_now(identity, Accepted(id=rid, position=position, boot=self.boot))
@@ -527,13 +527,14 @@ class Rank0Server:
                 and hmac.compare_digest(token.encode("utf-8", "surrogateescape"), self.admin_secret))
 
     @staticmethod
-    def _make_op(h: LoadModel | Unload | Sample | Forward) -> Op:
+    def _make_op(h: LoadModel | Unload | Sample | Forward, owner: str) -> Op:
         if isinstance(h, LoadModel):
             return LoadOp(model_key(h.source, h.family, h.dtype, h.parallel), h.source, h.family, h.dtype, h.parallel)
         if isinstance(h, Unload):
             return UnloadOp(h.key)
         if isinstance(h, Forward):
-            return ForwardOp(h.key, dict(h.conds), h.guidance, h.parallel, h.debug, dict(h.skip_blocks))
+            return ForwardOp(h.key, dict(h.conds), h.guidance, h.parallel, h.debug, dict(h.skip_blocks), h.cache,
+                             h.run, owner if h.run is not None else "")
         return SampleOp(h.key, h.request, h.parallel, h.preview, h.debug, h.loras)
 
     def _enqueue(self, job: Job) -> None:

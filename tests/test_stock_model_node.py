@@ -235,3 +235,36 @@ def test_forwards_have_a_deadline(proxy, monkeypatch):
         with pytest.raises(stock.StockModelError, match="XDIT_FORWARD_TIMEOUT=.* (is not|must be)"):
             model(*args, **kw)
     assert len(client.calls) == 2
+
+
+def test_step_cache_positions_each_call_in_its_run(proxy):
+    """With the step cache on, each forward names its run, its step (the index of its sigma in ComfyUI's schedule)
+    and its measured rows (the cond chunk's); a new schedule tensor is a new run; a sigma between two steps, a
+    step backwards and SkipLayerGuidance are refused in one line."""
+    make, stock = proxy
+    model, client = make("sd3.5-large", cfg=2)
+    model.cache = {"threshold": 0.2}
+    ctx, y = torch.randn(4, 5, 4096), torch.randn(4, 2048)
+    schedule = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+
+    def call(sigma, cond_or_uncond=(1, 0), run=schedule, **more):
+        opts = {"sigmas": torch.tensor([sigma]), "sample_sigmas": run, "cond_or_uncond": list(cond_or_uncond),
+                **more}
+        model(torch.randn(4, 16, 4, 4), torch.tensor([sigma] * 4), context=ctx, y=y, transformer_options=opts)
+        return client.calls[-1]
+
+    first, second = call(1.0), call(0.5)
+    assert first["cache"] == {"threshold": 0.2}
+    assert first["run"] == {"id": first["run"]["id"], "step": 0, "steps": 4, "measured": [False, False, True, True]}
+    assert second["run"]["step"] == 2 and second["run"]["id"] == first["run"]["id"]
+    assert call(0.5, (0, 1))["run"]["measured"] == [True, True, False, False]  # a later call of the same step
+    with pytest.raises(stock.StockModelError, match="between two steps"):
+        call(0.6)
+    with pytest.raises(stock.StockModelError, match="went back from step 2 to 1"):
+        call(0.75)
+    with pytest.raises(stock.StockModelError, match="do not compose"):
+        call(0.25, patches_replace={"dit": {("double_block", 1): lambda args, extra: args}})
+    other = call(1.0, run=schedule.clone())  # ComfyUI's next run: a new schedule tensor
+    assert other["run"]["step"] == 0 and other["run"]["id"] != first["run"]["id"]
+    model.cache = None
+    assert "cache" not in call(0.5, run=schedule.clone()) and "run" not in client.calls[-1]

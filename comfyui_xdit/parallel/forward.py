@@ -1,7 +1,8 @@
 """One transformer forward per call (ComfyUI's samplers drive the loop): the batch ComfyUI forms (cond and uncond
 rows together, or larger batches) split over DP and the CFG halves, Ulysses x Ring inside the forward, the weights
 FSDP2-sharded over the shard group (every rank of it calls the model on every forward). Every rank ends with the
-whole output. PipeFusion needs the whole loop (its stale K/V span steps) and is refused here."""
+whole output. PipeFusion needs the whole loop (its stale K/V span steps) and is refused here. The step cache spans
+the calls of a run (comfyui_xdit.forward_cache): the caller keeps the run's RunCache and says where each call sits."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,9 @@ from typing import Mapping, Sequence
 import torch
 
 from ..adapters import Conditioning, FamilyAdapter
+from ..cache import CacheSettings
 from ..errors import ConfigError, XDiTError
+from ..forward_cache import RunCache, RunStep
 from ..skip_layers import skipped_blocks
 from .config import ParallelConfig, heads_advice
 from .mesh import get_mesh
@@ -47,15 +50,26 @@ def check_forward(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, conf
                           f"sequence-parallel degree {config.sp}")
 
 
+def run_cache(adapter: FamilyAdapter, settings: CacheSettings, steps: int, config: ParallelConfig) -> RunCache:
+    """A sampling run's step cache for forward_call with this config (made on every rank alike). Its decision sums
+    the measured rows over every rank; ranks that repeat another's work (shard alone) add nothing."""
+    if config.world_size == 1:
+        return RunCache(adapter, settings, steps, None)
+    pm = get_mesh(config, adapter.device.type)
+    return RunCache(adapter, settings, steps, pm.comm.all_reduce_sum, contributes=pm.rank("replica") == 0)
+
+
 @torch.no_grad()
 def forward_call(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, c: Conditioning,
                  config: ParallelConfig | None = None, sent: dict[str, int] | None = None,
-                 skip: Mapping[str, Sequence[int]] | None = None) -> torch.Tensor:
+                 skip: Mapping[str, Sequence[int]] | None = None,
+                 run: tuple[RunCache, RunStep] | None = None) -> torch.Tensor:
     """The model's output for model-space latents x (ComfyUI's layout of the family: a frame axis of 1 where its
     latent format has one) at engine timesteps t [B], float32, same layout as x. With a config of world size > 1,
     call it on every rank of the default process group with the same arguments; `sent`, when given, receives the
     bytes this rank sent to other ranks, per kind of exchange. `skip`: ComfyUI block kind -> indices of blocks that
-    pass their streams through in this call (SkipLayerGuidance; comfyui_xdit.skip_layers)."""
+    pass their streams through in this call (SkipLayerGuidance; comfyui_xdit.skip_layers). `run`: the step cache
+    of this call's sampling run (run_cache) and where the call sits in it."""
     config = config or ParallelConfig()
     one_frame = adapter.latent.frame_axis and x.ndim == 5 and x.shape[2] == 1
     xm = (x[:, :, 0] if one_frame else x).to(adapter.device, torch.float32)
@@ -64,15 +78,25 @@ def forward_call(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, c: Co
     b = xm.shape[0]
     adapter.check_conditioning(c, b)
     c = adapter.expand(c, b)
+    if run is not None:
+        if skip:
+            raise ConfigError("the step cache and SkipLayerGuidance do not compose on Parallel DiT Model: a skipped "
+                              "block would change the reused residual")
+        run[1].check(b)
     with skipped_blocks(adapter, skip):  # refused here, on every rank alike, before any collective
-        return _call(adapter, xm, t, c, config, sent, one_frame)
+        return _call(adapter, xm, t, c, config, sent, one_frame, run)
 
 
 def _call(adapter: FamilyAdapter, xm: torch.Tensor, t: torch.Tensor, c: Conditioning, config: ParallelConfig,
-          sent: dict[str, int] | None, one_frame: bool) -> torch.Tensor:
+          sent: dict[str, int] | None, one_frame: bool, run: tuple[RunCache, RunStep] | None) -> torch.Tensor:
     b = xm.shape[0]
+
+    def cached(rows: range) -> contextlib.AbstractContextManager:
+        return run[0].call(run[1], rows) if run is not None else contextlib.nullcontext()
+
     if config.world_size == 1:
-        out = adapter.predict(xm, t, c).float()
+        with cached(range(b)):
+            out = adapter.predict(xm, t, c).float()
     else:
         pm = get_mesh(config, xm.device.type)
         dp_sizes = shard_sizes(b, config.dp)
@@ -87,10 +111,14 @@ def _call(adapter: FamilyAdapter, xm: torch.Tensor, t: torch.Tensor, c: Conditio
         shards = sharded_job(adapter, pm) if config.shard > 1 else contextlib.nullcontext()
         with shards, sequence_parallel(adapter, pm) if config.sp > 1 else contextlib.nullcontext():
             if mine.stop > mine.start:
-                out = adapter.predict(xm[mine], t[mine], c.select(mine)).float()
+                with cached(range(mine.start, mine.stop)):
+                    out = adapter.predict(xm[mine], t[mine], c.select(mine)).float()
             else:
                 if config.shard > config.sp:
-                    adapter.predict(xm[:1], t[:1], c.select(slice(0, 1)))
+                    with cached(range(0)):
+                        adapter.predict(xm[:1], t[:1], c.select(slice(0, 1)))
+                elif run is not None:
+                    run[0].abstain(run[1])
                 out = xm.new_zeros((0, *xm.shape[1:]))
         if config.cfg > 1:
             out = pm.comm.all_gather(out, cfg_sizes, pm.group("cfg"), dim=0, kind="cfg")
