@@ -57,10 +57,12 @@ def _where(t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
 
 @contextlib.contextmanager
 def context_cache(model: torch.nn.Module, patterns: tuple[str, ...], enabled: bool = True,
-                  per_module: int = 2, max_bytes: int = MAX_BYTES) -> Iterator[ContextCache]:
+                  per_module: int = 2, max_bytes: int = MAX_BYTES,
+                  kept: ContextCache | None = None) -> Iterator[ContextCache]:
     """Cache the matching modules' outputs for the duration of the context (one job): the last `per_module`
-    distinct inputs of each (2: the positive and the negative branch), `max_bytes` in all; the entries go at exit."""
-    stats = ContextCache()
+    distinct inputs of each (2: the positive and the negative branch), `max_bytes` in all; the entries go at exit,
+    unless they are `kept`'s (a run of several calls, each in its own context: comfyui_xdit.forward_cache)."""
+    stats = kept if kept is not None else ContextCache()
     found = context_modules(model, patterns) if enabled and patterns else {}
     stats.modules = len(found)
     originals: dict[str, object] = {}
@@ -107,5 +109,6 @@ def context_cache(model: torch.nn.Module, patterns: tuple[str, ...], enabled: bo
                 module.__dict__.pop("forward", None)
             else:
                 module.forward = originals[name]
-        stats.entries.clear()
-        stats.bytes = 0
+        if kept is None:
+            stats.entries.clear()
+            stats.bytes = 0

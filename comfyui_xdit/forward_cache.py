@@ -1,12 +1,13 @@
-"""The step cache across the forwards of one sampling run that ComfyUI's sampler drives (Parallel DiT Model).
+"""What the forwards of one sampling run that ComfyUI's sampler drives share (Parallel DiT Model): the context
+cache's entries (conditioning-only modules computed once per run, comfyui_xdit.context_cache) and the step cache.
 
-ComfyUI calls the model once or more per step; the caller numbers the steps (the index of the call's sigma in the
-run's schedule) and names the rows whose first-block residual is measured (the positive rows, as the Parallel
-Sampler measures its positive branch). A step's first call decides, from its measured rows summed over every rank,
-and the step's later calls follow. Residuals are kept per call slot (the call's index within its step) together
-with the slot's batch signature (batch size and measured rows); a call whose slot was last computed for another
-signature computes, whatever was decided. Every input of these rules is the same on every rank, so every rank
-reaches the same decisions and runs the same collectives.
+For the step cache ComfyUI calls the model once or more per step; the caller numbers the steps (the index of the
+call's sigma in the run's schedule) and names the rows whose first-block residual is measured (the positive rows,
+as the Parallel Sampler measures its positive branch). A step's first call decides, from its measured rows summed
+over every rank, and the step's later calls follow. Residuals are kept per call slot (the call's index within its
+step) together with the slot's batch signature (batch size and measured rows); a call whose slot was last computed
+for another signature computes, whatever was decided. Every input of these rules is the same on every rank, so
+every rank reaches the same decisions and runs the same collectives.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .cache import BlockCache, CacheSettings, model_blocks
+from .context_cache import ContextCache, context_cache
 from .errors import XDiTError
 
 
 @dataclass(frozen=True)
 class RunStep:
-    """Where a forward sits in its sampling run: `step` of `steps` (0-based), and per row of the call's batch
-    whether it is measured (a positive row)."""
+    """Where a forward sits in its sampling run, for the step cache: `step` of `steps` (0-based), and per row of
+    the call's batch whether it is measured (a positive row)."""
     step: int
     steps: int
     measured: tuple[bool, ...]
@@ -36,28 +38,38 @@ class RunStep:
 
 
 class RunCache:
-    """One sampling run's step cache on this process's blocks."""
+    """One sampling run's caches on this process: the context cache's entries, and the step cache on its blocks
+    when `settings` are given (with the run's step count)."""
 
-    def __init__(self, adapter, settings: CacheSettings, steps: int,
-                 agree: Callable[[torch.Tensor], torch.Tensor] | None, contributes: bool = True):
-        blocks = model_blocks(adapter)
-        settings.check(steps, len(blocks))
-        self.steps = steps
-        self.cache = BlockCache(adapter, blocks, settings, settings.first_blocks, agree, contributes)
-        self.contributes = contributes
+    def __init__(self, adapter, settings: CacheSettings | None = None, steps: int = 0,
+                 agree: Callable[[torch.Tensor], torch.Tensor] | None = None, contributes: bool = True):
+        self.adapter = adapter
+        self.context = ContextCache()
+        self.cache: BlockCache | None = None
+        if settings is not None:
+            blocks = model_blocks(adapter)
+            settings.check(steps, len(blocks))
+            self.cache = BlockCache(adapter, blocks, settings, settings.first_blocks, agree, contributes)
+        self.steps, self.contributes = steps, contributes
         self.step = -1
         self.signatures: dict[int, tuple] = {}  # call slot -> the batch signature it last computed
 
     @property
     def reused(self) -> list[int]:
-        return self.cache.reused
+        return self.cache.reused if self.cache is not None else []
+
+    def check(self, at: RunStep | None, batch: int) -> None:
+        if (at is None) != (self.cache is None):
+            raise XDiTError("a forward of a run with the step cache names its step, and only then")
+        if at is not None:
+            at.check(batch)
+            if at.steps != self.steps:
+                raise XDiTError(f"step cache: a forward of a {at.steps}-step run in a {self.steps}-step run")
+            if at.step < self.step:
+                raise XDiTError(f"step cache: step {at.step} after step {self.step}: a new run needs a new run id")
 
     def _begin(self, at: RunStep, rows: Sequence[int] | None) -> tuple:
-        """Position the cache for one call; `rows`: this process's rows of the batch (None: none)."""
-        if at.steps != self.steps:
-            raise XDiTError(f"step cache: a forward of a {at.steps}-step run in a {self.steps}-step run")
-        if at.step < self.step:
-            raise XDiTError(f"step cache: step {at.step} after step {self.step}: a new run needs a new run id")
+        """Position the step cache for one call; `rows`: this process's rows of the batch (None: none)."""
         c = self.cache
         if at.step != self.step:
             c.step, c.call, self.step = at.step, 0, at.step
@@ -69,16 +81,23 @@ class RunCache:
         return signature
 
     @contextlib.contextmanager
-    def call(self, at: RunStep, rows: Sequence[int]) -> Iterator[None]:
+    def call(self, at: RunStep | None, rows: Sequence[int]) -> Iterator[None]:
         """Around one forward of this process's `rows` (global row indices) through the model."""
-        slot, signature = self.cache.call, self._begin(at, rows)
-        with self.cache.installed():
-            yield
-        if not self.cache.reuse or self.cache.fresh:
-            self.signatures[slot] = signature
+        spec = self.adapter.spec
+        with context_cache(self.adapter.model, spec.context_modules, kept=self.context):
+            if self.cache is None:
+                yield
+                return
+            slot, signature = self.cache.call, self._begin(at, rows)
+            with self.cache.installed():
+                yield
+            if not self.cache.reuse or self.cache.fresh:
+                self.signatures[slot] = signature
 
-    def abstain(self, at: RunStep) -> None:
+    def abstain(self, at: RunStep | None) -> None:
         """This process runs no rows in this call: it only joins the step's decision."""
+        if self.cache is None:
+            return
         slot, signature = self.cache.call, self._begin(at, None)
         self.cache.abstain()
         if not self.cache.reuse or self.cache.fresh:

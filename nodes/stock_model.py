@@ -269,8 +269,10 @@ class PoolDiffusionModel(torch.nn.Module):
             client, later = self._pool(transformer_options.get("sample_sigmas"))
             wired = {role: self._wire_cond(role, v, transformer_options, f) for role, (v, f) in roles.items()}
             conds, hashes = {r: w[0] for r, w in wired.items()}, {r: w[1] for r, w in wired.items()}
-            cached = {"cache": self.cache, "run": self.run_position(transformer_options, b)} if self.cache else {}
-            if cached and skip:
+            # a run's forwards share the context cache, and the step cache when it is on
+            cached = {"cache": self.cache, "run": self.run_position(transformer_options, b)} if self.cache else \
+                {"run": {"id": self._run_id}} if self._run is not None else {}
+            if self.cache and skip:
                 raise StockModelError(f"{NAME}: the step cache and SkipLayerGuidance do not compose (a skipped block "
                                       "would change the reused residual): set cache to none or remove the node")
             # within a run a pool that died is an error, never a silent restart (the check in _pool races the death)

@@ -32,7 +32,7 @@ from .messages import (ForwardOp, LoadOp, Op, Outcome, ParallelFields, PingOp, S
 ProgressHook = Callable[[int, int, float, "torch.Tensor | None"], None]
 
 PREVIEW_SIDE = 32  # longest side of a preview latent
-MAX_RUNS = 4  # sampling runs whose step cache (residuals per call slot) a rank keeps
+MAX_RUNS = 2  # sampling runs whose caches (context entries, residuals per call slot) a rank keeps
 # A forward (one call of a stock sampler's step) measures memory only when the last measurement is older than this:
 # reading /proc costs a few tenths of a millisecond per call after a forward, a tenth of a tiny model's step overhead.
 FORWARD_STATS_S = 1.0
@@ -248,31 +248,33 @@ class Executor:
             self.runs.pop(run_key, None)  # a failed call may have left the ranks' caches apart: the run starts over
             raise
         extra = {"seconds": round(time.perf_counter() - start, 6)}
-        if run is not None:
-            extra["reused"] = run[0].step in run[0].reused  # this call's step reused the cached residual
+        if run is not None and run[1] is not None:
+            extra["reused"] = run[1].step in run[0].reused  # this call's step reused the cached residual
         if sent:
             extra["comm"] = sent  # the bytes rank 0 sent to other ranks, per kind
         return (out.cpu() if self.rank == 0 else out), extra
 
     def _run_cache(self, op: ForwardOp, loaded: LoadedModel, config: ParallelConfig) -> tuple[tuple | None, tuple]:
-        """The step cache of the forward's sampling run and where the call sits in it (None: no cache)."""
+        """The caches of the forward's sampling run, and with the step cache where the call sits in it."""
         from comfyui_xdit.forward_cache import RunStep
         from comfyui_xdit.parallel.forward import run_cache
 
-        if (op.cache is None) != (op.run is None):
-            raise XDiTError("a forward's step cache needs both its settings (cache) and its place in the run (run)")
-        key = (op.owner, op.run.id, op.key, config) if op.run is not None else ()
-        if op.run is None:
+        run = op.run
+        if op.cache is not None and (run is None or None in (run.step, run.steps, run.measured)):
+            raise XDiTError("a forward with the step cache names its run, step, steps and measured rows")
+        key = (op.owner, run.id, op.key, config, msgspec.json.encode(op.cache)) if run is not None else ()
+        if run is None:
             return None, key
         cache = self.runs.get(key)
         if cache is None:
-            settings = CacheSettings(**msgspec.structs.asdict(op.cache))
-            cache = run_cache(loaded.adapter, settings, op.run.steps, config)
+            settings = None if op.cache is None else CacheSettings(**msgspec.structs.asdict(op.cache))
+            cache = run_cache(loaded.adapter, settings, run.steps or 0, config)
             self.runs[key] = cache
             while len(self.runs) > MAX_RUNS:
                 self.runs.popitem(last=False)
         self.runs.move_to_end(key)
-        return (cache, RunStep(op.run.step, op.run.steps, tuple(op.run.measured))), key
+        at = None if op.cache is None else RunStep(run.step, run.steps, tuple(run.measured))
+        return (cache, at), key
 
     def _sample(self, op: SampleOp, tensors: dict, progress: ProgressHook | None,
                 should_cancel: Callable[[], bool] | None) -> tuple[torch.Tensor, dict]:

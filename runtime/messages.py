@@ -121,13 +121,14 @@ SkipBlocks = Annotated[dict[Literal["double_block", "single_block"],
 
 
 class RunFields(Struct, forbid_unknown_fields=True):
-    """Where a forward sits in its sampling run, for the step cache across a run's forwards: the run (an id the
-    client makes up, kept apart per client by the server), the step of `steps` (0-based) and, per row of the call's
-    batch, whether the cache measures it (the positive rows)."""
+    """The sampling run a forward belongs to (an id the client makes up, kept apart per client by the server): its
+    forwards share the context cache's entries. With the step cache (the forward's `cache`), where the call sits:
+    the step of `steps` (0-based) and, per row of the call's batch, whether the cache measures it (the positive
+    rows)."""
     id: Id
-    step: Annotated[int, Meta(ge=0, le=100000)]
-    steps: Annotated[int, Meta(ge=1, le=100000)]
-    measured: Annotated[list[bool], Meta(min_length=1, max_length=4096)]
+    step: Annotated[int, Meta(ge=0, le=100000)] | None = None
+    steps: Annotated[int, Meta(ge=1, le=100000)] | None = None
+    measured: Annotated[list[bool], Meta(min_length=1, max_length=4096)] | None = None
 
 
 class Forward(_Request, tag="forward"):
@@ -141,7 +142,7 @@ class Forward(_Request, tag="forward"):
     debug: DebugFields | None = None
     buffer: Token | None = None  # the token of this client's shared buffer, where tensors with `at` lie
     skip_blocks: SkipBlocks = {}
-    cache: CacheFields | None = None  # the step cache across the forwards of `run` (both or neither)
+    cache: CacheFields | None = None  # the step cache across the forwards of `run`
     run: RunFields | None = None
 
 

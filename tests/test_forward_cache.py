@@ -150,3 +150,18 @@ def test_pool_runs_are_kept_apart_by_run_id(client):
     again, again_reused, _ = _pool_loop(client, model, {"ulysses": 2}, "again")
     assert plain_reused == [] and again_reused == reused and rel_l2(again, ref) <= 1e-5
     assert rel_l2(plain, ref) > 1e-3
+
+
+def test_context_cache_spans_the_calls_of_a_run():
+    """PixArt's caption projection and cross-attention K/V: computed by the run's first call, answered from the
+    cache by the later ones (the pool holds the run's conditioning as the same tensors), with the same output."""
+    a = load_model("tiny-pixart").adapter
+    rc = run_cache(a, None, 0, ParallelConfig())
+    g = torch.Generator().manual_seed(1)
+    x, c = torch.randn(2, a.latent_channels, 4, 6, generator=g), a.random_conditioning(2, 5, g)
+    outs = [forward_call(a, x, torch.tensor([t, t]), c, run=(rc, None)) for t in (900.0, 500.0)]
+    assert rc.context.modules > 0 and rc.context.misses == rc.context.modules and rc.context.hits == rc.context.misses
+    for t, out in zip((900.0, 500.0), outs):
+        assert rel_l2(out, forward_call(a, x, torch.tensor([t, t]), c)) <= 1e-6
+    with pytest.raises(XDiTError, match="names its step"):
+        forward_call(a, x, torch.tensor([1.0, 1.0]), c, run=(rc, RunStep(0, 4, (True, False))))

@@ -267,4 +267,5 @@ def test_step_cache_positions_each_call_in_its_run(proxy):
     other = call(1.0, run=schedule.clone())  # ComfyUI's next run: a new schedule tensor
     assert other["run"]["step"] == 0 and other["run"]["id"] != first["run"]["id"]
     model.cache = None
-    assert "cache" not in call(0.5, run=schedule.clone()) and "run" not in client.calls[-1]
+    plain = call(0.5, run=schedule.clone())  # the context cache still spans the run
+    assert "cache" not in plain and set(plain["run"]) == {"id"}

@@ -50,10 +50,12 @@ def check_forward(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, conf
                           f"sequence-parallel degree {config.sp}")
 
 
-def run_cache(adapter: FamilyAdapter, settings: CacheSettings, steps: int, config: ParallelConfig) -> RunCache:
-    """A sampling run's step cache for forward_call with this config (made on every rank alike). Its decision sums
-    the measured rows over every rank; ranks that repeat another's work (shard alone) add nothing."""
-    if config.world_size == 1:
+def run_cache(adapter: FamilyAdapter, settings: CacheSettings | None, steps: int, config: ParallelConfig
+              ) -> RunCache:
+    """A sampling run's caches for forward_call with this config (made on every rank alike): the context cache,
+    and the step cache with `settings`. Its decision sums the measured rows over every rank; ranks that repeat
+    another's work (shard alone) add nothing."""
+    if config.world_size == 1 or settings is None:
         return RunCache(adapter, settings, steps, None)
     pm = get_mesh(config, adapter.device.type)
     return RunCache(adapter, settings, steps, pm.comm.all_reduce_sum, contributes=pm.rank("replica") == 0)
@@ -63,13 +65,13 @@ def run_cache(adapter: FamilyAdapter, settings: CacheSettings, steps: int, confi
 def forward_call(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, c: Conditioning,
                  config: ParallelConfig | None = None, sent: dict[str, int] | None = None,
                  skip: Mapping[str, Sequence[int]] | None = None,
-                 run: tuple[RunCache, RunStep] | None = None) -> torch.Tensor:
+                 run: tuple[RunCache, RunStep | None] | None = None) -> torch.Tensor:
     """The model's output for model-space latents x (ComfyUI's layout of the family: a frame axis of 1 where its
     latent format has one) at engine timesteps t [B], float32, same layout as x. With a config of world size > 1,
     call it on every rank of the default process group with the same arguments; `sent`, when given, receives the
     bytes this rank sent to other ranks, per kind of exchange. `skip`: ComfyUI block kind -> indices of blocks that
-    pass their streams through in this call (SkipLayerGuidance; comfyui_xdit.skip_layers). `run`: the step cache
-    of this call's sampling run (run_cache) and where the call sits in it."""
+    pass their streams through in this call (SkipLayerGuidance; comfyui_xdit.skip_layers). `run`: the caches of
+    this call's sampling run (run_cache) and, with its step cache, where the call sits in the run."""
     config = config or ParallelConfig()
     one_frame = adapter.latent.frame_axis and x.ndim == 5 and x.shape[2] == 1
     xm = (x[:, :, 0] if one_frame else x).to(adapter.device, torch.float32)
@@ -79,16 +81,17 @@ def forward_call(adapter: FamilyAdapter, x: torch.Tensor, t: torch.Tensor, c: Co
     adapter.check_conditioning(c, b)
     c = adapter.expand(c, b)
     if run is not None:
-        if skip:
+        run[0].check(run[1], b)
+        if skip and run[1] is not None:
             raise ConfigError("the step cache and SkipLayerGuidance do not compose on Parallel DiT Model: a skipped "
                               "block would change the reused residual")
-        run[1].check(b)
     with skipped_blocks(adapter, skip):  # refused here, on every rank alike, before any collective
         return _call(adapter, xm, t, c, config, sent, one_frame, run)
 
 
 def _call(adapter: FamilyAdapter, xm: torch.Tensor, t: torch.Tensor, c: Conditioning, config: ParallelConfig,
-          sent: dict[str, int] | None, one_frame: bool, run: tuple[RunCache, RunStep] | None) -> torch.Tensor:
+          sent: dict[str, int] | None, one_frame: bool, run: tuple[RunCache, RunStep | None] | None
+          ) -> torch.Tensor:
     b = xm.shape[0]
 
     def cached(rows: range) -> contextlib.AbstractContextManager:
