@@ -1,7 +1,8 @@
 """Pictures of the example workflows as ComfyUI's own editor draws them: starts a real ComfyUI with this checkout in
 its custom_nodes, opens the page in headless Chromium (driven over the DevTools protocol), loads each
 workflows/<name>.json into the editor and captures the canvas. Writes workflows/<name>.jpg, the thumbnail ComfyUI's
-Templates browser shows beside the template (square), and the wider pictures the docs show (DOC_PICTURES).
+Templates browser shows beside the template (square; its JPEG comment holds the sha256 of the workflow drawn, so
+tests/test_workflow_thumbnails.py can tell a stale one), and the wider pictures the docs show (DOC_PICTURES).
 
     python scripts/screenshot_workflows.py --comfyui $COMFYUI_DIR [--python PY] [--chromium chromium] [NAME ...]
 
@@ -12,10 +13,12 @@ Chrome (`apt-get install chromium`). No GPU, no model files: the graphs are only
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -34,6 +37,22 @@ DOC_PICTURES = {"flux1-dev": "docs/images/flux1-dev-workflow.jpg",
                 "setup-check": "docs/images/setup-check-workflow.jpg",
                 "wan2.2-t2v-a14b": "docs/images/wan2.2-t2v-a14b-workflow.jpg"}
 QUALITY = 80
+STAMP = "comfyui-xdit workflow sha256 "  # in each thumbnail's JPEG comment, the digest of the graph it shows
+
+
+def workflow_digest(text: str) -> str:
+    """sha256 of a workflow's JSON, independent of its formatting and line ends."""
+    return hashlib.sha256(json.dumps(json.loads(text), sort_keys=True).encode()).hexdigest()
+
+
+def with_comment(jpeg: bytes, comment: str) -> bytes:
+    """The JPEG with a comment (COM) segment after its JFIF header (or after the start-of-image marker)."""
+    assert jpeg[:2] == b"\xff\xd8", "not a JPEG"
+    at = 2
+    if jpeg[2:4] == b"\xff\xe0":  # APP0 (JFIF) stays first
+        at = 4 + struct.unpack(">H", jpeg[4:6])[0]
+    body = comment.encode()
+    return jpeg[:at] + b"\xff\xfe" + struct.pack(">H", len(body) + 2) + body + jpeg[at:]
 
 
 def free_port() -> int:
@@ -124,15 +143,17 @@ class Page:
                   mobile=False)
         time.sleep(0.5)
 
-    def jpeg(self, box: tuple[float, float, float, float], scale: float, path: Path) -> None:
-        """The page's region `box` (x, y, width, height in CSS px), scaled by `scale`, as a JPEG file."""
+    def jpeg(self, box: tuple[float, float, float, float], scale: float, path: Path, comment: str = "") -> None:
+        """The page's region `box` (x, y, width, height in CSS px), scaled by `scale`, as a JPEG file (with
+        `comment` in it, when given)."""
         import base64
 
         x, y, w, h = box
         data = self.call("Page.captureScreenshot", format="jpeg", quality=QUALITY,
                          clip={"x": x, "y": y, "width": w, "height": h, "scale": scale})["data"]
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(data))
+        image = base64.b64decode(data)
+        path.write_bytes(with_comment(image, comment) if comment else image)
         print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} "
               f"({path.stat().st_size // 1024} KB)")
 
@@ -216,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             page.js(f"{APP}.extensionManager.command.execute('Workspace.ToggleFocusMode')")  # canvas only
             for name in names:
                 draw(page, name, THUMB_VIEW, THUMB_VIEW, center=True)  # the card shows a square
-                page.jpeg((0, 0, THUMB_VIEW, THUMB_VIEW), THUMB_PX / THUMB_VIEW, WORKFLOWS / f"{name}.jpg")
+                digest = workflow_digest((WORKFLOWS / f"{name}.json").read_text())
+                page.jpeg((0, 0, THUMB_VIEW, THUMB_VIEW), THUMB_PX / THUMB_VIEW, WORKFLOWS / f"{name}.jpg",
+                          comment=STAMP + digest)
                 if name in DOC_PICTURES and not args.no_docs:
                     w, h = draw(page, name, *DOC_VIEW, center=False)
                     page.jpeg((0, 0, w, h), DOC_SCALE, ROOT / DOC_PICTURES[name])

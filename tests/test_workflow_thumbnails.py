@@ -1,9 +1,13 @@
 """The pictures of the example workflows: each UI workflow (workflows/<name>.json) has its thumbnail beside it
 (workflows/<name>.jpg: ComfyUI's Templates browser asks the pack for exactly that name, and shows a blank card
-without it), a real square JPEG big enough for the 256 px card; no thumbnail without its workflow; and the
-pictures stay small (each under 300 KB, all of them under 3 MB). scripts/screenshot_workflows.py makes them."""
+without it), a real square JPEG big enough for the 256 px card, drawn from the workflow as it is now (the JPEG's
+comment holds the sha256 of the graph drawn; a workflow changed since fails until its thumbnail is redrawn); no
+thumbnail without its workflow; and the pictures stay small (each under 300 KB, all of them under 3 MB).
+scripts/screenshot_workflows.py makes them."""
 from __future__ import annotations
 
+import hashlib
+import json
 import struct
 from pathlib import Path
 
@@ -15,11 +19,12 @@ WF = ROOT / "workflows"
 SERVED_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
 CARD_PX = 256  # the Templates browser's card (frontend 1.27: w-64 h-64)
 MAX_PICTURE, MAX_ALL = 300 * 1024, 3 * 1024 * 1024
+STAMP = "comfyui-xdit workflow sha256 "
 SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # start-of-frame markers
 
 
-def jpeg_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a JPEG's start-of-frame segment; ValueError when `data` is no JPEG."""
+def jpeg_segments(data: bytes):
+    """(marker, payload) of each segment of a JPEG up to its image data; ValueError when `data` is no JPEG."""
     if data[:2] != b"\xff\xd8":
         raise ValueError("no JPEG start-of-image marker")
     i = 2
@@ -31,11 +36,23 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
             i += 1
             continue
         length = struct.unpack(">H", data[i + 2:i + 4])[0]
-        if marker in SOF:
-            height, width = struct.unpack(">HH", data[i + 5:i + 9])
-            return width, height
+        yield marker, data[i + 4:i + 2 + length]
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            return
         i += 2 + length
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's start-of-frame segment."""
+    for marker, payload in jpeg_segments(data):
+        if marker in SOF:
+            height, width = struct.unpack(">HH", payload[1:5])
+            return width, height
     raise ValueError("no JPEG start-of-frame segment")
+
+
+def jpeg_comments(data: bytes) -> list[str]:
+    return [payload.decode(errors="replace") for marker, payload in jpeg_segments(data) if marker == 0xFE]
 
 
 def ui_workflows() -> list[Path]:
@@ -55,6 +72,10 @@ def test_every_ui_workflow_has_its_thumbnail(path):
     width, height = jpeg_size(thumb.read_bytes())
     assert width == height, f"{thumb.name} is {width}x{height}; the card is square"
     assert width >= CARD_PX, f"{thumb.name} is {width} px wide, under the card's {CARD_PX}"
+    digest = hashlib.sha256(json.dumps(json.loads(path.read_text()), sort_keys=True).encode()).hexdigest()
+    stamps = [c[len(STAMP):] for c in jpeg_comments(thumb.read_bytes()) if c.startswith(STAMP)]
+    assert stamps == [digest], (f"{thumb.name} was drawn from another version of {path.name} (or by hand): redraw "
+                                f"it with scripts/screenshot_workflows.py {path.stem}")
 
 
 def test_no_thumbnail_without_its_workflow():
@@ -77,5 +98,7 @@ def test_jpeg_size_reads_a_frame_and_refuses_other_files():
     jpeg = b"\xff\xd8" + b"\xff\xe0" + struct.pack(">H", 16) + b"\0" * 14 + b"\xff\xc0" + struct.pack(
         ">HBHH", 17, 8, 30, 40) + b"\0" * 10
     assert jpeg_size(jpeg) == (40, 30)
+    with_comment = jpeg[:2] + b"\xff\xfe" + struct.pack(">H", 7) + b"hello" + jpeg[2:]
+    assert jpeg_comments(with_comment) == ["hello"] and jpeg_size(with_comment) == (40, 30)
     with pytest.raises(ValueError):
         jpeg_size(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
