@@ -3,6 +3,8 @@ workflows/api/<name>.json (API format, for POST /prompt), from one description p
 definitions of a running ComfyUI (GET /object_info), which fix the order of each node's widget values.
 
     python scripts/make_workflows.py --server http://127.0.0.1:8188
+
+Then redraw the thumbnails (workflows/<name>.jpg) of the workflows that changed: scripts/screenshot_workflows.py.
 """
 from __future__ import annotations
 
@@ -591,6 +593,7 @@ def main() -> None:
         add_note(ui, note + ("\n\n" + NOTES[kind] if kind in NOTES else ""))
         (OUT / f"{kind}.json").write_text(json.dumps(ui, indent=2) + "\n")
         print("wrote", kind)
+    print("now redraw their thumbnails: python scripts/screenshot_workflows.py --comfyui $COMFYUI_DIR")
 
 
 if __name__ == "__main__":
