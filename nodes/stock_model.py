@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from .families import applies_text_mask, reference_method_error, spec
+from .families import TINY_VARIANT, applies_text_mask, reference_method_error, spec
 from .pool import MANAGER, ModelHandle
 
 NAME = "Parallel DiT Model"
@@ -72,12 +72,31 @@ def _meta_state_dict(path: str) -> dict[str, torch.Tensor]:
     return {k: torch.empty(shape, dtype=torch.float32, device="meta") for k, shape in tensor_shapes(path).items()}
 
 
-def comfy_model_config(path: str):
-    """ComfyUI's model config for a checkpoint file (its detection, run on meta tensors of the header's shapes)."""
+def _published_meta_state_dict(variant: str) -> dict[str, torch.Tensor]:
+    """The variant's published architecture as meta tensors (diffusers layout, from the engine's shipped config):
+    what ComfyUI's detection reads for a built-in tiny model, which is no checkpoint ComfyUI knows. The tiny model
+    takes the published model's latents and conditioning widths, so ComfyUI's side (model sampling, latent format,
+    extra conds) is the published model's."""
+    import json
+
+    import diffusers
+
+    from comfyui_xdit import families as registry
+    from comfyui_xdit.weights import CONFIG_DIR
+
+    fam, v = registry.variants()[variant]
+    with torch.device("meta"):
+        model = getattr(diffusers, fam.diffusers_class).from_config(json.loads((CONFIG_DIR / v.config).read_text()))
+    return dict(model.state_dict())
+
+
+def comfy_model_config(path: str, variant: str | None = None):
+    """ComfyUI's model config for a checkpoint file (its detection, run on meta tensors of the header's shapes), or
+    with `variant` for that variant's published architecture (a built-in tiny model)."""
     import comfy.model_detection as md
     import comfy.utils
 
-    sd = _meta_state_dict(path)
+    sd = _published_meta_state_dict(variant) if variant else _meta_state_dict(path)
     prefix = md.unet_prefix_from_state_dict(sd)
     stripped = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True)
     sd = stripped or sd
@@ -88,7 +107,7 @@ def comfy_model_config(path: str):
             sd = converted
             config = md.model_config_from_unet(sd, "")
     if config is None:
-        raise StockModelError(f"{NAME}: ComfyUI does not recognise the checkpoint {path}")
+        raise StockModelError(f"{NAME}: ComfyUI does not recognise the checkpoint {variant or path}")
     return config, sd
 
 
@@ -325,16 +344,17 @@ def stock_model(handle: ModelHandle, cache: dict | None = None):
     applied across the forwards of each sampling run."""
     import os
 
-    if not os.path.isfile(handle.source):
-        raise StockModelError(f"{NAME}: needs a single-file checkpoint ComfyUI can detect; {handle.source} is not "
-                              "one (built-in tiny models and diffusers folders run in Parallel Sampler)")
+    tiny = TINY_VARIANT.get(handle.source) == handle.variant
+    if not tiny and not os.path.isfile(handle.source):
+        raise StockModelError(f"{NAME}: needs a single-file checkpoint ComfyUI can detect or a built-in tiny model; "
+                              f"{handle.source} is neither (diffusers folders run in Parallel Sampler)")
     if handle.settings.pipefusion > 1:
         raise StockModelError(f"{NAME}: PipeFusion needs the whole sampling loop: use Parallel Sampler for "
                               "pipefusion_degree > 1 (the parallel model runs Ulysses, Ring, CFG, DP and shard per "
                               "forward)")
     import comfy.model_management as mm
 
-    config, sd = comfy_model_config(handle.source)
+    config, sd = comfy_model_config(handle.source, handle.variant if tiny else None)
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model(sd, "", device=torch.device("meta"))
     meta = model.diffusion_model

@@ -176,8 +176,9 @@ def wan_i2v_graph() -> dict:
 
 def setup_check_graph() -> dict:
     """The set-up check without downloads: the built-in tiny-flux (random weights, real Flux widths) sampled on
-    Ulysses 2 and on one GPU from the same Tiny Conditioning, latent and seed; Setup Check compares the two. fp32 so
-    that the tolerance can be tight (the ranks' sums in another order are the only difference)."""
+    Ulysses 2 by Parallel Sampler and by ComfyUI's KSampler on Parallel DiT Model, and on one GPU, from the same Tiny
+    Conditioning, latent and seed; two Setup Checks compare each parallel run with the one-GPU run. fp32 so that the
+    tolerance can be tight (the ranks' sums in another order are the only difference)."""
     sampling = {"positive": ["3", 0], "negative": ["3", 1], "latent_image": ["4", 0], "seed": 42, "steps": 4,
                 "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
     return {
@@ -192,16 +193,19 @@ def setup_check_graph() -> dict:
                                       "family": "auto"}),
         "8": ("XDiTParallelSampler", {"model": ["7", 0], **sampling}),
         "9": ("XDiTSetupCheck", {"parallel": ["5", 0], "reference": ["8", 0], "tolerance": 1e-4}),
+        "10": ("XDiTParallelDiTModel", {"model": ["2", 0]}),
+        "11": ("KSampler", {"model": ["10", 0], **sampling}),
+        "12": ("XDiTSetupCheck", {"parallel": ["11", 0], "reference": ["8", 0], "tolerance": 1e-4}),
     }
 
 
 SETUP_CHECK_NOTE = (
     "Setup check, no downloads: tiny-flux is a built-in Flux transformer with random weights (2 + 2 blocks) that "
     "takes conditioning at Flux's real widths, which Tiny Conditioning makes from a seed. The top row samples it on "
-    "the parallel config, the second row on one GPU (all degrees 1: leave that Configure node as it is); Setup "
-    "Check shows PASS when the two latents agree (relative L2 within the tolerance) and stops with the numbers when "
-    "they do not. About a minute, on CPUs too (device auto). The output is noise-like: there is no image to look "
-    "at.")
+    "the parallel config with Parallel Sampler, the third with ComfyUI's KSampler on Parallel DiT Model, the second "
+    "on one GPU (all degrees 1: leave that Configure node as it is); each Setup Check shows PASS when its two latents "
+    "agree (relative L2 within the tolerance) and stops with the numbers when they do not. About a minute, on CPUs "
+    "too (device auto). The output is noise-like: there is no image to look at.")
 
 
 WAN_NOTE = (
