@@ -1,0 +1,161 @@
+"""HunyuanVideo 1.5 (text-to-video): serial sampling equals diffusers' HunyuanVideo15Pipeline (padded prompts, a
+negative of another length, CFG); every exact parallel method equals serial at world sizes 2 and 4 on odd token
+counts, with the bytes each method must exchange; padded text never reaches attention; PipeFusion; the published
+configs; the CLI.
+
+The tiny model: 4 heads x 16, 2 blocks, 3584-wide text; ODD is 9 frames (3 latent frames) of 48x80 pixels: 3 x 3 x
+5 = 45 video tokens, 13 text tokens (+ 2 masked slots: 15 in the blocks), divisible by neither 2 nor 4.
+"""
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from comfyui_xdit.errors import XDiTError
+from comfyui_xdit.sampling import SampleRequest, latent_shape, sample, seed_noise
+from tests.cases import build_request, case_ok, get_model, serial_of
+from tests.conftest import rel_l2
+from tests.distributed import assert_exchanged, run_cases
+
+MODEL = "tiny-hunyuanvideo15"
+ODD = dict(height=48, width=80, frames=9, text_tokens=13)    # 3 x 3 x 5 = 45 video tokens
+# a padded prompt (13 tokens, 4 of them padding) and a shorter padded negative (7 tokens, 2 padding)
+MASKS = {"cond_mask": [[1] * 9 + [0] * 4], "neg_cond_mask": [[1] * 5 + [0] * 2]}
+NEG = dict(cfg=4.0, masks=MASKS)
+# scheduler/scheduler_config.json shift of the diffusers releases (diffusers' conversion script: 480p T2V 5.0,
+# 720p T2V 9.0); the reference pipeline is built from these numbers, not from the engine's scheduler
+PUBLISHED_SHIFT = {"hunyuanvideo-1.5-480p-t2v": 5.0, "hunyuanvideo-1.5-720p-t2v": 9.0}
+IMAGE_SLOTS, BYT5_TOKENS = 729, 256  # what HunyuanVideo15Pipeline passes for text-to-video (all masked)
+
+
+class _NoVAE:
+    """Stands in for the VAE: the pipeline reads its latent channels and compression ratios only (the latents are
+    given, and output_type="latent" decodes nothing)."""
+    config = types.SimpleNamespace(latent_channels=32)
+    temporal_compression_ratio, spatial_compression_ratio = 4, 16
+
+
+def pipeline_latents(adapter, req: SampleRequest, cond, mask, neg=None, neg_mask=None) -> torch.Tensor:
+    """HunyuanVideo15Pipeline with the same transformer, embeddings, masks and the seed noise as latents, the
+    release's scheduler and guider; no text encoders or VAE (output_type="latent"); ComfyUI-convention latents."""
+    import diffusers
+
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=PUBLISHED_SHIFT[adapter.variant])
+    guider = diffusers.ClassifierFreeGuidance(guidance_scale=req.cfg)
+    pipe = diffusers.HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=adapter.model, vae=_NoVAE(),
+                                            scheduler=sched, text_encoder_2=None, tokenizer_2=None, guider=guider)
+    pipe.set_progress_bar_config(disable=True)
+    b = cond.shape[0]
+    width_2 = adapter.model.config.text_embed_2_dim
+    byt5, byt5_mask = torch.zeros(b, BYT5_TOKENS, width_2), torch.zeros(b, BYT5_TOKENS, dtype=torch.long)
+    kw = {}
+    if req.cfg > 1:
+        kw = dict(negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask, negative_prompt_embeds_2=byt5,
+                  negative_prompt_embeds_mask_2=byt5_mask)
+    noise = seed_noise(req.seed, latent_shape(adapter, req))
+    out = pipe(prompt_embeds=cond, prompt_embeds_mask=mask, prompt_embeds_2=byt5, prompt_embeds_mask_2=byt5_mask,
+               height=req.height, width=req.width, num_frames=req.frames, num_inference_steps=req.steps,
+               latents=noise, output_type="latent", return_dict=False, **kw)[0]
+    return adapter.from_model_space(out.float())
+
+
+def _embeddings(seed: int, batch: int = 1, pos: int = 12, neg: int = 7):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, pos, 3584, generator=gen), torch.randn(batch, neg, 3584, generator=gen)
+
+
+def _mask(rows: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@pytest.mark.parametrize("height,width,frames,batch,cfg", [
+    (48, 80, 9, 1, 4.0),   # 3 latent frames of 3 x 5 tokens, padded prompt and a shorter padded negative
+    (64, 32, 5, 2, 1.0),   # batch 2, rows with different padding, no CFG
+])
+def test_serial_matches_hunyuan_video15_pipeline(height, width, frames, batch, cfg):
+    ad = get_model({"model": MODEL}).adapter
+    assert ad.variant == "hunyuanvideo-1.5-720p-t2v"
+    cond, neg = _embeddings(0, batch)
+    mask = _mask([[1] * 9 + [0] * 3, [1] * 12][:batch])
+    neg_mask = _mask([[1] * 5 + [0] * 2, [1] * 7][:batch])
+    req = SampleRequest(height=height, width=width, frames=frames, steps=4, seed=3, batch_size=batch, cfg=cfg,
+                        inputs={"cond": cond, "cond_mask": mask, "neg_cond": neg, "neg_cond_mask": neg_mask})
+    ours = sample(ad, req)
+    assert ours.shape == (batch, 32, (frames - 1) // 4 + 1, height // 16, width // 16)
+    assert torch.isfinite(ours).all() and ours.std() > 0.5
+    ref = pipeline_latents(ad, req, cond, mask, neg, neg_mask)
+    assert rel_l2(ours, ref) <= 1e-4
+    # the comparison can fail: the padded tokens' values matter once unmasked, and so does the shift
+    unmasked = sample(ad, SampleRequest(**{**req.__dict__, "inputs": {**req.inputs, "cond_mask": torch.ones_like(mask)}}))
+    assert rel_l2(unmasked, ref) > 1e-3
+    assert rel_l2(sample(ad, SampleRequest(**{**req.__dict__, "shift": 5.0})), ref) > 1e-3
+
+
+def test_padding_values_never_matter():
+    """What sits under the mask (the prompt's padding) changes nothing, to the bit pattern of a serial run."""
+    ad = get_model({"model": MODEL}).adapter
+    cond, _ = _embeddings(1)
+    mask = _mask([[1] * 8 + [0] * 4])
+    other = cond.clone()
+    other[:, 8:] = 100 * torch.randn(1, 4, 3584)
+    req = dict(height=48, width=80, frames=5, steps=2, seed=1)
+    a = sample(ad, SampleRequest(**req, inputs={"cond": cond, "cond_mask": mask}))
+    b = sample(ad, SampleRequest(**req, inputs={"cond": other, "cond_mask": mask}))
+    assert rel_l2(a, b) <= 1e-6
+
+
+def test_frames_sizes_and_variants():
+    ad = get_model({"model": MODEL}).adapter
+    cond, _ = _embeddings(2)
+    base = dict(height=48, width=80, steps=1, seed=1, inputs={"cond": cond})
+    with pytest.raises(XDiTError, match="frames must be 4k"):
+        sample(ad, SampleRequest(**base, frames=8))
+    with pytest.raises(XDiTError, match="multiples of 16"):
+        sample(ad, SampleRequest(**{**base, "height": 40}, frames=5))
+    assert ad.image_tokens(48, 80, 9) == 45
+    from comfyui_xdit import families
+
+    fam = families.get("hunyuanvideo-1.5")
+    assert fam.variant_of({"target_size": 640}, "") == "hunyuanvideo-1.5-480p-t2v"
+    assert fam.variant_of({"target_size": 960}, "") == "hunyuanvideo-1.5-720p-t2v"
+
+
+@pytest.mark.parametrize("variant", ["hunyuanvideo-1.5-720p-t2v", "hunyuanvideo-1.5-480p-t2v"])
+def test_published_configs(variant):
+    """Each shipped config builds the published 8.3B transformer (meta tensors); the config inferred from its
+    shapes is the shipped one (target_size, which no weight encodes, aside); detection finds the family."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    from comfyui_xdit import families, weights
+
+    fam = families.get("hunyuanvideo-1.5")
+    base = weights._base_config(fam, variant)
+    with torch.device("meta"):
+        model = HunyuanVideo15Transformer3DModel.from_config(base)
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(8.327, abs=0.001)
+    sd = model.state_dict()
+    assert families.detect(sd) is fam
+    inferred = fam.infer_config(sd, {})
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in inferred.items()} == {k: base[k] for k in inferred}
+    assert fam.variant_of(base, "") == variant
+
+
+def test_generate_cli(tmp_path, capsys):
+    from comfyui_xdit.cli import main
+
+    cond, _ = _embeddings(4, pos=10)
+    mask = _mask([[1] * 7 + [0] * 3])
+    save_file({"cond": cond, "cond_mask": mask}, str(tmp_path / "in.safetensors"))
+    args = ["generate", "--model", MODEL, "--height", "48", "--width", "80", "--steps", "2", "--seed", "2",
+            "--inputs", str(tmp_path / "in.safetensors"), "--out", str(tmp_path / "out.safetensors")]
+    assert main([*args, "--frames", "9"]) == 0, capsys.readouterr().err
+    out = load_file(tmp_path / "out.safetensors")["latents"]
+    ref = sample(get_model({"model": MODEL}).adapter,
+                 SampleRequest(height=48, width=80, frames=9, steps=2, seed=2, inputs={"cond": cond, "cond_mask": mask}))
+    assert out.shape == (1, 32, 3, 3, 5) and torch.equal(out, ref)
+    assert main([*args, "--frames", "8"]) == 2
+    assert "frames must be 4k+1" in capsys.readouterr().err
