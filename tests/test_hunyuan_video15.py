@@ -20,6 +20,7 @@ from comfyui_xdit.sampling import SampleRequest, latent_shape, sample, seed_nois
 from tests.cases import build_request, case_ok, get_model, serial_of
 from tests.conftest import rel_l2
 from tests.distributed import assert_exchanged, run_cases
+from tests.pipefusion_reference import stale_reference
 
 MODEL = "tiny-hunyuanvideo15"
 ODD = dict(height=48, width=80, frames=9, text_tokens=13)    # 3 x 3 x 5 = 45 video tokens
@@ -159,3 +160,97 @@ def test_generate_cli(tmp_path, capsys):
     assert out.shape == (1, 32, 3, 3, 5) and torch.equal(out, ref)
     assert main([*args, "--frames", "8"]) == 2
     assert "frames must be 4k+1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ parallel
+def test_self_attention_padding_masks():
+    """The processor's mask hides padded tokens as keys and as queries (valid_q & valid_k): sequence-parallel
+    attention takes its key mask and zeroes the padded queries' rows, as SDPA does; other non-key masks are
+    refused in one line."""
+    import torch.nn.functional as F
+
+    from comfyui_xdit.errors import ConfigError
+    from comfyui_xdit.parallel.attention import padding_of, zero_padded_queries
+
+    valid = torch.tensor([[True, True, False, True, False], [True, False, True, True, True]])
+    assert padding_of(valid[:, None, None, :], 2, 5)[0].equal(valid) and not padding_of(valid[:, None, None], 2, 5)[1]
+    both = (valid[:, :, None] & valid[:, None, :])[:, None]
+    keys, queries = padding_of(both, 2, 5)
+    assert keys.equal(valid) and queries
+    q, k, v = torch.randn(3, 2, 4, 5, 8).unbind(0)
+    serial = F.scaled_dot_product_attention(q, k, v, attn_mask=both)
+    key_only = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+    assert torch.allclose(zero_padded_queries(key_only, valid), serial, atol=1e-6)
+    with pytest.raises(ConfigError, match="key-padding masks only"):
+        padding_of(torch.ones(5, 5, dtype=torch.bool).tril()[None, None], 1, 5)  # causal
+
+
+def _exact_world2() -> list[dict]:
+    base = {"model": MODEL, "seed": 7, "steps": 3, **ODD}
+    return [{**base, "id": "ulysses2", "parallel": {"ulysses": 2}, **NEG},
+            {**base, "id": "ring2", "parallel": {"ring": 2}, **NEG},
+            {**base, "id": "cfg2", "parallel": {"cfg": 2}, **NEG},
+            {**base, "id": "dp2", "parallel": {"dp": 2}, "batch": 3},
+            {**base, "id": "shard2", "parallel": {"shard": 2}, **NEG},
+            # every step synchronous: patches of 5 | 4 token rows (the first ends inside the second frame)
+            {**base, "id": "pf2_allwarm", "parallel": {"pipefusion": 2, "num_patches": 2, "warmup_steps": 3}, **NEG}]
+
+
+def _exact_world4() -> list[dict]:
+    base = {"model": MODEL, "seed": 11, "steps": 3, **ODD}
+    return [{**base, "id": "ulysses2_ring2", "parallel": {"ulysses": 2, "ring": 2}, **NEG},
+            {**base, "id": "ulysses4", "parallel": {"ulysses": 4}, **NEG},
+            {**base, "id": "ring4", "parallel": {"ring": 4}, **NEG},
+            {**base, "id": "cfg2_ulysses2", "parallel": {"cfg": 2, "ulysses": 2}, **NEG},
+            {**base, "id": "cfg2_ring2", "parallel": {"cfg": 2, "ring": 2}, **NEG},
+            {**base, "id": "dp2_ulysses2", "parallel": {"dp": 2, "ulysses": 2}, "batch": 2},
+            {**base, "id": "shard4_ulysses4", "parallel": {"shard": 4, "ulysses": 4}, **NEG},
+            {**base, "id": "shard2_ulysses2_cfg2", "parallel": {"shard": 2, "ulysses": 2, "cfg": 2}, **NEG},
+            {**base, "id": "shard4", "parallel": {"shard": 4}, **NEG},
+            {**base, "id": "pf4_allwarm", "parallel": {"pipefusion": 4, "num_patches": 3, "warmup_steps": 3}, **NEG,
+             "overrides": {"num_layers": 4}},
+            {**base, "id": "pf2_ulysses2_allwarm", "parallel": {"pipefusion": 2, "num_patches": 2, "warmup_steps": 3,
+                                                                 "ulysses": 2}, **NEG}]
+
+
+def stale_cases() -> list[dict]:
+    """PipeFusion 2 with stale K/V after one warm-up step: 9 frames of 48x80 (45 tokens, 9 token rows), padded
+    prompt and negative."""
+    return [{"id": f"hv_s6_m{m}_w1", "model": MODEL, "seed": 5, "steps": 6, **ODD, **NEG,
+             "parallel": {"pipefusion": 2, "num_patches": m, "warmup_steps": 1}} for m in (2, 3)]
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    return run_cases(2, _exact_world2() + stale_cases(), tmp_path_factory.mktemp("hv2"))
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    return run_cases(4, _exact_world4(), tmp_path_factory.mktemp("hv4"))
+
+
+@pytest.mark.parametrize("case", _exact_world2(), ids=lambda c: c["id"])
+def test_world2_exact_methods_match_serial(world2, case):
+    info = case_ok(world2, case["id"])
+    assert rel_l2(info["latents"], serial_of(case)) <= 1e-4
+    assert_exchanged(info, case["parallel"])
+    if case["parallel"] != {"dp": 2}:
+        assert sum(info["rank_comm"][0][0].values()) > 0  # the ranks really exchanged data
+
+
+@pytest.mark.parametrize("case", _exact_world4(), ids=lambda c: c["id"])
+def test_world4_exact_methods_match_serial(world4, case):
+    info = case_ok(world4, case["id"])
+    assert rel_l2(info["latents"], serial_of(case)) <= 1e-4
+    assert_exchanged(info, case["parallel"])
+
+
+@pytest.mark.parametrize("case", stale_cases(), ids=lambda c: c["id"])
+def test_pipefusion_stale_phase_is_the_stale_rule(world2, case):
+    """Against the plain-hook stale reference (tests/pipefusion_reference.py): patches are ranges of token rows
+    with the frames folded in; the padded text is fresh and masked in every patch."""
+    info = case_ok(world2, case["id"])
+    assert rel_l2(info["latents"], stale_reference(case)) <= 1e-4
+    assert rel_l2(info["latents"], serial_of(case)) > 1e-3  # stale K/V really used
+    assert_exchanged(info, case["parallel"])
