@@ -254,3 +254,42 @@ def test_pipefusion_stale_phase_is_the_stale_rule(world2, case):
     assert rel_l2(info["latents"], stale_reference(case)) <= 1e-4
     assert rel_l2(info["latents"], serial_of(case)) > 1e-3  # stale K/V really used
     assert_exchanged(info, case["parallel"])
+
+
+# ------------------------------------------------------------------------------------------------ weights, memory
+def test_single_file_and_folder(tmp_path):
+    """A file in diffusers' names and a diffusers folder load as this family (the folder's target_size picks the
+    variant); the loaded weights are the saved ones."""
+    from comfyui_xdit.tiny import build_tiny
+    from comfyui_xdit.weights import load_transformer
+
+    _, model = build_tiny(MODEL, target_size=960)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "hv.safetensors"))
+    model.save_pretrained(str(tmp_path / "folder"))
+    # a file says nothing of its size class (480p, the pipeline's default); the folder's config says 720p
+    for source, variant in ((tmp_path / "hv.safetensors", "hunyuanvideo-1.5-480p-t2v"),
+                            (tmp_path / "folder", "hunyuanvideo-1.5-720p-t2v")):
+        loaded = load_transformer(str(source))
+        assert (loaded.family, loaded.variant) == ("hunyuanvideo-1.5", variant)
+        got = loaded.model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+
+
+def test_memory_rows_and_plan_at_published_size():
+    """Per-rank memory of the 8.33B transformer at 1280x720, 121 frames (meta build): USP replicates 15.5 GiB of
+    bf16 weights, FSDP over 8 holds about 1/8 plus two blocks, PipeFusion is offered; the planner fits a job on
+    2 x 24 GB."""
+    from comfyui_xdit import planner as P
+    from comfyui_xdit.bench import build_random
+    from comfyui_xdit.memory_estimate import memory_table
+
+    adapter = build_random("hunyuanvideo-1.5-720p-t2v", torch.bfloat16, "meta")
+    assert adapter.image_tokens(720, 1280, 121) == 31 * 45 * 80
+    rows = {(r.method, r.degree): r for r in memory_table(adapter, "1280x720", 121)}
+    total = 2 * sum(p.numel() for p in adapter.model.parameters())
+    assert rows[("usp", 2)].weights == total and total / 2**30 == pytest.approx(15.51, abs=0.01)
+    assert total / 8 < rows[("fsdp x usp", 8)].weights < total / 8 + 3 * total / 54
+    assert {m for m, _ in rows} == {"usp", "fsdp x usp", "pipefusion"}
+    plan = P.plan(P.facts_of(adapter, "hunyuanvideo-1.5-720p-t2v"), "2x24GB,pcie",
+                  P.Job(720, 1280, frames=121, cfg=6.0, steps=50))
+    assert plan.choice is not None and plan.choice.memory / 2**30 + 2 <= 24
