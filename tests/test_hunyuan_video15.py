@@ -192,6 +192,8 @@ def _exact_world2() -> list[dict]:
             {**base, "id": "cfg2", "parallel": {"cfg": 2}, **NEG},
             {**base, "id": "dp2", "parallel": {"dp": 2}, "batch": 3},
             {**base, "id": "shard2", "parallel": {"shard": 2}, **NEG},
+            {**base, "id": "i2v_ulysses2", "overrides": {"task_type": "i2v"}, "parallel": {"ulysses": 2}, **NEG,
+             "random_inputs": {"image_latent": [1, 32, 1, 3, 5], "image_embeds": [1, 6, 8]}},
             # every step synchronous: patches of 5 | 4 token rows (the first ends inside the second frame)
             {**base, "id": "pf2_allwarm", "parallel": {"pipefusion": 2, "num_patches": 2, "warmup_steps": 3}, **NEG}]
 
@@ -207,6 +209,8 @@ def _exact_world4() -> list[dict]:
             {**base, "id": "shard4_ulysses4", "parallel": {"shard": 4, "ulysses": 4}, **NEG},
             {**base, "id": "shard2_ulysses2_cfg2", "parallel": {"shard": 2, "ulysses": 2, "cfg": 2}, **NEG},
             {**base, "id": "shard4", "parallel": {"shard": 4}, **NEG},
+            {**base, "id": "i2v_ulysses2_ring2", "overrides": {"task_type": "i2v"}, "parallel": {"ulysses": 2, "ring": 2},
+             **NEG, "random_inputs": {"image_latent": [1, 32, 1, 3, 5], "image_embeds": [1, 6, 8]}},
             {**base, "id": "pf4_allwarm", "parallel": {"pipefusion": 4, "num_patches": 3, "warmup_steps": 3}, **NEG,
              "overrides": {"num_layers": 4}},
             {**base, "id": "pf2_ulysses2_allwarm", "parallel": {"pipefusion": 2, "num_patches": 2, "warmup_steps": 3,
@@ -293,3 +297,77 @@ def test_memory_rows_and_plan_at_published_size():
     plan = P.plan(P.facts_of(adapter, "hunyuanvideo-1.5-720p-t2v"), "2x24GB,pcie",
                   P.Job(720, 1280, frames=121, cfg=6.0, steps=50))
     assert plan.choice is not None and plan.choice.memory / 2**30 + 2 <= 24
+
+
+# ------------------------------------------------------------------------------------------------ image-to-video
+I2V = {"task_type": "i2v"}  # tiny-hunyuanvideo15 as the 720p image-to-video release (shift 7.0)
+PUBLISHED_SHIFT.update({"hunyuanvideo-1.5-720p-i2v": 7.0, "hunyuanvideo-1.5-480p-i2v": 5.0})
+
+
+def _image_inputs(seed: int, latent_shape: tuple[int, ...], tokens: int = 6):
+    gen = torch.Generator().manual_seed(seed)
+    b, c, _, h, w = latent_shape
+    return torch.randn(b, c, 1, h, w, generator=gen), torch.randn(b, tokens, 8, generator=gen)
+
+
+def i2v_pipeline_latents(adapter, req: SampleRequest, cond, mask, neg, neg_mask, image_latent, embeds):
+    """HunyuanVideo15ImageToVideoPipeline with the same transformer; its two encoders are replaced by what they
+    would return (the VAE's first-frame latent, scaled as the pipeline scales it, and the SigLIP states), so the
+    condition channels, the mask and the loop are the pipeline's own."""
+    import diffusers
+    import PIL.Image
+
+    pipe = diffusers.HunyuanVideo15ImageToVideoPipeline(
+        text_encoder=None, tokenizer=None, transformer=adapter.model, vae=_NoVAE(),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=PUBLISHED_SHIFT[adapter.variant]),
+        text_encoder_2=None, tokenizer_2=None, guider=diffusers.ClassifierFreeGuidance(guidance_scale=req.cfg),
+        image_encoder=None, feature_extractor=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.encode_image = lambda image, batch_size, device, dtype: embeds.repeat(batch_size, 1, 1).to(device, dtype)
+    pipe._get_image_latents = lambda **kw: image_latent * 1.03682  # the VAE latent times its scaling factor
+    b, width_2 = cond.shape[0], adapter.model.config.text_embed_2_dim
+    byt5, byt5_mask = torch.zeros(b, BYT5_TOKENS, width_2), torch.zeros(b, BYT5_TOKENS, dtype=torch.long)
+    noise = seed_noise(req.seed, latent_shape(adapter, req))
+    out = pipe(image=PIL.Image.new("RGB", (req.width, req.height)), prompt_embeds=cond, prompt_embeds_mask=mask,
+               prompt_embeds_2=byt5, prompt_embeds_mask_2=byt5_mask, negative_prompt_embeds=neg,
+               negative_prompt_embeds_mask=neg_mask, negative_prompt_embeds_2=byt5,
+               negative_prompt_embeds_mask_2=byt5_mask, num_frames=req.frames, num_inference_steps=req.steps,
+               latents=noise, output_type="latent", return_dict=False)[0]
+    return adapter.from_model_space(out.float())
+
+
+def test_i2v_serial_matches_the_i2v_pipeline():
+    ad = get_model({"model": MODEL, "overrides": I2V}).adapter
+    assert ad.variant == "hunyuanvideo-1.5-720p-i2v"
+    cond, neg = _embeddings(6)
+    mask, neg_mask = _mask([[1] * 10 + [0] * 2]), _mask([[1] * 6 + [0]])
+    req = SampleRequest(height=48, width=80, frames=9, steps=4, seed=3, cfg=4.0,
+                        inputs={"cond": cond, "cond_mask": mask, "neg_cond": neg, "neg_cond_mask": neg_mask})
+    first, embeds = _image_inputs(8, latent_shape(ad, req))
+    req.inputs.update(image_latent=first, image_embeds=embeds)
+    ours = sample(ad, req)
+    ref = i2v_pipeline_latents(ad, req, cond, mask, neg, neg_mask, first, embeds)
+    assert rel_l2(ours, ref) <= 1e-4
+    # the image inputs matter (so the comparison can fail; not their order or scale: no positions, a LayerNorm first)
+    other = sample(ad, SampleRequest(**{**req.__dict__, "inputs": {**req.inputs, "image_embeds": embeds.roll(1, dims=-1)}}))
+    assert rel_l2(other, ref) > 1e-3
+
+
+def test_i2v_inputs_are_checked():
+    from comfyui_xdit.errors import ConfigError
+    from comfyui_xdit.parallel import ParallelConfig
+
+    t2v, i2v = get_model({"model": MODEL}).adapter, get_model({"model": MODEL, "overrides": I2V}).adapter
+    cond, _ = _embeddings(7)
+    first, embeds = _image_inputs(9, (1, 32, 3, 3, 5))
+    base = dict(height=48, width=80, frames=9, steps=1, seed=1)
+    with pytest.raises(XDiTError, match="takes no image_latent"):
+        t2v.check_request(SampleRequest(**base, inputs={"cond": cond, "image_latent": first, "image_embeds": embeds}))
+    with pytest.raises(XDiTError, match="needs image_latent"):
+        i2v.check_request(SampleRequest(**base, inputs={"cond": cond, "image_latent": first}))
+    with pytest.raises(XDiTError, match="image_latent has shape"):
+        i2v.check_request(SampleRequest(**base, inputs={"cond": cond, "image_latent": first[:, :, :, :2],
+                                                        "image_embeds": embeds}))
+    with pytest.raises(ConfigError, match="pipefusion is not available"):
+        i2v.check_request(SampleRequest(**base, inputs={"cond": cond, "image_latent": first, "image_embeds": embeds}),
+                          ParallelConfig(pipefusion=2))

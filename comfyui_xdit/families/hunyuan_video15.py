@@ -17,12 +17,19 @@ token either way (tests/test_hunyuan_video15.py compares with the pipeline). The
 therefore L + 2 tokens; it is split across ranks with its mask, which travels with its keys.
 
 Schedule: HunyuanVideo15Pipeline's sigmas linspace(1, 0, N + 1)[:-1] through flow-matching Euler with the
-release's static shift (480p 5.0, 720p 9.0); true CFG neg + cfg (pos - neg) (the release's guider: 6.0).
+release's static shift (480p 5.0, 720p 9.0; image-to-video 480p 5.0, 720p 7.0); true CFG neg + cfg (pos - neg)
+(the release's guider: 6.0).
 
-Not here: image-to-video (HunyuanVideo15ImageToVideoPipeline: the first frame's latent in the condition channels
-and SigLIP image embeddings), glyph text (ByT5 embeddings), the step-distilled (meanflow) and super-resolution
-models, and single files in the release's original layout (no diffusers converter for them: a diffusers folder or
-a file in diffusers' names loads).
+Image-to-video (the i2v variants, HunyuanVideo15ImageToVideoPipeline) takes two more inputs, the same for both
+CFG branches: `image_latent` [B, 32, 1, h, w], the first frame's VAE latent in ComfyUI's convention (the engine puts
+it in model space into the condition channels' first frame and sets the mask channel there, as the pipeline's
+prepare_cond_latents_and_mask), and `image_embeds` [B, N, 1152], the SigLIP vision states (N = 729 for the
+release's encoder), which the model then attends with: the text stream is L + 1 + N tokens. PipeFusion sizes its
+transfers by the family's stream lengths, which cannot know N, so it is refused with image inputs.
+
+Not here: glyph text (ByT5 embeddings), the step-distilled (meanflow) and super-resolution models, and single
+files in the release's original layout (no diffusers converter for them: a diffusers folder or a file in
+diffusers' names loads).
 """
 from __future__ import annotations
 
@@ -54,9 +61,21 @@ SCALING_FACTOR = 1.03682  # AutoencoderKLHunyuanVideo15's scaling_factor
 LATENT = LatentFormat(32, scale=SCALING_FACTOR, dims=3, downscale=16, time_downscale=4)
 # the masked slots the engine passes for the groups text-to-video leaves empty (ByT5 glyph text, SigLIP image)
 EMPTY_SLOTS = 1
+IMAGE_INPUTS = ("image_latent", "image_embeds")  # image-to-video
 
 
 class HunyuanVideo15Adapter(FamilyAdapter):
+    def __init__(self, spec: Family, model: torch.nn.Module, variant: str = ""):
+        # a built-in tiny model comes with the family's default variant (text-to-video): its config's task_type
+        # says whether it is the image-to-video one
+        if variant in ("", spec.default_variant.name) and model.config.task_type == "i2v":
+            variant = spec.default_variant.name.replace("-t2v", "-i2v")
+        super().__init__(spec, model, variant)
+
+    @property
+    def image_to_video(self) -> bool:
+        return self.variant.endswith("-i2v")
+
     def token_plan(self) -> TokenPlan:
         # No _cp_plan in diffusers 0.42 for this class; its points, in diffusers' vocabulary: the rotary tables
         # (cos, sin) [S, D] the `rope` module returns are video tokens, the first block takes the video and the
@@ -76,8 +95,31 @@ class HunyuanVideo15Adapter(FamilyAdapter):
         return {IMAGE: image_tokens, TEXT: text_tokens + 2 * EMPTY_SLOTS}
 
     def check_request(self, req, config=None) -> None:
-        if self.model.config.use_meanflow:
+        from ..errors import ConfigError
+        from ..sampling import latent_shape
+
+        cfg = self.model.config
+        if cfg.use_meanflow:
             raise XDiTError("the step-distilled (meanflow) HunyuanVideo 1.5 models are not supported")
+        given = [k for k in IMAGE_INPUTS if k in req.inputs]
+        if not self.image_to_video:
+            if given:
+                raise XDiTError(f"{self.variant} takes no {given[0]} (a text-to-video model; image-to-video: an i2v "
+                                "variant)")
+            return
+        if len(given) != 2:
+            raise XDiTError(f"{self.variant} needs image_latent [B, {self.latent_channels}, 1, h, w] (the first "
+                            f"frame's VAE latent) and image_embeds [B, N, {cfg.image_embed_dim}] (SigLIP)")
+        shape = latent_shape(self, req)
+        first, embeds = req.inputs["image_latent"], req.inputs["image_embeds"]
+        want = [self.latent_channels, 1, *shape[3:]]
+        if first.ndim != 5 or list(first.shape[1:]) != want or first.shape[0] not in (1, req.batch_size):
+            raise XDiTError(f"image_latent has shape {list(first.shape)}, expected [B, {', '.join(map(str, want))}]")
+        if embeds.ndim != 3 or embeds.shape[-1] != cfg.image_embed_dim or embeds.shape[0] not in (1, req.batch_size):
+            raise XDiTError(f"image_embeds has shape {list(embeds.shape)}, expected [B, N, {cfg.image_embed_dim}]")
+        if config is not None and config.pipefusion > 1:
+            raise ConfigError(f"pipefusion is not available for {self.variant}: its text stream's length depends "
+                              "on the image embeddings; use ulysses, ring, cfg or dp")
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
         if x.ndim != 5:
@@ -85,8 +127,17 @@ class HunyuanVideo15Adapter(FamilyAdapter):
         cfg = self.model.config
         b, ch, frames, h, w = x.shape
         # text-to-video: the condition latent and its mask channel are zeros (the pipeline's
-        # prepare_cond_latents_and_mask), the image slots zeros (the model masks them), no glyph text
-        hidden = torch.cat([x, x.new_zeros(b, cfg.in_channels - ch, frames, h, w)], dim=1).to(self.dtype)
+        # prepare_cond_latents_and_mask), the image slots zeros (the model masks them), no glyph text;
+        # image-to-video: the first frame's latent (model space) and mask 1 on the first frame, the SigLIP states
+        cond = x.new_zeros(b, cfg.in_channels - ch, frames, h, w)
+        embeds = c.extra.get("image_embeds")
+        if "image_latent" in c.extra:
+            first = self.to_model_space(c.extra["image_latent"].float()).to(x.device, x.dtype)
+            cond[:, :ch, :1] = first.expand(b, -1, -1, -1, -1)
+            cond[:, ch:, :1] = 1.0
+        if embeds is None:
+            embeds = torch.zeros(b, EMPTY_SLOTS, cfg.image_embed_dim, dtype=self.dtype, device=x.device)
+        hidden = torch.cat([x, cond], dim=1).to(self.dtype)
         mask = c.mask if c.mask is not None else torch.ones(c.cond.shape[:2], dtype=torch.long, device=x.device)
         empty = torch.zeros(b, EMPTY_SLOTS, dtype=mask.dtype, device=x.device)
         return self.model(
@@ -97,7 +148,7 @@ class HunyuanVideo15Adapter(FamilyAdapter):
             encoder_hidden_states_2=torch.zeros(b, EMPTY_SLOTS, cfg.text_embed_2_dim, dtype=self.dtype,
                                                 device=x.device),
             encoder_attention_mask_2=empty,
-            image_embeds=torch.zeros(b, EMPTY_SLOTS, cfg.image_embed_dim, dtype=self.dtype, device=x.device),
+            image_embeds=embeds.to(self.dtype).expand(b, -1, -1),
             return_dict=False,
         )[0]
 
@@ -137,8 +188,10 @@ def _infer_config(sd: dict, hints: dict) -> dict:
 
 
 def _variant_of(cfg: dict, pipeline: str) -> str:
-    """480p or 720p by the config's target_size (the weights do not say; 480p without one)."""
-    return "hunyuanvideo-1.5-720p-t2v" if cfg.get("target_size") == 960 else "hunyuanvideo-1.5-480p-t2v"
+    """480p or 720p by the config's target_size, text- or image-to-video by its task_type or the pipeline's class
+    (the weights say neither: 480p text-to-video without them)."""
+    task = "i2v" if cfg.get("task_type") == "i2v" or "ImageToVideo" in pipeline else "t2v"
+    return f"hunyuanvideo-1.5-{'720p' if cfg.get('target_size') == 960 else '480p'}-{task}"
 
 
 _TINY = dict(in_channels=65, out_channels=32, num_attention_heads=4, attention_head_dim=16, num_layers=2,
@@ -149,9 +202,11 @@ FAMILY = Family(
     diffusers_class="HunyuanVideo15Transformer3DModel",
     # ComfyUI 0.3.64 has no HunyuanVideo 1.5 model (a later ComfyUI's HunyuanVideo15 is not targeted here)
     variants=(Variant("hunyuanvideo-1.5-720p-t2v", "hunyuanvideo-1.5-720p-t2v.json", flow_euler(9.0)),
-              Variant("hunyuanvideo-1.5-480p-t2v", "hunyuanvideo-1.5-480p-t2v.json", flow_euler(5.0))),
+              Variant("hunyuanvideo-1.5-480p-t2v", "hunyuanvideo-1.5-480p-t2v.json", flow_euler(5.0)),
+              Variant("hunyuanvideo-1.5-720p-i2v", "hunyuanvideo-1.5-720p-i2v.json", flow_euler(7.0)),
+              Variant("hunyuanvideo-1.5-480p-i2v", "hunyuanvideo-1.5-480p-i2v.json", flow_euler(5.0))),
     latent=LATENT,
-    cond=CondSpec(width=3584, mask=True, negative_length_may_differ=True, tokens=256),
+    cond=CondSpec(width=3584, mask=True, negative_length_may_differ=True, tokens=256, extra_inputs=IMAGE_INPUTS),
     flow=True,
     samplers=("euler", "dpmpp_2m"),
     adapter=f"{__name__}:HunyuanVideo15Adapter",
@@ -161,6 +216,7 @@ FAMILY = Family(
     variant_of=_variant_of,
     set_timesteps=pipeline_sigmas,
     patch=1,
-    aliases={"hunyuanvideo-720p": "hunyuanvideo-1.5-720p-t2v", "hunyuanvideo-480p": "hunyuanvideo-1.5-480p-t2v"},
+    aliases={"hunyuanvideo-720p": "hunyuanvideo-1.5-720p-t2v", "hunyuanvideo-480p": "hunyuanvideo-1.5-480p-t2v",
+             "hunyuanvideo-720p-i2v": "hunyuanvideo-1.5-720p-i2v", "hunyuanvideo-480p-i2v": "hunyuanvideo-1.5-480p-i2v"},
     order=70,
 )
