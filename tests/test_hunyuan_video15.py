@@ -125,7 +125,8 @@ def test_frames_sizes_and_variants():
     assert fam.variant_of({"target_size": 960}, "") == "hunyuanvideo-1.5-720p-t2v"
 
 
-@pytest.mark.parametrize("variant", ["hunyuanvideo-1.5-720p-t2v", "hunyuanvideo-1.5-480p-t2v"])
+@pytest.mark.parametrize("variant", ["hunyuanvideo-1.5-720p-t2v", "hunyuanvideo-1.5-480p-t2v",
+                                     "hunyuanvideo-1.5-720p-i2v", "hunyuanvideo-1.5-480p-i2v"])
 def test_published_configs(variant):
     """Each shipped config builds the published 8.3B transformer (meta tensors); the config inferred from its
     shapes is the shipped one (target_size, which no weight encodes, aside); detection finds the family."""
