@@ -8,7 +8,6 @@ The tiny model: 4 heads x 16, 2 blocks, 3584-wide text; ODD is 9 frames (3 laten
 """
 from __future__ import annotations
 
-import json
 import types
 
 import pytest
@@ -17,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from comfyui_xdit.errors import XDiTError
 from comfyui_xdit.sampling import SampleRequest, latent_shape, sample, seed_noise
-from tests.cases import build_request, case_ok, get_model, serial_of
+from tests.cases import case_ok, get_model, serial_of
 from tests.conftest import rel_l2
 from tests.distributed import assert_exchanged, run_cases
 from tests.pipefusion_reference import stale_reference
@@ -91,7 +90,8 @@ def test_serial_matches_hunyuan_video15_pipeline(height, width, frames, batch, c
     ref = pipeline_latents(ad, req, cond, mask, neg, neg_mask)
     assert rel_l2(ours, ref) <= 1e-4
     # the comparison can fail: the padded tokens' values matter once unmasked, and so does the shift
-    unmasked = sample(ad, SampleRequest(**{**req.__dict__, "inputs": {**req.inputs, "cond_mask": torch.ones_like(mask)}}))
+    unmasked = sample(ad, SampleRequest(**{**req.__dict__,
+                                           "inputs": {**req.inputs, "cond_mask": torch.ones_like(mask)}}))
     assert rel_l2(unmasked, ref) > 1e-3
     assert rel_l2(sample(ad, SampleRequest(**{**req.__dict__, "shift": 5.0})), ref) > 1e-3
 
@@ -157,7 +157,8 @@ def test_generate_cli(tmp_path, capsys):
     assert main([*args, "--frames", "9"]) == 0, capsys.readouterr().err
     out = load_file(tmp_path / "out.safetensors")["latents"]
     ref = sample(get_model({"model": MODEL}).adapter,
-                 SampleRequest(height=48, width=80, frames=9, steps=2, seed=2, inputs={"cond": cond, "cond_mask": mask}))
+                 SampleRequest(height=48, width=80, frames=9, steps=2, seed=2,
+                               inputs={"cond": cond, "cond_mask": mask}))
     assert out.shape == (1, 32, 3, 3, 5) and torch.equal(out, ref)
     assert main([*args, "--frames", "8"]) == 2
     assert "frames must be 4k+1" in capsys.readouterr().err
@@ -210,8 +211,8 @@ def _exact_world4() -> list[dict]:
             {**base, "id": "shard4_ulysses4", "parallel": {"shard": 4, "ulysses": 4}, **NEG},
             {**base, "id": "shard2_ulysses2_cfg2", "parallel": {"shard": 2, "ulysses": 2, "cfg": 2}, **NEG},
             {**base, "id": "shard4", "parallel": {"shard": 4}, **NEG},
-            {**base, "id": "i2v_ulysses2_ring2", "overrides": {"task_type": "i2v"}, "parallel": {"ulysses": 2, "ring": 2},
-             **NEG, "random_inputs": {"image_latent": [1, 32, 1, 3, 5], "image_embeds": [1, 6, 8]}},
+            {**base, "id": "i2v_ulysses2_ring2", "overrides": {"task_type": "i2v"},
+             "parallel": {"ulysses": 2, "ring": 2}, **NEG, "random_inputs": {"image_latent": [1, 32, 1, 3, 5], "image_embeds": [1, 6, 8]}},
             {**base, "id": "pf4_allwarm", "parallel": {"pipefusion": 4, "num_patches": 3, "warmup_steps": 3}, **NEG,
              "overrides": {"num_layers": 4}},
             {**base, "id": "pf2_ulysses2_allwarm", "parallel": {"pipefusion": 2, "num_patches": 2, "warmup_steps": 3,
@@ -350,7 +351,8 @@ def test_i2v_serial_matches_the_i2v_pipeline():
     ref = i2v_pipeline_latents(ad, req, cond, mask, neg, neg_mask, first, embeds)
     assert rel_l2(ours, ref) <= 1e-4
     # the image inputs matter (so the comparison can fail; not their order or scale: no positions, a LayerNorm first)
-    other = sample(ad, SampleRequest(**{**req.__dict__, "inputs": {**req.inputs, "image_embeds": embeds.roll(1, dims=-1)}}))
+    rolled = {**req.inputs, "image_embeds": embeds.roll(1, dims=-1)}
+    other = sample(ad, SampleRequest(**{**req.__dict__, "inputs": rolled}))
     assert rel_l2(other, ref) > 1e-3
 
 

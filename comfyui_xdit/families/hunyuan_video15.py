@@ -172,7 +172,8 @@ def _axes(head: int) -> list[int]:
 
 def _infer_config(sd: dict, hints: dict) -> dict:
     require(sd, "x_embedder.proj.weight", "proj_out.weight", "context_embedder.proj_in.weight",
-            "context_embedder_2.norm.weight", "image_embedder.norm_in.weight", "transformer_blocks.0.ff.net.0.proj.weight")
+            "context_embedder_2.norm.weight", "image_embedder.norm_in.weight",
+            "transformer_blocks.0.ff.net.0.proj.weight")
     inner, in_channels, pt, p, _ = sd["x_embedder.proj.weight"].shape
     head = head_dim(sd, "transformer_blocks.0.attn.norm_q.weight", int(inner), 128)
     return dict(in_channels=int(in_channels), out_channels=int(sd["proj_out.weight"].shape[0]) // int(pt * p * p),
@@ -217,6 +218,7 @@ FAMILY = Family(
     set_timesteps=pipeline_sigmas,
     patch=1,
     aliases={"hunyuanvideo-720p": "hunyuanvideo-1.5-720p-t2v", "hunyuanvideo-480p": "hunyuanvideo-1.5-480p-t2v",
-             "hunyuanvideo-720p-i2v": "hunyuanvideo-1.5-720p-i2v", "hunyuanvideo-480p-i2v": "hunyuanvideo-1.5-480p-i2v"},
+             "hunyuanvideo-720p-i2v": "hunyuanvideo-1.5-720p-i2v",
+             "hunyuanvideo-480p-i2v": "hunyuanvideo-1.5-480p-i2v"},
     order=70,
 )
