@@ -1,5 +1,5 @@
-"""The memory table of docs/benchmarks.md: per-rank weights + activations of FLUX.2-dev, Qwen-Image and Wan 2.2
-A14B (both experts) at degrees 1/2/4/8 for USP, FSDP x USP and PipeFusion, bf16 and fp8 storage, and the cards
+"""The memory table of docs/benchmarks.md: per-rank weights + activations of FLUX.2-dev, Qwen-Image, Wan 2.2
+A14B (both experts) and HunyuanVideo 1.5 720p at degrees 1/2/4/8 for USP, FSDP x USP and PipeFusion, bf16 and fp8 storage, and the cards
 each fits (comfyui_xdit/memory_estimate.py; meta-device builds, nothing allocated).
 
     python benchmarks/memory_table.py
@@ -12,7 +12,8 @@ from comfyui_xdit.bench import build_random
 from comfyui_xdit.memory_estimate import CARDS_GIB, OVERHEAD_GIB, memory_table
 
 MODELS = (("FLUX.2-dev", "flux2-dev", "1024", 1), ("Qwen-Image", "qwen-image", "1328", 1),
-          ("Wan 2.2 T2V A14B (both experts)", "wan2.2-t2v-a14b", "1280x720", 81))
+          ("Wan 2.2 T2V A14B (both experts)", "wan2.2-t2v-a14b", "1280x720", 81),
+          ("HunyuanVideo 1.5 720p T2V", "hunyuanvideo-1.5-720p-t2v", "1280x720", 121))
 
 
 def fits(row) -> str:

@@ -149,9 +149,16 @@ def ulysses_gather(x: torch.Tensor, lengths: list[int], me: int, group: ProcessG
 
 
 def key_padding(mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
-    """A mask given to SDPA as a key-padding mask [B, S_k] (True: attend). Bool masks (True: attend) and additive
-    ones (0 or -inf) of any broadcastable shape are taken as long as every query sees the same keys; anything
-    else (a causal or soft bias) cannot be split across ranks and is refused."""
+    """A mask given to SDPA as a key-padding mask [B, S_k] (True: attend); see padding_of."""
+    return padding_of(mask, batch, keys)[0]
+
+
+def padding_of(mask: torch.Tensor, batch: int, keys: int) -> tuple[torch.Tensor, bool]:
+    """(the key-padding mask [B, S_k] (True: attend), whether padded queries are masked too) of a mask given to
+    SDPA. Bool masks (True: attend) and additive ones (0 or -inf) of any broadcastable shape are taken as long as
+    every query sees the same keys, or, in self-attention, as long as the mask is valid_q & valid_k (padded tokens
+    hidden as keys and as queries, HunyuanVideo 1.5's processor): SDPA gives such a padded query's row zeros, and
+    so does the caller. Anything else (a causal or soft bias) cannot be split across ranks and is refused."""
     if mask.is_floating_point():
         if not bool(((mask == 0) | (mask == float("-inf"))).all()):
             raise ConfigError("sequence-parallel attention takes key-padding masks only (0 or -inf), not a soft bias")
@@ -162,10 +169,20 @@ def key_padding(mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
     if mask.shape[-1] != keys:
         raise ConfigError(f"attention mask covers {mask.shape[-1]} keys, the sequence has {keys}")
     rows = mask.reshape(mask.shape[0], -1, keys)
-    if not bool((rows == rows[:, :1]).all()):
-        raise ConfigError("sequence-parallel attention takes key-padding masks only (the same keys for every query "
-                          "and head)")
-    return rows[:, 0].expand(batch, keys)
+    if bool((rows == rows[:, :1]).all()):
+        return rows[:, 0].expand(batch, keys), False
+    if rows.shape[1] == keys:  # one [S, S] mask per sample: valid_q & valid_k?
+        valid = rows.any(dim=1)
+        if torch.equal(rows, valid[:, :, None] & valid[:, None, :]):
+            return valid.expand(batch, keys), True
+    raise ConfigError("sequence-parallel attention takes key-padding masks only (the same keys for every query "
+                      "and head, or padded tokens hidden as keys and as queries)")
+
+
+def zero_padded_queries(out: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Attention output [B, H, S, D] with the rows of padded queries (valid [B, S] False) zero, as SDPA gives a
+    query that may attend to no key."""
+    return out.masked_fill(~valid[:, None, :, None], 0.0)
 
 
 def _bias_of(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -183,11 +200,14 @@ class USPAttention:
         self.pm = pm
         self.lengths = lengths  # tokens per sp rank for this attention call
 
-    def _masks(self, attn_mask: torch.Tensor, batch: int, keys: int, dtype: torch.dtype) -> torch.Tensor:
-        """Key bias [B, 1, 1, sum(lengths)] of every sp rank's keys, in sp-rank order."""
-        local = key_padding(attn_mask, batch, keys).to(torch.uint8)
-        valid = self.pm.comm.all_gather(local.contiguous(), self.lengths, self.pm.group("sp"), dim=1, kind="mask")
-        return _bias_of(valid.bool(), dtype)
+    def _masks(self, attn_mask: torch.Tensor, batch: int, keys: int,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(key bias [B, 1, 1, sum(lengths)] of every sp rank's keys, in sp-rank order; this rank's tokens' mask
+        [B, S_me] where padded queries are masked too, else None)."""
+        local, queries = padding_of(attn_mask, batch, keys)
+        valid = self.pm.comm.all_gather(local.to(torch.uint8).contiguous(), self.lengths, self.pm.group("sp"), dim=1,
+                                        kind="mask")
+        return _bias_of(valid.bool(), dtype), local if queries else None
 
     def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False):
@@ -198,7 +218,8 @@ class USPAttention:
         ring_idx, uly_idx = divmod(sp_rank, cfg.ulysses)
         u = cfg.ulysses
         uly_lengths = self.lengths[ring_idx * u:(ring_idx + 1) * u]
-        bias = None if attn_mask is None else self._masks(attn_mask, query.shape[0], key.shape[2], query.dtype)
+        bias, padded_queries = (None, None) if attn_mask is None else self._masks(attn_mask, query.shape[0],
+                                                                                 key.shape[2], query.dtype)
         offsets = [sum(self.lengths[:r * u]) for r in range(cfg.ring + 1)]  # where each ring member's keys start
         q, k, v = query, key, value
         if u > 1:
@@ -213,4 +234,4 @@ class USPAttention:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         if u > 1:
             out = ulysses_gather(out, uly_lengths, uly_idx, pm.group("ulysses"), pm.comm)
-        return out
+        return out if padded_queries is None else zero_padded_queries(out, padded_queries)

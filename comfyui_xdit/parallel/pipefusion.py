@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..families.spec import IMAGE
 from ..lora import record_layout
 from . import plan as plan_mod
-from .attention import _bias_of, key_padding, ulysses_gather, ulysses_scatter
+from .attention import _bias_of, padding_of, ulysses_gather, ulysses_scatter, zero_padded_queries
 from .plan import regroup, shard_range, shard_sizes
 from .sequence import wrap_attention
 
@@ -207,11 +207,13 @@ class _BufferedAttention:
         per_stream = [view.sizes(s) for s in self.streams]
         sp = len(per_stream[0])
         totals = [sum(p[m] for p in per_stream) for m in range(sp)]
-        valid = None
+        valid = padded_queries = None
         if attn_mask is not None:  # every sp rank's key mask, in sp-rank order
-            local = key_padding(attn_mask, query.shape[0], key.shape[2]).to(torch.uint8).contiguous()
+            mine, queries = padding_of(attn_mask, query.shape[0], key.shape[2])
+            local = mine.to(torch.uint8).contiguous()
             valid = (pm.comm.all_gather(local, totals, pm.group("sp"), dim=1, kind="mask") if sp > 1
                      else local).bool()
+            padded_queries = mine if queries else None
         u = cfg.ulysses
         ring_idx, uly_idx = divmod(pm.rank("sp"), u)
         q, k, v = query, key, value
@@ -258,7 +260,7 @@ class _BufferedAttention:
                                              scale=scale)
         if u > 1:
             out = ulysses_gather(out, totals[ring_idx * u:(ring_idx + 1) * u], uly_idx, pm.group("ulysses"), pm.comm)
-        return out
+        return out if padded_queries is None else zero_padded_queries(out, padded_queries)
 
     def _buffered(self, fresh_k, fresh_v, fresh_m):
         """The full image's K/V (and key mask) with this patch's tokens replaced by the fresh ones."""

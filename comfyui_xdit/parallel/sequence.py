@@ -89,8 +89,9 @@ def _wrapped_class(cls: type) -> type:
     return _WRAPPED[cls]
 
 
-def _probe_inputs(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Two image tokens (and one text token where the module projects text or cross-attends) of zeros."""
+def _probe_inputs(module: torch.nn.Module, masked: bool = False) -> dict[str, torch.Tensor]:
+    """Two image tokens (and one text token where the module projects text or cross-attends) of zeros; `masked`:
+    with an all-true text mask [1, 1] (for a processor that requires one, HunyuanVideo 1.5's)."""
     from ..weight_storage import compute_dtype_of
 
     p, dtype = next(module.parameters()), compute_dtype_of(module)
@@ -104,6 +105,8 @@ def _probe_inputs(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     elif getattr(module, "is_cross_attention", False):
         kwargs["encoder_hidden_states"] = zeros(1, getattr(module, "cross_attention_dim", None)
                                                 or module.to_k.in_features)  # WanAttention names no width
+    if masked and "encoder_hidden_states" in kwargs:
+        kwargs["attention_mask"] = torch.ones(1, 1, dtype=torch.bool, device=p.device)
     return kwargs
 
 
@@ -112,16 +115,21 @@ def _probe(module: torch.nn.Module, processor) -> str | None:
     the reroute check, or None."""
     from .shard import full_size_stand_ins
 
-    try:
-        with torch.no_grad(), full_size_stand_ins(module):  # a sharded module's weights at full size
-            _rerouted_call(processor, module, (), _probe_inputs(module), F.scaled_dot_product_attention, None)
-    except ConfigError as e:
-        return str(e)
-    except Exception as e:  # noqa: BLE001 - a processor that cannot be checked cannot be trusted either
-        first = (str(e).splitlines() or [""])[0]
-        return (f"attention processor {processor._xdit_base.__name__} of {processor._xdit_name} could not be "
-                f"checked for parallel sampling: {type(e).__name__}: {first}")
-    return None
+    error = None
+    for masked in (False, True):  # a processor that requires a text mask gets an all-true one
+        try:
+            with torch.no_grad(), full_size_stand_ins(module):  # a sharded module's weights at full size
+                _rerouted_call(processor, module, (), _probe_inputs(module, masked), F.scaled_dot_product_attention,
+                               None)
+        except ConfigError as e:
+            return str(e)
+        except Exception as e:  # noqa: BLE001 - a processor that cannot be checked cannot be trusted either
+            error = error or e
+            continue
+        return None
+    first = (str(error).splitlines() or [""])[0]
+    return (f"attention processor {processor._xdit_base.__name__} of {processor._xdit_name} could not be "
+            f"checked for parallel sampling: {type(error).__name__}: {first}")
 
 
 def _agree(failures: list[str]) -> list[str]:
