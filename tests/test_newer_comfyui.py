@@ -40,25 +40,42 @@ def test_empty_latents_are_fixed_by_comfyuis_latent_format_of_each_variant(api):
         lat = cv.latent_input(empty, variant)
         assert tuple(lat["samples"].shape) == _expected_empty(s, 12, 16, newer), variant
         assert not lat["samples"].any()
+        native = newer and s.native is not None  # FLUX.2: the newer ComfyUI's own model and its format
+        assert lat["native"] is native, variant
         if newer:  # ComfyUI's own format object ran (its fix_empty_latent), not one of ours
-            assert rec.fixed_empty and {name for name, _ in rec.fixed_empty} == {s.latent_format}, variant
+            want = s.native.latent_format if native else s.latent_format
+            assert rec.fixed_empty and {name for name, _ in rec.fixed_empty} == {want}, variant
         unchanged = cv.unchanged_latent(empty, variant)  # KSamplerAdvanced with no step left: ComfyUI's fixed latent
         assert "downscale_ratio_spacial" not in unchanged and not unchanged["samples"].any()
         ours = lat["samples"].unsqueeze(2) if s.frame_axis else lat["samples"]
+        if native:  # in ComfyUI's own layout, as its KSampler returns it: 128 channels at 1/16
+            ours = lat["comfy_samples"]
+            assert ours.shape == (2, 128, 6, 8)
         assert unchanged["samples"].shape == ours.shape, variant  # Qwen-Image: [B, 16, 1, h, w] as KSampler's
         out = cv.output_latent(empty, torch.ones_like(lat["samples"]), variant)
         assert set(out) == {"samples"}  # the empty latent's ratio goes, as common_ksampler drops it
 
 
-def test_flux2_empty_latent_of_the_newer_comfyuis_native_format_becomes_the_packs(api):
-    """The newer ComfyUI's native FLUX.2 empty latent is 128 channels at 1/16 (downscale_ratio_spacial 16): on the
-    base LatentFormat with the pack's 32 channels, ComfyUI's own function makes it the pack's [B, 32, H/8, W/8]."""
+def test_flux2_empty_latent_of_the_newer_comfyuis_native_format(api):
+    """The newer ComfyUI's native FLUX.2 empty latent is 128 channels at 1/16 (EmptyFlux2LatentImage): there it is
+    ComfyUI's own FLUX.2 LATENT, sampled in the engine's [B, 32, H/8, W/8] and returned as ComfyUI's; 0.3.64 (no
+    FLUX.2 of its own, no ratios) widens it to the pack's 32 channels as before."""
     cv = api.nodes.convert
     native = {"samples": torch.zeros(1, 128, 6, 8), "downscale_ratio_spacial": 16}
+    lat = cv.latent_input(native, "flux2-dev")
     if api.api == "newer":
-        assert cv.latent_input(native, "flux2-dev")["samples"].shape == (1, 32, 12, 16)
+        assert lat["native"] and lat["samples"].shape == (1, 32, 12, 16)
+        assert lat["comfy_samples"].shape == (1, 128, 6, 8)
+        out = cv.output_latent(native, torch.ones(1, 32, 12, 16), "flux2-dev", use_native=True)
+        assert set(out) == {"samples"} and out["samples"].shape == (1, 128, 6, 8)
+        pack = {"samples": torch.randn(1, 32, 12, 16)}  # the pack's own layout (not empty): sampled as before
+        assert not cv.latent_input(pack, "flux2-dev")["native"]
+        with pytest.raises(cv.ConversionError, match="has 16 channels but flux2-dev uses 32"):
+            cv.latent_input({"samples": torch.ones(1, 16, 8, 8)}, "flux2-dev")
     else:  # 0.3.64 takes no ratio (and has no such node): the channels only
-        assert cv.latent_input(native, "flux2-dev")["samples"].shape == (1, 32, 6, 8)
+        assert not lat["native"] and lat["samples"].shape == (1, 32, 6, 8)
+        with pytest.raises(cv.ConversionError, match="has 128 channels but flux2-dev uses 32"):
+            cv.latent_input({"samples": torch.ones(1, 128, 6, 8)}, "flux2-dev")
     with pytest.raises(cv.ConversionError, match="has 4 channels but flux-dev uses 16"):
         cv.latent_input({"samples": torch.ones(1, 4, 8, 8)}, "flux-dev")  # not empty: never widened
 
@@ -158,3 +175,44 @@ def test_sampler_on_pool_applies_the_mask_on_the_newer_comfyui(api):
     want, other = (masked, plain) if api.api == "newer" else (plain, masked)
     assert rel_l2(out["samples"][:, :, 0], want) <= 1e-4
     assert rel_l2(out["samples"][:, :, 0], other) > 1e-3
+
+
+def test_flux2_native_latent_conversion_is_an_exact_bijection(api):
+    """ComfyUI's FLUX.2 LATENT <-> the engine's: the 2x2 fold FLUX.2's VAE and Flux2Pipeline use (the family's own
+    patchify: channel c*4 + 2*dy + dx), through the latent format's process_in / process_out, exactly both ways;
+    only where the running ComfyUI has its own FLUX.2."""
+    from comfyui_xdit.families.flux2 import patchify, unpatchify
+
+    cv, fam = api.nodes.convert, api.nodes.families
+    if api.api != "newer":
+        assert fam.native("flux2-dev") is None  # 0.3.64: no Flux2 latent format or supported model
+        return
+    assert fam.native("flux2-dev").patch == 2 and fam.native("flux-dev") is None
+    native = torch.randn(2, 128, 6, 8, generator=torch.Generator().manual_seed(0))
+    engine = cv.native_to_engine(native, "flux2-dev")
+    assert engine.shape == (2, 32, 12, 16)
+    assert torch.equal(engine, unpatchify(native)) and torch.equal(patchify(engine), native)
+    assert torch.equal(cv.engine_to_native(engine, "flux2-dev"), native)
+    back = torch.randn(1, 32, 10, 6, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(cv.native_to_engine(cv.engine_to_native(back, "flux2-dev"), "flux2-dev"), back)
+    # pixel (2i + dy, 2j + dx) of engine channel c is native channel 4c + 2dy + dx at (i, j)
+    assert engine[1, 5, 2 * 3 + 1, 2 * 4 + 0] == native[1, 4 * 5 + 2 * 1 + 0, 3, 4]
+    ms, fmt = fam.comfy_objects("flux2-dev", (12, 16), 4, use_native=True)  # KSampler's for ComfyUI's own FLUX.2
+    assert ms.model_type.name == "FLUX" and ms.settings == {"shift": 2.02} and type(fmt).__name__ == "Flux2"
+
+
+def test_flux2_conditioning_as_the_native_model_takes_it(api):
+    """On the newer ComfyUI the FLUX.2 text is what its model_base.Flux2 makes of it (padded at the front to 512
+    tokens, Flux's guidance 3.5 when the CONDITIONING has none); the pack's conventions otherwise."""
+    cv = api.nodes.convert
+    cond = torch.randn(1, 11, 15360, generator=torch.Generator().manual_seed(2))
+    tensors, guidance = cv.conditioning_tensors([[cond, {}]], None, "flux2", False, "flux2-dev", use_native=True)
+    if api.api == "newer":
+        assert tensors["cond"].shape == (1, 512, 15360) and guidance == 3.5
+        assert torch.equal(tensors["cond"][:, -11:], cond) and not tensors["cond"][:, :-11].any()
+        full = torch.randn(1, 512, 15360)  # the Mistral encoder's own length: as it is
+        tensors, guidance = cv.conditioning_tensors([[full, {"guidance": 2.5}]], None, "flux2", False, "flux2-dev",
+                                                    use_native=True)
+        assert torch.equal(tensors["cond"], full) and guidance == 2.5
+    else:  # no native model to ask: the pack's (the text as it is, Flux2Pipeline's guidance 4.0)
+        assert torch.equal(tensors["cond"], cond) and guidance == 4.0
