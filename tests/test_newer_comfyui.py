@@ -216,3 +216,102 @@ def test_flux2_conditioning_as_the_native_model_takes_it(api):
         assert torch.equal(tensors["cond"], full) and guidance == 2.5
     else:  # no native model to ask: the pack's (the text as it is, Flux2Pipeline's guidance 4.0)
         assert torch.equal(tensors["cond"], cond) and guidance == 4.0
+
+
+def _pool_model(api, checkpoint):
+    from .test_nodes import CONFIG_DEFAULTS
+
+    m = api.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"]().load(config, checkpoint, "fp32", "auto")
+    return model
+
+
+def test_sampler_on_native_flux2_gives_the_native_models_euler(api):
+    """Parallel Sampler (2-rank CPU pool, Ulysses 2) on the newer ComfyUI's own FLUX.2 inputs: EmptyFlux2LatentImage's
+    LATENT and an encoder's short CONDITIONING without guidance. The result is ComfyUI's FLUX.2 LATENT and equals
+    KSampler's euler over the native model call (tests/comfy_newer_standins.flux2_native_forward: ComfyUI's layout,
+    its model's padded context and default guidance, its Flux2 sampling)."""
+    if api.api != "newer":
+        pytest.skip("ComfyUI 0.3.64 has no FLUX.2 of its own (tests/test_flux2_nodes.py covers the pack's)")
+    from comfyui_xdit.models import load_model
+
+    from .comfy_newer_standins import flux2_native_forward
+
+    cv, fam = api.nodes.convert, api.nodes.families
+    model = _pool_model(api, "tiny-flux2")
+    cond = torch.randn(1, 11, 15360, generator=torch.Generator().manual_seed(1))
+    latent = {"samples": torch.zeros(1, 128, 8, 8), "downscale_ratio_spacial": 16}  # 128 x 128 px
+    (out,) = api.NODE_CLASS_MAPPINGS["XDiTParallelSampler"]().sample(
+        model, [[cond, {}]], [[cond, {}]], latent, 7, 4, 1.0, "euler", "simple", 1.0, unique_id="3")
+    assert set(out) == {"samples"} and out["samples"].shape == (1, 128, 8, 8)
+    ms = api.rec.sigma_calls[-1][0]
+    assert ms.settings == {"shift": 2.02}  # supported_models.Flux2's, as KSampler samples the native model
+    sigmas = cv.sigmas_for("flux2-dev", "euler", "simple", 4, 1.0, fam.comfy_objects("flux2-dev", use_native=True)[0])
+    tiny = load_model("tiny-flux2").adapter.model
+    ctx = torch.cat([torch.zeros(1, 512 - 11, 15360), cond], dim=1)  # model_base.Flux2's padding
+    noise = torch.randn(1, 128, 8, 8, generator=torch.Generator().manual_seed(7))
+    x = sigmas[0] * noise
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            x = x + (s_next - s) * flux2_native_forward(tiny, x, s.reshape(1), ctx, torch.tensor([3.5]))
+    assert rel_l2(out["samples"], x) <= 1e-4 and rel_l2(out["samples"], noise) > 0.05
+
+
+def test_parallel_dit_model_forward_on_native_flux2_is_the_native_call(api):
+    """The Parallel DiT Model proxy fed as ComfyUI's own FLUX.2 model is (its latent layout, padded context,
+    guidance): the pool's forward (Ulysses 2) equals the native model call."""
+    if api.api != "newer":
+        pytest.skip("ComfyUI 0.3.64 has no FLUX.2 of its own")
+    from comfyui_xdit.models import load_model
+
+    from .comfy_newer_standins import flux2_native_forward
+
+    proxy = api.nodes.stock_model.PoolDiffusionModel(_pool_model(api, "tiny-flux2"), None)
+    g = torch.Generator().manual_seed(3)
+    x, cond = torch.randn(2, 128, 4, 6, generator=g), torch.randn(2, 9, 15360, generator=g)
+    ctx = torch.cat([torch.zeros(2, 503, 15360), cond], dim=1)  # as model_base.Flux2 pads it
+    t = torch.tensor([0.6, 0.6])
+    out = proxy(x, t, context=ctx, guidance=torch.tensor([3.5, 3.5]), transformer_options={"sigmas": t[:1]})
+    with torch.no_grad():
+        ref = flux2_native_forward(load_model("tiny-flux2").adapter.model, x, t, ctx, torch.tensor([3.5, 3.5]))
+    assert out.shape == x.shape and rel_l2(out, ref) <= 1e-4
+    with pytest.raises(api.nodes.stock_model.StockModelError, match="64 channels"):
+        proxy(torch.randn(1, 64, 4, 4), t[:1], context=ctx[:1], transformer_options={"sigmas": t[:1]})
+
+
+def test_parallel_dit_model_takes_z_images_num_tokens_as_the_native_model(api):
+    """Z-Image as ComfyUI's Lumina2 calls it: `num_tokens` on every call (the prompt's real tokens, from the
+    attention_mask when it pads, else the context's length). The pool's forward (Ulysses 2) equals the native call
+    on those tokens, with or without the mask; a num_tokens the mask disagrees with is one line."""
+    if api.api != "newer":
+        pytest.skip("the proxy's num_tokens does not depend on the ComfyUI; run once")
+    from comfyui_xdit.models import load_model
+
+    from .comfy_newer_standins import lumina2_native_forward
+
+    stock = api.nodes.stock_model
+    proxy = stock.PoolDiffusionModel(_pool_model(api, "tiny-z-image"), None)
+    g = torch.Generator().manual_seed(4)
+    x, ctx = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 10, 2560, generator=g)
+    lumina2 = sys.modules["comfy.model_base"].Lumina2
+    probe = lumina2.__new__(lumina2)
+    probe.concat_cond = probe.encode_adm = lambda **kwargs: None
+    assert lumina2.extra_conds(probe, cross_attn=ctx)["num_tokens"] == 10  # what every call carries
+    t = torch.tensor([0.7, 0.7])
+    opts = {"sigmas": t[:1]}
+    with torch.no_grad():
+        ref = lumina2_native_forward(load_model("tiny-z-image").adapter.model, x, t, ctx, 10)
+    out = proxy(x, t, context=ctx, num_tokens=10, transformer_options=opts)
+    assert rel_l2(out, ref) <= 1e-4
+    padded = torch.cat([ctx, torch.randn(2, 3, 2560, generator=g)], dim=1)
+    mask = torch.tensor([[1.0] * 10 + [0.0] * 3] * 2)
+    assert lumina2.extra_conds(probe, cross_attn=padded[:1], attention_mask=mask[:1])["num_tokens"] == 10
+    assert rel_l2(proxy(x, t, context=padded, num_tokens=10, attention_mask=mask, transformer_options=opts),
+                  ref) <= 1e-4
+    assert rel_l2(proxy(x, t, context=padded, num_tokens=10, transformer_options=opts), ref) <= 1e-4
+    with torch.no_grad():
+        assert rel_l2(lumina2_native_forward(load_model("tiny-z-image").adapter.model, x, t, padded, 13), ref) > 1e-3
+    for n, kw, reason in ((9, dict(attention_mask=mask), "disagrees"), (14, {}, "14 for a context of 13")):
+        with pytest.raises(stock.StockModelError, match=reason):
+            proxy(x, t, context=padded, num_tokens=n, transformer_options=opts, **kw)
