@@ -250,7 +250,8 @@ def native_conds(variant: str, cond, extras: dict) -> dict | None:
     probe = cls.__new__(cls)
     object.__setattr__(probe, "concat_cond", lambda **kwargs: None)
     object.__setattr__(probe, "encode_adm", lambda **kwargs: None)
-    kwargs = {k: v for k, v in extras.items() if k in ("guidance", "attention_mask") and v is not None}
+    # the text and the guidance only: an attention_mask would make Flux's extra_conds read the instance's model
+    kwargs = {"guidance": extras["guidance"]} if extras.get("guidance") is not None else {}
     try:
         out = cls.extra_conds(probe, cross_attn=cond, device=cond.device, **kwargs)
     except Exception as e:  # noqa: BLE001 - a ComfyUI whose extra_conds needs more: the pack's conventions

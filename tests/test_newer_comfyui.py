@@ -2,7 +2,9 @@
 on 0.3.64's (tests/comfy_standins.py): empty latents go through ComfyUI's fix_empty_latent_channels with ComfyUI's
 own latent format object of the variant and the LATENT's ratios where that ComfyUI takes them, and Qwen-Image's
 attention_mask reaches the pool exactly where the running ComfyUI's QwenImage applies it (detected, not by
-version). The real 0.3.64 keeps its end-to-end tests (test_comfyui_e2e*.py)."""
+version). ComfyUI's own FLUX.2 (its 128-channel LATENT, context padding, Flux2 sampling) and Z-Image (Lumina2's
+num_tokens), where it has them, give through Parallel Sampler and Parallel DiT Model what the native model call gives.
+The real 0.3.64 keeps its end-to-end tests (test_comfyui_e2e*.py)."""
 from __future__ import annotations
 
 import sys
