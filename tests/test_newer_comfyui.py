@@ -247,6 +247,8 @@ def test_sampler_on_native_flux2_gives_the_native_models_euler(api):
     (out,) = api.NODE_CLASS_MAPPINGS["XDiTParallelSampler"]().sample(
         model, [[cond, {}]], [[cond, {}]], latent, 7, 4, 1.0, "euler", "simple", 1.0, unique_id="3")
     assert set(out) == {"samples"} and out["samples"].shape == (1, 128, 8, 8)
+    previews = [p[3] for p in api.rec.progress[-4:]]  # in ComfyUI's FLUX.2 layout, which its previewer reshapes
+    assert all(p is not None and p[1] == (1, 128, 8, 8) for p in previews), previews
     ms = api.rec.sigma_calls[-1][0]
     assert ms.settings == {"shift": 2.02}  # supported_models.Flux2's, as KSampler samples the native model
     sigmas = cv.sigmas_for("flux2-dev", "euler", "simple", 4, 1.0, fam.comfy_objects("flux2-dev", use_native=True)[0])
