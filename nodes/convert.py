@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .families import applies_text_mask, comfy_latent_format, cond_spec, reference_method_error, spec
+from .families import (applies_text_mask, comfy_latent_format, cond_spec, native, native_conds, reference_method_error,
+                       spec)
 
 SUPPORTED_EXTRAS = ("pooled_output", "guidance", "attention_mask")
 # What TextEncodeQwenImageEdit(Plus) attach (Qwen-Image-Edit's reference images' latents); taken by qwen-image
@@ -74,7 +75,8 @@ def _is_number(v: Any) -> bool:
 
 
 def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: bool, variant: str | None = None,
-                         image_input: bool = False) -> tuple[dict[str, torch.Tensor], float | None]:
+                         image_input: bool = False, use_native: bool = False
+                         ) -> tuple[dict[str, torch.Tensor], float | None]:
     """Pool input tensors (cond, pooled, cond_mask and their neg_ twins) and distilled guidance, as the family's
     conditioning declares them (comfyui_xdit.families: CondSpec).
 
@@ -82,7 +84,10 @@ def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: boo
     is dropped where the running ComfyUI's model of the variant ignores it (so the pool samples what KSampler
     samples: nodes.families.applies_text_mask).
     image_input: the model reads image conditioning (Wan I2V), whose extras nodes/wan_image.py turns into tensors;
-    refused otherwise."""
+    refused otherwise.
+    use_native: the job samples the running ComfyUI's own model of the variant (a native LATENT): the text and the
+    distilled guidance become what that ComfyUI's model class makes of them (nodes.families.native_conds: FLUX.2's
+    context padded to its 512 tokens, Flux's default guidance), so the pool samples what its KSampler samples."""
     want = cond_spec(family)
     keep_mask = want.mask and (variant is None or applies_text_mask(variant))
     tensors: dict[str, torch.Tensor] = {}
@@ -94,6 +99,10 @@ def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: boo
         cond, extras = _one_entry(conditioning, which, image_input, references)
         if references:
             refs[which] = reference_latents(extras, which, variant)
+        g = extras.get("guidance")
+        made = native_conds(variant, cond, extras) if use_native and variant is not None else None
+        if made is not None:
+            cond, g = made.get("c_crossattn", cond), made.get("guidance", g)
         tensors[prefix + "cond"] = cond.detach().to("cpu", torch.float32).contiguous()
         pooled = extras.get("pooled_output")
         if want.pooled is not None:
@@ -105,8 +114,7 @@ def conditioning_tensors(positive: Any, negative: Any, family: str, use_cfg: boo
         if keep_mask and mask is not None:
             tensors[prefix + "cond_mask"] = mask.detach().to("cpu").reshape(mask.shape[0], -1).to(torch.int64)
         if prefix == "" and want.guidance is not None:
-            g = extras.get("guidance")
-            guidance = want.guidance if g is None else float(g)
+            guidance = want.guidance if g is None else float(torch.as_tensor(g).reshape(-1)[0])
     if references and refs.get("positive"):
         pos, neg = refs["positive"], refs.get("negative")
         if neg is not None and (len(neg) != len(pos) or any(a.shape != b.shape or not torch.equal(a, b)
@@ -157,8 +165,17 @@ def latent_input(latent: Any, variant: str) -> dict:
         raise ConversionError("latent_image has a noise_mask (inpainting), which Parallel Sampler does not support")
     samples = latent["samples"]
     s = spec(variant)
+    n = native_input(samples, variant)
     if samples.ndim in (4, 5):  # an empty latent made the model's as KSampler makes it, before any shape check
         samples = fix_empty_latent(samples, variant, latent)
+    if n is not None:  # the running ComfyUI's own layout of the variant: checked there, sampled in the engine's
+        want = s.channels * n.patch ** 2
+        if samples.ndim != 4 or samples.shape[1] != want:
+            raise ConversionError(f"latent_image has shape {list(samples.shape)}, expected ComfyUI's {variant} "
+                                  f"latent [batch, {want}, h, w] (its empty latent node or its VAE's encode)")
+        samples = samples.detach().to("cpu", torch.float32).contiguous()
+        return {"samples": native_to_engine(samples, variant), "batch_index": latent.get("batch_index"),
+                "given_frames": 0, "native": True, "comfy_samples": samples}
     if s.dims == 3:  # video: [B, C, T, h, w]; an image latent is one frame, as ComfyUI takes it
         if samples.ndim == 4:
             samples = samples.unsqueeze(2)
@@ -176,7 +193,58 @@ def latent_input(latent: Any, variant: str) -> dict:
                               "encode the image with this model's VAE")
     return {"samples": samples.detach().to("cpu", torch.float32).contiguous(),
             "batch_index": latent.get("batch_index"),
-            "given_frames": 0 if mask is None else given_frames(mask, samples.shape)}
+            "given_frames": 0 if mask is None else given_frames(mask, samples.shape), "native": False}
+
+
+def native_input(samples: Any, variant: str):
+    """The variant's native model on the running ComfyUI (nodes.families.native) when this LATENT's samples are in
+    its layout: an empty latent (what KSampler makes of it for that model: its own channels and size) or one with
+    that model's channels; None otherwise (ComfyUI 0.3.64, or the pack's own layout, e.g. FLUX.2's 32 channels at
+    1/8, sampled as before)."""
+    n = native(variant)
+    if n is None or not isinstance(samples, torch.Tensor) or samples.ndim not in (4, 5):
+        return None
+    if samples.shape[1] == spec(variant).channels * n.patch ** 2 or torch.count_nonzero(samples) == 0:
+        return n
+    return None
+
+
+def unfold(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C p^2, h, w] -> [B, C, h p, w p]: channel c p^2 + p dy + dx goes to pixel (p i + dy, p j + dx) of channel
+    c (the FLUX.2 VAE's 2x2 packing; ComfyUI's Flux2 preview reshape reads its 128 channels the same way)."""
+    if p == 1:
+        return x
+    b, cp, h, w = x.shape
+    return x.reshape(b, cp // (p * p), p, p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, cp // (p * p), h * p, w * p)
+
+
+def fold(x: torch.Tensor, p: int) -> torch.Tensor:
+    """The inverse of unfold: [B, C, h p, w p] -> [B, C p^2, h, w]."""
+    if p == 1:
+        return x
+    b, c, hp, wp = x.shape
+    return x.reshape(b, c, hp // p, p, wp // p, p).permute(0, 1, 3, 5, 2, 4).reshape(b, c * p * p, hp // p, wp // p)
+
+
+def native_to_engine(samples: torch.Tensor, variant: str) -> torch.Tensor:
+    """A LATENT in the running ComfyUI's own layout of the variant -> the engine's latent: ComfyUI's latent format
+    applied as its model applies it (process_in: FLUX.2's has no scale or shift), then unfolded. Exact."""
+    n = native(variant)
+    return unfold(comfy_latent_format(variant, use_native=True).process_in(samples), n.patch).contiguous()
+
+
+def engine_to_native(samples: torch.Tensor, variant: str) -> torch.Tensor:
+    """The inverse of native_to_engine: what that ComfyUI's VAE decodes (its latent format's process_out)."""
+    n = native(variant)
+    return comfy_latent_format(variant, use_native=True).process_out(fold(samples, n.patch)).contiguous()
+
+
+def engine_noise_for(lat: dict, seed: int, variant: str) -> torch.Tensor:
+    """The initial noise ComfyUI's KSampler draws for this LATENT and seed, in the engine's layout: for a native
+    LATENT drawn in ComfyUI's layout (its model's shape) and unfolded (noise is model-space: no latent format)."""
+    if lat.get("native"):
+        return unfold(noise_for(lat["comfy_samples"], seed, lat["batch_index"]), native(variant).patch).contiguous()
+    return noise_for(lat["samples"], seed, lat["batch_index"])
 
 
 GIVEN_FRAMES = ("wan2.2-ti2v-5b",)  # variants that take given first frames (Wan22ImageToVideoLatent's start image)
@@ -215,7 +283,8 @@ def fix_empty_latent(samples: torch.Tensor, variant: str, latent: dict | None = 
         if samples.shape[1] != s.channels and torch.count_nonzero(samples) == 0:
             samples = samples.new_zeros((samples.shape[0], s.channels, *samples.shape[2:]))
         return samples.unsqueeze(2) if (s.dims == 3 or s.frame_axis) and samples.ndim == 4 else samples
-    fmt = comfy_latent_format(variant)
+    # the running ComfyUI's own model of the variant where this LATENT is in its layout (an empty latent always is)
+    fmt = comfy_latent_format(variant, use_native=native_input(samples, variant) is not None)
 
     class _Model:  # the one method fix_empty_latent_channels asks of a model
         @staticmethod
@@ -345,9 +414,12 @@ def comfy_layout(samples: torch.Tensor, variant: str) -> torch.Tensor:
     return samples.unsqueeze(2) if spec(variant).frame_axis and samples.ndim == 4 else samples
 
 
-def output_latent(latent: dict, samples: torch.Tensor, variant: str | None = None) -> dict:
+def output_latent(latent: dict, samples: torch.Tensor, variant: str | None = None, use_native: bool = False) -> dict:
     """The LATENT to return: the input's entries (batch_index...) with the sampled latents (in the variant's
-    layout when given)."""
+    layout when given; use_native: in the running ComfyUI's own layout of it, as the input was)."""
     out = {k: v for k, v in latent.items() if k != "noise_mask" and k not in EMPTY_LATENT_KEYS}
+    if use_native:
+        out["samples"] = engine_to_native(samples.to(torch.float32), variant)
+        return out
     out["samples"] = (samples if variant is None else comfy_layout(samples, variant)).to(torch.float32)
     return out

@@ -26,6 +26,7 @@ class VariantSpec:
     patch: int = 2        # latent pixels per token side
     downscale: int = 8    # image pixels per latent pixel (Wan 2.2's VAE: 16)
     time_downscale: int = 0  # video: pixel frames per latent frame (F = k (T - 1) + 1); 0: an image model
+    native: object = None    # the newer ComfyUI's own model of it (families.spec.NativeSpec), where that one has it
 
 
 def _specs() -> dict[str, VariantSpec]:
@@ -36,7 +37,7 @@ def _specs() -> dict[str, VariantSpec]:
         latent = fam.latent_of(name)
         out[name] = VariantSpec(fam.name, v.comfy.supported_model, v.comfy.model_type, v.comfy.latent_format,
                                 latent.channels, latent.dims, latent.frame_axis, v.comfy.text_mask,
-                                v.comfy.shift, fam.patch, latent.downscale, latent.time_downscale)
+                                v.comfy.shift, fam.patch, latent.downscale, latent.time_downscale, v.comfy.native)
     return out
 
 
@@ -99,11 +100,41 @@ def cond_spec(family: str):
     return registry.get(family).cond
 
 
+def native(variant: str):
+    """The variant's own model on the running ComfyUI (its ComfySpec.native: families.spec.NativeSpec), or None:
+    without ComfyUI, on ComfyUI 0.3.64 (which has no such classes), or where the running ComfyUI's latent format of
+    that name is not the engine latent folded by its patch (channels x patch^2, downscale ratio x patch). Detected
+    from the running ComfyUI's classes, never from its version."""
+    n = spec(variant).native
+    if n is None:
+        return None
+    try:
+        import comfy.latent_formats
+        import comfy.supported_models
+    except ImportError:
+        return None
+    fmt_class = getattr(comfy.latent_formats, n.latent_format, None)
+    if fmt_class is None or getattr(comfy.supported_models, n.supported_model, None) is None:
+        return None
+    try:
+        fmt = fmt_class()
+    except Exception as e:  # noqa: BLE001 - a format we cannot build is not one we can convert to
+        log.debug("xDiT: cannot build ComfyUI's latent format %s (%s)", n.latent_format, e)
+        return None
+    s = spec(variant)
+    if (getattr(fmt, "latent_channels", None) != s.channels * n.patch ** 2
+            or getattr(fmt, "spacial_downscale_ratio", 8) != s.downscale * n.patch):
+        return None
+    return n
+
+
 def comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps: int | None = None,
-                  shift: float | None = None):
+                  shift: float | None = None, use_native: bool = False):
     """(model_sampling, latent_format) as ComfyUI would build them for a model of this variant; for a variant with
     a per-job shift, the shift of a latent of `latent_hw` (LATENT height, width) sampled in `steps` steps; `shift`
-    replaces it for a flow model as ModelSamplingSD3 does (the same ModelSamplingDiscreteFlow, another shift)."""
+    replaces it for a flow model as ModelSamplingSD3 does (the same ModelSamplingDiscreteFlow, another shift).
+    use_native: the running ComfyUI's own model of the variant (`native`; the caller checked it has one): its
+    supported model's sampling settings, model type and latent format, as KSampler uses them for that model."""
     from types import SimpleNamespace
 
     import comfy.latent_formats
@@ -111,6 +142,12 @@ def comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps:
     import comfy.supported_models
 
     s = spec(variant)
+    n = native(variant) if use_native else None
+    if use_native and n is None:
+        raise ValueError(f"the running ComfyUI has no model of its own for {variant}")
+    if n is not None:
+        s = VariantSpec(s.family, n.supported_model, n.model_type, n.latent_format, s.channels * n.patch ** 2, s.dims,
+                        patch=1, downscale=s.downscale * n.patch)
     settings = dict(getattr(comfy.supported_models, s.supported_model).sampling_settings)
     if s.shift is not None and latent_hw is not None and steps:
         settings["shift"] = float(s.shift((latent_hw[0] // s.patch) * (latent_hw[1] // s.patch), int(steps)))
@@ -123,7 +160,7 @@ def comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps:
     return model_sampling, getattr(comfy.latent_formats, s.latent_format)()
 
 
-def comfy_latent_format(variant: str):
+def comfy_latent_format(variant: str, use_native: bool = False):
     """ComfyUI's own latent format object for the variant (comfy.latent_formats.<ComfySpec.latent_format>), as the
     running ComfyUI defines it: whatever it asks of a format (fix_empty_latent, the downscale ratios of the newer
     ComfyUI, latent_dimensions) is its own. One attribute may be ours: where the pack's LATENT has other channels
@@ -132,6 +169,8 @@ def comfy_latent_format(variant: str):
     import comfy.latent_formats
 
     s = spec(variant)
+    if use_native:  # the running ComfyUI's own format of the variant, as it is (`native` checked its channels)
+        return getattr(comfy.latent_formats, s.native.latent_format)()
     fmt = getattr(comfy.latent_formats, s.latent_format)()
     if getattr(fmt, "latent_channels", None) != s.channels:
         fmt.latent_channels = s.channels  # on the instance: ComfyUI's class stays as it is
@@ -188,3 +227,39 @@ def reference_method_error(method: object, variant: str) -> str | None:
                 "0): drop the method node, or load the checkpoint as qwen-image-edit-2509")
     return (f"reference_latents_method {method!r} is not supported: 'index' (Edit 2509) or 'index_timestep_zero' "
             "(Edit 2511)")
+
+
+def native_conds(variant: str, cond, extras: dict) -> dict | None:
+    """What the running ComfyUI's own model of the variant (its model_base class named by ComfySpec.native's
+    supported model, e.g. FLUX.2's Flux2) makes of one CONDITIONING entry, asked of its extra_conds on a bare
+    instance: {"c_crossattn": the text as its diffusion model gets it (FLUX.2: padded to 512 tokens),
+    "guidance": the distilled guidance (Flux's default when the entry has none)}, the entries it makes of these
+    only. None when the running ComfyUI has no such model or it cannot be asked (the pack's conventions then)."""
+    import torch
+
+    n = native(variant)
+    if n is None:
+        return None
+    try:
+        import comfy.model_base
+    except ImportError:
+        return None
+    cls = getattr(comfy.model_base, n.supported_model, None)
+    if cls is None:
+        return None
+    probe = cls.__new__(cls)
+    object.__setattr__(probe, "concat_cond", lambda **kwargs: None)
+    object.__setattr__(probe, "encode_adm", lambda **kwargs: None)
+    # the text and the guidance only: an attention_mask would make Flux's extra_conds read the instance's model
+    kwargs = {"guidance": extras["guidance"]} if extras.get("guidance") is not None else {}
+    try:
+        out = cls.extra_conds(probe, cross_attn=cond, device=cond.device, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a ComfyUI whose extra_conds needs more: the pack's conventions
+        log.debug("xDiT: cannot ask %s.extra_conds about a conditioning (%s)", cls.__name__, e)
+        return None
+    made = {}
+    for key in ("c_crossattn", "guidance"):
+        value = getattr(out.get(key), "cond", out.get(key)) if isinstance(out, dict) else None
+        if isinstance(value, torch.Tensor):
+            made[key] = value if key == "c_crossattn" else float(value.reshape(-1)[0])
+    return made

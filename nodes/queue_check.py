@@ -32,7 +32,8 @@ WEIGHT_PATCHERS = ("LoraLoader", "LoraLoaderModelOnly")  # ComfyUI's; so are its
 # apply_to_conds
 HOOK_MAKERS = ("CreateHookLora", "CreateHookLoraModelOnly", "CreateHookModelAsLora", "CreateHookModelAsLoraModelOnly")
 SAMPLERS = (SAMPLER, "XDiTParallelSamplerAdvanced")  # the same checks: both take a model, cfg and a latent
-EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent")
+EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent",
+                 "EmptyFlux2LatentImage")  # the newer ComfyUI's FLUX.2 empty latent: width and height in pixels too
 # ComfyUI's nodes whose CONDITIONING carries Wan image-to-video inputs (concat_latent_image, clip_vision_output);
 # the camera node adds camera_conditions, which the pool does not take
 IMAGE_CONDITIONING = ("WanImageToVideo", "WanFirstLastFrameToVideo", "WanFunInpaintToVideo", "WanCameraImageToVideo")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from .families import TINY_VARIANT, applies_text_mask, reference_method_error, spec
+from .families import TINY_VARIANT, applies_text_mask, native, reference_method_error, spec
 from .pool import MANAGER, ModelHandle
 
 NAME = "Parallel DiT Model"
@@ -122,6 +122,7 @@ class PoolDiffusionModel(torch.nn.Module):
         self.cache = cache  # the step cache's settings (CacheFields), kept across the calls of each run
         self.flow = spec(handle.variant).model_type != "EPS"
         self.text_mask = applies_text_mask(handle.variant)  # the running ComfyUI's model applies attention_mask
+        self.native = native(handle.variant)  # the running ComfyUI's own model of the variant (its latent layout)
         self.dtype = torch.float32
         object.__setattr__(self, "_meta", meta_model)
         self._client = None
@@ -254,6 +255,7 @@ class PoolDiffusionModel(torch.nn.Module):
         from ..runtime.errors import PoolError
 
         refs = self._reference_roles(kwargs)
+        attention_mask = self._real_tokens(context, attention_mask, kwargs.pop("num_tokens", None))
         used = sorted(k for k, v in kwargs.items() if v is not None and k not in _IGNORED)
         if control is not None:
             used.append("control")
@@ -284,6 +286,11 @@ class PoolDiffusionModel(torch.nn.Module):
             g = float(gv[0]) if gv.numel() else None
         t = self.engine_timestep(timesteps, transformer_options, b)
         xin = x.detach().to(torch.float32)  # where ComfyUI holds it: the client's encode makes the one host copy
+        patch = self._native_patch(xin)
+        if patch > 1:  # the running ComfyUI's own model's layout (FLUX.2: 128 channels at 1/16) -> the engine's
+            from .convert import unfold
+
+            xin = unfold(xin, patch)
         try:
             client, later = self._pool(transformer_options.get("sample_sigmas"))
             wired = {role: self._wire_cond(role, v, transformer_options, f) for role, (v, f) in roles.items()}
@@ -302,7 +309,51 @@ class PoolDiffusionModel(torch.nn.Module):
             self._client = None  # a failed pool is checked (and the model loaded) again on the next call
             raise StockModelError(f"{NAME}: {str(e).strip() or type(e).__name__}") from None
         self.calls += 1
+        if patch > 1:
+            from .convert import fold
+
+            out = fold(out, patch)
         return out.to(device=x.device, dtype=x.dtype)
+
+    def _native_patch(self, x: torch.Tensor) -> int:
+        """The patch folding the running ComfyUI's own model of the variant puts into its latents (the model space
+        ComfyUI hands this forward: FLUX.2's 2x2 at 1/16), 1 for the engine's layout."""
+        n = self.native
+        if n is None or n.patch == 1 or x.ndim != 4:
+            return 1
+        channels = spec(self.handle.variant).channels
+        if x.shape[1] == channels * n.patch ** 2:
+            return n.patch
+        if x.shape[1] != channels:
+            raise StockModelError(f"{NAME}: a latent of {x.shape[1]} channels for {self.handle.variant} (expected "
+                                  f"{channels * n.patch ** 2}, ComfyUI's layout, or {channels})")
+        return 1
+
+    def _real_tokens(self, context, attention_mask, num_tokens):
+        """Lumina2's (Z-Image's) `num_tokens`: the CONDITIONING's real prompt tokens, which the newer ComfyUI passes
+        on every call (from the attention_mask's count, else the context's length). It must agree with the mask; with
+        no mask, fewer tokens than the context has are its leading ones (a mask of them is made). The attention_mask
+        to use."""
+        if num_tokens is None or context is None:
+            return attention_mask
+        try:
+            n = int(torch.as_tensor(num_tokens).reshape(-1)[0])
+        except (TypeError, ValueError, IndexError):
+            raise StockModelError(f"{NAME}: num_tokens {num_tokens!r} is not a token count") from None
+        length = context.shape[1]
+        if not 1 <= n <= length:
+            raise StockModelError(f"{NAME}: num_tokens {n} for a context of {length} tokens")
+        if attention_mask is not None:
+            counts = sorted(set((attention_mask.reshape(context.shape[0], -1) != 0).sum(dim=1).tolist()))
+            if counts != [n] and not (n == 1 and counts == [0]):
+                raise StockModelError(f"{NAME}: num_tokens {n} disagrees with the attention_mask's "
+                                      f"{', '.join(map(str, counts))} real tokens")
+            return attention_mask
+        if n == length:
+            return None
+        mask = torch.zeros(context.shape[0], length, dtype=torch.int64, device=context.device)
+        mask[:, :n] = 1
+        return mask
 
 
 def model_patches(transformer_options: dict) -> tuple[dict[str, list[int]], str]:

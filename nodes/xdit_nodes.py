@@ -293,7 +293,8 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
         lat = convert.latent_input(latent_image, model.variant)
         image = _image_geometry(model)
         tensors, guidance = convert.conditioning_tensors(positive, negative, model.family, cfg != 1.0,
-                                                         model.variant, image_input=image is not None)
+                                                         model.variant, image_input=image is not None,
+                                                         use_native=lat["native"])
         if image is not None:  # Wan image-to-video: WanImageToVideo's latent, mask and CLIP vision
             tensors.update(wan_image.image_inputs(positive, negative, cfg != 1.0, lat["samples"], image.in_channels,
                                         image.image_dim, _comfy_objects(model.variant)[1]))
@@ -304,12 +305,13 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
     if lat["given_frames"]:  # Wan 2.2 TI2V: the start image's latent frames (ComfyUI's noise_mask 0 on them)
         tensors["image_latent"] = samples[:, :, :lat["given_frames"]].contiguous()
     if add_noise:
-        tensors["noise"] = convert.noise_for(samples, seed, lat["batch_index"])
+        tensors["noise"] = convert.engine_noise_for(lat, seed, model.variant)
     else:
         tensors["noise"] = samples.new_zeros(samples.shape)
     full_steps = steps if denoise > 0.9999 else int(steps / denoise)  # the schedule denoise truncates
     try:
-        model_sampling, latent_format = _comfy_objects(model.variant, tuple(samples.shape[-2:]), full_steps, shift)
+        model_sampling, latent_format = _comfy_objects(model.variant, tuple(samples.shape[-2:]), full_steps, shift,
+                                                       use_native=lat["native"])
     except ValueError as e:
         raise XDiTNodeError(f"{name}: {e}") from None
     try:
@@ -324,10 +326,10 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
         fields["cache"] = cache
     _free_comfy_vram(model)
     try:
-        out = _run(model, fields, tensors, unique_id, len(sigmas) - 1, latent_format)
+        out = _run(model, fields, tensors, unique_id, len(sigmas) - 1, latent_format, lat["native"])
     except _PoolFailure as e:
         raise XDiTNodeError(f"{name}: {e}") from None
-    return (convert.output_latent(latent_image, out, model.variant),)
+    return (convert.output_latent(latent_image, out, model.variant, use_native=lat["native"]),)
 
 
 def _sample_in_comfyui(name: str, model: ModelHandle, positive, negative, latent_image, seed, steps, cfg,
@@ -384,10 +386,10 @@ def _image_geometry(model: ModelHandle):
 
 
 def _comfy_objects(variant: str, latent_hw: tuple[int, int] | None = None, steps: int | None = None,
-                   shift: float | None = None):
+                   shift: float | None = None, use_native: bool = False):
     from .families import comfy_objects
 
-    return comfy_objects(variant, latent_hw, steps, shift)
+    return comfy_objects(variant, latent_hw, steps, shift, use_native=use_native)
 
 
 def _free_comfy_vram(model: ModelHandle) -> None:
@@ -404,7 +406,8 @@ class _PoolFailure(Exception):
     """The pool's one-line reason a job failed; the sampler node names itself in front of it."""
 
 
-def _run(model: ModelHandle, fields: dict, tensors: dict, unique_id: Any, total: int, latent_format: Any):
+def _run(model: ModelHandle, fields: dict, tensors: dict, unique_id: Any, total: int, latent_format: Any,
+         use_native: bool = False):
     import comfy.model_management as mm
     import comfy.utils
 
@@ -418,7 +421,8 @@ def _run(model: ModelHandle, fields: dict, tensors: dict, unique_id: Any, total:
         image = None
         if previewer is not None and preview is not None:
             try:
-                preview = convert.comfy_layout(preview.float(), model.variant)
+                preview = (convert.engine_to_native(preview.float(), model.variant) if use_native
+                           else convert.comfy_layout(preview.float(), model.variant))
                 image = previewer.decode_latent_to_preview_image("JPEG", latent_format.process_in(preview))
             except Exception as e:  # noqa: BLE001 - a preview must never fail the job
                 log.debug("xDiT preview failed: %s", e)

@@ -58,6 +58,7 @@ def test_variant_conversions_and_model_sampling(ext_mod):
     (dict(ulysses_degree=3), {}, "5", "ulysses_degree 3 does not divide the 4 attention heads of tiny-flux2"),
     (dict(pipefusion_degree=5), {}, "5", "pipefusion_degree 5 is larger than the 4 transformer blocks of tiny-flux2"),
     ({}, dict(width=264), "8", "264x256 is not a multiple of 16"),
+    ({}, dict(width=264, latent="EmptyFlux2LatentImage"), "8", "264x256 is not a multiple of 16"),  # newer ComfyUI's
 ])
 def test_flux2_graph_refused_at_queue_time(ext_mod, config, graph, node, reason):
     errors = _queue(ext_mod, ext_mod.rec, _graph(config, checkpoint="tiny-flux2", **graph))

@@ -11,6 +11,10 @@ that normalised 128-channel latent unpatchified to 32 channels, so
     patchify(LATENT) == (patchify(z) - bn_mean) / bn_std          (the pipeline's latents, before packing)
     z == to_vae_space(LATENT, vae)                                  (what AutoencoderKLFlux2.decode takes)
 
+The newer ComfyUI's FLUX.2 LATENT (EmptyFlux2LatentImage, its FLUX.2 VAE) is the patchified form itself:
+[B, 128, H/16, W/16] == patchify(LATENT) (its VAE applies and undoes the batch norm inside encode and decode, and
+its latent format has no scale or shift), so the nodes convert between the two by patchify / unpatchify, exactly.
+
 The normalisation belongs to the VAE's weights (no published constants), so it stays with the VAE: the transformer
 samples LATENT as it is (model space == LATENT: no scale, no shift), and `to_vae_space` / `from_vae_space` convert
 with a loaded AutoencoderKLFlux2. Noise is drawn in LATENT's shape [B, 32, H/8, W/8] (ComfyUI's noise for a seed);
@@ -31,7 +35,8 @@ import torch
 from ..adapters.base import Conditioning, FamilyAdapter
 from ..errors import WeightsError
 from .checkpoint import count, head_dim, require, run_converter
-from .spec import IMAGE, TEXT, BlockList, ComfySpec, CondSpec, Family, LatentFormat, TokenPlan, Variant, from_cp_plan
+from .spec import (IMAGE, TEXT, BlockList, ComfySpec, CondSpec, Family, LatentFormat, NativeSpec, TokenPlan, Variant,
+                   from_cp_plan)
 
 TEXT_WIDTH = 15360  # Mistral-3 Small: hidden states of layers 10, 20, 30 (3 x 5120) per token
 # FlowMatchEulerDiscreteScheduler with dynamic, exponential shifting: Flux2Pipeline passes its own sigmas and mu, so
@@ -216,9 +221,12 @@ FAMILY = Family(
     name="flux2",
     diffusers_class="Flux2Transformer2DModel",
     # ComfyUI 0.3.64 has no FLUX.2: its Flux sampling (ModelSamplingFlux, the same exponential shift) with the
-    # pipeline's shift for the job's size and steps, and the identity latent format (no previews)
+    # pipeline's shift for the job's size and steps, and the identity latent format (no previews). The newer ComfyUI's
+    # own FLUX.2 (supported_models.Flux2: Flux's model type, shift 2.02; latent_formats.Flux2: 128 channels at 1/16,
+    # no scale or shift) takes this LATENT 2x2-patchified, which is what its FLUX.2 VAE decodes (see the docstring)
     variants=(Variant("flux2-dev", "flux2-dev.json", FLOW_FLUX2,
-                      ComfySpec("Flux", "FLUX", "LatentFormat", shift=empirical_mu)),),
+                      ComfySpec("Flux", "FLUX", "LatentFormat", shift=empirical_mu,
+                                native=NativeSpec("Flux2", "FLUX", "Flux2", patch=2))),),
     latent=LatentFormat(32),
     cond=CondSpec(width=TEXT_WIDTH, guidance=4.0, tokens=512, negative=False),
     flow=True,

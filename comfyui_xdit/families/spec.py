@@ -121,6 +121,19 @@ class CondSpec:
 
 
 @dataclass(frozen=True)
+class NativeSpec:
+    """The newer ComfyUI's own model of a variant (ComfyUI 0.3.64 has none): its comfy.supported_models class, whose
+    sampling settings and model type KSampler uses for it, and its comfy.latent_formats class. `patch`: that ComfyUI's
+    LATENT is the engine's latent with patch x patch pixels folded into the channels (channel c * patch^2 +
+    patch * dy + dx) at 1/patch of its side; 1: the engine's layout. The nodes use it only where the running ComfyUI
+    has both classes and the format's channels and downscale ratio are these (nodes.families.native)."""
+    supported_model: str
+    model_type: str
+    latent_format: str
+    patch: int = 1
+
+
+@dataclass(frozen=True)
 class ComfySpec:
     """Names of ComfyUI's objects for a variant (built lazily by the nodes): comfy.supported_models class,
     comfy.model_base.ModelType member, comfy.latent_formats class. `shift`, for a model ComfyUI has no class of:
@@ -136,6 +149,7 @@ class ComfySpec:
     # the block kinds of ComfyUI's patches_replace "dit" that its model honours (SkipLayerGuidance's skipped
     # blocks), each -> the BlockList of ours with the same blocks in the same order
     skip_blocks: tuple[tuple[str, str], ...] = ()
+    native: NativeSpec | None = None  # the newer ComfyUI's own model of it, used where the running ComfyUI has it
 
 
 @dataclass(frozen=True)
