@@ -196,7 +196,7 @@ def test_a_pool_that_stops_during_a_run_is_an_error_and_the_next_run_goes_on(pro
 def test_node_refuses_pipefusion_and_non_files(ext):
     stock, pool = ext.nodes.stock_model, ext.nodes.pool
     for settings, source, reason in ((pool.ParallelSettings(pipefusion=2), __file__, "PipeFusion"),
-                                     (pool.ParallelSettings(), "tiny-flux", "single-file checkpoint")):
+                                     (pool.ParallelSettings(), "/no/such/diffusers-folder", "single-file checkpoint")):
         handle = pool.ModelHandle(settings, source, "fp32", "flux", "flux-dev", "k")
         with pytest.raises(stock.StockModelError, match=reason):
             node = stock.ParallelDiTModel
