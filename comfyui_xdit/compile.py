@@ -1,0 +1,111 @@
+"""Regional torch.compile of the repeated transformer blocks, under every parallel method.
+
+Each block class is compiled once (one compiled `forward` per class, shared by every instance: with torch's
+inlining of built-in modules the parameters are graph inputs, so the blocks of a class reuse one graph). Only the
+block's own `forward` is compiled; its forward hooks (the token plan's splits and gathers, FSDP's unshard, the
+PipeFusion stage hooks) and the step cache's wrapper run eagerly around it. This differs from diffusers'
+`compile_repeated_blocks`, which compiles each block's whole call, hooks included: the engine's hooks hold
+collectives and Python state that must not be traced. The classes are the model's `_repeated_blocks` where diffusers
+declares them, otherwise the classes of the family's block lists.
+
+Inside a block, the attention processors are the engine's wrappers (parallel/sequence.py). Their distributed
+attention (Ulysses all-to-all, Ring exchange, PipeFusion's K/V buffers) is one opaque custom op,
+`xdit::rerouted_attention`: the compiled graph calls it and the compiler never looks inside, so the collectives run
+exactly as they do eagerly and the graph has no break. Its meta function says the output has the query's shape
+with the value's head dim.
+"""
+from __future__ import annotations
+
+import types
+from typing import Callable
+
+import torch
+
+from .errors import ConfigError
+
+_ATTENTIONS: dict[int, Callable] = {}  # key -> the processor whose SDPA replacement the op calls
+_KEYS: dict[int, torch.Tensor] = {}     # id(processor) -> its key as a 0-d int64 tensor (a graph input)
+
+
+@torch.library.custom_op("xdit::rerouted_attention", mutates_args=())
+def rerouted_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                       scale: float | None, handle: torch.Tensor) -> torch.Tensor:
+    attention = _ATTENTIONS[int(handle)]
+    out = attention(query, key, value, attn_mask=attn_mask, scale=scale)
+    return out.contiguous()
+
+
+@rerouted_attention.register_fake
+def _(query, key, value, attn_mask, scale, handle):
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+def attention_handle(replacement: Callable[[], Callable]) -> torch.Tensor:
+    """A key under which the op finds `replacement()` (the per-call SDPA replacement of one wrapped processor)."""
+    key = len(_ATTENTIONS)
+    _ATTENTIONS[key] = lambda *args, **kwargs: replacement()(*args, **kwargs)
+    return torch.tensor(key, dtype=torch.int64)
+
+
+def release_handle(handle: torch.Tensor) -> None:
+    _ATTENTIONS.pop(int(handle), None)
+
+
+_COMPILED: dict[Callable, Callable] = {}  # a block class's forward function -> its compiled version (process-wide)
+
+
+def repeated_blocks(adapter) -> list[torch.nn.Module]:
+    """The blocks compiled: the modules of the classes the model declares in `_repeated_blocks`, otherwise the
+    blocks of the family's block lists."""
+    model = adapter.model
+    declared = set(getattr(model, "_repeated_blocks", None) or ())
+    if declared:
+        # an FSDP-sharded block's class is a subclass named FSDP<name>: match the class it was made from too
+        return [m for m in model.modules() if {c.__name__ for c in type(m).__mro__} & declared]
+    return [b for bl in adapter.plan.blocks for b in getattr(model, bl.name)]
+
+
+def _compiled(fn: Callable) -> Callable:
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _COMPILED[fn]
+
+
+def _forward(block: torch.nn.Module, compiled: Callable) -> Callable:
+    name = type(block).__name__
+
+    def forward(*args, **kwargs):
+        try:
+            return compiled(block, *args, **kwargs)
+        except torch._dynamo.exc.Unsupported as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ConfigError(f"torch.compile cannot compile {name} under this layout (turn compile off): "
+                              f"{first}") from None
+
+    return forward
+
+
+class compiled_blocks:
+    """Context: while active, each repeated block's forward is its class's compiled forward (one compilation per
+    class, shape and layout for the life of the process, reused by later jobs). Enter it before the step cache or
+    anything else that wraps a block's forward; on exit the blocks get back the forward they had."""
+
+    def __init__(self, adapter, enabled: bool = True):
+        self.adapter, self.enabled = adapter, enabled
+        self.saved: list[tuple[torch.nn.Module, object]] = []
+
+    def __enter__(self) -> "compiled_blocks":
+        if not self.enabled:
+            return self
+        for block in repeated_blocks(self.adapter):
+            if "forward" in block.__dict__:
+                raise ConfigError(f"cannot compile {type(block).__name__}: its forward is already replaced")
+            fn = type(block).forward
+            self.saved.append((block, None))
+            block.forward = _forward(block, _compiled(fn))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for block, _ in self.saved:
+            block.__dict__.pop("forward", None)
+        self.saved = []
