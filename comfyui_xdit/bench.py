@@ -334,6 +334,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{name:<16}{seconds:>10.4f}{tflops:>10.3g}{tflops / ceiling:>12.0%}{ratio:>14}")
     print("rel. L2 vs diffusers: " + ", ".join(f"{k[7:].split('_vs')[0]} {v:.1e}"
                                               for k, v in facts.items() if k.startswith("rel_l2")))
+    if "compile_seconds" in facts:
+        print(f"compiling (the first compiled step): {facts['compile_seconds']:.1f} s")
     return 0
 
 

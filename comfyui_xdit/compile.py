@@ -52,6 +52,13 @@ def release_handle(handle: torch.Tensor) -> None:
 
 
 _COMPILED: dict[Callable, Callable] = {}  # a block class's forward function -> its compiled version (process-wide)
+_ACTIVE: list[torch.nn.Module] = []       # the blocks running their compiled forward now
+CALLS = [0]                               # compiled block forwards run in this process (tests)
+
+
+def inside_compiled_blocks() -> set[int]:
+    """ids of the modules inside the blocks that run compiled now (the context cache leaves them alone)."""
+    return {id(m) for block in _ACTIVE for m in block.modules()}
 
 
 def repeated_blocks(adapter) -> list[torch.nn.Module]:
@@ -65,8 +72,17 @@ def repeated_blocks(adapter) -> list[torch.nn.Module]:
     return [b for bl in adapter.plan.blocks for b in getattr(model, bl.name)]
 
 
+# Compiled forms kept per block class: every shape and layout a pool serves is one (or two: a block's input strides
+# can differ between its first and later instances); torch's default of 8 is too few for a pool's lifetime.
+RECOMPILE_LIMIT = 64
+_LIMIT_HIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())  # (a torch without it raises Unsupported)
+
+
 def _compiled(fn: Callable) -> Callable:
     if fn not in _COMPILED:
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
         _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
     return _COMPILED[fn]
 
@@ -75,8 +91,12 @@ def _forward(block: torch.nn.Module, compiled: Callable) -> Callable:
     name = type(block).__name__
 
     def forward(*args, **kwargs):
+        CALLS[0] += 1
         try:
             return compiled(block, *args, **kwargs)
+        except _LIMIT_HIT:
+            raise ConfigError(f"torch.compile: {name} has been compiled for {RECOMPILE_LIMIT} shapes and layouts "
+                              "in this process, the most kept: turn compile off or restart the pool") from None
         except torch._dynamo.exc.Unsupported as e:
             first = (str(e).strip().splitlines() or [""])[0]
             raise ConfigError(f"torch.compile cannot compile {name} under this layout (turn compile off): "
@@ -92,7 +112,7 @@ class compiled_blocks:
 
     def __init__(self, adapter, enabled: bool = True):
         self.adapter, self.enabled = adapter, enabled
-        self.saved: list[tuple[torch.nn.Module, object]] = []
+        self.blocks: list[torch.nn.Module] = []
 
     def __enter__(self) -> "compiled_blocks":
         if not self.enabled:
@@ -100,12 +120,13 @@ class compiled_blocks:
         for block in repeated_blocks(self.adapter):
             if "forward" in block.__dict__:
                 raise ConfigError(f"cannot compile {type(block).__name__}: its forward is already replaced")
-            fn = type(block).forward
-            self.saved.append((block, None))
-            block.forward = _forward(block, _compiled(fn))
+            block.forward = _forward(block, _compiled(type(block).forward))
+            self.blocks.append(block)
+            _ACTIVE.append(block)
         return self
 
     def __exit__(self, *exc) -> None:
-        for block, _ in self.saved:
+        for block in self.blocks:
             block.__dict__.pop("forward", None)
-        self.saved = []
+        _ACTIVE[:] = [b for b in _ACTIVE if not any(b is mine for mine in self.blocks)]
+        self.blocks = []

@@ -62,6 +62,10 @@ def context_cache(model: torch.nn.Module, patterns: tuple[str, ...], enabled: bo
     distinct inputs of each (2: the positive and the negative branch), `max_bytes` in all; the entries go at exit."""
     stats = ContextCache()
     found = context_modules(model, patterns) if enabled and patterns else {}
+    from .compile import inside_compiled_blocks
+
+    compiled = inside_compiled_blocks()  # a compiled block computes its own (the cache's lookups cannot be traced)
+    found = {name: m for name, m in found.items() if id(m) not in compiled}
     stats.modules = len(found)
     originals: dict[str, object] = {}
 
