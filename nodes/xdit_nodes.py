@@ -291,8 +291,8 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
         return (convert.unchanged_latent(latent_image, model.variant),)  # nothing to run: ComfyUI returns the input
     if sampler_name not in SAMPLERS:
         if compile:
-            raise XDiTNodeError(f"{name}: compile runs in the pool's own loop: use euler or dpmpp_2m, or turn "
-                                "compile off")
+            raise XDiTNodeError(f"{name}: {sampler_name} runs as ComfyUI's own sampler over the pool's forwards, "
+                                "without compile: use euler or dpmpp_2m to compile")
         return _sample_in_comfyui(name, model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                                   scheduler, cache, denoise, add_noise, start_step, last_step, force_full_denoise,
                                   shift)
