@@ -117,6 +117,7 @@ def _worker(args) -> None:
         for mode in ("eager", "compiled"):
             d, o = times["diffusers", mode], times["ours", mode]
             rows.append((arch, tokens, mode, d, o, o / d))
+            say(f"{arch} {mode}: diffusers {d:.3f} s, ours {o:.3f} s, ours / diffusers {o / d:.2f}", flush=True)
         say(f"{arch}: ours vs diffusers rel L2 {rel:.1e} eager, {compiled_rel:.1e} compiled; graph breaks while "
             f"compiling: diffusers {their_breaks}, ours {our_breaks}", flush=True)
         del ours, theirs

@@ -89,9 +89,16 @@ def _compiled(fn: Callable) -> Callable:
 
 def _forward(block: torch.nn.Module, compiled: Callable) -> Callable:
     name = type(block).__name__
+    attentions = [m for m in block.modules() if hasattr(m, "processor")]
 
     def forward(*args, **kwargs):
         CALLS[0] += 1
+        for m in attentions:  # checked here, eagerly: an error raised while tracing loses its message
+            base = getattr(m.processor, "_xdit_base", None)
+            if base is not None and m.processor._xdit_traced is None:
+                raise ConfigError(f"torch.compile: attention processor {base.__name__} of {name} reaches attention "
+                                  "neither through F.scaled_dot_product_attention nor through dispatch_attention_fn, "
+                                  "so its parallel attention cannot be routed in a compiled block: turn compile off")
         try:
             return compiled(block, *args, **kwargs)
         except _LIMIT_HIT:

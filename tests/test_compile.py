@@ -140,3 +140,39 @@ def test_serial_compiled_matches_eager_with_context_modules_in_the_blocks():
     eager = run_job(loaded, SampleRequest(**req)).latents
     compiled = run_job(loaded, SampleRequest(**req, compile=True)).latents
     assert rel_l2(compiled, eager) <= TOL
+
+
+def test_a_processor_the_traced_path_cannot_route_is_refused_in_one_line():
+    """A processor whose code reaches SDPA through `torch.nn.functional...` (neither `F` nor dispatch_attention_fn):
+    eager parallel attention still reroutes it, a compiled block refuses it with one line, before tracing."""
+    import pytest as _pytest
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    from comfyui_xdit.errors import ConfigError
+    from comfyui_xdit.parallel import plan as plan_mod
+    from comfyui_xdit.parallel.sequence import _traced_function, wrap_attention
+
+    class TorchPath(FluxAttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     image_rotary_emb=None):
+            q = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+            k = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+            v = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+            return (out, encoder_hidden_states) if encoder_hidden_states is not None else out
+
+    assert _traced_function(FluxAttnProcessor) is not None and _traced_function(TorchPath) is None
+    adapter = load_model("tiny-flux").adapter
+    for m, _ in plan_mod.attention_modules(adapter.model, adapter.plan):
+        m.processor = TorchPath()
+    restore = wrap_attention(plan_mod.attention_modules(adapter.model, adapter.plan),
+                             lambda module, streams: (lambda: F.scaled_dot_product_attention), root=adapter.model)
+    try:
+        from comfyui_xdit.bench import step_inputs
+
+        with compiled_blocks(adapter), _pytest.raises(ConfigError, match=r"^torch.compile: attention processor "
+                                                                          r"TorchPath of \w+ reaches attention "
+                                                                          r"neither [^\n]*turn compile off$"):
+            adapter.predict(*step_inputs(adapter, 64, 1, "cpu"))
+    finally:
+        restore()

@@ -133,7 +133,7 @@ def _traced_function(base: type) -> Callable | None:
             return None
         names = set(fn.__code__.co_names)
         routed = dict(fn.__globals__)
-        if routed.get("F") is F and "scaled_dot_product_attention" in names:
+        if routed.get("F") is F and {"F", "scaled_dot_product_attention"} <= names:
             routed["F"] = _ROUTED_F
         if "dispatch_attention_fn" in routed and "dispatch_attention_fn" in names:
             routed["dispatch_attention_fn"] = _routed_dispatch
@@ -146,11 +146,8 @@ def _traced_function(base: type) -> Callable | None:
 
 
 def _traced_call(processor, attn, args: tuple, kwargs: dict):
-    fn = processor._xdit_traced  # made with the wrapped class: the compiler cannot make functions
-    if fn is None:
-        raise ConfigError(f"torch.compile: attention processor {processor._xdit_base.__name__} reaches attention "
-                          "neither through F.scaled_dot_product_attention nor through dispatch_attention_fn; "
-                          "turn compile off")
+    fn = processor._xdit_traced  # made with the wrapped class (the compiler cannot make functions); None is
+    # refused before the compiled call (compile.py)
     _ROUTE.append(processor)
     out = fn(processor, attn, *args, **kwargs)
     _ROUTE.pop()
