@@ -16,7 +16,6 @@ with the value's head dim.
 """
 from __future__ import annotations
 
-import types
 from typing import Callable
 
 import torch

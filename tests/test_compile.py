@@ -145,7 +145,6 @@ def test_serial_compiled_matches_eager_with_context_modules_in_the_blocks():
 def test_a_processor_the_traced_path_cannot_route_is_refused_in_one_line():
     """A processor whose code reaches SDPA through `torch.nn.functional...` (neither `F` nor dispatch_attention_fn):
     eager parallel attention still reroutes it, a compiled block refuses it with one line, before tracing."""
-    import pytest as _pytest
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     from comfyui_xdit.errors import ConfigError
@@ -170,7 +169,7 @@ def test_a_processor_the_traced_path_cannot_route_is_refused_in_one_line():
     try:
         from comfyui_xdit.bench import step_inputs
 
-        with compiled_blocks(adapter), _pytest.raises(ConfigError, match=r"^torch.compile: attention processor "
+        with compiled_blocks(adapter), pytest.raises(ConfigError, match=r"^torch.compile: attention processor "
                                                                           r"TorchPath of \w+ reaches attention "
                                                                           r"neither [^\n]*turn compile off$"):
             adapter.predict(*step_inputs(adapter, 64, 1, "cpu"))
