@@ -201,13 +201,17 @@ class BlockCache:
     # --- the blocks ---
     @contextlib.contextmanager
     def installed(self) -> Iterator["BlockCache"]:
+        before = [block.__dict__.get("forward") for block in self.blocks]  # a compiled forward (compile.py)
         for j, block in enumerate(self.blocks):
             block.forward = self._make_forward(j, block.forward, self.adapter.block_list(block))
         try:
             yield self
         finally:
-            for block in self.blocks:
-                del block.forward  # back to the class's forward
+            for block, forward in zip(self.blocks, before):
+                if forward is None:
+                    del block.forward  # back to the class's forward
+                else:
+                    block.forward = forward
 
     def _make_forward(self, j: int, original: Callable, blocks) -> Callable:
         """The block's forward with the cache; `blocks`: its declared list (which inputs are its streams, in which

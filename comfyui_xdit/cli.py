@@ -31,6 +31,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-context-cache", action="store_true", help="recompute the conditioning-only modules (text "
                    "embedder, cross-attention K/V) every step instead of once per job (a local run; the results are "
                    "the same)")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile of the repeated transformer "
+                   "blocks (each block class compiled once per shape and layout; a pool keeps them across jobs)")
     p.add_argument("--inputs", default=None, help="safetensors with noise, cond, pooled, neg_*, latent, sigmas")
     p.add_argument("--out", required=True, help="output safetensors; tensor 'latents' in ComfyUI convention")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
@@ -259,6 +261,8 @@ def _generate_on_pool(args: argparse.Namespace, config) -> int:
         fields["frames"] = args.frames
     if args.shift is not None:
         fields["shift"] = args.shift
+    if args.compile:
+        fields["compile"] = True
     client = PoolClient(args.pool, _pool_secret(args))
     try:
         try:  # a short request first: a wrong secret gets no reply at all (the pool drops unsigned messages)
@@ -318,7 +322,7 @@ def _generate_on_rank(args: argparse.Namespace, config, device: str, rank: int) 
                         batch_size=args.batch_size, cfg=args.cfg, guidance=args.guidance, sampler=args.sampler,
                         denoise=args.denoise, inputs={k: v.to(device) for k, v in inputs.items()},
                         cache=cache_settings(args), frames=args.frames, context_cache=not args.no_context_cache,
-                        shift=args.shift)
+                        shift=args.shift, compile=args.compile)
 
     if config.pipefusion > 1:
         _report_stage_memory(loaded, config, rank)

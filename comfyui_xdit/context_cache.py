@@ -64,6 +64,10 @@ def context_cache(model: torch.nn.Module, patterns: tuple[str, ...], enabled: bo
     unless they are `kept`'s (a run of several calls, each in its own context: comfyui_xdit.forward_cache)."""
     stats = kept if kept is not None else ContextCache()
     found = context_modules(model, patterns) if enabled and patterns else {}
+    from .compile import inside_compiled_blocks
+
+    compiled = inside_compiled_blocks()  # a compiled block computes its own (the cache's lookups cannot be traced)
+    found = {name: m for name, m in found.items() if id(m) not in compiled}
     stats.modules = len(found)
     originals: dict[str, object] = {}
 

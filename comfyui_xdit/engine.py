@@ -8,6 +8,7 @@ import torch
 import torch.distributed
 
 from .attention_backend import preferred_attention
+from .compile import compiled_blocks
 from .errors import Cancelled
 from .models import LoadedModel
 from .parallel import ParallelConfig
@@ -41,7 +42,9 @@ def run_job(loaded: LoadedModel, req: SampleRequest, config: ParallelConfig | No
             callback(info)
 
     device = next(loaded.adapter.model.parameters()).device
-    with preferred_attention(device):  # cuDNN attention first on CUDA (or XDIT_ATTENTION); no-op elsewhere
+    # cuDNN attention first on CUDA (or XDIT_ATTENTION; no-op elsewhere); the blocks compiled when asked: the
+    # parallel wrappers and hooks installed inside are in place before the first compiled call traces a block
+    with preferred_attention(device), compiled_blocks(loaded.adapter, req.compile):
         if config.world_size == 1:
             return JobResult(_serial(loaded, req, on_step, should_cancel, step_end), reused)
         from .parallel.runner import parallel_sample

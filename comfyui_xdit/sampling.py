@@ -36,6 +36,7 @@ class SampleRequest:
     frames: int = 1                      # pixel frames of a video model (an image model: 1)
     context_cache: bool = True           # compute the family's conditioning-only modules once per job
     shift: float | None = None           # the scheduler's static flow shift (None: what the published folder ships)
+    compile: bool = False                # regional torch.compile of the repeated blocks (compile.py)
 
 
 @dataclass

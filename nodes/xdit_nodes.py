@@ -192,6 +192,10 @@ class ParallelSampler:
                 "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": (
                     "flow models (Wan, SD3): the sampling shift, as ModelSamplingSD3 sets it on a native model; "
                     "0: the model's own (Wan 8.0)")}),
+                "compile": ("BOOLEAN", {"default": False, "tooltip": (
+                    "regional torch.compile: each repeated transformer block class compiled once per shape and "
+                    "layout, kept by the pool for later jobs (the first job pays the compilation; euler and "
+                    "dpmpp_2m only)")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID", **HIDDEN},
         }
@@ -201,11 +205,11 @@ class ParallelSampler:
         return queue_check.problem_for(xdit_check)
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
-               cache="none", cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, shift=0.0, unique_id=None,
-               xdit_check=None):
+               cache="none", cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, shift=0.0, compile=False,
+               unique_id=None, xdit_check=None):
         return _sample("Parallel Sampler", model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                        scheduler, _cache_fields(cache, cache_threshold, cache_warmup, cache_max_consecutive),
-                       unique_id, denoise=denoise, shift=shift)
+                       unique_id, denoise=denoise, shift=shift, compile=compile)
 
 
 ENABLE = ["enable", "disable"]
@@ -251,8 +255,8 @@ class ParallelSamplerAdvanced:
 
     def sample(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
                latent_image, start_at_step, end_at_step, return_with_leftover_noise, cache="none",
-               cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, shift=0.0, unique_id=None,
-               xdit_check=None):
+               cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, shift=0.0, compile=False,
+               unique_id=None, xdit_check=None):
         name = "Parallel Sampler (Advanced)"
         for what, value in (("add_noise", add_noise), ("return_with_leftover_noise", return_with_leftover_noise)):
             if value not in ENABLE:
@@ -263,7 +267,7 @@ class ParallelSamplerAdvanced:
         return _sample(name, model, positive, negative, latent_image, noise_seed, steps, cfg, sampler_name,
                        scheduler, _cache_fields(cache, cache_threshold, cache_warmup, cache_max_consecutive),
                        unique_id, add_noise=add_noise == "enable", start_step=start_at_step, last_step=end_at_step,
-                       force_full_denoise=return_with_leftover_noise == "disable", shift=shift)
+                       force_full_denoise=return_with_leftover_noise == "disable", shift=shift, compile=compile)
 
 
 def _cache_fields(cache, threshold, warmup, max_consecutive) -> dict | None:
@@ -275,7 +279,7 @@ def _cache_fields(cache, threshold, warmup, max_consecutive) -> dict | None:
 def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
             cache: dict | None, unique_id, denoise: float = 1.0, add_noise: bool = True,
             start_step: int | None = None, last_step: int | None = None, force_full_denoise: bool = False,
-            shift: float = 0.0):
+            shift: float = 0.0, compile: bool = False):
     """KSampler's and KSamplerAdvanced's sampling (ComfyUI's common_ksampler) on the pool: the noise levels of the
     `steps` schedule (denoise truncates it), cut to [start_step : last_step + 1] with the last set to 0 when
     force_full_denoise cuts it short; ComfyUI's noise for the seed, or zeros without add_noise."""
@@ -286,6 +290,9 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
     if start_step is not None and start_step >= min(steps if last_step is None else last_step, steps):
         return (convert.unchanged_latent(latent_image, model.variant),)  # nothing to run: ComfyUI returns the input
     if sampler_name not in SAMPLERS:
+        if compile:
+            raise XDiTNodeError(f"{name}: {sampler_name} runs as ComfyUI's own sampler over the pool's forwards, "
+                                "without compile: use euler or dpmpp_2m to compile")
         return _sample_in_comfyui(name, model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                                   scheduler, cache, denoise, add_noise, start_step, last_step, force_full_denoise,
                                   shift)
@@ -324,6 +331,8 @@ def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg
     fields = convert.request_fields(samples, steps, seed, cfg, guidance, sampler_name, model.variant)
     if cache is not None:
         fields["cache"] = cache
+    if compile:
+        fields["compile"] = True
     _free_comfy_vram(model)
     try:
         out = _run(model, fields, tensors, unique_id, len(sigmas) - 1, latent_format, lat["native"])

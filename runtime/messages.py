@@ -75,6 +75,7 @@ class SampleFields(Struct, forbid_unknown_fields=True):
     cache: CacheFields | None = None
     frames: Annotated[int, Meta(ge=1, le=100000)] = 1  # pixel frames of a video model (Wan: 4k+1)
     shift: Annotated[float, Meta(gt=0, le=1e4)] | None = None  # the scheduler's flow shift (None: the published one)
+    compile: bool = False  # regional torch.compile of the repeated blocks, kept by the pool across jobs
 
 
 class ParallelFields(Struct, forbid_unknown_fields=True):

@@ -62,4 +62,5 @@ def build_request(loaded, case: dict) -> SampleRequest:
     return SampleRequest(height=case["height"], width=case["width"], steps=case.get("steps", 3), seed=case["seed"],
                          batch_size=batch, cfg=case.get("cfg", 1.0), sampler=case.get("sampler", "default"),
                          frames=case.get("frames", 1), context_cache=case.get("context_cache", True),
-                         inputs=inputs, cache=CacheSettings.from_dict(case["cache"]) if "cache" in case else None)
+                         inputs=inputs, cache=CacheSettings.from_dict(case["cache"]) if "cache" in case else None,
+                         compile=case.get("compile", False))

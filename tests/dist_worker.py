@@ -42,6 +42,7 @@ def main() -> None:
         cancel_after = case.get("cancel_after")
         should_cancel = (lambda: len(steps_seen) >= cancel_after) if cancel_after else None
         tensors = None  # other results than latents (the analyser's profile)
+        compiled_before = _compile_counts()
         try:
             job = None
             if "attention_backend" in case or "processor" in case or case.get("analyze"):
@@ -61,6 +62,11 @@ def main() -> None:
                 result["params"] = reports
             if config.shard > 1:
                 result["shard"] = _shard_report(loaded, case)
+            if req.compile:  # what this job compiled on this rank: new graphs, graph breaks (tests/test_compile.py)
+                after = _compile_counts()
+                counts = [None] * dist.get_world_size()
+                dist.all_gather_object(counts, {k: after[k] - compiled_before[k] for k in after})
+                result["compiled"] = counts
         except XDiTError as e:
             job, latents, result = None, None, {"ok": False, "error": str(e)}
         except Cancelled as e:
@@ -79,6 +85,16 @@ def main() -> None:
         json.dump(job.comm if job is not None else [],
                   open(os.path.join(out_dir, f"{case['id']}.rank{rank}.comm.json"), "w"))
     release_process_groups()
+
+
+def _compile_counts() -> dict[str, int]:
+    """torch.compile's counters so far in this process: graphs made, graph breaks; compiled block forwards run."""
+    from torch._dynamo.utils import counters
+
+    from comfyui_xdit.compile import CALLS
+
+    return {"graphs": counters["stats"]["unique_graphs"], "breaks": sum(counters["graph_break"].values()),
+            "calls": CALLS[0]}
 
 
 def _loras(loaded, config, loras: list) -> None:

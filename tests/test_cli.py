@@ -118,3 +118,17 @@ def test_generate_cache_flags(tmp_path, capsys):
     assert "cache: reused 5 of 6 steps" in capsys.readouterr().out
     assert main([*common, "--cache", "fbcache", "--cache-mask", "1,0"]) == 2
     assert "cache mask has 2 entries for 6 steps" in capsys.readouterr().err
+
+
+def test_generate_compile_matches_eager(tmp_path, capsys):
+    """`generate --compile` (world 1, tiny-pixart) gives eager's latents within 1e-5."""
+    code, out = run(["--model", "tiny-pixart", "--cfg", "3"], tmp_path, capsys)
+    assert code == 0, out.err
+    eager = load_file(tmp_path / "out.safetensors")["latents"]
+    from comfyui_xdit.compile import CALLS
+
+    before = CALLS[0]
+    code, out = run(["--model", "tiny-pixart", "--cfg", "3", "--compile"], tmp_path, capsys)
+    assert code == 0, out.err
+    assert CALLS[0] > before  # the blocks ran compiled
+    assert rel_l2(load_file(tmp_path / "out.safetensors")["latents"], eager) <= 1e-5

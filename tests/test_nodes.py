@@ -753,3 +753,29 @@ def test_checkpoint_geometry_from_header_at_queue_time(ext, rec, tmp_path):
                             "flux-24-heads.safetensors (Ulysses degrees that work: 1, 2, 3, 4, 6, 8 or 12; the ring "
                             "degree takes any other split) (Load Parallel DiT node 6)"]}
     assert _queue(ext, rec, _graph(dict(ulysses_degree=8), checkpoint="flux-24-heads.safetensors")) == {}
+
+
+def test_sampler_compile_switch_reaches_the_job_and_is_refused_for_comfyuis_samplers(ext, monkeypatch):
+    """Parallel Sampler's compile input (off by default) sets the job's `compile` field; with a sampler that runs as
+    ComfyUI's own (heun) it is one line."""
+    xn = ext.nodes.xdit_nodes
+    node = _node(ext, "XDiTParallelSampler")()
+    spec = node.INPUT_TYPES()["optional"]["compile"]
+    assert spec[0] == "BOOLEAN" and spec[1]["default"] is False and spec[1]["tooltip"]
+    sent = []
+
+    def run(model, fields, *rest):
+        sent.append(fields)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(xn, "_run", run)
+    cond = _cond(pooled_output=torch.zeros(1, 2048))
+    lat = {"samples": torch.randn(1, 16, 8, 8)}
+    for compile in (False, True):
+        with pytest.raises(RuntimeError, match="stop"):
+            node.sample(_handle(ext), cond, cond, lat, 0, 4, 4.0, "euler", "simple", 1.0, compile=compile)
+    assert "compile" not in sent[0] and sent[1]["compile"] is True
+    with pytest.raises(xn.XDiTNodeError, match=r"^Parallel Sampler: heun runs as ComfyUI's own sampler over the "
+                                              r"pool's forwards, without compile: use euler or dpmpp_2m to "
+                                              r"compile$"):
+        node.sample(_handle(ext), cond, cond, lat, 0, 4, 4.0, "heun", "simple", 1.0, compile=True)

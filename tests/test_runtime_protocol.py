@@ -227,3 +227,10 @@ def test_shared_buffer_maps_only_the_buffer_described():
             SharedBuffer.attach(**info)
     finally:
         buf.close()
+
+
+def test_sample_fields_carry_the_compile_switch():
+    assert build_request(msgspec.convert(REQUEST, SampleFields), {}).compile is False
+    assert build_request(msgspec.convert({**REQUEST, "compile": True}, SampleFields), {}).compile is True
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({**REQUEST, "compile": "yes"}, SampleFields)

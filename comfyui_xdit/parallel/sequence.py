@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 from typing import Callable
 
 import torch
@@ -19,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..adapters import FamilyAdapter
 from ..attention_backend import diffusers_native_backend, diffusers_native_dispatch
+from ..compile import attention_handle, release_handle
 from ..errors import ConfigError
 from . import plan as plan_mod
 from .attention import USPAttention
@@ -80,13 +82,76 @@ def _wrapped_class(cls: type) -> type:
     cls = getattr(cls, "_xdit_base", cls)
     if cls not in _WRAPPED:
         def __call__(self, attn, *args, **kwargs):
+            if torch.compiler.is_compiling():  # traced: the replacement is one opaque op (compile.py)
+                return _traced_call(self, attn, args, kwargs)
             return _rerouted_call(self, attn, args, kwargs, self._xdit_attention(), getattr(attn, "_xdit_tap", None))
 
         functools.update_wrapper(__call__, cls.__call__)
         _WRAPPED[cls] = type(f"SequenceParallel{cls.__name__}", (cls,), {
             "__call__": __call__, "_xdit_base": cls, "_attention_backend": _NATIVE_BACKEND,
-            "_parallel_config": _NO_PARALLEL_CONFIG})
+            "_parallel_config": _NO_PARALLEL_CONFIG, "_xdit_traced": staticmethod(_traced_function(cls))})
     return _WRAPPED[cls]
+
+
+# Under torch.compile the processor's call is traced, and the compiler cannot trace a torch-function mode that
+# sees every op. The traced call is instead the base processor's own __call__ code run with other globals: its `F`
+# is a copy of torch.nn.functional whose scaled_dot_product_attention is the opaque op, and its
+# `dispatch_attention_fn` takes diffusers' native path (BSHD in and out, a [B, S_k] mask widened) into the same op.
+# The processor in progress is found on a stack the traced call pushes (the compiler keeps the stack's effects).
+_ROUTE: list = []
+
+
+def _routed_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if is_causal or dropout_p or enable_gqa:
+        raise NotImplementedError("parallel attention supports non-causal attention only")
+    return torch.ops.xdit.rerouted_attention(query, key, value, attn_mask, scale, _ROUTE[-1]._xdit_handle)
+
+
+def _routed_dispatch(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                     enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
+    if attn_mask is not None and attn_mask.ndim == 2 and attn_mask.shape[0] == query.shape[0] \
+            and attn_mask.shape[1] == key.shape[1]:
+        attn_mask = attn_mask[:, None, None]
+    out = _routed_sdpa(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask,
+                       dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    return out.transpose(1, 2)
+
+
+_ROUTED_F = types.ModuleType("xdit_routed_functional")
+_ROUTED_F.__dict__.update({k: v for k, v in vars(F).items() if not k.startswith("__")})
+_ROUTED_F.scaled_dot_product_attention = _routed_sdpa
+_TRACED: dict[type, Callable | None] = {}
+
+
+def _traced_function(base: type) -> Callable | None:
+    """base.__call__ with the routed globals (None: its code reaches SDPA neither through `F` nor through
+    `dispatch_attention_fn`)."""
+    if base not in _TRACED:
+        fn = base.__call__
+        if not isinstance(fn, types.FunctionType):
+            _TRACED[base] = None
+            return None
+        names = set(fn.__code__.co_names)
+        routed = dict(fn.__globals__)
+        if routed.get("F") is F and {"F", "scaled_dot_product_attention"} <= names:
+            routed["F"] = _ROUTED_F
+        if "dispatch_attention_fn" in routed and "dispatch_attention_fn" in names:
+            routed["dispatch_attention_fn"] = _routed_dispatch
+        traced = None
+        if routed.get("F") is _ROUTED_F or routed.get("dispatch_attention_fn") is _routed_dispatch:
+            traced = types.FunctionType(fn.__code__, routed, fn.__name__, fn.__defaults__, fn.__closure__)
+            traced.__kwdefaults__ = fn.__kwdefaults__
+        _TRACED[base] = traced
+    return _TRACED[base]
+
+
+def _traced_call(processor, attn, args: tuple, kwargs: dict):
+    fn = processor._xdit_traced  # made with the wrapped class (the compiler cannot make functions); None is
+    # refused before the compiled call (compile.py)
+    _ROUTE.append(processor)
+    out = fn(processor, attn, *args, **kwargs)
+    _ROUTE.pop()
+    return out
 
 
 def _probe_inputs(module: torch.nn.Module, masked: bool = False) -> dict[str, torch.Tensor]:
@@ -169,14 +234,16 @@ def wrap_attention(modules, make_attention, root: torch.nn.Module | None = None,
         wrapped.__dict__.update(inner.__dict__)
         wrapped._xdit_attention = make_attention(module, streams)
         wrapped._xdit_name = names.get(id(module), type(module).__name__) + where
-        originals.append((module, inner))
+        wrapped._xdit_handle = attention_handle(wrapped._xdit_attention)
+        originals.append((module, inner, wrapped))
         module.processor = wrapped
         failure = _probe(module, wrapped)
         if failure is not None:
             failures.append(failure)
 
     def restore() -> None:
-        for module, inner in originals:
+        for module, inner, wrapped in originals:
+            release_handle(wrapped._xdit_handle)
             module.processor = inner
 
     if collective:
