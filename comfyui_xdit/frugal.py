@@ -37,16 +37,10 @@ from .errors import WeightsError
 from .families.checkpoint import first_line
 from .families.spec import Family
 from .lazy_tensors import DeferredTensor, NotDeferrable, deferred, realize
+from .safetensors_header import SAFETENSORS_DTYPES
 
 KeepFn = Callable[[str, tuple[int, ...]], "bool | slice | tuple[slice, ...] | None"]
 PlaceFn = Callable[[torch.nn.Module, str, str, torch.Tensor], None]
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _attr):
-        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
 
 
 # ------------------------------------------------------------------------------------------------ memory figures

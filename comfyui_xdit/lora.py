@@ -115,7 +115,7 @@ def _header_tensors(p: Path) -> dict[str, torch.Tensor]:
     drops the all-zero ones), everything else read."""
     from safetensors import safe_open
 
-    from .frugal import SAFETENSORS_DTYPES
+    from .safetensors_header import SAFETENSORS_DTYPES
 
     out = {}
     with safe_open(str(p), framework="pt", device="cpu") as f:

@@ -654,7 +654,7 @@ def add_plan_args(p) -> None:
 
 
 def cmd_plan(args) -> int:
-    from .bench import parse_size
+    from .memory_estimate import parse_size
 
     height, width = parse_size(args.size)
     job = Job(height, width, args.frames, args.batch, args.cfg, args.steps)
