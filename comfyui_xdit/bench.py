@@ -24,6 +24,7 @@ from . import families
 from .adapters import make_adapter
 from .adapters.base import Conditioning, FamilyAdapter
 from .attention_backend import preferred_attention
+from .memory_estimate import allows_pipefusion, parse_size
 from .models import parse_dtype
 from .tiny import build_tiny, is_tiny
 
@@ -65,16 +66,6 @@ def build_random(arch: str, dtype: torch.dtype, device: str) -> FamilyAdapter:
     return make_adapter(fam.name, model.eval().requires_grad_(False), variant.name)
 
 
-def parse_size(size: int | str | tuple[int, int]) -> tuple[int, int]:
-    """(height, width) of a side ("1024", 1024) or of ComfyUI's WIDTHxHEIGHT ("832x480")."""
-    if isinstance(size, tuple):
-        return size
-    if isinstance(size, str) and "x" in size:
-        width, height = (int(v) for v in size.lower().split("x"))
-        return height, width
-    return int(size), int(size)
-
-
 def step_inputs(adapter: FamilyAdapter, size, batch: int, device: str, frames: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
     g = torch.Generator().manual_seed(0)
@@ -87,19 +78,6 @@ def step_inputs(adapter: FamilyAdapter, size, batch: int, device: str, frames: i
     time = (adapter.latent_frames(frames),) if adapter.latent.dims == 3 else ()
     x = torch.randn(batch, adapter.latent_channels, *time, height // down, width // down, generator=g).to(device)
     return x, torch.tensor([500.0], device=device), c
-
-
-def _allows_pipefusion(adapter: FamilyAdapter, height: int, width: int, frames: int, degree: int) -> bool:
-    from .errors import ConfigError
-    from .parallel import ParallelConfig
-    from .sampling import SampleRequest
-
-    try:
-        adapter.check_request(SampleRequest(height=height, width=width, steps=1, frames=frames),
-                              ParallelConfig(pipefusion=degree, num_patches=degree))
-    except ConfigError:
-        return False
-    return True
 
 
 def memory_rows(adapter: FamilyAdapter, size, frames: int = 1, degrees: tuple[int, ...] = (1, 2, 4, 8),
@@ -126,7 +104,7 @@ def memory_rows(adapter: FamilyAdapter, size, frames: int = 1, degrees: tuple[in
         if adapter.num_heads % d == 0:
             rows.append(("ulysses", d, total, -(-tokens // d), 0))
         rows.append(("ring", d, total, -(-tokens // d), 0))
-        if 1 < d <= len(blocks) and _allows_pipefusion(adapter, height, width, frames, d):
+        if 1 < d <= len(blocks) and allows_pipefusion(adapter, height, width, frames, d):
             sizes = [nbytes(b) for b in blocks]
             starts = partition([per_token_bytes(b) for b in blocks], d, sizes,
                                cap=sum(sizes) / d + max(sizes)) + [len(blocks)]

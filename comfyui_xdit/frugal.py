@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,16 +36,10 @@ from .errors import WeightsError
 from .families.checkpoint import first_line
 from .families.spec import Family
 from .lazy_tensors import DeferredTensor, NotDeferrable, deferred, realize
+from .safetensors_header import SAFETENSORS_DTYPES, HeaderError, read_header
 
 KeepFn = Callable[[str, tuple[int, ...]], "bool | slice | tuple[slice, ...] | None"]
 PlaceFn = Callable[[torch.nn.Module, str, str, torch.Tensor], None]
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _attr):
-        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
 
 
 # ------------------------------------------------------------------------------------------------ memory figures
@@ -243,25 +236,18 @@ def _refuse_unsupported(header: dict) -> None:
 def _header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """Tensor name -> (shape, safetensors dtype) from a file's header."""
     try:
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or n > 100 << 20:
-                raise ValueError("bad header length")
-            head = json.loads(f.read(n))
-        size = file.stat().st_size
-    except (OSError, ValueError) as e:
+        header = read_header(file)
+    except (OSError, HeaderError) as e:
         raise WeightsError(f"{file} is truncated or corrupt, not a readable safetensors file "
                            f"({first_line(e)})") from None
     out = {}
-    for key, info in head.items():
-        if key == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise WeightsError(f"{file.name}: tensor {key} has unsupported dtype {info['dtype']}")
-        if 8 + n + info["data_offsets"][1] > size:
+    for key, info in header.tensors.items():
+        if info.dtype not in SAFETENSORS_DTYPES:
+            raise WeightsError(f"{file.name}: tensor {key} has unsupported dtype {info.dtype}")
+        if 8 + header.header_bytes + info.offsets[1] > header.file_bytes:
             raise WeightsError(f"{file} is truncated or corrupt, not a readable safetensors file "
                                f"(tensor {key} ends past the end of the file)")
-        out[key] = (tuple(info["shape"]), info["dtype"])
+        out[key] = (info.shape, info.dtype)
     return out
 
 

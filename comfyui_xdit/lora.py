@@ -115,16 +115,14 @@ def _header_tensors(p: Path) -> dict[str, torch.Tensor]:
     drops the all-zero ones), everything else read."""
     from safetensors import safe_open
 
-    from .frugal import SAFETENSORS_DTYPES
+    from .safetensors_header import SAFETENSORS_DTYPES, read_header
 
     out = {}
     with safe_open(str(p), framework="pt", device="cpu") as f:
-        for k in f.keys():
-            part = f.get_slice(k)
-            shape = tuple(part.get_shape())
-            dtype = SAFETENSORS_DTYPES.get(part.get_dtype(), torch.float32)
-            out[k] = torch.empty(shape, dtype=dtype, device="meta") if len(shape) >= 2 and not k.endswith(".diff") \
-                else f.get_tensor(k)
+        for k, info in read_header(p).tensors.items():
+            dtype = SAFETENSORS_DTYPES.get(info.dtype, torch.float32)
+            out[k] = torch.empty(info.shape, dtype=dtype, device="meta") \
+                if len(info.shape) >= 2 and not k.endswith(".diff") else f.get_tensor(k)
     return out
 
 

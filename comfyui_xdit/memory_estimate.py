@@ -52,6 +52,30 @@ def widest_projection(block: torch.nn.Module, hidden: int) -> int:
                 and not any(k in name for k in _FEW_ROW_MARKERS)), default=4 * hidden)
 
 
+def parse_size(size: int | str | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a side ("1024", 1024) or of ComfyUI's WIDTHxHEIGHT ("832x480")."""
+    if isinstance(size, tuple):
+        return size
+    if isinstance(size, str) and "x" in size:
+        width, height = (int(v) for v in size.lower().split("x"))
+        return height, width
+    return int(size), int(size)
+
+
+def allows_pipefusion(adapter, height: int, width: int, frames: int, degree: int) -> bool:
+    """Whether the engine takes PipeFusion at `degree` for a job of this size (its own check, not a rule here)."""
+    from .errors import ConfigError
+    from .parallel import ParallelConfig
+    from .sampling import SampleRequest
+
+    try:
+        adapter.check_request(SampleRequest(height=height, width=width, steps=1, frames=frames),
+                              ParallelConfig(pipefusion=degree, num_patches=degree))
+    except ConfigError:
+        return False
+    return True
+
+
 def largest_matrix(module: torch.nn.Module) -> int:
     return max((p.numel() for p in module.parameters() if p.ndim >= 2), default=0)
 
@@ -61,7 +85,6 @@ def memory_table(adapter, size, frames: int = 1, degrees: tuple[int, ...] = (1, 
     """Rows per degree: USP (Ulysses where it divides the heads, else Ring: the same memory), FSDP (at the degrees
     `shard_degrees`, default every degree > 1) over the same ranks x USP, and PipeFusion (none at a degree it
     refuses)."""
-    from .bench import _allows_pipefusion, parse_size
     from .parallel.pipefusion import partition
     from .adapters.base import per_token_bytes
 
@@ -84,7 +107,7 @@ def memory_table(adapter, size, frames: int = 1, degrees: tuple[int, ...] = (1, 
         if d > 1 and d in (shard_degrees if shard_degrees is not None else degrees):
             rows.append(MemoryRow("fsdp x usp", d, -(-total // d) + 2 * block_max, act))
         piped = [b for bl in adapter.plan.blocks if bl.pipelined for b in getattr(model, bl.name)]
-        if 1 < d <= len(piped) and _allows_pipefusion(adapter, height, width, frames, d):
+        if 1 < d <= len(piped) and allows_pipefusion(adapter, height, width, frames, d):
             sizes = [stored_bytes(b, storage) for b in piped]
             starts = partition([per_token_bytes(b) for b in piped], d, sizes,
                                cap=sum(sizes) / d + max(sizes)) + [len(piped)]

@@ -216,10 +216,9 @@ def build_meta(model: str):
 
 def _header_shapes(p) -> dict[str, tuple[int, ...]]:
     if p.suffix.lower() in (".safetensors", ".sft"):
-        from safetensors import safe_open
+        from .safetensors_header import read_header
 
-        with safe_open(str(p), "pt", device="cpu") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        return read_header(p).shapes()
     obj = torch.load(str(p), map_location="meta", weights_only=True)
     from .weights import unwrap_state_dict
 
@@ -654,7 +653,7 @@ def add_plan_args(p) -> None:
 
 
 def cmd_plan(args) -> int:
-    from .bench import parse_size
+    from .memory_estimate import parse_size
 
     height, width = parse_size(args.size)
     job = Job(height, width, args.frames, args.batch, args.cfg, args.steps)

@@ -16,8 +16,8 @@ import time
 import torch
 
 from .errors import WeightsError
-from .frugal import (LoadReport, NotDeferrable, _release_freed_heap, build_meta, open_partial, peak_rss_bytes,
-                     reset_peak_rss, rss_bytes)
+from .frugal import (LoadReport, NotDeferrable, _release_freed_heap, build_meta, load_frugal, open_partial,
+                     peak_rss_bytes, reset_peak_rss, rss_bytes)
 from .parallel.config import ParallelConfig
 
 
@@ -29,7 +29,6 @@ def load_sharded(source: str, family: str | None, dtype: torch.dtype, device: st
     import diffusers
 
     from .adapters import make_adapter
-    from .models import load_model
     from .parallel.mesh import get_mesh
     from .parallel.shard import fill_local_shards, local_parameter_bytes, shard_model
     from .weight_storage import store_weights
@@ -38,13 +37,13 @@ def load_sharded(source: str, family: str | None, dtype: torch.dtype, device: st
     t0 = time.perf_counter()
     ckpt, notes = open_partial(source, family, dtype)  # headers only
     if ckpt is None:
-        loaded = load_model(source, family, _dtype_name(dtype), device, weight_dtype=weight_dtype)
-        shard_model(loaded.adapter, pm)
-        report = loaded.report or LoadReport()
+        adapter, report = load_frugal(source, family, dtype, device)  # whole, as models.load_model loads a file
+        store_weights(adapter.model, weight_dtype)
+        shard_model(adapter, pm)
         report.frugal, report.layout = False, "whole"
         report.notes += notes
-        report.kept_bytes = local_parameter_bytes(loaded.adapter.model) + _buffer_bytes(loaded.adapter.model)
-        return loaded.adapter, report
+        report.kept_bytes = local_parameter_bytes(adapter.model) + _buffer_bytes(adapter.model)
+        return adapter, report
 
     getattr(diffusers, ckpt.family.diffusers_class)  # the model's code imported before the baseline
     report = LoadReport(layout=ckpt.layout, checkpoint_bytes=ckpt.nbytes, rss_before_bytes=rss_bytes(),
@@ -84,12 +83,6 @@ def load_sharded(source: str, family: str | None, dtype: torch.dtype, device: st
     if cuda:
         report.device_peak_bytes = torch.cuda.max_memory_allocated(device)
     return adapter, report
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    from .models import DTYPES
-
-    return next(name for name, t in DTYPES.items() if t == dtype)
 
 
 def _real_buffers(model: torch.nn.Module) -> dict[tuple[torch.nn.Module, str], torch.Tensor]:

@@ -133,7 +133,8 @@ def _job(prompt: dict, load_id: str):
     """The Job of the first Parallel Sampler fed (through Parallel LoRA nodes) by the loader, from constants."""
     from comfyui_xdit.planner import Job
 
-    from .queue_check import SAMPLERS, _latent_size, _model_source, _source, EMPTY_LATENTS, VIDEO_LATENTS
+    from .prompt_graph import EMPTY_LATENTS, SAMPLERS, VIDEO_LATENTS
+    from .prompt_graph import latent_size as _latent_size, model_source as _model_source, source as _source
 
     for oid in sorted(prompt, key=lambda k: (len(str(k)), str(k))):
         node = prompt[oid]

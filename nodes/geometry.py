@@ -4,7 +4,6 @@ conversion and config inference (comfyui_xdit.weights, the family files) run on 
 describe it (truncated, overwritten) is reported as damaged, by name."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,6 @@ if TYPE_CHECKING:
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PATCH = 2  # latent pixels per token side of the families the engine runs (Flux packs 2x2)
-_MAX_HEADER = 100 << 20
 
 
 class CheckpointError(ValueError):
@@ -48,23 +46,15 @@ def _damaged(p: Path, why: str) -> CheckpointError:
 
 
 def _safetensors_shapes(p: Path) -> dict[str, tuple[int, ...]]:
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _damaged(p, f"{size} bytes, too short for a safetensors header")
-        n = int.from_bytes(head, "little")
-        if n > min(size - 8, _MAX_HEADER):
-            raise _damaged(p, f"its header length ({n} bytes) exceeds the file ({size} bytes)")
-        try:
-            meta = json.loads(f.read(n))
-        except ValueError:
-            raise _damaged(p, "its header is not valid JSON") from None
-    tensors = {k: v for k, v in meta.items() if k != "__metadata__" and isinstance(v, dict)}
-    end = max((int(v.get("data_offsets", (0, 0))[1]) for v in tensors.values()), default=0)
-    if 8 + n + end != size:
-        raise _damaged(p, f"the header describes {8 + n + end} bytes, the file has {size}")
-    return {k: tuple(int(d) for d in v.get("shape", ())) for k, v in tensors.items()}
+    from comfyui_xdit.safetensors_header import HeaderError, read_header
+
+    try:
+        header = read_header(p)
+    except HeaderError as e:
+        raise _damaged(p, str(e)) from None
+    if header.described_bytes != header.file_bytes:
+        raise _damaged(p, f"the header describes {header.described_bytes} bytes, the file has {header.file_bytes}")
+    return header.shapes()
 
 
 def _torch_shapes(p: Path) -> dict[str, tuple[int, ...]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from . import queue_check
+from . import prompt_graph
 from .pool import ModelHandle
 
 SUFFIXES = (".safetensors", ".sft")  # the pool reads nothing it would have to unpickle
@@ -57,11 +57,11 @@ class ParallelLoRA:
             "model": ("XDIT_MODEL",),
             "lora_name": (lora_names(), {"tooltip": "from models/loras (.safetensors)"}),
             "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
-        }, "hidden": {queue_check.HIDDEN: "UNIQUE_ID"}}
+        }, "hidden": {prompt_graph.HIDDEN: "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, xdit_check=None):
-        return queue_check.problem_for(xdit_check)
+        return prompt_graph.problem_for(xdit_check)
 
     def apply(self, model, lora_name, strength_model, xdit_check=None):
         if not isinstance(model, ModelHandle):

@@ -11,48 +11,40 @@ What depends on values only known when the graph runs (linked widgets, a latent 
 """
 from __future__ import annotations
 
-import contextvars
 import logging
 import os
 import sys
 from typing import Any
 
+from . import auto_layout
 from .families import SAMPLERS as ENGINE_SAMPLERS
 from .geometry import CheckpointError, Geometry
+from .prompt_graph import (CONFIGURE, EMPTY_LATENTS, HIDDEN, LOAD, LORA, SAMPLER, SAMPLERS, VIDEO_LATENTS,  # noqa: F401
+                           problem_for)
+from .prompt_graph import FOUND as _FOUND, latent_frames as _latent_frames, latent_size as _latent_size
+from .prompt_graph import model_source as _model_source, source as _source
 
 log = logging.getLogger("comfyui_xdit.nodes")
 
-HIDDEN = "xdit_check"  # the hidden input (UNIQUE_ID) each node's VALIDATE_INPUTS takes; ComfyUI prefixes messages with it
-CONFIGURE, LOAD, SAMPLER = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"
-LORA = "XDiTParallelLoRA"
+# The pack's node classes by id (their INPUT_TYPES and Configure's settings), filled by nodes/__init__.py: the node
+# modules import this one for its verdicts, so it does not import them.
+NODE_CLASSES: dict[str, Any] = {}
+
 STOCK_MODEL = "XDiTParallelDiTModel"  # runs one forward per call: no PipeFusion
 WEIGHT_PATCHERS = ("LoraLoader", "LoraLoaderModelOnly")  # ComfyUI's; so are its ModelMerge* nodes
 # ComfyUI's weight hooks (comfy_extras/nodes_hooks.py): LoRAs a conditioning carries into sampling, whose patches
 # could not reach the pool's weights either; SetClipHooks passes its hooks on to the conditioning only with
 # apply_to_conds
 HOOK_MAKERS = ("CreateHookLora", "CreateHookLoraModelOnly", "CreateHookModelAsLora", "CreateHookModelAsLoraModelOnly")
-SAMPLERS = (SAMPLER, "XDiTParallelSamplerAdvanced")  # the same checks: both take a model, cfg and a latent
-EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent",
-                 "EmptyFlux2LatentImage")  # the newer ComfyUI's FLUX.2 empty latent: width and height in pixels too
 # ComfyUI's nodes whose CONDITIONING carries Wan image-to-video inputs (concat_latent_image, clip_vision_output);
 # the camera node adds camera_conditions, which the pool does not take
 IMAGE_CONDITIONING = ("WanImageToVideo", "WanFirstLastFrameToVideo", "WanFunInpaintToVideo", "WanCameraImageToVideo")
 UNSUPPORTED_IMAGE_CONDITIONING = ("WanCameraImageToVideo",)
 CLIP_VISION_INPUTS = ("clip_vision_output", "clip_vision_start_image", "clip_vision_end_image")
-VIDEO_LATENTS = {"EmptyHunyuanLatentVideo": 4, "Wan22ImageToVideoLatent": 4}  # pixel frames per latent frame
-_FOUND: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("xdit_queue_problems", default=None)
-
-
-def problem_for(node_id: Any) -> str | bool:
-    """VALIDATE_INPUTS' answer for a node: True, or the line the on-prompt handler found for it."""
-    found = _FOUND.get()
-    return (found or {}).get(str(node_id), True)
 
 
 def on_prompt(json_data: dict) -> dict:
     """The on-prompt handler: records the problems of json_data["prompt"]; never changes or blocks the prompt."""
-    from . import auto_layout
-
     json_data = auto_layout.on_prompt(json_data)  # layout = auto: the degrees first, then their checks
     try:
         prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
@@ -102,9 +94,7 @@ def graph_problems(prompt: dict) -> dict[str, str]:
 
 
 def _node_class(kind: str):
-    from .xdit_nodes import NODE_CLASS_MAPPINGS
-
-    return NODE_CLASS_MAPPINGS[kind]
+    return NODE_CLASSES[kind]
 
 
 def _constants(node: dict, kind: str) -> dict | None:
@@ -139,19 +129,8 @@ def _in_range(value: Any, conf: tuple) -> bool:
     return True
 
 
-def _source(prompt: dict, node: dict, name: str, kind: str | tuple) -> tuple[str, dict] | None:
-    link = (node.get("inputs") or {}).get(name)
-    if not (isinstance(link, list) and len(link) == 2):
-        return None
-    src = prompt.get(str(link[0]))
-    kinds = (kind,) if isinstance(kind, str) else kind
-    return (str(link[0]), src) if isinstance(src, dict) and src.get("class_type") in kinds else None
-
-
 def _settings(values: dict):
-    from .xdit_nodes import ConfigureHybridParallel
-
-    return ConfigureHybridParallel.settings(**values)
+    return NODE_CLASSES[CONFIGURE].settings(**values)
 
 
 # ------------------------------------------------------------------------------------------------ per node
@@ -326,23 +305,13 @@ def model_fit_problems(s, g: Geometry, name: str) -> list[str]:
     return out
 
 
-def _model_source(prompt: dict, node: dict) -> tuple[str, dict] | None:
-    """The Load Parallel DiT behind a node's model input, through any chain of Parallel LoRA nodes."""
-    for _ in range(64):  # a chain (a cycle is ComfyUI's to report)
-        src = _source(prompt, node, "model", (LOAD, LORA))
-        if src is None or src[1].get("class_type") == LOAD:
-            return src
-        node = src[1]
-    return None
-
-
 def _lora_problems(prompt: dict, node: dict) -> list[str]:
     """A constant lora_name whose file is not a LoRA the pool applies (unreadable, LoKr/LoHa/DoRA, no pairs), or
     one that does not fit the model its Load Parallel DiT loads (another family or size)."""
     from comfyui_xdit.lora import refusal
 
     from .geometry import tensor_shapes
-    from .lora_nodes import LoraNodeError, resolve
+    from .lora_nodes import LoraNodeError, resolve  # lora_nodes reads verdicts from prompt_graph, not from here
 
     name = (node.get("inputs") or {}).get("lora_name")
     if not isinstance(name, str):
@@ -467,16 +436,6 @@ def _image_conditioning_problems(side: str, src: dict, g: Geometry | None) -> li
     return []
 
 
-def _latent_frames(node: dict) -> int:
-    """Latent frames T of an empty-latent node: a video node's `length` pixel frames make (length - 1) // k + 1
-    (ComfyUI floors a length that is not k n + 1); an image node makes one."""
-    k = VIDEO_LATENTS.get(node.get("class_type"))
-    length = (node.get("inputs") or {}).get("length")
-    if k is None or not isinstance(length, int) or isinstance(length, bool) or length < 1:
-        return 1
-    return (length - 1) // k + 1
-
-
 def _flow_family(family: str) -> bool:
     from .families import VARIANTS
 
@@ -491,14 +450,6 @@ def _takes_negative(family: str) -> bool:
         return cond_spec(family).negative
     except KeyError:
         return True
-
-
-def _latent_size(node: dict) -> tuple[int, int, int] | None:
-    inputs = node.get("inputs") or {}
-    vals = [inputs.get(k) for k in ("height", "width", "batch_size")]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals):
-        return None
-    return (*vals, _latent_frames(node))
 
 
 def image_problems(s, g: Geometry | None, height: int, width: int, batch: int, latent_frames: int = 1

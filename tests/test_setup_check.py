@@ -127,6 +127,7 @@ def _run_api(ext, graph: dict) -> dict:
     return done
 
 
+@pytest.mark.spawns  # the workflow file's Load Parallel DiT starts a pool (tests/conftest.py)
 def test_shipped_workflow_passes_on_a_cpu_pool_and_can_fail(ext):
     graph = json.loads((cs.ROOT / "workflows" / "api" / "setup-check.json").read_text())
     check = next(n for n, node in graph.items() if node["class_type"] == "XDiTSetupCheck")

@@ -64,8 +64,6 @@ class ParallelConfig:
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.shard > 1:
-            from .shard import check_shard_degree
-
             check_shard_degree(self)
         if world_size is not None and world_size != self.world_size:
             shard = f" (shard {self.shard} alone: {self.shard} ranks)" if self.replicas > 1 else ""
@@ -73,6 +71,29 @@ class ParallelConfig:
                 f"degrees multiply to {self.world_size} (dp {self.dp} x cfg {self.cfg} x pipefusion "
                 f"{self.pipefusion} x ring {self.ring} x ulysses {self.ulysses}){shard} but the world size is "
                 f"{world_size}")
+
+
+def shard_degrees(config: ParallelConfig) -> list[int]:
+    """The shard degrees `config`'s work degrees allow: products of the innermost degrees."""
+    out, product = [1], 1
+    for dim in reversed(MESH_DIMS):
+        product *= getattr(config, dim)
+        if product not in out:
+            out.append(product)
+    return out
+
+
+def check_shard_degree(config: ParallelConfig) -> None:
+    """One-line refusals of a shard degree the mesh cannot hold."""
+    if config.shard > 1 and config.pipefusion > 1:
+        raise ConfigError("shard cannot combine with pipefusion: its stages hold different blocks (nothing in common "
+                          "to split) and each block runs once per patch; use pipefusion alone or shard x ulysses/ring")
+    if config.work_size == 1:
+        return
+    allowed = shard_degrees(config)
+    if config.shard not in allowed:
+        raise ConfigError(f"shard degree {config.shard} must be 1 or a product of the innermost degrees (ulysses, "
+                          f"then ring, cfg, dp): {', '.join(map(str, allowed))} here; shard adds no ranks")
 
 
 def ulysses_degrees(heads: int, limit: int = 16) -> list[int]:

@@ -27,32 +27,9 @@ from torch.distributed.tensor import DTensor
 
 from ..errors import ConfigError
 from .comm import Comm
-from .config import MESH_DIMS, ParallelConfig
+from .config import ParallelConfig, check_shard_degree, shard_degrees  # noqa: F401 (re-exported)
 
 GATHER_KIND = "fsdp_gather"
-
-
-def shard_degrees(config: ParallelConfig) -> list[int]:
-    """The shard degrees `config`'s work degrees allow: products of the innermost degrees."""
-    out, product = [1], 1
-    for dim in reversed(MESH_DIMS):
-        product *= getattr(config, dim)
-        if product not in out:
-            out.append(product)
-    return out
-
-
-def check_shard_degree(config: ParallelConfig) -> None:
-    """One-line refusals of a shard degree the mesh cannot hold."""
-    if config.shard > 1 and config.pipefusion > 1:
-        raise ConfigError("shard cannot combine with pipefusion: its stages hold different blocks (nothing in common "
-                          "to split) and each block runs once per patch; use pipefusion alone or shard x ulysses/ring")
-    if config.work_size == 1:
-        return
-    allowed = shard_degrees(config)
-    if config.shard not in allowed:
-        raise ConfigError(f"shard degree {config.shard} must be 1 or a product of the innermost degrees (ulysses, "
-                          f"then ring, cfg, dp): {', '.join(map(str, allowed))} here; shard adds no ranks")
 
 
 def shard_dims(config: ParallelConfig, dims: tuple[str, ...]) -> tuple[str, ...]:
