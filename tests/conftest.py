@@ -52,3 +52,20 @@ def ext(rec, monkeypatch):
     module.rec = rec
     yield module
     module.nodes.xdit_nodes.MANAGER.stop()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "families(*names): the test reads the family matrix's runs of these families "
+                                       "(tests/family_matrix.py)")
+
+
+@pytest.fixture(scope="session")
+def matrix(request, tmp_path_factory):
+    """The family matrix's torchrun runs (tests/family_matrix.py): one launch per world size, of the cases the
+    selected tests need."""
+    from tests.family_matrix import Runs, needed_by
+
+    needed = set()
+    for item in request.session.items:
+        needed |= needed_by(item)
+    return Runs(needed, tmp_path_factory)
