@@ -69,7 +69,7 @@ def test_step_cache_on_ranks(matrix, case):
     if case["parallel"].get("pipefusion", 1) == 1:
         assert reused and ranks == [reused] * case["world"]
         assert rel_l2(serial, uncached) > 1e-4  # the reuse changes the result
-        assert rel_l2(info["latents"], serial) <= CACHE_RANKS
+        assert rel_l2(info["latents"], serial) < CACHE_RANKS
         return
     first = ranks[0]
     assert all(r == first for r in ranks)  # decided on stage 0, followed by the others
