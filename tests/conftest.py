@@ -62,7 +62,7 @@ def ext(rec, monkeypatch):
 # starts a process or a process group anyway fails, naming what the detection missed.
 SPAWNS = frozenset({
     "subprocess", "Popen", "fork", "spawn", "start_processes", "multiprocessing",  # processes
-    "init_process_group", "run_cases",  # process groups (tests/distributed.py starts torchrun)
+    "init_process_group", "run_cases", "Runs",  # process groups (tests/distributed.py, tests/family_matrix.py)
     "Pool", "PoolClient", "relaunch_under_torchrun",  # the worker pool
     "COMFYUI_DIR", "comfy_server",  # a real ComfyUI
 })
@@ -80,6 +80,8 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "fast: starts no process and no process group (set by tests/conftest.py)")
     config.addinivalue_line("markers", "spawns: starts a process in a way tests/conftest.py cannot see by name")
+    config.addinivalue_line("markers", "families(*names): the test reads the family matrix's runs of these families "
+                                       "(tests/family_matrix.py)")
 
 
 def _spawn_reason(obj, seen: set) -> str | None:
@@ -191,3 +193,15 @@ def _fast_tier_guard(request, monkeypatch):
         monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", _refuse("starts a process"))
         monkeypatch.setattr(torch.distributed, "init_process_group", _refuse("starts a process group"))
     yield
+
+
+@pytest.fixture(scope="session")
+def matrix(request, tmp_path_factory):
+    """The family matrix's torchrun runs (tests/family_matrix.py): one launch per world size, of the cases the
+    selected tests need."""
+    from tests.family_matrix import Runs, needed_by
+
+    needed = set()
+    for item in request.session.items:
+        needed |= needed_by(item)
+    return Runs(needed, tmp_path_factory)

@@ -1,8 +1,8 @@
 """FLUX.2 (Flux2Transformer2DModel): serial sampling equals Flux2Pipeline, the LATENT convention against the pipeline's
-VAE code, the schedule, every exact parallel method equals serial at world sizes 2 and 4 (63 image tokens, 15 text
-tokens), PipeFusion exact where nothing is stale and equal to a plain-hook stale reference where it is, with stage
-boundaries inside the double blocks, at the double/single switch and inside the single blocks, the step cache and the
-analyser over the joint single-block stream, weights (BFL layout, ComfyUI prefixed and fp8 files, folders), bench."""
+VAE code, the schedule; PipeFusion's stage boundaries inside the double blocks, at the double/single switch and
+inside the single blocks, cfg parallel refused; the step cache and the analyser over the joint single-block stream;
+weights (BFL layout, ComfyUI prefixed and fp8 files, folders), the CLI. Parallel sampling at world 2 and 4, the
+stale phase, the cache on ranks and bench: the flux2 row of the family matrix (tests/test_family_matrix.py)."""
 from __future__ import annotations
 
 import math
@@ -19,21 +19,14 @@ from comfyui_xdit.errors import ConfigError, WeightsError, XDiTError
 from comfyui_xdit.families import flux2
 from comfyui_xdit.parallel import ParallelConfig
 from comfyui_xdit.sampling import SampleRequest, latent_shape, prepare, sample, seed_noise
-from tests.cases import build_request, get_model, serial_of
+from tests.cases import build_request, get_model
 from tests.conftest import rel_l2
-from tests.distributed import assert_exchanged, run_cases
-from tests.pipefusion_reference import stale_reference
 
 MODEL = "tiny-flux2"
-ODD = dict(height=112, width=144, text_tokens=15)  # 7 x 9 = 63 image tokens, 15 text tokens
 SQUARE = dict(height=128, width=128)              # 8 token rows
-# tiny-flux2 is 2 double + 2 single blocks of equal work per image token, so PipeFusion 2 splits these in half:
-# 4 + 2 blocks: the boundary after the 3rd double block; 2 + 2: at the switch; 1 + 3: after the 1st single block
-BOUNDARY = {"double": {"num_layers": 4, "num_single_layers": 2}, "switch": {},
-            "single": {"num_layers": 1, "num_single_layers": 3}}
-# the stale-phase cases: compared with the plain-hook stale reference (tests/pipefusion_reference.py)
-STALE = ["pf2_double_m2_w1", "pf2_switch_m2_w1", "pf2_single_m2_w1", "pf2_double_m4_w2", "pf2_switch_m4_w2",
-         "pf2_single_m4_w2", "pf4_m4_w1", "pf2_twin"]
+# the parallel runs (exact methods, PipeFusion stale and hybrids, the step cache on ranks, the analyser under
+# Ulysses) are the flux2 row of tests/family_matrix.py, checked in tests/test_family_matrix.py; here what is
+# specific to FLUX.2
 
 
 @pytest.fixture(scope="module")
@@ -283,152 +276,24 @@ def test_analyser_joint_streams_match_direct_capture(tiny):
 
 
 # ------------------------------------------------------------------------------------------------ parallel
-def _world2_cases() -> list[dict]:
-    m = {"model": MODEL}
-    cases = [{**m, "id": "ulysses2", "seed": 11, "steps": 3, "parallel": {"ulysses": 2}, **ODD},
-             {**m, "id": "ring2", "seed": 11, "steps": 3, "parallel": {"ring": 2}, **ODD},
-             {**m, "id": "dp2", "seed": 11, "steps": 3, "parallel": {"dp": 2}, "batch": 3, **ODD},
-             {**m, "id": "cfg2", "seed": 11, "steps": 3, "parallel": {"cfg": 2}, "cfg": 3.0, **SQUARE},
-             {**BASE, "id": "cache_ulysses2", "parallel": {"ulysses": 2}, "cache": {"threshold": 0.8}},
-             {**BASE, "id": "cache_pf2", "parallel": {"pipefusion": 2, "num_patches": 2}, "cache": {"threshold": 0.8}},
-             {**m, "id": "analyze_ulysses2", "seed": 2, "steps": 3, "prompts": 2, "analyze": True,
-              "parallel": {"ulysses": 2}, **ODD}]
-    for where, overrides in BOUNDARY.items():
-        base = {**m, "seed": 3, "steps": 4, **SQUARE, "overrides": overrides}
-        cases += [{**base, "id": f"pf2_{where}_m1", "parallel": {"pipefusion": 2, "num_patches": 1}},
-                  {**base, "id": f"pf2_{where}_allwarm", "parallel": {"pipefusion": 2, "num_patches": 2,
-                                                                       "warmup_steps": 4}},
-                  {**base, "steps": 8, "id": f"pf2_{where}_m2_w1", "parallel": {"pipefusion": 2, "num_patches": 2,
-                                                                                 "warmup_steps": 1}},
-                  {**base, "steps": 8, "id": f"pf2_{where}_m4_w2", "parallel": {"pipefusion": 2, "num_patches": 4,
-                                                                                 "warmup_steps": 2}}]
-    # the stale twin of the world-4 hybrid below: same patches and warm-up, plain pipefusion 2
-    cases.append({**m, "id": "pf2_twin", "seed": 4, "steps": 4, "height": 128, "width": 160,
-                  "parallel": {"pipefusion": 2, "num_patches": 2, "warmup_steps": 1}})
-    return cases
-
-
-def _world4_cases() -> list[dict]:
-    m = {"model": MODEL, "seed": 13, "steps": 3}
-    hybrid = {"model": MODEL, "seed": 4, "steps": 4, "height": 128, "width": 160}
-    return [{**m, "id": "ulysses2_ring2", "parallel": {"ulysses": 2, "ring": 2}, **ODD},
-            {**m, "id": "ulysses4", "parallel": {"ulysses": 4}, **ODD},
-            {**m, "id": "ring4", "parallel": {"ring": 4}, **ODD},
-            {**m, "id": "dp2_ulysses2", "parallel": {"dp": 2, "ulysses": 2}, "batch": 2, **ODD},
-            # one block per stage: boundaries inside the double blocks, at the switch and inside the single blocks
-            {**m, "id": "pf4_m1", "steps": 4, "parallel": {"pipefusion": 4, "num_patches": 1}, **SQUARE},
-            {**m, "id": "pf4_m4_w1", "seed": 3, "steps": 8, "parallel": {"pipefusion": 4, "num_patches": 4,
-                                                                          "warmup_steps": 1}, **SQUARE},
-            {**hybrid, "id": "pf2_ulysses2_exact", "parallel": {"pipefusion": 2, "ulysses": 2, "num_patches": 2,
-                                                                 "warmup_steps": 4}},
-            {**hybrid, "id": "pf2_ulysses2_stale", "parallel": {"pipefusion": 2, "ulysses": 2, "num_patches": 2,
-                                                                 "warmup_steps": 1}},
-            {**hybrid, "id": "pf2_ring2_exact", "parallel": {"pipefusion": 2, "ring": 2, "num_patches": 2,
-                                                              "warmup_steps": 4}},
-            {**hybrid, "id": "pf2_dp2", "batch": 2, "parallel": {"pipefusion": 2, "dp": 2, "num_patches": 1}}]
-
-
-@pytest.fixture(scope="module")
-def world2(tmp_path_factory):
-    return run_cases(2, _world2_cases(), tmp_path_factory.mktemp("flux2_w2"))
-
-
-@pytest.fixture(scope="module")
-def world4(tmp_path_factory):
-    return run_cases(4, _world4_cases(), tmp_path_factory.mktemp("flux2_w4"))
-
-
-def _case(cases, name):
-    return next(c for c in cases if c["id"] == name)
-
-
-EXACT2 = ["ulysses2", "ring2", "dp2", *[f"pf2_{w}_{k}" for w in BOUNDARY for k in ("m1", "allwarm")]]
-EXACT4 = ["ulysses2_ring2", "ulysses4", "ring4", "dp2_ulysses2", "pf4_m1", "pf2_ulysses2_exact", "pf2_ring2_exact",
-          "pf2_dp2"]
-
-
-@pytest.mark.parametrize("name", EXACT2)
-def test_world2_exact_methods_match_serial(world2, name):
-    info = world2[name]
-    assert info["ok"], info.get("error")
-    serial = serial_of(_case(_world2_cases(), name))
-    assert info["latents"].shape == serial.shape and rel_l2(info["latents"], serial) <= 1e-4
-    if name != "dp2":  # dp exchanges nothing during the steps
-        assert sum(info["rank_comm"][0][0].values()) > 0
-
-
-@pytest.mark.parametrize("name", EXACT4)
-def test_world4_exact_methods_match_serial(world4, name):
-    info = world4[name]
-    assert info["ok"], info.get("error")
-    case = _case(_world4_cases(), name)
-    assert rel_l2(info["latents"], serial_of(case)) <= 1e-4
-    assert_exchanged(info, case["parallel"])
-
-
-def test_pipefusion_stage_boundaries_where_declared(world2, world4):
-    """Which blocks each stage held (parameter bytes): the three boundary positions are really exercised."""
+@pytest.mark.families("flux2")
+def test_pipefusion_stage_boundaries_where_declared(matrix):
+    """Which blocks each stage held (parameter bytes): the three boundary positions of the matrix's PipeFusion runs
+    (FLUX2_BOUNDARY in tests/family_matrix.py) are really exercised."""
     double, single = (sum(p.numel() * 4 for p in b.parameters()) for b in (
         get_model({"model": MODEL}).adapter.model.transformer_blocks[0],
         get_model({"model": MODEL}).adapter.model.single_transformer_blocks[0]))
     expect = {"double": [3 * double, double + 2 * single], "switch": [2 * double, 2 * single],
               "single": [double + single, 2 * single]}
     for where, blocks in expect.items():
-        assert [r["blocks"] for r in world2[f"pf2_{where}_m1"]["params"]] == blocks
-    assert [r["blocks"] for r in world4["pf4_m1"]["params"]] == [double, double, single, single]
+        assert [r["blocks"] for r in matrix.result(f"flux2.pf2_{where}_m1")["params"]] == blocks
+    assert [r["blocks"] for r in matrix.result("flux2.pf4_m1")["params"]] == [double, double, single, single]
 
 
-@pytest.mark.parametrize("name", STALE)
-def test_pipefusion_stale_phase_is_the_stale_rule(world2, world4, name):
-    results, cases = (world4, _world4_cases()) if name.startswith("pf4") else (world2, _world2_cases())
-    info = results[name]
-    assert info["ok"], info.get("error")
-    case = _case(cases, name)
-    assert rel_l2(info["latents"], stale_reference(case)) <= 1e-4  # the rule, written independently
-    assert rel_l2(info["latents"], serial_of(case)) > 1e-6  # stale K/V really used
-
-
-def test_pipefusion_hybrid_stale_equals_plain_pipefusion(world2, world4):
-    info = world4["pf2_ulysses2_stale"]
-    assert info["ok"], info.get("error")
-    assert rel_l2(info["latents"], world2["pf2_twin"]["latents"]) <= 1e-4
-    assert rel_l2(info["latents"], serial_of(_case(_world2_cases(), "pf2_twin"))) > 1e-6
-
-
-def test_cfg_parallel_refused(world2):
-    assert not world2["cfg2"]["ok"] and "cfg parallel is not available for flux2" in world2["cfg2"]["error"]
-
-
-def test_cache_decisions_under_ulysses_and_pipefusion(world2):
-    serial, reused = _run({"threshold": 0.8})
-    assert reused
-    res = world2["cache_ulysses2"]
-    assert res["ok"], res.get("error")
-    assert res["rank_reused"] == [reused, reused] and rel_l2(res["latents"], serial) < 1e-5
-    pf = world2["cache_pf2"]
-    assert pf["ok"], pf.get("error")
-    first, second = pf["rank_reused"]
-    assert first == second and first and min(first) >= 2  # decided on stage 0, followed by stage 1
-    # the stale rule with the cache rule on the steps stage 0 reused (tests/pipefusion_reference.py)
-    case = _case(_world2_cases(), "cache_pf2")
-    assert rel_l2(pf["latents"], stale_reference(case, first)) <= 1e-4
-    assert rel_l2(pf["latents"], stale_reference(case)) > 1e-4  # the reuse changed the result
-
-
-def test_analyser_ulysses2_matches_serial(world2):
-    from comfyui_xdit.analysis import analyze
-    from tests.attn_cases import analysis_requests, profile_tensors
-
-    info = world2["analyze_ulysses2"]
-    assert info["ok"], info.get("error")
-    case = _case(_world2_cases(), "analyze_ulysses2")
-    loaded = get_model(case)
-    serial = profile_tensors(analyze(loaded, analysis_requests(loaded, case)))
-    assert len(serial) == 14
-    for key, value in serial.items():
-        assert torch.isfinite(value[:, :, 1:]).all(), key
-        np.testing.assert_allclose(info["tensors"][key].numpy(), value.numpy(), rtol=1e-4, atol=1e-7,
-                                   equal_nan=True, err_msg=key)
+@pytest.mark.families("flux2")
+def test_cfg_parallel_refused(matrix):
+    info = matrix.world(2)["flux2.cfg2"]
+    assert not info["ok"] and "cfg parallel is not available for flux2" in info["error"]
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -604,18 +469,7 @@ def test_published_config_and_inference_from_shapes():
     assert (d.family.name, d.variant, fam.heads_of(d.config), fam.blocks_of(d.config)) == ("flux2", "flux2-dev", 48, 56)
 
 
-# ------------------------------------------------------------------------------------------------ bench, CLI
-def test_bench_full_size_and_tiny_run():
-    from comfyui_xdit.bench import build_random, run
-
-    adapter = build_random("flux2", torch.bfloat16, "meta")
-    assert abs(sum(p.numel() for p in adapter.model.parameters()) / 32.22e9 - 1) < 0.005
-    assert adapter.variant == "flux2-dev" and adapter.block_count == 56
-    rows, facts = run(MODEL, 64, "cpu", torch.float32, compile=False, repeats=1)
-    # ours against the model called as Flux2Pipeline calls it (bench.pipeline_step)
-    assert [r[0] for r in rows] == ["diffusers eager", "ours eager"] and facts["rel_l2_ours_vs_diffusers"] <= 1e-6
-
-
+# ------------------------------------------------------------------------------------------------ CLI (bench: the matrix)
 def test_generate_from_a_diffusers_folder(tmp_path, tiny):
     """`generate --model DIR` on a saved Flux2Transformer2DModel folder, with noise/cond/sigmas inputs: the
     LATENT convention out, equal to the engine's serial run of the built-in model on the same inputs."""

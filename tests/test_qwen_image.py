@@ -1,14 +1,15 @@
-"""Qwen-Image: serial sampling equals QwenImagePipeline; every exact parallel method equals serial at world sizes 2 and
-4 with an image token count no degree divides, an odd text length, padding of the text mask on different ranks and a
-negative prompt of another length; PipeFusion's stale phase equal to a plain-hook reference; the step cache and the
-analyser; the schedule, the latent layout, weights, bench and the CLI."""
+"""Qwen-Image: serial sampling equals QwenImagePipeline; masked keys stay masked (the padding of the parallel cases'
+prompts matters); the step cache and the analyser (through the CLI, serial and Ulysses 2); the schedule, the latent
+layout, weights, the CLI, the edit model's reference tokens under the token plan. Parallel sampling at world 2 and
+4 (an image token count no degree divides, text padding on different ranks, a negative of another length), the
+stale phase and its hybrids, the cache on ranks and bench: the qwen-image row of the family matrix
+(tests/test_family_matrix.py)."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,31 +23,13 @@ from comfyui_xdit.sampling import SampleRequest, latent_shape, prepare, sample, 
 from comfyui_xdit.schedules import make_schedule
 from tests.cases import build_request, get_model
 from tests.conftest import rel_l2
-from tests.distributed import assert_exchanged, run_cases
-from tests.pipefusion_reference import stale_reference
+from tests.family_matrix import CASES, QWEN_CACHE, QWEN_NEG, QWEN_POS
 from tests.test_cache import _hook_reference
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from pipefusion_error import stale_cases  # noqa: E402
-
 MODEL = "tiny-qwen-image"
-# 112x144 -> 7x9 = 63 image tokens (no degree divides it). 15 text tokens: shards 8|7 (2 ranks), 4|4|4|3 (4); row 0
-# pads tokens 3-5 (rank 0; ranks 0 and 1 of 4) and 12-14 (the last rank), row 1 tokens 7-10 (across a shard
-# boundary), row 2 only the last two. The negative has 9 tokens, padded at its end (the last ranks) or inside.
-POS = [[1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-       [1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1],
-       [1] * 13 + [0, 0]]
-NEG = [[1, 1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 1, 1, 1, 1], [1] * 9]
-ODD = dict(height=112, width=144)
-
-
-def masks(batch: int) -> dict:
-    return {"cond_mask": POS[:batch], "neg_cond_mask": NEG[:batch]}
-
-
-def case(cid: str, parallel: dict, batch: int = 1, cfg: float = 3.0, steps: int = 3, **more) -> dict:
-    return {"id": cid, "model": MODEL, "seed": 11, "steps": steps, "batch": batch, "cfg": cfg,
-            "masks": masks(batch), "parallel": parallel, **ODD, **more}
+# the padded prompts of the parallel cases (15 tokens, masks on different ranks) and 9-token negatives: the
+# qwen-image row of tests/family_matrix.py, whose runs tests/test_family_matrix.py checks
+POS, NEG = QWEN_POS, QWEN_NEG
 
 
 def serial(c: dict) -> torch.Tensor:
@@ -165,90 +148,19 @@ def test_latent_layout_and_conditioning_checks():
 
 
 # ------------------------------------------------------------------------------------------------ parallel
-WORLD2 = [
-    case("ulysses2", {"ulysses": 2}),
-    case("ring2", {"ring": 2}, batch=2, cfg=1.0),
-    case("cfg2", {"cfg": 2}),
-    case("dp2", {"dp": 2}, batch=3),
-    case("pf2_m1", {"pipefusion": 2, "num_patches": 1}),
-    case("pf2_allwarm", {"pipefusion": 2, "num_patches": 2, "warmup_steps": 3}),
-    case("pf2_twin", {"pipefusion": 2, "num_patches": 2, "warmup_steps": 1}),  # the hybrids' stale reference
-]
-WORLD4 = [
-    case("ulysses2_ring2", {"ulysses": 2, "ring": 2}, cfg=2.5),
-    case("cfg2_ulysses2", {"cfg": 2, "ulysses": 2}, batch=2),
-    case("ulysses4", {"ulysses": 4}),
-    case("ring4", {"ring": 4}, batch=2, cfg=1.0),
-    case("dp2_ring2", {"dp": 2, "ring": 2}, batch=2),
-    *[case(f"pf2_{name}_{kind}", {"pipefusion": 2, "num_patches": 2, "warmup_steps": 3 if kind == "exact" else 1,
-                                  **extra})
-      for name, extra in (("ulysses2", {"ulysses": 2}), ("ring2", {"ring": 2}), ("cfg2", {"cfg": 2}))
-      for kind in ("exact", "stale")],
-]
-EXACT2 = [c for c in WORLD2 if c["id"] != "pf2_twin"]
-EXACT4 = [c for c in WORLD4 if not c["id"].endswith("_stale")]
-STALE4 = [c for c in WORLD4 if c["id"].endswith("_stale")]
-# the step cache under Ulysses 2: the same reuse decisions as serial, on both ranks
-CACHE = {"threshold": 1.2}  # tiny random weights change a lot between steps: reuses steps 1-3
-CACHED = {**case("cache_ulysses2", {"ulysses": 2}, steps=8), "height": 128, "width": 128, "cache": CACHE}
-
-@pytest.fixture(scope="module")
-def world2(tmp_path_factory):
-    return run_cases(2, WORLD2 + stale_cases("qwen-image") + [CACHED], tmp_path_factory.mktemp("qwen2"))
-
-
-@pytest.fixture(scope="module")
-def world4(tmp_path_factory):
-    return run_cases(4, WORLD4, tmp_path_factory.mktemp("qwen4"))
-
-
-def _ok(results, c):
-    info = results[c["id"]]
-    assert info["ok"], info.get("error")
-    return info["latents"]
+CACHED = CASES["qwen-image.cache_ulysses2"]  # the step cache's case (8 steps, 128x128), also run under Ulysses 2
 
 
 def test_masks_change_the_result():
     """The padding of the cases' prompts matters: without the masks the result is another one (so the equalities
     below hold only if masked keys stay masked on every rank and ring step)."""
-    c = WORLD2[0]
+    c = CASES["qwen-image.ulysses2"]
     loaded = get_model(c)
     req = build_request(loaded, c)
     unmasked = SampleRequest(**{**req.__dict__, "inputs": {k: v for k, v in req.inputs.items()
                                                            if not k.endswith("mask")}})
     assert rel_l2(sample(loaded.adapter, unmasked, tiny=True), serial(c)) > 1e-2  # 100x the tolerance below
     assert req.inputs["cond"].shape[1] == 15 and req.inputs["neg_cond"].shape[1] == 9
-
-
-@pytest.mark.parametrize("c", EXACT2, ids=lambda c: c["id"])
-def test_world2_exact_methods_match_serial(world2, c):
-    assert rel_l2(_ok(world2, c), serial(c)) <= 1e-4
-    if "dp" not in c["parallel"]:
-        assert sum(world2[c["id"]]["rank_comm"][0][0].values()) > 0  # the ranks really exchanged data
-
-
-@pytest.mark.parametrize("c", EXACT4, ids=lambda c: c["id"])
-def test_world4_exact_methods_match_serial(world4, c):
-    assert rel_l2(_ok(world4, c), serial(c)) <= 1e-4
-    assert_exchanged(world4[c["id"]], c["parallel"])
-
-
-@pytest.mark.parametrize("c", STALE4, ids=lambda c: c["id"])
-def test_world4_pipefusion_hybrids_are_plain_pipefusion(world2, world4, c):
-    """Stale hybrids: the same approximation as plain pipefusion 2 with the same patches and warm-up."""
-    ours = _ok(world4, c)
-    assert rel_l2(ours, _ok(world2, {"id": "pf2_twin"})) <= 1e-4
-    assert rel_l2(ours, serial(c)) > 1e-6
-
-
-@pytest.mark.parametrize("c", stale_cases("qwen-image") + [case("pf2_twin", {"pipefusion": 2, "num_patches": 2,
-                                                                               "warmup_steps": 1})],
-                         ids=lambda c: c["id"])
-def test_pipefusion_stale_phase_is_the_stale_rule(world2, c):
-    """Against the plain-hook stale reference (tests/pipefusion_reference.py), masked keys buffered with theirs."""
-    ours = _ok(world2, c)
-    assert rel_l2(ours, stale_reference(c)) <= 1e-4
-    assert rel_l2(ours, serial(c)) > 1e-6  # stale K/V really used
 
 
 # ------------------------------------------------------------------------------------------------ cache, analyser
@@ -263,20 +175,13 @@ def test_cache_threshold_zero_is_exactly_uncached_and_reuse_works():
     ref, _ = _cached(None)
     exact, reused = _cached({"threshold": 0.0})
     assert reused == [] and torch.equal(exact, ref)
-    out, reused = _cached(CACHE)
+    out, reused = _cached(QWEN_CACHE)
     assert reused == [1, 2, 3]
     assert rel_l2(out, ref) > 1e-3
     # reused exactly as the plain-hook rule says (tests/test_cache.py, on this case)
     assert rel_l2(out, _hook_reference(MODEL, [i not in reused for i in range(8)], CACHED)) < 1e-6
     masked, reused = _cached({"mask": [True, True, False, True, False, False, True, True]})
     assert reused == [2, 4, 5] and rel_l2(masked, ref) > 1e-4
-
-
-def test_cache_under_ulysses_reuses_the_serial_steps(world2):
-    res = world2[CACHED["id"]]
-    out, reused = _cached(CACHE)
-    assert res["ok"] and res["rank_reused"] == [reused, reused]
-    assert rel_l2(res["latents"], out) < 1e-5
 
 
 ANALYZE = ["--model", MODEL, "--prompts", "2", "--steps", "3", "--height", "64", "--width", "96"]
@@ -302,18 +207,6 @@ def test_analyser_serial_and_ulysses2(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ bench, CLI
-def test_bench_full_size_on_meta_and_tiny_on_cpu():
-    from comfyui_xdit.bench import build_random, run
-
-    adapter = build_random("qwen-image", torch.bfloat16, "meta")
-    assert sum(p.numel() for p in adapter.model.parameters()) == 20_430_401_088
-    assert adapter.block_count == 60 and adapter.num_heads == 24
-    rows, facts = run(MODEL, 64, "cpu", torch.float32, compile=False, repeats=1)
-    assert [r[0] for r in rows] == ["diffusers eager", "ours eager"]
-    # ours against the model called as QwenImagePipeline calls it (bench.pipeline_step)
-    assert facts["rel_l2_ours_vs_diffusers"] <= 1e-6 and facts["flops"] > 0
-
-
 def test_generate_from_a_diffusers_folder(tmp_path, capsys):
     """`generate --model DIR` for a saved QwenImageTransformer2DModel: family from the config's class, inputs by
     the usual names, the output in ComfyUI's LATENT layout for Qwen-Image ([B, 16, 1, H/8, W/8])."""

@@ -1,10 +1,12 @@
 """Wan (video): serial sampling equals diffusers' WanPipeline (Wan 2.1 T2V, the two-expert Wan 2.2 A14B, Wan 2.2
-TI2V with per-token timesteps); frame counts; every exact parallel method equals serial at world sizes 2 and 4 on
-an odd token count; PipeFusion over the flattened T x H x W tokens (patches cross frame boundaries) exact when
-synchronous and equal to a plain-hook stale reference when stale; the step cache and the analyser; weights; bench.
+TI2V with per-token timesteps) and WanImageToVideoPipeline; frame counts; the step cache and the analyser's
+profile; weights; bench's memory rows; the CLI. Parallel sampling at world 2 and 4 on an odd token count, PipeFusion
+over the flattened T x H x W tokens (patches cross frame boundaries) exact when synchronous and equal to a
+plain-hook stale reference when stale, the cache on ranks, the analyser under Ulysses and the tiny bench run: the
+wan row of the family matrix (tests/test_family_matrix.py).
 
-The tiny models: 4 heads x 16, 3 blocks, 4096-wide text; ODD is 9 frames (3 latent frames) of 48x80 pixels:
-3 x 3 x 5 = 45 video tokens, 15 text tokens, divisible by neither 2 nor 4.
+The tiny models: 4 heads x 16, 3 blocks, 4096-wide text; the matrix's cases are 9 frames (3 latent frames) of
+48x80 pixels: 3 x 3 x 5 = 45 video tokens, 15 text tokens, divisible by neither 2 nor 4.
 """
 from __future__ import annotations
 
@@ -15,15 +17,12 @@ from safetensors.torch import load_file, save_file
 from comfyui_xdit.errors import ConfigError, WeightsError, XDiTError
 from comfyui_xdit.models import load_model
 from comfyui_xdit.sampling import SampleRequest, latent_shape, prepare, sample, seed_noise
-from tests.cases import build_request, case_ok, get_model, serial_of
+from tests.cases import build_request, get_model
 from tests.conftest import rel_l2
-from tests.distributed import run_cases
-from tests.pipefusion_reference import stale_reference
+from tests.family_matrix import WAN_ANALYZE, WAN_CACHE, WAN_CACHE_MASK, WAN_I2V as I2V
+from tests.family_matrix import WAN_NEG as NEG, WAN_ODD as ODD  # noqa: F401 (tests/test_wan_*.py take them from here)
 
 MODEL, EXPERTS, TI2V = "tiny-wan", "tiny-wan-a14b", "tiny-wan-ti2v"
-I2V = {"in_channels": 36, "image_dim": 32, "added_kv_proj_dim": 64}  # tiny-wan as Wan 2.1 I2V (CLIP width 32)
-ODD = dict(height=48, width=80, frames=9, text_tokens=15)      # 3 x 3 x 5 = 45 video tokens
-NEG = dict(cfg=4.0, neg_text_tokens=7)
 
 
 # flow_shift in scheduler/scheduler_config.json of the published diffusers folders (Wan-AI/*-Diffusers); the
@@ -231,89 +230,9 @@ def test_schedule_latents_and_refusals(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ parallel
-def _exact_world2() -> list[dict]:
-    base = {"model": MODEL, "seed": 11, "steps": 3, **ODD}
-    allwarm = {"pipefusion": 2, "num_patches": 2, "warmup_steps": 3}
-    return [{**base, "id": "ulysses2", "parallel": {"ulysses": 2}, **NEG},
-            {**base, "id": "ring2", "parallel": {"ring": 2}, **NEG},
-            {**base, "id": "cfg2", "parallel": {"cfg": 2}, **NEG},
-            {**base, "id": "dp2", "parallel": {"dp": 2}, "batch": 3},
-            # every step synchronous: patches of 5 | 4 token rows (the first ends inside the second frame)
-            {**base, "id": "pf2_allwarm", "parallel": allwarm, **NEG},
-            {**base, "id": "experts_ulysses2", "model": EXPERTS, "steps": 4, "parallel": {"ulysses": 2}, **NEG},
-            {**base, "id": "experts_cfg2", "model": EXPERTS, "steps": 4, "parallel": {"cfg": 2}, **NEG},
-            {**base, "id": "ti2v_ring2", "model": TI2V, "height": 96, "width": 160, "parallel": {"ring": 2}, **NEG},
-            {**base, "id": "ti2v_pf2_allwarm", "model": TI2V, "height": 96, "width": 160, "parallel": allwarm},
-            {**base, "id": "i2v_ulysses2", "overrides": I2V, "text_tokens": 512, "cfg": 4.0, "neg_text_tokens": 512,
-             "random_inputs": {"image_cond": [1, 20, 3, 6, 10], "image_embeds": [1, 257, 32]},
-             "parallel": {"ulysses": 2}}]
-
-
-def _exact_world4() -> list[dict]:
-    base = {"model": MODEL, "seed": 11, "steps": 3, **ODD}
-    return [{**base, "id": "ulysses2_ring2", "parallel": {"ulysses": 2, "ring": 2}, **NEG},
-            {**base, "id": "cfg2_ulysses2", "parallel": {"cfg": 2, "ulysses": 2}, **NEG, "batch": 2},
-            {**base, "id": "ulysses4", "parallel": {"ulysses": 4}, **NEG},
-            {**base, "id": "ring4", "parallel": {"ring": 4}},
-            {**base, "id": "pf4_allwarm", "parallel": {"pipefusion": 4, "num_patches": 3, "warmup_steps": 3}, **NEG,
-             "overrides": {"num_layers": 4}},
-            {**base, "id": "pf2_ulysses2_allwarm", "parallel": {"pipefusion": 2, "num_patches": 2, "warmup_steps": 3,
-                                                                 "ulysses": 2}, **NEG},
-            {**base, "id": "experts_ulysses2_ring2", "model": EXPERTS, "steps": 4,
-             "parallel": {"ulysses": 2, "ring": 2}, **NEG},
-            {**base, "id": "ti2v_ulysses2_ring2", "model": TI2V, "height": 96, "width": 160,
-             "parallel": {"ulysses": 2, "ring": 2}, **NEG}]
-
-
-def stale_cases() -> list[dict]:
-    """PipeFusion 2 with stale K/V after one warm-up step: 9 frames of 48x80 (45 tokens, 9 token rows)."""
-    return [{"id": f"wan_s{steps}_m{m}_w1", "model": MODEL, "seed": 5, "steps": steps, **ODD, **NEG,
-             "parallel": {"pipefusion": 2, "num_patches": m, "warmup_steps": 1}}
-            for steps in (6,) for m in (2, 3)]
-
-
-CACHE_MASK = [True, True, False, True, False, True]
-CACHE = {"model": MODEL, "seed": 5, "steps": 6, **ODD, **NEG}
-ANALYZE = {"model": MODEL, "seed": 21, "steps": 3, **ODD, "prompts": 2, "analyze": True}
-
-
-@pytest.fixture(scope="module")
-def world2(tmp_path_factory):
-    cases = (_exact_world2() + stale_cases()
-             + [{**CACHE, "id": "cache_ulysses2", "parallel": {"ulysses": 2}, "cache": {"mask": CACHE_MASK}},
-                {**CACHE, "id": "cache_pf2", "parallel": {"pipefusion": 2, "num_patches": 2, "warmup_steps": 1},
-                 "cache": {"mask": CACHE_MASK}},
-                {**ANALYZE, "id": "analyze_ulysses2", "parallel": {"ulysses": 2}}])
-    return run_cases(2, cases, tmp_path_factory.mktemp("wan2"))
-
-
-@pytest.fixture(scope="module")
-def world4(tmp_path_factory):
-    return run_cases(4, _exact_world4(), tmp_path_factory.mktemp("wan4"))
-
-
-@pytest.mark.parametrize("case", _exact_world2(), ids=lambda c: c["id"])
-def test_world2_exact_methods_match_serial(world2, case):
-    info = case_ok(world2, case["id"])
-    assert rel_l2(info["latents"], serial_of(case)) <= 1e-4
-    if case["parallel"] != {"dp": 2}:
-        assert sum(info["rank_comm"][0][0].values()) > 0  # the ranks really exchanged data
-
-
-@pytest.mark.parametrize("case", _exact_world4(), ids=lambda c: c["id"])
-def test_world4_exact_methods_match_serial(world4, case):
-    assert rel_l2(case_ok(world4, case["id"])["latents"], serial_of(case)) <= 1e-4
-
-
-@pytest.mark.parametrize("case", stale_cases(), ids=lambda c: c["id"])
-def test_pipefusion_stale_phase_is_the_stale_rule(world2, case):
-    """Against the plain-hook stale reference (tests/pipefusion_reference.py): patches are ranges of token rows
-    with the frames folded in (9 rows in 2 or 3 patches cross frame boundaries)."""
-    out = case_ok(world2, case["id"])["latents"]
-    assert rel_l2(out, stale_reference(case)) <= 1e-4
-    assert rel_l2(out, serial_of(case)) > 1e-3  # stale K/V really used
-
-
+# Parallel sampling at world 2 and 4 (45 video tokens; the two experts, TI2V and I2V too), PipeFusion over the
+# flattened frames, the stale phase, the cache on ranks and the analyser under Ulysses: the wan row of
+# tests/family_matrix.py, checked in tests/test_family_matrix.py.
 def test_ulysses_degree_not_dividing_40_heads_is_refused_and_81_frames_fit():
     from comfyui_xdit.bench import build_random
     from comfyui_xdit.parallel import ParallelConfig
@@ -333,39 +252,28 @@ def _cached(mask: list[bool] | None):
     from comfyui_xdit.engine import run_job
 
     loaded = get_model({"model": MODEL})
-    req = build_request(loaded, CACHE)
+    req = build_request(loaded, WAN_CACHE)
     req.cache = None if mask is None else CacheSettings(mask=mask)
     job = run_job(loaded, req)
     return job.latents, job.reused_steps
 
 
-def test_cache_serial_ulysses_and_pipefusion(world2):
+def test_cache_reuses_the_masked_steps():
     ref, _ = _cached(None)
-    serial, reused = _cached(CACHE_MASK)
+    serial, reused = _cached(WAN_CACHE_MASK)
     assert reused == [2, 4] and rel_l2(serial, ref) > 1e-4
-    info = case_ok(world2, "cache_ulysses2")
-    assert info["rank_reused"] == [reused, reused] and rel_l2(info["latents"], serial) <= 1e-4
-    info = case_ok(world2, "cache_pf2")
-    assert info["rank_reused"] == [reused, reused] and torch.isfinite(info["latents"]).all()
-    # the stale rule with the reuse rule on those steps (tests/pipefusion_reference.py)
-    case = {**CACHE, "parallel": {"pipefusion": 2, "num_patches": 2, "warmup_steps": 1}}
-    assert rel_l2(info["latents"], stale_reference(case, reused)) <= 1e-4
-    assert rel_l2(info["latents"], stale_reference(case)) > 1e-4  # the reuse changed the result
 
 
-def test_analyser_serial_and_ulysses(world2):
+def test_analyser_profile_over_the_blocks():
     import numpy as np
 
     from comfyui_xdit.analysis import analyze
-    from tests.attn_cases import analysis_requests, profile_tensors
+    from tests.attn_cases import analysis_requests
 
     loaded = get_model({"model": MODEL})
-    profile = analyze(loaded, analysis_requests(loaded, ANALYZE))
+    profile = analyze(loaded, analysis_requests(loaded, WAN_ANALYZE))
     assert profile.labels["residual"] == ["blocks.0", "blocks.1", "blocks.2"]
     assert np.isfinite(profile.rel["residual"][:, :, 1:]).all()
-    usp = world2["analyze_ulysses2"]["tensors"]
-    for name, t in profile_tensors(profile).items():
-        np.testing.assert_allclose(usp[name].numpy(), t.numpy(), rtol=1e-4, atol=1e-7, equal_nan=True, err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -486,9 +394,9 @@ def test_published_configs_round_trip(variant, billions):
     assert fam.variant_of(inferred, "") == expected
 
 
-# ------------------------------------------------------------------------------------------------ bench, CLI
-def test_bench_memory_per_degree_and_a_tiny_run(capsys):
-    from comfyui_xdit.bench import build_random, main, memory_rows, run
+# ------------------------------------------------------------------------------------------------ bench (the tiny run: the matrix), CLI
+def test_bench_memory_per_degree(capsys):
+    from comfyui_xdit.bench import build_random, main, memory_rows
 
     adapter = build_random("wan-14b", torch.bfloat16, "meta")
     total = sum(p.numel() for p in adapter.model.parameters())
@@ -504,9 +412,6 @@ def test_bench_memory_per_degree_and_a_tiny_run(capsys):
     experts = build_random("wan-a14b", torch.bfloat16, "meta")
     assert sum(p.numel() for p in experts.model.parameters()) == 2 * total and experts.experts
     assert {m for m, *_ in memory_rows(experts, "832x480", 81)} == {"ulysses", "ring"}  # pipefusion refused
-    rows, facts = run(MODEL, (48, 80), "cpu", torch.float32, compile=False, repeats=1, frames=9)
-    # ours against the model called as WanPipeline calls it (bench.pipeline_step)
-    assert [r[0] for r in rows] == ["diffusers eager", "ours eager"] and facts["rel_l2_ours_vs_diffusers"] <= 1e-6
 
 
 def test_generate_with_frames(tmp_path, capsys):

@@ -1,7 +1,8 @@
-"""Z-Image (Turbo): serial sampling equals ZImagePipeline; every exact parallel method equals serial at world sizes 2
-and 4 (one torchrun launch each); PipeFusion's stale phase equal to a plain-hook reference; the step cache and the
-analyser; single-file weights (original release layout, ComfyUI-style prefixed fp8) and diffusers folders; bench at
-full size; the CLI; the nodes with a Z-Image graph (stand-ins for ComfyUI).
+"""Z-Image (Turbo): serial sampling equals ZImagePipeline; the text mask; the step cache and the analyser's profile;
+single-file weights (original release layout, ComfyUI-style prefixed fp8) and diffusers folders; the CLI; the nodes
+with a Z-Image graph (stand-ins for ComfyUI). Parallel sampling at world 2 and 4, the stale phase and its hybrids,
+the cache on ranks, the analyser under Ulysses and bench: the z-image row of the family matrix
+(tests/test_family_matrix.py).
 
 The tiny model: 4 heads x 16, 2 + 2 refiner blocks and 3 main layers, 2560-wide text. The transformer pads its
 image and text sequences to multiples of 32 itself, so 112x144 (63 image tokens) and 15 text tokens run as 64
@@ -10,7 +11,6 @@ and 32 tokens with learned pad tokens; negatives of 40 tokens (64 inside) test b
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,18 +20,12 @@ from safetensors.torch import load_file, save_file
 from comfyui_xdit.errors import ConfigError, WeightsError, XDiTError
 from comfyui_xdit.models import load_model
 from comfyui_xdit.sampling import SampleRequest, latent_shape, prepare, sample, seed_noise
-from tests.cases import build_request, case_ok, get_model, serial_of
+from tests.cases import build_request, get_model
 from tests.conftest import rel_l2
-from tests.distributed import assert_exchanged, run_cases
-from tests.pipefusion_reference import stale_reference
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from pipefusion_error import stale_cases  # noqa: E402
+from tests.family_matrix import ZI_ANALYZE, ZI_CACHE_MASK as CACHE_MASK
 
 MODEL = "tiny-z-image"
-ODD = dict(height=112, width=144, text_tokens=15)   # 7x9 = 63 image tokens, 15 text tokens
 SQUARE = dict(height=128, width=128)
-SHORT_NEG = dict(cfg=3.0, neg_text_tokens=40)       # a negative of another length than the positive
 
 
 @pytest.fixture(scope="module")
@@ -131,102 +125,9 @@ def test_text_mask_and_padding(tiny):
 
 
 # ------------------------------------------------------------------------------------------------ parallel
-def _exact_world2() -> list[dict]:
-    base = {"model": MODEL, "seed": 11, "steps": 3}
-    return [{**base, "id": "ulysses2", "parallel": {"ulysses": 2}, **ODD, **SHORT_NEG},
-            {**base, "id": "ring2", "parallel": {"ring": 2}, **ODD},
-            {**base, "id": "cfg2", "parallel": {"cfg": 2}, **SQUARE, **SHORT_NEG},
-            {**base, "id": "dp2", "parallel": {"dp": 2}, **SQUARE, "batch": 3},
-            {**base, "id": "pf2_m1", "parallel": {"pipefusion": 2, "num_patches": 1}, **SQUARE, **SHORT_NEG},
-            # every step synchronous: patches of 4 | 3 rows, the last one with the image stream's pad token
-            {**base, "id": "pf2_allwarm", "steps": 4, "parallel": {"pipefusion": 2, "num_patches": 2,
-                                                                     "warmup_steps": 4}, **ODD, **SHORT_NEG}]
-
-
-def _exact_world4() -> list[dict]:
-    base = {"model": MODEL, "seed": 11, "steps": 3}
-    pf = {"pipefusion": 2, "num_patches": 2, "warmup_steps": 3}
-    return [{**base, "id": "ulysses2_ring2", "parallel": {"ulysses": 2, "ring": 2}, **ODD, **SHORT_NEG,
-             "cfg": 2.5},
-            {**base, "id": "cfg2_ulysses2", "parallel": {"cfg": 2, "ulysses": 2}, **SQUARE, **SHORT_NEG,
-             "batch": 2},
-            {**base, "id": "ulysses4", "parallel": {"ulysses": 4}, **ODD},
-            {**base, "id": "ring4", "parallel": {"ring": 4}, **ODD},
-            {**base, "id": "dp2_ring2", "parallel": {"dp": 2, "ring": 2}, **ODD, "batch": 2},
-            {**base, "id": "pf2_ulysses2", "parallel": {**pf, "ulysses": 2}, **ODD, **SHORT_NEG},
-            {**base, "id": "pf2_ring2", "parallel": {**pf, "ring": 2}, **ODD, **SHORT_NEG},
-            {**base, "id": "pf2_cfg2", "parallel": {**pf, "cfg": 2}, **ODD, **SHORT_NEG}]
-
-
-# Stale-phase hybrids at world 4 and their plain pipefusion 2 twin (the same patches and warm-up) at world 2.
-STALE = {"model": MODEL, "seed": 4, "steps": 4, "height": 128, "width": 160, **SHORT_NEG}
-STALE_PF = {"pipefusion": 2, "num_patches": 2, "warmup_steps": 1}
-STALE_HYBRIDS = {"pf2_ulysses2_stale": {"ulysses": 2}, "pf2_ring2_stale": {"ring": 2}, "pf2_cfg2_stale": {"cfg": 2}}
-# the stale cases compared with the plain-hook stale reference (tests/pipefusion_reference.py)
-STALE_IDS = ["z-image_s8_m2_w1", "z-image_s8_m2_w2", "z-image_s8_m4_w1", "z-image_s8_m4_w2"]
-CACHE_MASK = [True, True, False, True, False, True]
-ANALYZE = {"model": MODEL, "seed": 21, "steps": 3, "height": 64, "width": 64, "prompts": 2, "analyze": True}
-
-
-def _world2_cases() -> list[dict]:
-    cache = {"model": MODEL, "seed": 5, "steps": 6, "cfg": 3.0, **SQUARE}
-    return (_exact_world2()
-            + [c for c in stale_cases("z-image") if c["id"] in STALE_IDS]
-            + [{**STALE, "id": "stale_twin", "parallel": STALE_PF},
-               {**cache, "id": "cache_ulysses2", "parallel": {"ulysses": 2}, "cache": {"mask": CACHE_MASK}},
-               {**cache, "id": "cache_pf2", "parallel": STALE_PF, "cache": {"threshold": 0.0}},
-               {**cache, "id": "cache_pf2_twin", "parallel": STALE_PF},
-               {**ANALYZE, "id": "analyze_ulysses2", "parallel": {"ulysses": 2}}])
-
-
-@pytest.fixture(scope="module")
-def world2(tmp_path_factory):
-    return run_cases(2, _world2_cases(), tmp_path_factory.mktemp("zimage2"))
-
-
-@pytest.fixture(scope="module")
-def world4(tmp_path_factory):
-    cases = _exact_world4() + [{**STALE, "id": k, "parallel": {**STALE_PF, **v}} for k, v in STALE_HYBRIDS.items()]
-    return run_cases(4, cases, tmp_path_factory.mktemp("zimage4"))
-
-
-@pytest.mark.parametrize("case", _exact_world2(), ids=lambda c: c["id"])
-def test_world2_exact_methods_match_serial(world2, case):
-    info = case_ok(world2, case["id"])
-    assert rel_l2(info["latents"], serial_of(case)) <= 1e-4
-    if case["parallel"] != {"dp": 2}:
-        assert sum(info["rank_comm"][0][0].values()) > 0  # the ranks really exchanged data
-
-
-@pytest.mark.parametrize("case", _exact_world4(), ids=lambda c: c["id"])
-def test_world4_exact_methods_match_serial(world4, case):
-    info = case_ok(world4, case["id"])
-    assert rel_l2(info["latents"], serial_of(case)) <= 1e-4
-    assert_exchanged(info, case["parallel"])
-
-
-@pytest.mark.parametrize("case", [c for c in stale_cases("z-image") if c["id"] in STALE_IDS], ids=lambda c: c["id"])
-def test_pipefusion_stale_phase_is_the_stale_rule(world2, case):
-    """Against the plain-hook stale reference (tests/pipefusion_reference.py): padded streams, the last patch
-    taking the image stream's padding."""
-    out = case_ok(world2, case["id"])["latents"]
-    assert rel_l2(out, stale_reference(case)) <= 1e-4
-    assert rel_l2(out, serial_of(case)) > 1e-3  # stale K/V really used
-
-
-def test_pipefusion_stale_twin_is_the_stale_rule(world2):
-    case = {**STALE, "id": "stale_twin", "parallel": STALE_PF}
-    assert rel_l2(case_ok(world2, "stale_twin")["latents"], stale_reference(case)) <= 1e-4
-
-
-@pytest.mark.parametrize("name", list(STALE_HYBRIDS))
-def test_pipefusion_stale_hybrids_equal_plain_pipefusion(world2, world4, name):
-    """With Ulysses, Ring or cfg parallel inside the stages, the same approximation as plain pipefusion 2."""
-    out = case_ok(world4, name)["latents"]
-    assert rel_l2(out, case_ok(world2, "stale_twin")["latents"]) <= 1e-4
-    assert rel_l2(out, serial_of({**STALE, "parallel": {}})) > 1e-3
-
-
+# Parallel sampling at world 2 and 4 (63 image and 15 text tokens padded to 64 and 32, negatives of 40), the stale
+# phase and its hybrids, the cache on ranks, the analyser under Ulysses: the z-image row of tests/family_matrix.py,
+# checked in tests/test_family_matrix.py.
 def test_ulysses_degree_not_dividing_30_heads_is_refused():
     from comfyui_xdit.bench import build_random
     from comfyui_xdit.parallel import ParallelConfig
@@ -269,24 +170,14 @@ def test_cache_threshold_zero_is_uncached_and_reuse_follows_the_rule():
     assert reused == [2, 3, 4, 5]
 
 
-def test_cache_under_ulysses_and_pipefusion(world2):
-    info = case_ok(world2, "cache_ulysses2")
-    serial, reused = _cached({"mask": CACHE_MASK})
-    assert reused == [2, 4] and info["rank_reused"] == [reused, reused]  # the serial decisions, on every rank
-    assert rel_l2(info["latents"], serial) <= 1e-4
-    info = case_ok(world2, "cache_pf2")  # threshold 0: nothing reused, the plain pipefusion result
-    assert info["rank_reused"] == [[], []]
-    assert rel_l2(info["latents"], case_ok(world2, "cache_pf2_twin")["latents"]) <= 1e-6
-
-
-def test_analyser_serial_and_ulysses(world2):
+def test_analyser_profile_over_refiners_and_main_layers():
     import numpy as np
 
     from comfyui_xdit.analysis import analyze
-    from tests.attn_cases import analysis_requests, profile_tensors
+    from tests.attn_cases import analysis_requests
 
     loaded = get_model({"model": MODEL})
-    profile = analyze(loaded, analysis_requests(loaded, ANALYZE))
+    profile = analyze(loaded, analysis_requests(loaded, ZI_ANALYZE))
     assert profile.kinds == ["k", "v", "out", "text_k", "text_v", "text_out", "residual"]
     assert profile.labels["residual"] == ["noise_refiner.0", "noise_refiner.1", "context_refiner.0",
                                           "context_refiner.1", "layers.0", "layers.1", "layers.2"]
@@ -297,9 +188,6 @@ def test_analyser_serial_and_ulysses(world2):
     assert (rel[:, 2:4, 1:] == 0).all() and (rel[:, [0, 1, 4, 5, 6], 1:] > 0).all()
     ctx = [i for i, label in enumerate(profile.labels["k"]) if label.startswith("context_refiner")]
     assert len(ctx) == 2 and (profile.abs["k"][:, ctx, 1:] == 0).all()
-    usp = world2["analyze_ulysses2"]["tensors"]
-    for name, t in profile_tensors(profile).items():
-        np.testing.assert_allclose(usp[name].numpy(), t.numpy(), rtol=1e-4, atol=1e-7, equal_nan=True, err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -427,18 +315,7 @@ def test_published_config_round_trip():
     assert fam.variant_of(inferred, "") == "z-image-turbo"
 
 
-# ------------------------------------------------------------------------------------------------ bench, CLI
-def test_bench_full_size_and_tiny_run():
-    from comfyui_xdit.bench import build_random, run
-
-    adapter = build_random("z-image", torch.bfloat16, "meta")
-    assert sum(p.numel() for p in adapter.model.parameters()) == pytest.approx(6.155e9, rel=1e-3)
-    assert adapter.num_heads == 30 and adapter.hidden_size == 3840 and adapter.variant == "z-image-turbo"
-    rows, facts = run(MODEL, 128, "cpu", torch.float32, compile=False, repeats=1)
-    assert [r[0] for r in rows] == ["diffusers eager", "ours eager"] and facts["flops"] > 0
-    assert facts["rel_l2_ours_vs_diffusers"] <= 1e-6  # ours against the model called as ZImagePipeline calls it
-
-
+# ------------------------------------------------------------------------------------------------ CLI (bench: the matrix)
 def test_generate_from_a_diffusers_folder(tmp_path, capsys, tiny):
     """`generate --model DIR` on a saved ZImageTransformer2DModel, with the pipeline's text embedding shape
     [1, L, 2560] as --inputs: ComfyUI-convention latents, equal to the built-in model's."""
