@@ -1,13 +1,15 @@
 """Refusing at queue time what the pool would refuse at sampling.
 
-ComfyUI's VALIDATE_INPUTS sees one node's widget constants, not the graph; but a Ulysses degree that does not divide
+ComfyUI's validate_inputs sees one node's widget constants, not the graph; but a Ulysses degree that does not divide
 the model's heads, cfg parallel with cfg 1 or a dp degree larger than the batch are properties of several nodes
 together. So an on-prompt handler (PromptServer.add_on_prompt_handler, called on POST /prompt just before ComfyUI
 validates the graph, in the same request task) reads the whole graph: the checkpoint's geometry (nodes/geometry.py,
 no weights loaded), the constants of Configure Hybrid Parallel, the Parallel Samplers and an empty-latent node; it keeps
-one line per offending node in a context variable of that task. Each node's VALIDATE_INPUTS takes a single hidden
-input, its node id, so ComfyUI reports that line once for the node (it repeats a message once per argument).
-What depends on values only known when the graph runs (linked widgets, a latent from a VAE) is checked at sampling.
+one line per offending node in a context variable of that task. Each node's validate_inputs takes a single input
+(schemas.VALIDATED) and reads its node id from the hidden UNIQUE_ID, so ComfyUI reports that line once for the node
+(it repeats a message once per argument). Input names, limits and choices come from the nodes' schemas
+(schemas.py), which import no node module. What depends on values only known when the graph runs (linked widgets, a
+latent from a VAE) is checked at sampling.
 """
 from __future__ import annotations
 
@@ -17,28 +19,26 @@ import os
 import sys
 from typing import Any
 
+from . import schemas
 from .families import SAMPLERS as ENGINE_SAMPLERS
 from .geometry import CheckpointError, Geometry
+from .prompt_graph import EMPTY_LATENTS, latent_size as _latent_size
+from .prompt_graph import model_source as _model_source
+from .prompt_graph import source as _source
+from .schemas import CONFIGURE, LOAD, LORA, SAMPLERS, STOCK_MODEL
 
 log = logging.getLogger("comfyui_xdit.nodes")
 
-HIDDEN = "xdit_check"  # the hidden input (UNIQUE_ID) each node's VALIDATE_INPUTS takes; ComfyUI prefixes messages with it
-CONFIGURE, LOAD, SAMPLER = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"
-LORA = "XDiTParallelLoRA"
-STOCK_MODEL = "XDiTParallelDiTModel"  # runs one forward per call: no PipeFusion
 WEIGHT_PATCHERS = ("LoraLoader", "LoraLoaderModelOnly")  # ComfyUI's; so are its ModelMerge* nodes
 # ComfyUI's weight hooks (comfy_extras/nodes_hooks.py): LoRAs a conditioning carries into sampling, whose patches
 # could not reach the pool's weights either; SetClipHooks passes its hooks on to the conditioning only with
 # apply_to_conds
 HOOK_MAKERS = ("CreateHookLora", "CreateHookLoraModelOnly", "CreateHookModelAsLora", "CreateHookModelAsLoraModelOnly")
-SAMPLERS = (SAMPLER, "XDiTParallelSamplerAdvanced")  # the same checks: both take a model, cfg and a latent
-EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent")
 # ComfyUI's nodes whose CONDITIONING carries Wan image-to-video inputs (concat_latent_image, clip_vision_output);
 # the camera node adds camera_conditions, which the pool does not take
 IMAGE_CONDITIONING = ("WanImageToVideo", "WanFirstLastFrameToVideo", "WanFunInpaintToVideo", "WanCameraImageToVideo")
 UNSUPPORTED_IMAGE_CONDITIONING = ("WanCameraImageToVideo",)
 CLIP_VISION_INPUTS = ("clip_vision_output", "clip_vision_start_image", "clip_vision_end_image")
-VIDEO_LATENTS = {"EmptyHunyuanLatentVideo": 4, "Wan22ImageToVideoLatent": 4}  # pixel frames per latent frame
 _FOUND: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("xdit_queue_problems", default=None)
 
 
@@ -85,7 +85,8 @@ def graph_problems(prompt: dict) -> dict[str, str]:
         if not isinstance(node, dict):
             continue
         kind = node.get("class_type")
-        lines = (_configure_problems(node) if kind == CONFIGURE else
+        lines = _choice_problems(node, kind) if kind in schemas.SCHEMAS else []
+        lines += (_configure_problems(node) if kind == CONFIGURE else
                  _load_problems(prompt, node) + _stock_model_problems(prompt, str(nid), node) if kind == LOAD else
                  _sampler_problems(prompt, node) if kind in SAMPLERS else
                  _lora_problems(prompt, node) if kind == LORA else [])
@@ -100,57 +101,55 @@ def graph_problems(prompt: dict) -> dict[str, str]:
     return {nid: "; ".join(dict.fromkeys(lines)) for nid, lines in found.items()}
 
 
-def _node_class(kind: str):
-    from .xdit_nodes import NODE_CLASS_MAPPINGS
-
-    return NODE_CLASS_MAPPINGS[kind]
-
-
 def _constants(node: dict, kind: str) -> dict | None:
-    """The node's widget values when all are constants within their declared ranges and lists; None otherwise
-    (a linked widget is known only when the graph runs; ComfyUI itself reports a value out of range)."""
-    spec = _node_class(kind).INPUT_TYPES()
+    """The node's widget values when all are constants within their schema's ranges and choices; None otherwise
+    (a linked widget is known only when the graph runs; ComfyUI itself reports a value out of range, and
+    _choice_problems one not among the choices)."""
     inputs = node.get("inputs") or {}
     out = {}
-    for section in ("required", "optional"):
-        for name, conf in spec.get(section, {}).items():
-            if isinstance(conf[0], str) and conf[0] not in ("INT", "FLOAT", "STRING", "BOOLEAN"):
-                continue  # a link input
-            if name not in inputs:
-                if section == "required":
-                    return None
-                continue
-            value = inputs[name]
-            if isinstance(value, list) or not _in_range(value, conf):
+    for widget in schemas.widgets(kind):
+        if widget.id not in inputs:
+            if not widget.optional:
                 return None
-            out[name] = value
+            continue
+        value = inputs[widget.id]
+        if isinstance(value, list) or not _in_range(value, widget):
+            return None
+        out[widget.id] = value
     return out
 
 
-def _in_range(value: Any, conf: tuple) -> bool:
-    if isinstance(conf[0], list):
-        return value in conf[0]
-    extra = conf[1] if len(conf) > 1 and isinstance(conf[1], dict) else {}
-    if conf[0] in ("INT", "FLOAT"):
+def _in_range(value: Any, widget) -> bool:
+    options = getattr(widget, "options", None)
+    if options is not None:
+        return value in options
+    if isinstance(widget, (schemas.io.Int.Input, schemas.io.Float.Input)):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             return False
-        return extra.get("min", value) <= value <= extra.get("max", value)
+        low, high = getattr(widget, "min", None), getattr(widget, "max", None)
+        return (low is None or low <= value) and (high is None or value <= high)
     return True
 
 
-def _source(prompt: dict, node: dict, name: str, kind: str | tuple) -> tuple[str, dict] | None:
-    link = (node.get("inputs") or {}).get(name)
-    if not (isinstance(link, list) and len(link) == 2):
-        return None
-    src = prompt.get(str(link[0]))
-    kinds = (kind,) if isinstance(kind, str) else kind
-    return (str(link[0]), src) if isinstance(src, dict) and src.get("class_type") in kinds else None
+def _choice_problems(node: dict, kind: str) -> list[str]:
+    """A constant not among a choice widget's options. ComfyUI 0.3.64 checks the choices of V1 nodes only (a V3
+    combo's V1 view is the type COMBO with the list in its options, which its validation does not read)."""
+    inputs = node.get("inputs") or {}
+    out = []
+    for widget in schemas.widgets(kind):
+        options = getattr(widget, "options", None)
+        value = inputs.get(widget.id)
+        if options is None or widget.id not in inputs or isinstance(value, list) or value in options:
+            continue
+        shown = ", ".join(map(str, options)) if len(options) <= 20 else f"a list of {len(options)}"
+        out.append(f"{value!r} is not among {widget.id}'s choices ({shown or 'none'})")
+    return out
 
 
 def _settings(values: dict):
-    from .xdit_nodes import ConfigureHybridParallel
+    from .pool import settings_from_widgets
 
-    return ConfigureHybridParallel.settings(**values)
+    return settings_from_widgets(**values)
 
 
 # ------------------------------------------------------------------------------------------------ per node
@@ -325,23 +324,14 @@ def model_fit_problems(s, g: Geometry, name: str) -> list[str]:
     return out
 
 
-def _model_source(prompt: dict, node: dict) -> tuple[str, dict] | None:
-    """The Load Parallel DiT behind a node's model input, through any chain of Parallel LoRA nodes."""
-    for _ in range(64):  # a chain (a cycle is ComfyUI's to report)
-        src = _source(prompt, node, "model", (LOAD, LORA))
-        if src is None or src[1].get("class_type") == LOAD:
-            return src
-        node = src[1]
-    return None
-
-
 def _lora_problems(prompt: dict, node: dict) -> list[str]:
     """A constant lora_name whose file is not a LoRA the pool applies (unreadable, LoKr/LoHa/DoRA, no pairs), or
     one that does not fit the model its Load Parallel DiT loads (another family or size)."""
     from comfyui_xdit.lora import refusal
 
     from .geometry import tensor_shapes
-    from .lora_nodes import LoraNodeError, resolve
+    from .checkpoints import LoraNodeError
+    from .checkpoints import resolve_lora as resolve
 
     name = (node.get("inputs") or {}).get("lora_name")
     if not isinstance(name, str):
@@ -466,16 +456,6 @@ def _image_conditioning_problems(side: str, src: dict, g: Geometry | None) -> li
     return []
 
 
-def _latent_frames(node: dict) -> int:
-    """Latent frames T of an empty-latent node: a video node's `length` pixel frames make (length - 1) // k + 1
-    (ComfyUI floors a length that is not k n + 1); an image node makes one."""
-    k = VIDEO_LATENTS.get(node.get("class_type"))
-    length = (node.get("inputs") or {}).get("length")
-    if k is None or not isinstance(length, int) or isinstance(length, bool) or length < 1:
-        return 1
-    return (length - 1) // k + 1
-
-
 def _flow_family(family: str) -> bool:
     from .families import VARIANTS
 
@@ -490,14 +470,6 @@ def _takes_negative(family: str) -> bool:
         return cond_spec(family).negative
     except KeyError:
         return True
-
-
-def _latent_size(node: dict) -> tuple[int, int, int] | None:
-    inputs = node.get("inputs") or {}
-    vals = [inputs.get(k) for k in ("height", "width", "batch_size")]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals):
-        return None
-    return (*vals, _latent_frames(node))
 
 
 def image_problems(s, g: Geometry | None, height: int, width: int, batch: int, latent_frames: int = 1
