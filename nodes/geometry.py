@@ -126,6 +126,7 @@ def refuse_quantised(p: Path) -> None:
 
     if not p.name.lower().endswith((".safetensors", ".sft")):
         return
+    tensor_shapes(p)  # a damaged file: named as such first
     try:
         refusal = file_quant_refusal(p)
     except WeightsError as e:

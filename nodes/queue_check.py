@@ -132,17 +132,22 @@ def _in_range(value: Any, widget) -> bool:
 
 
 def _choice_problems(node: dict, kind: str) -> list[str]:
-    """A constant not among a choice widget's options. ComfyUI 0.3.64 checks the choices of V1 nodes only (a V3
-    combo's V1 view is the type COMBO with the list in its options, which its validation does not read)."""
+    """What ComfyUI's own prompt validation leaves out for our V3 nodes, as it would say it: a constant not among a
+    choice widget's options (ComfyUI 0.3.64 checks the choices of V1 nodes only: a V3 combo's list sits in its
+    options), and for the one input validate_inputs takes (schemas.VALIDATED), whose limits ComfyUI does not check
+    once that method takes it, a number outside them."""
     inputs = node.get("inputs") or {}
     out = []
     for widget in schemas.widgets(kind):
-        options = getattr(widget, "options", None)
         value = inputs.get(widget.id)
-        if options is None or widget.id not in inputs or isinstance(value, list) or value in options:
+        if widget.id not in inputs or isinstance(value, list):
             continue
-        shown = ", ".join(map(str, options)) if len(options) <= 20 else f"a list of {len(options)}"
-        out.append(f"{value!r} is not among {widget.id}'s choices ({shown or 'none'})")
+        options = getattr(widget, "options", None)
+        if options is not None and value not in options:
+            shown = ", ".join(map(str, options)) if len(options) <= 20 else f"a list of {len(options)}"
+            out.append(f"{value!r} is not among {widget.id}'s choices ({shown or 'none'})")
+        elif widget.id == schemas.VALIDATED.get(kind) and options is None and not _in_range(value, widget):
+            out.append(f"{widget.id} {value!r} is outside its range {widget.min}..{widget.max}")
     return out
 
 

@@ -216,7 +216,7 @@ def test_configure_rejects_at_queue_time_once(ext, rec, change, reason):
 
 @pytest.mark.parametrize("change, reason", [
     (dict(cfg_degree=3), "cfg parallel degree must be 1 or 2"),
-    (dict(ulysses_degree=0), "ulysses degree must be >= 1"),
+    (dict(ring_degree=0), "ring degree must be >= 1"),
     (dict(warmup_steps=-1), "warmup_steps must be >= 0"),
 ])
 def test_out_of_range_widgets_left_to_comfyui(ext, rec, change, reason):
@@ -226,6 +226,15 @@ def test_out_of_range_widgets_left_to_comfyui(ext, rec, change, reason):
     assert _queue(ext, rec, _graph(change)) == {}
     with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError, match=reason):
         node.execute(**dict(CONFIG_DEFAULTS, **change))
+
+
+def test_range_of_the_validated_input_checked_here(ext, rec):
+    """ComfyUI skips its min/max check for an input validate_inputs takes (0.3.64 and newer): for that one input
+    (ulysses_degree on Configure Hybrid Parallel) the queue-time check says what ComfyUI would have."""
+    assert ext.nodes.schemas.VALIDATED["XDiTConfigureHybridParallel"] == "ulysses_degree"
+    for value in (0, 65):
+        assert _queue(ext, rec, _graph(dict(ulysses_degree=value))) == {
+            "5": [f"ulysses_degree - ulysses_degree {value} is outside its range 1..64"]}
 
 
 @pytest.mark.parametrize("node, change, line", [
