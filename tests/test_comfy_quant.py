@@ -78,7 +78,8 @@ def test_fp8_with_markers_loads_as_its_dequantised_weights(tmp_path, ext, rec):
     got = load_transformer(str(path)).model.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     original = make_flux().state_dict()  # fp8 did round: the comparison can fail
-    assert not torch.equal(want["transformer_blocks.0.attn.to_q.weight"], original["transformer_blocks.0.attn.to_q.weight"])
+    q = "transformer_blocks.0.attn.to_q.weight"
+    assert not torch.equal(want[q], original[q])
     assert open_checkpoint(str(path)).variant == open_checkpoint(str(ref)).variant  # the per-rank reader opens it
     rec.folders = {"diffusion_models": [str(path)]}
     assert _queue(ext, rec, _graph(checkpoint=path.name)) == {}

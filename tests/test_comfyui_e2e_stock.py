@@ -179,7 +179,8 @@ def _run_family(comfy, family: str):
 def test_v3_node_definitions_are_the_stand_ins_and_the_recorded_inputs(comfy):
     """ComfyUI takes every node from the pack's ComfyExtension (comfy_entrypoint); each /object_info entry equals
     the V1 view the stand-in (tests/comfy_io_standin.py) gives, which the workflow checks and test_nodes.py use, and
-    has the inputs (names, order, types, defaults, limits, tooltips) the V1 nodes had (tests/data/node_inputs_main.json)."""
+    has the inputs (names, order, types, defaults, limits, tooltips) the V1 nodes had
+    (tests/data/node_inputs_main.json)."""
     import json
     import urllib.request
 
