@@ -471,6 +471,28 @@ def test_damaged_checkpoint_refused_when_queued(comfy):
     assert "checkpoint truncated_e2e.safetensors is damaged or truncated" in only["details"]
 
 
+def test_quantised_checkpoint_and_unknown_choice_refused_when_queued(comfy):
+    """A checkpoint the newer ComfyUI quantised to nvfp4 (its .comfy_quant markers, tests/test_comfy_quant.py) and a
+    value not among a V3 combo's choices (which ComfyUI 0.3.64's own validation does not check): 400 with one line
+    on the Load node, naming the format / the input."""
+    from .test_comfy_quant import _quantised
+
+    server, base = comfy
+    sd, _ = _quantised("nvfp4")
+    save_file(sd, str(base / "models" / "diffusion_models" / "nvfp4_e2e.safetensors"))
+    status, body = _post(server, _refusal_graph({}, checkpoint="nvfp4_e2e.safetensors"))
+    assert status == 400, body
+    (only,) = body["node_errors"]["8"]["errors"]
+    assert "checkpoint nvfp4_e2e.safetensors is quantised by ComfyUI as nvfp4 (" in only["details"]
+    assert "\n" not in only["details"]
+    graph = _refusal_graph({})
+    graph["8"]["inputs"]["weight_dtype"] = "int4"
+    status, body = _post(server, graph)
+    assert status == 400, body
+    (only,) = body["node_errors"]["8"]["errors"]
+    assert only["details"].startswith("checkpoint - 'int4' is not among weight_dtype's choices (bf16, ")
+
+
 def test_pool_log_path_in_comfyui_log(comfy, ran):
     _, base = comfy
     text = (base / "comfyui.log").read_text(errors="replace")
