@@ -154,6 +154,11 @@ def open_checkpoint(source: str | os.PathLike, family: str | None = None, dtype:
     if not path.name.lower().endswith((".safetensors", ".sft")):
         raise WeightsError(f"{path.name} is not a safetensors file: it cannot be read in part")
     header = _header(path)
+    from .weights import file_quant_refusal
+
+    refusal = file_quant_refusal(path)  # the newer ComfyUI's formats other than per-tensor fp8
+    if refusal:
+        raise WeightsError(refusal)
     _refuse_unsupported(header)
     raw = {}
     for key, (shape, st_dtype) in header.items():

@@ -264,9 +264,13 @@ def _read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 raw = {k: f.get_tensor(k) for k in f.keys()}
+                metadata = f.metadata()
         except SafetensorError as e:
             raise WeightsError(f"{path} is truncated or corrupt, not a readable safetensors file "
                                f"({_first_line(e)})") from None
+        refusal = quant_refusal(path.name, quant_formats(raw, metadata))
+        if refusal:
+            raise WeightsError(refusal)
     elif name.endswith(_TORCH_SUFFIXES):
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -291,6 +295,86 @@ def unwrap_state_dict(obj):
 
 
 _QUANT_MARKERS = (".scale_weight", ".scale_input", ".input_scale", ".weight_scale", ".comfy_quant")
+# The newer ComfyUI's quantised layers (its comfy/quant_ops.py QUANT_ALGOS): each carries `<layer>.comfy_quant`, a
+# uint8 tensor of UTF-8 JSON whose "format" says how `<layer>.weight` is stored (float8_e4m3fn, float8_e5m2, mxfp8,
+# nvfp4, int8_tensorwise, convrot_w4a4, asym_w4a8_int8, awq_w4a16, ...); some files list the same per layer in
+# their safetensors metadata instead, `_quantization_metadata` = {"layers": {layer: {"format": ...}}}.
+QUANT_MARKER, QUANT_METADATA = ".comfy_quant", "_quantization_metadata"
+READABLE_QUANT = ("float8_e4m3fn", "float8_e5m2")  # fp8 with one scale per tensor: upcast, times its scale
+
+
+def quant_formats(tensors: dict, metadata: dict | None) -> dict[str, str]:
+    """Layer -> ComfyUI quantisation format, from the `.comfy_quant` markers among `tensors` (name -> tensor; other
+    names are ignored) and a safetensors file's metadata. An unreadable marker is the format "unreadable"."""
+    out: dict[str, str] = {}
+    listed = (metadata or {}).get(QUANT_METADATA)
+    if listed is not None:
+        try:
+            layers = json.loads(listed).get("layers", {})
+        except (ValueError, AttributeError):
+            layers = {"(file metadata)": "unreadable"}
+        for layer, conf in (layers.items() if isinstance(layers, dict) else ()):
+            out[layer] = str(conf.get("format", "unknown")) if isinstance(conf, dict) else "unreadable"
+    for key, marker in tensors.items():
+        if not key.endswith(QUANT_MARKER):
+            continue
+        try:
+            conf = json.loads(bytes(marker.to(torch.uint8).flatten().tolist()).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RuntimeError, NotImplementedError):
+            conf = None  # not JSON, or a marker on the meta device (its bytes unknown)
+        out[key[: -len(QUANT_MARKER)]] = str(conf.get("format", "unknown")) if isinstance(conf, dict) else \
+            "unreadable"
+    return out
+
+
+def quant_refusal(name: str, formats: dict[str, str]) -> str | None:
+    """One line refusing a file with layers in a ComfyUI quantisation format the engine does not read, naming the
+    formats and how many layers use each; None when every marked layer is fp8 (read as `_dequantize` does)."""
+    unread: dict[str, int] = {}
+    for fmt in formats.values():
+        if fmt not in READABLE_QUANT:
+            unread[fmt] = unread.get(fmt, 0) + 1
+    if not unread:
+        return None
+    what = ", ".join(f"{fmt} ({n} layer{'s' if n > 1 else ''})" for fmt, n in sorted(unread.items()))
+    return (f"{name} is quantised by ComfyUI as {what} (its .comfy_quant markers), which the pool cannot load: use "
+            "a bf16, fp16 or fp8 checkpoint (float8 with one scale per tensor)")
+
+
+def file_quant_refusal(path: str | Path) -> str | None:
+    """quant_refusal for a safetensors file, from its header, metadata and markers (no weights read); also a
+    float8 weight scaled per row or block (ComfyUI's mxfp8 and like files) is refused."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            markers = {k: f.get_tensor(k) for k in keys if k.endswith(QUANT_MARKER)}
+            metadata = f.metadata()
+            scales = {k: f.get_slice(k).get_shape() for k in keys if k.endswith((".weight_scale", ".scale_weight"))}
+    except SafetensorError as e:
+        raise WeightsError(f"{path} is truncated or corrupt, not a readable safetensors file "
+                           f"({_first_line(e)})") from None
+    refusal = quant_refusal(path.name, quant_formats(markers, metadata))
+    if refusal:
+        return refusal
+    for key, shape in sorted(scales.items()):
+        if _numel(shape) != 1:
+            return _block_scale_refusal(path.name, key, shape)
+    return None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _block_scale_refusal(name: str, key: str, shape) -> str:
+    return (f"{name}: {key} scales its weight per row or block (shape {list(shape)}, e.g. ComfyUI's mxfp8), which "
+            "the pool cannot load: use a bf16, fp16 or fp8 checkpoint (float8 with one scale per tensor)")
 
 
 def _dequantize(raw: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -311,6 +395,9 @@ def _dequantize(raw: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, t
             scale_key = None
         if t.is_floating_point():
             if scale_key is not None:
+                if raw[scale_key].numel() != 1:  # per row or block: not this element-wise product
+                    raise WeightsError(_block_scale_refusal(k.rsplit(".", 1)[0], scale_key,
+                                                            tuple(raw[scale_key].shape)))
                 t = t.to(torch.float32) * raw[scale_key].to(torch.float32)
             t = t.to(dtype)
         elif scale_key is not None:

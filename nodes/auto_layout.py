@@ -19,9 +19,10 @@ import logging
 import os
 from typing import Any
 
+from .schemas import CONFIGURE, LOAD
+
 log = logging.getLogger("comfyui_xdit.nodes")
 
-CONFIGURE, LOAD = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT"
 DEGREES = {"ulysses": "ulysses_degree", "ring": "ring_degree", "pipefusion": "pipefusion_degree",
            "cfg": "cfg_degree", "dp": "dp_degree", "shard": "shard_degree"}
 CPU_RANKS = 4  # auto on CPU: one rank per core, at most this many
@@ -133,20 +134,20 @@ def _job(prompt: dict, load_id: str):
     """The Job of the first Parallel Sampler fed (through Parallel LoRA nodes) by the loader, from constants."""
     from comfyui_xdit.planner import Job
 
-    from .prompt_graph import EMPTY_LATENTS, SAMPLERS, VIDEO_LATENTS
-    from .prompt_graph import latent_size as _latent_size, model_source as _model_source, source as _source
+    from .prompt_graph import EMPTY_LATENTS, VIDEO_LATENTS, latent_size, model_source, source
+    from .schemas import SAMPLERS
 
     for oid in sorted(prompt, key=lambda k: (len(str(k)), str(k))):
         node = prompt[oid]
         if not (isinstance(node, dict) and node.get("class_type") in SAMPLERS):
             continue
-        src = _model_source(prompt, node)
+        src = model_source(prompt, node)
         if src is None or src[0] != load_id:
             continue
         values = node.get("inputs") or {}
         steps, cfg = values.get("steps"), values.get("cfg")
-        latent = _source(prompt, node, "latent_image", EMPTY_LATENTS)
-        size = _latent_size(latent[1]) if latent else None
+        latent = source(prompt, node, "latent_image", EMPTY_LATENTS)
+        size = latent_size(latent[1]) if latent else None
         if not isinstance(steps, int) or not isinstance(cfg, (int, float)) or size is None:
             return None
         height, width, batch, latent_frames = size

@@ -130,3 +130,38 @@ def _variant_from_shapes(p: Path, fam, default: str) -> str:
         return fam.variant_of(describe(tensor_shapes(p)).config, "")
     except (WeightsError, KeyError, TypeError):
         return default
+
+
+# ------------------------------------------------------------------------------------------------ LoRA files
+LORA_SUFFIXES = (".safetensors", ".sft")  # the pool reads nothing it would have to unpickle
+
+
+def lora_names() -> list[str]:
+    import folder_paths
+
+    try:
+        return [n for n in folder_paths.get_filename_list("loras") if n.lower().endswith(LORA_SUFFIXES)]
+    except Exception:  # noqa: BLE001 - a ComfyUI without a loras folder kind
+        return []
+
+
+class LoraNodeError(Exception):
+    """One clear message for ComfyUI's error dialog."""
+
+
+def resolve_lora(name: str) -> str:
+    """The file of `name` in ComfyUI's loras folders (ComfyUI's own lookup, which keeps names inside them)."""
+    import folder_paths
+
+    if not isinstance(name, str) or not name.lower().endswith(LORA_SUFFIXES):
+        raise LoraNodeError(f"Parallel LoRA: {name!r} is not a .safetensors LoRA file")
+    path = folder_paths.get_full_path("loras", name)
+    if path is None or not os.path.isfile(path):
+        raise LoraNodeError(f"Parallel LoRA: {name} is not in ComfyUI's loras folders")
+    real = os.path.realpath(path)
+    roots = [os.path.realpath(r) for r in folder_paths.get_folder_paths("loras")]
+    if not any(os.path.commonpath([real, r]) == r for r in roots if os.path.isdir(r)) and \
+            not any(os.path.commonpath([os.path.abspath(path), os.path.abspath(r)]) == os.path.abspath(r)
+                    for r in folder_paths.get_folder_paths("loras")):
+        raise LoraNodeError(f"Parallel LoRA: {name} resolves outside ComfyUI's loras folders")
+    return os.path.abspath(path)

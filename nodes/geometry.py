@@ -100,11 +100,29 @@ def _described(p: Path, key: tuple) -> "Description":
     from comfyui_xdit.weights import describe
 
     if key not in _DESCRIBED:
+        refuse_quantised(p)
         try:
             _DESCRIBED[key] = describe(tensor_shapes(p))
         except WeightsError as e:
             raise CheckpointError(str(e)) from None
     return _DESCRIBED[key]
+
+
+def refuse_quantised(p: Path) -> None:
+    """CheckpointError naming the format when a safetensors file holds layers quantised by the newer ComfyUI in a
+    way the pool does not load (its `.comfy_quant` markers; fp8 with one scale per tensor loads)."""
+    from comfyui_xdit.errors import WeightsError
+    from comfyui_xdit.weights import file_quant_refusal
+
+    if not p.name.lower().endswith((".safetensors", ".sft")):
+        return
+    tensor_shapes(p)  # a damaged file: named as such first
+    try:
+        refusal = file_quant_refusal(p)
+    except WeightsError as e:
+        raise CheckpointError(str(e)) from None
+    if refusal:
+        raise CheckpointError(f"checkpoint {refusal}")
 
 
 def geometry(path: str) -> Geometry:
@@ -120,6 +138,8 @@ def geometry(path: str) -> Geometry:
     pair = split_pair(path)
     p = Path(pair[0] if pair is not None else path)  # two expert files: one architecture, the first's
     key = _version(p)
+    if pair is not None and key not in _CACHE:
+        refuse_quantised(Path(pair[1]))
     if key not in _CACHE:
         if p.is_dir():
             _CACHE[key] = _folder_geometry(p)

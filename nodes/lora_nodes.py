@@ -3,67 +3,27 @@ sample job to the pool, whose ranks patch the weights they hold (and restore the
 from __future__ import annotations
 
 import dataclasses
-import os
 
-from . import prompt_graph
+from comfy_api.latest import io
+
+from . import queue_check, schemas
+from .checkpoints import LORA_SUFFIXES as SUFFIXES  # noqa: F401 - the files the pool reads
+from .checkpoints import LoraNodeError, lora_names  # noqa: F401 - the loras folder's files the node lists
+from .checkpoints import resolve_lora as resolve
 from .pool import ModelHandle
 
-SUFFIXES = (".safetensors", ".sft")  # the pool reads nothing it would have to unpickle
 
-
-class LoraNodeError(Exception):
-    """One clear message for ComfyUI's error dialog."""
-
-
-def lora_names() -> list[str]:
-    import folder_paths
-
-    try:
-        return [n for n in folder_paths.get_filename_list("loras") if n.lower().endswith(SUFFIXES)]
-    except Exception:  # noqa: BLE001 - a ComfyUI without a loras folder kind
-        return []
-
-
-def resolve(name: str) -> str:
-    """The file of `name` in ComfyUI's loras folders (ComfyUI's own lookup, which keeps names inside them)."""
-    import folder_paths
-
-    if not isinstance(name, str) or not name.lower().endswith(SUFFIXES):
-        raise LoraNodeError(f"Parallel LoRA: {name!r} is not a .safetensors LoRA file")
-    path = folder_paths.get_full_path("loras", name)
-    if path is None or not os.path.isfile(path):
-        raise LoraNodeError(f"Parallel LoRA: {name} is not in ComfyUI's loras folders")
-    real = os.path.realpath(path)
-    roots = [os.path.realpath(r) for r in folder_paths.get_folder_paths("loras")]
-    if not any(os.path.commonpath([real, r]) == r for r in roots if os.path.isdir(r)) and \
-            not any(os.path.commonpath([os.path.abspath(path), os.path.abspath(r)]) == os.path.abspath(r)
-                    for r in folder_paths.get_folder_paths("loras")):
-        raise LoraNodeError(f"Parallel LoRA: {name} resolves outside ComfyUI's loras folders")
-    return os.path.abspath(path)
-
-
-class ParallelLoRA:
-    CATEGORY = "xDiT"
-    RETURN_TYPES = ("XDIT_MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "apply"
-    DESCRIPTION = ("LoraLoaderModelOnly for a Parallel DiT: adds a LoRA (ComfyUI/kohya, diffusers/PEFT, ai-toolkit, "
-                   "musubi/LightX2V formats) to the model's set; chain several. Each pool rank patches the weights "
-                   "it holds before sampling and restores them when the set changes, without reloading the model.")
+class ParallelLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schemas.lora()
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("XDIT_MODEL",),
-            "lora_name": (lora_names(), {"tooltip": "from models/loras (.safetensors)"}),
-            "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
-        }, "hidden": {prompt_graph.HIDDEN: "UNIQUE_ID"}}
+    def validate_inputs(cls, lora_name=None):  # the one argument: schemas.VALIDATED
+        return queue_check.problem_for(getattr(getattr(cls, "hidden", None), "unique_id", None))
 
     @classmethod
-    def VALIDATE_INPUTS(cls, xdit_check=None):
-        return prompt_graph.problem_for(xdit_check)
-
-    def apply(self, model, lora_name, strength_model, xdit_check=None):
+    def execute(cls, model, lora_name, strength_model):
         if not isinstance(model, ModelHandle):
             raise LoraNodeError("Parallel LoRA: model must come from Load Parallel DiT")
         strength = float(strength_model)
@@ -73,5 +33,4 @@ class ParallelLoRA:
         return (dataclasses.replace(model, loras=(*model.loras, (path, strength))),)
 
 
-NODE_CLASS_MAPPINGS = {"XDiTParallelLoRA": ParallelLoRA}
-NODE_DISPLAY_NAME_MAPPINGS = {"XDiTParallelLoRA": "Parallel LoRA (xDiT)"}
+NODES = (ParallelLoRA,)

@@ -319,3 +319,15 @@ def settings_from_inputs(**kw: Any) -> ParallelSettings:
 
 def settings_dict(s: ParallelSettings) -> dict:
     return asdict(s)
+
+
+def settings_from_widgets(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree, num_patches,
+                          warmup_steps, attention, gpus="", pool_address="", shard_degree=1, shard_keep=False,
+                          layout="manual") -> ParallelSettings:
+    """The XDIT_PARALLEL_CONFIG value for Configure Hybrid Parallel's widget values (not yet validated; `layout`
+    auto has written its degrees into them when the prompt was queued)."""
+    return settings_from_inputs(device=device, ulysses=int(ulysses_degree), ring=int(ring_degree),
+                                pipefusion=int(pipefusion_degree), cfg=int(cfg_degree), dp=int(dp_degree),
+                                num_patches=int(num_patches), warmup_steps=int(warmup_steps), attention=attention,
+                                gpus=gpus or "", address=pool_address or "", shard=int(shard_degree),
+                                shard_keep=bool(shard_keep))

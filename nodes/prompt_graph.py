@@ -1,26 +1,13 @@
-"""What the queue-time check (nodes/queue_check.py, nodes/auto_layout.py) and the nodes share: the node ids of the
-pack, how a prompt graph's links are followed, the sizes an empty-latent node makes, and the verdicts the on-prompt
-handler recorded for the nodes' VALIDATE_INPUTS. Imports nothing of the pack, so every node module may import it."""
+"""Reading ComfyUI's API-format prompt (the graph POST /prompt carries): which node feeds an input, the loader behind
+a sampler's model, an empty-latent node's size. Shared by the queue-time checks (queue_check.py) and layout = auto
+(auto_layout.py), so that neither imports the other's helpers."""
 from __future__ import annotations
 
-import contextvars
-from typing import Any
+from .schemas import LOAD, LORA
 
-HIDDEN = "xdit_check"  # the hidden input (UNIQUE_ID) each node's VALIDATE_INPUTS takes; ComfyUI prefixes messages with it
-CONFIGURE, LOAD, SAMPLER = "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"
-LORA = "XDiTParallelLoRA"
-SAMPLERS = (SAMPLER, "XDiTParallelSamplerAdvanced")  # the same checks: both take a model, cfg and a latent
+VIDEO_LATENTS = {"EmptyHunyuanLatentVideo": 4, "Wan22ImageToVideoLatent": 4}  # pixel frames per latent frame
 EMPTY_LATENTS = ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "Wan22ImageToVideoLatent",
                  "EmptyFlux2LatentImage")  # the newer ComfyUI's FLUX.2 empty latent: width and height in pixels too
-VIDEO_LATENTS = {"EmptyHunyuanLatentVideo": 4, "Wan22ImageToVideoLatent": 4}  # pixel frames per latent frame
-# {node id: one line} the on-prompt handler found, in the context of the request that is validating the prompt
-FOUND: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("xdit_queue_problems", default=None)
-
-
-def problem_for(node_id: Any) -> str | bool:
-    """VALIDATE_INPUTS' answer for a node: True, or the line the on-prompt handler found for it."""
-    found = FOUND.get()
-    return (found or {}).get(str(node_id), True)
 
 
 def source(prompt: dict, node: dict, name: str, kind: str | tuple) -> tuple[str, dict] | None:
@@ -42,14 +29,6 @@ def model_source(prompt: dict, node: dict) -> tuple[str, dict] | None:
     return None
 
 
-def latent_size(node: dict) -> tuple[int, int, int] | None:
-    inputs = node.get("inputs") or {}
-    vals = [inputs.get(k) for k in ("height", "width", "batch_size")]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals):
-        return None
-    return (*vals, latent_frames(node))
-
-
 def latent_frames(node: dict) -> int:
     """Latent frames T of an empty-latent node: a video node's `length` pixel frames make (length - 1) // k + 1
     (ComfyUI floors a length that is not k n + 1); an image node makes one."""
@@ -58,3 +37,11 @@ def latent_frames(node: dict) -> int:
     if k is None or not isinstance(length, int) or isinstance(length, bool) or length < 1:
         return 1
     return (length - 1) // k + 1
+
+
+def latent_size(node: dict) -> tuple[int, int, int] | None:
+    inputs = node.get("inputs") or {}
+    vals = [inputs.get(k) for k in ("height", "width", "batch_size")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vals):
+        return None
+    return (*vals, latent_frames(node))

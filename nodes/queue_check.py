@@ -1,36 +1,34 @@
 """Refusing at queue time what the pool would refuse at sampling.
 
-ComfyUI's VALIDATE_INPUTS sees one node's widget constants, not the graph; but a Ulysses degree that does not divide
+ComfyUI's validate_inputs sees one node's widget constants, not the graph; but a Ulysses degree that does not divide
 the model's heads, cfg parallel with cfg 1 or a dp degree larger than the batch are properties of several nodes
 together. So an on-prompt handler (PromptServer.add_on_prompt_handler, called on POST /prompt just before ComfyUI
 validates the graph, in the same request task) reads the whole graph: the checkpoint's geometry (nodes/geometry.py,
 no weights loaded), the constants of Configure Hybrid Parallel, the Parallel Samplers and an empty-latent node; it keeps
-one line per offending node in a context variable of that task. Each node's VALIDATE_INPUTS takes a single hidden
-input, its node id, so ComfyUI reports that line once for the node (it repeats a message once per argument).
-What depends on values only known when the graph runs (linked widgets, a latent from a VAE) is checked at sampling.
+one line per offending node in a context variable of that task. Each node's validate_inputs takes a single input
+(schemas.VALIDATED) and reads its node id from the hidden UNIQUE_ID, so ComfyUI reports that line once for the node
+(it repeats a message once per argument). Input names, limits and choices come from the nodes' schemas
+(schemas.py), which import no node module. What depends on values only known when the graph runs (linked widgets, a
+latent from a VAE) is checked at sampling.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
 from typing import Any
 
-from . import auto_layout
+from . import schemas
 from .families import SAMPLERS as ENGINE_SAMPLERS
 from .geometry import CheckpointError, Geometry
-from .prompt_graph import (CONFIGURE, EMPTY_LATENTS, HIDDEN, LOAD, LORA, SAMPLER, SAMPLERS, VIDEO_LATENTS,  # noqa: F401
-                           problem_for)
-from .prompt_graph import FOUND as _FOUND, latent_frames as _latent_frames, latent_size as _latent_size
-from .prompt_graph import model_source as _model_source, source as _source
+from .prompt_graph import EMPTY_LATENTS, latent_size as _latent_size
+from .prompt_graph import model_source as _model_source
+from .prompt_graph import source as _source
+from .schemas import CONFIGURE, LOAD, LORA, SAMPLERS, STOCK_MODEL
 
 log = logging.getLogger("comfyui_xdit.nodes")
 
-# The pack's node classes by id (their INPUT_TYPES and Configure's settings), filled by nodes/__init__.py: the node
-# modules import this one for its verdicts, so it does not import them.
-NODE_CLASSES: dict[str, Any] = {}
-
-STOCK_MODEL = "XDiTParallelDiTModel"  # runs one forward per call: no PipeFusion
 WEIGHT_PATCHERS = ("LoraLoader", "LoraLoaderModelOnly")  # ComfyUI's; so are its ModelMerge* nodes
 # ComfyUI's weight hooks (comfy_extras/nodes_hooks.py): LoRAs a conditioning carries into sampling, whose patches
 # could not reach the pool's weights either; SetClipHooks passes its hooks on to the conditioning only with
@@ -41,10 +39,19 @@ HOOK_MAKERS = ("CreateHookLora", "CreateHookLoraModelOnly", "CreateHookModelAsLo
 IMAGE_CONDITIONING = ("WanImageToVideo", "WanFirstLastFrameToVideo", "WanFunInpaintToVideo", "WanCameraImageToVideo")
 UNSUPPORTED_IMAGE_CONDITIONING = ("WanCameraImageToVideo",)
 CLIP_VISION_INPUTS = ("clip_vision_output", "clip_vision_start_image", "clip_vision_end_image")
+_FOUND: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("xdit_queue_problems", default=None)
+
+
+def problem_for(node_id: Any) -> str | bool:
+    """VALIDATE_INPUTS' answer for a node: True, or the line the on-prompt handler found for it."""
+    found = _FOUND.get()
+    return (found or {}).get(str(node_id), True)
 
 
 def on_prompt(json_data: dict) -> dict:
     """The on-prompt handler: records the problems of json_data["prompt"]; never changes or blocks the prompt."""
+    from . import auto_layout
+
     json_data = auto_layout.on_prompt(json_data)  # layout = auto: the degrees first, then their checks
     try:
         prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
@@ -78,7 +85,8 @@ def graph_problems(prompt: dict) -> dict[str, str]:
         if not isinstance(node, dict):
             continue
         kind = node.get("class_type")
-        lines = (_configure_problems(node) if kind == CONFIGURE else
+        lines = _choice_problems(node, kind) if kind in schemas.SCHEMAS else []
+        lines += (_configure_problems(node) if kind == CONFIGURE else
                  _load_problems(prompt, node) + _stock_model_problems(prompt, str(nid), node) if kind == LOAD else
                  _sampler_problems(prompt, node) if kind in SAMPLERS else
                  _lora_problems(prompt, node) if kind == LORA else [])
@@ -93,44 +101,60 @@ def graph_problems(prompt: dict) -> dict[str, str]:
     return {nid: "; ".join(dict.fromkeys(lines)) for nid, lines in found.items()}
 
 
-def _node_class(kind: str):
-    return NODE_CLASSES[kind]
-
-
 def _constants(node: dict, kind: str) -> dict | None:
-    """The node's widget values when all are constants within their declared ranges and lists; None otherwise
-    (a linked widget is known only when the graph runs; ComfyUI itself reports a value out of range)."""
-    spec = _node_class(kind).INPUT_TYPES()
+    """The node's widget values when all are constants within their schema's ranges and choices; None otherwise
+    (a linked widget is known only when the graph runs; ComfyUI itself reports a value out of range, and
+    _choice_problems one not among the choices)."""
     inputs = node.get("inputs") or {}
     out = {}
-    for section in ("required", "optional"):
-        for name, conf in spec.get(section, {}).items():
-            if isinstance(conf[0], str) and conf[0] not in ("INT", "FLOAT", "STRING", "BOOLEAN"):
-                continue  # a link input
-            if name not in inputs:
-                if section == "required":
-                    return None
-                continue
-            value = inputs[name]
-            if isinstance(value, list) or not _in_range(value, conf):
+    for widget in schemas.widgets(kind):
+        if widget.id not in inputs:
+            if not widget.optional:
                 return None
-            out[name] = value
+            continue
+        value = inputs[widget.id]
+        if isinstance(value, list) or not _in_range(value, widget):
+            return None
+        out[widget.id] = value
     return out
 
 
-def _in_range(value: Any, conf: tuple) -> bool:
-    if isinstance(conf[0], list):
-        return value in conf[0]
-    extra = conf[1] if len(conf) > 1 and isinstance(conf[1], dict) else {}
-    if conf[0] in ("INT", "FLOAT"):
+def _in_range(value: Any, widget) -> bool:
+    options = getattr(widget, "options", None)
+    if options is not None:
+        return value in options
+    if isinstance(widget, (schemas.io.Int.Input, schemas.io.Float.Input)):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             return False
-        return extra.get("min", value) <= value <= extra.get("max", value)
+        low, high = getattr(widget, "min", None), getattr(widget, "max", None)
+        return (low is None or low <= value) and (high is None or value <= high)
     return True
 
 
+def _choice_problems(node: dict, kind: str) -> list[str]:
+    """What ComfyUI's own prompt validation leaves out for our V3 nodes, as it would say it: a constant not among a
+    choice widget's options (ComfyUI 0.3.64 checks the choices of V1 nodes only: a V3 combo's list sits in its
+    options), and for the one input validate_inputs takes (schemas.VALIDATED), whose limits ComfyUI does not check
+    once that method takes it, a number outside them."""
+    inputs = node.get("inputs") or {}
+    out = []
+    for widget in schemas.widgets(kind):
+        value = inputs.get(widget.id)
+        if widget.id not in inputs or isinstance(value, list):
+            continue
+        options = getattr(widget, "options", None)
+        if options is not None and value not in options:
+            shown = ", ".join(map(str, options)) if len(options) <= 20 else f"a list of {len(options)}"
+            out.append(f"{value!r} is not among {widget.id}'s choices ({shown or 'none'})")
+        elif widget.id == schemas.VALIDATED.get(kind) and options is None and not _in_range(value, widget):
+            out.append(f"{widget.id} {value!r} is outside its range {widget.min}..{widget.max}")
+    return out
+
+
 def _settings(values: dict):
-    return NODE_CLASSES[CONFIGURE].settings(**values)
+    from .pool import settings_from_widgets
+
+    return settings_from_widgets(**values)
 
 
 # ------------------------------------------------------------------------------------------------ per node
@@ -311,7 +335,8 @@ def _lora_problems(prompt: dict, node: dict) -> list[str]:
     from comfyui_xdit.lora import refusal
 
     from .geometry import tensor_shapes
-    from .lora_nodes import LoraNodeError, resolve  # lora_nodes reads verdicts from prompt_graph, not from here
+    from .checkpoints import LoraNodeError
+    from .checkpoints import resolve_lora as resolve
 
     name = (node.get("inputs") or {}).get("lora_name")
     if not isinstance(name, str):

@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 
 import torch
+from comfy_api.latest import io
 
+from . import schemas
 from .families import cond_spec
 from .pool import ModelHandle
-from .xdit_nodes import MAX_SEED, XDiTNodeError
-
-CATEGORY = "xDiT/testing"
+from .xdit_nodes import XDiTNodeError
 
 
 def tiny_conditioning(family: str, seed: int, tokens: int) -> tuple[list, list]:
@@ -64,52 +64,27 @@ def _samples(latent, which: str) -> torch.Tensor:
     return latent["samples"]
 
 
-class TinyConditioning:
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("positive", "negative")
-    FUNCTION = "make"
-    DESCRIPTION = ("Random conditioning in the shape the loaded model's text encoders make (tokens x the encoder's "
-                   "width, plus the pooled vector and guidance where the family takes them), for checking a set-up "
-                   "with the built-in tiny models without downloading text encoders. Not for real images.")
+class TinyConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schemas.tiny_conditioning()
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("XDIT_MODEL",),
-            "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "the same seed, the same values"}),
-            "tokens": ("INT", {"default": 8, "min": 1, "max": 4096, "tooltip": "text tokens per prompt"}),
-        }}
-
-    def make(self, model, seed, tokens):
+    def execute(cls, model, seed, tokens):
         if not isinstance(model, ModelHandle):
             raise XDiTNodeError("Tiny Conditioning: model must come from Load Parallel DiT")
         return tiny_conditioning(model.family, seed, tokens)
 
 
-class SetupCheck:
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ()
-    FUNCTION = "check"
-    OUTPUT_NODE = True
-    DESCRIPTION = ("Compares the parallel sampler's latent with one GPU's (all degrees 1) for the same model, "
-                   "conditioning, latent and seed: PASS when their relative L2 difference is within the tolerance, "
-                   "an error with the numbers otherwise.")
+class SetupCheck(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schemas.setup_check()
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "parallel": ("LATENT", {"tooltip": "the parallel run's result"}),
-            "reference": ("LATENT", {"tooltip": "one GPU's result (Configure Hybrid Parallel, all degrees 1)"}),
-            "tolerance": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-5, "round": False,
-                                    "tooltip": "largest relative L2 difference that passes (fp32: 1e-4; bf16: 2e-2)"}),
-        }}
-
-    def check(self, parallel, reference, tolerance):
+    def execute(cls, parallel, reference, tolerance):
         line = compare(parallel, reference, float(tolerance))
-        return {"ui": {"text": [line]}, "result": ()}
+        return io.NodeOutput(ui={"text": [line]})
 
 
-NODE_CLASS_MAPPINGS = {"XDiTTinyConditioning": TinyConditioning, "XDiTSetupCheck": SetupCheck}
-NODE_DISPLAY_NAME_MAPPINGS = {"XDiTTinyConditioning": "Tiny Conditioning (xDiT)",
-                              "XDiTSetupCheck": "Setup Check (xDiT)"}
+NODES = (TinyConditioning, SetupCheck)

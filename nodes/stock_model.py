@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
+from . import schemas
 from .families import TINY_VARIANT, applies_text_mask, native, reference_method_error, spec
 from .pool import MANAGER, ModelHandle
 
@@ -414,24 +415,19 @@ def stock_model(handle: ModelHandle, cache: dict | None = None):
     return _patcher_class()(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device(), size=1)
 
 
-XDiTModel = io.Custom("XDIT_MODEL")  # Load Parallel DiT's output type
-
-
 class ParallelDiTModel(io.ComfyNode):
-    """ComfyUI V3 node (comfy_api.latest): ComfyUI's loader takes it from NODE_CLASS_MAPPINGS beside the V1 nodes."""
-
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="XDiTParallelDiTModel", display_name="Parallel DiT Model (xDiT)", category="xDiT",
-            description=("The Parallel DiT as a ComfyUI MODEL for stock sampling nodes (KSampler, "
-                         "SamplerCustomAdvanced, guiders, ModelSampling shift nodes): ComfyUI runs the sampling "
-                         "loop, the worker pool runs each transformer forward with Ulysses / Ring inside it and the "
-                         "cond/uncond batch split over CFG and DP ranks. PipeFusion stays in Parallel Sampler."),
-            inputs=[XDiTModel.Input("model")], outputs=[io.Model.Output(display_name="model")])
+        return schemas.stock_model()
 
     @classmethod
-    def execute(cls, model: ModelHandle) -> io.NodeOutput:
+    def execute(cls, model: ModelHandle, cache="none", cache_threshold=0.1, cache_warmup=1,
+                cache_max_consecutive=0) -> io.NodeOutput:
         if not isinstance(model, ModelHandle):
             raise StockModelError(f"{NAME}: model must come from Load Parallel DiT")
-        return io.NodeOutput(stock_model(model))
+        settings = None if cache != "fbcache" else {"threshold": float(cache_threshold), "warmup": int(cache_warmup),
+                                                   "max_consecutive": int(cache_max_consecutive)}
+        return io.NodeOutput(stock_model(model, settings) if settings else stock_model(model))
+
+
+NODES = (ParallelDiTModel,)

@@ -1,136 +1,67 @@
-"""The nodes: thin adapters between ComfyUI's types and the worker pool."""
+"""The nodes: thin adapters between ComfyUI's types and the worker pool. V3 nodes (comfy_api.latest): their inputs are
+declared in schemas.py, which the queue-time checks read too."""
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from . import auto_layout, checkpoints, convert, queue_check, wan_image
-from .families import SAMPLERS, VARIANTS, sampler_names, scheduler_names, spec
-from .pool import ATTENTION, DEVICES, MANAGER, ModelHandle, settings_from_inputs, validation_error
+from comfy_api.latest import io
+
+from . import auto_layout, checkpoints, convert, queue_check, schemas, wan_image
+from .families import SAMPLERS, spec
+from .pool import MANAGER, ModelHandle, settings_from_widgets, validation_error
+from .schemas import DTYPES, ENABLE, FAMILIES, MAX_SEED  # noqa: F401 - the nodes' lists, read by tests and tools
 
 log = logging.getLogger("comfyui_xdit.nodes")
-
-CATEGORY = "xDiT"
-DTYPES = ("bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
-FAMILIES = ("auto", *dict.fromkeys(v.family for v in VARIANTS.values()), *VARIANTS)
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
-HIDDEN = {queue_check.HIDDEN: "UNIQUE_ID"}  # the node id, for the queue-time check's verdict
 
 
 class XDiTNodeError(Exception):
     """One clear message for ComfyUI's error dialog."""
 
 
-def _degree(default: int = 1, maximum: int = 64, tip: str = "") -> tuple:
-    return ("INT", {"default": default, "min": 1, "max": maximum, "tooltip": tip})
+def _node_id(cls) -> Any:
+    """The node id ComfyUI set on the copy of the class it calls (hidden input UNIQUE_ID), or None."""
+    return getattr(getattr(cls, "hidden", None), "unique_id", None)
 
 
-class ConfigureHybridParallel:
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("XDIT_PARALLEL_CONFIG",)
-    RETURN_NAMES = ("parallel_config",)
-    FUNCTION = "configure"
-    DESCRIPTION = ("How a Parallel DiT runs: on which device and GPUs, and how the work is split. The product of "
-                   "the degrees is the number of ranks (one per GPU).")
+class ConfigureHybridParallel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schemas.configure()
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "device": (list(DEVICES), {"default": "auto", "tooltip": "auto: CUDA when torch sees a GPU"}),
-                "ulysses_degree": _degree(tip="sequence parallel over attention heads (all-to-all)"),
-                "ring_degree": _degree(tip="sequence parallel with K/V passed around a ring"),
-                "pipefusion_degree": _degree(tip="pipeline stages over the transformer blocks"),
-                "cfg_degree": _degree(maximum=2, tip="2: positive and negative branches on separate halves"),
-                "dp_degree": _degree(tip="data parallel over the batch"),
-                "num_patches": ("INT", {"default": 0, "min": 0, "max": 64,
-                                        "tooltip": "PipeFusion patches; 0 = the pipefusion degree"}),
-                "warmup_steps": ("INT", {"default": 1, "min": 0, "max": 100,
-                                         "tooltip": "synchronous steps before PipeFusion's stale-K/V steps"}),
-                "attention": (list(ATTENTION), {"default": "auto", "tooltip": "preferred SDPA kernel on CUDA"}),
-            },
-            "optional": {
-                "gpus": ("STRING", {"default": "", "tooltip": "CUDA GPU numbers, e.g. 0,1,2,3; empty = the first ones"}),
-                "pool_address": ("STRING", {"default": "", "tooltip": "tcp://HOST:PORT of a pool started with "
-                                            "`python -m comfyui_xdit serve`; empty = start one here"}),
-                "shard_degree": _degree(tip="FSDP2: split every block's weights over this many of the ranks "
-                                        "(innermost degrees, e.g. the ulysses ones); alone, that many GPUs "
-                                        "pool their memory and compute the same step"),
-                "shard_keep": ("BOOLEAN", {"default": False, "tooltip": "keep each block's gathered weights for "
-                                           "the whole job (one gather per block per job, more memory)"}),
-                "layout": (["auto", "manual"], {"default": "auto", "tooltip": (
-                    "auto: when queued, pick the degrees (ulysses, ring, cfg, dp, shard; fp8 storage when nothing "
-                    "else fits) for the GPUs, the checkpoint and the sampler's job from a cost model, and show why; "
-                    "manual: the degree widgets; last, so saved workflows keep their widget order")}),
-            },
-            "hidden": dict(HIDDEN),
-        }
-
-    @staticmethod
-    def settings(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree, num_patches,
-                 warmup_steps, attention, gpus="", pool_address="", shard_degree=1, shard_keep=False, layout="manual"):
-        """The XDIT_PARALLEL_CONFIG value for these widget values (not yet validated; `layout` auto has written its
-        degrees into them when the prompt was queued)."""
-        return settings_from_inputs(device=device, ulysses=int(ulysses_degree), ring=int(ring_degree),
-                                    pipefusion=int(pipefusion_degree), cfg=int(cfg_degree), dp=int(dp_degree),
-                                    num_patches=int(num_patches), warmup_steps=int(warmup_steps),
-                                    attention=attention, gpus=gpus or "", address=pool_address or "",
-                                    shard=int(shard_degree), shard_keep=bool(shard_keep))
+    def validate_inputs(cls, ulysses_degree=None):  # the one argument: schemas.VALIDATED
+        node_id = _node_id(cls)
+        auto = auto_layout.problem_for(node_id)
+        return auto if auto is not True else queue_check.problem_for(node_id)
 
     @classmethod
-    def VALIDATE_INPUTS(cls, xdit_check=None):
-        auto = auto_layout.problem_for(xdit_check)
-        return auto if auto is not True else queue_check.problem_for(xdit_check)
-
-    def configure(self, device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree, num_patches,
-                  warmup_steps, attention, gpus="", pool_address="", shard_degree=1, shard_keep=False,
-                  xdit_check=None, layout="manual"):  # "manual": prompts saved before the widget keep their degrees
-        s = self.settings(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree,
-                          num_patches, warmup_steps, attention, gpus, pool_address, shard_degree, shard_keep)
+    def execute(cls, device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree, num_patches,
+                warmup_steps, attention, gpus="", pool_address="", shard_degree=1, shard_keep=False,
+                layout="manual"):  # "manual": prompts saved before the widget keep their degrees
+        s = settings_from_widgets(device, ulysses_degree, ring_degree, pipefusion_degree, cfg_degree, dp_degree,
+                                  num_patches, warmup_steps, attention, gpus, pool_address, shard_degree, shard_keep)
         err = validation_error(s)
         if err:
             raise XDiTNodeError(err)
         if layout != "auto":
             return (s,)
-        line = auto_layout.reason_for(xdit_check) or "auto: not resolved when queued; the degrees as set"
+        line = auto_layout.reason_for(_node_id(cls)) or "auto: not resolved when queued; the degrees as set"
         log.info("xDiT Configure Hybrid Parallel: %s", line)
-        return {"ui": {"text": [line]}, "result": (s,)}
+        return io.NodeOutput(s, ui={"text": [line]})
 
 
-class LoadParallelDiT:
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("XDIT_MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "load"
-    DESCRIPTION = ("Loads a diffusion transformer (families: "
-                   + ", ".join(dict.fromkeys(v.family for v in VARIANTS.values()))
-                   + ") on the worker pool of the parallel config (starting the pool, or restarting it when the "
-                   "config changed). Text encoders and VAE stay ComfyUI's own loaders.")
+class LoadParallelDiT(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schemas.load()
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "parallel_config": ("XDIT_PARALLEL_CONFIG",),
-                "checkpoint": (checkpoints.list_checkpoints(), {"tooltip": "from models/diffusion_models, unet or "
-                                                                "checkpoints"}),
-                "weight_dtype": (list(DTYPES), {"default": "bf16", "tooltip": "fp8_*: weights stored in fp8, "
-                                                "computed in bf16"}),
-                "family": (list(FAMILIES), {"default": "auto", "tooltip": "auto: detected from the weights"}),
-            },
-            "optional": {
-                "checkpoint_2": (["none", *checkpoints.list_checkpoints()], {
-                    "default": "none", "tooltip": "Wan 2.2 A14B as one model: the low-noise expert file, with the "
-                    "high-noise one as checkpoint (the experts switch at the published boundary_ratio)"}),
-            },
-            "hidden": dict(HIDDEN),
-        }
+    def validate_inputs(cls, checkpoint=None):  # the one argument: schemas.VALIDATED
+        return queue_check.problem_for(_node_id(cls))
 
     @classmethod
-    def VALIDATE_INPUTS(cls, xdit_check=None):
-        return queue_check.problem_for(xdit_check)
-
-    def load(self, parallel_config, checkpoint, weight_dtype, family, checkpoint_2="none", xdit_check=None):
+    def execute(cls, parallel_config, checkpoint, weight_dtype, family, checkpoint_2="none"):
         try:
             path = checkpoints.resolve(checkpoint)
             if checkpoint_2 not in (None, "", "none"):  # two experts: one source (the engine's pair)
@@ -154,109 +85,37 @@ class LoadParallelDiT:
                             load_family=engine_family),)
 
 
-class ParallelSampler:
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "sample"
-    DESCRIPTION = ("KSampler for a Parallel DiT: the denoising loop runs on the worker pool, with ComfyUI's "
-                   "noise, schedulers and conditioning; decode the result with VAE Decode.")
+class ParallelSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schemas.sampler()
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("XDIT_MODEL",),
-                "positive": ("CONDITIONING",),
-                "negative": ("CONDITIONING",),
-                "latent_image": ("LATENT",),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
-                "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-                "sampler_name": (sampler_names(), {"tooltip": (
-                    "euler and dpmpp_2m run in the pool's own loop (every method, the step cache); the others run "
-                    "as ComfyUI's own sampler over the pool's forwards, as with Parallel DiT Model (Ulysses, Ring, "
-                    "CFG, DP, shard; a single-file checkpoint ComfyUI detects)")}),
-                "scheduler": (scheduler_names(),),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-            },
-            "optional": {
-                "cache": (["none", "fbcache"], {"default": "none", "tooltip": (
-                    "First-block cache: on steps where the first block's residual changed less than the threshold, "
-                    "reuse the other blocks' residual from the last computed step instead of running them.")}),
-                "cache_threshold": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 10.0, "step": 0.01,
-                                              "tooltip": "relative change under which a step is reused"}),
-                "cache_warmup": ("INT", {"default": 1, "min": 1, "max": 10000,
-                                         "tooltip": "first steps always computed"}),
-                "cache_max_consecutive": ("INT", {"default": 0, "min": 0, "max": 10000,
-                                                  "tooltip": "most reused steps in a row (0: no limit)"}),
-                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": (
-                    "flow models (Wan, SD3): the sampling shift, as ModelSamplingSD3 sets it on a native model; "
-                    "0: the model's own (Wan 8.0)")}),
-                "compile": ("BOOLEAN", {"default": False, "tooltip": (
-                    "regional torch.compile: each repeated transformer block class compiled once per shape and "
-                    "layout, kept by the pool for later jobs (the first job pays the compilation; euler and "
-                    "dpmpp_2m only)")}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID", **HIDDEN},
-        }
+    def validate_inputs(cls, model=None):  # the one argument: schemas.VALIDATED
+        return queue_check.problem_for(_node_id(cls))
 
     @classmethod
-    def VALIDATE_INPUTS(cls, xdit_check=None):
-        return queue_check.problem_for(xdit_check)
-
-    def sample(self, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
-               cache="none", cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, shift=0.0, compile=False,
-               unique_id=None, xdit_check=None):
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise,
+                cache="none", cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, shift=0.0,
+                compile=False):
         return _sample("Parallel Sampler", model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                        scheduler, _cache_fields(cache, cache_threshold, cache_warmup, cache_max_consecutive),
-                       unique_id, denoise=denoise, shift=shift, compile=compile)
+                       _node_id(cls), denoise=denoise, shift=shift, compile=compile)
 
 
-ENABLE = ["enable", "disable"]
-
-
-class ParallelSamplerAdvanced:
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "sample"
-    DESCRIPTION = ("KSamplerAdvanced for a Parallel DiT: runs steps start_at_step..end_at_step of a `steps` schedule "
-                   "on the worker pool, with or without adding noise and returning the leftover noise, so that two "
-                   "samplers can share one schedule (as Wan 2.2's high-noise and low-noise stages do).")
+class ParallelSamplerAdvanced(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schemas.sampler_advanced()
 
     @classmethod
-    def INPUT_TYPES(cls):
-        base = ParallelSampler.INPUT_TYPES()
-        req = base["required"]
-        return {
-            "required": {
-                "model": req["model"],
-                "add_noise": (list(ENABLE), {"tooltip": "disable: the latent already holds its noise (a second "
-                                             "stage)"}),
-                "noise_seed": req["seed"],
-                "steps": req["steps"],
-                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-                "sampler_name": req["sampler_name"],
-                "scheduler": req["scheduler"],
-                "positive": req["positive"],
-                "negative": req["negative"],
-                "latent_image": req["latent_image"],
-                "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000}),
-                "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000}),
-                "return_with_leftover_noise": (["disable", "enable"], {"tooltip": (
-                    "enable: stop at end_at_step's noise level (for a next stage); disable: denoise fully there")}),
-            },
-            "optional": dict(base["optional"]),
-            "hidden": dict(base["hidden"]),
-        }
+    def validate_inputs(cls, model=None):  # the one argument: schemas.VALIDATED
+        return queue_check.problem_for(_node_id(cls))
 
     @classmethod
-    def VALIDATE_INPUTS(cls, xdit_check=None):
-        return queue_check.problem_for(xdit_check)
-
-    def sample(self, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
-               latent_image, start_at_step, end_at_step, return_with_leftover_noise, cache="none",
-               cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, shift=0.0, compile=False,
-               unique_id=None, xdit_check=None):
+    def execute(cls, model, add_noise, noise_seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                latent_image, start_at_step, end_at_step, return_with_leftover_noise, cache="none",
+                cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, shift=0.0, compile=False):
         name = "Parallel Sampler (Advanced)"
         for what, value in (("add_noise", add_noise), ("return_with_leftover_noise", return_with_leftover_noise)):
             if value not in ENABLE:
@@ -266,8 +125,9 @@ class ParallelSamplerAdvanced:
                 raise XDiTNodeError(f"{name}: {what} must be a whole number >= 0, got {value!r}")
         return _sample(name, model, positive, negative, latent_image, noise_seed, steps, cfg, sampler_name,
                        scheduler, _cache_fields(cache, cache_threshold, cache_warmup, cache_max_consecutive),
-                       unique_id, add_noise=add_noise == "enable", start_step=start_at_step, last_step=end_at_step,
-                       force_full_denoise=return_with_leftover_noise == "disable", shift=shift, compile=compile)
+                       _node_id(cls), add_noise=add_noise == "enable", start_step=start_at_step,
+                       last_step=end_at_step, force_full_denoise=return_with_leftover_noise == "disable",
+                       shift=shift, compile=compile)
 
 
 def _cache_fields(cache, threshold, warmup, max_consecutive) -> dict | None:
@@ -472,24 +332,4 @@ def _one_line(e: BaseException) -> str:
 
 queue_check.register()
 
-try:  # the stock-sampler model node, in its own module; a V3 node, so it needs ComfyUI's comfy_api at import
-    from .stock_model import ParallelDiTModel  # noqa: E402
-except ModuleNotFoundError as e:  # outside ComfyUI (pytest importing this checkout as a package): left out
-    if not (e.name or "").startswith("comfy_api"):
-        raise
-    ParallelDiTModel = None
-
-NODE_CLASS_MAPPINGS = {
-    "XDiTConfigureHybridParallel": ConfigureHybridParallel,
-    "XDiTLoadParallelDiT": LoadParallelDiT,
-    "XDiTParallelSampler": ParallelSampler,
-    "XDiTParallelSamplerAdvanced": ParallelSamplerAdvanced,
-    **({"XDiTParallelDiTModel": ParallelDiTModel} if ParallelDiTModel is not None else {}),
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "XDiTConfigureHybridParallel": "Configure Hybrid Parallel (xDiT)",
-    "XDiTLoadParallelDiT": "Load Parallel DiT (xDiT)",
-    "XDiTParallelSampler": "Parallel Sampler (xDiT)",
-    "XDiTParallelSamplerAdvanced": "Parallel Sampler (Advanced) (xDiT)",
-    **({"XDiTParallelDiTModel": "Parallel DiT Model (xDiT)"} if ParallelDiTModel is not None else {}),
-}
+NODES = (ConfigureHybridParallel, LoadParallelDiT, ParallelSampler, ParallelSamplerAdvanced)

@@ -5,6 +5,7 @@ degrees."""
 from __future__ import annotations
 
 
+from . import comfy_standins as cs
 from .test_nodes import CONFIG_DEFAULTS, _graph, _node, _queue
 
 
@@ -27,8 +28,8 @@ def test_auto_writes_degrees_the_check_accepts_and_shows_why(ext, rec, monkeypat
     assert line.startswith("auto: ") and "2 x CPU" in line and "\n" not in line
     node = _node(ext, "XDiTConfigureHybridParallel")
     assert node.INPUT_TYPES()["optional"]["layout"][1]["default"] == "auto"
-    out = node().configure(**{k: v for k, v in inputs.items() if k != "layout"}, layout="auto", xdit_check="5")
-    assert out["ui"]["text"] == [line] and out["result"][0].world_size == 2
+    out = cs.with_id(node, "5").execute(**{k: v for k, v in inputs.items() if k != "layout"}, layout="auto")
+    assert out.ui["text"] == [line] and out[0].world_size == 2
 
 
 def test_auto_cfg_parallel_only_with_cfg(ext, rec, monkeypatch):
@@ -59,7 +60,7 @@ def test_manual_and_unknowns_keep_the_degrees(ext, rec):
     g["8"]["inputs"]["steps"] = ["12", 0]  # linked: known only when the graph runs
     _queue(ext, rec, g)
     assert g["5"]["inputs"]["ulysses_degree"] == 2 and "not constants" in ext.nodes.auto_layout.reason_for("5")
-    (s,) = _node(ext, "XDiTConfigureHybridParallel")().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (s,) = _node(ext, "XDiTConfigureHybridParallel").execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
     assert s.world_size == 2
 
 

@@ -24,7 +24,7 @@ sys.modules["comfyui-xdit"] = module
 spec.loader.exec_module(module)
 import comfyui_xdit, comfyui_xdit_runtime
 from comfyui_xdit_runtime.launcher import RANK_SCRIPT
-print(json.dumps({{"nodes": sorted(module.NODE_CLASS_MAPPINGS), "engine": comfyui_xdit.__file__,
+print(json.dumps({{"nodes": sorted(module.nodes.NODE_CLASS_MAPPINGS), "engine": comfyui_xdit.__file__,
                   "runtime": comfyui_xdit_runtime.__file__, "rank_script": RANK_SCRIPT,
                   "own_nodes": bool(getattr(sys.modules["nodes"], "COMFY_OWN_NODES_MODULE", False)),
                   "on_path": [p for p in sys.path if p.startswith(pack)]}}))

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .comfy_server import COMFYUI_DIR, ROOT, comfy_python, make_base, running_comfyui, saved_latent as _saved
 from .conftest import rel_l2
+from .node_views import options
 
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -113,10 +114,10 @@ def test_nodes_registered(comfy):
     info = json.load(urllib.request.urlopen(server + "/object_info", timeout=30))
     for name in ("XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler"):
         assert name in info and info[name]["category"] == "xDiT"
-    assert "tiny_sd3_e2e.safetensors" in info["XDiTLoadParallelDiT"]["input"]["required"]["checkpoint"][0]
+    assert "tiny_sd3_e2e.safetensors" in options(info["XDiTLoadParallelDiT"]["input"]["required"]["checkpoint"])
     assert info["XDiTParallelSampler"]["output"] == ["LATENT"]
-    ours = info["XDiTParallelSampler"]["input"]["required"]["scheduler"][0]
-    assert ours == info["KSampler"]["input"]["required"]["scheduler"][0]  # every scheduler ComfyUI has
+    ours = options(info["XDiTParallelSampler"]["input"]["required"]["scheduler"])
+    assert ours == options(info["KSampler"]["input"]["required"]["scheduler"])  # every scheduler ComfyUI has
 
 
 @pytest.fixture(scope="module")
@@ -331,9 +332,11 @@ def test_advanced_node_has_ksampler_advanceds_inputs(comfy):
         if name == "model":
             assert ours["input"]["required"][name][0] == "XDIT_MODEL"
         elif name == "sampler_name":  # the samplers the pool runs, a subset of ComfyUI's
-            assert set(ours["input"]["required"][name][0]) <= set(conf[0])
+            assert set(options(ours["input"]["required"][name])) <= set(options(conf))
         else:  # the same choices and defaults
-            assert ours["input"]["required"][name][0] == conf[0], name
+            assert options(ours["input"]["required"][name]) == options(conf), name
+            if options(conf) is None:
+                assert ours["input"]["required"][name][0] == conf[0], name
             mine = ours["input"]["required"][name][1] if len(ours["input"]["required"][name]) > 1 else {}
             theirs = conf[1] if len(conf) > 1 else {}
             for key in ("default", "min", "max"):
@@ -466,6 +469,28 @@ def test_damaged_checkpoint_refused_when_queued(comfy):
     assert status == 400
     (only,) = body["node_errors"]["8"]["errors"]
     assert "checkpoint truncated_e2e.safetensors is damaged or truncated" in only["details"]
+
+
+def test_quantised_checkpoint_and_unknown_choice_refused_when_queued(comfy):
+    """A checkpoint the newer ComfyUI quantised to nvfp4 (its .comfy_quant markers, tests/test_comfy_quant.py) and a
+    value not among a V3 combo's choices (which ComfyUI 0.3.64's own validation does not check): 400 with one line
+    on the Load node, naming the format / the input."""
+    from .test_comfy_quant import _quantised
+
+    server, base = comfy
+    sd, _ = _quantised("nvfp4")
+    save_file(sd, str(base / "models" / "diffusion_models" / "nvfp4_e2e.safetensors"))
+    status, body = _post(server, _refusal_graph({}, checkpoint="nvfp4_e2e.safetensors"))
+    assert status == 400, body
+    (only,) = body["node_errors"]["8"]["errors"]
+    assert "checkpoint nvfp4_e2e.safetensors is quantised by ComfyUI as nvfp4 (" in only["details"]
+    assert "\n" not in only["details"]
+    graph = _refusal_graph({})
+    graph["8"]["inputs"]["weight_dtype"] = "int4"
+    status, body = _post(server, graph)
+    assert status == 400, body
+    (only,) = body["node_errors"]["8"]["errors"]
+    assert only["details"].startswith("checkpoint - 'int4' is not among weight_dtype's choices (bf16, ")
 
 
 def test_pool_log_path_in_comfyui_log(comfy, ran):

@@ -176,24 +176,33 @@ def _run_family(comfy, family: str):
     return base, entry, progress, time.monotonic() - t0
 
 
-def test_v3_node_definition_is_the_stand_ins(comfy):
-    """ComfyUI takes the V3 node from NODE_CLASS_MAPPINGS; /object_info's entry equals the V1 view the stand-in
-    (tests/comfy_io_standin.py) gives, which the workflow checks and test_nodes.py use."""
+def test_v3_node_definitions_are_the_stand_ins_and_the_recorded_inputs(comfy):
+    """ComfyUI takes every node from the pack's ComfyExtension (comfy_entrypoint); each /object_info entry equals
+    the V1 view the stand-in (tests/comfy_io_standin.py) gives, which the workflow checks and test_nodes.py use, and
+    has the inputs (names, order, types, defaults, limits, tooltips) the V1 nodes had
+    (tests/data/node_inputs_main.json)."""
     import json
     import urllib.request
 
     from . import comfy_standins as cs
+    from .node_views import recorded, view
 
     server, _ = comfy
-    name = "XDiTParallelDiTModel"
-    info = json.load(urllib.request.urlopen(server + "/object_info", timeout=30))[name]
+    info = json.load(urllib.request.urlopen(server + "/object_info", timeout=30))
     with cs.extension() as ext:
-        node = ext.NODE_CLASS_MAPPINGS[name]
-        mine = {"input": json.loads(json.dumps(node.INPUT_TYPES())), "output": list(node.RETURN_TYPES),
-                "output_name": list(node.RETURN_NAMES), "category": node.CATEGORY,
-                "description": node.DESCRIPTION, "display_name": ext.NODE_DISPLAY_NAME_MAPPINGS[name]}
-    assert {k: info[k] for k in mine} == mine
-    assert info["input_order"] == {"required": ["model"]} and info["output_node"] is False
+        names = ext.nodes.NODE_DISPLAY_NAME_MAPPINGS
+        for name, node in ext.nodes.NODE_CLASS_MAPPINGS.items():
+            spec = json.loads(json.dumps(node.INPUT_TYPES()))
+            mine = {"input": spec, "output": list(node.RETURN_TYPES), "output_name": list(node.RETURN_NAMES),
+                    "category": node.CATEGORY, "description": node.DESCRIPTION, "display_name": names[name],
+                    "output_node": node.OUTPUT_NODE, "input_order": {k: list(v) for k, v in spec.items()}}
+            # the same but for the lists of this ComfyUI's files and samplers (node_views.DYNAMIC)
+            assert view(info[name]) == view(mine), name
+            assert {k: info[name][k] for k in ("input_order", "output_name")} == \
+                {k: mine[k] for k in ("input_order", "output_name")}, name
+            assert info[name]["input"].get("hidden") == spec.get("hidden"), name
+            assert info[name]["python_module"].startswith("custom_nodes."), name
+    assert {name: view(info[name]) for name in recorded()} == recorded()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

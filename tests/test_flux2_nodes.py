@@ -73,14 +73,14 @@ def test_flux2_graph_valid_at_queue_time(ext_mod):
 
 def test_sampler_on_pool_matches_engine(ext_mod):
     ext, rec = ext_mod, ext_mod.rec
-    m = ext.NODE_CLASS_MAPPINGS
-    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
-    (model,) = m["XDiTLoadParallelDiT"]().load(config, "tiny-flux2", "fp32", "auto")
+    m = ext.nodes.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"].execute(config, "tiny-flux2", "fp32", "auto")
     assert (model.family, model.variant) == ("flux2", "flux2-dev")
     sampler = m["XDiTParallelSampler"]()
     pos = _cond(11, seed=1, guidance=3.0)  # an odd text length and FluxGuidance's extra
     latent = {"samples": torch.zeros(1, 16, 16, 16)}  # EmptySD3LatentImage: widened to 32 channels
-    (out,) = sampler.sample(model, pos, pos, latent, 7, 4, 1.0, "euler", "simple", 1.0, unique_id="3")
+    (out,) = cs.with_id(sampler, "3").execute(model, pos, pos, latent, 7, 4, 1.0, "euler", "simple", 1.0)
     ms = rec.sigma_calls[-1][0]
     assert ms.settings == {"shift": empirical_mu(64, 4)}  # 128 px: 8 x 8 tokens, 4 steps
     assert out["samples"].shape == (1, 32, 16, 16)
@@ -92,10 +92,10 @@ def test_sampler_on_pool_matches_engine(ext_mod):
                                                           inputs=inputs)).latents
     assert rel_l2(out["samples"], ref) <= 1e-4 and rel_l2(out["samples"], inputs["noise"]) > 0.05
     # denoise < 1: the shift of the schedule it truncates (int(4 / 0.5) = 8 steps)
-    sampler.sample(model, pos, pos, {"samples": out["samples"]}, 7, 4, 1.0, "euler", "simple", 0.5)
+    sampler.execute(model, pos, pos, {"samples": out["samples"]}, 7, 4, 1.0, "euler", "simple", 0.5)
     assert rec.sigma_calls[-1][0].settings == {"shift": empirical_mu(64, 8)} and rec.sigma_calls[-1][2] == 8
     with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError, match="^Parallel Sampler: flux2 takes no negative"):
-        sampler.sample(model, pos, pos, latent, 7, 2, 3.0, "euler", "simple", 1.0)
+        sampler.execute(model, pos, pos, latent, 7, 2, 3.0, "euler", "simple", 1.0)
 
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to a ComfyUI checkout to run")

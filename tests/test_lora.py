@@ -178,17 +178,17 @@ def test_parallel_lora_node_chains(ext, tmp_path):
         save_file({"x.lora_A.weight": torch.zeros(1, 1)}, str(p))
     ext.rec.folders["loras"] = [str(a), str(b)]
     cls = nodes.NODE_CLASS_MAPPINGS["XDiTParallelLoRA"]
-    assert cls.INPUT_TYPES()["required"]["lora_name"][0] == ["a.safetensors", "b.safetensors"]
+    assert cls.INPUT_TYPES()["required"]["lora_name"][1]["options"] == ["a.safetensors", "b.safetensors"]
     handle = nodes.pool.ModelHandle(nodes.pool.ParallelSettings(), "m", "fp32", "wan", "wan2.1-t2v-1.3b", "k")
-    (one,) = cls().apply(handle, "a.safetensors", 0.5)
-    (two,) = cls().apply(one, "b.safetensors", -1.0)
+    (one,) = cls.execute(handle, "a.safetensors", 0.5)
+    (two,) = cls.execute(one, "b.safetensors", -1.0)
     assert two.loras == ((str(a), 0.5), (str(b), -1.0)) and handle.loras == ()
     assert two.lora_fields() == [{"path": str(a), "strength": 0.5}, {"path": str(b), "strength": -1.0}]
-    assert cls().apply(one, "b.safetensors", 0.0)[0] is one
+    assert cls.execute(one, "b.safetensors", 0.0)[0] is one
     with pytest.raises(Exception, match="not in ComfyUI's loras folders"):
-        cls().apply(handle, "../c.safetensors", 1.0)
+        cls.execute(handle, "../c.safetensors", 1.0)
     with pytest.raises(Exception, match="must come from Load Parallel DiT"):
-        cls().apply(object(), "a.safetensors", 1.0)
+        cls.execute(object(), "a.safetensors", 1.0)
 
 
 # ------------------------------------------------------------------------------------------------ parallel

@@ -159,13 +159,13 @@ def test_sampler_on_pool_applies_the_mask_on_the_newer_comfyui(api):
     from .test_nodes import CONFIG_DEFAULTS
 
     m = api.NODE_CLASS_MAPPINGS
-    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
-    (model,) = m["XDiTLoadParallelDiT"]().load(config, "tiny-qwen-image", "fp32", "auto")
+    (config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"].execute(config, "tiny-qwen-image", "fp32", "auto")
     mask = torch.tensor([[1] * 8 + [0] * 3])
     pos, neg = _cond(3, 11, attention_mask=mask), _cond(4, 5)
     latent = {"samples": torch.zeros(1, 4, 14, 18), "downscale_ratio_spacial": 8}  # EmptyLatentImage, 7 x 9 tokens
-    (out,) = m["XDiTParallelSampler"]().sample(model, pos, neg, latent, 5, 4, 3.5, "euler", "simple", 1.0,
-                                               unique_id="7")
+    (out,) = cs.with_id(m["XDiTParallelSampler"], "7").execute(model, pos, neg, latent, 5, 4, 3.5, "euler",
+                                                                 "simple", 1.0)
     assert out["samples"].shape == (1, 16, 1, 14, 18) and set(out) == {"samples"}
     sigmas = api.nodes.convert.sigmas_for(QWEN, "euler", "simple", 4, 1.0)
     inputs = {"cond": pos[0][0], "neg_cond": neg[0][0], "latent": torch.zeros(1, 16, 14, 18), "sigmas": sigmas,

@@ -19,7 +19,7 @@ ROOT = cs.ROOT
 
 
 def _node(ext, name):
-    return ext.NODE_CLASS_MAPPINGS[name]
+    return ext.nodes.NODE_CLASS_MAPPINGS[name]
 
 
 CONFIG_DEFAULTS = dict(device="cpu", ulysses_degree=1, ring_degree=1, pipefusion_degree=1, cfg_degree=1,
@@ -28,42 +28,62 @@ CONFIG_DEFAULTS = dict(device="cpu", ulysses_degree=1, ring_degree=1, pipefusion
 
 # ------------------------------------------------------------------------------------------------ registration
 def test_mappings_and_node_definitions(ext):
-    assert set(ext.NODE_CLASS_MAPPINGS) == {"XDiTConfigureHybridParallel", "XDiTLoadParallelDiT",
-                                            "XDiTParallelSampler", "XDiTParallelSamplerAdvanced",
-                                            "XDiTParallelDiTModel", "XDiTParallelLoRA", "XDiTTinyConditioning",
-                                            "XDiTSetupCheck"}
-    assert set(ext.NODE_DISPLAY_NAME_MAPPINGS) == set(ext.NODE_CLASS_MAPPINGS)
+    """Every node is a V3 node (comfy_api.latest), offered by the one ComfyExtension of comfy_entrypoint; the
+    package exports no NODE_CLASS_MAPPINGS (ComfyUI 0.3.64's loader would take those instead of the extension)."""
+    import asyncio
+
+    from .node_views import recorded
+
+    mappings = ext.nodes.NODE_CLASS_MAPPINGS
+    assert set(mappings) == set(recorded()) == {
+        "XDiTConfigureHybridParallel", "XDiTLoadParallelDiT", "XDiTParallelSampler", "XDiTParallelSamplerAdvanced",
+        "XDiTParallelDiTModel", "XDiTParallelLoRA", "XDiTTinyConditioning", "XDiTSetupCheck"}
+    assert not hasattr(ext, "NODE_CLASS_MAPPINGS") and ext.__all__ == ["comfy_entrypoint"]
+    extension = asyncio.run(ext.comfy_entrypoint())
+    assert isinstance(extension, cs.comfy_io_standin.ComfyExtension)
+    assert asyncio.run(extension.get_node_list()) == list(mappings.values())
     returns = {"XDiTConfigureHybridParallel": ("XDIT_PARALLEL_CONFIG",), "XDiTLoadParallelDiT": ("XDIT_MODEL",),
                "XDiTParallelSampler": ("LATENT",), "XDiTParallelSamplerAdvanced": ("LATENT",),
                "XDiTParallelDiTModel": ("MODEL",), "XDiTParallelLoRA": ("XDIT_MODEL",),
                "XDiTTinyConditioning": ("CONDITIONING", "CONDITIONING"), "XDiTSetupCheck": ()}
-    v3 = {name for name, cls in ext.NODE_CLASS_MAPPINGS.items() if issubclass(cls, cs.comfy_io_standin.ComfyNode)}
-    assert v3 == {"XDiTParallelDiTModel"}  # ComfyUI's V3 schema (comfy_api.latest), beside the V1 nodes
-    for name, cls in ext.NODE_CLASS_MAPPINGS.items():
+    validated = ext.nodes.schemas.VALIDATED
+    for name, cls in mappings.items():
+        assert issubclass(cls, cs.comfy_io_standin.ComfyNode)
+        schema = cls.define_schema()
+        assert schema.node_id == name and schema.display_name == ext.nodes.NODE_DISPLAY_NAME_MAPPINGS[name]
         assert cls.CATEGORY == ("xDiT/testing" if name in ("XDiTTinyConditioning", "XDiTSetupCheck") else "xDiT")
         assert tuple(cls.RETURN_TYPES) == returns[name]
+        assert cls.OUTPUT_NODE == (name == "XDiTSetupCheck")
         spec = cls.INPUT_TYPES()
-        fn = cls.execute if name in v3 else getattr(cls, cls.FUNCTION)  # V3: ComfyUI's wrapper calls execute
-        if name in v3:
-            schema = cls.define_schema()
-            assert schema.node_id == name and schema.display_name == ext.NODE_DISPLAY_NAME_MAPPINGS[name]
-        params = inspect.signature(fn).parameters
-        for section in ("required", "optional", "hidden"):
+        params = inspect.signature(cls.execute).parameters  # ComfyUI's wrapper calls execute with the inputs
+        assert list(params) == [*spec["required"], *spec.get("optional", {})], name  # the inputs, in order
+        for section in ("required", "optional"):
             for inp, conf in spec.get(section, {}).items():
-                assert inp in params, f"{name}.{cls.FUNCTION} lacks parameter {inp}"
-                if section == "required":
-                    assert params[inp].default is inspect.Parameter.empty
-                if section == "hidden":
-                    assert conf == "UNIQUE_ID"
-                else:
-                    assert isinstance(conf, tuple) and conf and isinstance(conf[0], (str, list))
+                assert (params[inp].default is inspect.Parameter.empty) == (section == "required"), (name, inp)
+                assert isinstance(conf, tuple) and conf and isinstance(conf[0], str)
+        checked = cls.validate_inputs.__func__ is not cs.comfy_io_standin.ComfyNode.validate_inputs.__func__
+        assert checked == (name in validated)
+        if checked:  # one argument, a required input every prompt of the node has; the node id is hidden
+            assert list(inspect.signature(cls.validate_inputs).parameters) == [validated[name]]
+            assert validated[name] in spec["required"] and spec["hidden"] == {"unique_id": ("UNIQUE_ID",)}
         json.dumps(spec)  # /object_info serialises it
-    sampler = ext.NODE_CLASS_MAPPINGS["XDiTParallelSampler"].INPUT_TYPES()["required"]
+    sampler = ext.nodes.NODE_CLASS_MAPPINGS["XDiTParallelSampler"].INPUT_TYPES()["required"]
     assert sampler["positive"][0] == sampler["negative"][0] == "CONDITIONING"
     assert sampler["latent_image"][0] == "LATENT" and sampler["model"][0] == "XDIT_MODEL"
-    assert {"euler", "dpmpp_2m"} <= set(sampler["sampler_name"][0])
-    assert sampler["scheduler"][0] == cs.SCHEDULER_NAMES  # every scheduler ComfyUI has, in its order
-    assert {"exponential", "ddim_uniform", "linear_quadratic", "kl_optimal"} <= set(sampler["scheduler"][0])
+    assert {"euler", "dpmpp_2m"} <= set(sampler["sampler_name"][1]["options"])
+    assert sampler["scheduler"][1]["options"] == cs.SCHEDULER_NAMES  # every scheduler ComfyUI has, in its order
+    assert {"exponential", "ddim_uniform", "linear_quadratic", "kl_optimal"} <= set(sampler["scheduler"][1]["options"])
+
+
+def test_inputs_as_recorded_from_the_v1_nodes(ext):
+    """Every node's inputs (names, order, types, defaults, limits, tooltips), outputs, category, display name and
+    description as the V1 nodes had them (tests/data/node_inputs_main.json): saved and API-format workflows address
+    widgets by name and order."""
+    from .node_views import class_info, recorded, view
+
+    names = ext.nodes.NODE_DISPLAY_NAME_MAPPINGS
+    got = {name: view(class_info(cls, names[name])) for name, cls in ext.nodes.NODE_CLASS_MAPPINGS.items()}
+    assert got == recorded()
 
 
 def test_schedulers_are_comfyuis(ext):
@@ -84,6 +104,34 @@ def test_own_nodes_package_only_as_subpackage(ext):
         assert not re.search(r"^\s*(from|import)\s+runtime\b", text, re.M), path
 
 
+def test_no_import_circle_between_node_modules():
+    """The node modules' imports (at the top and inside functions) form no circle: the schemas and the queue-time
+    checks import no module that defines a node class, so the node classes may import the checks."""
+    import ast
+
+    graph = {}
+    for path in sorted((ROOT / "nodes").glob("*.py")):
+        deps = set()
+        for stmt in ast.walk(ast.parse(path.read_text())):
+            if isinstance(stmt, ast.ImportFrom) and stmt.level == 1:
+                deps |= {stmt.module} if stmt.module else {a.name for a in stmt.names}
+        graph[path.stem] = deps & {p.stem for p in (ROOT / "nodes").glob("*.py")}
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for dep in graph[todo.pop()] - seen:
+                seen.add(dep)
+                todo.append(dep)
+        return seen
+
+    circles = sorted(m for m in graph if m in reach(m))
+    assert not circles, {m: sorted(graph[m]) for m in circles}
+    node_modules = {"xdit_nodes", "lora_nodes", "setup_check", "stock_model"}
+    for checks in ("schemas", "queue_check", "auto_layout", "prompt_graph"):
+        assert not reach(checks) & node_modules, checks
+
+
 def test_import_is_light_and_works_without_gpu():
     """A fresh interpreter: importing the extension loads neither diffusers nor ZeroMQ nor torch.distributed
     internals of the engine."""
@@ -91,7 +139,7 @@ def test_import_is_light_and_works_without_gpu():
         "import sys; sys.path.insert(0, %r); from tests import comfy_standins as cs;"
         "rec = cs.Recorder(); sys.modules.update(cs.install(rec)); m = cs.load_extension();"
         "heavy = [k for k in ('diffusers', 'zmq', 'transformers', 'comfyui_xdit.engine', 'flash_attn') if k in sys.modules];"
-        "print(len(m.NODE_CLASS_MAPPINGS), heavy)" % str(ROOT))
+        "print(len(m.nodes.NODE_CLASS_MAPPINGS), heavy)" % str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "8 []"
@@ -99,7 +147,7 @@ def test_import_is_light_and_works_without_gpu():
 
 # ------------------------------------------------------------------------------------------------ configure
 def _queue(ext, rec, prompt: dict) -> dict[str, list[str]]:
-    """POST /prompt as ComfyUI handles it: the on-prompt handlers, then each node's VALIDATE_INPUTS, in one request
+    """POST /prompt as ComfyUI handles it: the on-prompt handlers, then each node's validate_inputs, in one request
     task (a context of its own). {node id: the error details ComfyUI would list for the node}."""
     import contextvars
 
@@ -107,8 +155,8 @@ def _queue(ext, rec, prompt: dict) -> dict[str, list[str]]:
         rec.server.trigger_on_prompt({"prompt": prompt, "client_id": "t"})
         out = {}
         for nid, node in prompt.items():
-            cls = ext.NODE_CLASS_MAPPINGS.get(node["class_type"])
-            if cls is not None and hasattr(cls, "VALIDATE_INPUTS"):
+            cls = ext.nodes.NODE_CLASS_MAPPINGS.get(node["class_type"])
+            if cls is not None and hasattr(cls, "validate_inputs"):
                 msgs = cs.validation_messages(cls, node["inputs"], nid)
                 if msgs:
                     out[nid] = msgs
@@ -133,15 +181,15 @@ def test_configure_valid_and_degrees(ext, rec):
     node = _node(ext, "XDiTConfigureHybridParallel")
     kw = dict(CONFIG_DEFAULTS, ulysses_degree=2, ring_degree=2, pipefusion_degree=2, cfg_degree=2, num_patches=4)
     assert _queue(ext, rec, _graph(kw, cfg=3.0)) == {}
-    (s,) = node().configure(**kw)
+    (s,) = node.execute(**kw)
     assert s.world_size == 16
     assert s.degrees() == {"dp": 1, "cfg": 2, "pipefusion": 2, "ring": 2, "ulysses": 2, "num_patches": 4,
                            "warmup_steps": 1}
-    (sharded,) = node().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2, shard_degree=2, shard_keep=True))
+    (sharded,) = node.execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2, shard_degree=2, shard_keep=True))
     assert sharded.world_size == 2 and sharded.degrees()["shard"] == 2 and sharded.degrees()["shard_keep"] == 1
-    (pooled,) = node().configure(**dict(CONFIG_DEFAULTS, shard_degree=2))
+    (pooled,) = node.execute(**dict(CONFIG_DEFAULTS, shard_degree=2))
     assert pooled.world_size == 2  # shard alone: two ranks computing the same step
-    (s1,) = node().configure(**dict(CONFIG_DEFAULTS, pipefusion_degree=3))
+    (s1,) = node.execute(**dict(CONFIG_DEFAULTS, pipefusion_degree=3))
     assert s1.degrees()["num_patches"] == 3  # 0 = one patch per stage
 
 
@@ -163,24 +211,49 @@ def test_configure_rejects_at_queue_time_once(ext, rec, change, reason):
     assert "\n" not in msg and (reason is None or reason in msg)
     node = _node(ext, "XDiTConfigureHybridParallel")
     with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError, match=re.escape(msg.split(" - ", 1)[1][:30])):
-        node().configure(**dict(CONFIG_DEFAULTS, **change))
+        node.execute(**dict(CONFIG_DEFAULTS, **change))
 
 
 @pytest.mark.parametrize("change, reason", [
     (dict(cfg_degree=3), "cfg parallel degree must be 1 or 2"),
-    (dict(ulysses_degree=0), "ulysses degree must be >= 1"),
+    (dict(ring_degree=0), "ring degree must be >= 1"),
     (dict(warmup_steps=-1), "warmup_steps must be >= 0"),
-    (dict(device="tpu"), "device must be one of auto, cuda, cpu"),
-    (dict(attention="fast"), "attention must be one of"),
 ])
 def test_out_of_range_widgets_left_to_comfyui(ext, rec, change, reason):
-    """Values outside a widget's declared range or list: ComfyUI's own check names the input (VALIDATE_INPUTS no
-    longer takes the widgets, which turned those checks off); ours adds nothing, and running still refuses."""
+    """Numbers outside a widget's declared range: ComfyUI's own check (the schema's min and max, in the V1 view it
+    validates) names the input; ours adds nothing, and running still refuses."""
     node = _node(ext, "XDiTConfigureHybridParallel")
-    assert "xdit_check" in node.INPUT_TYPES()["hidden"]
     assert _queue(ext, rec, _graph(change)) == {}
     with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError, match=reason):
-        node().configure(**dict(CONFIG_DEFAULTS, **change))
+        node.execute(**dict(CONFIG_DEFAULTS, **change))
+
+
+def test_range_of_the_validated_input_checked_here(ext, rec):
+    """ComfyUI skips its min/max check for an input validate_inputs takes (0.3.64 and newer): for that one input
+    (ulysses_degree on Configure Hybrid Parallel) the queue-time check says what ComfyUI would have."""
+    assert ext.nodes.schemas.VALIDATED["XDiTConfigureHybridParallel"] == "ulysses_degree"
+    for value in (0, 65):
+        assert _queue(ext, rec, _graph(dict(ulysses_degree=value))) == {
+            "5": [f"ulysses_degree - ulysses_degree {value} is outside its range 1..64"]}
+
+
+@pytest.mark.parametrize("node, change, line", [
+    ("5", dict(device="tpu"), "ulysses_degree - 'tpu' is not among device's choices (auto, cuda, cpu)"),
+    ("5", dict(attention="fast"), "'fast' is not among attention's choices (auto, cudnn, flash, efficient, math)"),
+    ("6", dict(weight_dtype="int4"), "checkpoint - 'int4' is not among weight_dtype's choices (bf16, fp16, fp32, "),
+    ("6", dict(checkpoint="missing.safetensors"), "'missing.safetensors' is not among checkpoint's choices (tiny-"),
+    ("8", dict(scheduler="nope"), "model - 'nope' is not among scheduler's choices (simple, "),
+])
+def test_choices_checked_at_queue_time(ext, rec, node, change, line):
+    """A constant not among a choice widget's options: ComfyUI 0.3.64 validates the choices of V1 nodes only (a V3
+    combo's list sits in its options), so the queue-time check names the input, from the schema's options."""
+    graph = _graph()
+    graph[node]["inputs"].update(change)
+    errors = _queue(ext, rec, graph)
+    assert list(errors) == [node] and len(errors[node]) == 1 and line in errors[node][0], errors
+    if node == "5":
+        with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError):
+            _node(ext, "XDiTConfigureHybridParallel").execute(**dict(CONFIG_DEFAULTS, **change))
 
 
 @pytest.mark.parametrize("config, graph, node, reason", [
@@ -312,7 +385,8 @@ def test_queue_check_leaves_unknowns_to_sampling(ext, rec):
     g = _graph(dict(ulysses_degree=3))
     g["5"]["inputs"]["ulysses_degree"] = ["13", 0]
     assert _queue(ext, rec, g) == {}
-    assert _queue(ext, rec, _graph(dict(ulysses_degree=3), checkpoint="missing.safetensors")) == {}  # not in list
+    # a checkpoint not in the list: that line only (test_choices_checked_at_queue_time), no geometry check
+    assert list(_queue(ext, rec, _graph(dict(ulysses_degree=3), checkpoint="missing.safetensors"))) == ["6"]
     assert _queue(ext, rec, _graph(dict(ulysses_degree=2, cfg_degree=2), cfg=4.0)) == {}
 
 
@@ -559,9 +633,9 @@ def test_checkpoint_listing_resolve_and_variant(ext, rec, tmp_path):
     with pytest.raises(FileNotFoundError, match="not in ComfyUI's"):
         ck.resolve("missing.safetensors")
     loader = _node(ext, "XDiTLoadParallelDiT")
-    assert loader.INPUT_TYPES()["required"]["checkpoint"][0] == names
+    assert loader.INPUT_TYPES()["required"]["checkpoint"][1]["options"] == names
     with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError, match="^Load Parallel DiT: checkpoint 'missing"):
-        loader().load(None, "missing.safetensors", "bf16", "auto")
+        loader.execute(None, "missing.safetensors", "bf16", "auto")
 
 
 # ------------------------------------------------------------------------------------------------ advanced sampler
@@ -571,7 +645,7 @@ KSAMPLER_ADVANCED = ["model", "add_noise", "noise_seed", "steps", "cfg", "sample
 
 
 def _handle(ext, variant="sd3-medium", family="sd3"):
-    settings = ext.nodes.xdit_nodes.ConfigureHybridParallel.settings(**CONFIG_DEFAULTS)
+    settings = ext.nodes.pool.settings_from_widgets(**CONFIG_DEFAULTS)
     return ext.nodes.pool.ModelHandle(settings, "tiny-sd3", "fp32", family, variant, "key")
 
 
@@ -580,8 +654,8 @@ def test_advanced_sampler_has_ksampler_advanceds_inputs(ext):
     plain = _node(ext, "XDiTParallelSampler").INPUT_TYPES()
     req = adv["required"]
     assert list(req) == KSAMPLER_ADVANCED
-    assert req["add_noise"][0] == ["enable", "disable"]  # first entry: the default
-    assert req["return_with_leftover_noise"][0] == ["disable", "enable"]
+    assert req["add_noise"][1]["options"] == ["enable", "disable"]  # first entry: the default
+    assert req["return_with_leftover_noise"][1]["options"] == ["disable", "enable"]
     assert (req["start_at_step"][1]["default"], req["end_at_step"][1]["default"]) == (0, 10000)
     assert req["end_at_step"][1]["max"] == 10000 and req["cfg"][1]["default"] == 8.0
     assert req["noise_seed"][1]["max"] == 0xFFFFFFFFFFFFFFFF and req["noise_seed"][1]["control_after_generate"]
@@ -614,10 +688,10 @@ def test_advanced_sampler_nothing_to_run_returns_the_latent(ext):
     model = _handle(ext)
     lat = {"samples": torch.randn(1, 16, 8, 8), "batch_index": [3]}
     for start, end in ((4, 4), (6, 2), (8, 10000), (9, 20)):
-        (out,) = node.sample(model, "disable", 1, 8, 4.0, "euler", "simple", _cond(), _cond(), lat, start, end,
+        (out,) = node.execute(model, "disable", 1, 8, 4.0, "euler", "simple", _cond(), _cond(), lat, start, end,
                              "enable")
         assert out["samples"] is lat["samples"] and out["batch_index"] == [3]
-    (out,) = node.sample(model, "enable", 1, 8, 4.0, "euler", "simple", _cond(), _cond(),
+    (out,) = node.execute(model, "enable", 1, 8, 4.0, "euler", "simple", _cond(), _cond(),
                          {"samples": torch.zeros(1, 4, 8, 8)}, 3, 3, "disable")
     assert out["samples"].shape == (1, 16, 8, 8) and not out["samples"].any()
     assert MANAGER_KEY(ext) is None  # no pool was started
@@ -643,7 +717,7 @@ def test_advanced_sampler_bad_inputs_one_line(ext, args, match):
               start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable")
     kw.update(args)
     with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError) as e:
-        node.sample(**kw)
+        node.execute(**kw)
     msg = str(e.value)
     assert msg.startswith("Parallel Sampler (Advanced): ") and "\n" not in msg and match in msg, msg
     assert MANAGER_KEY(ext) is None
@@ -669,16 +743,16 @@ def test_sampler_rejects_foreign_model_and_skips_zero_denoise(ext, monkeypatch):
     node = _node(ext, "XDiTParallelSampler")()
     lat = {"samples": torch.zeros(1, 4, 8, 8)}
     with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError, match="must come from Load Parallel DiT"):
-        node.sample(object(), _cond(), _cond(), lat, 0, 4, 1.0, "euler", "simple", 1.0)
+        node.execute(object(), _cond(), _cond(), lat, 0, 4, 1.0, "euler", "simple", 1.0)
     # denoise 0: native KSampler samples over no noise levels and returns the latent as it came; no pool job
     jobs = []
     monkeypatch.setattr(ext.nodes.xdit_nodes, "_run", lambda *a, **k: jobs.append(a) or pytest.fail("sampled"))
     given = {"samples": torch.randn(1, 16, 8, 8), "batch_index": [3]}
-    (out,) = node.sample(_handle(ext), _cond(pooled_output=torch.zeros(1, 2048)),
+    (out,) = node.execute(_handle(ext), _cond(pooled_output=torch.zeros(1, 2048)),
                          _cond(pooled_output=torch.zeros(1, 2048)), given, 0, 4, 4.0, "euler", "simple", 0.0)
     assert out is not given and out["samples"] is given["samples"] and out["batch_index"] == [3] and not jobs
     with pytest.raises(pytest.fail.Exception, match="sampled"):  # the same call at denoise 0.5 does sample
-        node.sample(_handle(ext), _cond(pooled_output=torch.zeros(1, 2048)),
+        node.execute(_handle(ext), _cond(pooled_output=torch.zeros(1, 2048)),
                     _cond(pooled_output=torch.zeros(1, 2048)), given, 0, 4, 4.0, "euler", "simple", 0.5)
 
 
@@ -694,13 +768,13 @@ def test_other_samplers_run_through_comfyuis_sampler_and_refuse_the_loop_only_fe
     with pytest.raises(xn.XDiTNodeError, match=r"^Parallel Sampler: heun runs as ComfyUI's own sampler over the "
                                               r"pool's forwards, without the step cache: use euler or dpmpp_2m for "
                                               r"the step cache$"):
-        node.sample(_handle(ext), cond, cond, lat, 0, 4, 4.0, "heun", "simple", 1.0, cache="fbcache")
+        node.execute(_handle(ext), cond, cond, lat, 0, 4, 4.0, "heun", "simple", 1.0, cache="fbcache")
     import dataclasses
 
     pf = _handle(ext)
     pf = dataclasses.replace(pf, settings=dataclasses.replace(pf.settings, pipefusion=2, num_patches=2))
     with pytest.raises(xn.XDiTNodeError, match=r"without PipeFusion: use euler or dpmpp_2m for PipeFusion$"):
-        node.sample(pf, cond, cond, lat, 0, 4, 4.0, "heun", "simple", 1.0)
+        node.execute(pf, cond, cond, lat, 0, 4, 4.0, "heun", "simple", 1.0)
     for config, inputs, what in ((dict(pipefusion_degree=2), {}, "PipeFusion"),
                                  ({}, {"cache": "fbcache"}, "the step cache")):  # refused when queued too
         g = _graph(config)
@@ -712,10 +786,10 @@ def test_other_samplers_run_through_comfyuis_sampler_and_refuse_the_loop_only_fe
         assert _queue(ext, rec, g) == {}
     routed = []
     monkeypatch.setattr(xn, "_sample_in_comfyui", lambda *a: routed.append(a[8]) or ("done",))
-    assert node.sample(_handle(ext), cond, cond, lat, 0, 4, 4.0, "heun", "simple", 1.0) == ("done",)
+    assert node.execute(_handle(ext), cond, cond, lat, 0, 4, 4.0, "heun", "simple", 1.0) == ("done",)
     assert routed == ["heun"]
     with pytest.raises(pytest.fail.Exception, match="the pool's loop ran"):  # euler: the pool's own loop
-        node.sample(_handle(ext), cond, cond, lat, 0, 4, 4.0, "euler", "simple", 1.0)
+        node.execute(_handle(ext), cond, cond, lat, 0, 4, 4.0, "euler", "simple", 1.0)
 
 
 def test_damaged_checkpoint_named_at_queue_time_and_load(ext, rec, tmp_path):
@@ -732,7 +806,7 @@ def test_damaged_checkpoint_named_at_queue_time_and_load(ext, rec, tmp_path):
     with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError,
                        match=r"^Load Parallel DiT: checkpoint flux-broken\.safetensors is damaged or truncated: the "
                              r"header describes \d+ bytes, the file has \d+ \(.*flux-broken\.safetensors\)$"):
-        loader().load(None, "flux-broken.safetensors", "bf16", "auto")
+        loader.execute(None, "flux-broken.safetensors", "bf16", "auto")
 
 
 def test_checkpoint_geometry_from_header_at_queue_time(ext, rec, tmp_path):
@@ -749,7 +823,7 @@ def test_checkpoint_geometry_from_header_at_queue_time(ext, rec, tmp_path):
     save_file({k: v.contiguous() for k, v in flux_to_bfl(model).items()}, str(path))  # the original BFL layout
     rec.folders = {"diffusion_models": [str(path)]}
     errors = _queue(ext, rec, _graph(dict(ulysses_degree=5), checkpoint="flux-24-heads.safetensors"))
-    assert errors == {"5": ["xdit_check - ulysses_degree 5 does not divide the 24 attention heads of "
+    assert errors == {"5": ["ulysses_degree - ulysses_degree 5 does not divide the 24 attention heads of "
                             "flux-24-heads.safetensors (Ulysses degrees that work: 1, 2, 3, 4, 6, 8 or 12; the ring "
                             "degree takes any other split) (Load Parallel DiT node 6)"]}
     assert _queue(ext, rec, _graph(dict(ulysses_degree=8), checkpoint="flux-24-heads.safetensors")) == {}
@@ -759,7 +833,7 @@ def test_sampler_compile_switch_reaches_the_job_and_is_refused_for_comfyuis_samp
     """Parallel Sampler's compile input (off by default) sets the job's `compile` field; with a sampler that runs as
     ComfyUI's own (heun) it is one line."""
     xn = ext.nodes.xdit_nodes
-    node = _node(ext, "XDiTParallelSampler")()
+    node = _node(ext, "XDiTParallelSampler")
     spec = node.INPUT_TYPES()["optional"]["compile"]
     assert spec[0] == "BOOLEAN" and spec[1]["default"] is False and spec[1]["tooltip"]
     sent = []
@@ -773,9 +847,9 @@ def test_sampler_compile_switch_reaches_the_job_and_is_refused_for_comfyuis_samp
     lat = {"samples": torch.randn(1, 16, 8, 8)}
     for compile in (False, True):
         with pytest.raises(RuntimeError, match="stop"):
-            node.sample(_handle(ext), cond, cond, lat, 0, 4, 4.0, "euler", "simple", 1.0, compile=compile)
+            node.execute(_handle(ext), cond, cond, lat, 0, 4, 4.0, "euler", "simple", 1.0, compile=compile)
     assert "compile" not in sent[0] and sent[1]["compile"] is True
     with pytest.raises(xn.XDiTNodeError, match=r"^Parallel Sampler: heun runs as ComfyUI's own sampler over the "
                                               r"pool's forwards, without compile: use euler or dpmpp_2m to "
                                               r"compile$"):
-        node.sample(_handle(ext), cond, cond, lat, 0, 4, 4.0, "heun", "simple", 1.0, compile=True)
+        node.execute(_handle(ext), cond, cond, lat, 0, 4, 4.0, "heun", "simple", 1.0, compile=True)

@@ -31,9 +31,9 @@ def _conditioning(seed: int, tokens: int = 12):
 
 def test_sampler_on_pool_matches_serial_with_progress_and_cancel(ext_mod):
     ext, rec = ext_mod, ext_mod.rec
-    m = ext.NODE_CLASS_MAPPINGS
-    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
-    (model,) = m["XDiTLoadParallelDiT"]().load(config, "tiny-sd3", "fp32", "auto")
+    m = ext.nodes.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"].execute(config, "tiny-sd3", "fp32", "auto")
     assert model.family == "sd3" and model.variant == "sd3-medium"
     sampler = m["XDiTParallelSampler"]()
     pos, neg = _conditioning(1), _conditioning(2)
@@ -41,8 +41,8 @@ def test_sampler_on_pool_matches_serial_with_progress_and_cancel(ext_mod):
     # Cancel: ComfyUI's interrupt flag set after the first step.
     rec.interrupt_after = 1
     with pytest.raises(cs.InterruptProcessingException):
-        sampler.sample(model, pos, neg, {"samples": torch.zeros(1, 4, 64, 64)}, 3, 200, 4.0, "euler", "simple", 1.0,
-                       unique_id="9")
+        cs.with_id(sampler, "9").execute(model, pos, neg, {"samples": torch.zeros(1, 4, 64, 64)}, 3, 200, 4.0,
+                                          "euler", "simple", 1.0)
     stopped = time.monotonic() - rec.interrupted_at
     print(f"the node returned {stopped:.3f} s after the interrupt")
     assert 1 <= len(rec.progress) < 200
@@ -53,7 +53,7 @@ def test_sampler_on_pool_matches_serial_with_progress_and_cancel(ext_mod):
 
     # A normal run on the same pool.
     latent = {"samples": torch.zeros(1, 4, 16, 16)}  # EmptyLatentImage: widened to 16 channels
-    (out,) = sampler.sample(model, pos, neg, latent, 7, 5, 4.0, "euler", "simple", 1.0, unique_id="9")
+    (out,) = cs.with_id(sampler, "9").execute(model, pos, neg, latent, 7, 5, 4.0, "euler", "simple", 1.0)
     assert out["samples"].shape == (1, 16, 16, 16)
     assert [p[0] for p in rec.progress] == [1, 2, 3, 4, 5] and {p[2] for p in rec.progress} == {"9"}
     assert all(p[3] is not None and p[3][0] == "JPEG" for p in rec.progress)  # previews reached the previewer
@@ -71,7 +71,7 @@ def test_sampler_on_pool_matches_serial_with_progress_and_cancel(ext_mod):
 
     # The step cache through the node and the pool: the same steps reused as the engine's serial run.
     cache = dict(cache="fbcache", cache_threshold=0.9, cache_warmup=1, cache_max_consecutive=0)
-    (cached,) = sampler.sample(model, pos, neg, latent, 7, 5, 4.0, "euler", "simple", 1.0, **cache)
+    (cached,) = sampler.execute(model, pos, neg, latent, 7, 5, 4.0, "euler", "simple", 1.0, **cache)
     seen = []
     ref_cached = run_job(load_model("tiny-sd3"), SampleRequest(
         128, 128, 5, seed=7, cfg=4.0, sampler="euler", inputs=inputs,
@@ -82,7 +82,7 @@ def test_sampler_on_pool_matches_serial_with_progress_and_cancel(ext_mod):
     # Errors from the pool come back as one line naming the node.
     bad = [[torch.zeros(1, 12, 1000), {"pooled_output": torch.zeros(1, 2048)}]]  # wrong text width
     with pytest.raises(ext.nodes.xdit_nodes.XDiTNodeError) as e:
-        sampler.sample(model, bad, neg, latent, 7, 2, 4.0, "euler", "simple", 1.0)
+        sampler.execute(model, bad, neg, latent, 7, 2, 4.0, "euler", "simple", 1.0)
     assert str(e.value).startswith("Parallel Sampler: ") and "\n" not in str(e.value)
     assert "1000" in str(e.value) or "4096" in str(e.value)
 
@@ -103,9 +103,9 @@ def test_advanced_sampler_on_pool_single_and_two_stages(ext_mod, checkpoint):
     added, steps 0..3 with leftover noise; then no noise, 3..end, fully denoised) give the one-run latent (Euler:
     no state between steps), for a flow model (SD3) and an epsilon model (PixArt)."""
     ext, rec = ext_mod, ext_mod.rec
-    m = ext.NODE_CLASS_MAPPINGS
-    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
-    (model,) = m["XDiTLoadParallelDiT"]().load(config, checkpoint, "fp32", "auto")
+    m = ext.nodes.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"].execute(config, checkpoint, "fp32", "auto")
     plain, adv = m["XDiTParallelSampler"](), m["XDiTParallelSamplerAdvanced"]()
     if checkpoint == "tiny-sd3":
         pos, neg = _conditioning(1), _conditioning(2)
@@ -113,29 +113,29 @@ def test_advanced_sampler_on_pool_single_and_two_stages(ext_mod, checkpoint):
         pos, neg = _pixart_conditioning(1), _pixart_conditioning(2)
     latent = {"samples": torch.zeros(1, 4, 16, 16)}  # EmptyLatentImage
     steps, split = 6, 3
-    (full,) = plain.sample(model, pos, neg, latent, 7, steps, 4.0, "euler", "simple", 1.0)
+    (full,) = plain.execute(model, pos, neg, latent, 7, steps, 4.0, "euler", "simple", 1.0)
     for end in (steps, 10000):
-        (same,) = adv.sample(model, "enable", 7, steps, 4.0, "euler", "simple", pos, neg, latent, 0, end, "disable")
+        (same,) = adv.execute(model, "enable", 7, steps, 4.0, "euler", "simple", pos, neg, latent, 0, end, "disable")
         assert rel_l2(same["samples"], full["samples"]) <= 1e-6
 
     rec.progress[:] = []
-    (first,) = adv.sample(model, "enable", 7, steps, 4.0, "euler", "simple", pos, neg, latent, 0, split, "enable",
-                          unique_id="21")
+    (first,) = cs.with_id(adv, "21").execute(model, "enable", 7, steps, 4.0, "euler", "simple", pos, neg, latent, 0,
+                                             split, "enable")
     assert [p[0] for p in rec.progress] == [1, 2, 3] and {p[1] for p in rec.progress} == {split}
     rec.progress[:] = []
-    (second,) = adv.sample(model, "disable", 12345, steps, 4.0, "euler", "simple", pos, neg, first, split, 10000,
-                           "disable", unique_id="22")
+    (second,) = cs.with_id(adv, "22").execute(model, "disable", 12345, steps, 4.0, "euler", "simple", pos, neg, first,
+                                              split, 10000, "disable")
     assert [p[0] for p in rec.progress] == [1, 2, 3]
     err = rel_l2(second["samples"], full["samples"])
     print(f"{checkpoint}: two stages vs one run, rel L2 {err:.2e}")
     assert err <= 1e-5, err
     assert rel_l2(first["samples"], full["samples"]) > 1e-2  # the first stage left noise: the check can fail
     # leftover disabled: the first stage is fully denoised at its last level (sigma 0), a different latent
-    (denoised,) = adv.sample(model, "enable", 7, steps, 4.0, "euler", "simple", pos, neg, latent, 0, split,
+    (denoised,) = adv.execute(model, "enable", 7, steps, 4.0, "euler", "simple", pos, neg, latent, 0, split,
                              "disable")
     assert rel_l2(denoised["samples"], first["samples"]) > 1e-2
     # add_noise disabled on the first stage: zero noise (sampling the empty latent), not the seed's
-    (quiet,) = adv.sample(model, "disable", 7, steps, 4.0, "euler", "simple", pos, neg, latent, 0, split, "enable")
+    (quiet,) = adv.execute(model, "disable", 7, steps, 4.0, "euler", "simple", pos, neg, latent, 0, split, "enable")
     assert rel_l2(quiet["samples"], first["samples"]) > 1e-2
 
 

@@ -24,10 +24,10 @@ def test_load_parallel_dit_reads_only_each_ranks_shards(ext_mod, tmp_path):
     torch.manual_seed(4)
     path = _save(tmp_path / "flux-bfl.safetensors", flux_to_bfl(make_flux()))
     rec.folders["diffusion_models"] = [path]
-    m = ext.NODE_CLASS_MAPPINGS
-    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2,
+    m = ext.nodes.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2,
                                                                     shard_degree=2))
-    (model,) = m["XDiTLoadParallelDiT"]().load(config, "flux-bfl.safetensors", "fp32", "auto")
+    (model,) = m["XDiTLoadParallelDiT"].execute(config, "flux-bfl.safetensors", "fp32", "auto")
     assert model.family == "flux" and model.key.endswith("|shard 2")
     ranks = model.info["ranks"]
     assert len(ranks) == 2
@@ -40,26 +40,26 @@ def test_load_parallel_dit_reads_only_each_ranks_shards(ext_mod, tmp_path):
     pos = [[torch.randn(1, 7, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g)}]]
     latent = {"samples": torch.zeros(1, 16, 6, 10)}  # 3 x 5 = 15 image tokens, 7 text: neither divisible by 2
     sampler = m["XDiTParallelSampler"]()
-    (out,) = sampler.sample(model, pos, pos, latent, 7, 3, 1.0, "euler", "simple", 1.0)
+    (out,) = sampler.execute(model, pos, pos, latent, 7, 3, 1.0, "euler", "simple", 1.0)
 
     # the same file loaded whole through the node (ulysses 2 alone: the same pool, its own key), the same job
-    (plain_config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
-    (whole_model,) = m["XDiTLoadParallelDiT"]().load(plain_config, "flux-bfl.safetensors", "fp32", "auto")
+    (plain_config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (whole_model,) = m["XDiTLoadParallelDiT"].execute(plain_config, "flux-bfl.safetensors", "fp32", "auto")
     assert whole_model.key != model.key
     assert all(r["read_bytes"] == r["checkpoint_bytes"] for r in whole_model.info["ranks"])
-    (ref,) = sampler.sample(whole_model, pos, pos, latent, 7, 3, 1.0, "euler", "simple", 1.0)
-    (other,) = sampler.sample(model, pos, pos, latent, 8, 3, 1.0, "euler", "simple", 1.0)
+    (ref,) = sampler.execute(whole_model, pos, pos, latent, 7, 3, 1.0, "euler", "simple", 1.0)
+    (other,) = sampler.execute(model, pos, pos, latent, 8, 3, 1.0, "euler", "simple", 1.0)
     err = rel_l2(out["samples"], ref["samples"])
     print(f"loaded sharded vs loaded whole: rel L2 {err:.2e}")
     assert err <= 1e-4
     assert rel_l2(other["samples"], ref["samples"]) > 1e-2  # another seed differs: the comparison can fail
 
     # PipeFusion 2 through the node: loaded for its degrees, each rank reads its stage's blocks only
-    (pf_config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, pipefusion_degree=2,
+    (pf_config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, pipefusion_degree=2,
                                                                        warmup_steps=3))  # synchronous: exact
-    (staged,) = m["XDiTLoadParallelDiT"]().load(pf_config, "flux-bfl.safetensors", "fp32", "auto")
+    (staged,) = m["XDiTLoadParallelDiT"].execute(pf_config, "flux-bfl.safetensors", "fp32", "auto")
     assert "|stages " in staged.key and all(r["read_bytes"] < whole for r in staged.info["ranks"])
-    (pf_out,) = sampler.sample(staged, pos, pos, latent, 7, 3, 1.0, "euler", "simple", 1.0)
+    (pf_out,) = sampler.execute(staged, pos, pos, latent, 7, 3, 1.0, "euler", "simple", 1.0)
     assert rel_l2(pf_out["samples"], ref["samples"]) <= 1e-4
 
     client = ext.nodes.pool.MANAGER.client_for(config)

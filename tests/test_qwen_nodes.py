@@ -82,16 +82,16 @@ def test_sigmas_from_comfyuis_qwen_image_sampling(ext):
 def test_sampler_on_pool_matches_the_engine(ext):
     """Ulysses 2 with CFG, a padded positive (its mask dropped as ComfyUI drops it) and a shorter negative; the
     empty 4-D latent comes back [1, 16, 1, h, w], previews in the Wan21 layout."""
-    rec, m = ext.rec, ext.NODE_CLASS_MAPPINGS
-    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
-    (model,) = m["XDiTLoadParallelDiT"]().load(config, "tiny-qwen-image", "fp32", "auto")
+    rec, m = ext.rec, ext.nodes.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"].execute(config, "tiny-qwen-image", "fp32", "auto")
     assert (model.family, model.variant) == ("qwen-image", VARIANT)
     pos = _cond(3, 11, attention_mask=torch.tensor([[1] * 8 + [0] * 3]))
     neg = _cond(4, 5)
     rec.progress[:] = []
     latent = {"samples": torch.zeros(1, 16, 14, 18)}  # 7 x 9 tokens
-    (out,) = m["XDiTParallelSampler"]().sample(model, pos, neg, latent, 5, 4, 3.5, "euler", "simple", 1.0,
-                                               unique_id="7")
+    (out,) = cs.with_id(m["XDiTParallelSampler"], "7").execute(model, pos, neg, latent, 5, 4, 3.5, "euler",
+                                                                 "simple", 1.0)
     assert out["samples"].shape == (1, 16, 1, 14, 18)
     assert [p[0] for p in rec.progress] == [1, 2, 3, 4]
     assert all(p[3] is not None and len(p[3][1]) == 5 for p in rec.progress)  # previews reached the previewer

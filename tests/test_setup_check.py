@@ -32,7 +32,7 @@ def _handle(ext, tiny: str):
 
 
 def test_registered_in_testing_category(ext):
-    m, names = ext.NODE_CLASS_MAPPINGS, ext.NODE_DISPLAY_NAME_MAPPINGS
+    m, names = ext.nodes.NODE_CLASS_MAPPINGS, ext.nodes.NODE_DISPLAY_NAME_MAPPINGS
     assert names["XDiTTinyConditioning"] == "Tiny Conditioning (xDiT)"
     assert names["XDiTSetupCheck"] == "Setup Check (xDiT)"
     assert m["XDiTTinyConditioning"].CATEGORY == m["XDiTSetupCheck"].CATEGORY == "xDiT/testing"
@@ -46,7 +46,7 @@ def test_registered_in_testing_category(ext):
                                   "tiny-flux2", "tiny-wan"])
 def test_tiny_conditioning_shapes_per_family(ext, tiny):
     model = _handle(ext, tiny)
-    pos, neg = ext.NODE_CLASS_MAPPINGS["XDiTTinyConditioning"]().make(model, 5, 11)
+    pos, neg = ext.nodes.NODE_CLASS_MAPPINGS["XDiTTinyConditioning"].execute(model, 5, 11)
     for side in (pos, neg):
         assert len(side) == 1 and len(side[0]) == 2
         cond, extras = side[0]
@@ -64,7 +64,7 @@ def test_tiny_conditioning_shapes_per_family(ext, tiny):
 
 
 def test_tiny_conditioning_is_seeded(ext):
-    make = ext.NODE_CLASS_MAPPINGS["XDiTTinyConditioning"]().make
+    make = ext.nodes.NODE_CLASS_MAPPINGS["XDiTTinyConditioning"].execute
     model = _handle(ext, "tiny-flux")
     a, b, c = make(model, 1, 8), make(model, 1, 8), make(model, 2, 8)
     assert torch.equal(a[0][0][0], b[0][0][0]) and torch.equal(a[1][0][1]["pooled_output"], b[1][0][1]["pooled_output"])
@@ -76,13 +76,13 @@ def test_tiny_conditioning_is_seeded(ext):
 
 
 def test_setup_check_pass_and_fail(ext):
-    check = ext.NODE_CLASS_MAPPINGS["XDiTSetupCheck"]().check
+    check = ext.nodes.NODE_CLASS_MAPPINGS["XDiTSetupCheck"].execute
     err = ext.nodes.xdit_nodes.XDiTNodeError
     x = torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(0))
     near = x + 1e-6 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     out = check({"samples": near}, {"samples": x}, 1e-4)
-    assert out["result"] == ()
-    (line,) = out["ui"]["text"]
+    assert out.args == ()
+    (line,) = out.ui["text"]
     m = re.match(r"PASS: parallel equals one GPU's result \(rel\. L2 (\S+) <= 0\.0001, latent \[1, 16, 32, 32\]\)$",
                  line)
     assert m and 0.9e-6 < float(m.group(1)) < 1.1e-6, line
@@ -117,8 +117,8 @@ def _run_api(ext, graph: dict) -> dict:
         if node["class_type"] == "EmptySD3LatentImage":
             out = ({"samples": torch.zeros(args["batch_size"], 16, args["height"] // 8, args["width"] // 8)},)
         else:
-            cls = ext.NODE_CLASS_MAPPINGS[node["class_type"]]
-            out = getattr(cls(), cls.FUNCTION)(**args)
+            cls = cs.with_id(ext.nodes.NODE_CLASS_MAPPINGS[node["class_type"]], nid)  # as ComfyUI calls it
+            out = getattr(cls, cls.FUNCTION)(**args)  # a NodeOutput: the outputs by index, the ui
         done[nid] = out
         return out
 
@@ -134,7 +134,7 @@ def test_shipped_workflow_passes_on_a_cpu_pool_and_can_fail(ext):
     start = time.monotonic()
     try:
         out = _run_api(ext, graph)
-        (line,) = out[check]["ui"]["text"]
+        (line,) = out[check].ui["text"]
         print(f"{line} in {time.monotonic() - start:.1f} s")
         assert line.startswith("PASS: parallel equals one GPU's result")
         parallel, reference = (out[graph[check]["inputs"][k][0]][0]["samples"] for k in ("parallel", "reference"))

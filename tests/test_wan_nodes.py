@@ -13,6 +13,7 @@ from comfyui_xdit.engine import run_job
 from comfyui_xdit.models import load_model
 from comfyui_xdit.sampling import SampleRequest
 
+from . import comfy_standins as cs
 from .conftest import rel_l2
 from .test_nodes import CONFIG_DEFAULTS, _queue
 
@@ -261,15 +262,15 @@ def test_image_to_video_sampler_on_pool_matches_the_engine(ext, rec, tmp_path, c
     name = "wan_i2v.safetensors"
     _write_i2v(tmp_path / name, clip)
     rec.folders["diffusion_models"] = [str(tmp_path / name)]
-    m = ext.NODE_CLASS_MAPPINGS
-    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
-    (model,) = m["XDiTLoadParallelDiT"]().load(config, name, "fp32", "auto")
+    m = ext.nodes.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"].execute(config, name, "fp32", "auto")
     assert model.variant == ("wan2.1-i2v-14b" if clip else "wan2.2-i2v-a14b")
     image, mask = _wan_i2v_inputs(t=3, h=6, w=6)
     states = _Clip(torch.randn(1, 257, 32, generator=torch.Generator().manual_seed(5))) if clip else None
     pos, neg = _wan_i2v_cond(3, 512, image, mask, states), _wan_i2v_cond(4, 512, image, mask, states)
     latent = {"samples": torch.zeros(1, 16, 3, 6, 6)}
-    (out,) = m["XDiTParallelSampler"]().sample(model, pos, neg, latent, 5, 3, 4.0, "euler", "simple", 1.0)
+    (out,) = m["XDiTParallelSampler"].execute(model, pos, neg, latent, 5, 3, 4.0, "euler", "simple", 1.0)
     sigmas = ext.nodes.convert.sigmas_for(model.variant, "euler", "simple", 3, 1.0)
     noise = torch.randn(1, 16, 3, 6, 6, generator=torch.Generator().manual_seed(5))
     first = torch.zeros(1, 4, 3, 6, 6)
@@ -295,15 +296,15 @@ def test_image_to_video_sampler_on_pool_matches_the_engine(ext, rec, tmp_path, c
 def test_sampler_on_pool_matches_the_engine(ext, rec):
     """Ulysses 2 with CFG on 3 x 3 x 5 = 45 video tokens (not divisible by 2), a padded positive and a shorter
     negative; the 5-D latent comes back 5-D, progress each step, previews of one frame."""
-    m = ext.NODE_CLASS_MAPPINGS
-    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
-    (model,) = m["XDiTLoadParallelDiT"]().load(config, "tiny-wan", "fp32", "auto")
+    m = ext.nodes.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"].execute(config, "tiny-wan", "fp32", "auto")
     assert (model.family, model.variant) == ("wan", T2V)
     pos, neg = _cond(3, 24), _cond(4, 9)
     rec.progress[:] = []
     latent = {"samples": torch.zeros(1, 16, 3, 6, 10)}  # 9 frames at 80x48
-    (out,) = m["XDiTParallelSampler"]().sample(model, pos, neg, latent, 5, 3, 4.0, "euler", "simple", 1.0,
-                                               unique_id="9")
+    (out,) = cs.with_id(m["XDiTParallelSampler"], "9").execute(model, pos, neg, latent, 5, 3, 4.0, "euler",
+                                                                 "simple", 1.0)
     assert out["samples"].shape == (1, 16, 3, 6, 10)
     assert [p[0] for p in rec.progress] == [1, 2, 3]
     assert all(p[3] is not None and p[3][1] == (1, 16, 1, 6, 10) for p in rec.progress)  # one frame
@@ -326,16 +327,16 @@ def test_two_stage_advanced_on_pool_matches_one_run(ext, rec):
     """Wan 2.2 A14B's graph shape: a high-noise Parallel Sampler (Advanced) over steps 0..2 with leftover noise and
     a low-noise one over 2..4 without adding noise (both models stay loaded); with one model for both stages and
     euler this is the 4-step run."""
-    m = ext.NODE_CLASS_MAPPINGS
-    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, cfg_degree=2))
-    (high,) = m["XDiTLoadParallelDiT"]().load(config, "tiny-wan", "fp32", "auto")
-    (low,) = m["XDiTLoadParallelDiT"]().load(config, "tiny-wan", "fp32", "auto")
+    m = ext.nodes.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, cfg_degree=2))
+    (high,) = m["XDiTLoadParallelDiT"].execute(config, "tiny-wan", "fp32", "auto")
+    (low,) = m["XDiTLoadParallelDiT"].execute(config, "tiny-wan", "fp32", "auto")
     pos, neg = _cond(6, 16), _cond(7, 16)
     latent = {"samples": torch.zeros(1, 16, 2, 4, 6)}
     adv = m["XDiTParallelSamplerAdvanced"]()
-    (mid,) = adv.sample(high, "enable", 11, 4, 3.0, "euler", "simple", pos, neg, latent, 0, 2, "enable")
-    (out,) = adv.sample(low, "disable", 11, 4, 3.0, "euler", "simple", pos, neg, mid, 2, 10000, "disable")
-    (one,) = m["XDiTParallelSampler"]().sample(high, pos, neg, latent, 11, 4, 3.0, "euler", "simple", 1.0)
+    (mid,) = adv.execute(high, "enable", 11, 4, 3.0, "euler", "simple", pos, neg, latent, 0, 2, "enable")
+    (out,) = adv.execute(low, "disable", 11, 4, 3.0, "euler", "simple", pos, neg, mid, 2, 10000, "disable")
+    (one,) = m["XDiTParallelSampler"].execute(high, pos, neg, latent, 11, 4, 3.0, "euler", "simple", 1.0)
     assert out["samples"].shape == (1, 16, 2, 4, 6)
     err = rel_l2(out["samples"], one["samples"])
     print(f"Wan nodes, two Advanced stages (cfg parallel 2) against one run: rel L2 {err:.2e}")
@@ -358,13 +359,13 @@ def test_load_parallel_dit_takes_the_two_expert_files(ext, rec, tmp_path):
     for model, name in zip((experts.transformer, experts.transformer_2), names):
         save_file({k: v.contiguous() for k, v in wan_to_original(model).items()}, str(tmp_path / name))
     rec.folders["diffusion_models"] = [str(tmp_path / n) for n in names]
-    m = ext.NODE_CLASS_MAPPINGS
-    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
-    (model,) = m["XDiTLoadParallelDiT"]().load(config, names[0], "fp32", "auto", checkpoint_2=names[1])
+    m = ext.nodes.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"].execute(config, names[0], "fp32", "auto", checkpoint_2=names[1])
     assert (model.family, model.variant) == ("wan", "wan2.2-t2v-a14b")
     pos, neg = _cond(3, 24), _cond(4, 9)
     latent = {"samples": torch.zeros(1, 16, 3, 6, 10)}
-    (out,) = m["XDiTParallelSampler"]().sample(model, pos, neg, latent, 5, 6, 4.0, "euler", "simple", 1.0)
+    (out,) = m["XDiTParallelSampler"].execute(model, pos, neg, latent, 5, 6, 4.0, "euler", "simple", 1.0)
     sigmas = ext.nodes.convert.sigmas_for("wan2.2-t2v-a14b", "euler", "simple", 6, 1.0)
     noise = torch.randn(1, 16, 3, 6, 10, generator=torch.Generator().manual_seed(5))
     inputs = {"cond": pos[0][0], "neg_cond": neg[0][0], "latent": torch.zeros(1, 16, 3, 6, 10), "sigmas": sigmas,
@@ -379,7 +380,7 @@ def test_load_parallel_dit_takes_the_two_expert_files(ext, rec, tmp_path):
                                                                        sampler="euler", inputs=inputs)).latents
     assert rel_l2(high, ref) > 1e-2  # the low-noise expert ran
     with pytest.raises(Exception) as e:
-        m["XDiTLoadParallelDiT"]().load(config, names[0], "fp32", "wan2.1-t2v-14b", checkpoint_2=names[1])
+        m["XDiTLoadParallelDiT"].execute(config, names[0], "fp32", "wan2.1-t2v-14b", checkpoint_2=names[1])
     assert "two experts (wan2.2-t2v-a14b), not wan2.1-t2v-14b" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -390,9 +391,9 @@ def test_ti2v_start_image_on_pool_matches_the_engine(ext, rec):
     image's is refused in one line."""
     from comfyui_xdit.families.wan import WAN22_MEAN
 
-    m = ext.NODE_CLASS_MAPPINGS
-    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
-    (model,) = m["XDiTLoadParallelDiT"]().load(config, "tiny-wan-ti2v", "fp32", "auto")
+    m = ext.nodes.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"].execute(config, "tiny-wan-ti2v", "fp32", "auto")
     assert model.variant == TI2V
     shape = (1, 48, 3, 6, 10)  # 9 frames at 160x96
     image = torch.randn(1, 48, 1, 6, 10, generator=torch.Generator().manual_seed(2))
@@ -402,7 +403,7 @@ def test_ti2v_start_image_on_pool_matches_the_engine(ext, rec):
     mask[:, :, :1] = 0.0
     pos, neg = _cond(3, 24), _cond(4, 9)
     latent = {"samples": samples, "noise_mask": mask}
-    (out,) = m["XDiTParallelSampler"]().sample(model, pos, neg, latent, 5, 4, 4.0, "euler", "simple", 1.0)
+    (out,) = m["XDiTParallelSampler"].execute(model, pos, neg, latent, 5, 4, 4.0, "euler", "simple", 1.0)
     sigmas = ext.nodes.convert.sigmas_for(TI2V, "euler", "simple", 4, 1.0)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     inputs = {"cond": pos[0][0], "neg_cond": neg[0][0], "latent": samples, "sigmas": sigmas, "noise": noise,
@@ -420,7 +421,7 @@ def test_ti2v_start_image_on_pool_matches_the_engine(ext, rec):
     bad = mask.clone()
     bad[:, :, 2] = 0.0
     with pytest.raises(Exception, match="noise_mask is not a start image's"):
-        m["XDiTParallelSampler"]().sample(model, pos, neg, {"samples": samples, "noise_mask": bad}, 5, 4, 4.0,
+        m["XDiTParallelSampler"].execute(model, pos, neg, {"samples": samples, "noise_mask": bad}, 5, 4, 4.0,
                                           "euler", "simple", 1.0)
 
 

@@ -43,7 +43,7 @@ DEGREES = ("ulysses_degree", "ring_degree", "pipefusion_degree", "cfg_degree", "
 def ours():
     with cs.extension() as ext:
         yield {name: json.loads(json.dumps(cls.INPUT_TYPES())) | {"_outputs": len(cls.RETURN_TYPES)}
-               for name, cls in ext.NODE_CLASS_MAPPINGS.items()}
+               for name, cls in ext.nodes.NODE_CLASS_MAPPINGS.items()}
 
 
 def _ui_files():

@@ -369,7 +369,7 @@ def test_nodes_take_a_z_image_checkpoint_and_refuse_ulysses_4_at_queue_time(ext,
     assert "z_image_turbo_mini.safetensors" in ck.list_checkpoints() and "tiny-z-image" in ck.list_checkpoints()
     assert ck.detect_variant(str(path)) == ck.detect_variant("tiny-z-image") == "z-image-turbo"
     errors = _queue(ext, _zimage_graph("z_image_turbo_mini.safetensors", ulysses_degree=4))
-    assert errors == {"5": ["xdit_check - ulysses_degree 4 does not divide the 30 attention heads of "
+    assert errors == {"5": ["ulysses_degree - ulysses_degree 4 does not divide the 30 attention heads of "
                             "z_image_turbo_mini.safetensors (Ulysses degrees that work: 1, 2, 3, 5, 6, 10 or 15; "
                             "the ring degree takes any other split) (Load Parallel DiT node 6)"]}
     assert _queue(ext, _zimage_graph("z_image_turbo_mini.safetensors", ulysses_degree=5)) == {}
@@ -383,6 +383,7 @@ def test_parallel_sampler_takes_pipeline_conditioning_and_a_16_channel_latent(ex
     the pool gets samples like the engine does with the same tensors."""
     from comfyui_xdit.engine import run_job
 
+    from . import comfy_standins as cs
     from .test_nodes import CONFIG_DEFAULTS
 
     xn = ext.nodes.xdit_nodes
@@ -400,16 +401,16 @@ def test_parallel_sampler_takes_pipeline_conditioning_and_a_16_channel_latent(ex
 
     monkeypatch.setattr(xn, "_run", fake_run)
     monkeypatch.setattr(xn.MANAGER, "client_for", lambda settings: Client())
-    m = ext.NODE_CLASS_MAPPINGS
-    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
-    (model,) = m["XDiTLoadParallelDiT"]().load(config, "tiny-z-image", "fp32", "auto")
+    m = ext.nodes.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"].execute(config, "tiny-z-image", "fp32", "auto")
     assert (model.family, model.variant) == ("z-image", "z-image-turbo")
     gen = torch.Generator().manual_seed(8)
     pos = [[torch.randn(1, 30, 2560, generator=gen), {"attention_mask": (torch.arange(30) < 21).long()[None]}]]
     neg = [[torch.randn(1, 6, 2560, generator=gen), {}]]
     latent = {"samples": torch.zeros(1, 16, 16, 16)}
-    (out,) = m["XDiTParallelSampler"]().sample(model, pos, neg, latent, 7, 4, 2.0, "euler", "simple", 1.0,
-                                               unique_id="8")
+    (out,) = cs.with_id(m["XDiTParallelSampler"], "8").execute(model, pos, neg, latent, 7, 4, 2.0, "euler",
+                                                                 "simple", 1.0)
     assert out["samples"].shape == (1, 16, 16, 16) and torch.isfinite(out["samples"]).all()
     t = sent["tensors"]
     assert set(t) == {"cond", "cond_mask", "neg_cond", "latent", "noise", "sigmas"}
