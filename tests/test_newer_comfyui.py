@@ -158,7 +158,7 @@ def test_sampler_on_pool_applies_the_mask_on_the_newer_comfyui(api):
 
     from .test_nodes import CONFIG_DEFAULTS
 
-    m = api.NODE_CLASS_MAPPINGS
+    m = api.nodes.NODE_CLASS_MAPPINGS
     (config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
     (model,) = m["XDiTLoadParallelDiT"].execute(config, "tiny-qwen-image", "fp32", "auto")
     mask = torch.tensor([[1] * 8 + [0] * 3])
@@ -223,9 +223,9 @@ def test_flux2_conditioning_as_the_native_model_takes_it(api):
 def _pool_model(api, checkpoint):
     from .test_nodes import CONFIG_DEFAULTS
 
-    m = api.NODE_CLASS_MAPPINGS
-    (config,) = m["XDiTConfigureHybridParallel"]().configure(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
-    (model,) = m["XDiTLoadParallelDiT"]().load(config, checkpoint, "fp32", "auto")
+    m = api.nodes.NODE_CLASS_MAPPINGS
+    (config,) = m["XDiTConfigureHybridParallel"].execute(**dict(CONFIG_DEFAULTS, ulysses_degree=2))
+    (model,) = m["XDiTLoadParallelDiT"].execute(config, checkpoint, "fp32", "auto")
     return model
 
 
@@ -244,8 +244,8 @@ def test_sampler_on_native_flux2_gives_the_native_models_euler(api):
     model = _pool_model(api, "tiny-flux2")
     cond = torch.randn(1, 11, 15360, generator=torch.Generator().manual_seed(1))
     latent = {"samples": torch.zeros(1, 128, 8, 8), "downscale_ratio_spacial": 16}  # 128 x 128 px
-    (out,) = api.NODE_CLASS_MAPPINGS["XDiTParallelSampler"]().sample(
-        model, [[cond, {}]], [[cond, {}]], latent, 7, 4, 1.0, "euler", "simple", 1.0, unique_id="3")
+    (out,) = cs.with_id(api.nodes.NODE_CLASS_MAPPINGS["XDiTParallelSampler"], "3").execute(
+        model, [[cond, {}]], [[cond, {}]], latent, 7, 4, 1.0, "euler", "simple", 1.0)
     assert set(out) == {"samples"} and out["samples"].shape == (1, 128, 8, 8)
     previews = [p[3] for p in api.rec.progress[-4:]]  # in ComfyUI's FLUX.2 layout, which its previewer reshapes
     assert all(p is not None and p[1] == (1, 128, 8, 8) for p in previews), previews

@@ -208,10 +208,14 @@ def test_node_returns_comfyuis_v3_output(ext, monkeypatch):
     Load Parallel DiT handle is refused."""
     stock, pool = ext.nodes.stock_model, ext.nodes.pool
     handle = pool.ModelHandle(pool.ParallelSettings(), __file__, "fp32", "flux", "flux-dev", "k")
-    monkeypatch.setattr(stock, "stock_model", lambda h: ("patcher", h))
+    monkeypatch.setattr(stock, "stock_model", lambda h, cache=None: ("patcher", h, cache))
     node = stock.ParallelDiTModel
-    assert getattr(node, node.FUNCTION)(model=handle).result == (("patcher", handle),)
-    assert node.INPUT_TYPES() == {"required": {"model": ("XDIT_MODEL", {})}}
+    assert getattr(node, node.FUNCTION)(model=handle).result == (("patcher", handle, None),)
+    cached = getattr(node, node.FUNCTION)(model=handle, cache="fbcache", cache_threshold=0.3, cache_warmup=2)
+    assert cached.result == (("patcher", handle, {"threshold": 0.3, "warmup": 2, "max_consecutive": 0}),)
+    spec = node.INPUT_TYPES()
+    assert spec["required"] == {"model": ("XDIT_MODEL", {})}
+    assert list(spec["optional"]) == ["cache", "cache_threshold", "cache_warmup", "cache_max_consecutive"]
     assert list(node.RETURN_TYPES) == ["MODEL"] and list(node.RETURN_NAMES) == ["model"]
     with pytest.raises(stock.StockModelError, match="Load Parallel DiT"):
         getattr(node, node.FUNCTION)(model="not a handle")
