@@ -463,7 +463,7 @@ def test_step_cache_on_the_parallel_model_equals_the_parallel_samplers(comfy):
     graph.update(_config("100", **U))
     graph["101"] = {"class_type": "XDiTLoadParallelDiT", "inputs": {
         "parallel_config": ["100", 0], "checkpoint": FAMILIES["sd3"][0], "weight_dtype": "fp32", "family": "auto"}}
-    cache = {"cache": "fbcache", "cache_threshold": 0.5, "cache_warmup": 1, "cache_max_consecutive": 0}
+    cache = {"cache": "fbcache", "cache_threshold": 1.0, "cache_warmup": 1, "cache_max_consecutive": 0}
     graph["102"] = {"class_type": "XDiTParallelDiTModel", "inputs": {"model": ["101", 0], **cache}}
     common = {"positive": ["1", 0], "negative": ["2", 0], "latent_image": ["3", 0], "seed": 42, "steps": 8,
               "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
