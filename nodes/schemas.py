@@ -38,14 +38,18 @@ def configure() -> io.Schema:
     return io.Schema(
         node_id=CONFIGURE, display_name="Configure Hybrid Parallel (xDiT)", category=CATEGORY,
         description=("How a Parallel DiT runs: on which device and GPUs, and how the work is split. The product of "
-                     "the degrees is the number of ranks (one per GPU)."),
+                     "the degrees is the number of ranks (one per GPU): it must not exceed the GPUs you have."),
         inputs=[
             io.Combo.Input("device", options=list(DEVICES), default="auto", tooltip="auto: CUDA when torch sees a GPU"),
-            _degree("ulysses_degree", "sequence parallel over attention heads (all-to-all)"),
-            _degree("ring_degree", "sequence parallel with K/V passed around a ring"),
-            _degree("pipefusion_degree", "pipeline stages over the transformer blocks"),
-            _degree("cfg_degree", "2: positive and negative branches on separate halves", maximum=2),
-            _degree("dp_degree", "data parallel over the batch"),
+            _degree("ulysses_degree", "sequence parallel over attention heads (all-to-all); must divide the model's "
+                    "attention heads (Flux.1 24, SD3.5 Large 38, Wan 14B 40, ...)"),
+            _degree("ring_degree", "sequence parallel with K/V passed around a ring; any degree up to the image "
+                    "tokens (where Ulysses cannot divide the heads)"),
+            _degree("pipefusion_degree", "pipeline stages over the transformer blocks; at most the model's blocks, "
+                    "Parallel Sampler only (not Parallel DiT Model), not with two-expert Wan 2.2"),
+            _degree("cfg_degree", "2: positive and negative branches on separate halves; needs a cfg other than 1 "
+                    "(a negative branch)", maximum=2),
+            _degree("dp_degree", "data parallel over the batch; at most the batch size"),
             io.Int.Input("num_patches", default=0, min=0, max=64,
                          tooltip="PipeFusion patches; 0 = the pipefusion degree"),
             io.Int.Input("warmup_steps", default=1, min=0, max=100,
