@@ -120,6 +120,7 @@ def test_generate_cache_flags(tmp_path, capsys):
     assert "cache mask has 2 entries for 6 steps" in capsys.readouterr().err
 
 
+@pytest.mark.spawns  # inductor runs the C++ compiler as a subprocess
 def test_generate_compile_matches_eager(tmp_path, capsys):
     """`generate --compile` (world 1, tiny-pixart) gives eager's latents within 1e-5."""
     code, out = run(["--model", "tiny-pixart", "--cfg", "3"], tmp_path, capsys)

@@ -129,6 +129,7 @@ def test_compiled_blocks_restores_the_forwards():
         assert not any("forward" in b.__dict__ for b in blocks)
 
 
+@pytest.mark.spawns  # inductor runs the C++ compiler as a subprocess
 def test_serial_compiled_matches_eager_with_context_modules_in_the_blocks():
     """World 1, PixArt: its cross-attention K/V projections (inside the blocks) are context-cache modules; a
     compiled block computes them itself, and the result equals eager sampling."""
