@@ -389,7 +389,7 @@ def test_parallel_sampler_takes_pipeline_conditioning_and_a_16_channel_latent(ex
     xn = ext.nodes.xdit_nodes
     sent = {}
 
-    def fake_run(model, fields, tensors, unique_id, total, latent_format):
+    def fake_run(model, fields, tensors, unique_id, total, latent_format, use_native=False):
         sent.update(fields=fields, tensors=tensors, latent_format=latent_format)
         loaded = load_model(model.source)
         req = SampleRequest(**{k: v for k, v in fields.items() if k != "cache"}, inputs=tensors)
