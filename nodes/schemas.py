@@ -123,6 +123,13 @@ def _cache_options() -> list:
     ]
 
 
+def cache_fields(cache, threshold, warmup, max_consecutive) -> dict | None:
+    """The step cache's settings (the pool's CacheFields) from the _cache_options widgets; None: no cache."""
+    if cache != "fbcache":
+        return None
+    return {"threshold": float(threshold), "warmup": int(warmup), "max_consecutive": int(max_consecutive)}
+
+
 def _sampler_options() -> list:
     return [
         *_cache_options(),

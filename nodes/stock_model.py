@@ -425,9 +425,8 @@ class ParallelDiTModel(io.ComfyNode):
                 cache_max_consecutive=0) -> io.NodeOutput:
         if not isinstance(model, ModelHandle):
             raise StockModelError(f"{NAME}: model must come from Load Parallel DiT")
-        settings = None if cache != "fbcache" else {"threshold": float(cache_threshold), "warmup": int(cache_warmup),
-                                                   "max_consecutive": int(cache_max_consecutive)}
-        return io.NodeOutput(stock_model(model, settings) if settings else stock_model(model))
+        return io.NodeOutput(stock_model(model, schemas.cache_fields(cache, cache_threshold, cache_warmup,
+                                                                     cache_max_consecutive)))
 
 
 NODES = (ParallelDiTModel,)

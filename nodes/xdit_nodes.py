@@ -99,7 +99,7 @@ class ParallelSampler(io.ComfyNode):
                 cache="none", cache_threshold=0.1, cache_warmup=1, cache_max_consecutive=0, shift=0.0,
                 compile=False):
         return _sample("Parallel Sampler", model, positive, negative, latent_image, seed, steps, cfg, sampler_name,
-                       scheduler, _cache_fields(cache, cache_threshold, cache_warmup, cache_max_consecutive),
+                       scheduler, schemas.cache_fields(cache, cache_threshold, cache_warmup, cache_max_consecutive),
                        _node_id(cls), denoise=denoise, shift=shift, compile=compile)
 
 
@@ -124,16 +124,10 @@ class ParallelSamplerAdvanced(io.ComfyNode):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise XDiTNodeError(f"{name}: {what} must be a whole number >= 0, got {value!r}")
         return _sample(name, model, positive, negative, latent_image, noise_seed, steps, cfg, sampler_name,
-                       scheduler, _cache_fields(cache, cache_threshold, cache_warmup, cache_max_consecutive),
+                       scheduler, schemas.cache_fields(cache, cache_threshold, cache_warmup, cache_max_consecutive),
                        _node_id(cls), add_noise=add_noise == "enable", start_step=start_at_step,
                        last_step=end_at_step, force_full_denoise=return_with_leftover_noise == "disable",
                        shift=shift, compile=compile)
-
-
-def _cache_fields(cache, threshold, warmup, max_consecutive) -> dict | None:
-    if cache != "fbcache":
-        return None
-    return {"threshold": float(threshold), "warmup": int(warmup), "max_consecutive": int(max_consecutive)}
 
 
 def _sample(name: str, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
