@@ -8,21 +8,7 @@
 # Then, with the device tool: run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/xdit-gpu}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "carry .whl with the diffusers wheel (see the top of this script)"; exit 2; }
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"; } \
-  | tee "$OUT/device.txt"
-
-part() {  # part NAME SECONDS COMMAND...
-  local name=$1 limit=$2; shift 2
-  echo "== $name ($limit s): $*"
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-  echo "== $name: exit ${PIPESTATUS[0]}"
-}
+source scripts/gpu_env.sh  # wheels, environment, $OUT/device.txt, part()
 
 # bf16 tests with two ranks sharing the GPU (ulysses 2, ring 2, cfg 2, pipefusion 2), the CUDA kernel order test
 part tests 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_bf16_ranks.py tests/test_bench.py

@@ -15,23 +15,8 @@
 # Then, with the device tool: run(command="bash scripts/gpu_compile_checks.sh", carry=[".whl"], timeout_s=420)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/xdit-gpu}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "carry .whl with the diffusers wheel (see the top of this script)"; exit 2; }
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source scripts/gpu_env.sh  # wheels, environment, $OUT/device.txt, part()
 export TORCHINDUCTOR_CACHE_DIR="${TMPDIR:-/tmp}/xdit-inductor"  # fresh per machine: the times include compiling
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"; } \
-  | tee "$OUT/device.txt"
-
-part() {  # part NAME SECONDS COMMAND...
-  local name=$1 limit=$2; shift 2
-  echo "== $name ($limit s): $*"
-  local start=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$OUT/$name.log"
-}
 
 # 1. compiled == eager, CUDA tensors, 2 ranks on the one GPU over gloo (one torchrun for the cases of each part;
 #    FSDP shard on its own, so that a failure of FSDP's collectives over gloo on CUDA leaves the others' results)
